@@ -1,0 +1,121 @@
+"""CT-11 halt: the in-process switch, and the shape every halt channel has."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from datetime import datetime
+from typing import Literal
+
+import attrs
+import trio
+
+from kernel._errors import HaltClearDeniedError, InvalidRequestError
+from kernel._types import utc_now
+
+__all__ = ["HaltRecord", "HaltSwitch", "check_clear_approvers"]
+
+log = logging.getLogger("kernel.halt")
+
+
+@attrs.frozen(slots=True)
+class HaltRecord:
+    """One entry of a halt channel's history: a halt raised, or a halt cleared."""
+
+    action: Literal["halt", "clear"]
+    reason: str
+    at: datetime
+    approvers: tuple[str, ...] = ()
+
+
+def check_clear_approvers(approvers: Collection[str], reason: str) -> tuple[str, ...]:
+    """Validate a clear request; returns the distinct approvers, sorted.
+
+    A halt is cleared by at least two distinct, non-empty approvers (two-person rule),
+    and with a reason, so the history says who decided and why.
+    """
+    if isinstance(approvers, str | bytes):
+        raise HaltClearDeniedError("CT-11: approvers must be a collection of names, not a string")
+    names = {a.strip() for a in approvers if isinstance(a, str) and a.strip()}
+    if len(names) < 2:
+        raise HaltClearDeniedError(
+            f"CT-11: clearing a halt needs at least 2 distinct approvers, got {len(names)}"
+        )
+    if not isinstance(reason, str) or not reason.strip():
+        raise HaltClearDeniedError("CT-11: clearing a halt needs a non-empty reason")
+    return tuple(sorted(names))
+
+
+class HaltSwitch:
+    """A sticky, in-process halt: once raised it stays raised until cleared by two people.
+
+    Implements :class:`~kernel.HaltChecker` including ``wait_halted``, so a running batch
+    reacts to :meth:`halt` at once rather than on a poll.  The first reason wins;
+    later :meth:`halt` calls return False and change nothing.
+
+    :meth:`halt` is synchronous and safe to call from any trio task (including an
+    agent's own task) or from a signal handler running in the trio thread.  From
+    another thread, use ``trio.from_thread.run_sync(switch.halt, reason)``.
+    """
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+        self._event = trio.Event()
+        self._history: list[HaltRecord] = []
+
+    def __repr__(self) -> str:
+        return f"<HaltSwitch halted={self.halted}>"
+
+    @property
+    def halted(self) -> bool:
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    @property
+    def history(self) -> tuple[HaltRecord, ...]:
+        return tuple(self._history)
+
+    def halt(self, reason: str) -> bool:
+        """Raise the halt.  True only for the call that raised it; idempotent after."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
+        if self._reason is not None:
+            return False
+        self._reason = reason
+        self._history.append(HaltRecord("halt", reason, utc_now()))
+        self._event.set()
+        log.critical("halt raised", extra={"halt_channel": "switch"})
+        return True
+
+    def clear(self, *, approvers: Collection[str], reason: str) -> None:
+        """Clear the halt (two distinct approvers and a reason); a no-op record if not halted.
+
+        Raises :class:`HaltClearDeniedError` and changes nothing if the approvers or the
+        reason do not qualify.  After a clear the switch can be halted again.
+        """
+        names = check_clear_approvers(approvers, reason)
+        if self._reason is None:
+            return
+        self._reason = None
+        self._event = trio.Event()
+        self._history.append(HaltRecord("clear", reason, utc_now(), names))
+        log.warning("halt cleared", extra={"halt_channel": "switch", "approvers": list(names)})
+
+    # HaltChecker
+    async def is_halted(self) -> bool:
+        return self.halted
+
+    async def get_halt_reason(self) -> str | None:
+        return self._reason
+
+    async def wait_halted(self) -> str:
+        """Return the reason as soon as the switch is halted (at once if it already is)."""
+        while True:
+            event = self._event
+            if self._reason is not None:
+                await trio.lowlevel.checkpoint()
+                return self._reason
+            await event.wait()

@@ -1,0 +1,221 @@
+"""FR10 admission control: which agents are in flight, and never more than the capacity."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
+from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
+
+__all__ = ["AgentPool"]
+
+log = logging.getLogger("kernel.pool")
+
+
+class _Slot:
+    """One borrowed limiter token, held on behalf of one agent.
+
+    Each reservation gets a fresh slot object as its limiter borrower, because a
+    ``CapacityLimiter`` borrower may hold only one token at a time, and so that a stale
+    release (after :meth:`AgentPool.reset`) is recognised and ignored.
+    """
+
+    __slots__ = ("agent_id",)
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+
+    def __repr__(self) -> str:
+        return f"<slot {self.agent_id!r}>"
+
+
+def _check_agent_id(agent_id: object) -> str:
+    if not isinstance(agent_id, str):
+        raise InvalidRequestError(f"agent_id must be a str, got {type(agent_id).__name__}")
+    if not agent_id.strip():
+        raise InvalidRequestError("agent_id must be a non-empty string")
+    return agent_id
+
+
+def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
+    if isinstance(agent_ids, str | bytes):
+        raise InvalidRequestError("agent_ids must be a collection of ids, not a single string")
+    ids = [_check_agent_id(a) for a in agent_ids]
+    return list(dict.fromkeys(ids))  # de-duplicate, keep order
+
+
+class AgentPool:
+    """Admission control keyed by agent id, bounded by a ``trio.CapacityLimiter``.
+
+    An agent is *active* while it holds a slot, and a slot is a token of
+    :attr:`limiter`: the set of active agents and the limiter's borrowers are the same
+    thing seen two ways, so the number of agents running can never exceed
+    ``max_concurrent`` however batches interleave, whether they were admitted all at
+    once (``overflow="reject"``) or wait for slots (``overflow="queue"``).
+
+    The synchronous methods are atomic with respect to other trio tasks (they never
+    checkpoint).  :meth:`try_acquire_batch` reserves every id or none.  An agent id
+    can be active at most once; an agent queued by another batch counts as busy.
+
+    The pool is not thread-safe: use it from the trio thread that runs the kernel.
+    """
+
+    def __init__(self, max_concurrent: int = MAX_CONCURRENT_AGENTS) -> None:
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+            raise InvalidRequestError(
+                f"max_concurrent must be an int, got {type(max_concurrent).__name__}"
+            )
+        if max_concurrent < 1:
+            raise InvalidRequestError(f"FR10: max_concurrent must be >= 1, got {max_concurrent}")
+        self._max = max_concurrent
+        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self._active: dict[str, _Slot] = {}
+        # Agents admitted by a queueing batch that are still waiting for a slot.
+        self._queued: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<AgentPool {len(self._active)}/{self._max} active, {len(self._queued)} queued>"
+
+    # ------------------------------------------------------------ read side
+
+    @property
+    def max_concurrent(self) -> int:
+        return self._max
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def available_count(self) -> int:
+        """Slots free right now (tokens borrowed outside the pool count as used)."""
+        return int(self.limiter.available_tokens)
+
+    @property
+    def is_exhausted(self) -> bool:
+        return self.available_count == 0
+
+    @property
+    def active_agents(self) -> frozenset[str]:
+        return frozenset(self._active)
+
+    def is_active(self, agent_id: str) -> bool:
+        return agent_id in self._active
+
+    def status(self) -> PoolStatus:
+        return PoolStatus(
+            active_count=self.active_count,
+            available_count=self.available_count,
+            max_concurrent=self._max,
+        )
+
+    # ------------------------------------------------------------ public write side
+
+    def acquire(self, agent_id: str) -> bool:
+        """Reserve a slot for one agent.
+
+        Returns False if the agent is already active (or queued); raises
+        :class:`AgentPoolExhaustedError` if no slot is free.
+        """
+        agent_id = _check_agent_id(agent_id)
+        if self._is_busy(agent_id):
+            return False
+        self._reserve([agent_id])
+        return True
+
+    def release(self, agent_id: str) -> bool:
+        """Give back one agent's slot; False if it was not active."""
+        slot = self._active.get(agent_id)
+        if slot is None:
+            return False
+        self._release(slot)
+        return True
+
+    def try_acquire_batch(self, agent_ids: Iterable[str]) -> tuple[bool, str | None]:
+        """Reserve every agent or none.  Returns ``(True, None)`` or ``(False, reason)``.
+
+        Fails if any id is already active or queued, or if
+        ``active + len(set(agent_ids)) > max_concurrent``.  Never reserves partially.
+        """
+        try:
+            self._reserve(_check_agent_ids(agent_ids))
+        except AgentPoolExhaustedError as exc:
+            return False, str(exc)
+        return True, None
+
+    def release_batch(self, agent_ids: Iterable[str]) -> int:
+        """Release each active id given; returns how many were released."""
+        return sum(self.release(a) for a in _check_agent_ids(agent_ids))
+
+    def reset(self) -> int:
+        """Release every slot and forget queued claims; returns how many were active.
+
+        For recovery only: work still running keeps going, but its slots are already
+        back, and its own release later is recognised as stale and ignored.
+        """
+        count = len(self._active)
+        for slot in list(self._active.values()):
+            self._release(slot)
+        self._queued.clear()
+        if count:
+            log.warning("agent pool reset", extra={"released_count": count})
+        return count
+
+    # ------------------------------------------------------------ kernel side
+
+    def _is_busy(self, agent_id: str) -> bool:
+        return agent_id in self._active or agent_id in self._queued
+
+    def _check_not_busy(self, agent_ids: list[str]) -> None:
+        busy = [a for a in agent_ids if self._is_busy(a)]
+        if busy:
+            shown = ", ".join(repr(a) for a in busy[:5]) + (" ..." if len(busy) > 5 else "")
+            raise AgentBusyError(
+                f"FR10: {len(busy)} agent(s) already active in another batch: {shown}"
+            )
+
+    def _reserve(self, agent_ids: list[str]) -> list[_Slot]:
+        """Atomically take one slot per (distinct, validated) id, or raise and take none."""
+        self._check_not_busy(agent_ids)
+        free = self.available_count
+        if len(agent_ids) > free:
+            raise AgentPoolExhaustedError(
+                f"FR10: agent pool exhausted: {self._max - free} active + "
+                f"{len(agent_ids)} requested > {self._max}"
+            )
+        slots = []
+        for agent_id in agent_ids:
+            slot = _Slot(agent_id)
+            # Cannot block: we checked the free count and nothing ran in between.
+            self.limiter.acquire_on_behalf_of_nowait(slot)
+            self._active[agent_id] = slot
+            slots.append(slot)
+        return slots
+
+    def _claim(self, agent_ids: list[str]) -> None:
+        """Admit a queueing batch: mark its ids busy; they take slots one by one later."""
+        self._check_not_busy(agent_ids)
+        self._queued.update(agent_ids)
+
+    def _unclaim(self, agent_ids: Iterable[str]) -> None:
+        self._queued.difference_update(agent_ids)
+
+    async def _take_slot(self, agent_id: str) -> _Slot:
+        """Wait (FIFO, shared with every other waiter of the limiter) for a claimed id's slot."""
+        slot = _Slot(agent_id)
+        await self.limiter.acquire_on_behalf_of(slot)
+        if agent_id in self._active:  # only after a reset() let another batch take the id
+            self.limiter.release_on_behalf_of(slot)
+            raise AgentBusyError(f"FR10: agent {agent_id!r} became active in another batch")
+        self._queued.discard(agent_id)
+        self._active[agent_id] = slot
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        """Give a slot back; a no-op if it was already given back (e.g. by reset)."""
+        if self._active.get(slot.agent_id) is slot:
+            del self._active[slot.agent_id]
+            self.limiter.release_on_behalf_of(slot)

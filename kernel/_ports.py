@@ -1,0 +1,78 @@
+"""The kernel's ports: what an orchestrator, a halt channel and a witness must provide.
+
+They are ``typing.Protocol``s, checked structurally; adapters implement them without
+importing anything from here but the domain types.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from kernel._types import AgentOutput, ContextBundle
+
+__all__ = [
+    "AgentOrchestratorProtocol",
+    "CommitReceipt",
+    "HaltChecker",
+    "HaltWaiter",
+    "OutputWitness",
+]
+
+
+@runtime_checkable
+class AgentOrchestratorProtocol(Protocol):
+    """Runs one agent on one context (trio-native).
+
+    Return the agent's :class:`AgentOutput` (``agent_id`` must be the agent asked; the
+    kernel stamps ``request_id`` and ``batch_id``), or raise an ``Exception`` that says
+    what went wrong.  Must be cancellable: a halt or a timeout cancels the call, and the
+    orchestrator must not swallow ``trio.Cancelled``.
+    """
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput: ...
+
+
+@runtime_checkable
+class HaltChecker(Protocol):
+    """A halt channel the kernel reads.
+
+    A checker that also has ``async wait_halted() -> str`` (see :class:`HaltWaiter`) is
+    waited on during a batch; one without it is polled every ``halt_poll_interval``.
+    A checker whose read raises is treated as halted (fail-safe).
+    """
+
+    async def is_halted(self) -> bool: ...
+
+    async def get_halt_reason(self) -> str | None: ...
+
+
+@runtime_checkable
+class HaltWaiter(HaltChecker, Protocol):
+    """A :class:`HaltChecker` that can be waited on: ``wait_halted`` returns the reason."""
+
+    async def wait_halted(self) -> str: ...
+
+
+@attrs.frozen(slots=True)
+class CommitReceipt:
+    """Proof that a witness recorded an output before anyone saw it."""
+
+    output_id: object
+    content_hash: str
+    sequence: int
+    chain_hash: str
+    committed_at: datetime
+
+
+@runtime_checkable
+class OutputWitness(Protocol):
+    """Records an output (by hash) before the kernel lets anyone see it (FR9).
+
+    ``commit`` returns once the record is durable; if it raises, the output is not
+    released and its agent becomes a ``WITNESS`` failure.
+    """
+
+    async def commit(self, output: AgentOutput) -> CommitReceipt: ...

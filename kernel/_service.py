@@ -1,0 +1,613 @@
+"""The deliberation service: many agents, one topic, structured concurrency.
+
+The data path of a batch reads straight down this module:
+
+    request -> halt check -> validate -> admit -> run under the limiter
+            -> check & stamp -> (witness) -> outcome -> result
+
+Every request ends in exactly one outcome, every slot comes back, and a halt cancels
+everything in flight at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal, cast
+from uuid import UUID, uuid4
+
+import attrs
+import trio
+
+from kernel._errors import (
+    AgentInvocationError,
+    AgentPoolExhaustedError,
+    InvalidRequestError,
+    SystemHaltedError,
+)
+from kernel._halt import HaltSwitch
+from kernel._metrics import ServiceMetrics
+from kernel._pool import AgentPool, _Slot
+from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
+from kernel._types import (
+    AgentFailure,
+    AgentOutput,
+    AgentRequest,
+    ConcurrentResult,
+    FailureKind,
+    PoolStatus,
+    utc_now,
+)
+
+__all__ = ["ConcurrentDeliberationService", "Overflow", "ProgressCallback"]
+
+log = logging.getLogger("kernel.service")
+
+Overflow = Literal["reject", "queue"]
+#: ``on_progress(done, total, agent_id, status)``; status is "completed", "failed"
+#: or (sequential mode, before each turn) "starting".
+ProgressCallback = Callable[[int, int, str, str], object]
+_Mode = Literal["reject", "queue", "sequential"]
+_Outcome = AgentOutput | AgentFailure
+
+_MAX_LOGGED_MESSAGE = 200
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_timeout(value: object, name: str = "agent_timeout") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be a number of seconds or None, got {value!r}")
+    if not value > 0 or math.isnan(value):
+        raise InvalidRequestError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _check_requests(requests: object) -> list[AgentRequest]:
+    if isinstance(requests, str | bytes | AgentRequest) or not isinstance(requests, Iterable):
+        raise InvalidRequestError(
+            f"requests must be a sequence of AgentRequest, got {type(requests).__name__}"
+        )
+    checked = list(requests)
+    seen_agents: set[str] = set()
+    seen_requests: set[UUID] = set()
+    for i, req in enumerate(checked):
+        if not isinstance(req, AgentRequest):
+            raise InvalidRequestError(
+                f"requests[{i}] must be an AgentRequest, got {type(req).__name__}"
+            )
+        if req.agent_id in seen_agents:
+            raise InvalidRequestError(
+                f"agent ids must be distinct within a batch: {req.agent_id!r} appears twice"
+            )
+        if req.request_id in seen_requests:
+            raise InvalidRequestError(f"request ids must be distinct: {req.request_id} repeats")
+        seen_agents.add(req.agent_id)
+        seen_requests.add(req.request_id)
+    return checked
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else repr(exc)
+
+
+def _halt_probe(checker: HaltChecker | None) -> Callable[[], bool] | None:
+    """A synchronous "is it halted right now?" for checkers that can answer one.
+
+    Used just before an agent starts, so that no agent starts after a halt even in the
+    instant between the halt and the watcher task waking up.
+    """
+    if isinstance(checker, HaltSwitch):
+        return lambda: checker.halted
+    probe = getattr(checker, "halted_now", None)
+    return cast(Callable[[], bool], probe) if callable(probe) else None
+
+
+# ---------------------------------------------------------------- one batch
+
+
+class _Batch:
+    """The mutable state of one running batch (private to the service)."""
+
+    __slots__ = (
+        "batch_id",
+        "halt_reason",
+        "mode",
+        "on_progress",
+        "outcomes",
+        "requests",
+        "started",
+        "done",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        requests: list[AgentRequest],
+        mode: _Mode,
+        timeout: float | None,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.batch_id = uuid4()
+        self.requests = requests
+        self.mode = mode
+        self.timeout = timeout
+        self.on_progress = on_progress
+        self.outcomes: list[_Outcome | None] = [None] * len(requests)
+        self.started: list[float | None] = [None] * len(requests)
+        self.done = 0
+        self.halt_reason: str | None = None
+
+    def progress(self, agent_id: str, status: str) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(self.done, len(self.requests), agent_id, status)
+        except Exception:
+            # A broken progress display must not take the deliberation down with it.
+            log.exception(
+                "on_progress callback raised; ignored",
+                extra={"batch_id": str(self.batch_id), "agent_id": agent_id},
+            )
+
+    def fill_halted(self, now: float) -> None:
+        """Give every request that has no outcome its HALTED failure."""
+        for i, outcome in enumerate(self.outcomes):
+            if outcome is not None:
+                continue
+            req = self.requests[i]
+            started = self.started[i]
+            if started is None:
+                message = f"not started: system halted ({self.halt_reason})"
+                elapsed = 0.0
+            else:
+                message = f"cancelled by halt ({self.halt_reason})"
+                elapsed = (now - started) * 1000.0
+            self.outcomes[i] = AgentFailure(
+                agent_id=req.agent_id,
+                request_id=req.request_id,
+                kind=FailureKind.HALTED,
+                error_type="",
+                message=message,
+                elapsed_ms=elapsed,
+            )
+
+
+# ---------------------------------------------------------------- the service
+
+
+class ConcurrentDeliberationService:
+    """Runs a council of agents on one topic, concurrently, under FR10 and CT-11.
+
+    Args:
+        orchestrator: runs one agent (:class:`AgentOrchestratorProtocol`, trio-native).
+        halt_checker: the halt channel; ``None`` means the service is never halted.
+            One with ``wait_halted`` is waited on; otherwise it is polled every
+            ``halt_poll_interval`` seconds during a batch.  A read that raises counts
+            as a halt (fail-safe).
+        pool: the :class:`AgentPool` to admit into; share one pool between services to
+            bound them together.  Default: a new pool of 72.
+        agent_timeout: default per-agent timeout in seconds (None: no timeout).
+        witness: an :class:`OutputWitness`; when set, no output is released before its
+            commit succeeded.
+
+    Agent failures never raise: they are returned in the result and logged.  The
+    methods raise only for bad input (:class:`InvalidRequestError`), refused admission
+    (:class:`AgentPoolExhaustedError` / :class:`AgentBusyError`), and halt
+    (:class:`SystemHaltedError`); outer cancellation and ``BaseException``s propagate.
+    """
+
+    def __init__(
+        self,
+        orchestrator: AgentOrchestratorProtocol,
+        halt_checker: HaltChecker | None = None,
+        pool: AgentPool | None = None,
+        *,
+        agent_timeout: float | None = None,
+        halt_poll_interval: float = 0.05,
+        witness: OutputWitness | None = None,
+    ) -> None:
+        if not callable(getattr(orchestrator, "invoke", None)):
+            raise InvalidRequestError(
+                f"orchestrator must have an async invoke(agent_id, context), "
+                f"got {type(orchestrator).__name__}"
+            )
+        if halt_checker is not None and not isinstance(halt_checker, HaltChecker):
+            raise InvalidRequestError(
+                "halt_checker must have async is_halted() and get_halt_reason(), "
+                f"got {type(halt_checker).__name__}"
+            )
+        if pool is not None and not isinstance(pool, AgentPool):
+            raise InvalidRequestError(f"pool must be an AgentPool, got {type(pool).__name__}")
+        if witness is not None and not isinstance(witness, OutputWitness):
+            raise InvalidRequestError(
+                f"witness must have an async commit(output), got {type(witness).__name__}"
+            )
+        poll = _check_timeout(halt_poll_interval, "halt_poll_interval")
+        if poll is None:
+            raise InvalidRequestError("halt_poll_interval must be > 0 seconds, got None")
+
+        self._orchestrator = orchestrator
+        self._halt_checker = halt_checker
+        self._halt_waiter = callable(getattr(halt_checker, "wait_halted", None))
+        self._halted_now = _halt_probe(halt_checker)
+        self._pool = pool if pool is not None else AgentPool()
+        self._agent_timeout = _check_timeout(agent_timeout)
+        self._halt_poll_interval = poll
+        self._witness = witness
+        self.metrics = ServiceMetrics(lambda: self._pool.active_count)
+
+    # ------------------------------------------------------------ read side
+
+    @property
+    def pool(self) -> AgentPool:
+        return self._pool
+
+    @property
+    def halt_checker(self) -> HaltChecker | None:
+        return self._halt_checker
+
+    @property
+    def available_capacity(self) -> int:
+        return self._pool.available_count
+
+    @property
+    def active_count(self) -> int:
+        return self._pool.active_count
+
+    def get_pool_status(self) -> PoolStatus:
+        return self._pool.status()
+
+    # ------------------------------------------------------------ public calls
+
+    async def invoke_concurrent(
+        self,
+        requests: Iterable[AgentRequest],
+        *,
+        overflow: Overflow = "reject",
+        agent_timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> ConcurrentResult:
+        """Run every request at once; return every outcome, in request order.
+
+        ``overflow="reject"`` (FR10) admits the whole batch or raises
+        :class:`AgentPoolExhaustedError` having invoked nothing; ``"queue"`` lets the
+        batch exceed the free capacity, agents starting FIFO as slots free up.
+        A halt during the batch raises :class:`SystemHaltedError` whose ``partial``
+        holds every outcome, the cancelled and unstarted agents as ``HALTED``.
+        """
+        if overflow not in ("reject", "queue"):
+            raise InvalidRequestError(f"overflow must be 'reject' or 'queue', got {overflow!r}")
+        return await self._deliberate(requests, overflow, agent_timeout, on_progress)
+
+    async def invoke_sequential(
+        self,
+        requests: Iterable[AgentRequest],
+        *,
+        agent_timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> ConcurrentResult:
+        """Run the requests one at a time, in order, checking the halt before each turn."""
+        return await self._deliberate(requests, "sequential", agent_timeout, on_progress)
+
+    async def invoke_single(
+        self, request: AgentRequest, *, agent_timeout: float | None = None
+    ) -> AgentOutput:
+        """Run one agent; return its output or raise :class:`AgentInvocationError`."""
+        if not isinstance(request, AgentRequest):
+            raise InvalidRequestError(
+                f"request must be an AgentRequest, got {type(request).__name__}"
+            )
+        result = await self._deliberate([request], "reject", agent_timeout, None)
+        if result.outputs:
+            return result.outputs[0]
+        failure = result.failures[0]
+        raise AgentInvocationError(
+            f"agent {failure.agent_id!r} failed ({failure.kind.value}): {failure.message}",
+            failure=failure,
+        )
+
+    # ------------------------------------------------------------ the data path
+
+    async def _deliberate(
+        self,
+        requests: Iterable[AgentRequest],
+        mode: _Mode,
+        agent_timeout: float | None,
+        on_progress: ProgressCallback | None,
+    ) -> ConcurrentResult:
+        # 1. Halt first: a halted system does nothing, not even validate.
+        reason = await self._read_halt()
+        if reason is not None:
+            self.metrics.halted_batches += 1
+            log.warning("batch refused: system halted", extra={"mode": mode})
+            raise SystemHaltedError(reason)
+
+        # 2. Validate: bad input changes nothing.
+        checked = _check_requests(requests)
+        timeout = self._agent_timeout if agent_timeout is None else _check_timeout(agent_timeout)
+        if on_progress is not None and not callable(on_progress):
+            raise InvalidRequestError("on_progress must be callable or None")
+        batch = _Batch(checked, mode, timeout, on_progress)
+        started_at, t0 = utc_now(), trio.current_time()
+        if not checked:
+            return self._result(batch, started_at, t0)
+
+        # 3. Admit: all or nothing.
+        agent_ids = [r.agent_id for r in checked]
+        slots: list[_Slot] = []
+        try:
+            if mode == "reject":
+                slots = self._pool._reserve(agent_ids)
+            else:
+                self._pool._claim(agent_ids)
+        except AgentPoolExhaustedError as exc:
+            self.metrics.pool_exhaustion_errors += 1
+            log.warning(
+                "batch refused",
+                extra={"reason": str(exc), "batch_size": len(agent_ids), "mode": mode},
+            )
+            raise
+
+        # 4. Run; 6. whatever happens, every slot and claim comes back.
+        try:
+            await self._run(batch, slots)
+        finally:
+            for slot in slots:
+                self._pool._release(slot)
+            if mode != "reject":
+                self._pool._unclaim(agent_ids)
+
+        # 5. A halt mid-flight: the caller gets everything so far.
+        if batch.halt_reason is not None and None in batch.outcomes:
+            batch.fill_halted(trio.current_time())
+            result = self._result(batch, started_at, t0)
+            self.metrics.halted_batches += 1
+            log.warning(
+                "batch halted",
+                extra={
+                    "batch_id": str(batch.batch_id),
+                    "success_count": result.success_count,
+                    "failure_count": result.failure_count,
+                },
+            )
+            raise SystemHaltedError(batch.halt_reason, partial=result)
+        return self._result(batch, started_at, t0)
+
+    async def _run(self, batch: _Batch, slots: list[_Slot]) -> None:
+        """Run the batch's agents in one nursery, under a scope a halt can cancel."""
+        run_scope = trio.CancelScope()
+        try:
+            async with trio.open_nursery() as watchers:
+                if self._halt_checker is not None:
+                    watchers.start_soon(self._watch_halt, batch, run_scope)
+                with run_scope:
+                    if batch.mode == "sequential":
+                        await self._run_in_turn(batch)
+                    else:
+                        async with trio.open_nursery() as agents:
+                            if batch.mode == "reject":
+                                for index, slot in enumerate(slots):
+                                    agents.start_soon(self._run_agent, batch, index, slot)
+                            else:
+                                await self._feed_queue(batch, agents)
+                watchers.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+    async def _feed_queue(self, batch: _Batch, agents: trio.Nursery) -> None:
+        # Take each slot *before* spawning the agent's task: a queue of thousands of
+        # agents costs thousands of waiting requests, not thousands of parked tasks.
+        for index, req in enumerate(batch.requests):
+            slot = await self._pool._take_slot(req.agent_id)
+            agents.start_soon(self._run_agent, batch, index, slot)
+
+    async def _run_in_turn(self, batch: _Batch) -> None:
+        for index, req in enumerate(batch.requests):
+            reason = await self._read_halt()  # before every turn
+            if reason is not None:
+                batch.halt_reason = batch.halt_reason or reason
+                return
+            batch.progress(req.agent_id, "starting")
+            slot = await self._pool._take_slot(req.agent_id)
+            await self._run_agent(batch, index, slot)
+
+    async def _run_agent(self, batch: _Batch, index: int, slot: _Slot) -> None:
+        req = batch.requests[index]
+        try:
+            # No agent starts after a halt, even one raised an instant ago.
+            if batch.halt_reason is not None or (self._halted_now and self._halted_now()):
+                return
+            start = trio.current_time()
+            batch.started[index] = start
+            self.metrics.agent_invocations_total += 1
+            outcome = await self._attempt(batch, req, start)
+        finally:
+            self._pool._release(slot)
+        self._record(batch, index, outcome)
+
+    async def _attempt(self, batch: _Batch, req: AgentRequest, start: float) -> _Outcome:
+        """Invoke one agent and turn whatever happens into exactly one outcome."""
+        deadline = start + batch.timeout if batch.timeout is not None else math.inf
+        with trio.CancelScope(deadline=deadline) as timeout_scope:
+            try:
+                result = await self._orchestrator.invoke(req.agent_id, req.context)
+            except Exception as exc:
+                if timeout_scope.cancel_called:
+                    # The orchestrator turned our timeout's Cancelled into an error.
+                    return self._timeout_failure(batch, req, start)
+                return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
+        if timeout_scope.cancelled_caught:
+            return self._timeout_failure(batch, req, start)
+
+        if not isinstance(result, AgentOutput):
+            return _failure(
+                req,
+                FailureKind.INVALID_OUTPUT,
+                "",
+                f"orchestrator returned {type(result).__name__}, expected AgentOutput",
+                start,
+            )
+        if result.agent_id != req.agent_id:
+            return _failure(
+                req,
+                FailureKind.INVALID_OUTPUT,
+                "",
+                f"orchestrator returned an output of agent {result.agent_id!r} "
+                f"for agent {req.agent_id!r}",
+                start,
+            )
+        output = attrs.evolve(result, request_id=req.request_id, batch_id=batch.batch_id)
+
+        if self._witness is not None:
+            try:
+                await self._witness.commit(output)
+            except Exception as exc:
+                return _failure(
+                    req,
+                    FailureKind.WITNESS,
+                    type(exc).__name__,
+                    f"witness commit failed: {_describe(exc)}",
+                    start,
+                )
+        return output
+
+    def _timeout_failure(self, batch: _Batch, req: AgentRequest, start: float) -> AgentFailure:
+        return _failure(
+            req,
+            FailureKind.TIMEOUT,
+            "",
+            f"agent exceeded its timeout of {batch.timeout:g} s",
+            start,
+        )
+
+    def _record(self, batch: _Batch, index: int, outcome: _Outcome) -> None:
+        batch.outcomes[index] = outcome
+        batch.done += 1
+        if isinstance(outcome, AgentFailure):
+            log.warning(
+                "agent failed",
+                extra={
+                    "batch_id": str(batch.batch_id),
+                    "agent_id": outcome.agent_id,
+                    "request_id": str(outcome.request_id),
+                    "failure_kind": outcome.kind.value,
+                    "error_type": outcome.error_type,
+                    "error_message": outcome.message[:_MAX_LOGGED_MESSAGE],
+                    "elapsed_ms": round(outcome.elapsed_ms, 3),
+                },
+            )
+            batch.progress(outcome.agent_id, "failed")
+        else:
+            batch.progress(outcome.agent_id, "completed")
+
+    def _result(self, batch: _Batch, started_at: object, t0: float) -> ConcurrentResult:
+        total_ms = (trio.current_time() - t0) * 1000.0
+        outputs = tuple(o for o in batch.outcomes if isinstance(o, AgentOutput))
+        failures = tuple(o for o in batch.outcomes if isinstance(o, AgentFailure))
+        result = ConcurrentResult(
+            batch_id=batch.batch_id,
+            outputs=outputs,
+            failures=failures,
+            started_at=started_at,
+            completed_at=utc_now(),
+            total_ms=max(total_ms, 0.0),
+        )
+        m = self.metrics
+        m.record_batch(result.total_ms)
+        m.agent_success_count += len(outputs)
+        m.agent_failure_count += len(failures)
+        for f in failures:
+            m.failures_by_kind[f.kind.value] += 1
+        log.info(
+            "batch finished",
+            extra={
+                "batch_id": str(batch.batch_id),
+                "mode": batch.mode,
+                "batch_size": len(batch.requests),
+                "success_count": len(outputs),
+                "failure_count": len(failures),
+                "total_ms": round(result.total_ms, 3),
+            },
+        )
+        return result
+
+    # ------------------------------------------------------------ halt
+
+    async def _read_halt(self) -> str | None:
+        """The halt reason if the channel says halted, else None.  Fail-safe on errors."""
+        checker = self._halt_checker
+        if checker is None:
+            return None
+        try:
+            if not await checker.is_halted():
+                return None
+            reason = await checker.get_halt_reason()
+        except Exception as exc:
+            log.error(
+                "halt checker failed; treating the system as halted",
+                extra={"error_type": type(exc).__name__},
+            )
+            return f"halt checker failed ({type(exc).__name__}); treated as halted"
+        return reason or "halted (no reason given)"
+
+    async def _watch_halt(self, batch: _Batch, run_scope: trio.CancelScope) -> None:
+        checker = self._halt_checker
+        assert checker is not None
+        if self._halt_waiter:
+            try:
+                reason: str | None = await checker.wait_halted()  # type: ignore[attr-defined]
+            except Exception as exc:
+                log.error(
+                    "halt checker failed; treating the system as halted",
+                    extra={"error_type": type(exc).__name__},
+                )
+                reason = f"halt checker failed ({type(exc).__name__}); treated as halted"
+            reason = reason or "halted (no reason given)"
+        else:
+            # A checker without wait_halted has nothing to wait on: polling is the contract.
+            while (reason := await self._read_halt()) is None:  # noqa: ASYNC110
+                await trio.sleep(self._halt_poll_interval)
+        batch.halt_reason = reason
+        run_scope.cancel()
+
+
+def _failure(
+    req: AgentRequest, kind: FailureKind, error_type: str, message: str, start: float
+) -> AgentFailure:
+    return AgentFailure(
+        agent_id=req.agent_id,
+        request_id=req.request_id,
+        kind=kind,
+        error_type=error_type,
+        message=message,
+        elapsed_ms=max((trio.current_time() - start) * 1000.0, 0.0),
+    )
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Surface the one exception that matters from a nursery's group.
+
+    Agents never raise ``Exception``s out of their tasks, so what reaches here is a
+    ``BaseException`` an agent let through (``KeyboardInterrupt``, ``SystemExit``) or
+    cancellation.  The first non-``Cancelled`` leaf is re-raised as itself, the way a
+    caller expects to catch it; a group of only ``Cancelled`` goes up unchanged, for the
+    cancel scope that owns it.
+    """
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return group

@@ -1,0 +1,296 @@
+"""The kernel's domain types: immutable, validated at construction, hashable.
+
+Every type here is an attrs frozen, slotted class.  Validation happens at the boundary,
+when an instance is built, so the rest of the kernel can trust what it holds: an empty
+id, a wrong type or a naive timestamp raises :class:`InvalidRequestError` and no
+instance exists.  Mappings are copied into a :class:`FrozenMap`, so a caller that
+mutates the dict it passed in changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+from uuid import UUID, uuid4
+
+import attrs
+
+from kernel._errors import InvalidRequestError
+from kernel._frozenmap import FrozenMap
+
+__all__ = [
+    "MAX_CONCURRENT_AGENTS",
+    "AgentFailure",
+    "AgentOutput",
+    "AgentRequest",
+    "AgentStatus",
+    "AgentStatusInfo",
+    "ContextBundle",
+    "ConcurrentResult",
+    "FailureKind",
+    "PoolStatus",
+]
+
+#: FR10: the size of the council, and the most agents ever in flight at once.
+MAX_CONCURRENT_AGENTS: Final = 72
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------- validators
+# attrs' own validators raise TypeError/ValueError; the contract promises
+# InvalidRequestError (itself a ValueError), so these raise that instead.
+
+
+def _non_empty_str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{attr.name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequestError(f"{attr.name} must be a non-empty string")
+
+
+def _str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{attr.name} must be a str, got {type(value).__name__}")
+
+
+def _uuid(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, UUID):
+        raise InvalidRequestError(f"{attr.name} must be a UUID, got {type(value).__name__}")
+
+
+def _optional_uuid(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _uuid(inst, attr, value)
+
+
+def _aware_datetime(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, datetime):
+        raise InvalidRequestError(f"{attr.name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequestError(f"{attr.name} must be timezone-aware (UTC)")
+
+
+def _non_negative_number(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{attr.name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(f"{attr.name} must be a finite number >= 0, got {value!r}")
+
+
+def _non_negative_int(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{attr.name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise InvalidRequestError(f"{attr.name} must be >= 0, got {value}")
+
+
+def _instance_of(cls: type | tuple[type, ...]) -> Any:
+    def check(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, cls):
+            expected = cls.__name__ if isinstance(cls, type) else " | ".join(c.__name__ for c in cls)
+            raise InvalidRequestError(
+                f"{attr.name} must be {expected}, got {type(value).__name__}"
+            )
+
+    return check
+
+
+def _tuple_of(cls: type) -> Any:
+    def check(_inst: object, attr: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+        for item in value:
+            if not isinstance(item, cls):
+                raise InvalidRequestError(
+                    f"{attr.name} items must be {cls.__name__}, got {type(item).__name__}"
+                )
+
+    return check
+
+
+def _to_tuple(value: object) -> tuple[object, ...]:
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        raise InvalidRequestError(f"expected a sequence, got {type(value).__name__}")
+    return tuple(value)  # type: ignore[call-overload]
+
+
+def _str_map(value: object) -> FrozenMap[str]:
+    """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata)."""
+    if isinstance(value, FrozenMap):
+        items = value
+    elif isinstance(value, Mapping):
+        items = value
+    else:
+        raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
+    for key, val in items.items():
+        if not isinstance(key, str) or not isinstance(val, str):
+            raise InvalidRequestError(
+                f"metadata must map str to str, got {type(key).__name__} -> {type(val).__name__}"
+            )
+    return items if isinstance(items, FrozenMap) else FrozenMap(items)
+
+
+def _scalar_map(value: object) -> FrozenMap[str | int | float]:
+    """Freeze a ``Mapping[str, str | int | float]`` (AgentOutput.metadata)."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
+    for key, val in value.items():
+        if not isinstance(key, str) or not isinstance(val, str | int | float):
+            raise InvalidRequestError(
+                "metadata must map str to str | int | float, "
+                f"got {type(key).__name__} -> {type(val).__name__}"
+            )
+    return value if isinstance(value, FrozenMap) else FrozenMap(value)
+
+
+# ---------------------------------------------------------------- requests
+
+
+@attrs.frozen(slots=True)
+class ContextBundle:
+    """What the council deliberates on: one topic, shared by every agent of a batch."""
+
+    topic_id: str = attrs.field(validator=_non_empty_str)
+    topic_content: str = attrs.field(validator=_str, repr=False)
+    metadata: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_str_map)
+    bundle_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
+    created_at: datetime = attrs.field(factory=utc_now, validator=_aware_datetime)
+
+
+@attrs.frozen(slots=True)
+class AgentRequest:
+    """One agent asked to deliberate on one context; ``request_id`` names this ask."""
+
+    agent_id: str = attrs.field(validator=_non_empty_str)
+    context: ContextBundle = attrs.field(validator=_instance_of(ContextBundle))
+    request_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
+
+
+# ---------------------------------------------------------------- outcomes
+
+
+@attrs.frozen(slots=True)
+class AgentOutput:
+    """What an agent said.  The kernel stamps ``request_id`` and ``batch_id``.
+
+    ``content_hash`` is the SHA-256 (hex) of ``content`` encoded as UTF-8; it is how an
+    output is referred to in logs and witness records, which never hold the content.
+    """
+
+    agent_id: str = attrs.field(validator=_non_empty_str)
+    request_id: UUID = attrs.field(validator=_uuid)
+    content: str = attrs.field(validator=_str, repr=False)
+    content_type: str = attrs.field(default="text/plain", validator=_non_empty_str)
+    output_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
+    generated_at: datetime = attrs.field(factory=utc_now, validator=_aware_datetime)
+    batch_id: UUID | None = attrs.field(default=None, validator=_optional_uuid)
+    metadata: Mapping[str, str | int | float] = attrs.field(
+        factory=FrozenMap, converter=_scalar_map
+    )
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 hex digest of ``content`` (UTF-8)."""
+        return hashlib.sha256(self.content.encode("utf-8")).hexdigest()
+
+
+class FailureKind(enum.Enum):
+    """Why an agent produced no output."""
+
+    ERROR = "error"  #: the orchestrator raised an ``Exception``
+    TIMEOUT = "timeout"  #: it exceeded the agent timeout
+    HALTED = "halted"  #: a halt cancelled it, or it never started because of one
+    INVALID_OUTPUT = "invalid_output"  #: it returned something that is not its own AgentOutput
+    WITNESS = "witness"  #: its output could not be committed to the witness
+
+
+@attrs.frozen(slots=True)
+class AgentFailure:
+    """The one failure of one request.  ``error_type`` is the exception class name or ``""``."""
+
+    agent_id: str = attrs.field(validator=_non_empty_str)
+    request_id: UUID = attrs.field(validator=_uuid)
+    kind: FailureKind = attrs.field(validator=_instance_of(FailureKind))
+    error_type: str = attrs.field(validator=_str)
+    message: str = attrs.field(validator=_str)
+    elapsed_ms: float = attrs.field(validator=_non_negative_number)
+
+
+@attrs.frozen(slots=True)
+class ConcurrentResult:
+    """Every outcome of one batch: outputs and failures, each in request order."""
+
+    batch_id: UUID = attrs.field(validator=_uuid)
+    outputs: tuple[AgentOutput, ...] = attrs.field(
+        converter=_to_tuple, validator=_tuple_of(AgentOutput)
+    )
+    failures: tuple[AgentFailure, ...] = attrs.field(
+        converter=_to_tuple, validator=_tuple_of(AgentFailure)
+    )
+    started_at: datetime = attrs.field(validator=_aware_datetime)
+    completed_at: datetime = attrs.field(validator=_aware_datetime)
+    total_ms: float = attrs.field(validator=_non_negative_number)
+
+    @property
+    def success_count(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def failure_count(self) -> int:
+        return len(self.failures)
+
+    @property
+    def total_count(self) -> int:
+        return len(self.outputs) + len(self.failures)
+
+    @property
+    def failed_agents(self) -> tuple[str, ...]:
+        """Ids of the agents that failed, in request order."""
+        return tuple(f.agent_id for f in self.failures)
+
+
+# ---------------------------------------------------------------- status
+
+
+@attrs.frozen(slots=True)
+class PoolStatus:
+    """A snapshot of an :class:`AgentPool`."""
+
+    active_count: int = attrs.field(validator=_non_negative_int)
+    available_count: int = attrs.field(validator=_non_negative_int)
+    max_concurrent: int = attrs.field(validator=_non_negative_int)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "active_count": self.active_count,
+            "available_count": self.available_count,
+            "max_concurrent": self.max_concurrent,
+        }
+
+
+class AgentStatus(enum.Enum):
+    IDLE = "idle"
+    BUSY = "busy"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@attrs.frozen(slots=True)
+class AgentStatusInfo:
+    agent_id: str = attrs.field(validator=_non_empty_str)
+    status: AgentStatus = attrs.field(validator=_instance_of(AgentStatus))
+    last_invocation: datetime | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_aware_datetime),  # type: ignore[arg-type]
+    )
+    last_error: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_str),  # type: ignore[arg-type]
+    )
