@@ -66,15 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--agents", type=_positive_int, default=MAX_CONCURRENT_AGENTS)
     d.add_argument("--topic", default="Should the council adopt the proposal?")
     d.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
-    d.add_argument("--capacity", type=_positive_int, default=MAX_CONCURRENT_AGENTS,
-                   help="pool size (FR10 default: 72)")
+    d.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=MAX_CONCURRENT_AGENTS,
+        help="pool size (FR10 default: 72)",
+    )
     d.add_argument("--overflow", choices=("reject", "queue"), default="reject")
-    d.add_argument("--timeout", type=_non_negative_float, default=None,
-                   help="per-agent timeout in seconds")
+    d.add_argument(
+        "--timeout", type=_non_negative_float, default=None, help="per-agent timeout in seconds"
+    )
     return parser
 
 
-def _summary(result: ConcurrentResult, latency_ms: float, pool: AgentPool, halted: str | None) -> str:
+def _summary(
+    result: ConcurrentResult, latency_ms: float, pool: AgentPool, halted: str | None
+) -> str:
     kinds = Counter(f.kind.value for f in result.failures)
     lines = [
         f"conclave: {result.total_count} agents, batch {result.batch_id}",
@@ -82,7 +89,11 @@ def _summary(result: ConcurrentResult, latency_ms: float, pool: AgentPool, halte
         f"  failed    : {result.failure_count}"
         + (" (" + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())) + ")" if kinds else ""),
         f"  batch time: {result.total_ms:.1f} ms"
-        + (f" (ideal {latency_ms:.1f} ms, x{result.total_ms / latency_ms:.2f})" if latency_ms else ""),
+        + (
+            f" (ideal {latency_ms:.1f} ms, x{result.total_ms / latency_ms:.2f})"
+            if latency_ms
+            else ""
+        ),
         f"  pool after: {pool.active_count} active, {pool.available_count}/"
         f"{pool.max_concurrent} free",
     ]

@@ -115,7 +115,7 @@ class AgentOrchestratorStub:
         self.start_times.clear()
 
     def get_agent_status(self, agent_id: str) -> AgentStatusInfo:
-        """BUSY while invoked, FAILED if its last invocation failed, IDLE, or UNKNOWN if never seen."""
+        """BUSY while invoked, FAILED if its last try failed, IDLE, or UNKNOWN if never seen."""
         if agent_id in self._busy:
             status = AgentStatus.BUSY
         elif agent_id in self._failed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Literal, cast
 from uuid import UUID, uuid4
 
@@ -116,13 +117,13 @@ class _Batch:
 
     __slots__ = (
         "batch_id",
+        "done",
         "halt_reason",
         "mode",
         "on_progress",
         "outcomes",
         "requests",
         "started",
-        "done",
         "timeout",
     )
 
@@ -436,7 +437,8 @@ class ConcurrentDeliberationService:
         deadline = start + batch.timeout if batch.timeout is not None else math.inf
         with trio.CancelScope(deadline=deadline) as timeout_scope:
             try:
-                result = await self._orchestrator.invoke(req.agent_id, req.context)
+                # Typed as object: orchestrators are plug-ins, and their output is checked.
+                result: object = await self._orchestrator.invoke(req.agent_id, req.context)
             except Exception as exc:
                 if timeout_scope.cancel_called:
                     # The orchestrator turned our timeout's Cancelled into an error.
@@ -506,7 +508,7 @@ class ConcurrentDeliberationService:
         else:
             batch.progress(outcome.agent_id, "completed")
 
-    def _result(self, batch: _Batch, started_at: object, t0: float) -> ConcurrentResult:
+    def _result(self, batch: _Batch, started_at: datetime, t0: float) -> ConcurrentResult:
         total_ms = (trio.current_time() - t0) * 1000.0
         outputs = tuple(o for o in batch.outcomes if isinstance(o, AgentOutput))
         failures = tuple(o for o in batch.outcomes if isinstance(o, AgentFailure))

@@ -94,10 +94,10 @@ def _non_negative_int(_inst: object, attr: attrs.Attribute[Any], value: object) 
 def _instance_of(cls: type | tuple[type, ...]) -> Any:
     def check(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, cls):
-            expected = cls.__name__ if isinstance(cls, type) else " | ".join(c.__name__ for c in cls)
-            raise InvalidRequestError(
-                f"{attr.name} must be {expected}, got {type(value).__name__}"
+            expected = (
+                cls.__name__ if isinstance(cls, type) else " | ".join(c.__name__ for c in cls)
             )
+            raise InvalidRequestError(f"{attr.name} must be {expected}, got {type(value).__name__}")
 
     return check
 
@@ -118,23 +118,19 @@ def _to_tuple(value: object) -> tuple[object, ...]:
         return value
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         raise InvalidRequestError(f"expected a sequence, got {type(value).__name__}")
-    return tuple(value)  # type: ignore[call-overload]
+    return tuple(value)  # type: ignore[call-overload,unused-ignore]
 
 
 def _str_map(value: object) -> FrozenMap[str]:
     """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata)."""
-    if isinstance(value, FrozenMap):
-        items = value
-    elif isinstance(value, Mapping):
-        items = value
-    else:
+    if not isinstance(value, Mapping):
         raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
-    for key, val in items.items():
+    for key, val in value.items():
         if not isinstance(key, str) or not isinstance(val, str):
             raise InvalidRequestError(
                 f"metadata must map str to str, got {type(key).__name__} -> {type(val).__name__}"
             )
-    return items if isinstance(items, FrozenMap) else FrozenMap(items)
+    return value if isinstance(value, FrozenMap) else FrozenMap(value)
 
 
 def _scalar_map(value: object) -> FrozenMap[str | int | float]:
@@ -288,9 +284,9 @@ class AgentStatusInfo:
     status: AgentStatus = attrs.field(validator=_instance_of(AgentStatus))
     last_invocation: datetime | None = attrs.field(
         default=None,
-        validator=attrs.validators.optional(_aware_datetime),  # type: ignore[arg-type]
+        validator=attrs.validators.optional(_aware_datetime),
     )
     last_error: str | None = attrs.field(
         default=None,
-        validator=attrs.validators.optional(_str),  # type: ignore[arg-type]
+        validator=attrs.validators.optional(_str),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import pytest
 import trio
@@ -18,10 +19,11 @@ from kernel import (
     AgentPoolExhaustedError,
     AgentRequest,
     CommitReceipt,
-    ConcurrentResult,
     ConcurrentDeliberationService,
+    ConcurrentResult,
     FailureKind,
     InvalidRequestError,
+    Overflow,
 )
 from kernel._types import utc_now
 from tests.helpers import ScriptedOrchestrator, Step, make_context, make_requests
@@ -219,9 +221,10 @@ async def test_agent_busy_in_another_batch_is_refused(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.invoke_concurrent, first)
         await trio.sleep(1.0)
-        for overflow in ("reject", "queue"):
+        overflows: tuple[Overflow, ...] = ("reject", "queue")
+        for overflow in overflows:
             with pytest.raises(AgentBusyError, match=r"FR10.*'archon-3'"):
-                await service.invoke_concurrent(second, overflow=overflow)  # type: ignore[arg-type]
+                await service.invoke_concurrent(second, overflow=overflow)
         assert pool.active_agents == {r.agent_id for r in first}
     assert "other" not in orch.invoked
     assert pool.active_count == 0
@@ -341,7 +344,10 @@ async def test_duplicates_are_refused_and_nothing_changes(
     ],
 )
 async def test_bad_options_are_refused(
-    service: ConcurrentDeliberationService, stub: AgentOrchestratorStub, kwargs: dict, match: str
+    service: ConcurrentDeliberationService,
+    stub: AgentOrchestratorStub,
+    kwargs: dict[str, Any],
+    match: str,
 ) -> None:
     with pytest.raises(InvalidRequestError, match=match):
         await service.invoke_concurrent(make_requests(2), **kwargs)

@@ -97,9 +97,12 @@ async def test_agent_raising_the_halt_stops_every_later_start(
 ) -> None:
     """halt() called synchronously inside an agent: no agent starts after it."""
     orch = ScriptedOrchestrator(default=Step(latency=5.0))
-    orch.on_start = lambda agent_id: (
-        halt.halt("agent found a problem") if agent_id == "archon-3" else None
-    )
+
+    def halt_on_third(agent_id: str) -> None:
+        if agent_id == "archon-3":
+            halt.halt("agent found a problem")
+
+    orch.on_start = halt_on_third
     service = ConcurrentDeliberationService(orch, halt)
     with pytest.raises(SystemHaltedError) as info:
         await service.invoke_concurrent(make_requests(72))

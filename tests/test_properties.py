@@ -1,0 +1,228 @@
+"""Hypothesis: the kernel's invariants over random batches, on a virtual clock.
+
+For any batch (0-72 agents, random latencies, failures, timeouts, an optional halt at a
+random virtual time, either overflow mode or sequential): every request has exactly one
+outcome, outputs and failures are in request order and correctly stamped, the pool ends
+empty, no more than ``max_concurrent`` agents are ever in flight, and nothing starts
+after the halt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.stub import AgentOrchestratorStub
+from kernel import (
+    AgentFailure,
+    AgentOutput,
+    AgentPool,
+    AgentRequest,
+    ConcurrentDeliberationService,
+    ConcurrentResult,
+    FailureKind,
+    HaltSwitch,
+    SystemHaltedError,
+)
+from tests.helpers import ScriptedOrchestrator, Step, make_requests
+
+ACTIONS = ["ok", "ok", "ok", "error", "invalid", "wrong_agent"]
+PROPERTY_SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@dataclass
+class Scenario:
+    mode: str  # reject | queue | sequential
+    capacity: int
+    steps: list[Step]
+    timeout_ms: float | None
+    halt_at_ms: float | None
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    mode = draw(st.sampled_from(["reject", "queue", "sequential"]))
+    n = draw(st.integers(0, 72))
+    capacity = 72 if mode == "reject" else draw(st.integers(1, 72))
+    # Whole milliseconds for latencies, +0.5 ms for timeouts, +0.25 ms for the halt:
+    # no two events ever tie, so the expected outcome of each agent is exact.
+    steps = [
+        Step(latency=draw(st.integers(0, 3000)) / 1000.0, action=draw(st.sampled_from(ACTIONS)))
+        for _ in range(n)
+    ]
+    timeout = draw(st.none() | st.integers(0, 3000).map(lambda ms: ms + 0.5))
+    halt_at = draw(st.none() | st.integers(0, 4000).map(lambda ms: ms + 0.25))
+    return Scenario(mode, capacity, steps, timeout, halt_at)
+
+
+def _run(
+    scenario: Scenario,
+) -> tuple[ConcurrentResult, bool, ScriptedOrchestrator, AgentPool, list[AgentRequest]]:
+    requests = make_requests(len(scenario.steps))
+    plan = {r.agent_id: s for r, s in zip(requests, scenario.steps, strict=True)}
+    orch = ScriptedOrchestrator(plan)
+    pool = AgentPool(scenario.capacity)
+    switch = HaltSwitch()
+    timeout = scenario.timeout_ms / 1000.0 if scenario.timeout_ms is not None else None
+    service = ConcurrentDeliberationService(orch, switch, pool, agent_timeout=timeout)
+    box: dict[str, object] = {}
+
+    async def halter() -> None:
+        assert scenario.halt_at_ms is not None
+        await trio.sleep(scenario.halt_at_ms / 1000.0)
+        switch.halt("property halt")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if scenario.halt_at_ms is not None:
+                nursery.start_soon(halter)
+            try:
+                if scenario.mode == "sequential":
+                    box["result"] = await service.invoke_sequential(requests)
+                else:
+                    box["result"] = await service.invoke_concurrent(
+                        requests,
+                        overflow="queue" if scenario.mode == "queue" else "reject",
+                    )
+                box["halted"] = False
+            except SystemHaltedError as exc:
+                assert exc.partial is not None
+                box["result"], box["halted"] = exc.partial, True
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    result = box["result"]
+    assert isinstance(result, ConcurrentResult)
+    return result, bool(box["halted"]), orch, pool, requests
+
+
+def _expected_kind(step: Step, timeout_ms: float | None) -> FailureKind | None:
+    """The outcome of an agent that is not halted (None: an output)."""
+    if timeout_ms is not None and timeout_ms < step.latency * 1000.0:
+        return FailureKind.TIMEOUT
+    return {
+        "ok": None,
+        "error": FailureKind.ERROR,
+        "invalid": FailureKind.INVALID_OUTPUT,
+        "wrong_agent": FailureKind.INVALID_OUTPUT,
+    }[step.action]
+
+
+@PROPERTY_SETTINGS
+@given(scenarios())
+def test_every_request_has_exactly_one_outcome(scenario: Scenario) -> None:
+    result, halted, orch, pool, requests = _run(scenario)
+    index = {r.agent_id: i for i, r in enumerate(requests)}
+
+    # one outcome each, in request order
+    assert result.total_count == len(requests)
+    out_idx = [index[o.agent_id] for o in result.outputs]
+    fail_idx = [index[f.agent_id] for f in result.failures]
+    assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
+    assert sorted(out_idx + fail_idx) == list(range(len(requests)))
+
+    # stamps
+    for out in result.outputs:
+        assert out.request_id == requests[index[out.agent_id]].request_id
+        assert out.batch_id == result.batch_id
+    for failure in result.failures:
+        assert failure.request_id == requests[index[failure.agent_id]].request_id
+
+    # the pool ends empty; capacity was never exceeded
+    assert pool.active_count == 0 and pool.limiter.borrowed_tokens == 0 and not pool._queued
+    assert orch.max_in_flight <= scenario.capacity
+    if scenario.mode == "sequential":
+        assert orch.max_in_flight <= 1
+
+    # halt: nothing starts after it; HALTED only when halted
+    kinds = [f.kind for f in result.failures]
+    if halted:
+        assert scenario.halt_at_ms is not None
+        assert all(t * 1000.0 <= scenario.halt_at_ms for _, t in orch.starts)
+    else:
+        assert FailureKind.HALTED not in kinds
+
+    # each agent's outcome is the one its script and the timeout call for
+    outcomes: dict[str, AgentOutput | AgentFailure] = {o.agent_id: o for o in result.outputs}
+    outcomes.update({f.agent_id: f for f in result.failures})
+    for req, step in zip(requests, scenario.steps, strict=True):
+        got = outcomes[req.agent_id]
+        got_kind = got.kind if isinstance(got, AgentFailure) else None
+        if got_kind is FailureKind.HALTED:
+            continue
+        assert got_kind == _expected_kind(step, scenario.timeout_ms)
+
+    # all agents start at once when admitted whole: the halt decides exactly who is HALTED
+    if scenario.mode == "reject" and scenario.halt_at_ms is not None:
+        for req, step in zip(requests, scenario.steps, strict=True):
+            finish_ms = step.latency * 1000.0
+            if scenario.timeout_ms is not None:
+                finish_ms = min(finish_ms, scenario.timeout_ms)
+            got = outcomes[req.agent_id]
+            was_halted = isinstance(got, AgentFailure) and got.kind is FailureKind.HALTED
+            assert was_halted is (scenario.halt_at_ms < finish_ms)
+
+
+@PROPERTY_SETTINGS
+@given(
+    n=st.integers(0, 72),
+    capacity=st.integers(1, 72),
+    latency_ms=st.integers(0, 50),
+    jitter_ms=st.integers(0, 50),
+    seed=st.integers(0, 2**16),
+    fail=st.sets(st.integers(1, 72), max_size=20),
+    halt_at_ms=st.none() | st.integers(0, 120).map(lambda ms: ms + 0.25),
+)
+def test_stub_never_exceeds_capacity_and_nothing_starts_after_halt(
+    n: int,
+    capacity: int,
+    latency_ms: int,
+    jitter_ms: int,
+    seed: int,
+    fail: set[int],
+    halt_at_ms: float | None,
+) -> None:
+    stub = AgentOrchestratorStub(
+        latency_ms=latency_ms,
+        fail_agents={f"archon-{i}" for i in fail},
+        jitter_ms=jitter_ms,
+        seed=seed,
+    )
+    pool = AgentPool(capacity)
+    switch = HaltSwitch()
+    service = ConcurrentDeliberationService(stub, switch, pool)
+    requests = make_requests(n)
+    box: list[ConcurrentResult] = []
+
+    async def main() -> None:
+        async def halter() -> None:
+            assert halt_at_ms is not None
+            await trio.sleep(halt_at_ms / 1000.0)
+            switch.halt("stop")
+
+        async with trio.open_nursery() as nursery:
+            if halt_at_ms is not None:
+                nursery.start_soon(halter)
+            try:
+                box.append(await service.invoke_concurrent(requests, overflow="queue"))
+            except SystemHaltedError as exc:
+                assert exc.partial is not None
+                assert exc.partial is not None
+                box.append(exc.partial)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    (result,) = box
+    assert result.total_count == n
+    assert stub.max_in_flight <= capacity
+    assert pool.active_count == 0
+    failed = {f.agent_id for f in result.failures if f.kind is FailureKind.ERROR}
+    assert failed <= {f"archon-{i}" for i in fail}
+    if halt_at_ms is not None:
+        assert all(t * 1000.0 <= halt_at_ms for t in stub.start_times)

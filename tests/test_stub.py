@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from adapters.stub import AgentOrchestratorStub
+from kernel import AgentInvocationError, AgentOrchestratorProtocol, AgentStatus, InvalidRequestError
+from tests.helpers import make_context, make_requests
+
+
+async def test_stub_output_and_counts(autojump_clock: trio.testing.MockClock) -> None:
+    stub = AgentOrchestratorStub(latency_ms=20)
+    assert isinstance(stub, AgentOrchestratorProtocol)
+    ctx = make_context("budget")
+    out = await stub.invoke("archon-9", ctx)
+    assert out.content.startswith("[DEV MODE] ")
+    assert "archon-9" in out.content and "budget" in out.content
+    assert trio.current_time() == pytest.approx(0.020)
+    assert stub.get_invocation_count() == 1 and stub.get_invocation_count("archon-9") == 1
+    other = await stub.invoke("archon-9", ctx)
+    assert other.output_id != out.output_id
+    stub.reset_stats()
+    assert stub.get_invocation_count() == 0
+
+
+async def test_stub_failures_and_status(autojump_clock: trio.testing.MockClock) -> None:
+    stub = AgentOrchestratorStub(latency_ms=1, fail_agents=["a"])
+    ctx = make_context()
+    assert stub.get_agent_status("a").status is AgentStatus.UNKNOWN
+    with pytest.raises(AgentInvocationError, match="simulated failure of agent a"):
+        await stub.invoke("a", ctx)
+    info = stub.get_agent_status("a")
+    assert info.status is AgentStatus.FAILED and info.last_error and info.last_invocation
+    stub.remove_fail_agent("a")
+    await stub.invoke("a", ctx)
+    assert stub.get_agent_status("a").status is AgentStatus.IDLE
+    stub.add_fail_agent("b")
+    assert stub.fail_agents == {"b"}
+    stub.set_fail_agents([])
+    assert stub.fail_agents == frozenset()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stub.invoke, "c", ctx)
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        assert stub.get_agent_status("c").status is AgentStatus.BUSY
+        assert stub.in_flight == 1
+
+
+async def test_stub_jitter_is_seeded(autojump_clock: trio.testing.MockClock) -> None:
+    async def latencies(seed: int) -> list[float]:
+        stub = AgentOrchestratorStub(latency_ms=10, jitter_ms=5, seed=seed)
+        outs = await stub.invoke_sequential(make_requests(5))
+        return [float(o.metadata["latency_ms"]) for o in outs]
+
+    first, again, other = await latencies(1), await latencies(1), await latencies(2)
+    assert first == again != other
+    assert all(10 <= x <= 15 for x in first)
+
+
+async def test_invoke_batch_is_concurrent_and_ordered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stub = AgentOrchestratorStub(latency_ms=10)
+    requests = make_requests(8)
+    outs = await stub.invoke_batch(requests)
+    assert [o.agent_id for o in outs] == [r.agent_id for r in requests]
+    assert stub.max_in_flight == 8
+    assert trio.current_time() == pytest.approx(0.010)
+    stub.add_fail_agent("archon-3")
+    with pytest.raises(AgentInvocationError, match="archon-3"):
+        await stub.invoke_batch(requests)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"latency_ms": -1}, {"latency_ms": "5"}, {"jitter_ms": -2}, {"fail_agents": "abc"}]
+)
+def test_stub_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError):
+        AgentOrchestratorStub(**kwargs)
