@@ -9,15 +9,18 @@ import argparse
 import math
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
+from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
     MAX_CONCURRENT_AGENTS,
+    AgentInvocationError,
+    AgentOrchestratorProtocol,
     AgentPool,
-    AgentRequest,
     ConclaveError,
     ConcurrentDeliberationService,
     ConcurrentResult,
@@ -76,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--timeout", type=_non_negative_float, default=None, help="per-agent timeout in seconds"
     )
+    d.add_argument("--backend", choices=("stub", "openai"), default="stub")
+    d.add_argument("--base-url", help="OpenAI-compatible endpoint (openai backend)")
+    d.add_argument("--model", help="model name (openai backend)")
+    d.add_argument("--roster", help="roster file (.json or .toml); sets the agents")
+    d.add_argument("--max-tokens", type=_positive_int, default=None)
     return parser
 
 
@@ -102,23 +110,53 @@ def _summary(
     return "\n".join(lines)
 
 
-async def _deliberate(args: argparse.Namespace) -> int:
-    pool = AgentPool(args.capacity)
-    orchestrator = AgentOrchestratorStub(latency_ms=args.latency_ms)
-    service = ConcurrentDeliberationService(
-        orchestrator, HaltSwitch(), pool, agent_timeout=args.timeout or None
+@asynccontextmanager
+async def _orchestrator(
+    args: argparse.Namespace, roster: Roster | None
+) -> AsyncIterator[AgentOrchestratorProtocol]:
+    if args.backend == "stub":
+        yield AgentOrchestratorStub(latency_ms=args.latency_ms)
+        return
+    # Imported here: the stub path needs neither openai nor trio-asyncio.
+    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.openai_chat import OpenAIChatOrchestrator
+
+    if not args.base_url or not args.model:
+        raise _UsageError("--backend openai needs --base-url and --model")
+    inner = OpenAIChatOrchestrator(
+        args.base_url,
+        args.model,
+        roster=roster,
+        max_tokens=args.max_tokens,
+        **({"timeout_s": args.timeout} if args.timeout else {}),
     )
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        await bridge.run_asyncio(inner.check_reachable)
+        yield bridge
+
+
+async def _deliberate(args: argparse.Namespace) -> int:
+    roster = Roster.load(args.roster) if args.roster else Roster.default(args.agents)
+    pool = AgentPool(args.capacity)
     context = ContextBundle(topic_id="cli-topic", topic_content=args.topic)
-    requests = [AgentRequest(f"archon-{i + 1}", context) for i in range(args.agents)]
-    try:
-        result = await service.invoke_concurrent(requests, overflow=args.overflow)
-    except SystemHaltedError as exc:
-        if exc.partial is not None:
-            print(_summary(exc.partial, args.latency_ms, pool, exc.reason))
-        else:
-            print(f"conclave: halted: {exc.reason}", file=sys.stderr)
-        return EXIT_HALTED
-    print(_summary(result, args.latency_ms, pool, None))
+    requests = roster.requests(context)
+    ideal_ms = args.latency_ms if args.backend == "stub" else 0.0
+    async with _orchestrator(args, roster if args.roster else None) as orchestrator:
+        service = ConcurrentDeliberationService(
+            orchestrator, HaltSwitch(), pool, agent_timeout=args.timeout or None
+        )
+        try:
+            result = await service.invoke_concurrent(requests, overflow=args.overflow)
+        except SystemHaltedError as exc:
+            if exc.partial is not None:
+                print(_summary(exc.partial, ideal_ms, pool, exc.reason))
+            else:
+                print(f"conclave: halted: {exc.reason}", file=sys.stderr)
+            return EXIT_HALTED
+    print(_summary(result, ideal_ms, pool, None))
+    if result.failures:
+        for failure in result.failures[:5]:
+            print(f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}")
     return EXIT_OK if result.failure_count == 0 else EXIT_FAILURES
 
 
@@ -129,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"conclave: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (InvalidRequestError, ConclaveError) as exc:
+    except (InvalidRequestError, AgentInvocationError, ConclaveError) as exc:
         print(f"conclave: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

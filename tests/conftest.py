@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPool, ConcurrentDeliberationService, HaltSwitch
+from tests.fake_openai import FakeOpenAIServer
 
 
 @pytest.fixture
@@ -26,3 +29,17 @@ def service(
     stub: AgentOrchestratorStub, halt: HaltSwitch, pool: AgentPool
 ) -> ConcurrentDeliberationService:
     return ConcurrentDeliberationService(stub, halt, pool)
+
+
+@pytest.fixture(scope="session")
+def _fake_openai_server() -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm_server(_fake_openai_server: FakeOpenAIServer) -> FakeOpenAIServer:
+    """The loopback OpenAI-compatible server, with faults and counters reset."""
+    _fake_openai_server.reset()
+    return _fake_openai_server

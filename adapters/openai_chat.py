@@ -1,0 +1,305 @@
+"""An asyncio-native orchestrator for any OpenAI-compatible chat-completions endpoint.
+
+OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
+``POST /v1/chat/completions``.  Run it from trio through
+:class:`adapters.asyncio_bridge.AsyncioOrchestratorBridge`.
+
+Failures it retries (with decorrelated-jitter backoff): timeouts, connection errors,
+5xx, and 429 (waiting at least ``Retry-After``, capped).  Failures it does not retry:
+other 4xx (a bad key, a bad request, an unknown model) and malformed responses.  Every
+failure is an :class:`~kernel.AgentInvocationError` naming the agent and what went
+wrong; never the API key, the prompt or the content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+from uuid import uuid4
+
+import openai
+
+from adapters.roster import AgentProfile, Roster
+from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
+
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "OpenAIChatOrchestrator"]
+
+log = logging.getLogger("adapters.openai_chat")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are {name}, one member of a deliberative council. Read the topic and give "
+    "your position on it in a few sentences: what you recommend and why."
+)
+_KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
+_MAX_SERVER_MESSAGE = 200
+
+
+def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidRequestError(
+            f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
+    return float(value)
+
+
+def _retry_after_s(exc: openai.APIStatusError) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), if any."""
+    value = exc.response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class OpenAIChatOrchestrator:
+    """One chat completion per agent invocation, settings per agent from a :class:`Roster`.
+
+    Args:
+        base_url: the endpoint, e.g. ``https://api.openai.com/v1`` or
+            ``http://127.0.0.1:11434/v1`` (Ollama).
+        model: the default model.
+        api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
+            (local servers need none).  Never logged; redacted in ``repr``.
+        roster: per-agent settings.  With a roster, invoking an agent not in it raises
+            :class:`~kernel.AgentNotFoundError`; without one, any agent id is served
+            with the defaults.
+        timeout_s: per-request timeout (a profile's ``timeout_s`` overrides it).
+        max_retries: retries after the first attempt for retryable failures.
+        system_prompt, temperature, max_tokens: defaults for profiles that leave them unset.
+            ``{name}`` and ``{agent_id}`` in the system prompt are filled in.
+        backoff_base_s, backoff_cap_s: decorrelated-jitter backoff bounds.
+        retry_after_cap_s: the longest a ``Retry-After`` is honoured.
+        seed: seeds the backoff jitter (tests, benchmarks).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        roster: Roster | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        backoff_base_s: float = 0.25,
+        backoff_cap_s: float = 8.0,
+        retry_after_cap_s: float = 30.0,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequestError("model must be a non-empty string")
+        if roster is not None and not isinstance(roster, Roster):
+            raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise InvalidRequestError("api_key must be a non-empty string or None")
+        # Validate the defaults the same way a roster entry is validated.
+        AgentProfile(
+            agent_id="defaults",
+            system_prompt=system_prompt,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            timeout_s=timeout_s,
+        )
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.roster = roster
+        self.timeout_s = _positive(timeout_s, "timeout_s")
+        self.max_retries = max_retries
+        self.system_prompt = system_prompt
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.backoff_base_s = _positive(backoff_base_s, "backoff_base_s", allow_zero=True)
+        self.backoff_cap_s = _positive(backoff_cap_s, "backoff_cap_s", allow_zero=True)
+        self.retry_after_cap_s = _positive(retry_after_cap_s, "retry_after_cap_s", allow_zero=True)
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
+        self._rng = random.Random(seed)
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def __repr__(self) -> str:
+        key = "none" if self._api_key == _KEYLESS else "***"
+        return (
+            f"OpenAIChatOrchestrator(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key={key}, agents={len(self.roster) if self.roster else 'any'})"
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _client(self, base_url: str) -> openai.AsyncOpenAI:
+        client = self._clients.get(base_url)
+        if client is None:
+            # Retries are ours (decorrelated jitter, Retry-After cap, attempt count in
+            # the output), so the SDK's own are off.
+            client = openai.AsyncOpenAI(
+                base_url=base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout_s
+            )
+            self._clients[base_url] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close every HTTP client (connection pools) this orchestrator opened."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    async def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Raise :class:`AgentInvocationError` if the endpoint cannot be reached at all.
+
+        Any HTTP answer (even 401 or 404) counts as reachable: this is a start-up check
+        for a wrong host or port, not for credentials.
+        """
+        client = self._client(self.base_url)
+        try:
+            await client.models.list(timeout=timeout_s)
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise AgentInvocationError(
+                f"cannot reach {self.base_url}: {type(exc).__name__}"
+            ) from None
+        except openai.APIError:
+            return
+
+    # ------------------------------------------------------------ one agent
+
+    def _profile(self, agent_id: str) -> AgentProfile:
+        if self.roster is not None:
+            return self.roster.get(agent_id)
+        return AgentProfile(agent_id=agent_id)
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        profile = self._profile(agent_id)
+        model = profile.model or self.model
+        base_url = (profile.base_url or self.base_url).rstrip("/")
+        timeout_s = profile.timeout_s or self.timeout_s
+        temperature = profile.temperature if profile.temperature is not None else self.temperature
+        max_tokens = profile.max_tokens or self.max_tokens
+        system = (profile.system_prompt or self.system_prompt).format(
+            name=profile.name, agent_id=agent_id
+        )
+        request: dict[str, Any] = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": _user_message(context)},
+            ],
+            "timeout": timeout_s,
+            # Lets proxies and test servers attribute a request to an agent.
+            "extra_headers": {"X-Conclave-Agent": agent_id},
+        }
+        if temperature is not None:
+            request["temperature"] = temperature
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+
+        client = self._client(base_url)
+        where = f"agent {agent_id!r} ({model} at {base_url})"
+        started = time.perf_counter()
+        attempts = 0
+        sleep_s = self.backoff_base_s
+        while True:
+            attempts += 1
+            try:
+                completion = await client.chat.completions.create(**request)
+                break
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                # APITimeoutError is an APIConnectionError; name which one happened.
+                what = (
+                    "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
+                )
+                retry_after = None
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if status != 429 and status < 500:
+                    raise AgentInvocationError(
+                        f"{where}: HTTP {status} {self._server_message(exc)}; not retried"
+                    ) from None
+                what = f"HTTP {status}"
+                retry_after = _retry_after_s(exc) if status == 429 else None
+            except (openai.APIResponseValidationError, ValueError) as exc:
+                raise AgentInvocationError(
+                    f"{where}: malformed response ({type(exc).__name__}: invalid JSON)"
+                ) from None
+            if attempts > self.max_retries:
+                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)") from None
+            sleep_s = min(self.backoff_cap_s, self._rng.uniform(self.backoff_base_s, sleep_s * 3))
+            if retry_after is not None:
+                sleep_s = min(max(sleep_s, retry_after), self.retry_after_cap_s)
+            log.info(
+                "retrying chat completion",
+                extra={
+                    "agent_id": agent_id,
+                    "attempt": attempts,
+                    "cause": what,
+                    "delay_s": round(sleep_s, 3),
+                },
+            )
+            await asyncio.sleep(sleep_s)
+
+        return self._output(agent_id, model, completion, attempts, started, where)
+
+    def _output(
+        self, agent_id: str, model: str, completion: Any, attempts: int, started: float, where: str
+    ) -> AgentOutput:
+        choices = getattr(completion, "choices", None)
+        if not isinstance(choices, list):
+            raise AgentInvocationError(f"{where}: malformed response (not a chat completion)")
+        if not choices:
+            raise AgentInvocationError(f"{where}: malformed response (no choices)")
+        message = getattr(choices[0], "message", None)
+        content = getattr(message, "content", None)
+        if not isinstance(content, str):
+            refusal = getattr(message, "refusal", None)
+            why = "refused" if refusal else "null content"
+            raise AgentInvocationError(f"{where}: malformed response ({why})")
+        usage = getattr(completion, "usage", None)
+        metadata: dict[str, str | int | float] = {
+            "model": str(getattr(completion, "model", None) or model),
+            "finish_reason": str(choices[0].finish_reason or ""),
+            "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+            "attempts": attempts,
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+        return AgentOutput(
+            agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
+        )
+
+    def _server_message(self, exc: openai.APIStatusError) -> str:
+        if exc.status_code in (401, 403):
+            # Providers echo (part of) the key in auth errors; say nothing of it.
+            return "(authentication failed: check the API key)"
+        body = exc.body if isinstance(exc.body, dict) else {}
+        error = body.get("error", body)
+        text = error.get("message") if isinstance(error, dict) else None
+        text = str(text or exc.response.reason_phrase or "")
+        if self._api_key != _KEYLESS:
+            text = text.replace(self._api_key, "***")
+        return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
+
+
+def _user_message(context: ContextBundle) -> str:
+    parts = [f"Topic {context.topic_id}:", context.topic_content]
+    if context.metadata:
+        parts.append("Context:")
+        parts.extend(f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
+    return "\n\n".join(parts[:2]) + ("\n\n" + "\n".join(parts[2:]) if len(parts) > 2 else "")

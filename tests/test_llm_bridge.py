@@ -1,0 +1,350 @@
+"""Real LLM path: the openai SDK, through the trio-asyncio bridge, against a real server.
+
+The server (tests/fake_openai.py) listens on 127.0.0.1 and injects faults per agent;
+nothing here patches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+
+from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.roster import AgentProfile, Roster
+from kernel import (
+    AgentInvocationError,
+    AgentNotFoundError,
+    AgentOutput,
+    AgentPool,
+    ConcurrentDeliberationService,
+    ContextBundle,
+    FailureKind,
+    HaltSwitch,
+    InvalidRequestError,
+)
+from tests.fake_openai import FakeOpenAIServer
+from tests.helpers import expect_halt, make_requests
+
+FAST: dict[str, Any] = {"backoff_base_s": 0.001, "backoff_cap_s": 0.005, "timeout_s": 5.0}
+
+
+def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
+    return OpenAIChatOrchestrator(server.base_url, "fake-model", **{**FAST, **kwargs})
+
+
+async def wait_server(server: FakeOpenAIServer, predicate: Any, limit_s: float = 10.0) -> None:
+    """Block (in a worker thread) until the server's counters satisfy ``predicate``."""
+    ok = await trio.to_thread.run_sync(server.wait_for, predicate, limit_s)
+    assert ok, "server never reached the expected state"
+
+
+async def test_72_agents_in_flight_at_once_all_succeed(llm_server: FakeOpenAIServer) -> None:
+    llm_server.default = "barrier"  # nobody is answered until all 72 are waiting
+    llm_server.barrier_size = 72
+    context = ContextBundle("budget-7", "Adopt the budget?", {"session": "42"})
+    pool = AgentPool()
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        service = ConcurrentDeliberationService(bridge, HaltSwitch(), pool)
+        result = await service.invoke_concurrent(make_requests(72, context))
+    assert result.success_count == 72, result.failures[:3]
+    assert llm_server.max_in_flight == 72
+    assert llm_server.requests_total == 72
+    out = result.outputs[0]
+    assert out.content.startswith("archon-1 votes aye")
+    assert out.metadata["model"] == "fake-model"
+    assert out.metadata["finish_reason"] == "stop"
+    assert out.metadata["prompt_tokens"] == 11
+    assert out.metadata["completion_tokens"] == 5
+    assert out.metadata["attempts"] == 1
+    body = llm_server.bodies[0]
+    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    assert "Adopt the budget?" in user and "session: 42" in user and "budget-7" in user
+    assert pool.active_count == 0
+
+
+@pytest.mark.parametrize(
+    ("faults", "attempts"),
+    [
+        ((500,), 2),
+        ((503, 503), 3),
+        ((("429", 0),), 2),
+        (("drop",), 2),
+        (("drop", 500, ("429", 0)), 4),
+    ],
+)
+async def test_retryable_faults_are_retried(
+    llm_server: FakeOpenAIServer, faults: tuple[Any, ...], attempts: int
+) -> None:
+    llm_server.script("archon-1", *faults)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        result = await service.invoke_concurrent(make_requests(1))
+    assert result.success_count == 1, result.failures
+    assert result.outputs[0].metadata["attempts"] == attempts
+    assert llm_server.attempts["archon-1"] == attempts
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (401, "HTTP 401 (authentication failed: check the API key); not retried"),
+        (400, "HTTP 400 (injected 400); not retried"),
+        (404, "HTTP 404"),
+        ("malformed_json", "malformed response"),
+        ("empty_choices", "malformed response (no choices)"),
+        ("null_content", "malformed response (null content)"),
+    ],
+)
+async def test_non_retryable_faults_fail_at_once(
+    llm_server: FakeOpenAIServer, fault: Any, message: str
+) -> None:
+    llm_server.script("archon-1", fault)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, max_retries=3)) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        result = await service.invoke_concurrent(make_requests(1))
+    (failure,) = result.failures
+    assert failure.kind is FailureKind.ERROR
+    assert failure.error_type == "AgentInvocationError"
+    assert message in failure.message
+    assert "'archon-1'" in failure.message
+    assert llm_server.attempts["archon-1"] == 1
+
+
+async def test_persistent_5xx_gives_up_after_max_retries(llm_server: FakeOpenAIServer) -> None:
+    llm_server.default = 500
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, max_retries=2)) as bridge:
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
+    assert "HTTP 500 after 3 attempt(s)" in result.failures[0].message
+    assert llm_server.attempts["archon-1"] == 3
+
+
+async def test_request_that_never_answers_times_out_and_is_retried(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = "hang"
+    orch = orchestrator(llm_server, timeout_s=0.2, max_retries=1)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
+    assert "timed out after 2 attempt(s)" in result.failures[0].message
+    await wait_server(llm_server, lambda s: s.disconnects == 2)
+
+
+async def test_retry_after_is_honoured_and_capped(llm_server: FakeOpenAIServer) -> None:
+    llm_server.script("archon-1", ("429", 30))
+    orch = orchestrator(llm_server, retry_after_cap_s=0.3)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        t0 = time.monotonic()
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
+        waited = time.monotonic() - t0
+    assert result.success_count == 1
+    assert 0.3 <= waited < 30  # waited for Retry-After, but no longer than the cap
+
+
+async def test_no_request_is_lost_under_mixed_faults(llm_server: FakeOpenAIServer) -> None:
+    faults: list[Any] = [500, 503, ("429", 0), 401, "malformed_json", "empty_choices", "drop"]
+    requests = make_requests(72)
+    for i, req in enumerate(requests):
+        if i % 3 == 0:
+            llm_server.script(req.agent_id, faults[i % len(faults)])
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        pool = AgentPool()
+        service = ConcurrentDeliberationService(bridge, pool=pool)
+        result = await service.invoke_concurrent(requests)
+    assert result.total_count == 72
+    expected_failed = {
+        r.agent_id
+        for i, r in enumerate(requests)
+        if i % 3 == 0 and faults[i % len(faults)] in (401, "malformed_json", "empty_choices")
+    }
+    assert set(result.failed_agents) == expected_failed
+    assert pool.active_count == 0
+    assert llm_server.in_flight == 0
+
+
+async def test_halt_cancels_72_open_requests_down_to_the_socket(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = "hang"
+    halt = HaltSwitch()
+    pool = AgentPool()
+    timing: dict[str, float] = {}
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, timeout_s=600)) as bridge:
+        service = ConcurrentDeliberationService(bridge, halt, pool)
+
+        async def halt_when_all_in_flight() -> None:
+            await wait_server(llm_server, lambda s: s.in_flight == 72)
+            timing["halt"] = time.perf_counter()
+            halt.halt("operator: stop the council")
+
+        async def deliberate() -> None:
+            try:
+                await service.invoke_concurrent(make_requests(72))
+            finally:
+                timing["returned"] = time.perf_counter()
+
+        err = await expect_halt(deliberate, halt_when_all_in_flight)
+    assert err.partial is not None and err.partial.failure_count == 72
+    assert {f.kind for f in err.partial.failures} == {FailureKind.HALTED}
+    assert pool.active_count == 0
+    assert timing["returned"] - timing["halt"] < 0.100
+    await wait_server(llm_server, lambda s: s.disconnects == 72)
+    assert llm_server.answered == 0
+
+
+async def test_unreachable_server_is_a_clear_failure() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    orch = OpenAIChatOrchestrator(
+        f"http://127.0.0.1:{port}/v1",
+        "m",
+        max_retries=1,
+        **{k: v for k, v in FAST.items() if k != "timeout_s"},
+    )
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
+        with pytest.raises(AgentInvocationError, match="cannot reach"):
+            await bridge.run_asyncio(orch.check_reachable, 1)
+    assert "connection failed after 2 attempt(s)" in result.failures[0].message
+
+
+async def test_roster_settings_reach_the_server(llm_server: FakeOpenAIServer) -> None:
+    roster = Roster(
+        [
+            AgentProfile(
+                "skeptic",
+                model="model-a",
+                temperature=0.1,
+                max_tokens=64,
+                system_prompt="You are {name}, the skeptic.",
+                display_name="Skeptic",
+            ),
+            AgentProfile("optimist", timeout_s=10),
+        ]
+    )
+    orch = orchestrator(llm_server, roster=roster, temperature=0.9)
+    context = ContextBundle("t", "Is it good?")
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        result = await service.invoke_concurrent(roster.requests(context))
+        stranger = await service.invoke_concurrent(make_requests(1, context))
+    assert result.success_count == 2
+    by_agent = {
+        h["x-conclave-agent"]: b for h, b in zip(llm_server.headers, llm_server.bodies, strict=True)
+    }
+    skeptic, optimist = by_agent["skeptic"], by_agent["optimist"]
+    assert skeptic["model"] == "model-a" and skeptic["temperature"] == 0.1
+    assert skeptic["max_tokens"] == 64
+    assert skeptic["messages"][0]["content"] == "You are Skeptic, the skeptic."
+    assert optimist["model"] == "fake-model" and optimist["temperature"] == 0.9
+    assert "max_tokens" not in optimist
+    (failure,) = stranger.failures
+    assert failure.error_type == "AgentNotFoundError"
+
+
+async def test_api_key_is_sent_but_never_shown(
+    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-test-SECRET-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    orch = orchestrator(llm_server)
+    assert secret not in repr(orch)
+    llm_server.script("archon-1", 500)
+    llm_server.script("archon-2", 401)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        assert secret not in repr(bridge)
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(2))
+    assert llm_server.headers[0]["authorization"] == f"Bearer {secret}"
+    assert secret not in result.failures[0].message
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "retrying chat completion" in logged
+    assert secret not in logged
+    assert "Is it good" not in logged and "votes aye" not in logged
+
+
+# ------------------------------------------------------------------ the bridge itself
+
+
+class AsyncioEcho:
+    """A minimal asyncio-native orchestrator."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.cancelled: list[str] = []
+        self.delay = 0.0
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        asyncio.get_running_loop()  # really asyncio
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled.append(agent_id)
+            raise
+        if agent_id == "raise":
+            raise LookupError("no such motion")
+        from uuid import uuid4
+
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="ok")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_bridge_passes_exceptions_unchanged_and_closes_inner() -> None:
+    inner = AsyncioEcho()
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        out = await bridge.invoke("a", ContextBundle("t", "c"))
+        assert out.agent_id == "a"
+        with pytest.raises(LookupError, match="no such motion"):
+            await bridge.invoke("raise", ContextBundle("t", "c"))
+    assert inner.closed
+    with pytest.raises(RuntimeError, match="async with"):
+        await bridge.invoke("a", ContextBundle("t", "c"))
+
+
+async def test_bridge_reuses_a_running_loop() -> None:
+    async with trio_asyncio.open_loop() as loop, AsyncioOrchestratorBridge(AsyncioEcho()) as bridge:
+        assert bridge._loop is loop
+        await bridge.invoke("a", ContextBundle("t", "c"))
+    # and opens its own when none runs
+    async with AsyncioOrchestratorBridge(AsyncioEcho()) as bridge:
+        assert bridge._loop is not None
+
+
+async def test_trio_cancellation_cancels_the_asyncio_task() -> None:
+    inner = AsyncioEcho()
+    inner.delay = 3600
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        service = ConcurrentDeliberationService(bridge, agent_timeout=0.05)
+        result = await service.invoke_concurrent(make_requests(5))
+    assert {f.kind for f in result.failures} == {FailureKind.TIMEOUT}
+    assert sorted(inner.cancelled) == sorted(f"archon-{i}" for i in range(1, 6))
+
+
+def test_bridge_and_orchestrator_reject_bad_arguments() -> None:
+    class SyncInvoke:
+        def invoke(self, agent_id: str, context: ContextBundle) -> None: ...
+
+    with pytest.raises(InvalidRequestError):
+        AsyncioOrchestratorBridge(SyncInvoke())  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="base_url"):
+        OpenAIChatOrchestrator("localhost:8080", "m")
+    with pytest.raises(InvalidRequestError, match="model"):
+        OpenAIChatOrchestrator("http://x/v1", "")
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        OpenAIChatOrchestrator("http://x/v1", "m", temperature=5)
+    with pytest.raises(InvalidRequestError, match="timeout_s"):
+        OpenAIChatOrchestrator("http://x/v1", "m", timeout_s=0)
+    with pytest.raises(InvalidRequestError, match="max_retries"):
+        OpenAIChatOrchestrator("http://x/v1", "m", max_retries=-1)
+    with pytest.raises(AgentNotFoundError):
+        Roster.default(2).get("archon-3")
