@@ -38,5 +38,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
+# Not part of `make test`: builds llama-cpp-python (~13 min the first time).
+e2e: $(STAMP)
+	bash scripts/e2e_local_llm.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

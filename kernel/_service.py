@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Literal, cast
 from uuid import UUID, uuid4
 
-import attrs
 import trio
 
 from kernel._errors import (
@@ -38,6 +37,7 @@ from kernel._types import (
     ConcurrentResult,
     FailureKind,
     PoolStatus,
+    stamp_output,
     utc_now,
 )
 
@@ -434,18 +434,25 @@ class ConcurrentDeliberationService:
 
     async def _attempt(self, batch: _Batch, req: AgentRequest, start: float) -> _Outcome:
         """Invoke one agent and turn whatever happens into exactly one outcome."""
-        deadline = start + batch.timeout if batch.timeout is not None else math.inf
-        with trio.CancelScope(deadline=deadline) as timeout_scope:
+        if batch.timeout is None:
+            # No timeout: no cancel scope either (it is per-agent cost on the hot path).
             try:
-                # Typed as object: orchestrators are plug-ins, and their output is checked.
                 result: object = await self._orchestrator.invoke(req.agent_id, req.context)
             except Exception as exc:
-                if timeout_scope.cancel_called:
-                    # The orchestrator turned our timeout's Cancelled into an error.
-                    return self._timeout_failure(batch, req, start)
                 return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
-        if timeout_scope.cancelled_caught:
-            return self._timeout_failure(batch, req, start)
+        else:
+            with trio.CancelScope(deadline=start + batch.timeout) as timeout_scope:
+                try:
+                    result = await self._orchestrator.invoke(req.agent_id, req.context)
+                except Exception as exc:
+                    if timeout_scope.cancel_called:
+                        # The orchestrator turned our timeout's Cancelled into an error.
+                        return self._timeout_failure(batch, req, start)
+                    return _failure(
+                        req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start
+                    )
+            if timeout_scope.cancelled_caught:
+                return self._timeout_failure(batch, req, start)
 
         if not isinstance(result, AgentOutput):
             return _failure(
@@ -464,7 +471,7 @@ class ConcurrentDeliberationService:
                 f"for agent {req.agent_id!r}",
                 start,
             )
-        output = attrs.evolve(result, request_id=req.request_id, batch_id=batch.batch_id)
+        output = stamp_output(result, req.request_id, batch.batch_id)
 
         if self._witness is not None:
             try:

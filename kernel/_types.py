@@ -197,6 +197,27 @@ class AgentOutput:
         return hashlib.sha256(self.content.encode("utf-8")).hexdigest()
 
 
+_OUTPUT_FIELDS = tuple(a.name for a in attrs.fields(AgentOutput))
+
+
+def stamp_output(output: AgentOutput, request_id: UUID, batch_id: UUID) -> AgentOutput:
+    """A copy of ``output`` carrying the kernel's ``request_id`` and ``batch_id``.
+
+    Equivalent to ``attrs.evolve(output, request_id=..., batch_id=...)`` without running
+    every validator again: ``output`` was validated when it was built, and the two ids
+    come from the kernel's own validated request and batch.  This is on the hot path of
+    every agent, and re-validation was a large share of the kernel's per-agent cost.
+    """
+    if type(output) is not AgentOutput:  # a subclass may have its own invariants
+        return attrs.evolve(output, request_id=request_id, batch_id=batch_id)
+    stamped = object.__new__(AgentOutput)
+    for name in _OUTPUT_FIELDS:
+        object.__setattr__(stamped, name, getattr(output, name))
+    object.__setattr__(stamped, "request_id", request_id)
+    object.__setattr__(stamped, "batch_id", batch_id)
+    return stamped
+
+
 class FailureKind(enum.Enum):
     """Why an agent produced no output."""
 

@@ -140,3 +140,16 @@ def test_system_halted_error_carries_reason_and_partial() -> None:
     assert str(err) == "CT-11: system halted: storm"
     again = pickle.loads(pickle.dumps(err))
     assert again.reason == "storm" and again.partial is None
+
+
+def test_stamp_output_equals_evolve() -> None:
+    from kernel._types import stamp_output
+
+    out = AgentOutput("a", uuid4(), "text", metadata={"k": 1})
+    rid, bid = uuid4(), uuid4()
+    stamped = stamp_output(out, rid, bid)
+    assert stamped == attrs.evolve(out, request_id=rid, batch_id=bid)
+    assert hash(stamped) == hash(attrs.evolve(out, request_id=rid, batch_id=bid))
+    assert out.batch_id is None  # the original is untouched
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stamped.content = "x"  # type: ignore[misc]
