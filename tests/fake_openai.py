@@ -333,3 +333,21 @@ def _completion(payload: dict[str, Any], agent: str) -> dict[str, Any]:
 
 def _error(message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": code, "param": None, "code": code}}
+
+
+def main() -> None:
+    """Serve from a process of its own (benchmarks): prints the port, runs until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible server on 127.0.0.1")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args()
+    server = FakeOpenAIServer()
+    server.default = ("latency", args.latency) if args.latency else "ok"
+    server.start()
+    print(server.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
