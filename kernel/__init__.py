@@ -4,6 +4,7 @@ The public surface is everything in ``__all__``; the modules behind it are priva
 ``kernel`` imports only trio, attrs and the standard library.
 """
 
+from kernel._dual_halt import DualChannelHaltChecker
 from kernel._errors import (
     AgentBusyError,
     AgentInvocationError,
@@ -57,6 +58,7 @@ __all__ = [
     "ConcurrentDeliberationService",
     "ConcurrentResult",
     "ContextBundle",
+    "DualChannelHaltChecker",
     "FailureKind",
     "FrozenMap",
     "HaltChecker",

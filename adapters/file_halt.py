@@ -1,0 +1,238 @@
+"""A durable, cross-process halt channel: a small JSON file.
+
+Any process that can write the file can halt every deliberation that reads it, and the
+halt survives restarts (it is sticky until cleared by two approvers).  Writes are atomic
+(temp file, fsync, rename, fsync of the directory) and serialized across processes with
+an advisory lock, so two processes halting at once keep the first reason and lose no
+history.  A file that exists but cannot be read or parsed counts as **halted**
+(fail-safe), with a log line that says why.  Every read and write runs in a worker
+thread: the trio loop never blocks on the disk.
+
+File format::
+
+    {"halted": true, "reason": "...", "updated_at": "2026-...Z",
+     "history": [{"action": "halt", "reason": "...", "at": "...", "approvers": []}, ...]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Collection, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kernel import HaltRecord, InvalidRequestError
+from kernel._halt import check_clear_approvers
+from kernel._types import utc_now
+
+__all__ = ["FileHaltChannel", "HaltFileState"]
+
+log = logging.getLogger("adapters.file_halt")
+
+_SCHEMA = "conclave.halt/1"
+
+
+class HaltFileState:
+    """What the file says: halted or not, why, and its history (or why it is unreadable)."""
+
+    __slots__ = ("error", "halted", "history", "reason")
+
+    def __init__(
+        self,
+        halted: bool,
+        reason: str | None,
+        history: tuple[HaltRecord, ...] = (),
+        error: str | None = None,
+    ) -> None:
+        self.halted = halted
+        self.reason = reason
+        self.history = history
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"HaltFileState(halted={self.halted}, reason={self.reason!r}, error={self.error!r})"
+
+
+class FileHaltChannel:
+    """A :class:`~kernel.HaltChecker` (with ``wait_halted``) backed by a JSON file.
+
+    ``halt`` and ``clear`` are async (they write the disk from a worker thread).  A
+    missing file means "not halted"; a missing *directory* is created on the first
+    write.  ``poll_interval`` is how often ``wait_halted`` re-reads the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], poll_interval: float = 0.05) -> None:
+        if isinstance(poll_interval, bool) or not (
+            isinstance(poll_interval, int | float) and poll_interval > 0
+        ):
+            raise InvalidRequestError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        self.path = Path(path)
+        self.poll_interval = float(poll_interval)
+        self._last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<FileHaltChannel {str(self.path)!r}>"
+
+    # ------------------------------------------------------------ reading
+
+    def read_state(self) -> HaltFileState:
+        """Read the file now (blocking; use from a thread or outside trio)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return self._ok(HaltFileState(False, None))
+        except OSError as exc:
+            return self._unreadable(f"cannot read {self.path}: {exc.strerror or exc}")
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not isinstance(doc.get("halted"), bool):
+                raise ValueError("no boolean 'halted' field")
+            reason = doc.get("reason")
+            if reason is not None and not isinstance(reason, str):
+                raise ValueError("'reason' is not a string")
+            history = tuple(_record(r) for r in doc.get("history", []))
+        except (ValueError, TypeError, KeyError) as exc:
+            return self._unreadable(f"corrupt halt file {self.path}: {exc}")
+        return self._ok(HaltFileState(doc["halted"], reason if doc["halted"] else None, history))
+
+    def _ok(self, state: HaltFileState) -> HaltFileState:
+        if self._last_error is not None:
+            log.warning("halt file readable again", extra={"halt_file": str(self.path)})
+            self._last_error = None
+        return state
+
+    def _unreadable(self, why: str) -> HaltFileState:
+        if why != self._last_error:  # log each new problem once, not on every poll
+            log.error(
+                "halt file unreadable; treated as halted",
+                extra={"halt_file": str(self.path), "problem": why},
+            )
+            self._last_error = why
+        return HaltFileState(True, f"halt file unreadable ({why}); treated as halted", error=why)
+
+    async def state(self) -> HaltFileState:
+        return await trio.to_thread.run_sync(self.read_state)
+
+    async def is_halted(self) -> bool:
+        return (await self.state()).halted
+
+    async def get_halt_reason(self) -> str | None:
+        return (await self.state()).reason
+
+    async def wait_halted(self) -> str:
+        while True:
+            state = await self.state()
+            if state.halted:
+                return state.reason or "halted (no reason given)"
+            await trio.sleep(self.poll_interval)
+
+    @property
+    def history(self) -> tuple[HaltRecord, ...]:
+        return self.read_state().history
+
+    # ------------------------------------------------------------ writing
+
+    async def halt(self, reason: str) -> bool:
+        """Raise the halt; True only if this call raised it (the first reason is kept)."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
+        return await trio.to_thread.run_sync(self.halt_blocking, reason)
+
+    async def clear(self, *, approvers: Collection[str], reason: str) -> None:
+        """Clear the halt: two distinct approvers and a reason, as for ``HaltSwitch``."""
+        names = check_clear_approvers(approvers, reason)
+        await trio.to_thread.run_sync(self.clear_blocking, names, reason)
+
+    def halt_blocking(self, reason: str) -> bool:
+        with self._locked():
+            state = self.read_state()
+            if state.halted and state.error is None:
+                return False
+            # A corrupt file is replaced by a good one that says halted: still halted,
+            # now with a reason an operator can read.
+            history = [*state.history, HaltRecord("halt", reason, utc_now())]
+            self._write(True, reason, history)
+        log.critical("halt raised", extra={"halt_channel": "file", "halt_file": str(self.path)})
+        return True
+
+    def clear_blocking(self, approvers: tuple[str, ...], reason: str) -> None:
+        with self._locked():
+            state = self.read_state()
+            if not state.halted:
+                return
+            history = [*state.history, HaltRecord("clear", reason, utc_now(), approvers)]
+            self._write(False, None, history)
+        log.warning(
+            "halt cleared",
+            extra={
+                "halt_channel": "file",
+                "halt_file": str(self.path),
+                "approvers": list(approvers),
+            },
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An advisory lock on a sibling file, so read-modify-write is one step."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _write(self, halted: bool, reason: str | None, history: list[HaltRecord]) -> None:
+        doc = {
+            "schema": _SCHEMA,
+            "halted": halted,
+            "reason": reason,
+            "updated_at": utc_now().isoformat(),
+            "history": [
+                {
+                    "action": r.action,
+                    "reason": r.reason,
+                    "at": r.at.isoformat(),
+                    "approvers": list(r.approvers),
+                }
+                for r in history
+            ],
+        }
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself is durable
+        finally:
+            os.close(dir_fd)
+
+
+def _record(raw: Any) -> HaltRecord:
+    if not isinstance(raw, dict) or raw.get("action") not in ("halt", "clear"):
+        raise ValueError("bad history record")
+    return HaltRecord(
+        raw["action"],
+        str(raw["reason"]),
+        datetime.fromisoformat(raw["at"]),
+        tuple(str(a) for a in raw.get("approvers", [])),
+    )

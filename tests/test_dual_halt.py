@@ -1,0 +1,156 @@
+"""DualChannelHaltChecker: halted if either channel says so; fail-safe on errors."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernel import (
+    ConcurrentDeliberationService,
+    DualChannelHaltChecker,
+    HaltChecker,
+    HaltSwitch,
+    InvalidRequestError,
+)
+from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+
+
+class Channel:
+    """A polled channel (no wait_halted) that can be halted, healthy, or broken."""
+
+    def __init__(self, state: str = "ok", reason: str = "channel halt") -> None:
+        self.state = state  # ok | halted | broken
+        self.reason = reason
+
+    async def is_halted(self) -> bool:
+        if self.state == "broken":
+            raise OSError("channel down")
+        return self.state == "halted"
+
+    async def get_halt_reason(self) -> str | None:
+        if self.state == "broken":
+            raise OSError("channel down")
+        return self.reason if self.state == "halted" else None
+
+
+class HaltableChannel(Channel):
+    def halt(self, reason: str) -> bool:
+        self.state, self.reason = "halted", reason
+        return True
+
+
+STATES = ["ok", "halted", "broken"]
+
+
+@given(st.sampled_from(STATES), st.sampled_from(STATES))
+def test_channel_state_table(primary_state: str, secondary_state: str) -> None:
+    primary = Channel(primary_state, "primary reason")
+    secondary = Channel(secondary_state, "secondary reason")
+    dual = DualChannelHaltChecker(primary, secondary)
+
+    async def main() -> tuple[bool, str | None]:
+        return await dual.is_halted(), await dual.get_halt_reason()
+
+    halted, reason = trio.run(main)
+    states = {primary_state, secondary_state}
+    assert halted is ("halted" in states or states == {"broken"})
+    if primary_state == "halted":
+        assert reason == "primary reason"
+    elif secondary_state == "halted":
+        assert reason == "secondary reason"
+    elif states == {"broken"}:
+        assert reason is not None and "unreadable" in reason
+    else:
+        assert reason is None
+    assert dual.read_errors["primary"] == (2 if primary_state == "broken" else 0)
+    assert dual.read_errors["secondary"] == (2 if secondary_state == "broken" else 0)
+
+
+async def test_wait_halted_returns_when_either_halts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    polled = Channel()
+    dual = DualChannelHaltChecker(switch, polled, poll_interval=0.1)
+    assert isinstance(dual, HaltChecker)
+    got: list[tuple[str, float]] = []
+
+    async def waiter() -> None:
+        got.append((await dual.wait_halted(), trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(2.05)
+        polled.state = "halted"
+    ((reason, at),) = got
+    assert reason == "channel halt"
+    assert at == pytest.approx(2.1)
+
+    got.clear()
+    polled.state = "ok"
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        switch.halt("switch")
+    assert got == [("switch", t0 + 1.0)]
+
+
+async def test_wait_halted_survives_one_broken_channel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    broken, switch = Channel("broken"), HaltSwitch()
+    dual = DualChannelHaltChecker(broken, switch)
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(1) as scope:
+            await dual.wait_halted()
+        nursery.cancel_scope.cancel()
+    assert scope.cancelled_caught  # the healthy channel decides: not halted
+    assert dual.read_errors["primary"] == 1
+    both = DualChannelHaltChecker(Channel("broken"), Channel("broken"))
+    assert "unreadable" in await both.wait_halted()
+
+
+async def test_consistency_and_conflict_resolution() -> None:
+    switch = HaltSwitch()
+    lagging = HaltableChannel()
+    dual = DualChannelHaltChecker(switch, lagging)
+    assert await dual.check_channels_consistent()
+    switch.halt("primary says stop")
+    assert not await dual.check_channels_consistent()
+    assert await dual.resolve_conflict()
+    assert lagging.state == "halted" and "primary says stop" in lagging.reason
+    assert await dual.check_channels_consistent()
+
+    # a lagging channel that cannot be halted stays as it is
+    dual2 = DualChannelHaltChecker(Channel(), Channel("halted"))
+    assert not await dual2.resolve_conflict()
+    assert not await DualChannelHaltChecker(Channel("broken"), Channel()).resolve_conflict()
+
+
+def test_rejects_non_channels() -> None:
+    with pytest.raises(InvalidRequestError, match="primary"):
+        DualChannelHaltChecker(object(), HaltSwitch())  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="poll_interval"):
+        DualChannelHaltChecker(HaltSwitch(), HaltSwitch(), poll_interval=0)
+
+
+async def test_service_halts_on_the_secondary_channel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    secondary = Channel()
+    dual = DualChannelHaltChecker(HaltSwitch(), secondary, poll_interval=0.05)
+    orch = ScriptedOrchestrator(default=Step(latency=600))
+    service = ConcurrentDeliberationService(orch, dual)
+
+    async def flip() -> None:
+        await trio.sleep(1)
+        secondary.state = "halted"
+
+    err = await expect_halt(lambda: service.invoke_concurrent(make_requests(72)), flip)
+    assert err.reason == "channel halt"
+    assert err.partial is not None and err.partial.failure_count == 72
+    assert trio.current_time() <= 1.05 + 1e-9
