@@ -1,16 +1,30 @@
-"""``conclave``: run a deliberation from the command line.
+"""``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
-Exit codes: 0 all agents succeeded, 1 some failed, 2 bad usage or input, 3 halted.
+    conclave deliberate [--backend stub|openai] [--agents N | --roster FILE] [--topic TEXT] ...
+    conclave halt   --halt-file PATH --reason TEXT
+    conclave clear  --halt-file PATH --approver A --approver B --reason TEXT
+    conclave status --halt-file PATH
+
+Exit codes: 0 every agent succeeded (or: not halted), 1 some agents failed, 2 bad usage
+or input, 3 halted, 130 interrupted (Ctrl-C).  Bad input gets one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import random
+import signal
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -18,28 +32,36 @@ from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
     MAX_CONCURRENT_AGENTS,
+    AgentFailure,
     AgentInvocationError,
     AgentOrchestratorProtocol,
+    AgentOutput,
     AgentPool,
+    AgentRequest,
     ConclaveError,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
+    DualChannelHaltChecker,
+    HaltChecker,
     HaltSwitch,
-    InvalidRequestError,
     SystemHaltedError,
 )
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+TRANSCRIPT_SCHEMA = "conclave.transcript/1"
 
 
-class _UsageError(Exception):
-    pass
+class UsageError(Exception):
+    """Bad usage or input: one line on stderr, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise UsageError(message)
+
+
+# ---------------------------------------------------------------- argument types
 
 
 def _positive_int(text: str) -> int:
@@ -62,67 +84,192 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     d = sub.add_parser("deliberate", help="run one deliberation and print a summary")
-    d.add_argument("--agents", type=_positive_int, default=MAX_CONCURRENT_AGENTS)
-    d.add_argument("--topic", default="Should the council adopt the proposal?")
-    d.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
-    d.add_argument(
+    who = d.add_argument_group("council")
+    who.add_argument(
+        "--agents",
+        type=_positive_int,
+        default=MAX_CONCURRENT_AGENTS,
+        help="number of agents, archon-1..N (default 72; --roster overrides)",
+    )
+    who.add_argument("--roster", type=Path, help="roster file (.json or .toml)")
+    who.add_argument("--topic", default="Should the council adopt the proposal?")
+    who.add_argument("--topic-id", default="cli-topic")
+    run = d.add_argument_group("run")
+    run.add_argument("--backend", choices=("stub", "openai"), default="stub")
+    run.add_argument(
         "--capacity",
         type=_positive_int,
         default=MAX_CONCURRENT_AGENTS,
         help="pool size (FR10 default: 72)",
     )
-    d.add_argument("--overflow", choices=("reject", "queue"), default="reject")
-    d.add_argument(
-        "--timeout", type=_non_negative_float, default=None, help="per-agent timeout in seconds"
+    run.add_argument("--overflow", choices=("reject", "queue"), default="reject")
+    run.add_argument("--sequential", action="store_true", help="one agent at a time, in order")
+    run.add_argument(
+        "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
     )
-    d.add_argument("--backend", choices=("stub", "openai"), default="stub")
-    d.add_argument("--base-url", help="OpenAI-compatible endpoint (openai backend)")
-    d.add_argument("--model", help="model name (openai backend)")
-    d.add_argument("--roster", help="roster file (.json or .toml); sets the agents")
-    d.add_argument("--max-tokens", type=_positive_int, default=None)
+    run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
+    stub = d.add_argument_group("stub backend")
+    stub.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
+    stub.add_argument("--jitter-ms", type=_non_negative_float, default=0.0)
+    stub.add_argument(
+        "--fail-rate", type=_fraction, default=0.0, help="fraction of agents that fail (0-1)"
+    )
+    stub.add_argument("--seed", type=int, default=None)
+    llm = d.add_argument_group("openai backend (API key from $OPENAI_API_KEY)")
+    llm.add_argument(
+        "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1"
+    )
+    llm.add_argument("--model", help="model name")
+    llm.add_argument("--max-tokens", type=_positive_int, default=None)
+    out = d.add_argument_group("output")
+    out.add_argument(
+        "--json",
+        type=Path,
+        dest="json_path",
+        help="write a transcript: every outcome with ids, hashes, timings",
+    )
+    out.add_argument(
+        "--include-content",
+        action="store_true",
+        help="put the agents' answers in the transcript too",
+    )
+    out.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N answers after the summary",
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress display, one-line summary")
+
+    for name, text in (
+        ("halt", "raise the halt in a halt file"),
+        ("clear", "clear the halt (two approvers)"),
+        ("status", "show a halt file's state"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--halt-file", type=Path, required=True)
+        if name in ("halt", "clear"):
+            p.add_argument("--reason", required=True)
+        if name == "clear":
+            p.add_argument(
+                "--approver",
+                action="append",
+                default=[],
+                required=True,
+                help="repeat: at least two distinct approvers",
+            )
     return parser
 
 
-def _summary(
-    result: ConcurrentResult, latency_ms: float, pool: AgentPool, halted: str | None
-) -> str:
-    kinds = Counter(f.kind.value for f in result.failures)
-    lines = [
-        f"conclave: {result.total_count} agents, batch {result.batch_id}",
-        f"  succeeded : {result.success_count}",
-        f"  failed    : {result.failure_count}"
-        + (" (" + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())) + ")" if kinds else ""),
-        f"  batch time: {result.total_ms:.1f} ms"
-        + (
-            f" (ideal {latency_ms:.1f} ms, x{result.total_ms / latency_ms:.2f})"
-            if latency_ms
-            else ""
-        ),
-        f"  pool after: {pool.active_count} active, {pool.available_count}/"
-        f"{pool.max_concurrent} free",
-    ]
-    if halted is not None:
-        lines.insert(1, f"  HALTED    : {halted}")
-    return "\n".join(lines)
+# ---------------------------------------------------------------- deliberate
+
+
+class Progress:
+    """Counters the progress display and the summary read (updated by on_progress)."""
+
+    def __init__(self, total: int, pool: AgentPool) -> None:
+        self.total = total
+        self.pool = pool
+        self.done = 0
+        self.failed = 0
+        self.started = trio.current_time()
+
+    def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
+        if status == "completed":
+            self.done += 1
+        elif status == "failed":
+            self.done += 1
+            self.failed += 1
+
+    @property
+    def elapsed(self) -> float:
+        return trio.current_time() - self.started
+
+
+async def _live_display(progress: Progress) -> None:
+    """Redraw a one-line status on stderr ~10 times a second until cancelled (TTY only)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console(stderr=True)
+
+    def render() -> Text:
+        bar_width = 30
+        filled = int(bar_width * progress.done / max(progress.total, 1))
+        return Text.assemble(
+            ("deliberating ", "bold"),
+            ("█" * filled + "░" * (bar_width - filled), "cyan"),
+            f" {progress.done}/{progress.total} done · ",
+            (f"{progress.failed} failed", "red" if progress.failed else ""),
+            f" · {progress.pool.active_count} in flight · {progress.elapsed:.1f} s",
+        )
+
+    with Live(render(), console=console, auto_refresh=False, transient=False) as live:
+        try:
+            while True:
+                live.update(render(), refresh=True)
+                await trio.sleep(0.1)
+        finally:
+            live.update(render(), refresh=True)
+
+
+async def _watch_signals(
+    switch: HaltSwitch,
+    state: dict[str, Any],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Ctrl-C (or SIGTERM) raises the halt: a clean stop with a partial summary."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()  # from here on, Ctrl-C means "halt", not KeyboardInterrupt
+        async for signum in signals:
+            if state.get("interrupted"):
+                raise KeyboardInterrupt  # second Ctrl-C: stop waiting for a clean halt
+            state["interrupted"] = signal.Signals(signum).name
+            switch.halt(f"operator interrupt ({signal.Signals(signum).name})")
 
 
 @asynccontextmanager
 async def _orchestrator(
-    args: argparse.Namespace, roster: Roster | None
+    args: argparse.Namespace, roster: Roster | None, agent_ids: Sequence[str]
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     if args.backend == "stub":
-        yield AgentOrchestratorStub(latency_ms=args.latency_ms)
+        rng = random.Random(args.seed)
+        failing = rng.sample(list(agent_ids), round(args.fail_rate * len(agent_ids)))
+        yield AgentOrchestratorStub(
+            latency_ms=args.latency_ms,
+            fail_agents=failing,
+            jitter_ms=args.jitter_ms,
+            seed=args.seed,
+        )
         return
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
     from adapters.openai_chat import OpenAIChatOrchestrator
 
     if not args.base_url or not args.model:
-        raise _UsageError("--backend openai needs --base-url and --model")
+        raise UsageError("--backend openai needs --base-url and --model")
     inner = OpenAIChatOrchestrator(
         args.base_url,
         args.model,
@@ -131,45 +278,314 @@ async def _orchestrator(
         **({"timeout_s": args.timeout} if args.timeout else {}),
     )
     async with AsyncioOrchestratorBridge(inner) as bridge:
-        await bridge.run_asyncio(inner.check_reachable)
+        try:
+            await bridge.run_asyncio(inner.check_reachable)
+        except AgentInvocationError as exc:
+            raise UsageError(str(exc)) from None
         yield bridge
 
 
-async def _deliberate(args: argparse.Namespace) -> int:
+def _check_output_path(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"--json {path}: is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--json {path}: directory {path.parent} does not exist")
+
+
+async def deliberate(args: argparse.Namespace) -> int:
+    _check_output_path(args.json_path)
+    if args.sequential and args.overflow != "reject":
+        raise UsageError("--sequential and --overflow queue do not mix")
     roster = Roster.load(args.roster) if args.roster else Roster.default(args.agents)
-    pool = AgentPool(args.capacity)
-    context = ContextBundle(topic_id="cli-topic", topic_content=args.topic)
+    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
     requests = roster.requests(context)
-    ideal_ms = args.latency_ms if args.backend == "stub" else 0.0
-    async with _orchestrator(args, roster if args.roster else None) as orchestrator:
-        service = ConcurrentDeliberationService(
-            orchestrator, HaltSwitch(), pool, agent_timeout=args.timeout or None
+    pool = AgentPool(args.capacity)
+    switch = HaltSwitch()
+    checker: HaltChecker = switch
+    if args.halt_file is not None:
+        from adapters.file_halt import FileHaltChannel
+
+        checker = DualChannelHaltChecker(switch, FileHaltChannel(args.halt_file, 0.02))
+    state: dict[str, Any] = {}
+    progress = Progress(len(requests), pool)
+    show_live = not args.quiet and sys.stderr.isatty()
+
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(_watch_signals, switch, state)
+        orchestrator = await stack.enter_async_context(
+            _orchestrator(args, roster if args.roster else None, roster.agent_ids)
         )
+        service = ConcurrentDeliberationService(
+            orchestrator, checker, pool, agent_timeout=args.timeout
+        )
+        if show_live:
+            nursery.start_soon(_live_display, progress)
+        halted: str | None = None
+        if not args.quiet:
+            # A plain line (also when stderr is not a terminal) that says the batch is on.
+            print(
+                f"conclave: deliberating with {len(requests)} agents ({args.backend} backend)",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
-            result = await service.invoke_concurrent(requests, overflow=args.overflow)
-        except SystemHaltedError as exc:
-            if exc.partial is not None:
-                print(_summary(exc.partial, ideal_ms, pool, exc.reason))
+            if args.sequential:
+                result = await service.invoke_sequential(requests, on_progress=progress)
             else:
-                print(f"conclave: halted: {exc.reason}", file=sys.stderr)
-            return EXIT_HALTED
-    print(_summary(result, ideal_ms, pool, None))
-    if result.failures:
-        for failure in result.failures[:5]:
-            print(f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}")
+                result = await service.invoke_concurrent(
+                    requests, overflow=args.overflow, on_progress=progress
+                )
+        except SystemHaltedError as exc:
+            if exc.partial is None:
+                print(f"conclave: halted before starting: {exc.reason}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return EXIT_INTERRUPTED if state.get("interrupted") else EXIT_HALTED
+            result, halted = exc.partial, exc.reason
+        nursery.cancel_scope.cancel()
+
+    if args.json_path is not None:
+        _write_transcript(args, requests, result, halted, state, pool)
+    _print_summary(args, result, halted, pool, requests)
+    if state.get("interrupted"):
+        return EXIT_INTERRUPTED
+    if halted is not None:
+        return EXIT_HALTED
     return EXIT_OK if result.failure_count == 0 else EXIT_FAILURES
+
+
+def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
+    if args.backend != "stub" or args.jitter_ms or not args.latency_ms:
+        return None
+    latency_ms = float(args.latency_ms)
+    if args.sequential:
+        return n * latency_ms
+    waves = math.ceil(n / args.capacity) if args.overflow == "queue" else 1
+    return waves * latency_ms
+
+
+def _print_summary(
+    args: argparse.Namespace,
+    result: ConcurrentResult,
+    halted: str | None,
+    pool: AgentPool,
+    requests: Sequence[AgentRequest],
+) -> None:
+    kinds = Counter(f.kind.value for f in result.failures)
+    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    ideal = _ideal_ms(args, len(requests))
+    timing = f"{result.total_ms:.1f} ms"
+    if ideal:
+        timing += f" (ideal {ideal:.1f} ms, x{result.total_ms / ideal:.2f})"
+    pool_line = f"{pool.active_count} active, {pool.available_count}/{pool.max_concurrent} free"
+    status = (
+        "HALTED" if halted is not None else ("completed" if not result.failures else "failures")
+    )
+    if args.quiet:
+        print(
+            f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
+            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, {timing}, "
+            f"pool {pool_line}"
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"conclave deliberation · batch {result.batch_id}",
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", status + (f": {halted}" if halted else ""))
+    table.add_row("agents", str(result.total_count))
+    table.add_row("succeeded", str(result.success_count))
+    table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    table.add_row("batch time", timing)
+    table.add_row("pool after", pool_line)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table)
+    for failure in result.failures[:5]:
+        console.print(
+            f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}", markup=False
+        )
+    if len(result.failures) > 5:
+        console.print(f"  ! ... and {len(result.failures) - 5} more")
+    for output in result.outputs[: max(args.show, 0)]:
+        console.print(f"\n[bold]{output.agent_id}[/bold]:")
+        console.print(output.content, markup=False)
+
+
+def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) -> dict[str, Any]:
+    if isinstance(outcome, AgentOutput):
+        record: dict[str, Any] = {
+            "agent_id": outcome.agent_id,
+            "request_id": str(outcome.request_id),
+            "status": "completed",
+            "output_id": str(outcome.output_id),
+            "content_hash": outcome.content_hash,
+            "content_type": outcome.content_type,
+            "generated_at": outcome.generated_at.isoformat(),
+            "metadata": dict(outcome.metadata),
+        }
+        if include_content:
+            record["content"] = outcome.content
+        return record
+    return {
+        "agent_id": outcome.agent_id,
+        "request_id": str(outcome.request_id),
+        "status": "failed",
+        "kind": outcome.kind.value,
+        "error_type": outcome.error_type,
+        "message": outcome.message,
+        "elapsed_ms": outcome.elapsed_ms,
+    }
+
+
+def _write_transcript(
+    args: argparse.Namespace,
+    requests: Sequence[AgentRequest],
+    result: ConcurrentResult,
+    halted: str | None,
+    state: dict[str, Any],
+    pool: AgentPool,
+) -> None:
+    outcomes: dict[str, AgentOutput | AgentFailure] = {o.agent_id: o for o in result.outputs}
+    outcomes.update({f.agent_id: f for f in result.failures})
+    context = requests[0].context if requests else None
+    doc = {
+        "schema": TRANSCRIPT_SCHEMA,
+        "status": "interrupted"
+        if state.get("interrupted")
+        else ("halted" if halted is not None else "completed"),
+        "halt_reason": halted,
+        "batch_id": str(result.batch_id),
+        "started_at": result.started_at.isoformat(),
+        "completed_at": result.completed_at.isoformat(),
+        "total_ms": result.total_ms,
+        "backend": args.backend,
+        "model": args.model if args.backend == "openai" else None,
+        "topic": None
+        if context is None
+        else {
+            "topic_id": context.topic_id,
+            "bundle_id": str(context.bundle_id),
+            "content_sha256": _sha256(context.topic_content),
+        },
+        "counts": {
+            "total": result.total_count,
+            "succeeded": result.success_count,
+            "failed": result.failure_count,
+            "by_kind": dict(Counter(f.kind.value for f in result.failures)),
+        },
+        "pool_after": pool.status().as_dict(),
+        "outcomes": [
+            _outcome_record(outcomes[r.agent_id], args.include_content)
+            for r in requests
+            if r.agent_id in outcomes
+        ],
+    }
+    _atomic_write(args.json_path, json.dumps(doc, indent=2) + "\n")
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write-then-rename: a reader (or a Ctrl-C) never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- halt / clear / status
+
+
+async def halt_command(args: argparse.Namespace) -> int:
+    from adapters.file_halt import FileHaltChannel
+
+    channel = FileHaltChannel(args.halt_file)
+    if await channel.halt(args.reason):
+        print(f"halted: {args.reason}")
+    else:
+        print(f"already halted: {await channel.get_halt_reason()}")
+    return EXIT_OK
+
+
+async def clear_command(args: argparse.Namespace) -> int:
+    from adapters.file_halt import FileHaltChannel
+
+    channel = FileHaltChannel(args.halt_file)
+    was_halted = await channel.is_halted()
+    await channel.clear(approvers=args.approver, reason=args.reason)
+    print("cleared" if was_halted else "not halted; nothing to clear")
+    return EXIT_OK
+
+
+async def status_command(args: argparse.Namespace) -> int:
+    from adapters.file_halt import FileHaltChannel
+
+    state = await FileHaltChannel(args.halt_file).state()
+    if state.halted:
+        print(f"HALTED: {state.reason}")
+    else:
+        print("not halted")
+    for record in state.history[-5:]:
+        who = f" by {', '.join(record.approvers)}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {record.reason}")
+    return EXIT_HALTED if state.halted else EXIT_OK
+
+
+COMMANDS = {
+    "deliberate": deliberate,
+    "halt": halt_command,
+    "clear": clear_command,
+    "status": status_command,
+}
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside nested single-error groups (trio nurseries wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return trio.run(_deliberate, args)
-    except _UsageError as exc:
+        try:
+            return trio.run(COMMANDS[args.command], args)
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+    except UsageError as exc:
         print(f"conclave: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (InvalidRequestError, AgentInvocationError, ConclaveError) as exc:
+    except ConclaveError as exc:  # bad input, refused admission, denied clear
         print(f"conclave: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # e.g. the transcript or halt file cannot be written
+        print(f"conclave: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("conclave: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

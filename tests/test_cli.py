@@ -1,32 +1,96 @@
-"""The CLI as a user runs it: a subprocess, its output and its exit code."""
+"""The CLI as a user runs it: subprocesses, exit codes, signals, a pseudo-terminal."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.fake_openai import FakeOpenAIServer
 
+ROOT = Path(__file__).parent.parent
+CONCLAVE = [sys.executable, "-m", "adapters.cli"]
 
-def conclave(*args: str) -> subprocess.CompletedProcess[str]:
+
+def conclave(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [*CONCLAVE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    """Start a deliberation; return once it says it is deliberating."""
+    proc = subprocess.Popen(
+        [*CONCLAVE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "deliberating with" in line, line
+    return proc
 
 
 def test_deliberate_72_agents_prints_summary() -> None:
     proc = conclave("deliberate", "--agents", "72", "--latency-ms", "20")
     assert proc.returncode == 0, proc.stderr
-    assert "succeeded : 72" in proc.stdout
-    assert "failed    : 0" in proc.stdout
-    assert "ideal 20.0 ms" in proc.stdout
-    assert "pool after: 0 active, 72/72 free" in proc.stdout
+    out = proc.stdout
+    assert re.search(r"status\s+completed", out)
+    assert re.search(r"succeeded\s+72\b", out)
+    assert re.search(r"failed\s+0\b", out)
+    assert "ideal 20.0 ms" in out
+    assert re.search(r"pool after\s+0 active, 72/72 free", out)
+
+
+def test_failures_exit_1_and_transcript_schema(tmp_path: Path) -> None:
+    transcript = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate",
+        "--latency-ms",
+        "5",
+        "--fail-rate",
+        "0.25",
+        "--seed",
+        "3",
+        "--json",
+        str(transcript),
+        "--include-content",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"failed\s+18 \(error 18\)", proc.stdout)
+    doc = json.loads(transcript.read_text())
+    assert doc["schema"] == "conclave.transcript/1"
+    assert doc["status"] == "completed" and doc["halt_reason"] is None
+    assert doc["counts"] == {"total": 72, "succeeded": 54, "failed": 18, "by_kind": {"error": 18}}
+    assert doc["pool_after"] == {"active_count": 0, "available_count": 72, "max_concurrent": 72}
+    outcomes = doc["outcomes"]
+    assert [o["agent_id"] for o in outcomes] == [f"archon-{i}" for i in range(1, 73)]
+    for o in outcomes:
+        assert o["status"] in ("completed", "failed") and o["request_id"]
+        if o["status"] == "completed":
+            assert len(o["content_hash"]) == 64 and o["content"].startswith("[DEV MODE]")
+            assert o["output_id"] and o["generated_at"]
+        else:
+            assert o["kind"] == "error" and o["error_type"] and o["message"]
+            assert o["elapsed_ms"] >= 0
+    assert len(doc["topic"]["content_sha256"]) == 64
+
+
+def test_transcript_holds_hashes_not_content_by_default(tmp_path: Path) -> None:
+    transcript = tmp_path / "run.json"
+    proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--json", str(transcript))
+    assert proc.returncode == 0
+    assert "[DEV MODE]" not in transcript.read_text()
 
 
 def test_oversize_batch_is_refused_with_fr10() -> None:
@@ -35,10 +99,14 @@ def test_oversize_batch_is_refused_with_fr10() -> None:
     assert "FR10" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_queue_mode_runs_oversize_batch() -> None:
+def test_queue_and_sequential_modes() -> None:
     proc = conclave("deliberate", "--agents", "100", "--latency-ms", "1", "--overflow", "queue")
     assert proc.returncode == 0, proc.stderr
-    assert "succeeded : 100" in proc.stdout
+    assert re.search(r"succeeded\s+100\b", proc.stdout)
+    proc = conclave("deliberate", "--agents", "5", "--latency-ms", "10", "--sequential", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 5/5 succeeded")
+    assert "ideal 50.0 ms" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -47,16 +115,123 @@ def test_queue_mode_runs_oversize_batch() -> None:
         ["deliberate", "--agents", "zero"],
         ["deliberate", "--agents", "0"],
         ["deliberate", "--latency-ms", "-5"],
+        ["deliberate", "--fail-rate", "2"],
+        ["deliberate", "--timeout", "0"],
         ["deliberate", "--overflow", "drop"],
+        ["deliberate", "--sequential", "--overflow", "queue"],
+        ["deliberate", "--roster", "/nonexistent/roster.toml"],
+        ["deliberate", "--json", "/nonexistent/dir/out.json"],
+        ["deliberate", "--backend", "openai", "--model", "m"],
+        ["clear", "--halt-file", "/tmp/x.json", "--approver", "alice", "--reason", "r"],
+        ["status"],
         ["frobnicate"],
         [],
     ],
 )
 def test_bad_usage_exits_2_with_one_line(args: list[str]) -> None:
     proc = conclave(*args)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stdout
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("conclave: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_halt_clear_status_commands(tmp_path: Path) -> None:
+    halt_file = tmp_path / "halt.json"
+    assert conclave("status", "--halt-file", str(halt_file)).stdout.startswith("not halted")
+    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", "quorum lost")
+    assert proc.returncode == 0 and "halted: quorum lost" in proc.stdout
+    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", "again")
+    assert "already halted: quorum lost" in proc.stdout
+    status = conclave("status", "--halt-file", str(halt_file))
+    assert status.returncode == 3 and status.stdout.startswith("HALTED: quorum lost")
+    # a halted system refuses to start
+    proc = conclave("deliberate", "--halt-file", str(halt_file), "--latency-ms", "1")
+    assert proc.returncode == 3 and "halted before starting: quorum lost" in proc.stderr
+    proc = conclave(
+        "clear",
+        "--halt-file",
+        str(halt_file),
+        "--approver",
+        "alice",
+        "--approver",
+        "bob",
+        "--reason",
+        "quorum restored",
+    )
+    assert proc.returncode == 0 and "cleared" in proc.stdout
+    status = conclave("status", "--halt-file", str(halt_file))
+    assert status.returncode == 0
+    assert "clear by alice, bob: quorum restored" in status.stdout
+
+
+def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) -> None:
+    halt_file = tmp_path / "halt.json"
+    transcript = tmp_path / "run.json"
+    proc = start(
+        "deliberate",
+        "--latency-ms",
+        "600000",
+        "--halt-file",
+        str(halt_file),
+        "--json",
+        str(transcript),
+    )
+    try:
+        halted = conclave("halt", "--halt-file", str(halt_file), "--reason", "stop the council")
+        assert halted.returncode == 0
+        t_halt = time.monotonic()
+        stdout, _ = proc.communicate(timeout=30)
+        stopped_after = time.monotonic() - t_halt
+    finally:
+        proc.kill()
+    assert proc.returncode == 3
+    assert re.search(r"status\s+HALTED: stop the council", stdout)
+    assert re.search(r"failed\s+72 \(halted 72\)", stdout)
+    assert re.search(r"pool after\s+0 active, 72/72 free", stdout)
+    assert stopped_after < 5.0  # polls every 20 ms; the rest is interpreter exit
+    doc = json.loads(transcript.read_text())
+    assert doc["status"] == "halted" and doc["halt_reason"] == "stop the council"
+    assert {o["kind"] for o in doc["outcomes"]} == {"halted"}
+
+
+def test_ctrl_c_halts_cleanly_with_partial_summary(tmp_path: Path) -> None:
+    transcript = tmp_path / "run.json"
+    proc = start("deliberate", "--latency-ms", "600000", "--json", str(transcript))
+    try:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert re.search(r"status\s+HALTED: operator interrupt \(SIGINT\)", stdout)
+    assert re.search(r"pool after\s+0 active, 72/72 free", stdout)
+    # the transcript is whole (written atomically) and no temp file is left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    doc = json.loads(transcript.read_text())
+    assert doc["status"] == "interrupted" and doc["counts"]["failed"] == 72
+
+
+def test_progress_display_renders_in_a_terminal() -> None:
+    child = pexpect.spawn(
+        CONCLAVE[0],
+        [*CONCLAVE[1:], "deliberate", "--latency-ms", "1500"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(24, 120),
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )
+    try:
+        child.expect("deliberating")
+        child.expect("0/72 done · 0 failed · 72 in flight")  # redrawn while agents run
+        child.expect("72/72 done · 0 failed · 0 in flight")
+        child.expect("succeeded")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_openai_backend_against_loopback_server(
@@ -75,20 +250,20 @@ def test_openai_backend_against_loopback_server(
         "fake-model",
         "--roster",
         str(roster),
+        "--show",
+        "1",
     )
     assert proc.returncode == 1, proc.stderr
-    assert "succeeded : 1" in proc.stdout
+    assert re.search(r"succeeded\s+1\b", proc.stdout)
     assert "beta: error: agent 'beta'" in proc.stdout
+    assert "alpha votes aye" in proc.stdout
     assert llm_server.attempts["alpha"] == 1
 
 
-def test_openai_backend_unreachable_or_incomplete_exits_2(tmp_path: Path) -> None:
+def test_openai_backend_unreachable_exits_2() -> None:
     proc = conclave(
         "deliberate", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"
     )
     assert proc.returncode == 2
-    assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr and "Traceback" not in proc.stderr
-    proc = conclave("deliberate", "--backend", "openai", "--model", "m")
-    assert proc.returncode == 2 and "--base-url" in proc.stderr
-    proc = conclave("deliberate", "--roster", str(tmp_path / "missing.toml"))
-    assert proc.returncode == 2 and "roster file not found" in proc.stderr
+    assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
+    assert "Traceback" not in proc.stderr
