@@ -4,6 +4,7 @@
     conclave halt   --halt-file PATH --reason TEXT
     conclave clear  --halt-file PATH --approver A --approver B --reason TEXT
     conclave status --halt-file PATH
+    conclave verify DB
 
 Exit codes: 0 every agent succeeded (or: not halted), 1 some agents failed, 2 bad usage
 or input, 3 halted, 130 interrupted (Ctrl-C).  Bad input gets one line on stderr,
@@ -160,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the first N answers after the summary",
     )
     out.add_argument("--quiet", action="store_true", help="no progress display, one-line summary")
+    out.add_argument(
+        "--witness-db",
+        type=Path,
+        help="commit every output to this SQLite witness log before it is shown",
+    )
+    out.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT while running",
+    )
+
+    v = sub.add_parser("verify", help="verify a witness log's hash chain")
+    v.add_argument("db", type=Path, help="the SQLite witness log")
+    v.add_argument("--expected-head", help="a chain hash the log must contain (from a receipt)")
 
     for name, text in (
         ("halt", "raise the halt in a halt file"),
@@ -285,6 +302,34 @@ async def _orchestrator(
         yield bridge
 
 
+def _serve_metrics(
+    service: ConcurrentDeliberationService, port: int, stack: AsyncExitStack
+) -> None:
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from adapters.prometheus import export_service_metrics, serve_metrics
+    except ImportError:
+        raise UsageError(
+            "--metrics-port needs prometheus-client: pip install 'conclave-kernel[metrics]'"
+        ) from None
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    try:
+        server, _ = serve_metrics(port, registry=registry)
+    except OSError as exc:
+        raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+    except ConclaveError as exc:
+        raise UsageError(f"--metrics-port: {exc}") from None
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    print(
+        f"conclave: metrics at http://127.0.0.1:{server.server_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _check_output_path(path: Path | None) -> None:
     if path is None:
         return
@@ -318,9 +363,16 @@ async def deliberate(args: argparse.Namespace) -> int:
         orchestrator = await stack.enter_async_context(
             _orchestrator(args, roster if args.roster else None, roster.agent_ids)
         )
+        witness = None
+        if args.witness_db is not None:
+            from adapters.sqlite_witness import SqliteWitness
+
+            witness = await stack.enter_async_context(SqliteWitness(args.witness_db))
         service = ConcurrentDeliberationService(
-            orchestrator, checker, pool, agent_timeout=args.timeout
+            orchestrator, checker, pool, agent_timeout=args.timeout, witness=witness
         )
+        if args.metrics_port is not None:
+            _serve_metrics(service, args.metrics_port, stack)
         if show_live:
             nursery.start_soon(_live_display, progress)
         halted: str | None = None
@@ -552,8 +604,24 @@ async def status_command(args: argparse.Namespace) -> int:
     return EXIT_HALTED if state.halted else EXIT_OK
 
 
+async def verify_command(args: argparse.Namespace) -> int:
+    from adapters.sqlite_witness import SqliteWitness
+
+    if not args.db.is_file():
+        raise UsageError(f"{args.db}: no such witness log")
+    async with SqliteWitness(args.db) as witness:
+        report = await witness.verify(expected_head=args.expected_head)
+    if report.ok:
+        print(f"ok: {report.records} records, chain intact")
+        return EXIT_OK
+    where = f"sequence {report.first_bad_sequence}" if report.first_bad_sequence else "the log"
+    print(f"BROKEN at {where}: {report.problem} ({report.records} records verified before it)")
+    return EXIT_FAILURES
+
+
 COMMANDS = {
     "deliberate": deliberate,
+    "verify": verify_command,
     "halt": halt_command,
     "clear": clear_command,
     "status": status_command,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from collections.abc import Callable
 
 __all__ = ["ServiceMetrics"]
+
+log = logging.getLogger("kernel.metrics")
 
 # Percentiles are over a window of recent batches, so a long-lived service stays
 # constant in memory and the numbers describe how it behaves now.
@@ -43,12 +46,26 @@ class ServiceMetrics:
         self.last_batch_ms = 0.0
         self.batch_latency_sum_ms = 0.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        self._batch_observers: list[Callable[[float], object]] = []
+
+    def add_batch_observer(self, observer: Callable[[float], object]) -> None:
+        """Call ``observer(total_ms)`` after every batch (e.g. an exporter's histogram).
+
+        An observer that raises is removed from nothing and breaks nothing: the error is
+        logged and the batch result stands.
+        """
+        self._batch_observers.append(observer)
 
     def record_batch(self, total_ms: float) -> None:
         self.batches_total += 1
         self.last_batch_ms = total_ms
         self.batch_latency_sum_ms += total_ms
         self._latencies.append(total_ms)
+        for observer in self._batch_observers:
+            try:
+                observer(total_ms)
+            except Exception:
+                log.exception("batch metrics observer raised; ignored")
 
     def recent_batch_latencies_ms(self) -> tuple[float, ...]:
         return tuple(self._latencies)

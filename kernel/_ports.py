@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Protocol, runtime_checkable
+from uuid import UUID
 
 import attrs
 
@@ -60,7 +61,7 @@ class HaltWaiter(HaltChecker, Protocol):
 class CommitReceipt:
     """Proof that a witness recorded an output before anyone saw it."""
 
-    output_id: object
+    output_id: UUID
     content_hash: str
     sequence: int
     chain_hash: str

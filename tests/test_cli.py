@@ -267,3 +267,29 @@ def test_openai_backend_unreachable_exits_2() -> None:
     assert proc.returncode == 2
     assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_witness_db_and_verify(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "witness.db"
+    proc = conclave("deliberate", "--latency-ms", "2", "--witness-db", str(db), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = conclave("verify", str(db))
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: 72 records")
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE outputs SET content = 'forged' WHERE sequence = 9")
+    conn.commit()
+    conn.close()
+    proc = conclave("verify", str(db))
+    assert proc.returncode == 1 and proc.stdout.startswith("BROKEN at sequence 9")
+    proc = conclave("verify", str(tmp_path / "missing.db"))
+    assert proc.returncode == 2 and "no such witness log" in proc.stderr
+
+
+def test_metrics_port_serves_while_running() -> None:
+    proc = conclave("deliberate", "--latency-ms", "2", "--metrics-port", "0", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics", proc.stderr)
+    bad = conclave("deliberate", "--metrics-port", "99999")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

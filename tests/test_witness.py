@@ -1,0 +1,205 @@
+"""FR9 commit-before-view: the SQLite witness, its hash chain, and the service using it."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import trio
+
+from adapters.sqlite_witness import SqliteWitness, WitnessError
+from adapters.stub import AgentOrchestratorStub
+from kernel import AgentPool, ConcurrentDeliberationService, FailureKind, OutputWitness
+from tests.helpers import make_requests
+
+ROOT = Path(__file__).parent.parent
+
+
+async def _deliberate(witness: SqliteWitness, n: int = 72, **stub_kwargs: object) -> object:
+    stub = AgentOrchestratorStub(latency_ms=1, **stub_kwargs)  # type: ignore[arg-type]
+    service = ConcurrentDeliberationService(stub, witness=witness)
+    return await service.invoke_concurrent(make_requests(n))
+
+
+async def test_72_outputs_committed_in_a_few_group_commits(tmp_path: Path) -> None:
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        assert isinstance(witness, OutputWitness)
+        result = await _deliberate(witness)
+        assert result.success_count == 72  # type: ignore[attr-defined]
+        assert await witness.count() == 72
+        assert witness.transactions <= 3  # grouped, not one transaction per output
+        report = await witness.verify()
+        assert report.ok and report.records == 72
+        # every released output can be viewed, and the view is recorded
+        for output in result.outputs:  # type: ignore[attr-defined]
+            viewed = await witness.get_for_viewing(output.output_id, "auditor-1")
+            assert viewed == output
+        first = result.outputs[0]  # type: ignore[attr-defined]
+        assert [v for v, _ in await witness.views(first.output_id)] == ["auditor-1"]
+
+
+async def test_view_refuses_uncommitted_and_tampered_outputs(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 3)
+        with pytest.raises(WitnessError, match="never committed"):
+            await witness.get_for_viewing(uuid4(), "auditor")
+        target = result.outputs[1]  # type: ignore[attr-defined]
+        with sqlite3.connect(path) as db:
+            db.execute(
+                "UPDATE outputs SET content = 'forged' WHERE output_id = ?",
+                (str(target.output_id),),
+            )
+        with pytest.raises(WitnessError, match="tampered"):
+            await witness.get_for_viewing(target.output_id, "auditor")
+        assert await witness.views(target.output_id) == []
+
+
+def _tamper(path: Path, sql: str) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(sql)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "first_bad", "problem"),
+    [
+        ("UPDATE outputs SET content = 'edited' WHERE sequence = 4", 4, "content"),
+        ("UPDATE outputs SET agent_id = 'archon-99' WHERE sequence = 4", 4, "chain_hash"),
+        ("UPDATE outputs SET metadata = '{}' WHERE sequence = 6", 6, "chain_hash"),
+        ("DELETE FROM outputs WHERE sequence = 5", 6, "missing"),
+        ("DELETE FROM outputs WHERE sequence = 1", 2, "missing"),
+        (
+            "UPDATE outputs SET sequence = -1 WHERE sequence = 3;"
+            "UPDATE outputs SET sequence = 3 WHERE sequence = 4;"
+            "UPDATE outputs SET sequence = 4 WHERE sequence = -1;",
+            3,
+            "prev_hash",
+        ),
+        (
+            "INSERT INTO outputs SELECT 100, 'x', agent_id, request_id, batch_id, content_hash, "
+            "content_type, generated_at, committed_at, metadata, content, prev_hash, chain_hash "
+            "FROM outputs WHERE sequence = 2",
+            100,
+            "inserted",
+        ),
+    ],
+)
+async def test_verify_finds_the_first_broken_record(
+    tmp_path: Path, sql: str, first_bad: int, problem: str
+) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        await _deliberate(witness, 8)
+        assert (await witness.verify()).ok
+    _tamper(path, sql)
+    async with SqliteWitness(path) as witness:
+        report = await witness.verify()
+    assert not report.ok
+    assert report.first_bad_sequence == first_bad
+    assert report.problem is not None and problem in report.problem
+
+
+async def test_expected_head_catches_a_truncated_log(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        await _deliberate(witness, 5)
+        head = witness._db.execute("SELECT max(sequence), chain_hash FROM outputs").fetchone()[1]
+        assert (await witness.verify(expected_head=head)).ok
+    _tamper(path, "DELETE FROM outputs WHERE sequence = 5")  # a clean truncation
+    async with SqliteWitness(path) as witness:
+        assert (await witness.verify()).ok  # consistent on its own...
+        report = await witness.verify(expected_head=head)
+        assert not report.ok and "head" in (report.problem or "")  # ...but not where it was
+
+
+async def test_concurrent_batches_share_one_gap_free_chain(tmp_path: Path) -> None:
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        pool = AgentPool()
+        services = [
+            ConcurrentDeliberationService(
+                AgentOrchestratorStub(latency_ms=1, jitter_ms=20, seed=i),
+                pool=pool,
+                witness=witness,
+            )
+            for i in range(2)
+        ]
+        results = []
+
+        async def run(i: int) -> None:
+            results.append(await services[i].invoke_concurrent(make_requests(36, prefix=f"s{i}")))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(run, i)
+        assert sum(r.success_count for r in results) == 72
+        report = await witness.verify()
+        assert report.ok and report.records == 72
+        sequences = [r[0] for r in witness._db.execute("SELECT sequence FROM outputs")]
+        assert sorted(sequences) == list(range(1, 73))
+
+
+async def test_failed_commit_is_a_witness_failure(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        _tamper(path, "DROP TABLE outputs")  # the log becomes unwritable
+        result = await _deliberate(witness, 4)
+        assert result.success_count == 0  # type: ignore[attr-defined]
+        kinds = {f.kind for f in result.failures}  # type: ignore[attr-defined]
+        assert kinds == {FailureKind.WITNESS}
+        assert "witness commit failed" in result.failures[0].message  # type: ignore[attr-defined]
+
+
+KILL_SCRIPT = """
+import sys, trio
+sys.path.insert(0, {root!r})
+from adapters.sqlite_witness import SqliteWitness
+from adapters.stub import AgentOrchestratorStub
+from kernel import ConcurrentDeliberationService
+from tests.helpers import make_requests
+
+async def main():
+    witness = SqliteWitness(sys.argv[1])
+    stub = AgentOrchestratorStub(latency_ms=10, jitter_ms=3000, seed=5)
+    service = ConcurrentDeliberationService(stub, witness=witness)
+    def progress(done, total, agent_id, status):
+        print("committed", agent_id, flush=True)   # progress comes after the commit
+    await service.invoke_concurrent(make_requests(72), on_progress=progress)
+    print("finished", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_sigkill_mid_batch_leaves_a_log_that_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    seen: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT)), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line.split()[1])
+            if len(seen) == 20:
+                proc.send_signal(signal.SIGKILL)  # mid-batch: most agents still deliberating
+                break
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    witness = SqliteWitness(path)  # opening recovers the WAL, as after any crash
+    try:
+        report = witness.verify_blocking()
+        assert report.ok, report
+        assert 20 <= report.records < 72
+        committed = {r[0] for r in witness._db.execute("SELECT agent_id FROM outputs")}
+    finally:
+        witness._db.close()
+    assert set(seen) <= committed  # every output that was released is in the log
