@@ -35,7 +35,7 @@ lint: $(STAMP)
 # The full run writes the README's table and plot to benchmarks/results/.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/run.py --out benchmarks/results
+	$(BIN)/python benchmarks/run.py --out benchmarks/results --update-readme
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick

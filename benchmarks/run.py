@@ -769,6 +769,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"run only these: {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="replace the table between the README's bench markers",
+    )
     args = parser.parse_args(argv)
 
     cfg = Config(quick=args.quick, reps=5 if args.quick else 15, warmup=1 if args.quick else 3)
@@ -811,6 +816,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\n" + md)
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
+    if args.update_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            tail = rest.split(end, 1)[1]
+            readme.write_text(f"{head}{start}\n{md}{end}{tail}")
+            print("updated README.md", file=sys.stderr)
     return 0
 
 
