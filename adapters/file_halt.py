@@ -160,7 +160,10 @@ class FileHaltChannel:
             # now with a reason an operator can read.
             history = [*state.history, HaltRecord("halt", reason, utc_now())]
             self._write(True, reason, history)
-        log.critical("halt raised", extra={"halt_channel": "file", "halt_file": str(self.path)})
+        log.critical(
+            "halt raised",
+            extra={"halt_channel": "file", "halt_file": str(self.path), "halt_reason": reason},
+        )
         return True
 
     def clear_blocking(self, approvers: tuple[str, ...], reason: str) -> None:

@@ -87,7 +87,7 @@ class HaltSwitch:
         self._reason = reason
         self._history.append(HaltRecord("halt", reason, utc_now()))
         self._event.set()
-        log.critical("halt raised", extra={"halt_channel": "switch"})
+        log.critical("halt raised", extra={"halt_channel": "switch", "halt_reason": reason})
         return True
 
     def clear(self, *, approvers: Collection[str], reason: str) -> None:

@@ -193,7 +193,8 @@ class ConcurrentDeliberationService:
             as a halt (fail-safe).
         pool: the :class:`AgentPool` to admit into; share one pool between services to
             bound them together.  Default: a new pool of 72.
-        agent_timeout: default per-agent timeout in seconds (None: no timeout).
+        agent_timeout: default per-agent timeout in seconds (None: no timeout).  It counts
+            from the agent's start: time spent queued for a slot is not charged to it.
         witness: an :class:`OutputWitness`; when set, no output is released before its
             commit succeeded.
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pexpect
@@ -193,6 +194,13 @@ def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) 
     doc = json.loads(transcript.read_text())
     assert doc["status"] == "halted" and doc["halt_reason"] == "stop the council"
     assert {o["kind"] for o in doc["outcomes"]} == {"halted"}
+    # From the halt being written to the batch having stopped, by the two processes' own
+    # (wall) clocks: the file is polled every 20 ms.
+    raised = datetime.fromisoformat(json.loads(halt_file.read_text())["history"][-1]["at"])
+    stopped = datetime.fromisoformat(doc["completed_at"])
+    lag_ms = (stopped - raised).total_seconds() * 1000
+    print(f"halt file -> batch stopped: {lag_ms:.1f} ms")
+    assert lag_ms < 500
 
 
 def test_ctrl_c_halts_cleanly_with_partial_summary(tmp_path: Path) -> None:
