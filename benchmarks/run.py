@@ -94,45 +94,37 @@ def requests_for(n: int, topic: str = "bench") -> list[AgentRequest]:
     return [AgentRequest(agent_id=f"archon-{i + 1}", context=context) for i in range(n)]
 
 
-def trio_reps(
-    setup: Callable[[], Awaitable[Callable[[], Awaitable[Any]]]], reps: int, warmup: int
-) -> list[float]:
-    """Seconds per call of the batch function ``setup`` returns, in one trio.run."""
-
-    async def main() -> list[float]:
-        batch = await setup()
-        times = []
-        for i in range(warmup + reps):
-            t0 = time.perf_counter()
-            await batch()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(dt)
-        return times
-
-    return trio.run(main)
+Setup = Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]
 
 
-def asyncio_reps(
-    setup: Callable[[], Awaitable[Callable[[], Awaitable[Any]]]], reps: int, warmup: int
-) -> list[float]:
-    async def main() -> list[float]:
-        batch = await setup()
-        times = []
-        for i in range(warmup + reps):
-            t0 = time.perf_counter()
-            await batch()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(dt)
-        return times
+async def _timed(setup: Setup, reps: int, warmup: int) -> list[float]:
+    """Seconds per call of the batch function ``setup`` returns.
 
-    return asyncio.run(main())
+    Loop-agnostic (it only awaits what it is given), so trio and asyncio are timed by the
+    very same code.
+    """
+    batch = await setup()
+    times = []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        await batch()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+def trio_reps(setup: Setup, reps: int, warmup: int) -> list[float]:
+    return trio.run(_timed, setup, reps, warmup)
+
+
+def asyncio_reps(setup: Setup, reps: int, warmup: int) -> list[float]:
+    return asyncio.run(_timed(setup, reps, warmup))
 
 
 def kernel_setup(
     n: int, latency_ms: float, capacity: int = 72, overflow: str = "reject", batches: int = 1
-) -> Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]:
+) -> Setup:
     async def setup() -> Callable[[], Awaitable[Any]]:
         stub = AgentOrchestratorStub(latency_ms=latency_ms)
         service = ConcurrentDeliberationService(stub, HaltSwitch(), AgentPool(capacity))
@@ -149,9 +141,7 @@ def kernel_setup(
     return setup
 
 
-def bare_setup(
-    n: int, latency_ms: float, capacity: int = 72, batches: int = 1
-) -> Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]:
+def bare_setup(n: int, latency_ms: float, capacity: int = 72, batches: int = 1) -> Setup:
     async def setup() -> Callable[[], Awaitable[Any]]:
         stub = AgentOrchestratorStub(latency_ms=latency_ms)
         limiter = trio.CapacityLimiter(capacity)
@@ -168,7 +158,7 @@ def bare_setup(
 
 def reference_setup(
     n: int, latency_ms: float, capacity: int = 72, admit: bool = True, batches: int = 1
-) -> Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]:
+) -> Setup:
     async def setup() -> Callable[[], Awaitable[Any]]:
         service = ReferenceService(AsyncioStub(latency_ms), capacity, admit=admit)
         reqs = requests_for(n)
@@ -263,7 +253,7 @@ def queue(cfg: Config) -> None:
     ideal = math.ceil(n / cap) * latency / 1000.0
     in_flight: list[int] = []
 
-    def kernel_q() -> Callable[[], Awaitable[Callable[[], Awaitable[Any]]]]:
+    def kernel_q() -> Setup:
         inner = kernel_setup(n, latency, capacity=cap, overflow="queue")
 
         async def setup() -> Callable[[], Awaitable[Any]]:
@@ -483,22 +473,77 @@ def bridge(cfg: Config) -> None:
     )
 
 
+def _fake_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """The loopback OpenAI-compatible test server, in a process of its own so that it does
+    not compete with the client for the GIL (in the tests it is a thread)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openai", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
+
+
+def bridge_halt(cfg: Config) -> None:
+    """Halt with 72 chat completions open through the bridge against a server that never
+    answers: time until SystemHaltedError, every HTTP request cancelled, pool empty."""
+    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.openai_chat import OpenAIChatOrchestrator
+
+    trials = 10 if cfg.quick else 30
+    proc, base_url = _fake_server("--hang")
+    try:
+
+        async def main() -> list[float]:
+            orch = OpenAIChatOrchestrator(base_url, "fake-model", timeout_s=600)
+            out = []
+            async with AsyncioOrchestratorBridge(orch) as b:
+                pool = AgentPool()
+                for _ in range(trials + 2):
+                    switch = HaltSwitch()
+                    service = ConcurrentDeliberationService(b, switch, pool)
+                    mark: dict[str, float] = {}
+
+                    async def halter(
+                        switch: HaltSwitch = switch, m: dict[str, float] = mark
+                    ) -> None:
+                        await trio.sleep(0.3)  # all 72 requests sent and waiting
+                        m["halt"] = time.perf_counter()
+                        switch.halt("benchmark")
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(halter)
+                        try:
+                            await service.invoke_concurrent(requests_for(72))
+                        except SystemHaltedError:
+                            mark["done"] = time.perf_counter()
+                    assert pool.active_count == 0
+                    out.append((mark["done"] - mark["halt"]) * 1e3)
+            return out[2:]
+
+        k = trio.run(main)
+    finally:
+        proc.kill()
+        proc.wait()
+    cfg.add(
+        "halt via bridge + openai",
+        "kernel",
+        "halt -> SystemHaltedError",
+        "ms",
+        k,
+        note=f"72 open HTTP requests cancelled, {trials} trials",
+    )
+
+
 def llm_loopback(cfg: Config) -> None:
     import openai
 
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
     from adapters.openai_chat import OpenAIChatOrchestrator
 
-    # The server runs in a process of its own, so it does not compete with the client
-    # for the GIL (in the tests it is a thread, which is fine for correctness).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", "--latency", "0.05"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    base_url = f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
+    proc, base_url = _fake_server("--latency", "0.05")
     ideal = 0.050
     reps = max(3, cfg.reps)
     try:
@@ -693,6 +738,7 @@ SCENARIOS: dict[str, Callable[[Config], None]] = {
     "scale": scale,
     "halt": halt,
     "bridge": bridge,
+    "bridge-halt": bridge_halt,
     "llm-loopback": llm_loopback,
     "witness": witness,
     "soak": soak,

@@ -122,6 +122,7 @@ class _Batch:
         "mode",
         "on_progress",
         "outcomes",
+        "output_ids",
         "requests",
         "started",
         "timeout",
@@ -143,6 +144,7 @@ class _Batch:
         self.started: list[float | None] = [None] * len(requests)
         self.done = 0
         self.halt_reason: str | None = None
+        self.output_ids: set[UUID] = set()
 
     def progress(self, agent_id: str, status: str) -> None:
         if self.on_progress is None:
@@ -276,6 +278,10 @@ class ConcurrentDeliberationService:
         on_progress: ProgressCallback | None = None,
     ) -> ConcurrentResult:
         """Run every request at once; return every outcome, in request order.
+
+        ``on_progress`` is called as each agent finishes (after its witness commit, if
+        any); agents cancelled or never started because of a halt are not reported there,
+        only in the ``partial`` result of the :class:`SystemHaltedError`.
 
         ``overflow="reject"`` (FR10) admits the whole batch or raises
         :class:`AgentPoolExhaustedError` having invoked nothing; ``"queue"`` lets the
@@ -472,6 +478,16 @@ class ConcurrentDeliberationService:
                 f"for agent {req.agent_id!r}",
                 start,
             )
+        if result.output_id in batch.output_ids:
+            return _failure(
+                req,
+                FailureKind.INVALID_OUTPUT,
+                "",
+                f"orchestrator returned output {result.output_id} for agent {req.agent_id!r}, "
+                "an output id another agent of this batch already has",
+                start,
+            )
+        batch.output_ids.add(result.output_id)
         output = stamp_output(result, req.request_id, batch.batch_id)
 
         if self._witness is not None:

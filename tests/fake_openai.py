@@ -341,9 +341,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="fake OpenAI-compatible server on 127.0.0.1")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--hang", action="store_true", help="never answer")
     args = parser.parse_args()
     server = FakeOpenAIServer()
     server.default = ("latency", args.latency) if args.latency else "ok"
+    if args.hang:
+        server.default = "hang"
     server.start()
     print(server.port, flush=True)
     threading.Event().wait()

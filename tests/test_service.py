@@ -447,3 +447,19 @@ async def test_metrics_snapshot(autojump_clock: trio.testing.MockClock) -> None:
         "max_concurrent": 72,
     }
     assert service.available_capacity == 72 and service.active_count == 0
+
+
+async def test_reused_output_id_is_invalid_output(autojump_clock: trio.testing.MockClock) -> None:
+    from uuid import uuid4
+
+    shared = uuid4()
+
+    class Reuses:
+        async def invoke(self, agent_id: str, context: object) -> AgentOutput:
+            await trio.sleep(float(agent_id[-1]))  # a deterministic finishing order
+            return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="x", output_id=shared)
+
+    result = await ConcurrentDeliberationService(Reuses()).invoke_concurrent(make_requests(3))
+    assert [o.agent_id for o in result.outputs] == ["archon-1"]
+    assert {f.kind for f in result.failures} == {FailureKind.INVALID_OUTPUT}
+    assert "already has" in result.failures[0].message
