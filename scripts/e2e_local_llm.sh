@@ -52,5 +52,5 @@ done
 # llama_cpp.server answers one completion at a time: the kernel puts all 72 in flight,
 # the server queues them, so the per-agent timeout must cover the whole queue.
 time .venv/bin/conclave deliberate --backend openai --base-url "$BASE_URL" --model smollm2 \
-  --agents "$AGENTS" --max-tokens "$MAX_TOKENS" --timeout 900 \
+  --agents "$AGENTS" --max-tokens "$MAX_TOKENS" --timeout 900 --show 2 \
   --topic "Should the council meet weekly or monthly? Answer in one sentence."

@@ -21,6 +21,7 @@ from kernel import (
     AgentFailure,
     AgentOutput,
     AgentPool,
+    AgentPoolExhaustedError,
     AgentRequest,
     ConcurrentDeliberationService,
     ConcurrentResult,
@@ -226,3 +227,60 @@ def test_stub_never_exceeds_capacity_and_nothing_starts_after_halt(
     assert failed <= {f"archon-{i}" for i in fail}
     if halt_at_ms is not None:
         assert all(t * 1000.0 <= halt_at_ms for t in stub.start_times)
+
+
+@PROPERTY_SETTINGS
+@given(
+    capacity=st.integers(1, 72),
+    batches=st.lists(
+        st.tuples(st.integers(0, 120), st.sampled_from(["queue", "reject"])), min_size=1, max_size=4
+    ),
+    latency_ms=st.integers(1, 30),
+    jitter_ms=st.integers(0, 30),
+    seed=st.integers(0, 1000),
+)
+def test_concurrent_batches_share_capacity(
+    capacity: int,
+    batches: list[tuple[int, str]],
+    latency_ms: int,
+    jitter_ms: int,
+    seed: int,
+) -> None:
+    """Several batches on one pool at once: queued ones all finish, refused ones invoke
+    nothing, and the pool's capacity holds across all of them."""
+    stub = AgentOrchestratorStub(latency_ms=latency_ms, jitter_ms=jitter_ms, seed=seed)
+    pool = AgentPool(capacity)
+    service = ConcurrentDeliberationService(stub, pool=pool)
+    outcomes: dict[int, ConcurrentResult | str] = {}
+
+    async def run(i: int, n: int, overflow: str) -> None:
+        await trio.sleep(i * 0.001)  # staggered starts, deterministic on the virtual clock
+        try:
+            outcomes[i] = await service.invoke_concurrent(
+                make_requests(n, prefix=f"b{i}"),
+                overflow="queue" if overflow == "queue" else "reject",
+            )
+        except AgentPoolExhaustedError:
+            outcomes[i] = "refused"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i, (n, overflow) in enumerate(batches):
+                nursery.start_soon(run, i, n, overflow)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert stub.max_in_flight <= capacity
+    assert pool.active_count == 0 and not pool._queued
+    invoked = stub.get_invocation_count()
+    expected = 0
+    for i, (n, overflow) in enumerate(batches):
+        outcome = outcomes[i]
+        if overflow == "queue":
+            assert isinstance(outcome, ConcurrentResult) and outcome.success_count == n
+        if isinstance(outcome, ConcurrentResult):
+            assert outcome.total_count == n
+            expected += n
+        else:
+            assert overflow == "reject"
+            assert all(stub.get_invocation_count(f"b{i}-{j}") == 0 for j in range(1, n + 1))
+    assert invoked == expected
