@@ -348,3 +348,30 @@ def test_bridge_and_orchestrator_reject_bad_arguments() -> None:
         OpenAIChatOrchestrator("http://x/v1", "m", max_retries=-1)
     with pytest.raises(AgentNotFoundError):
         Roster.default(2).get("archon-3")
+
+
+@pytest.mark.parametrize("how", ["agent_timeout", "outer_cancel"])
+async def test_timeouts_and_outer_cancels_close_the_http_requests(
+    llm_server: FakeOpenAIServer, how: str
+) -> None:
+    llm_server.default = "hang"
+    pool = AgentPool()
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, timeout_s=600)) as bridge:
+        if how == "agent_timeout":
+            service = ConcurrentDeliberationService(bridge, pool=pool, agent_timeout=0.3)
+            result = await service.invoke_concurrent(make_requests(10))
+            assert {f.kind for f in result.failures} == {FailureKind.TIMEOUT}
+        else:
+            service = ConcurrentDeliberationService(bridge, pool=pool)
+            with trio.CancelScope() as scope:
+
+                async def cancel_when_all_in_flight() -> None:
+                    await wait_server(llm_server, lambda s: s.in_flight == 10)
+                    scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_when_all_in_flight)
+                    await service.invoke_concurrent(make_requests(10))
+            assert scope.cancelled_caught
+    assert pool.active_count == 0
+    await wait_server(llm_server, lambda s: s.disconnects == 10)
