@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -161,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the first N answers after the summary",
     )
     out.add_argument("--quiet", action="store_true", help="no progress display, one-line summary")
+    out.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="write the kernel's and adapters' structured logs to stderr",
+    )
     out.add_argument(
         "--witness-db",
         type=Path,
@@ -339,7 +346,35 @@ def _check_output_path(path: Path | None) -> None:
         raise UsageError(f"--json {path}: directory {path.parent} does not exist")
 
 
+class KeyValueFormatter(logging.Formatter):
+    """``time level logger message key=value ...``: the ``extra=`` fields made visible."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
+        if extras:
+            line += " " + " ".join(
+                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                for k, v in sorted(extras.items())
+            )
+        return line
+
+
+def _configure_logging(level: str | None) -> None:
+    if level is None:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("kernel", "adapters"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+
+
 async def deliberate(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
     _check_output_path(args.json_path)
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
@@ -432,9 +467,10 @@ def _print_summary(
     if ideal:
         timing += f" (ideal {ideal:.1f} ms, x{result.total_ms / ideal:.2f})"
     pool_line = f"{pool.active_count} active, {pool.available_count}/{pool.max_concurrent} free"
-    status = (
-        "HALTED" if halted is not None else ("completed" if not result.failures else "failures")
-    )
+    if halted is not None:
+        status = "HALTED"
+    else:
+        status = "completed with failures" if result.failures else "completed"
     if args.quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "

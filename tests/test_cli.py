@@ -301,3 +301,27 @@ def test_metrics_port_serves_while_running() -> None:
     assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics", proc.stderr)
     bad = conclave("deliberate", "--metrics-port", "99999")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_log_level_shows_structured_logs_without_content() -> None:
+    proc = conclave(
+        "deliberate",
+        "--agents",
+        "4",
+        "--fail-rate",
+        "0.5",
+        "--seed",
+        "1",
+        "--latency-ms",
+        "1",
+        "--log-level",
+        "info",
+        "--quiet",
+    )
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("conclave: completed with failures: 2/4 succeeded")
+    failed = [line for line in proc.stderr.splitlines() if "agent failed" in line]
+    assert len(failed) == 2
+    assert all("failure_kind=error" in line and "batch_id=" in line for line in failed)
+    assert "batch finished" in proc.stderr
+    assert "deliberated in" not in proc.stderr  # the stub's answers never reach the logs
