@@ -609,7 +609,7 @@ async def halt_command(args: argparse.Namespace) -> int:
     from adapters.file_halt import FileHaltChannel
 
     channel = FileHaltChannel(args.halt_file)
-    if await channel.halt(args.reason):
+    if await channel.ahalt(args.reason):
         print(f"halted: {args.reason}")
     else:
         print(f"already halted: {await channel.get_halt_reason()}")
@@ -621,7 +621,7 @@ async def clear_command(args: argparse.Namespace) -> int:
 
     channel = FileHaltChannel(args.halt_file)
     was_halted = await channel.is_halted()
-    await channel.clear(approvers=args.approver, reason=args.reason)
+    await channel.aclear(approvers=args.approver, reason=args.reason)
     print("cleared" if was_halted else "not halted; nothing to clear")
     return EXIT_OK
 

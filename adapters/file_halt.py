@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,35 @@ from kernel import HaltRecord, InvalidRequestError
 from kernel._halt import check_clear_approvers
 from kernel._types import utc_now
 
-__all__ = ["FileHaltChannel", "HaltFileState"]
+__all__ = ["Completed", "FileHaltChannel", "HaltFileState", "HaltResult"]
 
 log = logging.getLogger("adapters.file_halt")
 
 _SCHEMA = "conclave.halt/1"
+
+
+class HaltResult(int):
+    """The bool a synchronous :meth:`FileHaltChannel.halt` returns, awaitable as well.
+
+    ``bool(result)`` and ``await result`` both say whether this call raised the halt.
+    """
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return bool(self)
+        yield  # type: ignore[unreachable]  # makes this a generator that finishes at once
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
+
+
+class Completed:
+    """What a synchronous :meth:`FileHaltChannel.clear` returns: awaitable, to nothing."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return None
+        yield  # makes this a generator that finishes at once
 
 
 class HaltFileState:
@@ -64,9 +88,11 @@ class HaltFileState:
 class FileHaltChannel:
     """A :class:`~kernel.HaltChecker` (with ``wait_halted``) backed by a JSON file.
 
-    ``halt`` and ``clear`` are async (they write the disk from a worker thread).  A
-    missing file means "not halted"; a missing *directory* is created on the first
-    write.  ``poll_interval`` is how often ``wait_halted`` re-reads the file.
+    Reads (``is_halted``, ``get_halt_reason``, ``wait_halted``) run in a worker thread.
+    ``halt`` and ``clear`` are synchronous like ``HaltSwitch``'s (and awaitable);
+    ``ahalt`` and ``aclear`` write from a worker thread.  A missing file means "not
+    halted"; a missing *directory* is created on the first write.  ``poll_interval`` is
+    how often ``wait_halted`` re-reads the file.
     """
 
     def __init__(self, path: str | os.PathLike[str], poll_interval: float = 0.05) -> None:
@@ -140,18 +166,40 @@ class FileHaltChannel:
 
     # ------------------------------------------------------------ writing
 
-    async def halt(self, reason: str) -> bool:
-        """Raise the halt; True only if this call raised it (the first reason is kept)."""
+    def halt(self, reason: str) -> HaltResult:
+        """Raise the halt now; true only if this call raised it (the first reason is kept).
+
+        Synchronous, like :meth:`HaltSwitch.halt <kernel.HaltSwitch.halt>`: the file is
+        written (and fsynced) before it returns, which takes a few milliseconds.  The
+        result may also be awaited (``await channel.halt(...)`` gives the same bool), so
+        code that treats every halt channel as async works unchanged.  From a trio task
+        that must not block even that long, use :meth:`ahalt`.
+        """
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
-        return await trio.to_thread.run_sync(self.halt_blocking, reason)
+        return HaltResult(self._halt_now(reason))
 
-    async def clear(self, *, approvers: Collection[str], reason: str) -> None:
-        """Clear the halt: two distinct approvers and a reason, as for ``HaltSwitch``."""
+    def clear(self, *, approvers: Collection[str], reason: str) -> Completed:
+        """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``.
+
+        Synchronous, and awaitable like :meth:`halt`; :meth:`aclear` runs in a thread.
+        """
         names = check_clear_approvers(approvers, reason)
-        await trio.to_thread.run_sync(self.clear_blocking, names, reason)
+        self._clear_now(names, reason)
+        return Completed()
 
-    def halt_blocking(self, reason: str) -> bool:
+    async def ahalt(self, reason: str) -> bool:
+        """:meth:`halt`, with the disk write in a worker thread."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
+        return await trio.to_thread.run_sync(self._halt_now, reason)
+
+    async def aclear(self, *, approvers: Collection[str], reason: str) -> None:
+        """:meth:`clear`, with the disk write in a worker thread."""
+        names = check_clear_approvers(approvers, reason)
+        await trio.to_thread.run_sync(self._clear_now, names, reason)
+
+    def _halt_now(self, reason: str) -> bool:
         with self._locked():
             state = self.read_state()
             if state.halted and state.error is None:
@@ -166,7 +214,7 @@ class FileHaltChannel:
         )
         return True
 
-    def clear_blocking(self, approvers: tuple[str, ...], reason: str) -> None:
+    def _clear_now(self, approvers: tuple[str, ...], reason: str) -> None:
         with self._locked():
             state = self.read_state()
             if not state.halted:

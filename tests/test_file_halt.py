@@ -37,8 +37,8 @@ async def test_missing_file_is_not_halted(tmp_path: Path) -> None:
 async def test_halt_is_durable_sticky_and_first_reason_wins(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "halt.json"
     channel = FileHaltChannel(path)
-    assert await channel.halt("storm warning") is True
-    assert await channel.halt("second reason") is False
+    assert await channel.ahalt("storm warning") is True
+    assert await channel.ahalt("second reason") is False
     doc = json.loads(path.read_text())
     assert doc["halted"] is True and doc["reason"] == "storm warning"
     assert doc["schema"] == "conclave.halt/1"
@@ -55,17 +55,33 @@ async def test_clear_needs_two_approvers(tmp_path: Path) -> None:
     channel = FileHaltChannel(tmp_path / "halt.json")
     await channel.halt("x")
     with pytest.raises(HaltClearDeniedError):
-        await channel.clear(approvers=["alice"], reason="fixed")
+        await channel.aclear(approvers=["alice"], reason="fixed")
     with pytest.raises(HaltClearDeniedError):
-        await channel.clear(approvers=["alice", "alice"], reason="fixed")
+        channel.clear(approvers=["alice", "alice"], reason="fixed")
     assert await channel.is_halted()
-    await channel.clear(approvers=["alice", "bob"], reason="fixed")
+    await channel.aclear(approvers=["alice", "bob"], reason="fixed")
     assert not await channel.is_halted()
     history = channel.history
     assert [(r.action, r.approvers) for r in history] == [("halt", ()), ("clear", ("alice", "bob"))]
-    assert await channel.halt("again") is True
+    assert await channel.ahalt("again") is True
     with pytest.raises(InvalidRequestError):
-        await channel.halt("")
+        await channel.ahalt("")
+    with pytest.raises(InvalidRequestError):
+        channel.halt("")
+
+
+async def test_sync_halt_and_clear_like_halt_switch_and_awaitable(tmp_path: Path) -> None:
+    channel = FileHaltChannel(tmp_path / "halt.json")
+    raised = channel.halt("sync halt")  # written before it returns, like HaltSwitch.halt
+    assert raised
+    assert bool(raised) is True
+    assert await channel.is_halted()
+    assert not channel.halt("again")
+    assert await channel.halt("awaited too") is False  # the result can also be awaited
+    channel.clear(approvers=["a", "b"], reason="ok")
+    assert not await channel.is_halted()
+    await channel.clear(approvers=["a", "b"], reason="nothing to clear")  # awaitable too
+    assert await channel.halt("again") is True
 
 
 @pytest.mark.parametrize(
@@ -84,7 +100,7 @@ async def test_corrupt_file_counts_as_halted_and_says_so_once(
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # one log line per problem, not one per poll
     # halting over a corrupt file repairs it into a readable halted state
-    assert await channel.halt("operator confirms") is True
+    assert channel.halt("operator confirms")
     assert await channel.get_halt_reason() == "operator confirms"
 
 
@@ -106,7 +122,7 @@ def test_readers_never_see_a_partial_write(tmp_path: Path) -> None:
     path = tmp_path / "halt.json"
     writer = FileHaltChannel(path)
     reader = FileHaltChannel(path)
-    writer.halt_blocking("start")
+    writer.halt("start")
     stop = threading.Event()
     errors: list[str] = []
 
@@ -120,8 +136,8 @@ def test_readers_never_see_a_partial_write(tmp_path: Path) -> None:
     thread.start()
     try:
         for i in range(40):
-            writer.clear_blocking(("a", "b"), f"clear {i}")
-            writer.halt_blocking(f"halt {i}")
+            writer.clear(approvers=("a", "b"), reason=f"clear {i}")
+            writer.halt(f"halt {i}")
     finally:
         stop.set()
         thread.join()
@@ -136,7 +152,7 @@ from adapters.file_halt import FileHaltChannel
 go = float(sys.argv[2])
 while time.time() < go:
     pass
-print(trio.run(FileHaltChannel(sys.argv[1]).halt, sys.argv[3]))
+print(trio.run(FileHaltChannel(sys.argv[1]).ahalt, sys.argv[3]))
 """
 
 
@@ -185,7 +201,7 @@ async def test_wait_halted_sees_another_writer_without_blocking_trio(tmp_path: P
         nursery.start_soon(ticker)
         nursery.start_soon(waiter)
         await trio.sleep(0.05)
-        await other.halt("from elsewhere")
+        await other.ahalt("from elsewhere")
         await done.wait()
         nursery.cancel_scope.cancel()
     assert got == ["from elsewhere"]
@@ -204,7 +220,7 @@ async def test_file_halt_stops_a_running_batch(tmp_path: Path) -> None:
     async def halt_by_file() -> None:
         await all_in_flight.wait()
         timing["halt"] = trio.current_time()
-        await FileHaltChannel(path).halt("file says stop")
+        await FileHaltChannel(path).ahalt("file says stop")
 
     err = await expect_halt(lambda: service.invoke_concurrent(make_requests(72)), halt_by_file)
     assert err.reason == "file says stop"
