@@ -134,16 +134,20 @@ class SqliteWitness:
         if synchronous not in ("FULL", "NORMAL"):
             raise InvalidRequestError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.path = Path(path)
+        db = None
         try:
             # One connection, used by one worker thread at a time (the lock below).
-            self._db = sqlite3.connect(
+            db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30.0
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
             raise WitnessError(f"{self.path}: cannot open witness log: {exc}") from None
+        self._db = db
         self._db.row_factory = sqlite3.Row
         self._lock = trio.Lock()
         self._pending: list[_Pending] = []

@@ -50,11 +50,7 @@ async def test_view_refuses_uncommitted_and_tampered_outputs(tmp_path: Path) -> 
         with pytest.raises(WitnessError, match="never committed"):
             await witness.get_for_viewing(uuid4(), "auditor")
         target = result.outputs[1]  # type: ignore[attr-defined]
-        with sqlite3.connect(path) as db:
-            db.execute(
-                "UPDATE outputs SET content = 'forged' WHERE output_id = ?",
-                (str(target.output_id),),
-            )
+        _tamper(path, f"UPDATE outputs SET content = 'x' WHERE output_id = '{target.output_id}'")
         with pytest.raises(WitnessError, match="tampered"):
             await witness.get_for_viewing(target.output_id, "auditor")
         assert await witness.views(target.output_id) == []
