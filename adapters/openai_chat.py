@@ -298,8 +298,17 @@ class OpenAIChatOrchestrator:
 
 
 def _user_message(context: ContextBundle) -> str:
-    parts = [f"Topic {context.topic_id}:", context.topic_content]
+    """The topic, then its metadata as a short list::
+
+    Topic motion-7:
+
+    Adopt the budget?
+
+    Context:
+    - session: 42
+    """
+    message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
     if context.metadata:
-        parts.append("Context:")
-        parts.extend(f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
-    return "\n\n".join(parts[:2]) + ("\n\n" + "\n".join(parts[2:]) if len(parts) > 2 else "")
+        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
+        message += "\n\nContext:\n" + "\n".join(lines)
+    return message
