@@ -4,11 +4,11 @@ OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 ``POST /v1/chat/completions``.  Run it from trio through
 :class:`adapters.asyncio_bridge.AsyncioOrchestratorBridge`.
 
-Failures it retries (with decorrelated-jitter backoff): timeouts, connection errors,
-5xx, and 429 (waiting at least ``Retry-After``, capped).  Failures it does not retry:
-other 4xx (a bad key, a bad request, an unknown model) and malformed responses.  Every
-failure is an :class:`~kernel.AgentInvocationError` naming the agent and what went
-wrong; never the API key, the prompt or the content.
+Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
+connection errors, 5xx, and 429 (waiting at least ``Retry-After``, capped).  Failures it
+does not retry: other 4xx (a bad key, a bad request, an unknown model) and malformed
+responses.  Every failure is an :class:`~kernel.AgentInvocationError` naming the agent
+and what went wrong; never the API key, the prompt or the content.
 """
 
 from __future__ import annotations
@@ -193,8 +193,11 @@ class OpenAIChatOrchestrator:
         timeout_s = profile.timeout_s or self.timeout_s
         temperature = profile.temperature if profile.temperature is not None else self.temperature
         max_tokens = profile.max_tokens or self.max_tokens
-        system = (profile.system_prompt or self.system_prompt).format(
-            name=profile.name, agent_id=agent_id
+        # Plain replacement, not str.format: a prompt may hold braces of its own (JSON).
+        system = (
+            (profile.system_prompt or self.system_prompt)
+            .replace("{name}", profile.name)
+            .replace("{agent_id}", agent_id)
         )
         request: dict[str, Any] = {
             "model": model,
@@ -229,7 +232,8 @@ class OpenAIChatOrchestrator:
                 retry_after = None
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if status != 429 and status < 500:
+                # 408 is the server's own request timeout: a timeout, so retried.
+                if status not in (408, 429) and status < 500:
                     raise AgentInvocationError(
                         f"{where}: HTTP {status} {self._server_message(exc)}; not retried"
                     ) from None

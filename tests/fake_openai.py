@@ -38,6 +38,7 @@ Fault = Any
 
 _REASONS = {
     200: "OK",
+    408: "Request Timeout",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",

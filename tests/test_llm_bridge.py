@@ -78,6 +78,7 @@ async def test_72_agents_in_flight_at_once_all_succeed(llm_server: FakeOpenAISer
         ((("429", 0),), 2),
         (("drop",), 2),
         (("drop", 500, ("429", 0)), 4),
+        ((408,), 2),
     ],
 )
 async def test_retryable_faults_are_retried(
@@ -224,7 +225,7 @@ async def test_roster_settings_reach_the_server(llm_server: FakeOpenAIServer) ->
                 model="model-a",
                 temperature=0.1,
                 max_tokens=64,
-                system_prompt="You are {name}, the skeptic.",
+                system_prompt='You are {name}, the skeptic. Answer as {"vote": "..."}.',
                 display_name="Skeptic",
             ),
             AgentProfile("optimist", timeout_s=10),
@@ -243,7 +244,9 @@ async def test_roster_settings_reach_the_server(llm_server: FakeOpenAIServer) ->
     skeptic, optimist = by_agent["skeptic"], by_agent["optimist"]
     assert skeptic["model"] == "model-a" and skeptic["temperature"] == 0.1
     assert skeptic["max_tokens"] == 64
-    assert skeptic["messages"][0]["content"] == "You are Skeptic, the skeptic."
+    assert skeptic["messages"][0]["content"] == (
+        'You are Skeptic, the skeptic. Answer as {"vote": "..."}.'
+    )
     assert optimist["model"] == "fake-model" and optimist["temperature"] == 0.9
     assert "max_tokens" not in optimist
     (failure,) = stranger.failures
