@@ -77,6 +77,14 @@ def _aware_datetime(_inst: object, attr: attrs.Attribute[Any], value: object) ->
         raise InvalidRequestError(f"{attr.name} must be timezone-aware (UTC)")
 
 
+def _as_utc(value: Any) -> Any:
+    """A naive datetime is taken to be UTC (what ``datetime.utcnow()`` returns): the
+    kernel's own timestamps are UTC, and a stored timestamp is always timezone-aware."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def _non_negative_number(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{attr.name} must be a number, got {type(value).__name__}")
@@ -157,7 +165,9 @@ class ContextBundle:
     topic_content: str = attrs.field(validator=_str, repr=False)
     metadata: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_str_map)
     bundle_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
-    created_at: datetime = attrs.field(factory=utc_now, validator=_aware_datetime)
+    created_at: datetime = attrs.field(
+        factory=utc_now, converter=_as_utc, validator=_aware_datetime
+    )
 
 
 @attrs.frozen(slots=True)
@@ -185,7 +195,9 @@ class AgentOutput:
     content: str = attrs.field(validator=_str, repr=False)
     content_type: str = attrs.field(default="text/plain", validator=_non_empty_str)
     output_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
-    generated_at: datetime = attrs.field(factory=utc_now, validator=_aware_datetime)
+    generated_at: datetime = attrs.field(
+        factory=utc_now, converter=_as_utc, validator=_aware_datetime
+    )
     batch_id: UUID | None = attrs.field(default=None, validator=_optional_uuid)
     metadata: Mapping[str, str | int | float] = attrs.field(
         factory=FrozenMap, converter=_scalar_map
@@ -251,8 +263,8 @@ class ConcurrentResult:
     failures: tuple[AgentFailure, ...] = attrs.field(
         converter=_to_tuple, validator=_tuple_of(AgentFailure)
     )
-    started_at: datetime = attrs.field(validator=_aware_datetime)
-    completed_at: datetime = attrs.field(validator=_aware_datetime)
+    started_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
+    completed_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
     total_ms: float = attrs.field(validator=_non_negative_number)
 
     @property
@@ -305,6 +317,7 @@ class AgentStatusInfo:
     status: AgentStatus = attrs.field(validator=_instance_of(AgentStatus))
     last_invocation: datetime | None = attrs.field(
         default=None,
+        converter=_as_utc,
         validator=attrs.validators.optional(_aware_datetime),
     )
     last_error: str | None = attrs.field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
@@ -51,13 +51,21 @@ def test_context_bundle_defaults_and_frozen_metadata() -> None:
         ({"metadata": {"k": 1}}, "str to str"),
         ({"metadata": [("k", "v")]}, "mapping"),
         ({"bundle_id": "not-a-uuid"}, "UUID"),
-        ({"created_at": datetime(2026, 1, 1)}, "timezone-aware"),
+        ({"created_at": "2026-01-01"}, "created_at must be a datetime"),
     ],
 )
 def test_context_bundle_rejects_bad_fields(kwargs: dict[str, Any], match: str) -> None:
     base = {"topic_id": "t", "topic_content": "c"}
     with pytest.raises(InvalidRequestError, match=match):
         ContextBundle(**{**base, **kwargs})
+
+
+def test_naive_timestamps_are_taken_as_utc() -> None:
+    naive = datetime(2026, 1, 1, 12, 0)
+    ctx = ContextBundle("t", "c", created_at=naive)
+    assert ctx.created_at == naive.replace(tzinfo=UTC)
+    out = AgentOutput("a", uuid4(), "x", generated_at=naive)
+    assert out.generated_at.tzinfo is UTC
 
 
 def test_invalid_request_error_is_a_value_error() -> None:
