@@ -94,6 +94,9 @@ class VerifyReport:
     first_bad_sequence: int | None = None
     problem: str | None = None
 
+    def __bool__(self) -> bool:
+        return self.ok
+
 
 def canonical_record(row: dict[str, Any]) -> bytes:
     """The bytes a row's chain hash covers: every field but the content itself (whose hash
