@@ -5,8 +5,9 @@ halt survives restarts (it is sticky until cleared by two approvers).  Writes ar
 (temp file, fsync, rename, fsync of the directory) and serialized across processes with
 an advisory lock, so two processes halting at once keep the first reason and lose no
 history.  A file that exists but cannot be read or parsed counts as **halted**
-(fail-safe), with a log line that says why.  Every read and write runs in a worker
-thread: the trio loop never blocks on the disk.
+(fail-safe), with a log line that says why.  Reads run in a worker thread, so polling
+never blocks the trio loop; ``halt``/``clear`` write at once, like ``HaltSwitch``'s, and
+``ahalt``/``aclear`` write from a worker thread.
 
 File format::
 
@@ -30,7 +31,7 @@ from typing import Any
 import trio
 
 from kernel import HaltRecord, InvalidRequestError
-from kernel._halt import check_clear_approvers
+from kernel._halt import NO_REASON, check_clear_approvers, check_halt_reason
 from kernel._types import utc_now
 
 __all__ = ["Completed", "FileHaltChannel", "HaltFileState", "HaltResult"]
@@ -157,7 +158,7 @@ class FileHaltChannel:
         while True:
             state = await self.state()
             if state.halted:
-                return state.reason or "halted (no reason given)"
+                return state.reason or NO_REASON
             await trio.sleep(self.poll_interval)
 
     @property
@@ -175,9 +176,7 @@ class FileHaltChannel:
         code that treats every halt channel as async works unchanged.  From a trio task
         that must not block even that long, use :meth:`ahalt`.
         """
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
-        return HaltResult(self._halt_now(reason))
+        return HaltResult(self._halt_now(check_halt_reason(reason)))
 
     def clear(self, *, approvers: Collection[str], reason: str) -> Completed:
         """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``.
@@ -190,9 +189,7 @@ class FileHaltChannel:
 
     async def ahalt(self, reason: str) -> bool:
         """:meth:`halt`, with the disk write in a worker thread."""
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
-        return await trio.to_thread.run_sync(self._halt_now, reason)
+        return await trio.to_thread.run_sync(self._halt_now, check_halt_reason(reason))
 
     async def aclear(self, *, approvers: Collection[str], reason: str) -> None:
         """:meth:`clear`, with the disk write in a worker thread."""

@@ -9,6 +9,7 @@ from typing import Literal
 import trio
 
 from kernel._errors import InvalidRequestError
+from kernel._halt import NO_REASON, wait_for_halt
 from kernel._ports import HaltChecker
 
 __all__ = ["DualChannelHaltChecker"]
@@ -64,13 +65,16 @@ class DualChannelHaltChecker:
             halted = await channel.is_halted()
             reason = await channel.get_halt_reason() if halted else None
         except Exception as exc:
-            self.read_errors[which] += 1
-            log.error(
-                "halt channel read failed",
-                extra={"halt_channel": which, "error_type": type(exc).__name__},
-            )
+            self._read_failed(which, exc)
             return None
         return bool(halted), reason
+
+    def _read_failed(self, which: _Channel, exc: Exception) -> None:
+        self.read_errors[which] += 1
+        log.error(
+            "halt channel read failed",
+            extra={"halt_channel": which, "error_type": type(exc).__name__},
+        )
 
     async def _state(self) -> tuple[bool, str | None]:
         primary = await self._read("primary")
@@ -79,7 +83,7 @@ class DualChannelHaltChecker:
             return True, _BOTH_FAILED
         for state in (primary, secondary):
             if state is not None and state[0]:
-                return True, state[1] or "halted (no reason given)"
+                return True, state[1] or NO_REASON
         return False, None
 
     async def is_halted(self) -> bool:
@@ -92,10 +96,7 @@ class DualChannelHaltChecker:
         """Synchronous fast path: True if a channel can say, without I/O, that it is halted."""
         for channel in (self.primary, self.secondary):
             probe = getattr(channel, "halted_now", None)
-            if callable(probe):
-                if probe():
-                    return True
-            elif getattr(channel, "halted", None) is True:
+            if callable(probe) and probe():
                 return True
         return False
 
@@ -120,26 +121,15 @@ class DualChannelHaltChecker:
         self, which: _Channel, done: Callable[[str], None], failed: set[_Channel]
     ) -> None:
         channel = self.primary if which == "primary" else self.secondary
-        wait = getattr(channel, "wait_halted", None)
         try:
-            if callable(wait):
-                reason = await wait()
-            else:
-                # No wait_halted: polling is the only way to learn of a halt.
-                while not await channel.is_halted():  # noqa: ASYNC110
-                    await trio.sleep(self.poll_interval)
-                reason = await channel.get_halt_reason()
+            reason = await wait_for_halt(channel, self.poll_interval)
         except Exception as exc:
-            self.read_errors[which] += 1
-            log.error(
-                "halt channel read failed",
-                extra={"halt_channel": which, "error_type": type(exc).__name__},
-            )
+            self._read_failed(which, exc)
             failed.add(which)
             if len(failed) == 2:
                 done(_BOTH_FAILED)
             return
-        done(reason or "halted (no reason given)")
+        done(reason)
 
     # ------------------------------------------------------------ consistency
 
@@ -167,7 +157,7 @@ class DualChannelHaltChecker:
             if primary[0]
             else (secondary, self.primary, "primary")
         )
-        reason = halted_state[1] or "halted (no reason given)"
+        reason = halted_state[1] or NO_REASON
         raise_halt = getattr(lagging, "halt", None)
         if not callable(raise_halt):
             log.warning(

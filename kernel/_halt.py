@@ -11,9 +11,17 @@ import attrs
 import trio
 
 from kernel._errors import HaltClearDeniedError, InvalidRequestError
+from kernel._ports import HaltChecker
 from kernel._types import utc_now
 
-__all__ = ["HaltRecord", "HaltSwitch", "check_clear_approvers"]
+__all__ = [
+    "NO_REASON",
+    "HaltRecord",
+    "HaltSwitch",
+    "check_clear_approvers",
+    "check_halt_reason",
+    "wait_for_halt",
+]
 
 log = logging.getLogger("kernel.halt")
 
@@ -26,6 +34,35 @@ class HaltRecord:
     reason: str
     at: datetime
     approvers: tuple[str, ...] = ()
+
+
+#: The reason reported for a channel that says halted without saying why.
+NO_REASON = "halted (no reason given)"
+
+
+def check_halt_reason(reason: object) -> str:
+    """A halt needs a non-empty reason: the history must say why."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
+    return reason
+
+
+async def wait_for_halt(checker: HaltChecker, poll_interval: float) -> str:
+    """Return the reason once ``checker`` is halted.
+
+    Uses the checker's ``wait_halted`` when it has one; otherwise polls ``is_halted``
+    every ``poll_interval`` seconds.  Errors from the checker propagate: what a failed
+    read means (halted, or "ask the other channel") is the caller's decision.
+    """
+    wait = getattr(checker, "wait_halted", None)
+    if callable(wait):
+        reason = await wait()
+    else:
+        # Nothing to wait on: polling is the contract of such a checker.
+        while not await checker.is_halted():  # noqa: ASYNC110
+            await trio.sleep(poll_interval)
+        reason = await checker.get_halt_reason()
+    return reason or NO_REASON
 
 
 def check_clear_approvers(approvers: Collection[str], reason: str) -> tuple[str, ...]:
@@ -70,6 +107,10 @@ class HaltSwitch:
     def halted(self) -> bool:
         return self._reason is not None
 
+    def halted_now(self) -> bool:
+        """The synchronous probe the service checks just before starting an agent."""
+        return self._reason is not None
+
     @property
     def reason(self) -> str | None:
         return self._reason
@@ -80,8 +121,7 @@ class HaltSwitch:
 
     def halt(self, reason: str) -> bool:
         """Raise the halt.  True only for the call that raised it; idempotent after."""
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidRequestError("CT-11: a halt needs a non-empty reason")
+        check_halt_reason(reason)
         if self._reason is not None:
             return False
         self._reason = reason

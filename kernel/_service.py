@@ -26,7 +26,7 @@ from kernel._errors import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from kernel._halt import HaltSwitch
+from kernel._halt import NO_REASON, wait_for_halt
 from kernel._metrics import ServiceMetrics
 from kernel._pool import AgentPool, _Slot
 from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
@@ -100,11 +100,10 @@ def _describe(exc: BaseException) -> str:
 def _halt_probe(checker: HaltChecker | None) -> Callable[[], bool] | None:
     """A synchronous "is it halted right now?" for checkers that can answer one.
 
-    Used just before an agent starts, so that no agent starts after a halt even in the
-    instant between the halt and the watcher task waking up.
+    A checker may offer ``halted_now()`` (``HaltSwitch`` and ``DualChannelHaltChecker``
+    do).  The service calls it just before an agent starts, so that no agent starts after
+    a halt even in the instant between the halt and the watcher task waking up.
     """
-    if isinstance(checker, HaltSwitch):
-        return lambda: checker.halted
     probe = getattr(checker, "halted_now", None)
     return cast(Callable[[], bool], probe) if callable(probe) else None
 
@@ -238,7 +237,6 @@ class ConcurrentDeliberationService:
 
         self._orchestrator = orchestrator
         self._halt_checker = halt_checker
-        self._halt_waiter = callable(getattr(halt_checker, "wait_halted", None))
         self._halted_now = _halt_probe(halt_checker)
         self._pool = pool if pool is not None else AgentPool()
         self._agent_timeout = _check_timeout(agent_timeout)
@@ -575,32 +573,26 @@ class ConcurrentDeliberationService:
                 return None
             reason = await checker.get_halt_reason()
         except Exception as exc:
-            log.error(
-                "halt checker failed; treating the system as halted",
-                extra={"error_type": type(exc).__name__},
-            )
-            return f"halt checker failed ({type(exc).__name__}); treated as halted"
-        return reason or "halted (no reason given)"
+            return _checker_failed(exc)
+        return reason or NO_REASON
 
     async def _watch_halt(self, batch: _Batch, run_scope: trio.CancelScope) -> None:
-        checker = self._halt_checker
-        assert checker is not None
-        if self._halt_waiter:
-            try:
-                reason: str | None = await checker.wait_halted()  # type: ignore[attr-defined]
-            except Exception as exc:
-                log.error(
-                    "halt checker failed; treating the system as halted",
-                    extra={"error_type": type(exc).__name__},
-                )
-                reason = f"halt checker failed ({type(exc).__name__}); treated as halted"
-            reason = reason or "halted (no reason given)"
-        else:
-            # A checker without wait_halted has nothing to wait on: polling is the contract.
-            while (reason := await self._read_halt()) is None:  # noqa: ASYNC110
-                await trio.sleep(self._halt_poll_interval)
+        assert self._halt_checker is not None
+        try:
+            reason = await wait_for_halt(self._halt_checker, self._halt_poll_interval)
+        except Exception as exc:
+            reason = _checker_failed(exc)
         batch.halt_reason = reason
         run_scope.cancel()
+
+
+def _checker_failed(exc: Exception) -> str:
+    """Fail-safe: a halt checker that cannot be read means the system is halted."""
+    log.error(
+        "halt checker failed; treating the system as halted",
+        extra={"error_type": type(exc).__name__},
+    )
+    return f"halt checker failed ({type(exc).__name__}); treated as halted"
 
 
 def _failure(
