@@ -30,9 +30,9 @@ from typing import Any
 
 import trio
 
-from kernel import HaltRecord, InvalidRequestError
+from kernel import HaltRecord
 from kernel._halt import NO_REASON, check_clear_approvers, check_halt_reason
-from kernel._types import utc_now
+from kernel._types import check_seconds, utc_now
 
 __all__ = ["Completed", "FileHaltChannel", "HaltFileState", "HaltResult"]
 
@@ -97,12 +97,8 @@ class FileHaltChannel:
     """
 
     def __init__(self, path: str | os.PathLike[str], poll_interval: float = 0.05) -> None:
-        if isinstance(poll_interval, bool) or not (
-            isinstance(poll_interval, int | float) and poll_interval > 0
-        ):
-            raise InvalidRequestError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
         self.path = Path(path)
-        self.poll_interval = float(poll_interval)
+        self.poll_interval = check_seconds(poll_interval, "poll_interval")
         self._last_error: str | None = None
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ import trio
 from kernel._errors import InvalidRequestError
 from kernel._halt import NO_REASON, wait_for_halt
 from kernel._ports import HaltChecker
+from kernel._types import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
 
@@ -44,13 +45,9 @@ class DualChannelHaltChecker:
                     f"{name} must have async is_halted() and get_halt_reason(), "
                     f"got {type(channel).__name__}"
                 )
-        if isinstance(poll_interval, bool) or not (
-            isinstance(poll_interval, int | float) and poll_interval > 0
-        ):
-            raise InvalidRequestError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
         self.primary = primary
         self.secondary = secondary
-        self.poll_interval = float(poll_interval)
+        self.poll_interval = check_seconds(poll_interval, "poll_interval")
         self.read_errors: dict[_Channel, int] = {"primary": 0, "secondary": 0}
 
     def __repr__(self) -> str:

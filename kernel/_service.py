@@ -12,7 +12,6 @@ everything in flight at once.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Literal, cast
@@ -37,6 +36,7 @@ from kernel._types import (
     ConcurrentResult,
     FailureKind,
     PoolStatus,
+    check_seconds,
     stamp_output,
     utc_now,
 )
@@ -58,14 +58,8 @@ _MAX_LOGGED_MESSAGE = 200
 # ---------------------------------------------------------------- validation
 
 
-def _check_timeout(value: object, name: str = "agent_timeout") -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{name} must be a number of seconds or None, got {value!r}")
-    if not value > 0 or math.isnan(value):
-        raise InvalidRequestError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(value)
+def _check_timeout(value: object) -> float | None:
+    return None if value is None else check_seconds(value, "agent_timeout")
 
 
 def _check_requests(requests: object) -> list[AgentRequest]:
@@ -231,9 +225,7 @@ class ConcurrentDeliberationService:
             raise InvalidRequestError(
                 f"witness must have an async commit(output), got {type(witness).__name__}"
             )
-        poll = _check_timeout(halt_poll_interval, "halt_poll_interval")
-        if poll is None:
-            raise InvalidRequestError("halt_poll_interval must be > 0 seconds, got None")
+        poll = check_seconds(halt_poll_interval, "halt_poll_interval")
 
         self._orchestrator = orchestrator
         self._halt_checker = halt_checker

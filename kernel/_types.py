@@ -77,6 +77,15 @@ def _aware_datetime(_inst: object, attr: attrs.Attribute[Any], value: object) ->
         raise InvalidRequestError(f"{attr.name} must be timezone-aware (UTC)")
 
 
+def check_seconds(value: object, name: str) -> float:
+    """A duration setting: a number of seconds > 0 (NaN and bools refused), as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be a number of seconds, got {value!r}")
+    if not value > 0:  # also false for NaN
+        raise InvalidRequestError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
 def _as_utc(value: Any) -> Any:
     """A naive datetime is taken to be UTC (what ``datetime.utcnow()`` returns): the
     kernel's own timestamps are UTC, and a stored timestamp is always timezone-aware."""
