@@ -21,10 +21,10 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import attrs
@@ -36,6 +36,8 @@ from kernel._types import utc_now
 __all__ = ["GENESIS_HASH", "SqliteWitness", "VerifyReport", "WitnessError"]
 
 log = logging.getLogger("adapters.sqlite_witness")
+
+T = TypeVar("T")
 
 GENESIS_HASH = "0" * 64
 
@@ -109,6 +111,15 @@ def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + canonical_record(row)).hexdigest()
 
 
+def _edit_in(row: dict[str, Any]) -> str | None:
+    """What is wrong with a row on its own (its content or its chain hash), or None."""
+    if hashlib.sha256(row["content"].encode("utf-8")).hexdigest() != row["content_hash"]:
+        return "content does not match its content_hash (edited)"
+    if chain_hash(row["prev_hash"], row) != row["chain_hash"]:
+        return "record does not match its chain_hash (edited)"
+    return None
+
+
 class _Pending:
     __slots__ = ("done", "error", "output", "receipt")
 
@@ -170,6 +181,11 @@ class SqliteWitness:
         async with self._lock:
             self._db.close()
 
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in a worker thread, holding the connection (one user at a time)."""
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
     # ------------------------------------------------------------ commit (OutputWitness)
 
     async def commit(self, output: AgentOutput) -> CommitReceipt:
@@ -201,8 +217,7 @@ class SqliteWitness:
         # the group is written (a millisecond or two) before that cancellation lands.
         with trio.CancelScope(shield=True):
             try:
-                async with self._lock:
-                    receipts = await trio.to_thread.run_sync(self._append, group)
+                receipts = await self._in_thread(self._append, group)
             except BaseException as exc:
                 error: BaseException = exc
                 if isinstance(exc, sqlite3.Error):
@@ -272,8 +287,7 @@ class SqliteWitness:
         a receipt kept elsewhere as ``expected_head`` to also prove that the chain still
         ends (or passes) where it did.
         """
-        async with self._lock:
-            return await trio.to_thread.run_sync(self.verify_blocking, expected_head)
+        return await self._in_thread(self.verify_blocking, expected_head)
 
     def verify_blocking(self, expected_head: str | None = None) -> VerifyReport:
         expected_seq, prev, count = 1, GENESIS_HASH, 0
@@ -285,10 +299,8 @@ class SqliteWitness:
                 problem = f"sequence {seq} where {expected_seq} was expected (missing or inserted)"
             elif row["prev_hash"] != prev:
                 problem = "prev_hash does not match the previous record (deleted or reordered)"
-            elif hashlib.sha256(row["content"].encode("utf-8")).hexdigest() != row["content_hash"]:
-                problem = "content does not match its content_hash (edited)"
-            elif chain_hash(prev, row) != row["chain_hash"]:
-                problem = "record does not match its chain_hash (edited)"
+            else:
+                problem = _edit_in(row)
             if problem:
                 log.error("witness chain broken", extra={"sequence": seq, "problem": problem})
                 return VerifyReport(False, count, seq, problem)
@@ -313,8 +325,7 @@ class SqliteWitness:
         """
         if not isinstance(viewer_id, str) or not viewer_id.strip():
             raise InvalidRequestError("viewer_id must be a non-empty string")
-        async with self._lock:
-            return await trio.to_thread.run_sync(self._view, str(output_id), viewer_id)
+        return await self._in_thread(self._view, str(output_id), viewer_id)
 
     def _view(self, output_id: str, viewer_id: str) -> AgentOutput:
         row = self._db.execute(
@@ -323,11 +334,7 @@ class SqliteWitness:
         if row is None:
             raise WitnessError(f"FR9: output {output_id} was never committed; it cannot be viewed")
         row = dict(row)
-        prev = row["prev_hash"]
-        content_ok = (
-            hashlib.sha256(row["content"].encode("utf-8")).hexdigest() == row["content_hash"]
-        )
-        if not content_ok or chain_hash(prev, row) != row["chain_hash"]:
+        if _edit_in(row) is not None:
             raise WitnessError(
                 f"FR9: output {output_id} (sequence {row['sequence']}) was tampered with"
             )
@@ -348,18 +355,16 @@ class SqliteWitness:
 
     async def views(self, output_id: UUID | str) -> list[tuple[str, datetime]]:
         """Who viewed an output, and when."""
-        async with self._lock:
-            rows = await trio.to_thread.run_sync(
-                lambda: self._db.execute(
-                    "SELECT viewer_id, viewed_at FROM views WHERE output_id = ? ORDER BY id",
-                    (str(output_id),),
-                ).fetchall()
-            )
+        rows = await self._in_thread(
+            lambda: self._db.execute(
+                "SELECT viewer_id, viewed_at FROM views WHERE output_id = ? ORDER BY id",
+                (str(output_id),),
+            ).fetchall()
+        )
         return [(r["viewer_id"], datetime.fromisoformat(r["viewed_at"])) for r in rows]
 
     async def count(self) -> int:
-        async with self._lock:
-            row = await trio.to_thread.run_sync(
-                lambda: self._db.execute("SELECT COUNT(*) AS n FROM outputs").fetchone()
-            )
+        row = await self._in_thread(
+            lambda: self._db.execute("SELECT COUNT(*) AS n FROM outputs").fetchone()
+        )
         return int(row["n"])
