@@ -17,11 +17,9 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -30,6 +28,7 @@ from typing import Any
 
 import trio
 
+from adapters._atomic import write_atomically
 from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
@@ -578,28 +577,14 @@ def _write_transcript(
             if r.agent_id in outcomes
         ],
     }
-    _atomic_write(args.json_path, json.dumps(doc, indent=2) + "\n")
+    # Write-then-rename: a reader (or a Ctrl-C) never sees a half-written transcript.
+    write_atomically(args.json_path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def _sha256(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write-then-rename: a reader (or a Ctrl-C) never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- halt / clear / status

@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Collection, Generator, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import trio
 
+from adapters._atomic import write_atomically
 from kernel import HaltRecord
 from kernel._halt import NO_REASON, check_clear_approvers, check_halt_reason
 from kernel._types import check_seconds, utc_now
@@ -251,24 +251,7 @@ class FileHaltChannel:
                 for r in history
             ],
         }
-        data = (json.dumps(doc, indent=2) + "\n").encode()
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself is durable
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def _record(raw: Any) -> HaltRecord:
