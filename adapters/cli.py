@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Counters the progress display and the summary read (updated by on_progress)."""
+    """Counters the progress display reads (updated by on_progress)."""
 
     def __init__(self, total: int, pool: AgentPool) -> None:
         self.total = total
@@ -218,10 +218,8 @@ class Progress:
         self.started = trio.current_time()
 
     def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
-        if status == "completed":
-            self.done += 1
-        elif status == "failed":
-            self.done += 1
+        self.done = done  # the service counts finished agents; only failures are ours
+        if status == "failed":
             self.failed += 1
 
     @property
