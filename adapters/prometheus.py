@@ -50,28 +50,27 @@ class ServiceCollector(Collector):
         snap = self.service.metrics.snapshot()
         pool = self.service.get_pool_status()
 
-        def counter(name: str, doc: str, value: object) -> CounterMetricFamily:
-            return CounterMetricFamily(f"{ns}_{name}", doc, value=float(value))  # type: ignore[arg-type]
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{ns}_{name}", doc, value=float(value))
 
-        yield counter("batches", "Batches run to an outcome (incl. halted).", snap["batches_total"])
+        yield counter("batches", "Batches run to an outcome (incl. halted).", snap.batches_total)
         yield counter(
-            "agent_invocations", "Agent invocations started.", snap["agent_invocations_total"]
+            "agent_invocations", "Agent invocations started.", snap.agent_invocations_total
         )
         failures = CounterMetricFamily(
             f"{ns}_agent_failures", "Agent failures, by kind.", labels=["kind"]
         )
-        by_kind = snap["failures_by_kind"]
-        assert isinstance(by_kind, dict)
+        by_kind = snap.failures_by_kind
         for kind in FailureKind:
             failures.add_metric([kind.value], float(by_kind.get(kind.value, 0)))
         yield failures
         yield counter(
             "pool_exhaustion_errors",
             "Batches refused by FR10 admission (capacity or busy agent).",
-            snap["pool_exhaustion_errors"],
+            snap.pool_exhaustion_errors,
         )
         yield counter(
-            "halted_batches", "Batches refused or stopped by a halt.", snap["halted_batches"]
+            "halted_batches", "Batches refused or stopped by a halt.", snap.halted_batches
         )
         yield GaugeMetricFamily(
             f"{ns}_pool_active_agents", "Agents in flight now.", value=pool.active_count

@@ -17,12 +17,13 @@ from kernel._errors import (
 )
 from kernel._frozenmap import FrozenMap
 from kernel._halt import HaltRecord, HaltSwitch
-from kernel._metrics import ServiceMetrics
-from kernel._pool import AgentPool
+from kernel._metrics import MetricsSnapshot, ServiceMetrics
+from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
     CommitReceipt,
     HaltChecker,
+    HaltProbe,
     HaltWaiter,
     OutputWitness,
 )
@@ -42,6 +43,7 @@ from kernel._types import (
 
 __all__ = [
     "MAX_CONCURRENT_AGENTS",
+    "Admission",
     "AgentBusyError",
     "AgentFailure",
     "AgentInvocationError",
@@ -63,10 +65,12 @@ __all__ = [
     "FrozenMap",
     "HaltChecker",
     "HaltClearDeniedError",
+    "HaltProbe",
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
     "InvalidRequestError",
+    "MetricsSnapshot",
     "Overflow",
     "OutputWitness",
     "PoolStatus",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Final, Literal
 
 import trio
 
 from kernel._errors import InvalidRequestError
-from kernel._halt import NO_REASON, wait_for_halt
-from kernel._ports import HaltChecker
+from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, read_halt, wait_for_halt
+from kernel._ports import HaltChecker, HaltProbe
 from kernel._types import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
@@ -21,15 +22,29 @@ _Channel = Literal["primary", "secondary"]
 _BOTH_FAILED = "both halt channels are unreadable; treated as halted"
 
 
+class _Failed:
+    """The answer of a channel whose read raised."""
+
+
+_FAILED: Final = _Failed()
+#: One channel's answer: its halt reason, None (not halted), or _FAILED.
+_Read = str | None | _Failed
+
+
 class DualChannelHaltChecker:
     """Two halt channels read as one, the way a safety interlock is wired.
 
-    * halted if **either** channel says halted;
-    * the reason comes from the primary when both are halted;
+    * halted if **either** channel says halted; the channels are read concurrently, so
+      the answer comes as soon as one says halted, and a slow channel never delays the
+      other;
+    * a read that does not answer within ``read_timeout`` seconds counts as halted
+      (a hung channel is never taken for a clear one);
+    * the reason comes from the primary when both are halted (and answered);
     * a channel whose read raises is logged and counted (:attr:`read_errors`), and the
       other channel decides; if **both** raise, the system counts as halted;
     * :meth:`wait_halted` returns as soon as either channel halts (a channel without
-      ``wait_halted`` is polled every ``poll_interval`` seconds).
+      ``wait_halted`` is polled every ``poll_interval`` seconds);
+    * :meth:`halted_now` is true if either channel's synchronous probe says halted.
 
     Typical wiring: an in-process :class:`~kernel.HaltSwitch` as primary (Ctrl-C, an
     operator API) and a durable, cross-process channel as secondary (a file, a database
@@ -37,7 +52,12 @@ class DualChannelHaltChecker:
     """
 
     def __init__(
-        self, primary: HaltChecker, secondary: HaltChecker, *, poll_interval: float = 0.05
+        self,
+        primary: HaltChecker,
+        secondary: HaltChecker,
+        *,
+        poll_interval: float = 0.05,
+        read_timeout: float = DEFAULT_HALT_READ_TIMEOUT,
     ) -> None:
         for name, channel in (("primary", primary), ("secondary", secondary)):
             if not isinstance(channel, HaltChecker):
@@ -48,23 +68,24 @@ class DualChannelHaltChecker:
         self.primary = primary
         self.secondary = secondary
         self.poll_interval = check_seconds(poll_interval, "poll_interval")
+        self.read_timeout = check_seconds(read_timeout, "read_timeout")
         self.read_errors: dict[_Channel, int] = {"primary": 0, "secondary": 0}
 
     def __repr__(self) -> str:
         return f"<DualChannelHaltChecker {self.primary!r} | {self.secondary!r}>"
 
+    def _channel(self, which: _Channel) -> HaltChecker:
+        return self.primary if which == "primary" else self.secondary
+
     # ------------------------------------------------------------ reading
 
-    async def _read(self, which: _Channel) -> tuple[bool, str | None] | None:
-        """(halted, reason) of one channel, or None if it could not be read."""
-        channel = self.primary if which == "primary" else self.secondary
+    async def _read(self, which: _Channel) -> _Read:
+        """One bounded read of one channel: its reason, None if clear, _FAILED if it raised."""
         try:
-            halted = await channel.is_halted()
-            reason = await channel.get_halt_reason() if halted else None
+            return await read_halt(self._channel(which), self.read_timeout)
         except Exception as exc:
             self._read_failed(which, exc)
-            return None
-        return bool(halted), reason
+            return _FAILED
 
     def _read_failed(self, which: _Channel, exc: Exception) -> None:
         self.read_errors[which] += 1
@@ -73,29 +94,46 @@ class DualChannelHaltChecker:
             extra={"halt_channel": which, "error_type": type(exc).__name__},
         )
 
-    async def _state(self) -> tuple[bool, str | None]:
-        primary = await self._read("primary")
-        secondary = await self._read("secondary")
-        if primary is None and secondary is None:
-            return True, _BOTH_FAILED
-        for state in (primary, secondary):
-            if state is not None and state[0]:
-                return True, state[1] or NO_REASON
-        return False, None
+    async def _read_both(self, *, first_halt_wins: bool) -> dict[_Channel, _Read]:
+        """Read both channels concurrently.
+
+        With ``first_halt_wins`` the other read is abandoned as soon as one channel says
+        halted (what a halt check needs); otherwise both answers are awaited.
+        """
+        answers: dict[_Channel, _Read] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def read(which: _Channel) -> None:
+                answers[which] = answer = await self._read(which)
+                if first_halt_wins and isinstance(answer, str):
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read, "primary")
+            nursery.start_soon(read, "secondary")
+        return answers
+
+    async def _reason(self) -> str | None:
+        answers = await self._read_both(first_halt_wins=True)
+        for which in ("primary", "secondary"):
+            answer = answers.get(which)
+            if isinstance(answer, str):
+                return answer
+        if answers["primary"] is _FAILED and answers["secondary"] is _FAILED:
+            return _BOTH_FAILED
+        return None
 
     async def is_halted(self) -> bool:
-        return (await self._state())[0]
+        return (await self._reason()) is not None
 
     async def get_halt_reason(self) -> str | None:
-        return (await self._state())[1]
+        return await self._reason()
 
     def halted_now(self) -> bool:
         """Synchronous fast path: True if a channel can say, without I/O, that it is halted."""
-        for channel in (self.primary, self.secondary):
-            probe = getattr(channel, "halted_now", None)
-            if callable(probe) and probe():
-                return True
-        return False
+        return any(
+            isinstance(channel, HaltProbe) and channel.halted_now()
+            for channel in (self.primary, self.secondary)
+        )
 
     async def wait_halted(self) -> str:
         """Return a reason as soon as either channel halts (or both become unreadable)."""
@@ -117,9 +155,10 @@ class DualChannelHaltChecker:
     async def _wait_one(
         self, which: _Channel, done: Callable[[str], None], failed: set[_Channel]
     ) -> None:
-        channel = self.primary if which == "primary" else self.secondary
         try:
-            reason = await wait_for_halt(channel, self.poll_interval)
+            reason = await wait_for_halt(
+                self._channel(which), self.poll_interval, self.read_timeout
+            )
         except Exception as exc:
             self._read_failed(which, exc)
             failed.add(which)
@@ -132,9 +171,13 @@ class DualChannelHaltChecker:
 
     async def check_channels_consistent(self) -> bool:
         """True if both channels are readable and agree (both halted or both not)."""
-        primary = await self._read("primary")
-        secondary = await self._read("secondary")
-        return primary is not None and secondary is not None and primary[0] == secondary[0]
+        answers = await self._read_both(first_halt_wins=False)
+        primary, secondary = answers["primary"], answers["secondary"]
+        return (
+            primary is not _FAILED
+            and secondary is not _FAILED
+            and isinstance(primary, str) == isinstance(secondary, str)
+        )
 
     async def resolve_conflict(self) -> bool:
         """Raise the halt on the lagging channel, if they disagree and it can be halted.
@@ -143,18 +186,17 @@ class DualChannelHaltChecker:
         disagreement is resolved towards halted (fail-safe).  A channel is halted through
         its ``halt(reason)`` method, sync or async; one without it is left as it is.
         """
-        primary = await self._read("primary")
-        secondary = await self._read("secondary")
-        if primary is None or secondary is None:
+        answers = await self._read_both(first_halt_wins=False)
+        primary, secondary = answers["primary"], answers["secondary"]
+        if primary is _FAILED or secondary is _FAILED:
             return False
-        if primary[0] == secondary[0]:
+        if isinstance(primary, str) == isinstance(secondary, str):
             return True
-        halted_state, lagging, name = (
+        reason, lagging, name = (
             (primary, self.secondary, "secondary")
-            if primary[0]
+            if isinstance(primary, str)
             else (secondary, self.primary, "primary")
         )
-        reason = halted_state[1] or NO_REASON
         raise_halt = getattr(lagging, "halt", None)
         if not callable(raise_halt):
             log.warning(
@@ -163,7 +205,7 @@ class DualChannelHaltChecker:
             )
             return False
         result = raise_halt(f"propagated: {reason}")
-        if hasattr(result, "__await__"):
+        if inspect.isawaitable(result):
             await result
         log.warning("halt propagated to lagging channel", extra={"halt_channel": name})
         return await self.check_channels_consistent()

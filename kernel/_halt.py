@@ -11,15 +11,18 @@ import attrs
 import trio
 
 from kernel._errors import HaltClearDeniedError, InvalidRequestError
-from kernel._ports import HaltChecker
+from kernel._ports import HaltChecker, HaltWaiter
 from kernel._types import utc_now
 
 __all__ = [
+    "DEFAULT_HALT_READ_TIMEOUT",
     "NO_REASON",
     "HaltRecord",
     "HaltSwitch",
     "check_clear_approvers",
     "check_halt_reason",
+    "read_halt",
+    "unanswered_reason",
     "wait_for_halt",
 ]
 
@@ -47,22 +50,50 @@ def check_halt_reason(reason: object) -> str:
     return reason
 
 
-async def wait_for_halt(checker: HaltChecker, poll_interval: float) -> str:
+#: How long a halt channel may take to answer one read before it counts as halted.
+DEFAULT_HALT_READ_TIMEOUT = 2.0
+
+
+def unanswered_reason(read_timeout: float) -> str:
+    """The halt reason of a channel that did not answer a read in time."""
+    return f"halt channel did not answer within {read_timeout:g} s; treated as halted"
+
+
+async def read_halt(checker: HaltChecker, read_timeout: float) -> str | None:
+    """One read of ``checker``: its reason if halted, None if not.
+
+    A read that does not answer within ``read_timeout`` seconds counts as halted (a hung
+    channel must never keep a halt from being seen), with a reason that says so.  Errors
+    from the checker propagate: what a failed read means (halted, or "ask the other
+    channel") is the caller's decision.
+    """
+    with trio.move_on_after(read_timeout):
+        if not await checker.is_halted():
+            return None
+        return (await checker.get_halt_reason()) or NO_REASON
+    log.error("halt channel read timed out", extra={"read_timeout_s": read_timeout})
+    return unanswered_reason(read_timeout)
+
+
+async def wait_for_halt(
+    checker: HaltChecker,
+    poll_interval: float,
+    read_timeout: float = DEFAULT_HALT_READ_TIMEOUT,
+) -> str:
     """Return the reason once ``checker`` is halted.
 
-    Uses the checker's ``wait_halted`` when it has one; otherwise polls ``is_halted``
-    every ``poll_interval`` seconds.  Errors from the checker propagate: what a failed
-    read means (halted, or "ask the other channel") is the caller's decision.
+    A :class:`HaltWaiter` is waited on; any other checker is polled every
+    ``poll_interval`` seconds, each read bounded by ``read_timeout`` (see
+    :func:`read_halt`).  Errors from the checker propagate.
     """
-    wait = getattr(checker, "wait_halted", None)
-    if callable(wait):
-        reason = await wait()
-    else:
+    if isinstance(checker, HaltWaiter):
+        return (await checker.wait_halted()) or NO_REASON
+    while True:
+        reason = await read_halt(checker, read_timeout)
+        if reason is not None:
+            return reason
         # Nothing to wait on: polling is the contract of such a checker.
-        while not await checker.is_halted():  # noqa: ASYNC110
-            await trio.sleep(poll_interval)
-        reason = await checker.get_halt_reason()
-    return reason or NO_REASON
+        await trio.sleep(poll_interval)
 
 
 def check_clear_approvers(approvers: Collection[str], reason: str) -> tuple[str, ...]:

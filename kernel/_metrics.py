@@ -5,9 +5,15 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-__all__ = ["ServiceMetrics"]
+import attrs
+
+from kernel._frozenmap import FrozenMap
+from kernel._types import ConcurrentResult
+
+__all__ = ["MetricsSnapshot", "ServiceMetrics"]
 
 log = logging.getLogger("kernel.metrics")
 
@@ -24,42 +30,106 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-class ServiceMetrics:
-    """Plain counters, updated by the service as batches run (single trio thread).
+def _frozen_counts(counts: Mapping[str, int]) -> FrozenMap[int]:
+    return FrozenMap(counts)
 
-    ``snapshot()`` returns a dict with at least: ``batches_total``,
-    ``agent_invocations_total``, ``agent_failure_count``, ``pool_exhaustion_errors``,
-    ``halted_batches``, ``pool_active_count``, ``concurrent_invocation_total_ms`` (the
-    last batch) and ``p50_ms`` / ``p95_ms`` / ``p99_ms`` of recent batch latencies.
-    ``failures_by_kind`` breaks the failure count down by :class:`FailureKind` value.
+
+@attrs.frozen(slots=True)
+class MetricsSnapshot:
+    """A service's counters at one instant (from :meth:`ServiceMetrics.snapshot`).
+
+    ``concurrent_invocation_total_ms`` is the last batch's wall time; the percentiles
+    are over the last 1,024 batches (0.0 before the first).  :meth:`as_dict` gives the
+    same numbers as a plain dict, keyed by field name.
+    """
+
+    batches_total: int
+    agent_invocations_total: int
+    agent_success_count: int
+    agent_failure_count: int
+    #: Failure count by :class:`~kernel.FailureKind` value (only kinds seen).
+    failures_by_kind: Mapping[str, int] = attrs.field(converter=_frozen_counts)
+    pool_exhaustion_errors: int
+    halted_batches: int
+    pool_active_count: int
+    concurrent_invocation_total_ms: float
+    batch_latency_sum_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self, value_serializer=_plain)
+
+    def __getitem__(self, key: str) -> Any:
+        """``snapshot["p99_ms"]``: the older, mapping form of the snapshot still works."""
+        if key not in _FIELD_NAMES:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+_FIELD_NAMES = frozenset(a.name for a in attrs.fields(MetricsSnapshot))
+
+
+def _plain(_inst: object, _field: object, value: Any) -> Any:
+    return dict(value) if isinstance(value, FrozenMap) else value
+
+
+class ServiceMetrics:
+    """Counters of one service, recorded as its batches run (single trio thread).
+
+    The service records through the ``record_*`` methods; readers take a
+    :class:`MetricsSnapshot` with :meth:`snapshot`, or subscribe to batch latencies with
+    :meth:`add_batch_observer`.
     """
 
     def __init__(self, pool_active: Callable[[], int]) -> None:
         self._pool_active = pool_active
-        self.batches_total = 0
-        self.agent_invocations_total = 0
-        self.agent_success_count = 0
-        self.agent_failure_count = 0
-        self.failures_by_kind: collections.Counter[str] = collections.Counter()
-        self.pool_exhaustion_errors = 0
-        self.halted_batches = 0
-        self.last_batch_ms = 0.0
-        self.batch_latency_sum_ms = 0.0
+        self._batches_total = 0
+        self._invocations = 0
+        self._successes = 0
+        self._failures = 0
+        self._failures_by_kind: collections.Counter[str] = collections.Counter()
+        self._pool_exhaustion_errors = 0
+        self._halted_batches = 0
+        self._last_batch_ms = 0.0
+        self._latency_sum_ms = 0.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._batch_observers: list[Callable[[float], object]] = []
 
     def add_batch_observer(self, observer: Callable[[float], object]) -> None:
         """Call ``observer(total_ms)`` after every batch (e.g. an exporter's histogram).
 
-        An observer that raises is removed from nothing and breaks nothing: the error is
-        logged and the batch result stands.
+        An observer that raises breaks nothing: the error is logged and the batch
+        result stands.
         """
         self._batch_observers.append(observer)
 
-    def record_batch(self, total_ms: float) -> None:
-        self.batches_total += 1
-        self.last_batch_ms = total_ms
-        self.batch_latency_sum_ms += total_ms
+    # ------------------------------------------------------------ recording (the service)
+
+    def record_refused(self) -> None:
+        """A batch was refused admission (FR10)."""
+        self._pool_exhaustion_errors += 1
+
+    def record_halted(self) -> None:
+        """A batch was refused because the system was halted before it started."""
+        self._halted_batches += 1
+
+    def record_started(self) -> None:
+        """An agent was invoked."""
+        self._invocations += 1
+
+    def record_result(self, result: ConcurrentResult, *, halted: bool) -> None:
+        """A batch ended with ``result`` (``halted``: cut short by a halt)."""
+        total_ms = result.total_ms
+        self._batches_total += 1
+        self._halted_batches += halted
+        self._successes += len(result.outputs)
+        self._failures += len(result.failures)
+        for failure in result.failures:
+            self._failures_by_kind[failure.kind.value] += 1
+        self._last_batch_ms = total_ms
+        self._latency_sum_ms += total_ms
         self._latencies.append(total_ms)
         for observer in self._batch_observers:
             try:
@@ -67,23 +137,22 @@ class ServiceMetrics:
             except Exception:
                 log.exception("batch metrics observer raised; ignored")
 
-    def recent_batch_latencies_ms(self) -> tuple[float, ...]:
-        return tuple(self._latencies)
+    # ------------------------------------------------------------ reading
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> MetricsSnapshot:
         ordered = sorted(self._latencies)
-        return {
-            "batches_total": self.batches_total,
-            "agent_invocations_total": self.agent_invocations_total,
-            "agent_success_count": self.agent_success_count,
-            "agent_failure_count": self.agent_failure_count,
-            "failures_by_kind": dict(self.failures_by_kind),
-            "pool_exhaustion_errors": self.pool_exhaustion_errors,
-            "halted_batches": self.halted_batches,
-            "pool_active_count": self._pool_active(),
-            "concurrent_invocation_total_ms": self.last_batch_ms,
-            "batch_latency_sum_ms": self.batch_latency_sum_ms,
-            "p50_ms": _percentile(ordered, 50),
-            "p95_ms": _percentile(ordered, 95),
-            "p99_ms": _percentile(ordered, 99),
-        }
+        return MetricsSnapshot(
+            batches_total=self._batches_total,
+            agent_invocations_total=self._invocations,
+            agent_success_count=self._successes,
+            agent_failure_count=self._failures,
+            failures_by_kind=self._failures_by_kind,
+            pool_exhaustion_errors=self._pool_exhaustion_errors,
+            halted_batches=self._halted_batches,
+            pool_active_count=self._pool_active(),
+            concurrent_invocation_total_ms=self._last_batch_ms,
+            batch_latency_sum_ms=self._latency_sum_ms,
+            p50_ms=_percentile(ordered, 50),
+            p95_ms=_percentile(ordered, 95),
+            p99_ms=_percentile(ordered, 99),
+        )

@@ -10,12 +10,12 @@ import trio
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
 
-__all__ = ["AgentPool"]
+__all__ = ["Admission", "AgentPool", "Slot"]
 
 log = logging.getLogger("kernel.pool")
 
 
-class _Slot:
+class Slot:
     """One borrowed limiter token, held on behalf of one agent.
 
     Each reservation gets a fresh slot object as its limiter borrower, because a
@@ -72,7 +72,7 @@ class AgentPool:
             raise InvalidRequestError(f"FR10: max_concurrent must be >= 1, got {max_concurrent}")
         self._max = max_concurrent
         self.limiter = trio.CapacityLimiter(max_concurrent)
-        self._active: dict[str, _Slot] = {}
+        self._active: dict[str, Slot] = {}
         # Agents admitted by a queueing batch that are still waiting for a slot.
         self._queued: set[str] = set()
 
@@ -140,8 +140,10 @@ class AgentPool:
         Fails if any id is already active or queued, or if
         ``active + len(set(agent_ids)) > max_concurrent``.  Never reserves partially.
         """
+        ids = _check_agent_ids(agent_ids)
         try:
-            self._reserve(_check_agent_ids(agent_ids))
+            self._check_not_busy(ids)
+            self._reserve(ids)
         except AgentPoolExhaustedError as exc:
             return False, str(exc)
         return True, None
@@ -164,7 +166,33 @@ class AgentPool:
             log.warning("agent pool reset", extra={"released_count": count})
         return count
 
-    # ------------------------------------------------------------ kernel side
+    # ------------------------------------------------------------ admission (the service's side)
+
+    @property
+    def queued_agents(self) -> frozenset[str]:
+        """Agents admitted by a queueing batch that are still waiting for a slot."""
+        return frozenset(self._queued)
+
+    def admit(self, agent_ids: Iterable[str], *, queue: bool = False) -> Admission:
+        """Admit a batch, all or nothing; returns an :class:`Admission` to use as ``with``.
+
+        ``queue=False`` (FR10 reject mode) takes one slot per agent at once, or raises
+        :class:`AgentPoolExhaustedError` (not enough free slots) or
+        :class:`AgentBusyError` (an id is active or queued elsewhere) having taken
+        nothing.  ``queue=True`` only marks the ids busy; each then waits for its slot
+        with :meth:`Admission.take_slot`, FIFO with every other waiter of the pool.
+
+        Leaving the ``with`` block gives back every slot and claim still held, on every
+        path (success, error, cancellation).
+        """
+        ids = _check_agent_ids(agent_ids)
+        self._check_not_busy(ids)
+        if queue:
+            self._queued.update(ids)
+            return Admission(self, ids, [])
+        return Admission(self, [], self._reserve(ids))
+
+    # ------------------------------------------------------------ private
 
     def _is_busy(self, agent_id: str) -> bool:
         return agent_id in self._active or agent_id in self._queued
@@ -177,9 +205,8 @@ class AgentPool:
                 f"FR10: {len(busy)} agent(s) already active in another batch: {shown}"
             )
 
-    def _reserve(self, agent_ids: list[str]) -> list[_Slot]:
-        """Atomically take one slot per (distinct, validated) id, or raise and take none."""
-        self._check_not_busy(agent_ids)
+    def _reserve(self, agent_ids: list[str]) -> list[Slot]:
+        """Atomically take one slot per (distinct, validated, not busy) id, or raise."""
         free = self.available_count
         if len(agent_ids) > free:
             raise AgentPoolExhaustedError(
@@ -188,24 +215,16 @@ class AgentPool:
             )
         slots = []
         for agent_id in agent_ids:
-            slot = _Slot(agent_id)
+            slot = Slot(agent_id)
             # Cannot block: we checked the free count and nothing ran in between.
             self.limiter.acquire_on_behalf_of_nowait(slot)
             self._active[agent_id] = slot
             slots.append(slot)
         return slots
 
-    def _claim(self, agent_ids: list[str]) -> None:
-        """Admit a queueing batch: mark its ids busy; they take slots one by one later."""
-        self._check_not_busy(agent_ids)
-        self._queued.update(agent_ids)
-
-    def _unclaim(self, agent_ids: Iterable[str]) -> None:
-        self._queued.difference_update(agent_ids)
-
-    async def _take_slot(self, agent_id: str) -> _Slot:
+    async def _take_slot(self, agent_id: str) -> Slot:
         """Wait (FIFO, shared with every other waiter of the limiter) for a claimed id's slot."""
-        slot = _Slot(agent_id)
+        slot = Slot(agent_id)
         await self.limiter.acquire_on_behalf_of(slot)
         if agent_id in self._active:  # only after a reset() let another batch take the id
             self.limiter.release_on_behalf_of(slot)
@@ -214,8 +233,49 @@ class AgentPool:
         self._active[agent_id] = slot
         return slot
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         """Give a slot back; a no-op if it was already given back (e.g. by reset)."""
         if self._active.get(slot.agent_id) is slot:
             del self._active[slot.agent_id]
             self.limiter.release_on_behalf_of(slot)
+
+
+class Admission:
+    """One batch's admission to an :class:`AgentPool` (from :meth:`AgentPool.admit`).
+
+    It owns what the batch holds: the slots taken at admission (:attr:`slots`, reject
+    mode), the slots taken later (:meth:`take_slot`, queue mode) and the claims of ids
+    still waiting.  :meth:`release` gives one slot back as soon as its agent is done;
+    leaving the ``with`` block gives back everything still held.  Each slot is given
+    back exactly once.
+    """
+
+    __slots__ = ("_claimed", "_held", "_pool", "slots")
+
+    def __init__(self, pool: AgentPool, claimed: list[str], slots: list[Slot]) -> None:
+        self._pool = pool
+        self._claimed = claimed
+        self._held: set[Slot] = set(slots)
+        #: The slots taken at admission, in the order of the ids (reject mode).
+        self.slots: tuple[Slot, ...] = tuple(slots)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for slot in self._held:
+            self._pool._release(slot)
+        self._held.clear()
+        self._pool._queued.difference_update(self._claimed)
+
+    async def take_slot(self, agent_id: str) -> Slot:
+        """Wait for the slot of an id this admission claimed (queue mode)."""
+        slot = await self._pool._take_slot(agent_id)
+        self._held.add(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """Give one slot back now (its agent is done); later calls are no-ops."""
+        if slot in self._held:
+            self._held.discard(slot)
+            self._pool._release(slot)

@@ -18,6 +18,7 @@ __all__ = [
     "AgentOrchestratorProtocol",
     "CommitReceipt",
     "HaltChecker",
+    "HaltProbe",
     "HaltWaiter",
     "OutputWitness",
 ]
@@ -57,6 +58,19 @@ class HaltWaiter(HaltChecker, Protocol):
     async def wait_halted(self) -> str: ...
 
 
+@runtime_checkable
+class HaltProbe(Protocol):
+    """A halt channel that can answer "halted right now?" synchronously, without I/O.
+
+    The service asks it just before each agent starts and before each output is
+    released, so that nothing starts and nothing is released after a halt, even in the
+    instant before the task watching the channel wakes up.  ``True`` must mean halted;
+    ``False`` may only mean "not known to be halted without I/O".
+    """
+
+    def halted_now(self) -> bool: ...
+
+
 @attrs.frozen(slots=True)
 class CommitReceipt:
     """Proof that a witness recorded an output before anyone saw it."""
@@ -73,7 +87,12 @@ class OutputWitness(Protocol):
     """Records an output (by hash) before the kernel lets anyone see it (FR9).
 
     ``commit`` returns once the record is durable; if it raises, the output is not
-    released and its agent becomes a ``WITNESS`` failure.
+    released and its agent becomes a ``WITNESS`` failure.  It must be cancellable
+    (a halt or the caller's cancel scope): cancelled before the record is durable, it
+    must never write that output, now or later, and must let ``trio.Cancelled``
+    through promptly, however slow or locked its storage is.  Cancelled after the
+    point of no return, it may finish (briefly) and return the receipt: the kernel
+    then releases the output, so the log and the caller's result always agree.
     """
 
     async def commit(self, output: AgentOutput) -> CommitReceipt: ...

@@ -11,10 +11,12 @@ everything in flight at once.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Literal, cast
+from typing import Literal
 from uuid import UUID, uuid4
 
 import trio
@@ -25,10 +27,10 @@ from kernel._errors import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from kernel._halt import NO_REASON, wait_for_halt
+from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON, read_halt, wait_for_halt
 from kernel._metrics import ServiceMetrics
-from kernel._pool import AgentPool, _Slot
-from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
+from kernel._pool import Admission, AgentPool, Slot
+from kernel._ports import AgentOrchestratorProtocol, HaltChecker, HaltProbe, OutputWitness
 from kernel._types import (
     AgentFailure,
     AgentOutput,
@@ -91,15 +93,22 @@ def _describe(exc: BaseException) -> str:
     return text if text else repr(exc)
 
 
-def _halt_probe(checker: HaltChecker | None) -> Callable[[], bool] | None:
-    """A synchronous "is it halted right now?" for checkers that can answer one.
+def _check_progress(on_progress: ProgressCallback | None) -> ProgressCallback | None:
+    if on_progress is not None and not callable(on_progress):
+        raise InvalidRequestError(
+            f"on_progress must be a callable or an async function, got {type(on_progress).__name__}"
+        )
+    return on_progress
 
-    A checker may offer ``halted_now()`` (``HaltSwitch`` and ``DualChannelHaltChecker``
-    do).  The service calls it just before an agent starts, so that no agent starts after
-    a halt even in the instant between the halt and the watcher task waking up.
+
+def _cancel_requested() -> bool:
+    """True if some cancel scope around this task has been cancelled.
+
+    A ``trio.Cancelled`` that arrives while this is False was not asked for by anyone
+    (not a halt, not a timeout, not the caller): an orchestrator made it up or let one
+    of its own escape, and it is that agent's error, not a cancellation.
     """
-    probe = getattr(checker, "halted_now", None)
-    return cast(Callable[[], bool], probe) if callable(probe) else None
+    return trio.current_effective_deadline() == -math.inf
 
 
 # ---------------------------------------------------------------- one batch
@@ -112,13 +121,16 @@ class _Batch:
         "batch_id",
         "done",
         "halt_reason",
+        "halted",
         "mode",
         "on_progress",
         "outcomes",
         "output_ids",
         "requests",
+        "run_scope",
         "started",
         "timeout",
+        "withheld",
     )
 
     def __init__(
@@ -136,20 +148,20 @@ class _Batch:
         self.outcomes: list[_Outcome | None] = [None] * len(requests)
         self.started: list[float | None] = [None] * len(requests)
         self.done = 0
-        self.halt_reason: str | None = None
         self.output_ids: set[UUID] = set()
+        # The scope every agent runs in: a halt cancels it.
+        self.run_scope = trio.CancelScope()
+        self.halted = False
+        self.halt_reason: str | None = None
+        # Agents whose output arrived after the halt: it is never released.
+        self.withheld: set[int] = set()
 
-    def progress(self, agent_id: str, status: str) -> None:
-        if self.on_progress is None:
-            return
-        try:
-            self.on_progress(self.done, len(self.requests), agent_id, status)
-        except Exception:
-            # A broken progress display must not take the deliberation down with it.
-            log.exception(
-                "on_progress callback raised; ignored",
-                extra={"batch_id": str(self.batch_id), "agent_id": agent_id},
-            )
+    def halt(self, reason: str | None) -> None:
+        """The batch saw a halt: stop everything (``reason`` may come later)."""
+        self.halted = True
+        if self.halt_reason is None:
+            self.halt_reason = reason
+        self.run_scope.cancel()
 
     def fill_halted(self, now: float) -> None:
         """Give every request that has no outcome its HALTED failure."""
@@ -161,6 +173,9 @@ class _Batch:
             if started is None:
                 message = f"not started: system halted ({self.halt_reason})"
                 elapsed = 0.0
+            elif i in self.withheld:
+                message = f"output withheld: system halted before its release ({self.halt_reason})"
+                elapsed = (now - started) * 1000.0
             else:
                 message = f"cancelled by halt ({self.halt_reason})"
                 elapsed = (now - started) * 1000.0
@@ -184,8 +199,9 @@ class ConcurrentDeliberationService:
         orchestrator: runs one agent (:class:`AgentOrchestratorProtocol`, trio-native).
         halt_checker: the halt channel; ``None`` means the service is never halted.
             One with ``wait_halted`` is waited on; otherwise it is polled every
-            ``halt_poll_interval`` seconds during a batch.  A read that raises counts
-            as a halt (fail-safe).
+            ``halt_poll_interval`` seconds during a batch.  A read that raises, or that
+            does not answer within ``halt_read_timeout`` seconds, counts as a halt
+            (fail-safe).
         pool: the :class:`AgentPool` to admit into; share one pool between services to
             bound them together.  Default: a new pool of 72.
         agent_timeout: default per-agent timeout in seconds (None: no timeout).  It counts
@@ -197,6 +213,11 @@ class ConcurrentDeliberationService:
     methods raise only for bad input (:class:`InvalidRequestError`), refused admission
     (:class:`AgentPoolExhaustedError` / :class:`AgentBusyError`), and halt
     (:class:`SystemHaltedError`); outer cancellation and ``BaseException``s propagate.
+
+    Once a halt is seen, nothing is released: an output that arrives after it (the
+    orchestrator finished in the same instant, or swallowed the cancellation) is a
+    ``HALTED`` failure, and is never committed to the witness.  A ``trio.Cancelled``
+    that nobody asked for, leaking out of an orchestrator, is that agent's ``ERROR``.
     """
 
     def __init__(
@@ -207,6 +228,7 @@ class ConcurrentDeliberationService:
         *,
         agent_timeout: float | None = None,
         halt_poll_interval: float = 0.05,
+        halt_read_timeout: float = DEFAULT_HALT_READ_TIMEOUT,
         witness: OutputWitness | None = None,
     ) -> None:
         if not callable(getattr(orchestrator, "invoke", None)):
@@ -226,13 +248,18 @@ class ConcurrentDeliberationService:
                 f"witness must have an async commit(output), got {type(witness).__name__}"
             )
         poll = check_seconds(halt_poll_interval, "halt_poll_interval")
+        read_timeout = check_seconds(halt_read_timeout, "halt_read_timeout")
 
         self._orchestrator = orchestrator
         self._halt_checker = halt_checker
-        self._halted_now = _halt_probe(halt_checker)
+        # Asked just before each start and each release (see HaltProbe).
+        self._halted_now: Callable[[], bool] | None = (
+            halt_checker.halted_now if isinstance(halt_checker, HaltProbe) else None
+        )
         self._pool = pool if pool is not None else AgentPool()
         self._agent_timeout = _check_timeout(agent_timeout)
         self._halt_poll_interval = poll
+        self._halt_read_timeout = read_timeout
         self._witness = witness
         self.metrics = ServiceMetrics(lambda: self._pool.active_count)
 
@@ -269,9 +296,11 @@ class ConcurrentDeliberationService:
     ) -> ConcurrentResult:
         """Run every request at once; return every outcome, in request order.
 
-        ``on_progress`` is called as each agent finishes (after its witness commit, if
-        any); agents cancelled or never started because of a halt are not reported there,
-        only in the ``partial`` result of the :class:`SystemHaltedError`.
+        ``on_progress(done, total, agent_id, status)`` is called as each agent finishes
+        (after its witness commit, if any); it may be a plain callable or an ``async``
+        function (awaited).  Its errors are logged and ignored.  Agents cancelled or
+        never started because of a halt are not reported there, only in the
+        ``partial`` result of the :class:`SystemHaltedError`.
 
         ``overflow="reject"`` (FR10) admits the whole batch or raises
         :class:`AgentPoolExhaustedError` having invoked nothing; ``"queue"`` lets the
@@ -322,50 +351,39 @@ class ConcurrentDeliberationService:
         # 1. Halt first: a halted system does nothing, not even validate.
         reason = await self._read_halt()
         if reason is not None:
-            self.metrics.halted_batches += 1
+            self.metrics.record_halted()
             log.warning("batch refused: system halted", extra={"mode": mode})
             raise SystemHaltedError(reason)
 
         # 2. Validate: bad input changes nothing.
         checked = _check_requests(requests)
         timeout = self._agent_timeout if agent_timeout is None else _check_timeout(agent_timeout)
-        if on_progress is not None and not callable(on_progress):
-            raise InvalidRequestError("on_progress must be callable or None")
-        batch = _Batch(checked, mode, timeout, on_progress)
+        batch = _Batch(checked, mode, timeout, _check_progress(on_progress))
         started_at, t0 = utc_now(), trio.current_time()
         if not checked:
             return self._result(batch, started_at, t0)
 
         # 3. Admit: all or nothing.
-        agent_ids = [r.agent_id for r in checked]
-        slots: list[_Slot] = []
         try:
-            if mode == "reject":
-                slots = self._pool._reserve(agent_ids)
-            else:
-                self._pool._claim(agent_ids)
+            admission = self._pool.admit((r.agent_id for r in checked), queue=mode != "reject")
         except AgentPoolExhaustedError as exc:
-            self.metrics.pool_exhaustion_errors += 1
+            self.metrics.record_refused()
             log.warning(
                 "batch refused",
-                extra={"reason": str(exc), "batch_size": len(agent_ids), "mode": mode},
+                extra={"reason": str(exc), "batch_size": len(checked), "mode": mode},
             )
             raise
 
         # 4. Run; 6. whatever happens, every slot and claim comes back.
-        try:
-            await self._run(batch, slots)
-        finally:
-            for slot in slots:
-                self._pool._release(slot)
-            if mode != "reject":
-                self._pool._unclaim(agent_ids)
+        with admission:
+            await self._run(batch, admission)
 
-        # 5. A halt mid-flight: the caller gets everything so far.
-        if batch.halt_reason is not None and None in batch.outcomes:
+        # 5. A halt cut the batch short: the caller gets everything so far.
+        if batch.halted and (None in batch.outcomes):
+            if batch.halt_reason is None:  # seen through the probe; ask the channel why
+                batch.halt_reason = await self._read_halt() or NO_REASON
             batch.fill_halted(trio.current_time())
-            result = self._result(batch, started_at, t0)
-            self.metrics.halted_batches += 1
+            result = self._result(batch, started_at, t0, halted=True)
             log.warning(
                 "batch halted",
                 extra={
@@ -377,68 +395,94 @@ class ConcurrentDeliberationService:
             raise SystemHaltedError(batch.halt_reason, partial=result)
         return self._result(batch, started_at, t0)
 
-    async def _run(self, batch: _Batch, slots: list[_Slot]) -> None:
+    async def _run(self, batch: _Batch, admission: Admission) -> None:
         """Run the batch's agents in one nursery, under a scope a halt can cancel."""
-        run_scope = trio.CancelScope()
         try:
             async with trio.open_nursery() as watchers:
                 if self._halt_checker is not None:
-                    watchers.start_soon(self._watch_halt, batch, run_scope)
-                with run_scope:
+                    watchers.start_soon(self._watch_halt, batch)
+                with batch.run_scope:
                     if batch.mode == "sequential":
-                        await self._run_in_turn(batch)
+                        await self._run_in_turn(batch, admission)
                     else:
                         async with trio.open_nursery() as agents:
                             if batch.mode == "reject":
-                                for index, slot in enumerate(slots):
-                                    agents.start_soon(self._run_agent, batch, index, slot)
+                                for index, slot in enumerate(admission.slots):
+                                    agents.start_soon(
+                                        self._run_agent, batch, index, slot, admission
+                                    )
                             else:
-                                await self._feed_queue(batch, agents)
+                                await self._feed_queue(batch, agents, admission)
                 watchers.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
 
-    async def _feed_queue(self, batch: _Batch, agents: trio.Nursery) -> None:
+    async def _feed_queue(self, batch: _Batch, agents: trio.Nursery, admission: Admission) -> None:
         # Take each slot *before* spawning the agent's task: a queue of thousands of
         # agents costs thousands of waiting requests, not thousands of parked tasks.
         for index, req in enumerate(batch.requests):
-            slot = await self._pool._take_slot(req.agent_id)
-            agents.start_soon(self._run_agent, batch, index, slot)
+            slot = await admission.take_slot(req.agent_id)
+            agents.start_soon(self._run_agent, batch, index, slot, admission)
 
-    async def _run_in_turn(self, batch: _Batch) -> None:
+    async def _run_in_turn(self, batch: _Batch, admission: Admission) -> None:
         for index, req in enumerate(batch.requests):
             reason = await self._read_halt()  # before every turn
             if reason is not None:
-                batch.halt_reason = batch.halt_reason or reason
+                batch.halt(reason)
                 return
-            batch.progress(req.agent_id, "starting")
-            slot = await self._pool._take_slot(req.agent_id)
-            await self._run_agent(batch, index, slot)
+            await self._report(batch, req.agent_id, "starting")
+            slot = await admission.take_slot(req.agent_id)
+            await self._run_agent(batch, index, slot, admission)
 
-    async def _run_agent(self, batch: _Batch, index: int, slot: _Slot) -> None:
+    def _halt_seen(self, batch: _Batch) -> bool:
+        """Has this batch seen a halt, even one raised an instant ago?  (Synchronous.)"""
+        if batch.halted:
+            return True
+        if self._halted_now is not None and self._halted_now():
+            batch.halt(None)
+            return True
+        return False
+
+    async def _run_agent(self, batch: _Batch, index: int, slot: Slot, admission: Admission) -> None:
         req = batch.requests[index]
         try:
-            # No agent starts after a halt, even one raised an instant ago.
-            if batch.halt_reason is not None or (self._halted_now and self._halted_now()):
+            if self._halt_seen(batch):  # no agent starts after a halt
                 return
             start = trio.current_time()
             batch.started[index] = start
-            self.metrics.agent_invocations_total += 1
-            outcome = await self._attempt(batch, req, start)
+            self.metrics.record_started()
+            outcome = await self._attempt(batch, index, start)
         finally:
-            self._pool._release(slot)
+            admission.release(slot)
+        if outcome is None:  # withheld: a halt came before its release
+            return
+        # Recorded with no checkpoint since the halt check in _attempt: what is
+        # recorded as a success was released before any halt.
         self._record(batch, index, outcome)
+        if batch.on_progress is not None:
+            status = "completed" if isinstance(outcome, AgentOutput) else "failed"
+            await self._report(batch, req.agent_id, status)
 
-    async def _attempt(self, batch: _Batch, req: AgentRequest, start: float) -> _Outcome:
-        """Invoke one agent and turn whatever happens into exactly one outcome."""
+    async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
+        """Invoke one agent and turn whatever happens into exactly one outcome.
+
+        Returns None if the output came after a halt (it is withheld); a cancellation
+        the kernel asked for propagates.
+        """
+        req = batch.requests[index]
         if batch.timeout is None:
             # No timeout: no cancel scope either (it is per-agent cost on the hot path).
             try:
                 result: object = await self._orchestrator.invoke(req.agent_id, req.context)
             except Exception as exc:
                 return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
+            except trio.Cancelled:
+                if _cancel_requested():
+                    raise
+                return _stray_cancel(req, start)
         else:
-            with trio.CancelScope(deadline=start + batch.timeout) as timeout_scope:
+            deadline = start + batch.timeout
+            with trio.CancelScope(deadline=deadline) as timeout_scope:
                 try:
                     result = await self._orchestrator.invoke(req.agent_id, req.context)
                 except Exception as exc:
@@ -448,7 +492,12 @@ class ConcurrentDeliberationService:
                     return _failure(
                         req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start
                     )
-            if timeout_scope.cancelled_caught:
+                except trio.Cancelled:
+                    if _cancel_requested():
+                        raise
+                    return _stray_cancel(req, start)
+            if timeout_scope.cancel_called or trio.current_time() >= deadline:
+                # Cancelled by its timeout, or it returned too late: either way, a timeout.
                 return self._timeout_failure(batch, req, start)
 
         if not isinstance(result, AgentOutput):
@@ -477,10 +526,19 @@ class ConcurrentDeliberationService:
                 "an output id another agent of this batch already has",
                 start,
             )
+        # Nothing is released after a halt: not to the caller, not to the witness.  The
+        # orchestrator may have returned in the same instant as the halt, or after
+        # swallowing its cancellation.
+        if self._halt_seen(batch):
+            batch.withheld.add(index)
+            return None
         batch.output_ids.add(result.output_id)
         output = stamp_output(result, req.request_id, batch.batch_id)
 
         if self._witness is not None:
+            # Cancellable: a halt during the commit withholds the output, and the witness
+            # promises never to write it.  A commit past its point of no return returns
+            # normally, and the output is released: the log and the result agree.
             try:
                 await self._witness.commit(output)
             except Exception as exc:
@@ -490,6 +548,13 @@ class ConcurrentDeliberationService:
                     type(exc).__name__,
                     f"witness commit failed: {_describe(exc)}",
                     start,
+                )
+            except trio.Cancelled:
+                if _cancel_requested():
+                    batch.withheld.add(index)
+                    raise
+                return _failure(
+                    req, FailureKind.WITNESS, "Cancelled", "witness commit was cancelled", start
                 )
         return output
 
@@ -518,11 +583,31 @@ class ConcurrentDeliberationService:
                     "elapsed_ms": round(outcome.elapsed_ms, 3),
                 },
             )
-            batch.progress(outcome.agent_id, "failed")
-        else:
-            batch.progress(outcome.agent_id, "completed")
 
-    def _result(self, batch: _Batch, started_at: datetime, t0: float) -> ConcurrentResult:
+    async def _report(self, batch: _Batch, agent_id: str, status: str) -> None:
+        """Tell ``on_progress``; a broken display must not take the deliberation down."""
+        if batch.on_progress is None:
+            return
+        try:
+            answer = batch.on_progress(batch.done, len(batch.requests), agent_id, status)
+            if inspect.isawaitable(answer):
+                await answer
+        except Exception:
+            log.exception(
+                "on_progress callback raised; ignored",
+                extra={"batch_id": str(batch.batch_id), "agent_id": agent_id},
+            )
+        except trio.Cancelled:
+            if _cancel_requested():
+                raise
+            log.error(
+                "on_progress callback let a stray trio.Cancelled escape; ignored",
+                extra={"batch_id": str(batch.batch_id), "agent_id": agent_id},
+            )
+
+    def _result(
+        self, batch: _Batch, started_at: datetime, t0: float, *, halted: bool = False
+    ) -> ConcurrentResult:
         total_ms = (trio.current_time() - t0) * 1000.0
         outputs = tuple(o for o in batch.outcomes if isinstance(o, AgentOutput))
         failures = tuple(o for o in batch.outcomes if isinstance(o, AgentFailure))
@@ -534,12 +619,7 @@ class ConcurrentDeliberationService:
             completed_at=utc_now(),
             total_ms=max(total_ms, 0.0),
         )
-        m = self.metrics
-        m.record_batch(result.total_ms)
-        m.agent_success_count += len(outputs)
-        m.agent_failure_count += len(failures)
-        for f in failures:
-            m.failures_by_kind[f.kind.value] += 1
+        self.metrics.record_result(result, halted=halted)
         log.info(
             "batch finished",
             extra={
@@ -561,21 +641,19 @@ class ConcurrentDeliberationService:
         if checker is None:
             return None
         try:
-            if not await checker.is_halted():
-                return None
-            reason = await checker.get_halt_reason()
+            return await read_halt(checker, self._halt_read_timeout)
         except Exception as exc:
             return _checker_failed(exc)
-        return reason or NO_REASON
 
-    async def _watch_halt(self, batch: _Batch, run_scope: trio.CancelScope) -> None:
+    async def _watch_halt(self, batch: _Batch) -> None:
         assert self._halt_checker is not None
         try:
-            reason = await wait_for_halt(self._halt_checker, self._halt_poll_interval)
+            reason = await wait_for_halt(
+                self._halt_checker, self._halt_poll_interval, self._halt_read_timeout
+            )
         except Exception as exc:
             reason = _checker_failed(exc)
-        batch.halt_reason = reason
-        run_scope.cancel()
+        batch.halt(reason)
 
 
 def _checker_failed(exc: Exception) -> str:
@@ -597,6 +675,16 @@ def _failure(
         error_type=error_type,
         message=message,
         elapsed_ms=max((trio.current_time() - start) * 1000.0, 0.0),
+    )
+
+
+def _stray_cancel(req: AgentRequest, start: float) -> AgentFailure:
+    return _failure(
+        req,
+        FailureKind.ERROR,
+        "Cancelled",
+        "orchestrator raised a trio.Cancelled that no halt, timeout or caller asked for",
+        start,
     )
 
 

@@ -9,7 +9,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kernel import AgentPool, AgentPoolExhaustedError, InvalidRequestError, PoolStatus
+from kernel import (
+    AgentBusyError,
+    AgentPool,
+    AgentPoolExhaustedError,
+    InvalidRequestError,
+    PoolStatus,
+)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "72", True, None])
@@ -70,11 +76,41 @@ async def test_limiter_bounds_tasks_outside_the_pool_too() -> None:
 
 async def test_stale_release_after_reset_is_ignored(autojump_clock: trio.testing.MockClock) -> None:
     pool = AgentPool(1)
-    slot = await pool._take_slot("a")
-    pool.reset()
-    assert pool.acquire("a")  # a new holder of the id
-    pool._release(slot)  # the old holder finishing must not free the new one
+    with pool.admit(["a"], queue=True) as admission:
+        slot = await admission.take_slot("a")
+        pool.reset()
+        assert pool.acquire("a")  # a new holder of the id
+        admission.release(slot)  # the old holder finishing must not free the new one
     assert pool.is_active("a") and pool.limiter.borrowed_tokens == 1
+
+
+def test_admission_reject_mode_is_all_or_nothing_and_returns_everything() -> None:
+    pool = AgentPool(3)
+    assert pool.acquire("x")
+    with pytest.raises(AgentPoolExhaustedError, match=r"FR10: .* 1 active \+ 3 requested > 3"):
+        pool.admit(["a", "b", "c"])
+    with pytest.raises(AgentBusyError, match="FR10"):
+        pool.admit(["a", "x"])
+    assert pool.active_agents == {"x"}
+    with pool.admit(["a", "b"]) as admission:
+        assert [s.agent_id for s in admission.slots] == ["a", "b"]
+        assert pool.active_agents == {"x", "a", "b"} and pool.is_exhausted
+        admission.release(admission.slots[0])
+        admission.release(admission.slots[0])  # a second release is a no-op
+        assert pool.active_agents == {"x", "b"}
+    assert pool.active_agents == {"x"} and pool.limiter.borrowed_tokens == 1
+
+
+async def test_admission_queue_mode_claims_and_gives_back_on_exit() -> None:
+    pool = AgentPool(1)
+    with pool.admit(["a", "b"], queue=True) as admission:
+        assert pool.queued_agents == {"a", "b"}
+        assert pool.acquire("a") is False  # claimed counts as busy
+        slot = await admission.take_slot("a")
+        assert pool.active_agents == {"a"} and pool.queued_agents == {"b"}
+        del slot  # never released by hand: leaving the block gives it back
+    assert pool.active_count == 0 and pool.queued_agents == frozenset()
+    assert pool.limiter.borrowed_tokens == 0
 
 
 class PoolMachine(RuleBasedStateMachine):

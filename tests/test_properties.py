@@ -136,7 +136,7 @@ def test_every_request_has_exactly_one_outcome(scenario: Scenario) -> None:
         assert failure.request_id == requests[index[failure.agent_id]].request_id
 
     # the pool ends empty; capacity was never exceeded
-    assert pool.active_count == 0 and pool.limiter.borrowed_tokens == 0 and not pool._queued
+    assert pool.active_count == 0 and pool.limiter.borrowed_tokens == 0 and not pool.queued_agents
     assert orch.max_in_flight <= scenario.capacity
     if scenario.mode == "sequential":
         assert orch.max_in_flight <= 1
@@ -270,7 +270,7 @@ def test_concurrent_batches_share_capacity(
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert stub.max_in_flight <= capacity
-    assert pool.active_count == 0 and not pool._queued
+    assert pool.active_count == 0 and not pool.queued_agents
     invoked = stub.get_invocation_count()
     expected = 0
     for i, (n, overflow) in enumerate(batches):

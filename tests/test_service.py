@@ -191,7 +191,7 @@ async def test_outer_cancellation_in_queue_mode_releases_claims(
     service = ConcurrentDeliberationService(ScriptedOrchestrator(default=Step(1.0)), pool=pool)
     with trio.move_on_after(1.5):
         await service.invoke_concurrent(make_requests(20), overflow="queue")
-    assert pool.active_count == 0 and pool._queued == set()
+    assert pool.active_count == 0 and pool.queued_agents == frozenset()
     assert pool.limiter.statistics().tasks_waiting == 0
 
 

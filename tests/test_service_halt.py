@@ -89,7 +89,7 @@ async def test_queued_agents_never_start_after_halt(
     assert len(not_started) == 20 and all(f.elapsed_ms == 0.0 for f in not_started)
     assert len(orch.starts) == 30
     assert all(t <= 7.0 for _, t in orch.starts)
-    assert pool.active_count == 0 and pool._queued == set()
+    assert pool.active_count == 0 and pool.queued_agents == frozenset()
 
 
 async def test_agent_raising_the_halt_stops_every_later_start(
