@@ -11,7 +11,7 @@ import trio
 
 from kernel._errors import InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, read_halt, wait_for_halt
-from kernel._ports import HaltChecker, HaltProbe
+from kernel._ports import HaltChecker, HaltNotifier, HaltProbe
 from kernel._types import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
@@ -44,7 +44,8 @@ class DualChannelHaltChecker:
       other channel decides; if **both** raise, the system counts as halted;
     * :meth:`wait_halted` returns as soon as either channel halts (a channel without
       ``wait_halted`` is polled every ``poll_interval`` seconds);
-    * :meth:`halted_now` is true if either channel's synchronous probe says halted.
+    * :meth:`halted_now` is true if either channel's synchronous probe says halted, and
+      :meth:`on_halt` listens to every channel that can call back.
 
     Typical wiring: an in-process :class:`~kernel.HaltSwitch` as primary (Ctrl-C, an
     operator API) and a durable, cross-process channel as secondary (a file, a database
@@ -134,6 +135,20 @@ class DualChannelHaltChecker:
             isinstance(channel, HaltProbe) and channel.halted_now()
             for channel in (self.primary, self.secondary)
         )
+
+    def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Listen to every channel that can call back (see :class:`~kernel.HaltNotifier`)."""
+        unregister = [
+            channel.on_halt(listener)
+            for channel in (self.primary, self.secondary)
+            if isinstance(channel, HaltNotifier)
+        ]
+
+        def unregister_all() -> None:
+            for call in unregister:
+                call()
+
+        return unregister_all
 
     async def wait_halted(self) -> str:
         """Return a reason as soon as either channel halts (or both become unreadable)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Literal
 
@@ -130,6 +131,7 @@ class HaltSwitch:
         self._reason: str | None = None
         self._event = trio.Event()
         self._history: list[HaltRecord] = []
+        self._listeners: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"<HaltSwitch halted={self.halted}>"
@@ -159,7 +161,27 @@ class HaltSwitch:
         self._history.append(HaltRecord("halt", reason, utc_now()))
         self._event.set()
         log.critical("halt raised", extra={"halt_channel": "switch", "halt_reason": reason})
+        for listener in list(self._listeners):
+            try:
+                listener(reason)
+            except Exception:
+                # One broken listener must not keep the halt from the others.
+                log.exception("halt listener raised; ignored", extra={"halt_channel": "switch"})
         return True
+
+    def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(reason)`` from inside :meth:`halt`; returns the unregister call.
+
+        The listener runs before :meth:`halt` returns, in the caller's task: it must be
+        quick and must not block (the service's only cancels a scope).
+        """
+        self._listeners.append(listener)
+
+        def unregister() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unregister
 
     def clear(self, *, approvers: Collection[str], reason: str) -> None:
         """Clear the halt (two distinct approvers and a reason); a no-op record if not halted.

@@ -6,6 +6,7 @@ importing anything from here but the domain types.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 from uuid import UUID
@@ -18,6 +19,7 @@ __all__ = [
     "AgentOrchestratorProtocol",
     "CommitReceipt",
     "HaltChecker",
+    "HaltNotifier",
     "HaltProbe",
     "HaltWaiter",
     "OutputWitness",
@@ -69,6 +71,19 @@ class HaltProbe(Protocol):
     """
 
     def halted_now(self) -> bool: ...
+
+
+@runtime_checkable
+class HaltNotifier(Protocol):
+    """A halt channel that can call back, synchronously, from inside its own ``halt()``.
+
+    ``on_halt(listener)`` registers ``listener(reason)`` and returns a function that
+    unregisters it.  The service listens while a batch runs, so that the batch is
+    cancelled before ``halt()`` returns: a commit still in progress at that moment is
+    cancelled, and nothing is released after the halt, not even in the same instant.
+    """
+
+    def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]: ...
 
 
 @attrs.frozen(slots=True)

@@ -30,7 +30,13 @@ from kernel._errors import (
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON, read_halt, wait_for_halt
 from kernel._metrics import ServiceMetrics
 from kernel._pool import Admission, AgentPool, Slot
-from kernel._ports import AgentOrchestratorProtocol, HaltChecker, HaltProbe, OutputWitness
+from kernel._ports import (
+    AgentOrchestratorProtocol,
+    HaltChecker,
+    HaltNotifier,
+    HaltProbe,
+    OutputWitness,
+)
 from kernel._types import (
     AgentFailure,
     AgentOutput,
@@ -397,9 +403,15 @@ class ConcurrentDeliberationService:
 
     async def _run(self, batch: _Batch, admission: Admission) -> None:
         """Run the batch's agents in one nursery, under a scope a halt can cancel."""
+        checker = self._halt_checker
+        # A channel that can call back cancels the batch from inside its halt(), so not
+        # even a commit finishing in the same instant is released after it.
+        stop_listening: Callable[[], None] | None = (
+            checker.on_halt(batch.halt) if isinstance(checker, HaltNotifier) else None
+        )
         try:
             async with trio.open_nursery() as watchers:
-                if self._halt_checker is not None:
+                if checker is not None:
                     watchers.start_soon(self._watch_halt, batch)
                 with batch.run_scope:
                     if batch.mode == "sequential":
@@ -416,6 +428,9 @@ class ConcurrentDeliberationService:
                 watchers.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
+        finally:
+            if stop_listening is not None:
+                stop_listening()
 
     async def _feed_queue(self, batch: _Batch, agents: trio.Nursery, admission: Admission) -> None:
         # Take each slot *before* spawning the agent's task: a queue of thousands of

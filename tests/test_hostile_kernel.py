@@ -384,3 +384,61 @@ async def test_on_progress_is_not_called_for_outputs_withheld_by_a_halt(
         trigger,
     )
     assert exc.partial is not None and calls == []
+
+
+# ---------------------------------------------------------------- synchronous halt listeners
+
+
+def test_switch_calls_listeners_inside_halt_and_survives_a_broken_one() -> None:
+    switch = HaltSwitch()
+    heard: list[str] = []
+
+    def broken(reason: str) -> None:
+        raise RuntimeError("listener broke")
+
+    switch.on_halt(broken)
+    unregister = switch.on_halt(heard.append)
+    assert switch.halt("now") and heard == ["now"]
+    switch.clear(approvers=["a", "b"], reason="resume")
+    unregister()
+    unregister()  # twice is harmless
+    switch.halt("again")
+    assert heard == ["now"]
+
+
+def test_dual_checker_forwards_listeners_to_every_channel_that_has_them() -> None:
+    first, second = HaltSwitch(), HaltSwitch()
+    dual = DualChannelHaltChecker(first, HangingChecker())
+    heard: list[str] = []
+    unregister = dual.on_halt(heard.append)
+    first.halt("one")
+    unregister()
+    second.halt("not listened to")
+    assert heard == ["one"]
+    both = DualChannelHaltChecker(HaltSwitch(), second)
+    assert both.on_halt(heard.append) is not None
+
+
+async def test_a_commit_finishing_in_the_instant_of_the_halt_is_not_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The batch is cancelled inside halt(): a commit that would complete in the same
+    scheduler pass (a compliant witness checks for cancellation) writes nothing."""
+    switch = HaltSwitch()
+
+    class Compliant(InstantWitness):
+        async def commit(self, output: AgentOutput) -> CommitReceipt:
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return await super().commit(output)
+
+    witness = Compliant()
+    service = ConcurrentDeliberationService(Instant(), switch, witness=witness)
+
+    def progress(done: int, total: int, agent_id: str, status: str) -> None:
+        switch.halt("first answer is enough")
+
+    with pytest.raises(SystemHaltedError) as info:
+        await service.invoke_concurrent(make_requests(10), on_progress=progress)
+    assert info.value.partial is not None and info.value.partial.success_count == 1
+    assert len(witness.log) == 1
