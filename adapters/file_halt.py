@@ -30,9 +30,8 @@ from typing import Any
 import trio
 
 from adapters._atomic import write_atomically
-from kernel import HaltRecord
-from kernel._halt import NO_REASON, check_clear_approvers, check_halt_reason
-from kernel._types import check_seconds, utc_now
+from kernel import NO_REASON, HaltRecord, check_clear_approvers, check_halt_reason, utc_now
+from kernel.validate import check_seconds
 
 __all__ = ["Completed", "FileHaltChannel", "HaltFileState", "HaltResult"]
 

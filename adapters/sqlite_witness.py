@@ -30,8 +30,7 @@ from uuid import UUID
 import attrs
 import trio
 
-from kernel import AgentOutput, CommitReceipt, ConclaveError, InvalidRequestError
-from kernel._types import utc_now
+from kernel import AgentOutput, CommitReceipt, ConclaveError, InvalidRequestError, utc_now
 
 __all__ = ["GENESIS_HASH", "SqliteWitness", "VerifyReport", "WitnessError"]
 

@@ -18,26 +18,21 @@ from kernel import (
     AgentStatusInfo,
     ContextBundle,
     InvalidRequestError,
+    utc_now,
 )
-from kernel._types import utc_now
+from kernel.validate import check_number, check_text
 
 __all__ = ["AgentOrchestratorStub"]
 
 
 def _check_ms(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise InvalidRequestError(f"{name} must be a number of milliseconds >= 0, got {value!r}")
-    return float(value)
+    return check_number(value, name, at_least=0, finite=False)
 
 
 def _check_ids(agent_ids: Iterable[str]) -> set[str]:
     if isinstance(agent_ids, str):
         raise InvalidRequestError("fail_agents must be a collection of agent ids, not a string")
-    ids = set(agent_ids)
-    for a in ids:
-        if not isinstance(a, str) or not a:
-            raise InvalidRequestError(f"agent ids must be non-empty strings, got {a!r}")
-    return ids
+    return {check_text(a, "agent id") for a in agent_ids}
 
 
 class AgentOrchestratorStub:

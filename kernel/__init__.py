@@ -1,23 +1,29 @@
 """conclave-kernel: many LLM agents deliberating on one topic, under trio.
 
-The public surface is everything in ``__all__``; the modules behind it are private.
+The public surface is everything in ``__all__`` plus :mod:`kernel.validate` (the
+boundary checks adapters share); the underscore modules behind it are private.
 ``kernel`` imports only trio, attrs and the standard library.
 """
 
 from kernel._dual_halt import DualChannelHaltChecker
 from kernel._errors import (
     AgentBusyError,
-    AgentInvocationError,
     AgentNotFoundError,
     AgentPoolExhaustedError,
     ConclaveError,
     HaltClearDeniedError,
     InvalidRequestError,
-    SystemHaltedError,
 )
 from kernel._frozenmap import FrozenMap
-from kernel._halt import HaltRecord, HaltSwitch
+from kernel._halt import (
+    NO_REASON,
+    HaltRecord,
+    HaltSwitch,
+    check_clear_approvers,
+    check_halt_reason,
+)
 from kernel._metrics import MetricsSnapshot, ServiceMetrics
+from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
@@ -40,10 +46,12 @@ from kernel._types import (
     ContextBundle,
     FailureKind,
     PoolStatus,
+    utc_now,
 )
 
 __all__ = [
     "MAX_CONCURRENT_AGENTS",
+    "NO_REASON",
     "Admission",
     "AgentBusyError",
     "AgentFailure",
@@ -79,6 +87,9 @@ __all__ = [
     "ProgressCallback",
     "ServiceMetrics",
     "SystemHaltedError",
+    "check_clear_approvers",
+    "check_halt_reason",
+    "utc_now",
 ]
 
 import logging as _logging

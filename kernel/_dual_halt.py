@@ -12,7 +12,7 @@ import trio
 from kernel._errors import InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, read_halt, wait_for_halt
 from kernel._ports import HaltChecker, HaltNotifier, HaltProbe
-from kernel._types import check_seconds
+from kernel.validate import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
 

@@ -1,4 +1,4 @@
-"""The exceptions the kernel raises.
+"""The exceptions the kernel raises (those that carry an outcome are in ``_outcome_errors``).
 
 Every error the kernel raises derives from :class:`ConclaveError`, so an embedding
 application can catch the library's errors with one clause.  Pool and halt errors
@@ -9,20 +9,13 @@ reconstruct the arithmetic.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kernel._types import AgentFailure, ConcurrentResult
-
 __all__ = [
     "AgentBusyError",
-    "AgentInvocationError",
     "AgentNotFoundError",
     "AgentPoolExhaustedError",
     "ConclaveError",
     "HaltClearDeniedError",
     "InvalidRequestError",
-    "SystemHaltedError",
 ]
 
 
@@ -51,41 +44,6 @@ class AgentBusyError(AgentPoolExhaustedError):
 
     An agent deliberates once at a time; the batch is refused as a whole.
     """
-
-
-class SystemHaltedError(ConclaveError):
-    """CT-11: the system is halted.
-
-    Attributes:
-        reason: the reason given when the halt was raised.
-        partial: ``None`` when the call was refused before anything ran; otherwise a
-            :class:`~kernel.ConcurrentResult` with every outcome the batch reached,
-            the agents the halt cancelled being ``HALTED`` failures.
-    """
-
-    def __init__(self, reason: str, partial: ConcurrentResult | None = None) -> None:
-        self.reason = reason
-        self.partial = partial
-        super().__init__(f"CT-11: system halted: {reason}")
-
-    def __reduce__(self) -> tuple[type[SystemHaltedError], tuple[str, ConcurrentResult | None]]:
-        return (type(self), (self.reason, self.partial))
-
-
-class AgentInvocationError(ConclaveError):
-    """An agent could not produce an output.
-
-    Orchestrators raise it (with ``failure=None``) to say why an invocation failed;
-    :meth:`ConcurrentDeliberationService.invoke_single` raises it with the
-    :class:`~kernel.AgentFailure` that describes the outcome.
-    """
-
-    def __init__(self, message: str, failure: AgentFailure | None = None) -> None:
-        self.failure = failure
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[type[AgentInvocationError], tuple[str, AgentFailure | None]]:
-        return (type(self), (str(self), self.failure))
 
 
 class AgentNotFoundError(ConclaveError, LookupError):

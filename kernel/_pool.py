@@ -9,6 +9,7 @@ import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
+from kernel.validate import check_text
 
 __all__ = ["Admission", "AgentPool", "Slot"]
 
@@ -32,18 +33,10 @@ class Slot:
         return f"<slot {self.agent_id!r}>"
 
 
-def _check_agent_id(agent_id: object) -> str:
-    if not isinstance(agent_id, str):
-        raise InvalidRequestError(f"agent_id must be a str, got {type(agent_id).__name__}")
-    if not agent_id.strip():
-        raise InvalidRequestError("agent_id must be a non-empty string")
-    return agent_id
-
-
 def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
     if isinstance(agent_ids, str | bytes):
         raise InvalidRequestError("agent_ids must be a collection of ids, not a single string")
-    ids = [_check_agent_id(a) for a in agent_ids]
+    ids = [check_text(a, "agent_id") for a in agent_ids]
     return list(dict.fromkeys(ids))  # de-duplicate, keep order
 
 
@@ -120,7 +113,7 @@ class AgentPool:
         Returns False if the agent is already active (or queued); raises
         :class:`AgentPoolExhaustedError` if no slot is free.
         """
-        agent_id = _check_agent_id(agent_id)
+        agent_id = check_text(agent_id, "agent_id")
         if self._is_busy(agent_id):
             return False
         self._reserve([agent_id])

@@ -22,13 +22,12 @@ from uuid import UUID, uuid4
 import trio
 
 from kernel._errors import (
-    AgentInvocationError,
     AgentPoolExhaustedError,
     InvalidRequestError,
-    SystemHaltedError,
 )
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON, read_halt, wait_for_halt
 from kernel._metrics import ServiceMetrics
+from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool, Slot
 from kernel._ports import (
     AgentOrchestratorProtocol,
@@ -44,10 +43,10 @@ from kernel._types import (
     ConcurrentResult,
     FailureKind,
     PoolStatus,
-    check_seconds,
     stamp_output,
     utc_now,
 )
+from kernel.validate import check_seconds
 
 __all__ = ["ConcurrentDeliberationService", "Overflow", "ProgressCallback"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -21,9 +20,11 @@ import attrs
 
 from kernel._errors import InvalidRequestError
 from kernel._frozenmap import FrozenMap
+from kernel.validate import integer, number, text
 
 __all__ = [
     "MAX_CONCURRENT_AGENTS",
+    "utc_now",
     "AgentFailure",
     "AgentOutput",
     "AgentRequest",
@@ -40,19 +41,13 @@ MAX_CONCURRENT_AGENTS: Final = 72
 
 
 def utc_now() -> datetime:
+    """Now, timezone-aware, in UTC: the only clock domain types are stamped with."""
     return datetime.now(UTC)
 
 
 # ---------------------------------------------------------------- validators
 # attrs' own validators raise TypeError/ValueError; the contract promises
 # InvalidRequestError (itself a ValueError), so these raise that instead.
-
-
-def _non_empty_str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{attr.name} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidRequestError(f"{attr.name} must be a non-empty string")
 
 
 def _str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
@@ -77,35 +72,12 @@ def _aware_datetime(_inst: object, attr: attrs.Attribute[Any], value: object) ->
         raise InvalidRequestError(f"{attr.name} must be timezone-aware (UTC)")
 
 
-def check_seconds(value: object, name: str) -> float:
-    """A duration setting: a number of seconds > 0 (NaN and bools refused), as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{name} must be a number of seconds, got {value!r}")
-    if not value > 0:  # also false for NaN
-        raise InvalidRequestError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(value)
-
-
 def _as_utc(value: Any) -> Any:
     """A naive datetime is taken to be UTC (what ``datetime.utcnow()`` returns): the
     kernel's own timestamps are UTC, and a stored timestamp is always timezone-aware."""
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-def _non_negative_number(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{attr.name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidRequestError(f"{attr.name} must be a finite number >= 0, got {value!r}")
-
-
-def _non_negative_int(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{attr.name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise InvalidRequestError(f"{attr.name} must be >= 0, got {value}")
 
 
 def _instance_of(cls: type | tuple[type, ...]) -> Any:
@@ -170,7 +142,7 @@ def _scalar_map(value: object) -> FrozenMap[str | int | float]:
 class ContextBundle:
     """What the council deliberates on: one topic, shared by every agent of a batch."""
 
-    topic_id: str = attrs.field(validator=_non_empty_str)
+    topic_id: str = attrs.field(validator=text())
     topic_content: str = attrs.field(validator=_str, repr=False)
     metadata: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_str_map)
     bundle_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
@@ -183,7 +155,7 @@ class ContextBundle:
 class AgentRequest:
     """One agent asked to deliberate on one context; ``request_id`` names this ask."""
 
-    agent_id: str = attrs.field(validator=_non_empty_str)
+    agent_id: str = attrs.field(validator=text())
     context: ContextBundle = attrs.field(validator=_instance_of(ContextBundle))
     request_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
 
@@ -199,10 +171,10 @@ class AgentOutput:
     output is referred to in logs and witness records, which never hold the content.
     """
 
-    agent_id: str = attrs.field(validator=_non_empty_str)
+    agent_id: str = attrs.field(validator=text())
     request_id: UUID = attrs.field(validator=_uuid)
     content: str = attrs.field(validator=_str, repr=False)
-    content_type: str = attrs.field(default="text/plain", validator=_non_empty_str)
+    content_type: str = attrs.field(default="text/plain", validator=text())
     output_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
     generated_at: datetime = attrs.field(
         factory=utc_now, converter=_as_utc, validator=_aware_datetime
@@ -253,12 +225,12 @@ class FailureKind(enum.Enum):
 class AgentFailure:
     """The one failure of one request.  ``error_type`` is the exception class name or ``""``."""
 
-    agent_id: str = attrs.field(validator=_non_empty_str)
+    agent_id: str = attrs.field(validator=text())
     request_id: UUID = attrs.field(validator=_uuid)
     kind: FailureKind = attrs.field(validator=_instance_of(FailureKind))
     error_type: str = attrs.field(validator=_str)
     message: str = attrs.field(validator=_str)
-    elapsed_ms: float = attrs.field(validator=_non_negative_number)
+    elapsed_ms: float = attrs.field(validator=number(at_least=0))
 
 
 @attrs.frozen(slots=True)
@@ -274,7 +246,7 @@ class ConcurrentResult:
     )
     started_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
     completed_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
-    total_ms: float = attrs.field(validator=_non_negative_number)
+    total_ms: float = attrs.field(validator=number(at_least=0))
 
     @property
     def success_count(self) -> int:
@@ -301,16 +273,12 @@ class ConcurrentResult:
 class PoolStatus:
     """A snapshot of an :class:`AgentPool`."""
 
-    active_count: int = attrs.field(validator=_non_negative_int)
-    available_count: int = attrs.field(validator=_non_negative_int)
-    max_concurrent: int = attrs.field(validator=_non_negative_int)
+    active_count: int = attrs.field(validator=integer(at_least=0))
+    available_count: int = attrs.field(validator=integer(at_least=0))
+    max_concurrent: int = attrs.field(validator=integer(at_least=0))
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "active_count": self.active_count,
-            "available_count": self.available_count,
-            "max_concurrent": self.max_concurrent,
-        }
+        return attrs.asdict(self)
 
 
 class AgentStatus(enum.Enum):
@@ -322,7 +290,7 @@ class AgentStatus(enum.Enum):
 
 @attrs.frozen(slots=True)
 class AgentStatusInfo:
-    agent_id: str = attrs.field(validator=_non_empty_str)
+    agent_id: str = attrs.field(validator=text())
     status: AgentStatus = attrs.field(validator=_instance_of(AgentStatus))
     last_invocation: datetime | None = attrs.field(
         default=None,

@@ -45,3 +45,71 @@ def test_public_names_are_importable_from_kernel() -> None:
     for name in kernel.__all__:
         assert hasattr(kernel, name), name
     assert kernel.MAX_CONCURRENT_AGENTS == 72
+
+
+ROOT = KERNEL.parent
+
+
+def _private_kernel_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found += [n for n in names if n.startswith("kernel.") and "._" in n]
+    return found
+
+
+def test_adapters_and_benchmarks_use_only_the_public_kernel() -> None:
+    for folder in ("adapters", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            assert _private_kernel_imports(path) == [], f"{path} reaches into kernel internals"
+
+
+def test_no_kernel_module_touches_another_objects_private_names() -> None:
+    """Each object's underscore names belong to its own module (``self._x`` only)."""
+    for path in sorted(KERNEL.glob("*.py")):
+        if path.name == "_pool.py":  # AgentPool and its Admission are one concept
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "other")
+                )
+                and node.attr != "_create"  # trio.Cancelled._create: trio's own API
+            ):
+                raise AssertionError(f"{path.name}:{node.lineno} touches .{node.attr}")
+
+
+def test_kernel_modules_import_each_other_without_cycles() -> None:
+    """Including imports under TYPE_CHECKING: the kernel's modules form a tree."""
+    graph: dict[str, set[str]] = {}
+    for path in KERNEL.glob("*.py"):
+        name = "kernel" if path.stem == "__init__" else f"kernel.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("kernel")
+            ):
+                deps.add(node.module)
+        graph[name] = deps - {name}
+    done: set[str] = set()
+
+    def visit(module: str, trail: tuple[str, ...]) -> None:
+        assert module not in trail, f"import cycle: {' -> '.join((*trail, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*trail, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())

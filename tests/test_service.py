@@ -24,8 +24,8 @@ from kernel import (
     FailureKind,
     InvalidRequestError,
     Overflow,
+    utc_now,
 )
-from kernel._types import utc_now
 from tests.helpers import ScriptedOrchestrator, Step, make_context, make_requests
 
 # ------------------------------------------------------------------ outcomes

@@ -23,8 +23,8 @@ from kernel import (
     InvalidRequestError,
     PoolStatus,
     SystemHaltedError,
+    utc_now,
 )
-from kernel._types import utc_now
 
 
 def test_context_bundle_defaults_and_frozen_metadata() -> None:

@@ -1,0 +1,128 @@
+"""Checks at the boundary: one place that says what a valid number, duration or name is.
+
+Every part of conclave that takes a setting from a caller or a file checks it here, so a
+bad value gets the same clear :class:`~kernel.InvalidRequestError` wherever it enters,
+naming the setting and the rule (``"timeout_s must be > 0, got -1"``), and nothing is
+changed by a refused call.
+
+Each check comes in two forms:
+
+* a function, ``check_*(value, name, ...)``, that returns the value normalised
+  (``float`` for numbers) or raises;
+* an attrs validator factory (:func:`number`, :func:`integer`, :func:`text`) for a
+  field of a frozen attrs class; it names the field from ``attr.name``.  Wrap it in
+  ``attrs.validators.optional`` for a field that may be ``None``.
+
+Booleans are never numbers here (``True`` is an ``int`` to Python, not to a roster).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from kernel._errors import InvalidRequestError
+
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_seconds",
+    "check_text",
+    "integer",
+    "number",
+    "text",
+]
+
+_Validator = Any  # attrs' validator type is (instance, attribute, value) -> None
+
+
+def _shown(value: object) -> str:
+    text_ = repr(value)
+    return text_ if len(text_) <= 60 else text_[:57] + "..."
+
+
+def check_number(
+    value: object,
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    finite: bool = True,
+) -> float:
+    """A real number (not a bool, never NaN) within the bounds given, as a float.
+
+    ``above`` is an exclusive lower bound, ``at_least`` and ``at_most`` inclusive ones;
+    ``finite=False`` lets infinity through (a timeout of "never").
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be a number, got {_shown(value)}")
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise InvalidRequestError(f"{name} must be a finite number, got {_shown(value)}")
+    if above is not None and not value > above:
+        raise InvalidRequestError(f"{name} must be > {above:g}, got {_shown(value)}")
+    if at_least is not None and not value >= at_least:
+        raise InvalidRequestError(f"{name} must be >= {at_least:g}, got {_shown(value)}")
+    if at_most is not None and not value <= at_most:
+        raise InvalidRequestError(f"{name} must be <= {at_most:g}, got {_shown(value)}")
+    return float(value)
+
+
+def check_int(value: object, name: str, *, at_least: int | None = None) -> int:
+    """An ``int`` (not a bool), at least ``at_least`` if given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an int, got {_shown(value)}")
+    if at_least is not None and value < at_least:
+        raise InvalidRequestError(f"{name} must be >= {at_least}, got {value}")
+    return value
+
+
+def check_seconds(value: object, name: str) -> float:
+    """A duration setting: seconds > 0 (infinity allowed: "no limit"), as a float."""
+    return check_number(value, name, above=0, finite=False)
+
+
+def check_text(value: object, name: str) -> str:
+    """A non-empty string (whitespace alone is empty)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequestError(f"{name} must be a non-empty string")
+    return value
+
+
+def number(
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    finite: bool = True,
+) -> _Validator:
+    """attrs validator: :func:`check_number` with these bounds, named by the field."""
+
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        check_number(
+            value, attr.name, above=above, at_least=at_least, at_most=at_most, finite=finite
+        )
+
+    return validate
+
+
+def integer(*, at_least: int | None = None) -> _Validator:
+    """attrs validator: :func:`check_int`, named by the field."""
+
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        check_int(value, attr.name, at_least=at_least)
+
+    return validate
+
+
+def text() -> _Validator:
+    """attrs validator: :func:`check_text`, named by the field."""
+
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        check_text(value, attr.name)
+
+    return validate
