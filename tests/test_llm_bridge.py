@@ -24,7 +24,7 @@ import trio_asyncio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapters.asyncio_bridge import AsyncioCancelledError, AsyncioOrchestratorBridge
+from adapters.asyncio_bridge import AsyncioCancelledError, AsyncioOrchestratorBridge, _run
 from adapters.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import AgentProfile, Roster, RosterError
 from kernel import (
@@ -700,3 +700,27 @@ async def test_cancelling_the_entry_cancels_the_set_up_and_closes_the_loop() -> 
     assert scope.cancelled_caught
     assert inner.setup_cancelled and not inner.closed
     assert trio_asyncio.current_loop.get() is None
+
+
+class CancelledJustAsTrioCancels:
+    """Stands in for the trio-asyncio loop at the one instant a real one cannot be made to
+    hit on purpose: the asyncio task has ended cancelled and trio-asyncio has handed that
+    back (it could not know trio would cancel), and trio's cancel is already pending."""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+
+    async def run_aio_coroutine(self, coro: Any) -> None:
+        coro.close()
+        self.scope.cancel()
+        raise asyncio.CancelledError
+
+
+async def test_a_trio_cancel_that_lands_just_after_the_asyncio_cancel_is_still_trios() -> None:
+    async def never_run() -> None:
+        raise AssertionError("not run")
+
+    with trio.CancelScope() as scope:
+        await _run(CancelledJustAsTrioCancels(scope), never_run(), "agent 'x'")
+        raise AssertionError("not cancelled")
+    assert scope.cancelled_caught
