@@ -5,10 +5,19 @@ other's orchestrator without giving up trio's cancellation: when trio cancels a 
 (a halt, a timeout, the caller's own cancel scope), the bridge cancels the asyncio task
 running it, which cancels the HTTP request it is waiting on, and returns only once that
 task has finished unwinding.
+
+A cancellation trio did not ask for is not one: if the asyncio side ends in
+``asyncio.CancelledError`` on its own (the client cancelled its own task, or raised it),
+while no trio cancel scope around the call has been cancelled, the bridge raises
+:class:`AsyncioCancelledError`, an ordinary error, so the kernel records that agent's
+``ERROR`` and the rest of the batch goes on.  (trio-asyncio itself turns an asyncio
+cancellation into ``trio.Cancelled`` only when trio asked for it, and passes any other
+``asyncio.CancelledError``, a ``BaseException``, through unchanged.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,19 +25,35 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
+import trio
 import trio_asyncio
 
-from kernel import AgentOutput, ContextBundle, InvalidRequestError
+from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 
-__all__ = ["AsyncioOrchestrator", "AsyncioOrchestratorBridge"]
+__all__ = ["AsyncioCancelledError", "AsyncioOrchestrator", "AsyncioOrchestratorBridge"]
 
 log = logging.getLogger("adapters.asyncio_bridge")
 
 T = TypeVar("T")
 
 
+class AsyncioCancelledError(AgentInvocationError):
+    """The asyncio side of a call was cancelled by something other than the kernel.
+
+    Raised by the bridge in place of an ``asyncio.CancelledError`` that trio did not
+    cause, so that it is the agent's ``ERROR`` rather than a ``BaseException`` that would
+    tear down the whole batch.
+    """
+
+
 class AsyncioOrchestrator(Protocol):
-    """An orchestrator whose ``invoke`` is an asyncio coroutine (``aclose`` optional)."""
+    """An orchestrator whose ``invoke`` is an asyncio coroutine.
+
+    Optional, also asyncio coroutines: ``aopen()`` (set-up, run once when the bridge is
+    entered: build clients there, not on the first ``invoke``, and keep the event loop
+    free by doing the heavy part in a worker thread) and ``aclose()`` (run when the
+    bridge is left).
+    """
 
     async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput: ...
 
@@ -43,10 +68,12 @@ class AsyncioOrchestratorBridge:
             ...
 
     Entering opens a trio-asyncio loop if none is running in this trio task (and reuses
-    the one that is); leaving closes the inner orchestrator (its ``aclose``, if it has
-    one, run as asyncio) and then the loop it opened.  ``invoke`` outside the ``async
-    with`` raises ``RuntimeError``.  Exceptions from the inner orchestrator cross back
-    unchanged in type.
+    the one that is), then runs the inner orchestrator's ``aopen``, if it has one (if it
+    fails, the loop is closed again and the error propagates); leaving closes the inner
+    orchestrator (its ``aclose``, if it has one, run as asyncio) and then the loop it
+    opened.  ``invoke`` outside the ``async with`` raises ``RuntimeError``.  Exceptions
+    from the inner orchestrator cross back unchanged in type, except an
+    ``asyncio.CancelledError`` trio did not ask for: :class:`AsyncioCancelledError`.
     """
 
     def __init__(self, inner: AsyncioOrchestrator) -> None:
@@ -73,8 +100,18 @@ class AsyncioOrchestratorBridge:
         loop = trio_asyncio.current_loop.get()
         if loop is None:
             loop = await stack.enter_async_context(trio_asyncio.open_loop())
-        self._loop = loop
+        aopen = getattr(self._inner, "aopen", None)
+        if aopen is not None:
+            try:
+                await _run(loop, aopen(), "set-up (aopen) of the inner orchestrator")
+            except BaseException:
+                # Close the loop we opened (nothing runs on it yet), then raise the
+                # set-up's own error, not an ExceptionGroup from the loop's nursery.
+                await stack.aclose()
+                raise
+        # Open only now: nothing may invoke before the set-up has finished.
         self._stack = stack
+        self._loop = loop
         return self
 
     async def __aexit__(
@@ -90,7 +127,7 @@ class AsyncioOrchestratorBridge:
             aclose = getattr(self._inner, "aclose", None)
             if aclose is not None:
                 try:
-                    await loop.run_aio_coroutine(aclose())
+                    await _run(loop, aclose(), "closing (aclose) of the inner orchestrator")
                 except Exception:
                     log.exception("closing the inner orchestrator failed")
 
@@ -99,12 +136,37 @@ class AsyncioOrchestratorBridge:
         loop = self._loop
         if loop is None:
             raise RuntimeError("use 'async with AsyncioOrchestratorBridge(...)' first")
-        result: T = await loop.run_aio_coroutine(fn(*args))
+        result: T = await _run(loop, fn(*args), f"asyncio call {_name(fn)}")
         return result
 
     async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
         loop = self._loop
         if loop is None:
             raise RuntimeError("use 'async with AsyncioOrchestratorBridge(...)' before invoke()")
-        result: AgentOutput = await loop.run_aio_coroutine(self._inner.invoke(agent_id, context))
+        result: AgentOutput = await _run(
+            loop, self._inner.invoke(agent_id, context), f"agent {agent_id!r}"
+        )
         return result
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+async def _run(loop: Any, coro: Awaitable[T], what: str) -> T:
+    """Run ``coro`` as an asyncio task on ``loop``; an unasked-for cancellation is an error."""
+    try:
+        result: T = await loop.run_aio_coroutine(coro)
+    except asyncio.CancelledError as exc:
+        # trio-asyncio raises trio.Cancelled when trio cancelled us.  The asyncio task
+        # may also have ended cancelled just before a trio cancel reached this task: if
+        # one is pending now, this raises trio.Cancelled and the cancel keeps its meaning.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        log.warning(
+            "asyncio task cancelled by something other than the kernel", extra={"what": what}
+        )
+        raise AsyncioCancelledError(
+            f"{what}: its asyncio task was cancelled by something other than the kernel "
+            "(asyncio.CancelledError; no halt, timeout or cancel scope asked for it)"
+        ) from exc
+    return result

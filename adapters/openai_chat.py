@@ -6,29 +6,54 @@ OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 
 Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
 connection errors, 5xx, and 429 (waiting at least ``Retry-After``, capped).  Failures it
-does not retry: other 4xx (a bad key, a bad request, an unknown model) and malformed
-responses.  Every failure is an :class:`~kernel.AgentInvocationError` naming the agent
-and what went wrong; never the API key, the prompt or the content.
+does not retry: other 4xx (a bad key, a bad request, an unknown model), malformed
+responses, and a request that cannot be encoded.  Every failure is an
+:class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never the API
+key, the prompt or the content.
+
+Each request carries the agent's id in the ``X-Conclave-Agent`` header, so that proxies
+and servers can attribute it.  HTTP header values are ASCII, and agent ids need not be
+(``"ārchon-Ω"``), so the header holds the id's UTF-8 bytes percent-encoded as in
+RFC 3986 section 2.1: every byte outside the unreserved set ``A-Z a-z 0-9 - . _ ~``
+becomes ``%XX`` (:func:`encode_agent_header`).  Ids made of unreserved characters, such
+as ``archon-7``, travel unchanged; ``"ārchon-Ω"`` travels as ``%C4%81rchon-%CE%A9``.
+Decode with ``urllib.parse.unquote`` (:func:`decode_agent_header`).
+
+Set-up happens when the orchestrator is opened (:meth:`OpenAIChatOrchestrator.aopen`, which
+:class:`~adapters.asyncio_bridge.AsyncioOrchestratorBridge` calls on entry), in a worker
+thread and without any network call: one HTTP client per distinct ``base_url`` of the
+roster and the default, plus the SDK's lazy imports.  The first batch then does not
+stall the event loop building them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import importlib
 import logging
 import math
 import os
 import random
+import threading
 import time
 from typing import Any
+from urllib.parse import quote, unquote
 from uuid import uuid4
 
 import openai
 
-from adapters.roster import AgentProfile, Roster
+from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "OpenAIChatOrchestrator"]
+__all__ = [
+    "AGENT_HEADER",
+    "DEFAULT_SYSTEM_PROMPT",
+    "OpenAIChatOrchestrator",
+    "decode_agent_header",
+    "encode_agent_header",
+]
 
 log = logging.getLogger("adapters.openai_chat")
 
@@ -38,6 +63,29 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 _KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
 _MAX_SERVER_MESSAGE = 200
+
+#: The request header that names the agent (its value: :func:`encode_agent_header`).
+AGENT_HEADER = "X-Conclave-Agent"
+
+# Modules the SDK's HTTP stack imports on its first connection rather than when it is
+# imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
+# of imports that would otherwise run on the event loop in the first batch.  Best effort:
+# a module that is not there (another SDK version) is skipped.
+_LAZY_MODULES = ("anyio._backends._asyncio",)
+
+
+def encode_agent_header(agent_id: str) -> str:
+    """The ``X-Conclave-Agent`` value for ``agent_id``: UTF-8, percent-encoded (RFC 3986).
+
+    Every byte outside ``A-Z a-z 0-9 - . _ ~`` becomes ``%XX``, so the value is plain
+    ASCII whatever the id holds, and decoding it gives back the id exactly.
+    """
+    return quote(agent_id, safe="", encoding="utf-8", errors="strict")
+
+
+def decode_agent_header(value: str) -> str:
+    """The agent id an ``X-Conclave-Agent`` value carries (inverse of the encoding)."""
+    return unquote(value, encoding="utf-8", errors="strict")
 
 
 def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
@@ -104,8 +152,7 @@ class OpenAIChatOrchestrator:
         retry_after_cap_s: float = 30.0,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}")
+        check_base_url(base_url)
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model must be a non-empty string")
         if roster is not None and not isinstance(roster, Roster):
@@ -136,6 +183,8 @@ class OpenAIChatOrchestrator:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
         self._rng = random.Random(seed)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        # aopen() builds clients in a worker thread: never two for one URL.
+        self._clients_lock = threading.Lock()
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == _KEYLESS else "***"
@@ -149,13 +198,50 @@ class OpenAIChatOrchestrator:
     def _client(self, base_url: str) -> openai.AsyncOpenAI:
         client = self._clients.get(base_url)
         if client is None:
-            # Retries are ours (decorrelated jitter, Retry-After cap, attempt count in
-            # the output), so the SDK's own are off.
-            client = openai.AsyncOpenAI(
-                base_url=base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout_s
-            )
-            self._clients[base_url] = client
+            with self._clients_lock:
+                client = self._clients.get(base_url)
+                if client is None:
+                    # Retries are ours (decorrelated jitter, Retry-After cap, attempt count
+                    # in the output), so the SDK's own are off.
+                    client = openai.AsyncOpenAI(
+                        base_url=base_url,
+                        api_key=self._api_key,
+                        max_retries=0,
+                        timeout=self.timeout_s,
+                    )
+                    self._clients[base_url] = client
         return client
+
+    def base_urls(self) -> list[str]:
+        """Every endpoint this orchestrator can call: the default, then the roster's."""
+        urls = [self.base_url]
+        for profile in self.roster or ():
+            url = (profile.base_url or self.base_url).rstrip("/")
+            if url not in urls:
+                urls.append(url)
+        return urls
+
+    def prepare(self) -> None:
+        """Build every HTTP client and load what the SDK loads lazily; no network call.
+
+        Synchronous and safe to run in a worker thread before the first ``invoke``;
+        :meth:`aopen` does exactly that.  Idempotent.
+        """
+        for url in self.base_urls():
+            client = self._client(url)
+            # The SDK builds its resources (and imports their modules) on first access.
+            _ = client.chat.completions, client.models
+        for name in _LAZY_MODULES:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+    async def aopen(self) -> None:
+        """Set up (:meth:`prepare`) in a worker thread, so the event loop stays free.
+
+        Optional: without it, each client is built on the first request that needs it, on
+        the event loop (tens of milliseconds during which nothing else runs).
+        """
+        await asyncio.to_thread(self.prepare)
 
     async def aclose(self) -> None:
         """Close every HTTP client (connection pools) this orchestrator opened."""
@@ -206,8 +292,9 @@ class OpenAIChatOrchestrator:
                 {"role": "user", "content": _user_message(context)},
             ],
             "timeout": timeout_s,
-            # Lets proxies and test servers attribute a request to an agent.
-            "extra_headers": {"X-Conclave-Agent": agent_id},
+            # Lets proxies and test servers attribute a request to an agent.  Encoded:
+            # header values are ASCII, agent ids need not be (see the module docstring).
+            "extra_headers": {AGENT_HEADER: encode_agent_header(agent_id)},
         }
         if temperature is not None:
             request["temperature"] = temperature
@@ -239,6 +326,13 @@ class OpenAIChatOrchestrator:
                     ) from None
                 what = f"HTTP {status}"
                 retry_after = _retry_after_s(exc) if status == 429 else None
+            except UnicodeEncodeError as exc:
+                # Something of ours (a header: the API key?) is not encodable: the request
+                # never left, and no retry will change that.
+                raise AgentInvocationError(
+                    f"{where}: cannot encode the request ({type(exc).__name__} in "
+                    f"{exc.encoding}); not retried"
+                ) from None
             except (openai.APIResponseValidationError, ValueError) as exc:
                 raise AgentInvocationError(
                     f"{where}: malformed response ({type(exc).__name__}: invalid JSON)"

@@ -19,16 +19,31 @@ File shape (TOML shown; JSON is the same structure)::
 
 A profile field left unset falls back to ``[defaults]``, then to the orchestrator's
 own defaults.  Errors name the file, the agent and the field.
+
+What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
+
+- a file that is not UTF-8 (a UTF-8 byte-order mark is allowed and skipped), is not valid
+  JSON/TOML, or is nested too deeply to parse;
+- an ``agent_id`` that is empty, longer than :data:`MAX_AGENT_ID_LENGTH` characters, or
+  holds a character that is not printable (``str.isprintable``: control characters such
+  as CR, LF, TAB and ESC, format characters such as bidirectional overrides, line
+  separators, spaces other than the ASCII space, surrogates): such an id could forge log
+  lines or terminal output.  The error names the agent by its index, ``agents[i]``.
+  Any other Unicode is fine (``"ārchon-Ω"``);
+- a ``base_url`` (in ``[defaults]`` or an agent) that is not an ``http://`` or
+  ``https://`` URL with a host, or that carries credentials, a query or a fragment.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -40,17 +55,44 @@ from kernel import (
     InvalidRequestError,
 )
 
-__all__ = ["AgentProfile", "Roster", "RosterError"]
+__all__ = ["MAX_AGENT_ID_LENGTH", "AgentProfile", "Roster", "RosterError", "check_base_url"]
+
+#: The longest agent id a roster accepts, in characters.  An id travels in an HTTP header
+#: (percent-encoded, up to 12 bytes a character); servers refuse headers of more than a
+#: few kilobytes, so a longer id would fail every request.
+MAX_AGENT_ID_LENGTH = 256
+
+# Values quoted in error messages are cut short (and never recursed into deeply): a
+# roster may hold anything, and a message must stay one readable line.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 2
+_SHOW.maxstring = 60
+_SHOW.maxother = 60
+_SHOW.maxlist = _SHOW.maxdict = 4
 
 
 class RosterError(InvalidRequestError):
     """A roster file or mapping is missing, unreadable or invalid."""
 
 
+def _show(value: object) -> str:
+    return _SHOW.repr(value)
+
+
+def _names(keys: Iterable[object]) -> str:
+    """Field names for a message: as they are if short and printable, else quoted."""
+    shown = (
+        k if isinstance(k, str) and k.isprintable() and len(k) <= 40 else _show(k) for k in keys
+    )
+    return ", ".join(sorted(shown))
+
+
 def _opt_str(name: str) -> Any:
     def check(_i: object, _a: object, v: Any) -> None:
         if v is not None and (not isinstance(v, str) or not v.strip()):
-            raise InvalidRequestError(f"field {name!r}: expected a non-empty string, got {v!r}")
+            raise InvalidRequestError(
+                f"field {name!r}: expected a non-empty string, got {_show(v)}"
+            )
 
     return check
 
@@ -62,9 +104,9 @@ def _opt_positive(name: str, *, integer: bool = False) -> Any:
         wrong_kind = integer and not isinstance(v, int)
         if isinstance(v, bool) or not isinstance(v, int | float) or wrong_kind:
             what = "an integer" if integer else "a number"
-            raise InvalidRequestError(f"field {name!r}: expected {what}, got {v!r}")
+            raise InvalidRequestError(f"field {name!r}: expected {what}, got {_show(v)}")
         if not math.isfinite(v) or v <= 0:
-            raise InvalidRequestError(f"field {name!r}: must be > 0, got {v!r}")
+            raise InvalidRequestError(f"field {name!r}: must be > 0, got {_show(v)}")
 
     return check
 
@@ -73,14 +115,73 @@ def _temperature(_i: object, _a: object, v: Any) -> None:
     if v is None:
         return
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise InvalidRequestError(f"field 'temperature': expected a number, got {v!r}")
+        raise InvalidRequestError(f"field 'temperature': expected a number, got {_show(v)}")
     if not 0.0 <= v <= 2.0:
-        raise InvalidRequestError(f"field 'temperature': must be between 0 and 2, got {v!r}")
+        raise InvalidRequestError(f"field 'temperature': must be between 0 and 2, got {_show(v)}")
+
+
+def _agent_id_problem(v: object) -> str | None:
+    """Why ``v`` cannot be an agent id, or None if it can."""
+    if not isinstance(v, str) or not v.strip():
+        return "expected a non-empty string"
+    if len(v) > MAX_AGENT_ID_LENGTH:
+        return f"longer than {MAX_AGENT_ID_LENGTH} characters ({len(v)})"
+    if not v.isprintable():
+        bad = next(c for c in v if not c.isprintable())
+        return f"holds a non-printable character (U+{ord(bad):04X}; no control characters)"
+    return None
 
 
 def _agent_id(_i: object, _a: object, v: Any) -> None:
-    if not isinstance(v, str) or not v.strip():
-        raise InvalidRequestError(f"field 'agent_id': expected a non-empty string, got {v!r}")
+    problem = _agent_id_problem(v)
+    if problem is not None:
+        raise InvalidRequestError(f"field 'agent_id': {problem}, got {_show(v)}")
+
+
+def _redact_userinfo(url: str) -> str:
+    at = url.find("@", url.find("//") + 2)
+    return url if at < 0 else url[: url.find("//") + 2] + "***" + url[at:]
+
+
+def check_base_url(value: object, name: str = "base_url") -> str:
+    """Return ``value`` if it is an ``http(s)://`` URL with a host; else InvalidRequestError.
+
+    Refused besides: whitespace or control characters, a bad port, credentials
+    (``user:password@``: they would be shown wherever the URL is, pass an API key
+    instead), a query or a fragment (the SDK appends paths to the URL).  The message
+    never repeats credentials.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(
+            f"field {name!r}: expected a non-empty string, got {_show(value)}"
+        )
+    problem = None
+    if not value.isprintable() or any(c.isspace() for c in value):
+        problem = "holds whitespace or control characters"
+    else:
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # raises ValueError for a bad port
+        except ValueError as exc:
+            problem = f"is not a valid URL ({exc})"
+        else:
+            if parts.scheme.lower() not in ("http", "https"):
+                problem = "must be an http:// or https:// URL"
+            elif not parts.hostname:
+                problem = "has no host"
+            elif parts.username is not None or parts.password is not None:
+                problem = "must not carry credentials (user:password@); use the API key"
+            elif parts.query or parts.fragment:
+                problem = "must not have a query or a fragment"
+    if problem is not None:
+        shown = _show(_redact_userinfo(value))
+        raise InvalidRequestError(f"field {name!r}: {problem}, got {shown}")
+    return value
+
+
+def _base_url(_i: object, _a: object, v: Any) -> None:
+    if v is not None:
+        check_base_url(v)
 
 
 @attrs.frozen(slots=True)
@@ -90,7 +191,7 @@ class AgentProfile:
     agent_id: str = attrs.field(validator=_agent_id)
     display_name: str | None = attrs.field(default=None, validator=_opt_str("display_name"))
     model: str | None = attrs.field(default=None, validator=_opt_str("model"))
-    base_url: str | None = attrs.field(default=None, validator=_opt_str("base_url"))
+    base_url: str | None = attrs.field(default=None, validator=_base_url)
     system_prompt: str | None = attrs.field(
         default=None, validator=_opt_str("system_prompt"), repr=False
     )
@@ -159,16 +260,20 @@ class Roster:
         except OSError as exc:
             raise RosterError(f"{p}: cannot read roster file: {exc.strerror}") from None
         suffix = p.suffix.lower()
+        if suffix not in (".json", ".toml"):
+            raise RosterError(f"{p}: roster must be a .json or .toml file")
+        kind = "JSON" if suffix == ".json" else "TOML"
         try:
-            if suffix == ".json":
-                data = json.loads(raw)
-            elif suffix == ".toml":
-                data = tomllib.loads(raw.decode("utf-8"))
-            else:
-                raise RosterError(f"{p}: roster must be a .json or .toml file")
-        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, TOMLDecodeError
-            kind = "JSON" if suffix == ".json" else "TOML"
+            # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark.
+            text = raw.decode("utf-8-sig")
+            data = json.loads(text) if suffix == ".json" else tomllib.loads(text)
+        except UnicodeDecodeError as exc:
+            raise RosterError(f"{p}: invalid {kind}: not UTF-8 ({exc.reason})") from None
+        except ValueError as exc:  # JSONDecodeError, TOMLDecodeError, int too long
             raise RosterError(f"{p}: invalid {kind}: {exc}") from None
+        except RecursionError:
+            # Both parsers recurse per nesting level: a hostile file must not crash us.
+            raise RosterError(f"{p}: invalid {kind}: nested too deeply") from None
         return cls.from_dict(data, source=str(p))
 
     from_file = load  # an alias: the name some callers reach for first
@@ -179,13 +284,17 @@ class Roster:
             raise RosterError(f"{source}: expected a table with an 'agents' list")
         unknown = set(data) - {"agents", "defaults"}
         if unknown:
-            raise RosterError(f"{source}: unknown top-level field(s): {', '.join(sorted(unknown))}")
+            raise RosterError(f"{source}: unknown top-level field(s): {_names(unknown)}")
         defaults = data.get("defaults", {})
         if not isinstance(defaults, Mapping):
             raise RosterError(f"{source}: 'defaults' must be a table")
         bad = set(defaults) - _DEFAULT_FIELDS
         if bad:
-            raise RosterError(f"{source}: defaults: unknown field(s): {', '.join(sorted(bad))}")
+            raise RosterError(f"{source}: defaults: unknown field(s): {_names(bad)}")
+        try:  # checked once, so that an error says "defaults", not the first agent
+            AgentProfile(agent_id="defaults", **defaults)
+        except InvalidRequestError as exc:
+            raise RosterError(f"{source}: defaults: {exc}") from None
         agents = data.get("agents")
         if not isinstance(agents, list):
             raise RosterError(f"{source}: 'agents' must be a list of agent tables")
@@ -194,13 +303,12 @@ class Roster:
             where = f"agents[{i}]"
             if not isinstance(entry, Mapping):
                 raise RosterError(f"{source}: {where}: expected a table")
-            if isinstance(entry.get("agent_id"), str):
+            if _agent_id_problem(entry.get("agent_id")) is None:
+                # Only a valid id names the agent; an invalid one is shown quoted, later.
                 where = f"agent {entry['agent_id']!r}"
             unknown_fields = set(entry) - _PROFILE_FIELDS
             if unknown_fields:
-                raise RosterError(
-                    f"{source}: {where}: unknown field(s): {', '.join(sorted(unknown_fields))}"
-                )
+                raise RosterError(f"{source}: {where}: unknown field(s): {_names(unknown_fields)}")
             merged = {**defaults, **entry}
             try:
                 profiles.append(AgentProfile(**merged))

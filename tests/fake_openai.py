@@ -4,7 +4,8 @@ It runs stdlib asyncio in its own thread (its own event loop, independent of the
 and trio-asyncio loops under test) and speaks HTTP/1.1 with keep-alive, so the openai
 SDK talks to it exactly as it talks to a real endpoint.
 
-Faults are scripted per agent (the orchestrator sends ``X-Conclave-Agent``): each
+Faults are scripted per agent (the orchestrator sends ``X-Conclave-Agent``, the agent id
+percent-encoded; the server decodes it, so scripts and counters use the real id): each
 request of an agent pops the next fault of its script, then falls back to
 ``default``.  A fault is one of:
 
@@ -33,6 +34,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 Fault = Any
 
@@ -189,7 +191,8 @@ class FakeOpenAIServer:
         headers: dict[str, str],
         body: bytes,
     ) -> bool:
-        agent = headers.get("x-conclave-agent", "")
+        # The orchestrator percent-encodes the id (RFC 3986): decode it like any server would.
+        agent = unquote(headers.get("x-conclave-agent", ""), errors="strict")
         try:
             payload = json.loads(body or b"{}")
         except ValueError:

@@ -1,12 +1,21 @@
-"""Roster files: good ones load; bad ones say which file, which agent, which field."""
+"""Roster files: good ones load; bad ones say which file, which agent, which field.
+
+Hostile files too: nested too deeply to parse, a byte-order mark, ids that would forge
+log lines, endpoints that are not http(s) URLs.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from adapters.roster import AgentProfile, Roster, RosterError
+from adapters.openai_chat import decode_agent_header, encode_agent_header
+from adapters.roster import MAX_AGENT_ID_LENGTH, AgentProfile, Roster, RosterError
 from kernel import AgentNotFoundError, AgentRequest, ContextBundle, InvalidRequestError
 
 DATA = Path(__file__).parent / "data"
@@ -110,3 +119,169 @@ def test_profile_validation() -> None:
     with pytest.raises(InvalidRequestError, match="base_url"):
         AgentProfile("a", base_url="")
     assert "You are" not in repr(AgentProfile("a", system_prompt="You are a"))
+
+
+# ------------------------------------------------------------------ hostile input edges
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.json", '{"agents": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        ("deep.toml", "agents = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+        ("deep-table.toml", "defaults = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n"),
+    ],
+)
+def test_deeply_nested_file_is_a_roster_error(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(RosterError, match="nested too deeply") as info:
+        Roster.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("bom.toml", '[defaults]\nmodel = "m"\n[[agents]]\nagent_id = "archon-1"\n'),
+        ("bom.json", '{"defaults": {"model": "m"}, "agents": [{"agent_id": "archon-1"}]}'),
+    ],
+)
+def test_utf8_byte_order_mark_is_skipped(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    roster = Roster.load(path)
+    assert roster.agent_ids == ("archon-1",)
+    assert roster.get("archon-1").model == "m"
+
+
+def test_a_file_that_is_not_utf8_is_a_roster_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[[agents]]\nagent_id = "ārchon"\n'.encode("utf-16"))
+    with pytest.raises(RosterError, match="not UTF-8"):
+        Roster.load(path)
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "archon-1\r\nX-Forged: yes",
+        "archon\n2",
+        "archon\r",
+        "archon\t1",
+        "\x1b[2Jarchon",  # terminal escape
+        "archon\x00",
+        "archon\x7f",
+        "archon\x85",  # C1 next-line
+        "archon\u2028",  # line separator
+        "archon\u202e1",  # right-to-left override
+        "archon\u200b",  # zero-width space
+        "\ud800archon",  # lone surrogate: not even UTF-8 encodable
+    ],
+)
+def test_agent_id_with_a_control_character_is_refused_naming_the_index(
+    tmp_path: Path, bad_id: str
+) -> None:
+    path = tmp_path / "ids.json"
+    doc = {"agents": [{"agent_id": "archon-0"}, {"agent_id": bad_id, "model": "m"}]}
+    path.write_text(json.dumps(doc))  # ASCII-escaped JSON: the file itself is clean
+    with pytest.raises(RosterError) as info:
+        Roster.load(path)
+    message = str(info.value)
+    assert f"{path}: agents[1]: field 'agent_id': holds a non-printable character" in message
+    assert message.isprintable()  # the message itself is one clean line
+
+
+def test_agent_id_longer_than_the_limit_is_refused() -> None:
+    Roster.from_dict({"agents": [{"agent_id": "a" * MAX_AGENT_ID_LENGTH}]})
+    with pytest.raises(RosterError, match=r"agents\[0\]: field 'agent_id': longer than 256"):
+        Roster.from_dict({"agents": [{"agent_id": "a" * (MAX_AGENT_ID_LENGTH + 1)}]})
+
+
+@pytest.mark.parametrize("good_id", ["ārchon-Ω", "议员-7", "Ñandú 2", "🦉", "a%41b", "x/y?z"])
+def test_printable_unicode_agent_ids_load(tmp_path: Path, good_id: str) -> None:
+    path = tmp_path / "unicode.toml"
+    path.write_text(f'[[agents]]\nagent_id = "{good_id}"\n', encoding="utf-8")
+    assert Roster.load(path).agent_ids == (good_id,)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:8080/v1", "must be an http:// or https:// URL"),
+        ("ftp://example.com/v1", "must be an http:// or https:// URL"),
+        ("file:///etc/passwd", "must be an http:// or https:// URL"),
+        ("http://", "has no host"),
+        ("https:///v1", "has no host"),
+        ("http://example.com:99999/v1", "is not a valid URL"),
+        ("http://example.com:port/v1", "is not a valid URL"),
+        ("http://example .com/v1", "holds whitespace or control characters"),
+        ("http://example.com/v1\r\nX: y", "holds whitespace or control characters"),
+        ("http://example.com/v1?api-version=1", "must not have a query or a fragment"),
+        ("http://example.com/v1#top", "must not have a query or a fragment"),
+        ("http://user:hunter2@example.com/v1", "must not carry credentials"),
+        ("   ", "expected a non-empty string"),
+    ],
+)
+@pytest.mark.parametrize("where", ["defaults", "agent"])
+def test_base_url_that_is_not_an_http_url_with_a_host_is_refused(
+    tmp_path: Path, url: str, problem: str, where: str
+) -> None:
+    doc: dict[str, Any] = {"agents": [{"agent_id": "archon-1"}]}
+    if where == "defaults":
+        doc["defaults"] = {"base_url": url}
+    else:
+        doc["agents"][0]["base_url"] = url
+    path = tmp_path / "urls.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RosterError) as info:
+        Roster.load(path)
+    message = str(info.value)
+    label = "defaults" if where == "defaults" else "agent 'archon-1'"
+    assert f"{path}: {label}: field 'base_url': {problem}" in message
+    assert "hunter2" not in message  # credentials are never repeated
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:11434/v1", "https://api.openai.com/v1", "HTTP://[::1]:8080/v1/"]
+)
+def test_http_urls_with_a_host_load(url: str) -> None:
+    roster = Roster.from_dict({"defaults": {"base_url": url}, "agents": [{"agent_id": "a"}]})
+    assert roster.get("a").base_url == url
+
+
+def test_error_messages_stay_short_whatever_the_value() -> None:
+    nested: Any = "x"
+    for _ in range(500):
+        nested = [nested]
+    for field, value in [
+        ("model", nested),
+        ("temperature", "m" * 100_000),
+        ("timeout_s", {1: nested}),
+    ]:
+        with pytest.raises(RosterError, match=f"field '{field}'") as info:
+            Roster.from_dict({"agents": [{"agent_id": "a", field: value}]})
+        assert len(str(info.value)) < 300
+    with pytest.raises(RosterError) as info:
+        Roster.from_dict({"agents": [{"agent_id": "a", "\x1b[2J" + "k" * 1000: 1}]})
+    assert str(info.value).isprintable() and len(str(info.value)) < 300
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=30))
+def test_any_agent_id_is_refused_at_load_or_round_trips_through_the_header(agent_id: str) -> None:
+    """Every id either fails to load (RosterError) or can be carried by the header.
+
+    The end-to-end half (the real SDK and server) is in tests/test_llm_bridge.py.
+    """
+    try:
+        roster = Roster.from_dict({"agents": [{"agent_id": agent_id}]})
+    except RosterError as exc:
+        assert "agents[0]: field 'agent_id'" in str(exc)
+        assert not agent_id.strip() or not agent_id.isprintable()
+        return
+    assert roster.agent_ids == (agent_id,)
+    header = encode_agent_header(agent_id)
+    assert header.isascii() and header.isprintable() and header == header.strip()
+    header.encode("latin-1")  # what HTTP libraries require of a header value
+    assert decode_agent_header(header) == agent_id
