@@ -6,9 +6,19 @@
     conclave status --halt-file PATH
     conclave verify DB
 
-Exit codes: 0 every agent succeeded (or: not halted), 1 some agents failed, 2 bad usage
-or input, 3 halted, 130 interrupted (Ctrl-C).  Bad input gets one line on stderr,
-never a traceback.
+Exit codes:
+
+    0    every agent succeeded (status: not halted)
+    1    some agents failed
+    2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
+         than the pool holds in reject mode), more than 100 000 agents, an unwritable
+         --json path, an unreachable server
+    3    halted (also when the halt was already raised before the start)
+    4    the run finished but its --json transcript could not be written: added to the
+         run's own code, so 4 = all succeeded, 5 = some failed, 7 = halted
+    130  interrupted (Ctrl-C), whatever became of the transcript
+
+Bad input gets one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -38,6 +50,7 @@ from kernel import (
     AgentOrchestratorProtocol,
     AgentOutput,
     AgentPool,
+    AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
     ConcurrentDeliberationService,
@@ -50,7 +63,13 @@ from kernel import (
 )
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 TRANSCRIPT_SCHEMA = "conclave.transcript/1"
+#: The most agents one run may have, whatever the mode: the council is built in memory
+#: before anything runs (a million agents took 10 s and 555 MB just to be refused).
+MAX_AGENTS = 100_000
+#: How long the halt is read before the start, as the kernel's ``halt_read_timeout``.
+_HALT_READ_TIMEOUT_S = 2.0
 
 
 class UsageError(Exception):
@@ -300,9 +319,18 @@ async def _orchestrator(
     )
     async with AsyncioOrchestratorBridge(inner) as bridge:
         try:
-            await bridge.run_asyncio(inner.check_reachable)
+            # Waits as long as an agent's request would (--timeout); only a connection
+            # failure is "cannot reach", silence is a busy server (llama.cpp).
+            answered = await bridge.run_asyncio(inner.check_reachable)
         except AgentInvocationError as exc:
             raise UsageError(str(exc)) from None
+        if not answered:
+            print(
+                f"conclave: warning: {inner.base_url} did not answer within "
+                f"{inner.timeout_s:g} s; assuming it is busy and going on",
+                file=sys.stderr,
+                flush=True,
+            )
         yield bridge
 
 
@@ -334,13 +362,56 @@ def _serve_metrics(
     )
 
 
-def _check_output_path(path: Path | None) -> None:
-    if path is None:
-        return
+def _check_output_path(path: Path) -> None:
+    """Refuse a --json path the transcript could not be written to, before the run.
+
+    Creates (and removes) a temp file beside it, as the atomic write will: a directory
+    that exists but takes no new file (read-only, /proc) is refused here too.
+    """
     if path.is_dir():
         raise UsageError(f"--json {path}: is a directory")
-    if not path.parent.is_dir():
+    if not path.parent.exists():
         raise UsageError(f"--json {path}: directory {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise UsageError(f"--json {path}: {path.parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot write in {path.parent}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) -> None:
+    """Refuse an impossible council before a single request is built.
+
+    Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
+    every mode refuses more than :data:`MAX_AGENTS`.
+    """
+    if args.overflow == "reject" and not args.sequential and size > pool.available_count:
+        raise AgentPoolExhaustedError(
+            f"FR10: agent pool exhausted: {pool.max_concurrent - pool.available_count} active "
+            f"+ {size} requested > {pool.max_concurrent}"
+        )
+    if size > MAX_AGENTS:
+        what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
+        raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+
+
+async def _read_halt(checker: HaltChecker) -> str | None:
+    """The halt reason if the system is halted now, else None (CT-11 before the start).
+
+    Fail-safe like the kernel: a read that raises, or does not answer within
+    :data:`_HALT_READ_TIMEOUT_S`, counts as halted.
+    """
+    with trio.move_on_after(_HALT_READ_TIMEOUT_S):
+        try:
+            if not await checker.is_halted():
+                return None
+            return await checker.get_halt_reason() or "halted (no reason given)"
+        except Exception as exc:
+            return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
+    return f"halt channel did not answer within {_HALT_READ_TIMEOUT_S:g} s; treated as halted"
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -372,12 +443,15 @@ def _configure_logging(level: str | None) -> None:
 
 async def deliberate(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
-    _check_output_path(args.json_path)
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
-    roster = Roster.load(args.roster) if args.roster else Roster.default(args.agents)
+    if args.json_path is not None:
+        await trio.to_thread.run_sync(_check_output_path, args.json_path)
+    roster_file = None
+    if args.roster is not None:
+        roster_file = await trio.to_thread.run_sync(Roster.load, args.roster)
+    size = len(roster_file) if roster_file is not None else args.agents
     context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
-    requests = roster.requests(context)
     pool = AgentPool(args.capacity)
     switch = HaltSwitch()
     checker: HaltChecker = switch
@@ -385,15 +459,24 @@ async def deliberate(args: argparse.Namespace) -> int:
         from adapters.file_halt import FileHaltChannel
 
         checker = DualChannelHaltChecker(switch, FileHaltChannel(args.halt_file, 0.02))
+    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
+    # oversize council, and does not probe a server.
+    reason = await _read_halt(checker)
+    if reason is not None:
+        return await _halted_before_start(args, context, pool, reason, interrupted=False)
+    _check_council_size(args, size, pool)
+    roster = roster_file if roster_file is not None else Roster.default(size)
+    requests = roster.requests(context)
     state: dict[str, Any] = {}
     progress = Progress(len(requests), pool)
     show_live = not args.quiet and sys.stderr.isatty()
 
+    result: ConcurrentResult | None = None
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(_watch_signals, switch, state)
         orchestrator = await stack.enter_async_context(
-            _orchestrator(args, roster if args.roster else None, roster.agent_ids)
+            _orchestrator(args, roster_file, roster.agent_ids)
         )
         witness = None
         if args.witness_db is not None:
@@ -423,21 +506,62 @@ async def deliberate(args: argparse.Namespace) -> int:
                     requests, overflow=args.overflow, on_progress=progress
                 )
         except SystemHaltedError as exc:
-            if exc.partial is None:
-                print(f"conclave: halted before starting: {exc.reason}", file=sys.stderr)
-                nursery.cancel_scope.cancel()
-                return EXIT_INTERRUPTED if state.get("interrupted") else EXIT_HALTED
             result, halted = exc.partial, exc.reason
         nursery.cancel_scope.cancel()
 
+    interrupted = bool(state.get("interrupted"))
+    if result is None:  # halted (or Ctrl-C) after the check above, before the batch began
+        assert halted is not None
+        return await _halted_before_start(args, context, pool, halted, interrupted=interrupted)
+    lost = None
     if args.json_path is not None:
-        _write_transcript(args, requests, result, halted, state, pool)
+        doc = _transcript(args, context, requests, result, halted, interrupted, pool)
+        lost = await _save_transcript(args.json_path, doc)
     _print_summary(args, result, halted, pool, requests)
-    if state.get("interrupted"):
-        return EXIT_INTERRUPTED
-    if halted is not None:
-        return EXIT_HALTED
-    return EXIT_OK if result.failure_count == 0 else EXIT_FAILURES
+    if interrupted:
+        code = EXIT_INTERRUPTED
+    elif halted is not None:
+        code = EXIT_HALTED
+    else:
+        code = EXIT_OK if result.failure_count == 0 else EXIT_FAILURES
+    return _exit_code(code, lost)
+
+
+async def _halted_before_start(
+    args: argparse.Namespace,
+    context: ContextBundle,
+    pool: AgentPool,
+    reason: str,
+    *,
+    interrupted: bool,
+) -> int:
+    print(f"conclave: halted before starting: {reason}", file=sys.stderr)
+    lost = None
+    if args.json_path is not None:
+        doc = _transcript(args, context, (), None, reason, interrupted, pool)
+        lost = await _save_transcript(args.json_path, doc)
+    return _exit_code(EXIT_INTERRUPTED if interrupted else EXIT_HALTED, lost)
+
+
+async def _save_transcript(path: Path, doc: dict[str, Any]) -> str | None:
+    """Write the transcript; on failure return what went wrong instead of raising: a
+    finished run is never thrown away because its record could not be written."""
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+    try:
+        # Write-then-rename: a reader (or a Ctrl-C) never sees a half-written transcript.
+        await trio.to_thread.run_sync(write_atomically, path, data)
+    except OSError as exc:
+        return f"--json {path}: {exc.strerror or exc}"
+    return None
+
+
+def _exit_code(code: int, transcript_lost: str | None) -> int:
+    """The run's code, plus :data:`EXIT_TRANSCRIPT_LOST` (reported on stderr) if its
+    transcript could not be written; an interrupt stays 130."""
+    if transcript_lost is None:
+        return code
+    print(f"conclave: transcript not written: {transcript_lost}", file=sys.stderr)
+    return code if code == EXIT_INTERRUPTED else code + EXIT_TRANSCRIPT_LOST
 
 
 def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
@@ -532,41 +656,44 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
     }
 
 
-def _write_transcript(
+def _transcript(
     args: argparse.Namespace,
+    context: ContextBundle,
     requests: Sequence[AgentRequest],
-    result: ConcurrentResult,
+    result: ConcurrentResult | None,
     halted: str | None,
-    state: dict[str, Any],
+    interrupted: bool,
     pool: AgentPool,
-) -> None:
-    outcomes: dict[str, AgentOutput | AgentFailure] = {o.agent_id: o for o in result.outputs}
-    outcomes.update({f.agent_id: f for f in result.failures})
-    context = requests[0].context if requests else None
-    doc = {
+) -> dict[str, Any]:
+    """The transcript document; ``result`` is None when the run was halted before it
+    began (then what did not happen is null and there are no outcomes)."""
+    outcomes: dict[str, AgentOutput | AgentFailure] = {}
+    if result is not None:
+        outcomes.update({o.agent_id: o for o in result.outputs})
+        outcomes.update({f.agent_id: f for f in result.failures})
+    failures = result.failures if result is not None else ()
+    return {
         "schema": TRANSCRIPT_SCHEMA,
         "status": "interrupted"
-        if state.get("interrupted")
+        if interrupted
         else ("halted" if halted is not None else "completed"),
         "halt_reason": halted,
-        "batch_id": str(result.batch_id),
-        "started_at": result.started_at.isoformat(),
-        "completed_at": result.completed_at.isoformat(),
-        "total_ms": result.total_ms,
+        "batch_id": str(result.batch_id) if result is not None else None,
+        "started_at": result.started_at.isoformat() if result is not None else None,
+        "completed_at": result.completed_at.isoformat() if result is not None else None,
+        "total_ms": result.total_ms if result is not None else None,
         "backend": args.backend,
         "model": args.model if args.backend == "openai" else None,
-        "topic": None
-        if context is None
-        else {
+        "topic": {
             "topic_id": context.topic_id,
             "bundle_id": str(context.bundle_id),
             "content_sha256": _sha256(context.topic_content),
         },
         "counts": {
-            "total": result.total_count,
-            "succeeded": result.success_count,
-            "failed": result.failure_count,
-            "by_kind": dict(Counter(f.kind.value for f in result.failures)),
+            "total": len(outcomes),
+            "succeeded": len(result.outputs) if result is not None else 0,
+            "failed": len(failures),
+            "by_kind": dict(Counter(f.kind.value for f in failures)),
         },
         "pool_after": pool.status().as_dict(),
         "outcomes": [
@@ -575,8 +702,6 @@ def _write_transcript(
             if r.agent_id in outcomes
         ],
     }
-    # Write-then-rename: a reader (or a Ctrl-C) never sees a half-written transcript.
-    write_atomically(args.json_path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def _sha256(text: str) -> str:
