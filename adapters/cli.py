@@ -6,38 +6,44 @@
     conclave status --halt-file PATH
     conclave verify DB
 
-Exit codes: 0 every agent succeeded (or: not halted), 1 some agents failed, 2 bad usage
-or input, 3 halted, 130 interrupted (Ctrl-C).  Bad input gets one line on stderr,
-never a traceback.
+Exit codes:
+
+    0    every agent succeeded (status: not halted)
+    1    some agents failed
+    2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
+         than the pool holds in reject mode), more than 100 000 agents, an unwritable
+         --json path, an unreachable server
+    3    halted (also when the halt was already raised before the start)
+    4    the run finished but its --json transcript could not be written: added to the
+         run's own code, so 4 = all succeeded, 5 = some failed, 7 = halted
+    130  interrupted (Ctrl-C), whatever became of the transcript
+
+Bad input gets one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import random
 import signal
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from adapters._atomic import write_atomically
+from adapters import transcript
+from adapters._cli_display import Progress, configure_logging, live_display, print_summary
 from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
     MAX_CONCURRENT_AGENTS,
-    AgentFailure,
     AgentInvocationError,
     AgentOrchestratorProtocol,
-    AgentOutput,
     AgentPool,
+    AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
     ConcurrentDeliberationService,
@@ -50,7 +56,12 @@ from kernel import (
 )
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-TRANSCRIPT_SCHEMA = "conclave.transcript/1"
+EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
+#: The most agents one run may have, whatever the mode: the council is built in memory
+#: before anything runs (a million agents took 10 s and 555 MB just to be refused).
+MAX_AGENTS = 100_000
+#: How long the halt is read before the start, as the kernel's ``halt_read_timeout``.
+_HALT_READ_TIMEOUT_S = 2.0
 
 
 class UsageError(Exception):
@@ -207,68 +218,144 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- deliberate
 
 
-class Progress:
-    """Counters the progress display reads (updated by on_progress)."""
-
-    def __init__(self, total: int, pool: AgentPool) -> None:
-        self.total = total
-        self.pool = pool
-        self.done = 0
-        self.failed = 0
-        self.started = trio.current_time()
-
-    def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
-        self.done = done  # the service counts finished agents; only failures are ours
-        if status == "failed":
-            self.failed += 1
-
-    @property
-    def elapsed(self) -> float:
-        return trio.current_time() - self.started
-
-
-async def _live_display(progress: Progress) -> None:
-    """Redraw a one-line status on stderr ~10 times a second until cancelled (TTY only)."""
-    from rich.console import Console
-    from rich.live import Live
-    from rich.text import Text
-
-    console = Console(stderr=True)
-
-    def render() -> Text:
-        bar_width = 30
-        filled = int(bar_width * progress.done / max(progress.total, 1))
-        return Text.assemble(
-            ("deliberating ", "bold"),
-            ("█" * filled + "░" * (bar_width - filled), "cyan"),
-            f" {progress.done}/{progress.total} done · ",
-            (f"{progress.failed} failed", "red" if progress.failed else ""),
-            f" · {progress.pool.active_count} in flight · {progress.elapsed:.1f} s",
-        )
-
-    with Live(render(), console=console, auto_refresh=False, transient=False) as live:
+async def deliberate(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if args.sequential and args.overflow != "reject":
+        raise UsageError("--sequential and --overflow queue do not mix")
+    if args.backend == "openai" and not (args.base_url and args.model):
+        raise UsageError("--backend openai needs --base-url and --model")
+    if args.json_path is not None:
         try:
-            while True:
-                live.update(render(), refresh=True)
-                await trio.sleep(0.1)
-        finally:
-            live.update(render(), refresh=True)
+            await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
+        except ValueError as exc:
+            raise UsageError(f"--json {exc}") from None
+    roster_file = None
+    if args.roster is not None:
+        roster_file = await trio.to_thread.run_sync(Roster.load, args.roster)
+    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
+    pool = AgentPool(args.capacity)
+    interrupt = _OperatorInterrupt(HaltSwitch())
+    checker: HaltChecker = interrupt.switch
+    if args.halt_file is not None:
+        from adapters.file_halt import FileHaltChannel
+
+        checker = DualChannelHaltChecker(checker, FileHaltChannel(args.halt_file, 0.02))
+    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
+    # oversize council, and does not probe a server.
+    reason = await _read_halt(checker)
+    if reason is not None:
+        return await _finish(args, context, (), None, reason, pool, interrupted=False)
+    size = len(roster_file) if roster_file is not None else args.agents
+    _check_council_size(args, size, pool)
+    roster = roster_file if roster_file is not None else Roster.default(size)
+    requests = roster.requests(context)
+    progress = Progress(len(requests), pool)
+
+    result: ConcurrentResult | None = None
+    halted: str | None = None
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(interrupt.watch)
+        service = await _open_service(args, stack, roster_file, roster, checker, pool)
+        if not args.quiet and sys.stderr.isatty():
+            nursery.start_soon(live_display, progress)
+        if not args.quiet:
+            # A plain line (also when stderr is not a terminal) that says the batch is on.
+            print(
+                f"conclave: deliberating with {len(requests)} agents ({args.backend} backend)",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            if args.sequential:
+                result = await service.invoke_sequential(requests, on_progress=progress)
+            else:
+                result = await service.invoke_concurrent(
+                    requests, overflow=args.overflow, on_progress=progress
+                )
+        except SystemHaltedError as exc:
+            # partial is None: halted (or Ctrl-C) after the check above, before the batch.
+            result, halted = exc.partial, exc.reason
+        nursery.cancel_scope.cancel()
+    interrupted = interrupt.signal_name is not None
+    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
 
 
-async def _watch_signals(
-    switch: HaltSwitch,
-    state: dict[str, Any],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Ctrl-C (or SIGTERM) raises the halt: a clean stop with a partial summary."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()  # from here on, Ctrl-C means "halt", not KeyboardInterrupt
-        async for signum in signals:
-            if state.get("interrupted"):
-                raise KeyboardInterrupt  # second Ctrl-C: stop waiting for a clean halt
-            state["interrupted"] = signal.Signals(signum).name
-            switch.halt(f"operator interrupt ({signal.Signals(signum).name})")
+class _OperatorInterrupt:
+    """Ctrl-C (or SIGTERM) raises the halt: a clean stop with a partial summary.
+
+    A second one stops waiting for the clean halt (``KeyboardInterrupt``, exit 130).
+    """
+
+    def __init__(self, switch: HaltSwitch) -> None:
+        self.switch = switch
+        self.signal_name: str | None = None  # the first signal's, once one came
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()  # from here on, Ctrl-C means "halt", not KeyboardInterrupt
+            async for signum in signals:
+                if self.signal_name is not None:
+                    raise KeyboardInterrupt  # second Ctrl-C: stop waiting for a clean halt
+                self.signal_name = signal.Signals(signum).name
+                self.switch.halt(f"operator interrupt ({self.signal_name})")
+
+
+async def _read_halt(checker: HaltChecker) -> str | None:
+    """The halt reason if the system is halted now, else None (CT-11 before the start).
+
+    Fail-safe like the kernel: a read that raises, or does not answer within
+    :data:`_HALT_READ_TIMEOUT_S`, counts as halted.
+    """
+    with trio.move_on_after(_HALT_READ_TIMEOUT_S):
+        try:
+            if not await checker.is_halted():
+                return None
+            return await checker.get_halt_reason() or "halted (no reason given)"
+        except Exception as exc:
+            return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
+    return f"halt channel did not answer within {_HALT_READ_TIMEOUT_S:g} s; treated as halted"
+
+
+def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) -> None:
+    """Refuse an impossible council before a single request is built.
+
+    Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
+    every mode refuses more than :data:`MAX_AGENTS`.
+    """
+    if args.overflow == "reject" and not args.sequential and size > pool.available_count:
+        raise AgentPoolExhaustedError(
+            f"FR10: agent pool exhausted: {pool.max_concurrent - pool.available_count} active "
+            f"+ {size} requested > {pool.max_concurrent}"
+        )
+    if size > MAX_AGENTS:
+        what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
+        raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+
+
+async def _open_service(
+    args: argparse.Namespace,
+    stack: AsyncExitStack,
+    roster_file: Roster | None,
+    roster: Roster,
+    checker: HaltChecker,
+    pool: AgentPool,
+) -> ConcurrentDeliberationService:
+    """The backend, the witness and the metrics server, each closed by ``stack``."""
+    orchestrator = await stack.enter_async_context(
+        _orchestrator(args, roster_file, roster.agent_ids)
+    )
+    witness = None
+    if args.witness_db is not None:
+        from adapters.sqlite_witness import SqliteWitness
+
+        witness = await stack.enter_async_context(SqliteWitness(args.witness_db))
+    service = ConcurrentDeliberationService(
+        orchestrator, checker, pool, agent_timeout=args.timeout, witness=witness
+    )
+    if args.metrics_port is not None:
+        _serve_metrics(service, args.metrics_port, stack)
+    return service
 
 
 @asynccontextmanager
@@ -289,8 +376,6 @@ async def _orchestrator(
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
     from adapters.openai_chat import OpenAIChatOrchestrator
 
-    if not args.base_url or not args.model:
-        raise UsageError("--backend openai needs --base-url and --model")
     inner = OpenAIChatOrchestrator(
         args.base_url,
         args.model,
@@ -300,9 +385,18 @@ async def _orchestrator(
     )
     async with AsyncioOrchestratorBridge(inner) as bridge:
         try:
-            await bridge.run_asyncio(inner.check_reachable)
+            # Waits as long as an agent's request would (--timeout); only a connection
+            # failure is "cannot reach", silence is a busy server (llama.cpp).
+            answered = await bridge.run_asyncio(inner.check_reachable)
         except AgentInvocationError as exc:
             raise UsageError(str(exc)) from None
+        if not answered:
+            print(
+                f"conclave: warning: {inner.base_url} did not answer within "
+                f"{inner.timeout_s:g} s; assuming it is busy and going on",
+                file=sys.stderr,
+                flush=True,
+            )
         yield bridge
 
 
@@ -334,110 +428,61 @@ def _serve_metrics(
     )
 
 
-def _check_output_path(path: Path | None) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"--json {path}: is a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"--json {path}: directory {path.parent} does not exist")
+async def _finish(
+    args: argparse.Namespace,
+    context: ContextBundle,
+    requests: Sequence[AgentRequest],
+    result: ConcurrentResult | None,
+    halted: str | None,
+    pool: AgentPool,
+    *,
+    interrupted: bool,
+) -> int:
+    """Record and report a run; return its exit code.  ``result`` is None when the run
+    was halted before its batch began.
 
-
-class KeyValueFormatter(logging.Formatter):
-    """``time level logger message key=value ...``: the ``extra=`` fields made visible."""
-
-    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
-        if extras:
-            line += " " + " ".join(
-                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                for k, v in sorted(extras.items())
-            )
-        return line
-
-
-def _configure_logging(level: str | None) -> None:
-    if level is None:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("kernel", "adapters"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(level.upper())
-
-
-async def deliberate(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
-    _check_output_path(args.json_path)
-    if args.sequential and args.overflow != "reject":
-        raise UsageError("--sequential and --overflow queue do not mix")
-    roster = Roster.load(args.roster) if args.roster else Roster.default(args.agents)
-    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
-    requests = roster.requests(context)
-    pool = AgentPool(args.capacity)
-    switch = HaltSwitch()
-    checker: HaltChecker = switch
-    if args.halt_file is not None:
-        from adapters.file_halt import FileHaltChannel
-
-        checker = DualChannelHaltChecker(switch, FileHaltChannel(args.halt_file, 0.02))
-    state: dict[str, Any] = {}
-    progress = Progress(len(requests), pool)
-    show_live = not args.quiet and sys.stderr.isatty()
-
-    async with AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(_watch_signals, switch, state)
-        orchestrator = await stack.enter_async_context(
-            _orchestrator(args, roster if args.roster else None, roster.agent_ids)
-        )
-        witness = None
-        if args.witness_db is not None:
-            from adapters.sqlite_witness import SqliteWitness
-
-            witness = await stack.enter_async_context(SqliteWitness(args.witness_db))
-        service = ConcurrentDeliberationService(
-            orchestrator, checker, pool, agent_timeout=args.timeout, witness=witness
-        )
-        if args.metrics_port is not None:
-            _serve_metrics(service, args.metrics_port, stack)
-        if show_live:
-            nursery.start_soon(_live_display, progress)
-        halted: str | None = None
-        if not args.quiet:
-            # A plain line (also when stderr is not a terminal) that says the batch is on.
-            print(
-                f"conclave: deliberating with {len(requests)} agents ({args.backend} backend)",
-                file=sys.stderr,
-                flush=True,
-            )
-        try:
-            if args.sequential:
-                result = await service.invoke_sequential(requests, on_progress=progress)
-            else:
-                result = await service.invoke_concurrent(
-                    requests, overflow=args.overflow, on_progress=progress
-                )
-        except SystemHaltedError as exc:
-            if exc.partial is None:
-                print(f"conclave: halted before starting: {exc.reason}", file=sys.stderr)
-                nursery.cancel_scope.cancel()
-                return EXIT_INTERRUPTED if state.get("interrupted") else EXIT_HALTED
-            result, halted = exc.partial, exc.reason
-        nursery.cancel_scope.cancel()
-
+    A transcript that cannot be written does not throw the run away: the summary is
+    still shown, the failure is one line on stderr and adds
+    :data:`EXIT_TRANSCRIPT_LOST` to the exit code (an interrupt stays 130).
+    """
+    if result is None:
+        print(f"conclave: halted before starting: {halted}", file=sys.stderr)
+    lost = None
     if args.json_path is not None:
-        _write_transcript(args, requests, result, halted, state, pool)
-    _print_summary(args, result, halted, pool, requests)
-    if state.get("interrupted"):
-        return EXIT_INTERRUPTED
-    if halted is not None:
-        return EXIT_HALTED
-    return EXIT_OK if result.failure_count == 0 else EXIT_FAILURES
+        doc = transcript.document(
+            context=context,
+            requests=requests,
+            result=result,
+            halt_reason=halted,
+            interrupted=interrupted,
+            backend=args.backend,
+            model=args.model if args.backend == "openai" else None,
+            pool_after=pool.status(),
+            include_content=args.include_content,
+        )
+        try:
+            await trio.to_thread.run_sync(transcript.write, args.json_path, doc)
+        except OSError as exc:
+            lost = f"--json {args.json_path}: {exc.strerror or exc}"
+    if result is not None:
+        print_summary(
+            result,
+            halt_reason=halted,
+            pool_after=pool.status(),
+            ideal_ms=_ideal_ms(args, len(requests)),
+            quiet=args.quiet,
+            show=args.show,
+        )
+    if interrupted:
+        code = EXIT_INTERRUPTED
+    elif halted is not None:
+        code = EXIT_HALTED
+    else:
+        code = EXIT_OK if result is not None and result.failure_count == 0 else EXIT_FAILURES
+    if lost is None:
+        return code
+    print(f"conclave: transcript not written: {lost}", file=sys.stderr)
+    return code if code == EXIT_INTERRUPTED else code + EXIT_TRANSCRIPT_LOST
 
 
 def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
@@ -448,141 +493,6 @@ def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
         return n * latency_ms
     waves = math.ceil(n / args.capacity) if args.overflow == "queue" else 1
     return waves * latency_ms
-
-
-def _print_summary(
-    args: argparse.Namespace,
-    result: ConcurrentResult,
-    halted: str | None,
-    pool: AgentPool,
-    requests: Sequence[AgentRequest],
-) -> None:
-    kinds = Counter(f.kind.value for f in result.failures)
-    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-    ideal = _ideal_ms(args, len(requests))
-    timing = f"{result.total_ms:.1f} ms"
-    if ideal:
-        timing += f" (ideal {ideal:.1f} ms, x{result.total_ms / ideal:.2f})"
-    pool_line = f"{pool.active_count} active, {pool.available_count}/{pool.max_concurrent} free"
-    if halted is not None:
-        status = "HALTED"
-    else:
-        status = "completed with failures" if result.failures else "completed"
-    if args.quiet:
-        print(
-            f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, {timing}, "
-            f"pool {pool_line}"
-        )
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        title=f"conclave deliberation · batch {result.batch_id}",
-        title_justify="left",
-        show_header=False,
-        box=None,
-        pad_edge=False,
-    )
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("status", status + (f": {halted}" if halted else ""))
-    table.add_row("agents", str(result.total_count))
-    table.add_row("succeeded", str(result.success_count))
-    table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
-    table.add_row("batch time", timing)
-    table.add_row("pool after", pool_line)
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(table)
-    for failure in result.failures[:5]:
-        console.print(
-            f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}", markup=False
-        )
-    if len(result.failures) > 5:
-        console.print(f"  ! ... and {len(result.failures) - 5} more")
-    for output in result.outputs[: max(args.show, 0)]:
-        console.print(f"\n[bold]{output.agent_id}[/bold]:")
-        console.print(output.content, markup=False)
-
-
-def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) -> dict[str, Any]:
-    if isinstance(outcome, AgentOutput):
-        record: dict[str, Any] = {
-            "agent_id": outcome.agent_id,
-            "request_id": str(outcome.request_id),
-            "status": "completed",
-            "output_id": str(outcome.output_id),
-            "content_hash": outcome.content_hash,
-            "content_type": outcome.content_type,
-            "generated_at": outcome.generated_at.isoformat(),
-            "metadata": dict(outcome.metadata),
-        }
-        if include_content:
-            record["content"] = outcome.content
-        return record
-    return {
-        "agent_id": outcome.agent_id,
-        "request_id": str(outcome.request_id),
-        "status": "failed",
-        "kind": outcome.kind.value,
-        "error_type": outcome.error_type,
-        "message": outcome.message,
-        "elapsed_ms": outcome.elapsed_ms,
-    }
-
-
-def _write_transcript(
-    args: argparse.Namespace,
-    requests: Sequence[AgentRequest],
-    result: ConcurrentResult,
-    halted: str | None,
-    state: dict[str, Any],
-    pool: AgentPool,
-) -> None:
-    outcomes: dict[str, AgentOutput | AgentFailure] = {o.agent_id: o for o in result.outputs}
-    outcomes.update({f.agent_id: f for f in result.failures})
-    context = requests[0].context if requests else None
-    doc = {
-        "schema": TRANSCRIPT_SCHEMA,
-        "status": "interrupted"
-        if state.get("interrupted")
-        else ("halted" if halted is not None else "completed"),
-        "halt_reason": halted,
-        "batch_id": str(result.batch_id),
-        "started_at": result.started_at.isoformat(),
-        "completed_at": result.completed_at.isoformat(),
-        "total_ms": result.total_ms,
-        "backend": args.backend,
-        "model": args.model if args.backend == "openai" else None,
-        "topic": None
-        if context is None
-        else {
-            "topic_id": context.topic_id,
-            "bundle_id": str(context.bundle_id),
-            "content_sha256": _sha256(context.topic_content),
-        },
-        "counts": {
-            "total": result.total_count,
-            "succeeded": result.success_count,
-            "failed": result.failure_count,
-            "by_kind": dict(Counter(f.kind.value for f in result.failures)),
-        },
-        "pool_after": pool.status().as_dict(),
-        "outcomes": [
-            _outcome_record(outcomes[r.agent_id], args.include_content)
-            for r in requests
-            if r.agent_id in outcomes
-        ],
-    }
-    # Write-then-rename: a reader (or a Ctrl-C) never sees a half-written transcript.
-    write_atomically(args.json_path, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def _sha256(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- halt / clear / status
@@ -661,13 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(COMMANDS[args.command], args)
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
-    except UsageError as exc:
-        print(f"conclave: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConclaveError as exc:  # bad input, refused admission, denied clear
-        print(f"conclave: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # e.g. the transcript or halt file cannot be written
+    # Bad usage or input, a refused admission, a denied clear, a file that cannot be
+    # written (the halt file): one line, exit 2.
+    except (UsageError, ConclaveError, OSError) as exc:
         print(f"conclave: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -249,21 +249,38 @@ class OpenAIChatOrchestrator:
         for client in clients:
             await client.close()
 
-    async def check_reachable(self, timeout_s: float = 5.0) -> None:
-        """Raise :class:`AgentInvocationError` if the endpoint cannot be reached at all.
+    async def check_reachable(self, timeout_s: float | None = None) -> bool:
+        """Fail fast on a wrong host or port: probe ``GET /models`` once.
 
-        Any HTTP answer (even 401 or 404) counts as reachable: this is a start-up check
-        for a wrong host or port, not for credentials.
+        Only a connection failure means unreachable: refused, DNS, no route, or no
+        connection set up within the limit; it raises :class:`AgentInvocationError`.
+        Any HTTP answer (even 401 or 404) is reachable: returns True.  A server that
+        takes the connection but does not answer within the limit is *busy*, not gone
+        (llama.cpp's server answers ``/models`` only between generations): it is
+        logged as a warning and False is returned, so the caller can go on.
+
+        ``timeout_s`` defaults to this orchestrator's ``timeout_s``: the probe waits
+        as long as an agent's request would.
         """
+        limit = self.timeout_s if timeout_s is None else _positive(timeout_s, "timeout_s")
         client = self._client(self.base_url)
         try:
-            await client.models.list(timeout=timeout_s)
-        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            await client.models.list(timeout=limit)
+        except openai.APITimeoutError as exc:
+            if not _never_connected(exc):
+                log.warning(
+                    "endpoint did not answer the reachability probe; assuming it is busy",
+                    extra={"base_url": self.base_url, "timeout_s": limit},
+                )
+                return False
+            raise AgentInvocationError(f"cannot reach {self.base_url}: connect timed out") from None
+        except openai.APIConnectionError as exc:
             raise AgentInvocationError(
                 f"cannot reach {self.base_url}: {type(exc).__name__}"
             ) from None
         except openai.APIError:
-            return
+            return True
+        return True
 
     # ------------------------------------------------------------ one agent
 
@@ -393,6 +410,19 @@ class OpenAIChatOrchestrator:
         if self._api_key != _KEYLESS:
             text = text.replace(self._api_key, "***")
         return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether a timeout happened while connecting (by name: the SDK's transport is
+    ``httpx`` or ``httpx2`` depending on its version; both call it ``ConnectTimeout``)."""
+    cause = exc.__cause__
+    for _ in range(8):  # a short chain; bounded all the same
+        if cause is None:
+            return False
+        if type(cause).__name__ == "ConnectTimeout":
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _user_message(context: ContextBundle) -> str:

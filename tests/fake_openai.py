@@ -20,6 +20,9 @@ request of an agent pops the next fault of its script, then falls back to
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
+``models_fault``, when set, is the fault for every ``GET .../models`` request (the
+reachability probe) instead of the default; ``None`` (the default) leaves it alone.
+
 The server counts requests, what is in flight (and the most ever), and disconnects:
 requests whose client went away before an answer.  Tests wait on those counts with
 ``wait_for`` (a condition variable), never with sleeps.
@@ -53,6 +56,7 @@ _REASONS = {
 class FakeOpenAIServer:
     def __init__(self) -> None:
         self.default: Fault = "ok"
+        self.models_fault: Fault | None = None
         self.scripts: dict[str, deque[Fault]] = defaultdict(deque)
         self.barrier_size = 0
         self.requests_total = 0
@@ -135,6 +139,7 @@ class FakeOpenAIServer:
     def reset(self) -> None:
         with self._cond:
             self.default = "ok"
+            self.models_fault = None
             self.scripts.clear()
             self.barrier_size = 0
             self.requests_total = self.in_flight = self.max_in_flight = 0
@@ -173,7 +178,7 @@ class FakeOpenAIServer:
         line = await reader.readline()
         if not line:
             return None
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = {":path": line.split(b" ")[1].decode("latin-1")}
         while True:
             h = await reader.readline()
             if h in (b"\r\n", b"\n", b""):
@@ -203,7 +208,10 @@ class FakeOpenAIServer:
             self.bodies.append(payload)
             self.headers.append(headers)
             script = self.scripts.get(agent)
-            fault = script.popleft() if script else self.default
+            if self.models_fault is not None and headers[":path"].endswith("/models"):
+                fault = self.models_fault
+            else:
+                fault = script.popleft() if script else self.default
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._cond.notify_all()

@@ -1,0 +1,157 @@
+"""What ``conclave deliberate`` shows: the live progress line, the summary, the log format.
+
+Display only: it reads counters and results and writes to the terminal; it decides
+nothing about the run.  ``rich`` is imported where it is used, so a ``--quiet`` run
+never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+
+import trio
+
+from kernel import AgentPool, ConcurrentResult, PoolStatus
+
+__all__ = ["KeyValueFormatter", "Progress", "configure_logging", "live_display", "print_summary"]
+
+
+class Progress:
+    """Counters the progress display reads (updated by on_progress)."""
+
+    def __init__(self, total: int, pool: AgentPool) -> None:
+        self.total = total
+        self.pool = pool
+        self.done = 0
+        self.failed = 0
+        self.started = trio.current_time()
+
+    def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
+        self.done = done  # the service counts finished agents; only failures are ours
+        if status == "failed":
+            self.failed += 1
+
+    @property
+    def elapsed(self) -> float:
+        return trio.current_time() - self.started
+
+
+async def live_display(progress: Progress) -> None:
+    """Redraw a one-line status on stderr ~10 times a second until cancelled (TTY only)."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console(stderr=True)
+
+    def render() -> Text:
+        bar_width = 30
+        filled = int(bar_width * progress.done / max(progress.total, 1))
+        return Text.assemble(
+            ("deliberating ", "bold"),
+            ("█" * filled + "░" * (bar_width - filled), "cyan"),
+            f" {progress.done}/{progress.total} done · ",
+            (f"{progress.failed} failed", "red" if progress.failed else ""),
+            f" · {progress.pool.active_count} in flight · {progress.elapsed:.1f} s",
+        )
+
+    with Live(render(), console=console, auto_refresh=False, transient=False) as live:
+        try:
+            while True:
+                live.update(render(), refresh=True)
+                await trio.sleep(0.1)
+        finally:
+            live.update(render(), refresh=True)
+
+
+def print_summary(
+    result: ConcurrentResult,
+    *,
+    halt_reason: str | None,
+    pool_after: PoolStatus,
+    ideal_ms: float | None,
+    quiet: bool,
+    show: int,
+) -> None:
+    """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
+    failures and the first ``show`` answers (not with ``quiet``)."""
+    kinds = Counter(f.kind.value for f in result.failures)
+    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    timing = f"{result.total_ms:.1f} ms"
+    if ideal_ms:
+        timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
+    pool_line = (
+        f"{pool_after.active_count} active, "
+        f"{pool_after.available_count}/{pool_after.max_concurrent} free"
+    )
+    if halt_reason is not None:
+        status = "HALTED"
+    else:
+        status = "completed with failures" if result.failures else "completed"
+    if quiet:
+        print(
+            f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
+            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, {timing}, "
+            f"pool {pool_line}"
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"conclave deliberation · batch {result.batch_id}",
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("status", status + (f": {halt_reason}" if halt_reason else ""))
+    table.add_row("agents", str(result.total_count))
+    table.add_row("succeeded", str(result.success_count))
+    table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    table.add_row("batch time", timing)
+    table.add_row("pool after", pool_line)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(table)
+    for failure in result.failures[:5]:
+        console.print(
+            f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}", markup=False
+        )
+    if len(result.failures) > 5:
+        console.print(f"  ! ... and {len(result.failures) - 5} more")
+    for output in result.outputs[: max(show, 0)]:
+        console.print(f"\n[bold]{output.agent_id}[/bold]:")
+        console.print(output.content, markup=False)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``time level logger message key=value ...``: the ``extra=`` fields made visible."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
+        if extras:
+            line += " " + " ".join(
+                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                for k, v in sorted(extras.items())
+            )
+        return line
+
+
+def configure_logging(level: str | None) -> None:
+    """Send the ``kernel`` and ``adapters`` logs at ``level`` and above to stderr, one
+    line each with their ``extra=`` fields; ``None`` leaves logging alone (silent)."""
+    if level is None:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("kernel", "adapters"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
