@@ -39,6 +39,7 @@ from adapters._cli_display import Progress, configure_logging, live_display, pri
 from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
+    DEFAULT_HALT_READ_TIMEOUT,
     MAX_CONCURRENT_AGENTS,
     AgentInvocationError,
     AgentOrchestratorProtocol,
@@ -53,6 +54,7 @@ from kernel import (
     HaltChecker,
     HaltSwitch,
     SystemHaltedError,
+    read_halt,
 )
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -60,8 +62,6 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
 #: before anything runs (a million agents took 10 s and 555 MB just to be refused).
 MAX_AGENTS = 100_000
-#: How long the halt is read before the start, as the kernel's ``halt_read_timeout``.
-_HALT_READ_TIMEOUT_S = 2.0
 
 
 class UsageError(Exception):
@@ -305,16 +305,12 @@ async def _read_halt(checker: HaltChecker) -> str | None:
     """The halt reason if the system is halted now, else None (CT-11 before the start).
 
     Fail-safe like the kernel: a read that raises, or does not answer within
-    :data:`_HALT_READ_TIMEOUT_S`, counts as halted.
+    :data:`kernel.DEFAULT_HALT_READ_TIMEOUT`, counts as halted.
     """
-    with trio.move_on_after(_HALT_READ_TIMEOUT_S):
-        try:
-            if not await checker.is_halted():
-                return None
-            return await checker.get_halt_reason() or "halted (no reason given)"
-        except Exception as exc:
-            return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
-    return f"halt channel did not answer within {_HALT_READ_TIMEOUT_S:g} s; treated as halted"
+    try:
+        return await read_halt(checker, DEFAULT_HALT_READ_TIMEOUT)
+    except Exception as exc:
+        return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
 
 
 def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) -> None:

@@ -16,11 +16,13 @@ from kernel._errors import (
 )
 from kernel._frozenmap import FrozenMap
 from kernel._halt import (
+    DEFAULT_HALT_READ_TIMEOUT,
     NO_REASON,
     HaltRecord,
     HaltSwitch,
     check_clear_approvers,
     check_halt_reason,
+    read_halt,
 )
 from kernel._metrics import MetricsSnapshot, ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
@@ -50,6 +52,7 @@ from kernel._types import (
 )
 
 __all__ = [
+    "DEFAULT_HALT_READ_TIMEOUT",
     "MAX_CONCURRENT_AGENTS",
     "NO_REASON",
     "Admission",
@@ -89,6 +92,7 @@ __all__ = [
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",
+    "read_halt",
     "utc_now",
 ]
 
