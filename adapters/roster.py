@@ -20,6 +20,19 @@ File shape (TOML shown; JSON is the same structure)::
 A profile field left unset falls back to ``[defaults]``, then to the orchestrator's
 own defaults.  Errors name the file, the agent and the field.
 
+The Archon 72 roster format (``archons-base.json``) loads too: a JSON object with an
+``archons`` list, each item with ``id`` (the agent id), ``name`` (its display name),
+``role``, ``goal``, ``backstory`` and ``system_prompt``::
+
+    {"archons": [{"id": "paimon", "name": "Paimon", "role": "King of the West",
+                  "goal": "...", "backstory": "...", "system_prompt": "..."}]}
+
+Only ``id`` is required.  Those six fields are read; every other field of an archon, and
+every other top-level key, belongs to the application that wrote the file (ranks,
+branches, realms, ...) and is ignored.  LLM settings come from the orchestrator.  Errors
+name the file, the archon (``archons[i]``, with its ``id`` when that is valid) and the
+field by its name in the file (``'id'``, ``'name'``, ...).
+
 What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
 - a file that is not UTF-8 (a UTF-8 byte-order mark is allowed and skipped), is not valid
@@ -200,6 +213,13 @@ class AgentProfile:
         default=None, validator=_opt_positive("max_tokens", integer=True)
     )
     timeout_s: float | None = attrs.field(default=None, validator=_opt_positive("timeout_s"))
+    # Who the agent is, for frameworks that build a persona from it (adapters.crewai):
+    # CrewAI's role, goal and backstory.  Orchestrators that do not use them ignore them.
+    role: str | None = attrs.field(default=None, validator=_opt_str("role"))
+    goal: str | None = attrs.field(default=None, validator=_opt_str("goal"), repr=False)
+    backstory: str | None = attrs.field(
+        default=None, validator=_opt_str("backstory"), repr=False
+    )
 
     @property
     def name(self) -> str:
@@ -212,6 +232,16 @@ def _profiles_tuple(value: Iterable[AgentProfile]) -> tuple[AgentProfile, ...]:
 
 _PROFILE_FIELDS = frozenset(a.name for a in attrs.fields(AgentProfile))
 _DEFAULT_FIELDS = _PROFILE_FIELDS - {"agent_id"}
+
+# The Archon 72 roster format: field in the file -> profile field.
+_ARCHON_FIELDS = {
+    "id": "agent_id",
+    "name": "display_name",
+    "role": "role",
+    "goal": "goal",
+    "backstory": "backstory",
+    "system_prompt": "system_prompt",
+}
 
 
 @attrs.frozen(slots=True)
@@ -282,6 +312,8 @@ class Roster:
     def from_dict(cls, data: object, *, source: str = "<roster>") -> Roster:
         if not isinstance(data, Mapping):
             raise RosterError(f"{source}: expected a table with an 'agents' list")
+        if "archons" in data and "agents" not in data:
+            return cls._from_archons(data["archons"], source=source)
         unknown = set(data) - {"agents", "defaults"}
         if unknown:
             raise RosterError(f"{source}: unknown top-level field(s): {_names(unknown)}")
@@ -316,6 +348,38 @@ class Roster:
                 raise RosterError(f"{source}: {where}: {exc}") from None
             except InvalidRequestError as exc:
                 raise RosterError(f"{source}: {where}: {exc}") from None
+        return cls(profiles, source=source)
+
+    @classmethod
+    def _from_archons(cls, archons: object, *, source: str) -> Roster:
+        """The Archon 72 format (see the module docstring): six fields read, the rest ignored."""
+        if not isinstance(archons, list):
+            raise RosterError(f"{source}: 'archons' must be a list of archon objects")
+        profiles: list[AgentProfile] = []
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(archons):
+            where = f"archons[{i}]"
+            if not isinstance(entry, Mapping):
+                raise RosterError(f"{source}: {where}: expected an object")
+            if _agent_id_problem(entry.get("id")) is None:
+                where = f"archons[{i}] (id {entry['id']!r})"
+            if "id" not in entry:
+                raise RosterError(f"{source}: {where}: field 'id' is missing")
+            fields = {field: entry[name] for name, field in _ARCHON_FIELDS.items() if name in entry}
+            try:
+                profile = AgentProfile(**fields)
+            except InvalidRequestError as exc:
+                # Name the field as the file does ('id', not 'agent_id').
+                message = str(exc)
+                for name, field in _ARCHON_FIELDS.items():
+                    message = message.replace(f"field {field!r}", f"field {name!r}")
+                raise RosterError(f"{source}: {where}: {message}") from None
+            if profile.agent_id in seen:
+                raise RosterError(
+                    f"{source}: {where}: duplicate 'id' (also archons[{seen[profile.agent_id]}])"
+                )
+            seen[profile.agent_id] = i
+            profiles.append(profile)
         return cls(profiles, source=source)
 
     # ------------------------------------------------------------ reading
