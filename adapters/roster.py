@@ -217,9 +217,7 @@ class AgentProfile:
     # CrewAI's role, goal and backstory.  Orchestrators that do not use them ignore them.
     role: str | None = attrs.field(default=None, validator=_opt_str("role"))
     goal: str | None = attrs.field(default=None, validator=_opt_str("goal"), repr=False)
-    backstory: str | None = attrs.field(
-        default=None, validator=_opt_str("backstory"), repr=False
-    )
+    backstory: str | None = attrs.field(default=None, validator=_opt_str("backstory"), repr=False)
 
     @property
     def name(self) -> str:
