@@ -10,6 +10,7 @@ request of an agent pops the next fault of its script, then falls back to
 ``default``.  A fault is one of:
 
     "ok"                       answer at once
+    ("reply", text)            answer at once with ``text`` as the content
     ("latency", seconds)       answer after a delay
     "barrier"                  hold the answer until ``barrier_size`` requests are held
     500 / 503 / 401 / 400      that status with an OpenAI-style error body
@@ -31,6 +32,7 @@ requests whose client went away before an answer.  Tests wait on those counts wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -238,6 +240,10 @@ class FakeOpenAIServer:
         if eof in done:
             return False
         eof.cancel()
+        # Let the cancelled read unwind before the connection reads its next request:
+        # a StreamReader allows one reader at a time.
+        with contextlib.suppress(asyncio.CancelledError):
+            await eof
         return True
 
     async def _apply(
@@ -270,6 +276,10 @@ class FakeOpenAIServer:
 
         if fault == "ok":
             self._send_json(writer, 200, _completion(payload, agent))
+        elif isinstance(fault, tuple) and fault[0] == "reply":
+            doc = _completion(payload, agent)
+            doc["choices"][0]["message"]["content"] = fault[1]
+            self._send_json(writer, 200, doc)
         elif isinstance(fault, tuple) and fault[0] == "429":
             self._send_json(
                 writer,
