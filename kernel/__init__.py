@@ -37,6 +37,7 @@ from kernel._ports import (
     OutputWitness,
 )
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
+from kernel._tail import HedgePolicy
 from kernel._types import (
     MAX_CONCURRENT_AGENTS,
     AgentFailure,
@@ -82,6 +83,7 @@ __all__ = [
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
+    "HedgePolicy",
     "InvalidRequestError",
     "MetricsSnapshot",
     "Overflow",
