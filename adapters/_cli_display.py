@@ -15,7 +15,14 @@ import trio
 
 from kernel import AgentPool, ConcurrentResult, PoolStatus
 
-__all__ = ["KeyValueFormatter", "Progress", "configure_logging", "live_display", "print_summary"]
+__all__ = [
+    "KeyValueFormatter",
+    "Progress",
+    "announce",
+    "configure_logging",
+    "live_display",
+    "print_summary",
+]
 
 
 class Progress:
@@ -64,6 +71,18 @@ async def live_display(progress: Progress) -> None:
                 await trio.sleep(0.1)
         finally:
             live.update(render(), refresh=True)
+
+
+def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
+    """Say on stderr that the batch is on (a plain line, also when stderr is not a
+    terminal), and on a terminal start the live line in ``nursery``."""
+    if sys.stderr.isatty():
+        nursery.start_soon(live_display, progress)
+    print(
+        f"conclave: deliberating with {progress.total} agents ({backend} backend)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def print_summary(

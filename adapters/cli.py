@@ -19,42 +19,44 @@ Exit codes:
     130  interrupted (Ctrl-C), whatever became of the transcript
 
 Bad input gets one line on stderr, never a traceback.
+
+Here: the parser and the commands.  What a run is opened on is in ``_cli_backend``,
+what it shows in ``_cli_display``, what it records in ``transcript``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import trio
 
 from adapters import transcript
-from adapters._cli_display import Progress, configure_logging, live_display, print_summary
+from adapters._cli_backend import (
+    OperatorInterrupt,
+    UsageError,
+    halt_checker,
+    halt_reason_now,
+    open_service,
+    openai_orchestrator,
+    stub_orchestrator,
+)
+from adapters._cli_display import Progress, announce, configure_logging, print_summary
 from adapters.roster import Roster
-from adapters.stub import AgentOrchestratorStub
 from kernel import (
-    DEFAULT_HALT_READ_TIMEOUT,
     MAX_CONCURRENT_AGENTS,
-    AgentInvocationError,
     AgentOrchestratorProtocol,
     AgentPool,
     AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
-    ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
-    DualChannelHaltChecker,
-    HaltChecker,
-    HaltSwitch,
     SystemHaltedError,
-    read_halt,
 )
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -62,10 +64,6 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
 #: before anything runs (a million agents took 10 s and 555 MB just to be refused).
 MAX_AGENTS = 100_000
-
-
-class UsageError(Exception):
-    """Bad usage or input: one line on stderr, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,7 +217,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def deliberate(args: argparse.Namespace) -> int:
+    """Check usage, then the halt, then the council's size; open the backend, run the
+    batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(args.log_level)
+    roster_file = await _check_usage(args)
+    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
+    pool = AgentPool(args.capacity)
+    interrupt = OperatorInterrupt()
+    checker = halt_checker(interrupt.switch, args.halt_file)
+    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
+    # oversize council, and does not probe a server.
+    reason = await halt_reason_now(checker)
+    if reason is not None:
+        return await _finish(args, context, (), None, reason, pool, interrupted=False)
+    roster = _council(args, roster_file, pool)
+    requests = roster.requests(context)
+    progress = Progress(len(requests), pool)
+
+    result: ConcurrentResult | None = None
+    halted: str | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(interrupt.watch)
+        async with open_service(
+            _orchestrator(args, roster_file, roster),
+            checker,
+            pool,
+            agent_timeout=args.timeout,
+            witness_db=args.witness_db,
+            metrics_port=args.metrics_port,
+        ) as service:
+            if not args.quiet:
+                announce(nursery, progress, backend=args.backend)
+            try:
+                if args.sequential:
+                    result = await service.invoke_sequential(requests, on_progress=progress)
+                else:
+                    result = await service.invoke_concurrent(
+                        requests, overflow=args.overflow, on_progress=progress
+                    )
+            except SystemHaltedError as exc:
+                # partial is None: halted (or Ctrl-C) after the check above, before the batch.
+                result, halted = exc.partial, exc.reason
+            nursery.cancel_scope.cancel()
+    interrupted = interrupt.signal_name is not None
+    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+
+
+async def _check_usage(args: argparse.Namespace) -> Roster | None:
+    """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.backend == "openai" and not (args.base_url and args.model):
@@ -229,96 +274,19 @@ async def deliberate(args: argparse.Namespace) -> int:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
         except ValueError as exc:
             raise UsageError(f"--json {exc}") from None
-    roster_file = None
-    if args.roster is not None:
-        roster_file = await trio.to_thread.run_sync(Roster.load, args.roster)
-    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
-    pool = AgentPool(args.capacity)
-    interrupt = _OperatorInterrupt(HaltSwitch())
-    checker: HaltChecker = interrupt.switch
-    if args.halt_file is not None:
-        from adapters.file_halt import FileHaltChannel
-
-        checker = DualChannelHaltChecker(checker, FileHaltChannel(args.halt_file, 0.02))
-    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
-    # oversize council, and does not probe a server.
-    reason = await _read_halt(checker)
-    if reason is not None:
-        return await _finish(args, context, (), None, reason, pool, interrupted=False)
-    size = len(roster_file) if roster_file is not None else args.agents
-    _check_council_size(args, size, pool)
-    roster = roster_file if roster_file is not None else Roster.default(size)
-    requests = roster.requests(context)
-    progress = Progress(len(requests), pool)
-
-    result: ConcurrentResult | None = None
-    halted: str | None = None
-    async with AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(interrupt.watch)
-        service = await _open_service(args, stack, roster_file, roster, checker, pool)
-        if not args.quiet and sys.stderr.isatty():
-            nursery.start_soon(live_display, progress)
-        if not args.quiet:
-            # A plain line (also when stderr is not a terminal) that says the batch is on.
-            print(
-                f"conclave: deliberating with {len(requests)} agents ({args.backend} backend)",
-                file=sys.stderr,
-                flush=True,
-            )
-        try:
-            if args.sequential:
-                result = await service.invoke_sequential(requests, on_progress=progress)
-            else:
-                result = await service.invoke_concurrent(
-                    requests, overflow=args.overflow, on_progress=progress
-                )
-        except SystemHaltedError as exc:
-            # partial is None: halted (or Ctrl-C) after the check above, before the batch.
-            result, halted = exc.partial, exc.reason
-        nursery.cancel_scope.cancel()
-    interrupted = interrupt.signal_name is not None
-    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+    if args.roster is None:
+        return None
+    return await trio.to_thread.run_sync(Roster.load, args.roster)
 
 
-class _OperatorInterrupt:
-    """Ctrl-C (or SIGTERM) raises the halt: a clean stop with a partial summary.
-
-    A second one stops waiting for the clean halt (``KeyboardInterrupt``, exit 130).
-    """
-
-    def __init__(self, switch: HaltSwitch) -> None:
-        self.switch = switch
-        self.signal_name: str | None = None  # the first signal's, once one came
-
-    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()  # from here on, Ctrl-C means "halt", not KeyboardInterrupt
-            async for signum in signals:
-                if self.signal_name is not None:
-                    raise KeyboardInterrupt  # second Ctrl-C: stop waiting for a clean halt
-                self.signal_name = signal.Signals(signum).name
-                self.switch.halt(f"operator interrupt ({self.signal_name})")
-
-
-async def _read_halt(checker: HaltChecker) -> str | None:
-    """The halt reason if the system is halted now, else None (CT-11 before the start).
-
-    Fail-safe like the kernel: a read that raises, or does not answer within
-    :data:`kernel.DEFAULT_HALT_READ_TIMEOUT`, counts as halted.
-    """
-    try:
-        return await read_halt(checker, DEFAULT_HALT_READ_TIMEOUT)
-    except Exception as exc:
-        return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
-
-
-def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) -> None:
-    """Refuse an impossible council before a single request is built.
+def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
+    """The --roster file's roster, else ``--agents`` default agents; an impossible council
+    is refused before a single request is built.
 
     Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
     every mode refuses more than :data:`MAX_AGENTS`.
     """
+    size = len(roster_file) if roster_file is not None else args.agents
     if args.overflow == "reject" and not args.sequential and size > pool.available_count:
         raise AgentPoolExhaustedError(
             f"FR10: agent pool exhausted: {pool.max_concurrent - pool.available_count} active "
@@ -327,100 +295,27 @@ def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) ->
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
         raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+    return roster_file if roster_file is not None else Roster.default(size)
 
 
-async def _open_service(
-    args: argparse.Namespace,
-    stack: AsyncExitStack,
-    roster_file: Roster | None,
-    roster: Roster,
-    checker: HaltChecker,
-    pool: AgentPool,
-) -> ConcurrentDeliberationService:
-    """The backend, the witness and the metrics server, each closed by ``stack``."""
-    orchestrator = await stack.enter_async_context(
-        _orchestrator(args, roster_file, roster.agent_ids)
-    )
-    witness = None
-    if args.witness_db is not None:
-        from adapters.sqlite_witness import SqliteWitness
-
-        witness = await stack.enter_async_context(SqliteWitness(args.witness_db))
-    service = ConcurrentDeliberationService(
-        orchestrator, checker, pool, agent_timeout=args.timeout, witness=witness
-    )
-    if args.metrics_port is not None:
-        _serve_metrics(service, args.metrics_port, stack)
-    return service
-
-
-@asynccontextmanager
-async def _orchestrator(
-    args: argparse.Namespace, roster: Roster | None, agent_ids: Sequence[str]
-) -> AsyncIterator[AgentOrchestratorProtocol]:
+def _orchestrator(
+    args: argparse.Namespace, roster_file: Roster | None, roster: Roster
+) -> AbstractAsyncContextManager[AgentOrchestratorProtocol]:
+    """The --backend's orchestrator, with its flags (opened by ``open_service``)."""
     if args.backend == "stub":
-        rng = random.Random(args.seed)
-        failing = rng.sample(list(agent_ids), round(args.fail_rate * len(agent_ids)))
-        yield AgentOrchestratorStub(
+        return stub_orchestrator(
+            roster.agent_ids,
             latency_ms=args.latency_ms,
-            fail_agents=failing,
             jitter_ms=args.jitter_ms,
+            fail_rate=args.fail_rate,
             seed=args.seed,
         )
-        return
-    # Imported here: the stub path needs neither openai nor trio-asyncio.
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
-
-    inner = OpenAIChatOrchestrator(
+    return openai_orchestrator(
         args.base_url,
         args.model,
-        roster=roster,
+        roster=roster_file,
         max_tokens=args.max_tokens,
-        **({"timeout_s": args.timeout} if args.timeout else {}),
-    )
-    async with AsyncioOrchestratorBridge(inner) as bridge:
-        try:
-            # Waits as long as an agent's request would (--timeout); only a connection
-            # failure is "cannot reach", silence is a busy server (llama.cpp).
-            answered = await bridge.run_asyncio(inner.check_reachable)
-        except AgentInvocationError as exc:
-            raise UsageError(str(exc)) from None
-        if not answered:
-            print(
-                f"conclave: warning: {inner.base_url} did not answer within "
-                f"{inner.timeout_s:g} s; assuming it is busy and going on",
-                file=sys.stderr,
-                flush=True,
-            )
-        yield bridge
-
-
-def _serve_metrics(
-    service: ConcurrentDeliberationService, port: int, stack: AsyncExitStack
-) -> None:
-    try:
-        from prometheus_client import CollectorRegistry
-
-        from adapters.prometheus import export_service_metrics, serve_metrics
-    except ImportError:
-        raise UsageError(
-            "--metrics-port needs prometheus-client: pip install 'conclave-kernel[metrics]'"
-        ) from None
-    registry = CollectorRegistry()
-    export_service_metrics(service, registry)
-    try:
-        server, _ = serve_metrics(port, registry=registry)
-    except OSError as exc:
-        raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
-    except ConclaveError as exc:
-        raise UsageError(f"--metrics-port: {exc}") from None
-    stack.callback(server.server_close)
-    stack.callback(server.shutdown)
-    print(
-        f"conclave: metrics at http://127.0.0.1:{server.server_port}/metrics",
-        file=sys.stderr,
-        flush=True,
+        timeout_s=args.timeout,
     )
 
 
