@@ -18,12 +18,12 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
 from adapters.roster import Roster
-from adapters.stub import AgentOrchestratorStub
+from adapters.stub import AgentOrchestratorStub, LatencyModel
 from kernel import (
     DEFAULT_HALT_READ_TIMEOUT,
     AgentInvocationError,
@@ -110,13 +110,22 @@ async def stub_orchestrator(
     jitter_ms: float,
     fail_rate: float,
     seed: int | None,
+    latency_profile: str = "fixed",
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """The trio-native stub; ``round(fail_rate * len(agent_ids))`` agents, drawn with
-    ``seed``, fail."""
+    ``seed``, fail.  ``latency_profile="lognormal"``: heavy-tailed latencies whose median
+    is ``latency_ms`` (:meth:`LatencyModel.with_median`)."""
     rng = random.Random(seed)
     failing = rng.sample(list(agent_ids), round(fail_rate * len(agent_ids)))
+    profile: LatencyModel | Literal["fixed"] = (
+        LatencyModel().with_median(latency_ms) if latency_profile == "lognormal" else "fixed"
+    )
     yield AgentOrchestratorStub(
-        latency_ms=latency_ms, fail_agents=failing, jitter_ms=jitter_ms, seed=seed
+        latency_ms=latency_ms,
+        fail_agents=failing,
+        jitter_ms=jitter_ms,
+        seed=seed,
+        latency_profile=profile,
     )
 
 

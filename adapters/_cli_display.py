@@ -112,8 +112,8 @@ def print_summary(
     if quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, {timing}, "
-            f"pool {pool_line}"
+            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
+            f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
         )
         return
     from rich.console import Console
@@ -132,6 +132,10 @@ def print_summary(
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
     table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    if result.hedged_agents:
+        table.add_row("hedged", f"{len(result.hedged_agents)} agents got a duplicate call")
+    if kinds["cancelled"]:
+        table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
     table.add_row("batch time", timing)
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)

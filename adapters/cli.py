@@ -56,6 +56,7 @@ from kernel import (
     ConclaveError,
     ConcurrentResult,
     ContextBundle,
+    HedgePolicy,
     SystemHaltedError,
 )
 
@@ -108,6 +109,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _hedge_after(text: str) -> float | str:
+    return "auto" if text == "auto" else _positive_float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -137,9 +142,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
+    tail = d.add_argument_group("tail control (concurrent runs)")
+    tail.add_argument(
+        "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
+    )
+    tail.add_argument(
+        "--quorum",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="stop once K agents have succeeded; the rest are cancelled",
+    )
+    tail.add_argument(
+        "--hedge-after",
+        type=_hedge_after,
+        default=None,
+        metavar="S|auto",
+        help="give an agent still running after S seconds one duplicate call; the first "
+        "success wins (auto: the observed p95 latency, once 20 answers have been seen: "
+        "not in a run's first batch)",
+    )
+    tail.add_argument(
+        "--hedge-budget",
+        type=_fraction,
+        default=0.1,
+        metavar="F",
+        help="at most ceil(F x agents) hedged agents per batch (default 0.1)",
+    )
     stub = d.add_argument_group("stub backend")
     stub.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
     stub.add_argument("--jitter-ms", type=_non_negative_float, default=0.0)
+    stub.add_argument(
+        "--latency-profile",
+        choices=("fixed", "lognormal"),
+        default="fixed",
+        help="lognormal: heavy-tailed latencies with median --latency-ms and rare stalls",
+    )
     stub.add_argument(
         "--fail-rate", type=_fraction, default=0.0, help="fraction of agents that fail (0-1)"
     )
@@ -253,7 +291,12 @@ async def deliberate(args: argparse.Namespace) -> int:
                     result = await service.invoke_sequential(requests, on_progress=progress)
                 else:
                     result = await service.invoke_concurrent(
-                        requests, overflow=args.overflow, on_progress=progress
+                        requests,
+                        overflow=args.overflow,
+                        on_progress=progress,
+                        deadline=args.deadline,
+                        quorum=args.quorum,
+                        hedge=_hedge_policy(args),
                     )
             except SystemHaltedError as exc:
                 # partial is None: halted (or Ctrl-C) after the check above, before the batch.
@@ -267,6 +310,14 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
+    tail = (
+        ("--deadline", args.deadline),
+        ("--quorum", args.quorum),
+        ("--hedge-after", args.hedge_after),
+    )
+    for flag, value in tail:
+        if args.sequential and value is not None:
+            raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
     if args.backend == "openai" and not (args.base_url and args.model):
         raise UsageError("--backend openai needs --base-url and --model")
     if args.json_path is not None:
@@ -298,6 +349,13 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     return roster_file if roster_file is not None else Roster.default(size)
 
 
+def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+    if args.hedge_after is None:
+        return None
+    delay = None if args.hedge_after == "auto" else args.hedge_after
+    return HedgePolicy(delay=delay, budget=args.hedge_budget)
+
+
 def _orchestrator(
     args: argparse.Namespace, roster_file: Roster | None, roster: Roster
 ) -> AbstractAsyncContextManager[AgentOrchestratorProtocol]:
@@ -309,6 +367,7 @@ def _orchestrator(
             jitter_ms=args.jitter_ms,
             fail_rate=args.fail_rate,
             seed=args.seed,
+            latency_profile=args.latency_profile,
         )
     return openai_orchestrator(
         args.base_url,

@@ -50,6 +50,11 @@ class LatencyModel:
     stall_probability: float = attrs.field(default=0.005, validator=number(at_least=0, at_most=1))
     stall_ms: float = attrs.field(default=30_000.0, validator=number(at_least=0))
 
+    def with_median(self, median_ms: float) -> LatencyModel:
+        """The same shape around another median: stalls scale with it."""
+        scale = check_number(median_ms, "median_ms", above=0) / self.median_ms
+        return attrs.evolve(self, median_ms=median_ms, stall_ms=self.stall_ms * scale)
+
     def sample_ms(self, rng: random.Random) -> float:
         """One call's latency in milliseconds, drawn from ``rng``."""
         if self.stall_probability and rng.random() < self.stall_probability:

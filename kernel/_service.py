@@ -222,19 +222,24 @@ class _Batch:
     def _unfinished(self, i: int, now: float) -> AgentFailure:
         req, started = self.requests[i], self.started[i]
         if self.stop == "halt":
-            kind, why = FailureKind.HALTED, f"system halted ({self.reason})"
+            kind, why, cut = (
+                FailureKind.HALTED,
+                f"system halted ({self.reason})",
+                "cancelled by halt",
+            )
         elif self.stop == "deadline":
-            kind, why = FailureKind.TIMEOUT, "batch deadline reached"
+            kind, why, cut = FailureKind.TIMEOUT, "batch deadline reached", "batch deadline reached"
         else:
-            kind, why = FailureKind.CANCELLED, f"not needed: quorum of {self.quorum} reached"
+            kind, why = FailureKind.CANCELLED, f"quorum of {self.quorum} reached"
+            cut = f"not needed: quorum of {self.quorum} reached"
         if started is None:
             message = f"not started: {why}"
         elif i in self.withheld:
             message = f"output withheld: {why} before its release"
         elif kind is FailureKind.HALTED:
-            message = f"cancelled by halt ({self.reason})"
+            message = f"{cut} ({self.reason})"
         else:
-            message = f"cancelled: {why}"
+            message = cut
         return AgentFailure(
             agent_id=req.agent_id,
             request_id=req.request_id,

@@ -93,7 +93,7 @@ async def test_deadline_counts_queued_time_and_names_unstarted_agents(
     assert result.success_count == 2
     messages = sorted(f.message for f in result.failures)
     assert messages.count("not started: batch deadline reached") == 2
-    assert messages.count("cancelled: batch deadline reached") == 2
+    assert messages.count("batch deadline reached") == 2
     assert len(orch.starts) == 4  # nothing started after the deadline
 
 
@@ -129,7 +129,7 @@ async def test_quorum_returns_at_the_kth_success_with_failures_mixed_in(
     assert kinds["archon-3"] is FailureKind.INVALID_OUTPUT
     cancelled = [f for f in result.failures if f.kind is FailureKind.CANCELLED]
     assert [f.agent_id for f in cancelled] == [f"archon-{i}" for i in range(7, 11)]
-    assert all(f.message == "cancelled: not needed: quorum of 4 reached" for f in cancelled)
+    assert all(f.message == "not needed: quorum of 4 reached" for f in cancelled)
 
 
 async def test_quorum_that_cannot_be_reached_returns_when_all_are_done(
