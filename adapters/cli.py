@@ -594,6 +594,8 @@ async def halt_command(args: argparse.Namespace) -> int:
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
         print(f"halted: {args.reason}")
+        if channel.kept_aside is not None:
+            print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
         print(f"already halted: {await channel.get_halt_reason()}")
     return EXIT_OK
@@ -615,6 +617,8 @@ async def status_command(args: argparse.Namespace) -> int:
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
         print(f"HALTED: {state.reason}")
+        if state.error is not None:
+            print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
