@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,14 +231,45 @@ def test_history_is_trimmed_to_stay_readable(
 # ---------------------------------------------------------------- property
 
 
-def _is_not_halted_document(content: bytes) -> bool:
-    """An independent oracle: a strict UTF-8 JSON object whose 'halted' is literally
-    false (what a reader may call "not halted" at most)."""
+def _expected(content: bytes) -> str:
+    """The specification, written independently of the reader: "clear" or "halted" for
+    a well-formed document (strict UTF-8 JSON, no NaN, right types at every level), else
+    "corrupt"."""
+
+    def no_constant(name: str) -> None:
+        raise ValueError(name)
+
+    def is_time(value: object) -> bool:
+        try:
+            datetime.fromisoformat(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def good_record(r: object) -> bool:
+        return (
+            isinstance(r, dict)
+            and r.get("action") in ("halt", "clear")
+            and isinstance(r.get("reason"), str)
+            and is_time(r.get("at"))
+            and isinstance(r.get("approvers", []), list)
+            and all(isinstance(a, str) for a in r.get("approvers", []))
+        )
+
     try:
-        doc = json.loads(content.decode("utf-8"))
+        doc = json.loads(content.decode("utf-8"), parse_constant=no_constant)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(doc, dict) and doc.get("halted") is False
+        return "corrupt"
+    if not (
+        isinstance(doc, dict)
+        and isinstance(doc.get("halted"), bool)
+        and doc.get("schema", "conclave.halt/1") == "conclave.halt/1"
+        and (doc.get("reason") is None or isinstance(doc.get("reason"), str))
+        and isinstance(doc.get("history", []), list)
+        and all(good_record(r) for r in doc.get("history", []))
+    ):
+        return "corrupt"
+    return "halted" if doc["halted"] else "clear"
 
 
 json_values = st.recursive(
@@ -269,6 +301,8 @@ contents = (
     | json_values.map(lambda v: json.dumps(v).encode())
     | documents.map(lambda v: json.dumps(v).encode())
     | documents.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8"))
+    | documents.map(lambda v: json.dumps(v).encode("utf-16"))
+    | documents.map(lambda v: b"\xef\xbb\xbf" + json.dumps(v).encode())
 )
 
 
@@ -281,16 +315,18 @@ def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
         channel = FileHaltChannel(path)
         state = channel.read_state()  # never raises
         assert isinstance(state, HaltFileState) and isinstance(state.halted, bool)
-        if state.error is not None:
-            assert state.halted and state.history == ()
+        expected = _expected(content)
+        if expected == "corrupt":
+            assert state.halted and state.error is not None and state.history == ()
             # halting over it always works and gives a readable halted file
             assert channel.halt("fuzz") is True
             assert channel.read_state() == HaltFileState(
                 True, "fuzz", channel.read_state().history, None
             )
-        elif not state.halted:
-            assert state.reason is None
-            assert _is_not_halted_document(content)
+        else:  # a well-formed document is read as it says, never as corrupt
+            assert state.error is None
+            assert state.halted == (expected == "halted")
+            assert state.halted or state.reason is None
         for record in state.history:
             assert record.action in ("halt", "clear") and isinstance(record.reason, str)
             assert record.at.tzinfo is not None
@@ -347,3 +383,21 @@ def test_cli_on_a_corrupt_halt_file(tmp_path: Path, shape: str) -> None:
     )
     assert clear.returncode == 0 and clear.stdout == "cleared\n", clear.stderr
     assert conclave("status", "--halt-file", str(path)).returncode == 0
+
+
+async def test_a_path_that_cannot_be_opened_reads_halted(tmp_path: Path) -> None:
+    """The OSError path of reading (as root, permissions cannot deny a read; a parent
+    that is a file can): halted, and a halt that cannot be written says why."""
+    (tmp_path / "not-a-dir").write_text("x")
+    path = tmp_path / "not-a-dir" / "halt.json"
+    channel = FileHaltChannel(path)
+    state = channel.read_state()
+    assert state.halted and state.error is not None and "cannot read" in state.error
+    assert await channel.is_halted()
+    with pytest.raises(OSError):
+        channel.halt("cannot be written here")
+    proc = conclave("halt", "--halt-file", str(path), "--reason", "r")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("conclave: ") and "Traceback" not in proc.stderr
+    status = conclave("status", "--halt-file", str(path))
+    assert status.returncode == 3 and "cannot read" in status.stdout
