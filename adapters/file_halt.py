@@ -60,7 +60,7 @@ _SCHEMA = "conclave.halt/1"
 #: under it by dropping the oldest records (about 20 000 fit).
 MAX_HALT_FILE_BYTES = 4 * 1024 * 1024
 
-_MAX_PROBLEM_CHARS = 200  # an exception's text in a reason is cut to this
+_MAX_PROBLEM_CHARS = 300  # an exception's text in a reason is cut to this
 
 
 @attrs.frozen(slots=True)
@@ -391,7 +391,7 @@ def _parse(raw: bytes) -> HaltFileState:
         raise _Corrupt(f"top level is {_kind(doc)}, not an object")
     schema = doc.get("schema", _SCHEMA)
     if schema != _SCHEMA:
-        raise _Corrupt(f"unknown schema {str(schema)[:40]!r}")
+        raise _Corrupt(f"the schema is not {_SCHEMA!r}")
     halted = doc.get("halted")
     if not isinstance(halted, bool):
         raise _Corrupt(f"'halted' is {_kind(halted)}, not true or false")
