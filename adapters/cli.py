@@ -454,6 +454,8 @@ async def halt_command(args: argparse.Namespace) -> int:
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
         print(f"halted: {args.reason}")
+        if channel.kept_aside is not None:
+            print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
         print(f"already halted: {await channel.get_halt_reason()}")
     return EXIT_OK
@@ -475,6 +477,8 @@ async def status_command(args: argparse.Namespace) -> int:
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
         print(f"HALTED: {state.reason}")
+        if state.error is not None:
+            print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
@@ -484,12 +488,10 @@ async def status_command(args: argparse.Namespace) -> int:
 
 
 async def verify_command(args: argparse.Namespace) -> int:
-    from adapters.sqlite_witness import SqliteWitness
+    from adapters.sqlite_witness import verify_log
 
-    if not args.db.is_file():
-        raise UsageError(f"{args.db}: no such witness log")
-    async with SqliteWitness(args.db) as witness:
-        report = await witness.verify(expected_head=args.expected_head)
+    # Read-only: refuses (exit 2) anything that is not a witness log, never creates one.
+    report = await trio.to_thread.run_sync(verify_log, args.db, args.expected_head)
     if report.ok:
         print(f"ok: {report.records} records, chain intact")
         return EXIT_OK
