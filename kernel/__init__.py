@@ -36,6 +36,7 @@ from kernel._ports import (
     HaltWaiter,
     OutputWitness,
 )
+from kernel._rate import RateLimit
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
 from kernel._tail import HedgePolicy
 from kernel._types import (
@@ -90,6 +91,7 @@ __all__ = [
     "OutputWitness",
     "PoolStatus",
     "ProgressCallback",
+    "RateLimit",
     "ServiceMetrics",
     "SystemHaltedError",
     "check_clear_approvers",

@@ -37,6 +37,7 @@ from kernel._ports import (
     HaltProbe,
     OutputWitness,
 )
+from kernel._rate import RateLimit
 from kernel._tail import (
     HedgePolicy,
     LatencyWindow,
@@ -270,6 +271,8 @@ class ConcurrentDeliberationService:
         witness: an :class:`OutputWitness`; when set, no output is released before its
             commit succeeded.
         deadline, hedge: defaults for :meth:`invoke_concurrent`'s tail control.
+        rate_limit: a :class:`RateLimit` every call waits for before it starts (agents
+            and hedges; their timeouts count from after the wait).
 
     Agent failures never raise: they are returned in the result and logged.  The
     methods raise only for bad input (:class:`InvalidRequestError`), refused admission
@@ -294,6 +297,7 @@ class ConcurrentDeliberationService:
         witness: OutputWitness | None = None,
         deadline: float | None = None,
         hedge: HedgePolicy | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         if not callable(getattr(orchestrator, "invoke", None)):
             raise InvalidRequestError(
@@ -310,6 +314,10 @@ class ConcurrentDeliberationService:
         if witness is not None and not isinstance(witness, OutputWitness):
             raise InvalidRequestError(
                 f"witness must have an async commit(output), got {type(witness).__name__}"
+            )
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise InvalidRequestError(
+                f"rate_limit must be a RateLimit or None, got {type(rate_limit).__name__}"
             )
         poll = check_seconds(halt_poll_interval, "halt_poll_interval")
         read_timeout = check_seconds(halt_read_timeout, "halt_read_timeout")
@@ -328,6 +336,7 @@ class ConcurrentDeliberationService:
         self._deadline = check_deadline(deadline)
         self._hedge = check_hedge(hedge)
         self._latencies = LatencyWindow()  # recent successful agent latencies, for hedging
+        self._rate_limit = rate_limit
         self.metrics = ServiceMetrics(lambda: self._pool.active_count)
 
     # ------------------------------------------------------------ read side
@@ -586,6 +595,10 @@ class ConcurrentDeliberationService:
         try:
             if self._stopped(batch):  # nothing starts after a halt, deadline or quorum
                 return
+            if self._rate_limit is not None:
+                await self._rate_limit.acquire()
+                if self._stopped(batch):
+                    return
             start = trio.current_time()
             batch.started[index] = start
             self.metrics.record_started()
@@ -721,6 +734,12 @@ class ConcurrentDeliberationService:
                 slot = admission.take_extra_slot(req.agent_id)
                 if slot is None:
                     return
+                if self._rate_limit is not None:
+                    try:
+                        await self._rate_limit.acquire()
+                    except BaseException:
+                        admission.release(slot)
+                        raise
                 batch.hedged.add(index)
                 self.metrics.record_hedge_launched()
                 hedging = True
