@@ -142,11 +142,8 @@ class FileHaltChannel:
     def _read_bytes(self) -> bytes | None:
         """The file's bytes, or None if there is nothing at the path.  Only a regular
         file up to MAX_HALT_FILE_BYTES is read; O_NONBLOCK so a FIFO cannot hang us."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if os.path.lexists(self.path):
-                raise _Corrupt("it is a dangling symbolic link") from None
+        fd = self._open()
+        if fd is None:
             return None
         try:
             mode = os.fstat(fd).st_mode
@@ -165,6 +162,22 @@ class FileHaltChannel:
         if size > MAX_HALT_FILE_BYTES:
             raise _Corrupt(f"larger than {MAX_HALT_FILE_BYTES} bytes")
         return b"".join(chunks)
+
+    def _open(self) -> int | None:
+        """A read-only descriptor of the file at the path, or None if there is none."""
+        for _ in range(2):
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                try:
+                    link = stat.S_ISLNK(os.lstat(self.path).st_mode)
+                except FileNotFoundError:
+                    return None  # nothing there
+                if link and not os.path.exists(self.path):
+                    raise _Corrupt("it is a dangling symbolic link") from None
+                # Something appeared between the open and the look (another process's
+                # atomic rename): open again rather than call it corrupt.
+        raise _Corrupt("the path keeps changing under the reader")
 
     def _ok(self, state: HaltFileState) -> HaltFileState:
         if self._last_error is not None:

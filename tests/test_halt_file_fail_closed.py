@@ -401,3 +401,27 @@ async def test_a_path_that_cannot_be_opened_reads_halted(tmp_path: Path) -> None
     assert proc.stderr.startswith("conclave: ") and "Traceback" not in proc.stderr
     status = conclave("status", "--halt-file", str(path))
     assert status.returncode == 3 and "cannot read" in status.stdout
+
+
+def test_a_file_renamed_in_between_open_and_look_is_read_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's atomic rename can land after our open() found nothing and before
+    we look at what is there: that is a fresh file, not a dangling symlink."""
+    path = tmp_path / "halt.json"
+    writer = FileHaltChannel(tmp_path / "staging.json")
+    writer.halt("from elsewhere")
+    real_open = os.open
+    calls = 0
+
+    def racing_open(target: Any, flags: int, *args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1 and Path(target) == path:
+            os.rename(tmp_path / "staging.json", path)  # lands right after our miss
+            raise FileNotFoundError(target)
+        return real_open(target, flags, *args)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    state = FileHaltChannel(path).read_state()
+    assert state.halted and state.reason == "from elsewhere"
