@@ -57,10 +57,10 @@ lint: $(STAMP) $(CSTAMP)
 # The full run writes the README's table and plot to benchmarks/results/.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/run.py --out benchmarks/results --update-readme
+	$(BIN)/python -m benchmarks.run --out benchmarks/results --update-readme
 
 bench-quick: $(STAMP)
-	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python -m benchmarks.run --quick
 
 # Not part of `make test`: builds llama-cpp-python (~13 min the first time).
 e2e: $(STAMP)

@@ -15,7 +15,14 @@ import trio
 
 from kernel import AgentPool, ConcurrentResult, PoolStatus
 
-__all__ = ["KeyValueFormatter", "Progress", "configure_logging", "live_display", "print_summary"]
+__all__ = [
+    "KeyValueFormatter",
+    "Progress",
+    "announce",
+    "configure_logging",
+    "live_display",
+    "print_summary",
+]
 
 
 class Progress:
@@ -66,6 +73,18 @@ async def live_display(progress: Progress) -> None:
             live.update(render(), refresh=True)
 
 
+def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
+    """Say on stderr that the batch is on (a plain line, also when stderr is not a
+    terminal), and on a terminal start the live line in ``nursery``."""
+    if sys.stderr.isatty():
+        nursery.start_soon(live_display, progress)
+    print(
+        f"conclave: deliberating with {progress.total} agents ({backend} backend)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def print_summary(
     result: ConcurrentResult,
     *,
@@ -93,8 +112,8 @@ def print_summary(
     if quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, {timing}, "
-            f"pool {pool_line}"
+            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
+            f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
         )
         return
     from rich.console import Console
@@ -113,6 +132,10 @@ def print_summary(
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
     table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    if result.hedged_agents:
+        table.add_row("hedged", f"{len(result.hedged_agents)} agents got a duplicate call")
+    if kinds["cancelled"]:
+        table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
     table.add_row("batch time", timing)
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)

@@ -19,42 +19,45 @@ Exit codes:
     130  interrupted (Ctrl-C), whatever became of the transcript
 
 Bad input gets one line on stderr, never a traceback.
+
+Here: the parser and the commands.  What a run is opened on is in ``_cli_backend``,
+what it shows in ``_cli_display``, what it records in ``transcript``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import random
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import trio
 
 from adapters import transcript
-from adapters._cli_display import Progress, configure_logging, live_display, print_summary
+from adapters._cli_backend import (
+    OperatorInterrupt,
+    UsageError,
+    halt_checker,
+    halt_reason_now,
+    open_service,
+    openai_orchestrator,
+    stub_orchestrator,
+)
+from adapters._cli_display import Progress, announce, configure_logging, print_summary
 from adapters.roster import Roster
-from adapters.stub import AgentOrchestratorStub
 from kernel import (
-    DEFAULT_HALT_READ_TIMEOUT,
     MAX_CONCURRENT_AGENTS,
-    AgentInvocationError,
     AgentOrchestratorProtocol,
     AgentPool,
     AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
-    ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
-    DualChannelHaltChecker,
-    HaltChecker,
-    HaltSwitch,
+    HedgePolicy,
     SystemHaltedError,
-    read_halt,
 )
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -62,10 +65,6 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
 #: before anything runs (a million agents took 10 s and 555 MB just to be refused).
 MAX_AGENTS = 100_000
-
-
-class UsageError(Exception):
-    """Bad usage or input: one line on stderr, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,6 +109,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _hedge_after(text: str) -> float | str:
+    return "auto" if text == "auto" else _positive_float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -139,9 +142,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
+    tail = d.add_argument_group("tail control (concurrent runs)")
+    tail.add_argument(
+        "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
+    )
+    tail.add_argument(
+        "--quorum",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="stop once K agents have succeeded; the rest are cancelled",
+    )
+    tail.add_argument(
+        "--hedge-after",
+        type=_hedge_after,
+        default=None,
+        metavar="S|auto",
+        help="give an agent still running after S seconds one duplicate call; the first "
+        "success wins (auto: the observed p95 latency, once 20 answers have been seen: "
+        "not in a run's first batch)",
+    )
+    tail.add_argument(
+        "--hedge-budget",
+        type=_fraction,
+        default=0.1,
+        metavar="F",
+        help="at most ceil(F x agents) hedged agents per batch (default 0.1)",
+    )
     stub = d.add_argument_group("stub backend")
     stub.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
     stub.add_argument("--jitter-ms", type=_non_negative_float, default=0.0)
+    stub.add_argument(
+        "--latency-profile",
+        choices=("fixed", "lognormal"),
+        default="fixed",
+        help="lognormal: heavy-tailed latencies with median --latency-ms and rare stalls",
+    )
     stub.add_argument(
         "--fail-rate", type=_fraction, default=0.0, help="fraction of agents that fail (0-1)"
     )
@@ -219,9 +255,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def deliberate(args: argparse.Namespace) -> int:
+    """Check usage, then the halt, then the council's size; open the backend, run the
+    batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(args.log_level)
+    roster_file = await _check_usage(args)
+    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
+    pool = AgentPool(args.capacity)
+    interrupt = OperatorInterrupt()
+    checker = halt_checker(interrupt.switch, args.halt_file)
+    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
+    # oversize council, and does not probe a server.
+    reason = await halt_reason_now(checker)
+    if reason is not None:
+        return await _finish(args, context, (), None, reason, pool, interrupted=False)
+    roster = _council(args, roster_file, pool)
+    requests = roster.requests(context)
+    progress = Progress(len(requests), pool)
+
+    result: ConcurrentResult | None = None
+    halted: str | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(interrupt.watch)
+        async with open_service(
+            _orchestrator(args, roster_file, roster),
+            checker,
+            pool,
+            agent_timeout=args.timeout,
+            witness_db=args.witness_db,
+            metrics_port=args.metrics_port,
+        ) as service:
+            if not args.quiet:
+                announce(nursery, progress, backend=args.backend)
+            try:
+                if args.sequential:
+                    result = await service.invoke_sequential(requests, on_progress=progress)
+                else:
+                    result = await service.invoke_concurrent(
+                        requests,
+                        overflow=args.overflow,
+                        on_progress=progress,
+                        deadline=args.deadline,
+                        quorum=args.quorum,
+                        hedge=_hedge_policy(args),
+                    )
+            except SystemHaltedError as exc:
+                # partial is None: halted (or Ctrl-C) after the check above, before the batch.
+                result, halted = exc.partial, exc.reason
+            nursery.cancel_scope.cancel()
+    interrupted = interrupt.signal_name is not None
+    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+
+
+async def _check_usage(args: argparse.Namespace) -> Roster | None:
+    """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
+    tail = (
+        ("--deadline", args.deadline),
+        ("--quorum", args.quorum),
+        ("--hedge-after", args.hedge_after),
+    )
+    for flag, value in tail:
+        if args.sequential and value is not None:
+            raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
     if args.backend == "openai" and not (args.base_url and args.model):
         raise UsageError("--backend openai needs --base-url and --model")
     if args.json_path is not None:
@@ -229,96 +325,19 @@ async def deliberate(args: argparse.Namespace) -> int:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
         except ValueError as exc:
             raise UsageError(f"--json {exc}") from None
-    roster_file = None
-    if args.roster is not None:
-        roster_file = await trio.to_thread.run_sync(Roster.load, args.roster)
-    context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
-    pool = AgentPool(args.capacity)
-    interrupt = _OperatorInterrupt(HaltSwitch())
-    checker: HaltChecker = interrupt.switch
-    if args.halt_file is not None:
-        from adapters.file_halt import FileHaltChannel
-
-        checker = DualChannelHaltChecker(checker, FileHaltChannel(args.halt_file, 0.02))
-    # CT-11 first, in the kernel's order: a halted system refuses everything, even an
-    # oversize council, and does not probe a server.
-    reason = await _read_halt(checker)
-    if reason is not None:
-        return await _finish(args, context, (), None, reason, pool, interrupted=False)
-    size = len(roster_file) if roster_file is not None else args.agents
-    _check_council_size(args, size, pool)
-    roster = roster_file if roster_file is not None else Roster.default(size)
-    requests = roster.requests(context)
-    progress = Progress(len(requests), pool)
-
-    result: ConcurrentResult | None = None
-    halted: str | None = None
-    async with AsyncExitStack() as stack:
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(interrupt.watch)
-        service = await _open_service(args, stack, roster_file, roster, checker, pool)
-        if not args.quiet and sys.stderr.isatty():
-            nursery.start_soon(live_display, progress)
-        if not args.quiet:
-            # A plain line (also when stderr is not a terminal) that says the batch is on.
-            print(
-                f"conclave: deliberating with {len(requests)} agents ({args.backend} backend)",
-                file=sys.stderr,
-                flush=True,
-            )
-        try:
-            if args.sequential:
-                result = await service.invoke_sequential(requests, on_progress=progress)
-            else:
-                result = await service.invoke_concurrent(
-                    requests, overflow=args.overflow, on_progress=progress
-                )
-        except SystemHaltedError as exc:
-            # partial is None: halted (or Ctrl-C) after the check above, before the batch.
-            result, halted = exc.partial, exc.reason
-        nursery.cancel_scope.cancel()
-    interrupted = interrupt.signal_name is not None
-    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+    if args.roster is None:
+        return None
+    return await trio.to_thread.run_sync(Roster.load, args.roster)
 
 
-class _OperatorInterrupt:
-    """Ctrl-C (or SIGTERM) raises the halt: a clean stop with a partial summary.
-
-    A second one stops waiting for the clean halt (``KeyboardInterrupt``, exit 130).
-    """
-
-    def __init__(self, switch: HaltSwitch) -> None:
-        self.switch = switch
-        self.signal_name: str | None = None  # the first signal's, once one came
-
-    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            task_status.started()  # from here on, Ctrl-C means "halt", not KeyboardInterrupt
-            async for signum in signals:
-                if self.signal_name is not None:
-                    raise KeyboardInterrupt  # second Ctrl-C: stop waiting for a clean halt
-                self.signal_name = signal.Signals(signum).name
-                self.switch.halt(f"operator interrupt ({self.signal_name})")
-
-
-async def _read_halt(checker: HaltChecker) -> str | None:
-    """The halt reason if the system is halted now, else None (CT-11 before the start).
-
-    Fail-safe like the kernel: a read that raises, or does not answer within
-    :data:`kernel.DEFAULT_HALT_READ_TIMEOUT`, counts as halted.
-    """
-    try:
-        return await read_halt(checker, DEFAULT_HALT_READ_TIMEOUT)
-    except Exception as exc:
-        return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
-
-
-def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) -> None:
-    """Refuse an impossible council before a single request is built.
+def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
+    """The --roster file's roster, else ``--agents`` default agents; an impossible council
+    is refused before a single request is built.
 
     Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
     every mode refuses more than :data:`MAX_AGENTS`.
     """
+    size = len(roster_file) if roster_file is not None else args.agents
     if args.overflow == "reject" and not args.sequential and size > pool.available_count:
         raise AgentPoolExhaustedError(
             f"FR10: agent pool exhausted: {pool.max_concurrent - pool.available_count} active "
@@ -327,100 +346,35 @@ def _check_council_size(args: argparse.Namespace, size: int, pool: AgentPool) ->
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
         raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+    return roster_file if roster_file is not None else Roster.default(size)
 
 
-async def _open_service(
-    args: argparse.Namespace,
-    stack: AsyncExitStack,
-    roster_file: Roster | None,
-    roster: Roster,
-    checker: HaltChecker,
-    pool: AgentPool,
-) -> ConcurrentDeliberationService:
-    """The backend, the witness and the metrics server, each closed by ``stack``."""
-    orchestrator = await stack.enter_async_context(
-        _orchestrator(args, roster_file, roster.agent_ids)
-    )
-    witness = None
-    if args.witness_db is not None:
-        from adapters.sqlite_witness import SqliteWitness
-
-        witness = await stack.enter_async_context(SqliteWitness(args.witness_db))
-    service = ConcurrentDeliberationService(
-        orchestrator, checker, pool, agent_timeout=args.timeout, witness=witness
-    )
-    if args.metrics_port is not None:
-        _serve_metrics(service, args.metrics_port, stack)
-    return service
+def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+    if args.hedge_after is None:
+        return None
+    delay = None if args.hedge_after == "auto" else args.hedge_after
+    return HedgePolicy(delay=delay, budget=args.hedge_budget)
 
 
-@asynccontextmanager
-async def _orchestrator(
-    args: argparse.Namespace, roster: Roster | None, agent_ids: Sequence[str]
-) -> AsyncIterator[AgentOrchestratorProtocol]:
+def _orchestrator(
+    args: argparse.Namespace, roster_file: Roster | None, roster: Roster
+) -> AbstractAsyncContextManager[AgentOrchestratorProtocol]:
+    """The --backend's orchestrator, with its flags (opened by ``open_service``)."""
     if args.backend == "stub":
-        rng = random.Random(args.seed)
-        failing = rng.sample(list(agent_ids), round(args.fail_rate * len(agent_ids)))
-        yield AgentOrchestratorStub(
+        return stub_orchestrator(
+            roster.agent_ids,
             latency_ms=args.latency_ms,
-            fail_agents=failing,
             jitter_ms=args.jitter_ms,
+            fail_rate=args.fail_rate,
             seed=args.seed,
+            latency_profile=args.latency_profile,
         )
-        return
-    # Imported here: the stub path needs neither openai nor trio-asyncio.
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
-
-    inner = OpenAIChatOrchestrator(
+    return openai_orchestrator(
         args.base_url,
         args.model,
-        roster=roster,
+        roster=roster_file,
         max_tokens=args.max_tokens,
-        **({"timeout_s": args.timeout} if args.timeout else {}),
-    )
-    async with AsyncioOrchestratorBridge(inner) as bridge:
-        try:
-            # Waits as long as an agent's request would (--timeout); only a connection
-            # failure is "cannot reach", silence is a busy server (llama.cpp).
-            answered = await bridge.run_asyncio(inner.check_reachable)
-        except AgentInvocationError as exc:
-            raise UsageError(str(exc)) from None
-        if not answered:
-            print(
-                f"conclave: warning: {inner.base_url} did not answer within "
-                f"{inner.timeout_s:g} s; assuming it is busy and going on",
-                file=sys.stderr,
-                flush=True,
-            )
-        yield bridge
-
-
-def _serve_metrics(
-    service: ConcurrentDeliberationService, port: int, stack: AsyncExitStack
-) -> None:
-    try:
-        from prometheus_client import CollectorRegistry
-
-        from adapters.prometheus import export_service_metrics, serve_metrics
-    except ImportError:
-        raise UsageError(
-            "--metrics-port needs prometheus-client: pip install 'conclave-kernel[metrics]'"
-        ) from None
-    registry = CollectorRegistry()
-    export_service_metrics(service, registry)
-    try:
-        server, _ = serve_metrics(port, registry=registry)
-    except OSError as exc:
-        raise UsageError(f"--metrics-port {port}: {exc.strerror or exc}") from None
-    except ConclaveError as exc:
-        raise UsageError(f"--metrics-port: {exc}") from None
-    stack.callback(server.server_close)
-    stack.callback(server.shutdown)
-    print(
-        f"conclave: metrics at http://127.0.0.1:{server.server_port}/metrics",
-        file=sys.stderr,
-        flush=True,
+        timeout_s=args.timeout,
     )
 
 
@@ -500,6 +454,8 @@ async def halt_command(args: argparse.Namespace) -> int:
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
         print(f"halted: {args.reason}")
+        if channel.kept_aside is not None:
+            print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
         print(f"already halted: {await channel.get_halt_reason()}")
     return EXIT_OK
@@ -521,6 +477,8 @@ async def status_command(args: argparse.Namespace) -> int:
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
         print(f"HALTED: {state.reason}")
+        if state.error is not None:
+            print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
@@ -530,12 +488,10 @@ async def status_command(args: argparse.Namespace) -> int:
 
 
 async def verify_command(args: argparse.Namespace) -> int:
-    from adapters.sqlite_witness import SqliteWitness
+    from adapters.sqlite_witness import verify_log
 
-    if not args.db.is_file():
-        raise UsageError(f"{args.db}: no such witness log")
-    async with SqliteWitness(args.db) as witness:
-        report = await witness.verify(expected_head=args.expected_head)
+    # Read-only: refuses (exit 2) anything that is not a witness log, never creates one.
+    report = await trio.to_thread.run_sync(verify_log, args.db, args.expected_head)
     if report.ok:
         print(f"ok: {report.records} records, chain intact")
         return EXIT_OK

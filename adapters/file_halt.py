@@ -4,14 +4,27 @@ Any process that can write the file can halt every deliberation that reads it, a
 halt survives restarts (it is sticky until cleared by two approvers).  Writes are atomic
 (temp file, fsync, rename, fsync of the directory) and serialized across processes with
 an advisory lock, so two processes halting at once keep the first reason and lose no
-history.  A file that exists but cannot be read or parsed counts as **halted**
-(fail-safe), with a log line that says why.  Reads run in a worker thread, so polling
-never blocks the trio loop; ``halt``/``clear`` write at once, like ``HaltSwitch``'s, and
-``ahalt``/``aclear`` write from a worker thread.
+history.  Reads run in a worker thread, so polling never blocks the trio loop; ``halt``
+and ``clear`` write at once, like ``HaltSwitch``'s, and ``ahalt``/``aclear`` write from a
+worker thread.
+
+**Fail-closed.**  Only two things read as "not halted": no file at the path, or a
+well-formed document whose ``halted`` is ``false``.  Anything else at the path -- bytes
+that are not UTF-8 JSON, JSON nested too deeply to parse, a wrong type at any level, an
+unknown schema, a duplicated key, an empty file, a file larger than
+:data:`MAX_HALT_FILE_BYTES`, a directory, a FIFO, a dangling symlink, a file that cannot
+be opened -- reads as **halted**, with a reason that says the file is corrupt or
+unreadable (logged once per distinct problem).  Reading never raises.
+
+**Repairing.**  :meth:`FileHaltChannel.halt` always writes a valid halted document, also
+over an unreadable file: the unreadable entry is kept beside it as
+``<name>.corrupt-<UTC timestamp>`` for forensics, and the new history starts with this
+halt (the old one could not be read).  :meth:`FileHaltChannel.clear` refuses an
+unreadable file (you cannot clear what you cannot read): halt first, then clear.
 
 File format::
 
-    {"halted": true, "reason": "...", "updated_at": "2026-...Z",
+    {"schema": "conclave.halt/1", "halted": true, "reason": "...", "updated_at": "...Z",
      "history": [{"action": "halt", "reason": "...", "at": "...", "approvers": []}, ...]}
 """
 
@@ -22,82 +35,87 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Collection, Generator, Iterator
-from datetime import datetime
+import stat
+import time
+from collections.abc import Collection, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import attrs
 import trio
 
 from adapters._atomic import write_atomically
-from kernel import NO_REASON, HaltRecord, check_clear_approvers, check_halt_reason, utc_now
+from kernel import (
+    NO_REASON,
+    HaltClearDeniedError,
+    HaltRecord,
+    check_clear_approvers,
+    check_halt_reason,
+    utc_now,
+)
 from kernel.validate import check_seconds
 
-__all__ = ["Completed", "FileHaltChannel", "HaltFileState", "HaltResult"]
+__all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
 
 log = logging.getLogger("adapters.file_halt")
 
 _SCHEMA = "conclave.halt/1"
 
+#: A halt file larger than this reads as corrupt (halted).  Writers keep the history
+#: under it by dropping the oldest records (about 20 000 fit).
+MAX_HALT_FILE_BYTES = 4 * 1024 * 1024
 
-class HaltResult(int):
-    """The bool a synchronous :meth:`FileHaltChannel.halt` returns, awaitable as well.
+_MAX_PROBLEM_CHARS = 300  # an exception's text in a reason is cut to this
 
-    ``bool(result)`` and ``await result`` both say whether this call raised the halt.
+
+@attrs.frozen(slots=True)
+class HaltFileState:
+    """What the file says: halted or not, why, its history -- or why it is unreadable.
+
+    ``error`` is None for a readable file; otherwise it says what is wrong, ``halted``
+    is True and ``history`` is empty (nothing of an unreadable file is trusted).
     """
 
-    def __await__(self) -> Generator[Any, None, bool]:
-        return bool(self)
-        yield  # type: ignore[unreachable]  # makes this a generator that finishes at once
-
-    def __repr__(self) -> str:
-        return repr(bool(self))
+    halted: bool
+    reason: str | None
+    history: tuple[HaltRecord, ...] = ()
+    error: str | None = None
 
 
-class Completed:
-    """What a synchronous :meth:`FileHaltChannel.clear` returns: awaitable, to nothing."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return None
-        yield  # makes this a generator that finishes at once
-
-
-class HaltFileState:
-    """What the file says: halted or not, why, and its history (or why it is unreadable)."""
-
-    __slots__ = ("error", "halted", "history", "reason")
-
-    def __init__(
-        self,
-        halted: bool,
-        reason: str | None,
-        history: tuple[HaltRecord, ...] = (),
-        error: str | None = None,
-    ) -> None:
-        self.halted = halted
-        self.reason = reason
-        self.history = history
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"HaltFileState(halted={self.halted}, reason={self.reason!r}, error={self.error!r})"
+class _Corrupt(Exception):
+    """The file's content is not a halt document (internal to reading)."""
 
 
 class FileHaltChannel:
     """A :class:`~kernel.HaltChecker` (with ``wait_halted``) backed by a JSON file.
 
     Reads (``is_halted``, ``get_halt_reason``, ``wait_halted``) run in a worker thread.
-    ``halt`` and ``clear`` are synchronous like ``HaltSwitch``'s (and awaitable);
-    ``ahalt`` and ``aclear`` write from a worker thread.  A missing file means "not
-    halted"; a missing *directory* is created on the first write.  ``poll_interval`` is
-    how often ``wait_halted`` re-reads the file.
+    ``halt`` and ``clear`` are synchronous like ``HaltSwitch``'s; ``ahalt`` and
+    ``aclear`` do the same write from a worker thread.  A missing file means "not
+    halted"; a missing *directory* is created on the first write.
+
+    Args:
+        path: the halt file.
+        poll_interval: how often ``wait_halted`` re-reads the file (seconds).
+        lock_timeout: how long a write waits for the advisory lock (seconds) if another
+            process holds it.  Past it, ``halt`` writes anyway (a halt never waits on a
+            stuck process; the only risk is a lost history record) and ``clear`` raises
+            :class:`~kernel.HaltClearDeniedError`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], poll_interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        poll_interval: float = 0.05,
+        *,
+        lock_timeout: float = 5.0,
+    ) -> None:
         self.path = Path(path)
         self.poll_interval = check_seconds(poll_interval, "poll_interval")
+        self.lock_timeout = check_seconds(lock_timeout, "lock_timeout")
+        #: Where the last :meth:`halt` over an unreadable file kept that file (or None).
+        self.kept_aside: Path | None = None
         self._last_error: str | None = None
 
     def __repr__(self) -> str:
@@ -106,24 +124,60 @@ class FileHaltChannel:
     # ------------------------------------------------------------ reading
 
     def read_state(self) -> HaltFileState:
-        """Read the file now (blocking; use from a thread or outside trio)."""
+        """Read the file now (blocking; use from a thread or outside trio).  Never raises."""
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return self._ok(HaltFileState(False, None))
+            raw = self._read_bytes()
+            if raw is None:
+                return self._ok(HaltFileState(False, None))
+            return self._ok(_parse(raw))
+        except _Corrupt as exc:
+            return self._unreadable(f"corrupt halt file {self.path}: {exc}")
         except OSError as exc:
             return self._unreadable(f"cannot read {self.path}: {exc.strerror or exc}")
+        except Exception as exc:
+            # Fail-closed whatever the parser raised: RecursionError (deep nesting),
+            # UnicodeDecodeError, JSONDecodeError, int-size limits, MemoryError's kin...
+            return self._unreadable(f"corrupt halt file {self.path}: {type(exc).__name__}: {exc}")
+
+    def _read_bytes(self) -> bytes | None:
+        """The file's bytes, or None if there is nothing at the path.  Only a regular
+        file up to MAX_HALT_FILE_BYTES is read; O_NONBLOCK so a FIFO cannot hang us."""
+        fd = self._open()
+        if fd is None:
+            return None
         try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict) or not isinstance(doc.get("halted"), bool):
-                raise ValueError("no boolean 'halted' field")
-            reason = doc.get("reason")
-            if reason is not None and not isinstance(reason, str):
-                raise ValueError("'reason' is not a string")
-            history = tuple(_record(r) for r in doc.get("history", []))
-        except (ValueError, TypeError, KeyError) as exc:
-            return self._unreadable(f"corrupt halt file {self.path}: {exc}")
-        return self._ok(HaltFileState(doc["halted"], reason if doc["halted"] else None, history))
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise _Corrupt("it is a directory" if stat.S_ISDIR(mode) else "not a regular file")
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_HALT_FILE_BYTES:
+                chunk = os.read(fd, MAX_HALT_FILE_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        if size > MAX_HALT_FILE_BYTES:
+            raise _Corrupt(f"larger than {MAX_HALT_FILE_BYTES} bytes")
+        return b"".join(chunks)
+
+    def _open(self) -> int | None:
+        """A read-only descriptor of the file at the path, or None if there is none."""
+        for _ in range(2):
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                try:
+                    link = stat.S_ISLNK(os.lstat(self.path).st_mode)
+                except FileNotFoundError:
+                    return None  # nothing there
+                if link and not os.path.exists(self.path):
+                    raise _Corrupt("it is a dangling symbolic link") from None
+                # Something appeared between the open and the look (another process's
+                # atomic rename): open again rather than call it corrupt.
+        raise _Corrupt("the path keeps changing under the reader")
 
     def _ok(self, state: HaltFileState) -> HaltFileState:
         if self._last_error is not None:
@@ -132,6 +186,7 @@ class FileHaltChannel:
         return state
 
     def _unreadable(self, why: str) -> HaltFileState:
+        why = why if len(why) <= _MAX_PROBLEM_CHARS else why[: _MAX_PROBLEM_CHARS - 3] + "..."
         if why != self._last_error:  # log each new problem once, not on every poll
             log.error(
                 "halt file unreadable; treated as halted",
@@ -162,25 +217,27 @@ class FileHaltChannel:
 
     # ------------------------------------------------------------ writing
 
-    def halt(self, reason: str) -> HaltResult:
-        """Raise the halt now; true only if this call raised it (the first reason is kept).
+    def halt(self, reason: str) -> bool:
+        """Raise the halt now; True if this call wrote it (the first reason is kept).
 
         Synchronous, like :meth:`HaltSwitch.halt <kernel.HaltSwitch.halt>`: the file is
-        written (and fsynced) before it returns, which takes a few milliseconds.  The
-        result may also be awaited (``await channel.halt(...)`` gives the same bool), so
-        code that treats every halt channel as async works unchanged.  From a trio task
-        that must not block even that long, use :meth:`ahalt`.
-        """
-        return HaltResult(self._halt_now(check_halt_reason(reason)))
+        written (and fsynced) before it returns, which takes a few milliseconds.  From a
+        trio task that must not block even that long, use :meth:`ahalt`.
 
-    def clear(self, *, approvers: Collection[str], reason: str) -> Completed:
+        Over an unreadable file this always writes a valid halted document and returns
+        True; the unreadable entry is kept beside it (see :attr:`kept_aside`).  Raises
+        ``OSError`` only if the file cannot be written at all.
+        """
+        return self._halt_now(check_halt_reason(reason))
+
+    def clear(self, *, approvers: Collection[str], reason: str) -> None:
         """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``.
 
-        Synchronous, and awaitable like :meth:`halt`; :meth:`aclear` runs in a thread.
+        Raises :class:`~kernel.HaltClearDeniedError` if the file is unreadable (halt
+        first, which rewrites it, then clear) or its lock cannot be taken.
         """
         names = check_clear_approvers(approvers, reason)
         self._clear_now(names, reason)
-        return Completed()
 
     async def ahalt(self, reason: str) -> bool:
         """:meth:`halt`, with the disk write in a worker thread."""
@@ -192,14 +249,16 @@ class FileHaltChannel:
         await trio.to_thread.run_sync(self._clear_now, names, reason)
 
     def _halt_now(self, reason: str) -> bool:
-        with self._locked():
+        with self._locked(required=False):
             state = self.read_state()
             if state.halted and state.error is None:
                 return False
-            # A corrupt file is replaced by a good one that says halted: still halted,
-            # now with a reason an operator can read.
             history = [*state.history, HaltRecord("halt", reason, utc_now())]
-            self._write(True, reason, history)
+            data = _encode(True, reason, history, self.path)
+            if state.error is None:
+                write_atomically(self.path, data)
+            else:
+                self._replace_unreadable(data, state.error)
         log.critical(
             "halt raised",
             extra={"halt_channel": "file", "halt_file": str(self.path), "halt_reason": reason},
@@ -207,12 +266,17 @@ class FileHaltChannel:
         return True
 
     def _clear_now(self, approvers: tuple[str, ...], reason: str) -> None:
-        with self._locked():
+        with self._locked(required=True):
             state = self.read_state()
+            if state.error is not None:
+                raise HaltClearDeniedError(
+                    f"CT-11: cannot clear {self.path}: it is unreadable ({state.error}); "
+                    "raise the halt again (conclave halt) to rewrite it, then clear"
+                )
             if not state.halted:
                 return
             history = [*state.history, HaltRecord("clear", reason, utc_now(), approvers)]
-            self._write(False, None, history)
+            write_atomically(self.path, _encode(False, None, history, self.path))
         log.warning(
             "halt cleared",
             extra={
@@ -222,43 +286,222 @@ class FileHaltChannel:
             },
         )
 
+    def _replace_unreadable(self, data: bytes, problem: str) -> None:
+        """Write ``data`` over an unreadable entry, keeping that entry aside.
+
+        A regular file is hard-linked aside, then replaced atomically: the path never
+        stops reading as halted.  Anything else (a directory, a FIFO, a symlink) cannot
+        be replaced by a rename, so it is renamed aside and the new file, already
+        written and fsynced under a temporary name, is renamed in right after; between
+        those two renames (microseconds) the path is empty and would read "not halted".
+        If the entry cannot be kept, the halt is written anyway.
+        """
+        aside = self._aside_name()
+        self.kept_aside = None
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is None or stat.S_ISREG(mode):
+            if mode is not None:
+                try:
+                    os.link(self.path, aside, follow_symlinks=False)
+                    self.kept_aside = aside
+                except OSError as exc:
+                    log.error(
+                        "could not keep the unreadable halt file",
+                        extra={"halt_file": str(self.path), "error": exc.strerror or str(exc)},
+                    )
+            write_atomically(self.path, data)
+        else:
+            staged = self.path.with_name(f".{self.path.name}.replacing")
+            write_atomically(staged, data)
+            os.rename(self.path, aside)
+            os.replace(staged, self.path)
+            self.kept_aside = aside
+            _fsync_dir(self.path.parent)
+        log.error(
+            "unreadable halt file replaced by a halted one",
+            extra={
+                "halt_file": str(self.path),
+                "problem": problem,
+                "kept_as": str(self.kept_aside) if self.kept_aside else None,
+            },
+        )
+
+    def _aside_name(self) -> Path:
+        stamp = utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
+        candidate = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while os.path.lexists(candidate):
+            candidate = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        return candidate
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An advisory lock on a sibling file, so read-modify-write is one step."""
+    def _locked(self, *, required: bool) -> Iterator[None]:
+        """An advisory lock on a sibling file, so read-modify-write is one step.
+
+        Waits up to ``lock_timeout``.  If the lock cannot be had (held by a stuck
+        process, or the lock file unusable), a ``required`` caller gets
+        HaltClearDeniedError and any other proceeds unlocked, with an error logged.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            lock = open(lock_path, "a+b")  # noqa: SIM115  # closed below, after the body
+        except OSError as exc:
+            self._no_lock(required, f"cannot open {lock_path}: {exc.strerror or exc}")
+            yield
+            return
+        try:
+            if not _flock(lock.fileno(), self.lock_timeout):
+                self._no_lock(required, f"{lock_path} held for more than {self.lock_timeout} s")
+                yield
+                return
             try:
                 yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        finally:
+            lock.close()
 
-    def _write(self, halted: bool, reason: str | None, history: list[HaltRecord]) -> None:
+    def _no_lock(self, required: bool, why: str) -> None:
+        if required:
+            raise HaltClearDeniedError(f"CT-11: cannot clear {self.path}: {why}")
+        log.error(
+            "halt file lock unavailable; writing without it",
+            extra={"halt_file": str(self.path), "problem": why},
+        )
+
+
+def _flock(fd: int, timeout: float) -> bool:
+    """Take an exclusive flock within ``timeout`` seconds (blocking; from a thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)  # a lock holder writes for milliseconds; poll gently
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- the document
+
+
+def _parse(raw: bytes) -> HaltFileState:
+    """A halt document, strictly: raises on anything that is not one."""
+    doc = json.loads(
+        raw.decode("utf-8"),  # strict: the format is UTF-8, without a BOM
+        object_pairs_hook=_no_duplicate_keys,
+        parse_constant=_no_constant,
+    )
+    if not isinstance(doc, dict):
+        raise _Corrupt(f"top level is {_kind(doc)}, not an object")
+    schema = doc.get("schema", _SCHEMA)
+    if schema != _SCHEMA:
+        raise _Corrupt(f"the schema is not {_SCHEMA!r}")
+    halted = doc.get("halted")
+    if not isinstance(halted, bool):
+        raise _Corrupt(f"'halted' is {_kind(halted)}, not true or false")
+    reason = _opt_text(doc.get("reason"), "'reason'")
+    history_raw = doc.get("history", [])
+    if not isinstance(history_raw, list):
+        raise _Corrupt(f"'history' is {_kind(history_raw)}, not a list")
+    history = tuple(_record(r, i) for i, r in enumerate(history_raw))
+    return HaltFileState(halted, reason if halted else None, history)
+
+
+def _record(raw: object, index: int) -> HaltRecord:
+    where = f"history[{index}]"
+    if not isinstance(raw, dict):
+        raise _Corrupt(f"{where} is {_kind(raw)}, not an object")
+    action = raw.get("action")
+    if action not in ("halt", "clear"):
+        raise _Corrupt(f"{where}.action is not 'halt' or 'clear'")
+    reason = _text(raw.get("reason"), f"{where}.reason")
+    at_text = _text(raw.get("at"), f"{where}.at")
+    try:
+        at = datetime.fromisoformat(at_text)
+    except ValueError:
+        raise _Corrupt(f"{where}.at is not an ISO 8601 timestamp") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)  # as the kernel does: naive means UTC
+    approvers = raw.get("approvers", [])
+    if not isinstance(approvers, list):
+        raise _Corrupt(f"{where}.approvers is {_kind(approvers)}, not a list")
+    names = tuple(_text(a, f"{where}.approvers[{i}]") for i, a in enumerate(approvers))
+    return HaltRecord("halt" if action == "halt" else "clear", reason, at, names)
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Corrupt(f"{where} is {_kind(value)}, not a string")
+    try:
+        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\\ud800"); refuse them
+    except UnicodeEncodeError:
+        raise _Corrupt(f"{where} is not valid Unicode text") from None
+    return value
+
+
+def _opt_text(value: object, where: str) -> str | None:
+    return None if value is None else _text(value, where)
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise _Corrupt("a key appears twice in one object")
+    return doc
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise _Corrupt(f"{name} is not JSON")
+
+
+def _encode(halted: bool, reason: str | None, history: list[HaltRecord], path: Path) -> bytes:
+    """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
+    (the newest, which this write adds, is always kept)."""
+    records = [
+        {
+            "action": r.action,
+            "reason": r.reason,
+            "at": r.at.isoformat(),
+            "approvers": list(r.approvers),
+        }
+        for r in history
+    ]
+    dropped = 0
+    while True:
         doc = {
             "schema": _SCHEMA,
             "halted": halted,
             "reason": reason,
             "updated_at": utc_now().isoformat(),
-            "history": [
-                {
-                    "action": r.action,
-                    "reason": r.reason,
-                    "at": r.at.isoformat(),
-                    "approvers": list(r.approvers),
-                }
-                for r in history
-            ],
+            "history": records[dropped:],
         }
-        write_atomically(self.path, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def _record(raw: Any) -> HaltRecord:
-    if not isinstance(raw, dict) or raw.get("action") not in ("halt", "clear"):
-        raise ValueError("bad history record")
-    return HaltRecord(
-        raw["action"],
-        str(raw["reason"]),
-        datetime.fromisoformat(raw["at"]),
-        tuple(str(a) for a in raw.get("approvers", [])),
-    )
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(records) - 1:
+            break
+        dropped += max(1, (len(records) - dropped) // 10)
+        dropped = min(dropped, len(records) - 1)
+    if dropped:
+        log.warning(
+            "halt file history trimmed to fit",
+            extra={"halt_file": str(path), "records_dropped": dropped},
+        )
+    return data

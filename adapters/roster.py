@@ -304,8 +304,6 @@ class Roster:
             raise RosterError(f"{p}: invalid {kind}: nested too deeply") from None
         return cls.from_dict(data, source=str(p))
 
-    from_file = load  # an alias: the name some callers reach for first
-
     @classmethod
     def from_dict(cls, data: object, *, source: str = "<roster>") -> Roster:
         if not isinstance(data, Mapping):

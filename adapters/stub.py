@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Literal
 from uuid import uuid4
 
+import attrs
 import trio
 
 from kernel import (
@@ -20,9 +23,43 @@ from kernel import (
     InvalidRequestError,
     utc_now,
 )
-from kernel.validate import check_number, check_text
+from kernel.validate import check_number, check_text, number
 
-__all__ = ["AgentOrchestratorStub"]
+__all__ = ["AgentOrchestratorStub", "LatencyModel"]
+
+
+@attrs.frozen(slots=True)
+class LatencyModel:
+    """A heavy-tailed model of one LLM call's latency, for measuring tail control.
+
+    Each call takes a lognormal time (``median_ms``, ``sigma``), and with probability
+    ``stall_probability`` it stalls for ``stall_ms`` instead (a provider hiccup: queueing,
+    a cold instance, a dropped stream that the client waits out).
+
+    The defaults come from published figures for hosted LLM APIs: a median of ~800 ms with
+    a p99 an order of magnitude or more above it (p50 800 ms / p99 28 s in T. Pan, "LLM
+    Tail Latency", 2026; p50 620 ms / p95 2.8 s / p99 8.2 s in CostHawk's "P95 / P99
+    Latency" glossary, 2026).  Their p95/p50 ratio of ~4.5 gives ``sigma`` = ln(4.5) /
+    1.645 = 0.9; stalls of 30 s on 0.5% of calls give the far tail the first source
+    reports, beyond what the lognormal body alone produces.  With 72 agents, about 30%
+    of batches then contain a stall: the case hedging is for.
+    """
+
+    median_ms: float = attrs.field(default=800.0, validator=number(above=0))
+    sigma: float = attrs.field(default=0.9, validator=number(at_least=0))
+    stall_probability: float = attrs.field(default=0.005, validator=number(at_least=0, at_most=1))
+    stall_ms: float = attrs.field(default=30_000.0, validator=number(at_least=0))
+
+    def with_median(self, median_ms: float) -> LatencyModel:
+        """The same shape around another median: stalls scale with it."""
+        scale = check_number(median_ms, "median_ms", above=0) / self.median_ms
+        return attrs.evolve(self, median_ms=median_ms, stall_ms=self.stall_ms * scale)
+
+    def sample_ms(self, rng: random.Random) -> float:
+        """One call's latency in milliseconds, drawn from ``rng``."""
+        if self.stall_probability and rng.random() < self.stall_probability:
+            return self.stall_ms
+        return self.median_ms * math.exp(self.sigma * rng.gauss(0.0, 1.0))
 
 
 def _check_ms(value: object, name: str) -> float:
@@ -43,6 +80,11 @@ class AgentOrchestratorStub:
     uniform in ``[0, jitter_ms]`` from a ``random.Random(seed)``, so a seeded stub
     produces the same latencies in the same invocation order.
 
+    ``latency_profile="lognormal"`` (or a :class:`LatencyModel`) draws every call's
+    latency from a heavy-tailed model instead (``latency_ms`` and ``jitter_ms`` are then
+    unused); ``time_scale`` multiplies every latency (0.01 runs a 800 ms median in 8 ms,
+    for time-scaled benchmarks).
+
     For tests and benchmarks it tracks invocation counts, what is in flight now,
     :attr:`max_in_flight`, and :attr:`start_times` (trio clock, per invocation).
     """
@@ -54,9 +96,23 @@ class AgentOrchestratorStub:
         *,
         jitter_ms: float = 0.0,
         seed: int | None = None,
+        latency_profile: Literal["fixed", "lognormal"] | LatencyModel = "fixed",
+        time_scale: float = 1.0,
     ) -> None:
         self._latency_ms = _check_ms(latency_ms, "latency_ms")
         self._jitter_ms = _check_ms(jitter_ms, "jitter_ms")
+        if isinstance(latency_profile, LatencyModel):
+            self._model: LatencyModel | None = latency_profile
+        elif latency_profile == "lognormal":
+            self._model = LatencyModel()
+        elif latency_profile == "fixed":
+            self._model = None
+        else:
+            raise InvalidRequestError(
+                "latency_profile must be 'fixed', 'lognormal' or a LatencyModel, "
+                f"got {latency_profile!r}"
+            )
+        self._time_scale = check_number(time_scale, "time_scale", above=0)
         self._fail_agents = _check_ids(fail_agents)
         self._rng = random.Random(seed)
         self._counts: Counter[str] = Counter()
@@ -68,6 +124,8 @@ class AgentOrchestratorStub:
         self.start_times: list[float] = []
 
     def __repr__(self) -> str:
+        if self._model is not None:
+            return f"<AgentOrchestratorStub {self._model!r}>"
         return f"<AgentOrchestratorStub latency_ms={self._latency_ms} jitter_ms={self._jitter_ms}>"
 
     # ------------------------------------------------------------ configuration
@@ -136,9 +194,13 @@ class AgentOrchestratorStub:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            delay_ms = self._latency_ms
-            if self._jitter_ms:
-                delay_ms += self._rng.uniform(0.0, self._jitter_ms)
+            if self._model is not None:
+                delay_ms = self._model.sample_ms(self._rng) * self._time_scale
+            else:
+                delay_ms = self._latency_ms
+                if self._jitter_ms:
+                    delay_ms += self._rng.uniform(0.0, self._jitter_ms)
+                delay_ms *= self._time_scale
             if delay_ms:
                 await trio.sleep(delay_ms / 1000.0)
             else:

@@ -36,7 +36,9 @@ from kernel._ports import (
     HaltWaiter,
     OutputWitness,
 )
+from kernel._rate import RateLimit
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
+from kernel._tail import HedgePolicy
 from kernel._types import (
     MAX_CONCURRENT_AGENTS,
     AgentFailure,
@@ -82,12 +84,14 @@ __all__ = [
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
+    "HedgePolicy",
     "InvalidRequestError",
     "MetricsSnapshot",
     "Overflow",
     "OutputWitness",
     "PoolStatus",
     "ProgressCallback",
+    "RateLimit",
     "ServiceMetrics",
     "SystemHaltedError",
     "check_clear_approvers",

@@ -57,6 +57,9 @@ class MetricsSnapshot:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    #: Duplicate calls started for slow agents, and how many of them answered first.
+    hedges_launched: int = 0
+    hedges_won: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self, value_serializer=_plain)
@@ -96,6 +99,8 @@ class ServiceMetrics:
         self._latency_sum_ms = 0.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._batch_observers: list[Callable[[float], object]] = []
+        self._hedges_launched = 0
+        self._hedges_won = 0
 
     def add_batch_observer(self, observer: Callable[[float], object]) -> None:
         """Call ``observer(total_ms)`` after every batch (e.g. an exporter's histogram).
@@ -118,6 +123,14 @@ class ServiceMetrics:
     def record_started(self) -> None:
         """An agent was invoked."""
         self._invocations += 1
+
+    def record_hedge_launched(self) -> None:
+        """A duplicate call was started for a slow agent."""
+        self._hedges_launched += 1
+
+    def record_hedge_won(self) -> None:
+        """A duplicate call answered first (its output is the agent's)."""
+        self._hedges_won += 1
 
     def record_result(self, result: ConcurrentResult, *, halted: bool) -> None:
         """A batch ended with ``result`` (``halted``: cut short by a halt)."""
@@ -155,4 +168,6 @@ class ServiceMetrics:
             p50_ms=_percentile(ordered, 50),
             p95_ms=_percentile(ordered, 95),
             p99_ms=_percentile(ordered, 99),
+            hedges_launched=self._hedges_launched,
+            hedges_won=self._hedges_won,
         )

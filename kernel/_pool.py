@@ -24,10 +24,13 @@ class Slot:
     release (after :meth:`AgentPool.reset`) is recognised and ignored.
     """
 
-    __slots__ = ("agent_id",)
+    __slots__ = ("agent_id", "extra")
 
-    def __init__(self, agent_id: str) -> None:
+    def __init__(self, agent_id: str, *, extra: bool = False) -> None:
         self.agent_id = agent_id
+        # An extra slot is a second call of an agent that is already active (a hedge):
+        # it holds a limiter token, but the agent is counted active once.
+        self.extra = extra
 
     def __repr__(self) -> str:
         return f"<slot {self.agent_id!r}>"
@@ -66,6 +69,7 @@ class AgentPool:
         self._max = max_concurrent
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self._active: dict[str, Slot] = {}
+        self._extra: set[Slot] = set()
         # Agents admitted by a queueing batch that are still waiting for a slot.
         self._queued: set[str] = set()
 
@@ -152,7 +156,7 @@ class AgentPool:
         back, and its own release later is recognised as stale and ignored.
         """
         count = len(self._active)
-        for slot in list(self._active.values()):
+        for slot in [*self._active.values(), *self._extra]:
             self._release(slot)
         self._queued.clear()
         if count:
@@ -226,9 +230,26 @@ class AgentPool:
         self._active[agent_id] = slot
         return slot
 
+    def _take_extra_slot(self, agent_id: str) -> Slot | None:
+        """A second slot for an active agent if one is free now and nobody waits for it."""
+        if agent_id not in self._active:
+            return None
+        slot = Slot(agent_id, extra=True)
+        try:
+            # Fails while anyone waits in the limiter: a hedge never jumps the queue.
+            self.limiter.acquire_on_behalf_of_nowait(slot)
+        except trio.WouldBlock:
+            return None
+        self._extra.add(slot)
+        return slot
+
     def _release(self, slot: Slot) -> None:
         """Give a slot back; a no-op if it was already given back (e.g. by reset)."""
-        if self._active.get(slot.agent_id) is slot:
+        if slot.extra:
+            if slot in self._extra:
+                self._extra.discard(slot)
+                self.limiter.release_on_behalf_of(slot)
+        elif self._active.get(slot.agent_id) is slot:
             del self._active[slot.agent_id]
             self.limiter.release_on_behalf_of(slot)
 
@@ -267,8 +288,18 @@ class Admission:
         self._held.add(slot)
         return slot
 
+    def take_extra_slot(self, agent_id: str) -> Slot | None:
+        """A second slot for an agent of this admission that is running (a hedge call).
+
+        Only if a slot is free right now and no one is waiting for one; else None.
+        """
+        slot = self._pool._take_extra_slot(agent_id)
+        if slot is not None:
+            self._held.add(slot)
+        return slot
+
     def release(self, slot: Slot) -> None:
-        """Give one slot back now (its agent is done); later calls are no-ops."""
+        """Give one slot back now (its agent or call is done); later calls are no-ops."""
         if slot in self._held:
             self._held.discard(slot)
             self._pool._release(slot)

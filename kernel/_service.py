@@ -11,12 +11,13 @@ everything in flight at once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 from uuid import UUID, uuid4
 
 import trio
@@ -35,6 +36,14 @@ from kernel._ports import (
     HaltNotifier,
     HaltProbe,
     OutputWitness,
+)
+from kernel._rate import RateLimit
+from kernel._tail import (
+    HedgePolicy,
+    LatencyWindow,
+    check_deadline,
+    check_hedge,
+    check_quorum,
 )
 from kernel._types import (
     AgentFailure,
@@ -58,6 +67,15 @@ Overflow = Literal["reject", "queue"]
 ProgressCallback = Callable[[int, int, str, str], object]
 _Mode = Literal["reject", "queue", "sequential"]
 _Outcome = AgentOutput | AgentFailure
+
+
+class _Tail(NamedTuple):
+    """A call's tail control, before validation."""
+
+    deadline: object
+    quorum: object
+    hedge: object
+
 
 _MAX_LOGGED_MESSAGE = 200
 
@@ -118,22 +136,41 @@ def _cancel_requested() -> bool:
 
 # ---------------------------------------------------------------- one batch
 
+#: Why a batch stopped before every agent finished.
+_Stop = Literal["halt", "deadline", "quorum"]
+
+
+class _Raised:
+    """What an orchestrator call raised: an ``Exception``, or (None) a stray Cancelled."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception | None) -> None:
+        self.exc = exc
+
 
 class _Batch:
     """The mutable state of one running batch (private to the service)."""
 
     __slots__ = (
+        "admission",
         "batch_id",
+        "deadline",
         "done",
-        "halt_reason",
-        "halted",
+        "hedge_delay",
+        "hedged",
+        "max_hedged",
         "mode",
         "on_progress",
         "outcomes",
         "output_ids",
+        "quorum",
+        "reason",
         "requests",
         "run_scope",
         "started",
+        "stop",
+        "succeeded",
         "timeout",
         "withheld",
     )
@@ -153,45 +190,65 @@ class _Batch:
         self.outcomes: list[_Outcome | None] = [None] * len(requests)
         self.started: list[float | None] = [None] * len(requests)
         self.done = 0
+        self.succeeded = 0
         self.output_ids: set[UUID] = set()
-        # The scope every agent runs in: a halt cancels it.
+        self.admission: Admission | None = None
+        # Tail control (see _tail.py): all off unless the call asks.
+        self.deadline: float | None = None  # absolute, trio clock
+        self.quorum: int | None = None
+        self.hedge_delay: float | None = None
+        self.max_hedged = 0
+        self.hedged: set[int] = set()
+        # The scope every agent runs in: a halt, the deadline or the quorum cancels it.
         self.run_scope = trio.CancelScope()
-        self.halted = False
-        self.halt_reason: str | None = None
-        # Agents whose output arrived after the halt: it is never released.
+        self.stop: _Stop | None = None
+        self.reason: str | None = None  # the halt reason
+        # Agents whose output arrived after the stop: it is never released.
         self.withheld: set[int] = set()
 
-    def halt(self, reason: str | None) -> None:
-        """The batch saw a halt: stop everything (``reason`` may come later)."""
-        self.halted = True
-        if self.halt_reason is None:
-            self.halt_reason = reason
+    def stop_now(self, stop: _Stop, reason: str | None = None) -> None:
+        """Stop everything: the first cause wins (a halt's reason may come later)."""
+        if self.stop is None:
+            self.stop = stop
+        if stop == "halt" and self.stop == "halt" and self.reason is None:
+            self.reason = reason
         self.run_scope.cancel()
 
-    def fill_halted(self, now: float) -> None:
-        """Give every request that has no outcome its HALTED failure."""
+    def fill_unfinished(self, now: float) -> None:
+        """Give every request that has no outcome the failure its batch's stop calls for."""
         for i, outcome in enumerate(self.outcomes):
-            if outcome is not None:
-                continue
-            req = self.requests[i]
-            started = self.started[i]
-            if started is None:
-                message = f"not started: system halted ({self.halt_reason})"
-                elapsed = 0.0
-            elif i in self.withheld:
-                message = f"output withheld: system halted before its release ({self.halt_reason})"
-                elapsed = (now - started) * 1000.0
-            else:
-                message = f"cancelled by halt ({self.halt_reason})"
-                elapsed = (now - started) * 1000.0
-            self.outcomes[i] = AgentFailure(
-                agent_id=req.agent_id,
-                request_id=req.request_id,
-                kind=FailureKind.HALTED,
-                error_type="",
-                message=message,
-                elapsed_ms=elapsed,
+            if outcome is None:
+                self.outcomes[i] = self._unfinished(i, now)
+
+    def _unfinished(self, i: int, now: float) -> AgentFailure:
+        req, started = self.requests[i], self.started[i]
+        if self.stop == "halt":
+            kind, why, cut = (
+                FailureKind.HALTED,
+                f"system halted ({self.reason})",
+                "cancelled by halt",
             )
+        elif self.stop == "deadline":
+            kind, why, cut = FailureKind.TIMEOUT, "batch deadline reached", "batch deadline reached"
+        else:
+            kind, why = FailureKind.CANCELLED, f"quorum of {self.quorum} reached"
+            cut = f"not needed: quorum of {self.quorum} reached"
+        if started is None:
+            message = f"not started: {why}"
+        elif i in self.withheld:
+            message = f"output withheld: {why} before its release"
+        elif kind is FailureKind.HALTED:
+            message = f"{cut} ({self.reason})"
+        else:
+            message = cut
+        return AgentFailure(
+            agent_id=req.agent_id,
+            request_id=req.request_id,
+            kind=kind,
+            error_type="",
+            message=message,
+            elapsed_ms=0.0 if started is None else max((now - started) * 1000.0, 0.0),
+        )
 
 
 # ---------------------------------------------------------------- the service
@@ -213,6 +270,9 @@ class ConcurrentDeliberationService:
             from the agent's start: time spent queued for a slot is not charged to it.
         witness: an :class:`OutputWitness`; when set, no output is released before its
             commit succeeded.
+        deadline, hedge: defaults for :meth:`invoke_concurrent`'s tail control.
+        rate_limit: a :class:`RateLimit` every call waits for before it starts (agents
+            and hedges; their timeouts count from after the wait).
 
     Agent failures never raise: they are returned in the result and logged.  The
     methods raise only for bad input (:class:`InvalidRequestError`), refused admission
@@ -235,6 +295,9 @@ class ConcurrentDeliberationService:
         halt_poll_interval: float = 0.05,
         halt_read_timeout: float = DEFAULT_HALT_READ_TIMEOUT,
         witness: OutputWitness | None = None,
+        deadline: float | None = None,
+        hedge: HedgePolicy | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         if not callable(getattr(orchestrator, "invoke", None)):
             raise InvalidRequestError(
@@ -252,6 +315,10 @@ class ConcurrentDeliberationService:
             raise InvalidRequestError(
                 f"witness must have an async commit(output), got {type(witness).__name__}"
             )
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise InvalidRequestError(
+                f"rate_limit must be a RateLimit or None, got {type(rate_limit).__name__}"
+            )
         poll = check_seconds(halt_poll_interval, "halt_poll_interval")
         read_timeout = check_seconds(halt_read_timeout, "halt_read_timeout")
 
@@ -266,6 +333,10 @@ class ConcurrentDeliberationService:
         self._halt_poll_interval = poll
         self._halt_read_timeout = read_timeout
         self._witness = witness
+        self._deadline = check_deadline(deadline)
+        self._hedge = check_hedge(hedge)
+        self._latencies = LatencyWindow()  # recent successful agent latencies, for hedging
+        self._rate_limit = rate_limit
         self.metrics = ServiceMetrics(lambda: self._pool.active_count)
 
     # ------------------------------------------------------------ read side
@@ -298,8 +369,24 @@ class ConcurrentDeliberationService:
         overflow: Overflow = "reject",
         agent_timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
+        deadline: float | None = None,
+        quorum: int | None = None,
+        hedge: HedgePolicy | None = None,
     ) -> ConcurrentResult:
         """Run every request at once; return every outcome, in request order.
+
+        Tail control (each optional; ``deadline`` and ``hedge`` default to the service's):
+
+        * ``deadline`` -- seconds for the whole batch from its start.  At the deadline
+          every agent without an outcome is cancelled and becomes a ``TIMEOUT`` ("batch
+          deadline"); the call returns normally.
+        * ``quorum`` -- 1 <= quorum <= len(requests).  As soon as that many agents have
+          succeeded, the rest are cancelled and become ``CANCELLED``; the call returns
+          normally.  With a deadline too, whichever comes first.
+        * ``hedge`` -- a :class:`HedgePolicy`: an agent still running after its delay gets
+          one duplicate call (if a pool slot is free and the budget allows); the first
+          success wins and the other call is cancelled.  ``result.hedged_agents`` names
+          them.
 
         ``on_progress(done, total, agent_id, status)`` is called as each agent finishes
         (after its witness commit, if any); it may be a plain callable or an ``async``
@@ -315,7 +402,12 @@ class ConcurrentDeliberationService:
         """
         if overflow not in ("reject", "queue"):
             raise InvalidRequestError(f"overflow must be 'reject' or 'queue', got {overflow!r}")
-        return await self._deliberate(requests, overflow, agent_timeout, on_progress)
+        tail = _Tail(
+            self._deadline if deadline is None else deadline,
+            quorum,
+            self._hedge if hedge is None else hedge,
+        )
+        return await self._deliberate(requests, overflow, agent_timeout, on_progress, tail)
 
     async def invoke_sequential(
         self,
@@ -323,9 +415,24 @@ class ConcurrentDeliberationService:
         *,
         agent_timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
+        deadline: None = None,
+        quorum: None = None,
+        hedge: None = None,
     ) -> ConcurrentResult:
-        """Run the requests one at a time, in order, checking the halt before each turn."""
-        return await self._deliberate(requests, "sequential", agent_timeout, on_progress)
+        """Run the requests one at a time, in order, checking the halt before each turn.
+
+        Tail control is for concurrent batches: ``deadline``, ``quorum`` or ``hedge``
+        given here raise :class:`InvalidRequestError` (the service's defaults do not
+        apply to sequential runs).
+        """
+        for name, value in (("deadline", deadline), ("quorum", quorum), ("hedge", hedge)):
+            if value is not None:
+                raise InvalidRequestError(
+                    f"{name} is for concurrent batches; invoke_sequential takes no {name}"
+                )
+        return await self._deliberate(
+            requests, "sequential", agent_timeout, on_progress, _Tail(None, None, None)
+        )
 
     async def invoke_single(
         self, request: AgentRequest, *, agent_timeout: float | None = None
@@ -335,7 +442,8 @@ class ConcurrentDeliberationService:
             raise InvalidRequestError(
                 f"request must be an AgentRequest, got {type(request).__name__}"
             )
-        result = await self._deliberate([request], "reject", agent_timeout, None)
+        tail = _Tail(self._deadline, None, self._hedge)
+        result = await self._deliberate([request], "reject", agent_timeout, None, tail)
         if result.outputs:
             return result.outputs[0]
         failure = result.failures[0]
@@ -352,6 +460,7 @@ class ConcurrentDeliberationService:
         mode: _Mode,
         agent_timeout: float | None,
         on_progress: ProgressCallback | None,
+        tail: _Tail,
     ) -> ConcurrentResult:
         # 1. Halt first: a halted system does nothing, not even validate.
         reason = await self._read_halt()
@@ -364,9 +473,17 @@ class ConcurrentDeliberationService:
         checked = _check_requests(requests)
         timeout = self._agent_timeout if agent_timeout is None else _check_timeout(agent_timeout)
         batch = _Batch(checked, mode, timeout, _check_progress(on_progress))
+        deadline = check_deadline(tail.deadline)
+        batch.quorum = check_quorum(tail.quorum, len(checked))
+        hedge = check_hedge(tail.hedge)
         started_at, t0 = utc_now(), trio.current_time()
         if not checked:
             return self._result(batch, started_at, t0)
+        if deadline is not None:
+            batch.deadline = t0 + deadline
+        if hedge is not None:
+            batch.hedge_delay = hedge.delay_for(self._latencies)
+            batch.max_hedged = hedge.max_hedged(len(checked))
 
         # 3. Admit: all or nothing.
         try:
@@ -379,39 +496,51 @@ class ConcurrentDeliberationService:
             )
             raise
 
-        # 4. Run; 6. whatever happens, every slot and claim comes back.
+        # 4. Run; 7. whatever happens, every slot and claim comes back.
+        batch.admission = admission
         with admission:
-            await self._run(batch, admission)
+            await self._run(batch)
 
-        # 5. A halt cut the batch short: the caller gets everything so far.
-        if batch.halted and (None in batch.outcomes):
-            if batch.halt_reason is None:  # seen through the probe; ask the channel why
-                batch.halt_reason = await self._read_halt() or NO_REASON
-            batch.fill_halted(trio.current_time())
-            result = self._result(batch, started_at, t0, halted=True)
-            log.warning(
-                "batch halted",
-                extra={
-                    "batch_id": str(batch.batch_id),
-                    "success_count": result.success_count,
-                    "failure_count": result.failure_count,
-                },
-            )
-            raise SystemHaltedError(batch.halt_reason, partial=result)
-        return self._result(batch, started_at, t0)
+        # 5. A deadline or a quorum cut the batch short: a normal result, every outcome.
+        if None not in batch.outcomes:
+            return self._result(batch, started_at, t0)
+        if batch.stop != "halt":
+            batch.fill_unfinished(trio.current_time())
+            return self._result(batch, started_at, t0)
 
-    async def _run(self, batch: _Batch, admission: Admission) -> None:
+        # 6. A halt cut it short: the caller gets everything so far, in the error.
+        if batch.reason is None:  # seen through the probe; ask the channel why
+            batch.reason = await self._read_halt() or NO_REASON
+        batch.fill_unfinished(trio.current_time())
+        result = self._result(batch, started_at, t0, halted=True)
+        log.warning(
+            "batch halted",
+            extra={
+                "batch_id": str(batch.batch_id),
+                "success_count": result.success_count,
+                "failure_count": result.failure_count,
+            },
+        )
+        raise SystemHaltedError(batch.reason, partial=result)
+
+    async def _run(self, batch: _Batch) -> None:
         """Run the batch's agents in one nursery, under a scope a halt can cancel."""
         checker = self._halt_checker
+        admission = batch.admission
+        assert admission is not None
         # A channel that can call back cancels the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
         stop_listening: Callable[[], None] | None = (
-            checker.on_halt(batch.halt) if isinstance(checker, HaltNotifier) else None
+            checker.on_halt(functools.partial(batch.stop_now, "halt"))
+            if isinstance(checker, HaltNotifier)
+            else None
         )
         try:
             async with trio.open_nursery() as watchers:
                 if checker is not None:
                     watchers.start_soon(self._watch_halt, batch)
+                if batch.deadline is not None:
+                    watchers.start_soon(_watch_deadline, batch, batch.deadline)
                 with batch.run_scope:
                     if batch.mode == "sequential":
                         await self._run_in_turn(batch, admission)
@@ -419,9 +548,7 @@ class ConcurrentDeliberationService:
                         async with trio.open_nursery() as agents:
                             if batch.mode == "reject":
                                 for index, slot in enumerate(admission.slots):
-                                    agents.start_soon(
-                                        self._run_agent, batch, index, slot, admission
-                                    )
+                                    agents.start_soon(self._run_agent, batch, index, slot)
                             else:
                                 await self._feed_queue(batch, agents, admission)
                 watchers.cancel_scope.cancel()
@@ -436,43 +563,53 @@ class ConcurrentDeliberationService:
         # agents costs thousands of waiting requests, not thousands of parked tasks.
         for index, req in enumerate(batch.requests):
             slot = await admission.take_slot(req.agent_id)
-            agents.start_soon(self._run_agent, batch, index, slot, admission)
+            agents.start_soon(self._run_agent, batch, index, slot)
 
     async def _run_in_turn(self, batch: _Batch, admission: Admission) -> None:
         for index, req in enumerate(batch.requests):
             reason = await self._read_halt()  # before every turn
             if reason is not None:
-                batch.halt(reason)
+                batch.stop_now("halt", reason)
                 return
             await self._report(batch, req.agent_id, "starting")
             slot = await admission.take_slot(req.agent_id)
-            await self._run_agent(batch, index, slot, admission)
+            await self._run_agent(batch, index, slot)
 
-    def _halt_seen(self, batch: _Batch) -> bool:
-        """Has this batch seen a halt, even one raised an instant ago?  (Synchronous.)"""
-        if batch.halted:
+    def _stopped(self, batch: _Batch) -> bool:
+        """Has this batch stopped, even an instant ago?  (Synchronous, no checkpoint.)
+
+        A halt seen through the channel's probe, or a deadline just passed, stops it here
+        even before the task watching for it wakes up.
+        """
+        if batch.stop is not None:
             return True
         if self._halted_now is not None and self._halted_now():
-            batch.halt(None)
-            return True
-        return False
+            batch.stop_now("halt")
+        elif batch.deadline is not None and trio.current_time() >= batch.deadline:
+            batch.stop_now("deadline")
+        return batch.stop is not None
 
-    async def _run_agent(self, batch: _Batch, index: int, slot: Slot, admission: Admission) -> None:
+    async def _run_agent(self, batch: _Batch, index: int, slot: Slot) -> None:
         req = batch.requests[index]
+        assert batch.admission is not None
         try:
-            if self._halt_seen(batch):  # no agent starts after a halt
+            if self._stopped(batch):  # nothing starts after a halt, deadline or quorum
                 return
+            if self._rate_limit is not None:
+                await self._rate_limit.acquire()
+                if self._stopped(batch):
+                    return
             start = trio.current_time()
             batch.started[index] = start
             self.metrics.record_started()
             outcome = await self._attempt(batch, index, start)
         finally:
-            admission.release(slot)
-        if outcome is None:  # withheld: a halt came before its release
+            batch.admission.release(slot)
+        if outcome is None:  # withheld: the batch stopped before its release
             return
-        # Recorded with no checkpoint since the halt check in _attempt: what is
-        # recorded as a success was released before any halt.
-        self._record(batch, index, outcome)
+        # Recorded with no checkpoint since the stop check in _attempt: what is recorded
+        # as a success was released before any halt.
+        self._record(batch, index, outcome, start)
         if batch.on_progress is not None:
             status = "completed" if isinstance(outcome, AgentOutput) else "failed"
             await self._report(batch, req.agent_id, status)
@@ -480,70 +617,39 @@ class ConcurrentDeliberationService:
     async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
         """Invoke one agent and turn whatever happens into exactly one outcome.
 
-        Returns None if the output came after a halt (it is withheld); a cancellation
-        the kernel asked for propagates.
+        Returns None if the output came after the batch stopped (it is withheld); a
+        cancellation the kernel asked for propagates.
         """
         req = batch.requests[index]
         if batch.timeout is None:
             # No timeout: no cancel scope either (it is per-agent cost on the hot path).
-            try:
-                result: object = await self._orchestrator.invoke(req.agent_id, req.context)
-            except Exception as exc:
-                return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
-            except trio.Cancelled:
-                if _cancel_requested():
-                    raise
-                return _stray_cancel(req, start)
+            result = await self._call(batch, index, start)
         else:
             deadline = start + batch.timeout
             with trio.CancelScope(deadline=deadline) as timeout_scope:
-                try:
-                    result = await self._orchestrator.invoke(req.agent_id, req.context)
-                except Exception as exc:
-                    if timeout_scope.cancel_called:
-                        # The orchestrator turned our timeout's Cancelled into an error.
-                        return self._timeout_failure(batch, req, start)
-                    return _failure(
-                        req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start
-                    )
-                except trio.Cancelled:
-                    if _cancel_requested():
-                        raise
-                    return _stray_cancel(req, start)
+                result = await self._call(batch, index, start)
             if timeout_scope.cancel_called or trio.current_time() >= deadline:
-                # Cancelled by its timeout, or it returned too late: either way, a timeout.
+                # Cancelled by its timeout (perhaps turned into an error), or it returned
+                # too late: either way, a timeout.
                 return self._timeout_failure(batch, req, start)
 
-        if not isinstance(result, AgentOutput):
-            return _failure(
-                req,
-                FailureKind.INVALID_OUTPUT,
-                "",
-                f"orchestrator returned {type(result).__name__}, expected AgentOutput",
-                start,
+        if isinstance(result, _Raised):
+            if result.exc is None:
+                return _stray_cancel(req, start)
+            exc = result.exc
+            return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
+        problem = _invalid(result, req)
+        if isinstance(result, AgentOutput) and result.output_id in batch.output_ids:
+            problem = problem or (
+                f"orchestrator returned output {result.output_id} for agent "
+                f"{req.agent_id!r}, an output id another agent of this batch already has"
             )
-        if result.agent_id != req.agent_id:
-            return _failure(
-                req,
-                FailureKind.INVALID_OUTPUT,
-                "",
-                f"orchestrator returned an output of agent {result.agent_id!r} "
-                f"for agent {req.agent_id!r}",
-                start,
-            )
-        if result.output_id in batch.output_ids:
-            return _failure(
-                req,
-                FailureKind.INVALID_OUTPUT,
-                "",
-                f"orchestrator returned output {result.output_id} for agent {req.agent_id!r}, "
-                "an output id another agent of this batch already has",
-                start,
-            )
-        # Nothing is released after a halt: not to the caller, not to the witness.  The
-        # orchestrator may have returned in the same instant as the halt, or after
-        # swallowing its cancellation.
-        if self._halt_seen(batch):
+        if problem is not None or not isinstance(result, AgentOutput):
+            return _failure(req, FailureKind.INVALID_OUTPUT, "", problem or "", start)
+        # Nothing is released after the batch stopped: not to the caller, not to the
+        # witness.  The orchestrator may have returned in the same instant as a halt, or
+        # after swallowing its cancellation.
+        if self._stopped(batch):
             batch.withheld.add(index)
             return None
         batch.output_ids.add(result.output_id)
@@ -572,6 +678,83 @@ class ConcurrentDeliberationService:
                 )
         return output
 
+    async def _call(self, batch: _Batch, index: int, start: float) -> object:
+        """The agent's answer: one call, or (hedging) the first success of two."""
+        if batch.hedge_delay is None:
+            return await self._invoke(batch.requests[index])
+        return await self._hedged(batch, index, start)
+
+    async def _invoke(self, req: AgentRequest) -> object:
+        """One orchestrator call: what it returned, or what it raised as a :class:`_Raised`."""
+        try:
+            return await self._orchestrator.invoke(req.agent_id, req.context)
+        except Exception as exc:
+            return _Raised(exc)
+        except trio.Cancelled:
+            if _cancel_requested():
+                raise
+            return _Raised(None)  # a Cancelled nobody asked for
+
+    async def _hedged(self, batch: _Batch, index: int, start: float) -> object:
+        """Race the agent's call against one duplicate started after the hedge delay.
+
+        The first valid output wins and the other call is cancelled.  A call that fails
+        leaves the other running; if both fail, the first call's answer stands.  The
+        duplicate starts only if the first is still running at the delay, the batch's
+        hedge budget allows, and a pool slot is free (nobody waiting for one).
+        """
+        req = batch.requests[index]
+        admission = batch.admission
+        assert admission is not None and batch.hedge_delay is not None
+        hedge_at = start + batch.hedge_delay
+        answers: dict[str, object] = {}
+        winner: list[object] = []
+        hedging = False
+
+        async with trio.open_nursery() as race:
+
+            def finished(which: str, answer: object) -> None:
+                answers[which] = answer
+                if _invalid(answer, req) is None:
+                    winner.append(answer)
+                    if which == "hedge":
+                        self.metrics.record_hedge_won()
+                    race.cancel_scope.cancel()
+                elif which == "hedge" or not hedging:
+                    race.cancel_scope.cancel()  # nothing left to wait for
+
+            async def first() -> None:
+                finished("first", await self._invoke(req))
+
+            async def hedge() -> None:
+                nonlocal hedging
+                await trio.sleep_until(hedge_at)
+                if "first" in answers or len(batch.hedged) >= batch.max_hedged:
+                    return
+                slot = admission.take_extra_slot(req.agent_id)
+                if slot is None:
+                    return
+                if self._rate_limit is not None:
+                    try:
+                        await self._rate_limit.acquire()
+                    except BaseException:
+                        admission.release(slot)
+                        raise
+                batch.hedged.add(index)
+                self.metrics.record_hedge_launched()
+                hedging = True
+                try:
+                    answer = await self._invoke(req)
+                finally:
+                    admission.release(slot)
+                    hedging = False
+                if "first" in answers or _invalid(answer, req) is None:
+                    finished("hedge", answer)
+
+            race.start_soon(first)
+            race.start_soon(hedge)
+        return winner[0] if winner else answers["first"]
+
     def _timeout_failure(self, batch: _Batch, req: AgentRequest, start: float) -> AgentFailure:
         return _failure(
             req,
@@ -581,10 +764,15 @@ class ConcurrentDeliberationService:
             start,
         )
 
-    def _record(self, batch: _Batch, index: int, outcome: _Outcome) -> None:
+    def _record(self, batch: _Batch, index: int, outcome: _Outcome, start: float) -> None:
         batch.outcomes[index] = outcome
         batch.done += 1
-        if isinstance(outcome, AgentFailure):
+        if isinstance(outcome, AgentOutput):
+            self._latencies.add(trio.current_time() - start)
+            batch.succeeded += 1
+            if batch.quorum is not None and batch.succeeded >= batch.quorum:
+                batch.stop_now("quorum")
+        else:
             log.warning(
                 "agent failed",
                 extra={
@@ -632,6 +820,7 @@ class ConcurrentDeliberationService:
             started_at=started_at,
             completed_at=utc_now(),
             total_ms=max(total_ms, 0.0),
+            hedged_agents=tuple(batch.requests[i].agent_id for i in sorted(batch.hedged)),
         )
         self.metrics.record_result(result, halted=halted)
         log.info(
@@ -667,7 +856,7 @@ class ConcurrentDeliberationService:
             )
         except Exception as exc:
             reason = _checker_failed(exc)
-        batch.halt(reason)
+        batch.stop_now("halt", reason)
 
 
 def _checker_failed(exc: Exception) -> str:
@@ -690,6 +879,25 @@ def _failure(
         message=message,
         elapsed_ms=max((trio.current_time() - start) * 1000.0, 0.0),
     )
+
+
+async def _watch_deadline(batch: _Batch, deadline: float) -> None:
+    await trio.sleep_until(deadline)
+    batch.stop_now("deadline")
+
+
+def _invalid(answer: object, req: AgentRequest) -> str | None:
+    """Why ``answer`` is not a valid output of ``req``'s agent, or None if it is."""
+    if isinstance(answer, _Raised):
+        return "the call raised"
+    if not isinstance(answer, AgentOutput):
+        return f"orchestrator returned {type(answer).__name__}, expected AgentOutput"
+    if answer.agent_id != req.agent_id:
+        return (
+            f"orchestrator returned an output of agent {answer.agent_id!r} "
+            f"for agent {req.agent_id!r}"
+        )
+    return None
 
 
 def _stray_cancel(req: AgentRequest, start: float) -> AgentFailure:

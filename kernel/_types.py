@@ -219,6 +219,7 @@ class FailureKind(enum.Enum):
     HALTED = "halted"  #: a halt cancelled it, or it never started because of one
     INVALID_OUTPUT = "invalid_output"  #: it returned something that is not its own AgentOutput
     WITNESS = "witness"  #: its output could not be committed to the witness
+    CANCELLED = "cancelled"  #: not needed: the batch's quorum was reached first
 
 
 @attrs.frozen(slots=True)
@@ -247,6 +248,10 @@ class ConcurrentResult:
     started_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
     completed_at: datetime = attrs.field(converter=_as_utc, validator=_aware_datetime)
     total_ms: float = attrs.field(validator=number(at_least=0))
+    #: Agents that got a duplicate (hedge) call, in request order.
+    hedged_agents: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_tuple_of(str)
+    )
 
     @property
     def success_count(self) -> int:

@@ -53,7 +53,7 @@ async def test_halt_is_durable_sticky_and_first_reason_wins(tmp_path: Path) -> N
 
 async def test_clear_needs_two_approvers(tmp_path: Path) -> None:
     channel = FileHaltChannel(tmp_path / "halt.json")
-    await channel.halt("x")
+    assert channel.halt("x") is True
     with pytest.raises(HaltClearDeniedError):
         await channel.aclear(approvers=["alice"], reason="fixed")
     with pytest.raises(HaltClearDeniedError):
@@ -70,18 +70,17 @@ async def test_clear_needs_two_approvers(tmp_path: Path) -> None:
         channel.halt("")
 
 
-async def test_sync_halt_and_clear_like_halt_switch_and_awaitable(tmp_path: Path) -> None:
+async def test_sync_halt_and_clear_like_halt_switch(tmp_path: Path) -> None:
     channel = FileHaltChannel(tmp_path / "halt.json")
-    raised = channel.halt("sync halt")  # written before it returns, like HaltSwitch.halt
-    assert raised
-    assert bool(raised) is True
+    assert channel.halt("sync halt") is True  # written before it returns, like HaltSwitch.halt
     assert await channel.is_halted()
-    assert not channel.halt("again")
-    assert await channel.halt("awaited too") is False  # the result can also be awaited
-    channel.clear(approvers=["a", "b"], reason="ok")
+    assert channel.halt("again") is False  # a plain bool, not an awaitable
+    assert channel.clear(approvers=["a", "b"], reason="ok") is None  # type: ignore[func-returns-value]
     assert not await channel.is_halted()
-    await channel.clear(approvers=["a", "b"], reason="nothing to clear")  # awaitable too
-    assert await channel.halt("again") is True
+    channel.clear(approvers=["a", "b"], reason="nothing to clear")
+    assert await channel.ahalt("again") is True
+    assert await channel.aclear(approvers=["a", "b"], reason="ok") is None  # type: ignore[func-returns-value]
+    assert [r.action for r in channel.history] == ["halt", "clear", "halt", "clear"]
 
 
 @pytest.mark.parametrize(

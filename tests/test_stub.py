@@ -82,3 +82,49 @@ async def test_invoke_batch_is_concurrent_and_ordered(
 def test_stub_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequestError):
         AgentOrchestratorStub(**kwargs)
+
+
+def test_latency_model_matches_its_parameters() -> None:
+    import random
+    import statistics
+
+    from adapters.stub import LatencyModel
+
+    model = LatencyModel()
+    rng = random.Random(7)
+    samples = [model.sample_ms(rng) for _ in range(20_000)]
+    body = sorted(s for s in samples if s != model.stall_ms)
+    stalls = len(samples) - len(body)
+    assert 0.003 < stalls / len(samples) < 0.007  # 0.5%
+    assert statistics.median(body) == pytest.approx(800.0, rel=0.05)
+    p95 = body[int(0.95 * len(body))]
+    assert p95 / statistics.median(body) == pytest.approx(4.4, rel=0.1)  # exp(1.645 * 0.9)
+    scaled = model.with_median(20.0)
+    assert (scaled.median_ms, scaled.stall_ms, scaled.sigma) == (20.0, 750.0, 0.9)
+
+
+def test_latency_model_and_profile_are_validated() -> None:
+    from adapters.stub import LatencyModel
+
+    for kwargs in ({"median_ms": 0}, {"sigma": -1}, {"stall_probability": 1.5}):
+        with pytest.raises(InvalidRequestError):
+            LatencyModel(**kwargs)
+    with pytest.raises(InvalidRequestError, match="latency_profile"):
+        AgentOrchestratorStub(latency_profile="pareto")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="time_scale"):
+        AgentOrchestratorStub(time_scale=0)
+
+
+async def test_lognormal_stub_is_seeded_and_time_scaled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def stub() -> AgentOrchestratorStub:
+        return AgentOrchestratorStub(latency_profile="lognormal", seed=11, time_scale=0.01)
+
+    first, second = stub(), stub()
+    ctx = make_context()
+    a = [float((await first.invoke(f"x{i}", ctx)).metadata["latency_ms"]) for i in range(50)]
+    b = [float((await second.invoke(f"x{i}", ctx)).metadata["latency_ms"]) for i in range(50)]
+    assert a == b and len(set(a)) == 50
+    assert 4.0 < sorted(a)[25] < 16.0  # a median of 800 ms x 0.01
+    assert trio.current_time() == pytest.approx(2 * sum(a) / 1000.0)

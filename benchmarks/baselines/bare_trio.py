@@ -17,8 +17,9 @@ async def run_batch(
     orchestrator: AgentOrchestratorProtocol,
     requests: Sequence[AgentRequest],
     limiter: trio.CapacityLimiter,
-) -> list[AgentOutput | BaseException]:
-    results: list[AgentOutput | BaseException] = [None] * len(requests)  # type: ignore[list-item]
+) -> list[AgentOutput | Exception | None]:
+    """Every request's output or exception, in request order."""
+    results: list[AgentOutput | Exception | None] = [None] * len(requests)
 
     async def one(i: int, req: AgentRequest) -> None:
         async with limiter:

@@ -1,0 +1,51 @@
+"""The processes some scenarios measure through: the loopback OpenAI-compatible server and
+the loop-stall probe, each in an interpreter of its own started from the repository root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ROOT", "fake_server", "loop_stall_probe"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def fake_server(*args: str) -> Iterator[str]:
+    """The loopback server (tests/fake_openai.py, ``args`` are its options) for the
+    duration of the block; yields its base URL.
+
+    A process of its own so that it does not compete with the client for the GIL (in the
+    tests it is a thread).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openai", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def loop_stall_probe(*args: str) -> dict[str, Any]:
+    """One run of tests/loop_stall_probe.py in a fresh interpreter: its JSON report."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.loop_stall_probe", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report: dict[str, Any] = json.loads(out)
+    return report

@@ -1,0 +1,35 @@
+"""Every scenario, by the name ``--only`` takes, in the order a full run runs them.
+
+A scenario is a function of the run's :class:`~benchmarks.results.Settings` that adds its
+rows to the :class:`~benchmarks.results.Results`; each measures the kernel and, where one
+exists, a baseline in the same process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from benchmarks.results import Results, Settings
+from benchmarks.scenarios.durability import soak, witness
+from benchmarks.scenarios.halting import bridge_halt, halt
+from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback
+from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+Scenario = Callable[[Settings, Results], None]
+
+SCENARIOS: dict[str, Scenario] = {
+    "seed-timing": seed_timing,
+    "full-council": full_council,
+    "overhead": overhead,
+    "queue": queue,
+    "scale": scale,
+    "halt": halt,
+    "bridge": bridge,
+    "bridge-halt": bridge_halt,
+    "llm-loopback": llm_loopback,
+    "first-batch-stall": first_batch_stall,
+    "witness": witness,
+    "soak": soak,
+}

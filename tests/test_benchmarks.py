@@ -1,0 +1,90 @@
+"""The benchmarks as a user runs them (``python -m benchmarks.run`` and ``.compare``), on
+their fastest settings.  Timings are not asserted (wall clock on a shared machine): what a
+run prints and writes is."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import README_END, README_START, update_readme
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_run_prints_and_writes_the_rows_of_the_scenarios_asked_for(tmp_path: Path) -> None:
+    proc = bench("benchmarks.run", "--quick", "--only", "witness", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("| witness ")]
+    assert len(printed) == 4  # as the scenario finishes, then in the whole table
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["mode"] == "quick"
+    assert [row["variant"] for row in document["rows"]] == [
+        "SqliteWitness synchronous=FULL",
+        "SqliteWitness synchronous=NORMAL",
+    ]
+    for row in document["rows"]:
+        assert len(row["samples"]) == 5  # quick: 5 reps
+        assert row["median"] == statistics.median(row["samples"])
+        assert row["note"] == "2.0 transactions per batch (group commit)"
+    assert (tmp_path / "results.md").read_text().count("| witness 72 commits |") == 2
+    assert not (tmp_path / "agents_vs_elapsed.png").exists()  # --only: no plot
+
+
+def test_run_refuses_an_unknown_scenario_before_running_anything(tmp_path: Path) -> None:
+    proc = bench("benchmarks.run", "--only", "nope", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "invalid choice: 'nope'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_update_readme_replaces_only_what_stands_between_the_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\nafter\n")
+    assert update_readme(readme, "new table\n")
+    assert readme.read_text() == f"intro\n{README_START}\nnew table\n{README_END}\nafter\n"
+
+
+def test_update_readme_without_both_markers_changes_nothing(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nno end marker\n")
+    assert not update_readme(readme, "new table\n")
+    assert readme.read_text() == f"intro\n{README_START}\nno end marker\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_compare_puts_the_kernel_of_a_commit_next_to_this_trees() -> None:
+    proc = bench(
+        "benchmarks.compare", "--baseline-ref", "HEAD", "--rounds", "1", "--reps", "1",
+        "--repeat", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [(row[1], row[2]) for row in rows[1:]] == [
+        ("kernel @ HEAD", "cost per agent"),
+        ("bare-trio @ HEAD", "cost per agent"),
+        ("kernel @ working tree", "cost per agent"),
+        ("bare-trio @ working tree", "cost per agent"),
+        ("kernel / bare-trio @ HEAD", "ratio"),
+        ("kernel / bare-trio @ working tree", "ratio"),
+        ("working tree / baseline", "ratio of ratios"),
+    ]
+
+
+def test_compare_refuses_a_ref_that_is_not_a_commit() -> None:
+    proc = bench("benchmarks.compare", "--baseline-ref", "no-such-ref")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: cannot export 'no-such-ref': fatal:")
+    assert proc.stdout == ""

@@ -1,0 +1,350 @@
+"""Tail control on the virtual clock: batch deadline, quorum and hedged calls (issue 11)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from uuid import uuid4
+
+import pytest
+import trio
+import trio.testing
+
+from kernel import (
+    AgentOutput,
+    AgentPool,
+    CommitReceipt,
+    ConcurrentDeliberationService,
+    ContextBundle,
+    FailureKind,
+    HaltSwitch,
+    HedgePolicy,
+    InvalidRequestError,
+)
+from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of an agent: wait ``latency`` seconds, then answer (or fail)."""
+
+    latency: float
+    fails: bool = False
+
+
+class PerCall:
+    """Each agent's n-th call follows its n-th ``Call`` (the last one repeats)."""
+
+    def __init__(self, plan: Mapping[str, Sequence[Call]], default: Call = Call(1.0)) -> None:
+        self.plan = plan
+        self.default = default
+        self.calls: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.cancelled: list[tuple[str, int]] = []
+        self.answered: list[tuple[str, int]] = []
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        n = self.calls.get(agent_id, 0)
+        self.calls[agent_id] = n + 1
+        script = self.plan.get(agent_id, [self.default])
+        call = script[min(n, len(script) - 1)]
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await trio.sleep(call.latency)
+        except trio.Cancelled:
+            self.cancelled.append((agent_id, n + 1))
+            raise
+        finally:
+            self.in_flight -= 1
+        if call.fails:
+            raise RuntimeError(f"call {n + 1} of {agent_id} failed")
+        self.answered.append((agent_id, n + 1))
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content=f"call {n + 1}")
+
+
+# ---------------------------------------------------------------- deadline
+
+
+async def test_deadline_ends_the_batch_exactly_and_returns_every_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = {f"archon-{i}": Step(latency=float(i)) for i in range(1, 11)}
+    orch = ScriptedOrchestrator(plan)
+    service = ConcurrentDeliberationService(orch, HaltSwitch())
+    t0 = trio.current_time()
+    result = await service.invoke_concurrent(make_requests(10), deadline=5.5)
+    assert trio.current_time() - t0 == pytest.approx(5.5)
+    assert [o.agent_id for o in result.outputs] == [f"archon-{i}" for i in range(1, 6)]
+    assert {f.kind for f in result.failures} == {FailureKind.TIMEOUT}
+    assert all("batch deadline" in f.message for f in result.failures)
+    assert sorted(orch.cancelled) == sorted(f"archon-{i}" for i in range(6, 11))
+    assert service.active_count == 0
+
+
+async def test_deadline_counts_queued_time_and_names_unstarted_agents(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(2))
+    result = await service.invoke_concurrent(make_requests(6), overflow="queue", deadline=1.5)
+    assert result.success_count == 2
+    messages = sorted(f.message for f in result.failures)
+    assert messages.count("not started: batch deadline reached") == 2
+    assert messages.count("batch deadline reached") == 2
+    assert len(orch.starts) == 4  # nothing started after the deadline
+
+
+async def test_service_default_deadline_and_a_call_override(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = ScriptedOrchestrator(default=Step(latency=3.0))
+    service = ConcurrentDeliberationService(orch, deadline=1.0)
+    result = await service.invoke_concurrent(make_requests(3))
+    assert result.success_count == 0
+    result = await service.invoke_concurrent(make_requests(3), deadline=10.0)
+    assert result.success_count == 3
+
+
+# ---------------------------------------------------------------- quorum
+
+
+async def test_quorum_returns_at_the_kth_success_with_failures_mixed_in(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = {f"archon-{i}": Step(latency=float(i)) for i in range(1, 11)}
+    plan["archon-2"] = Step(latency=2.0, action="error")
+    plan["archon-3"] = Step(latency=3.0, action="invalid")
+    orch = ScriptedOrchestrator(plan)
+    service = ConcurrentDeliberationService(orch)
+    t0 = trio.current_time()
+    result = await service.invoke_concurrent(make_requests(10), quorum=4)
+    # Successes at 1, 4, 5, 6 s: the 4th success is at 6 s.
+    assert trio.current_time() - t0 == pytest.approx(6.0)
+    assert result.success_count == 4 and result.total_count == 10
+    kinds = {f.agent_id: f.kind for f in result.failures}
+    assert kinds["archon-2"] is FailureKind.ERROR
+    assert kinds["archon-3"] is FailureKind.INVALID_OUTPUT
+    cancelled = [f for f in result.failures if f.kind is FailureKind.CANCELLED]
+    assert [f.agent_id for f in cancelled] == [f"archon-{i}" for i in range(7, 11)]
+    assert all(f.message == "not needed: quorum of 4 reached" for f in cancelled)
+
+
+async def test_quorum_that_cannot_be_reached_returns_when_all_are_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = {"archon-1": Step(latency=1.0, action="error")}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(2.0)))
+    result = await service.invoke_concurrent(make_requests(3), quorum=3)
+    assert result.success_count == 2
+    assert [f.kind for f in result.failures] == [FailureKind.ERROR]
+
+
+async def test_quorum_or_deadline_whichever_comes_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = {f"archon-{i}": Step(latency=float(i)) for i in range(1, 6)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan))
+    result = await service.invoke_concurrent(make_requests(5), quorum=4, deadline=2.5)
+    assert result.success_count == 2
+    assert {f.kind for f in result.failures} == {FailureKind.TIMEOUT}
+    result = await service.invoke_concurrent(make_requests(5), quorum=2, deadline=9.0)
+    assert result.success_count == 2
+    assert {f.kind for f in result.failures} == {FailureKind.CANCELLED}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 4, True, 2.0, "2"])
+async def test_bad_quorum_is_refused_before_anything_runs(bad: object) -> None:
+    orch = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orch)
+    with pytest.raises(InvalidRequestError, match="quorum"):
+        await service.invoke_concurrent(make_requests(3), quorum=bad)  # type: ignore[arg-type]
+    assert orch.starts == [] and service.active_count == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"deadline": 0}, "deadline"),
+        ({"deadline": math.nan}, "deadline"),
+        ({"hedge": 1.0}, "hedge"),
+    ],
+)
+async def test_bad_tail_settings_are_refused(kwargs: dict[str, object], name: str) -> None:
+    orch = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orch)
+    with pytest.raises(InvalidRequestError, match=name):
+        await service.invoke_concurrent(make_requests(2), **kwargs)  # type: ignore[arg-type]
+    assert orch.starts == []
+
+
+async def test_sequential_refuses_tail_control_but_ignores_service_defaults(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, deadline=0.5, hedge=HedgePolicy(delay=0.1))
+    for kwargs in ({"deadline": 1.0}, {"quorum": 1}, {"hedge": HedgePolicy()}):
+        with pytest.raises(InvalidRequestError, match="invoke_sequential"):
+            await service.invoke_sequential(make_requests(2), **kwargs)
+    result = await service.invoke_sequential(make_requests(2))
+    assert result.success_count == 2 and result.hedged_agents == ()
+
+
+def test_hedge_policy_is_validated() -> None:
+    for kwargs in (
+        {"delay": 0},
+        {"delay": -1.0},
+        {"quantile": 0},
+        {"quantile": 1.5},
+        {"budget": -0.1},
+        {"budget": 2},
+        {"min_samples": 0},
+        {"min_samples": 2.5},
+    ):
+        with pytest.raises(InvalidRequestError):
+            HedgePolicy(**kwargs)
+    assert HedgePolicy(budget=0.1).max_hedged(30) == 3
+    assert HedgePolicy(budget=0.1).max_hedged(72) == 8
+    assert HedgePolicy(budget=0.0).max_hedged(72) == 0
+
+
+# ---------------------------------------------------------------- hedging
+
+
+async def test_a_slow_agent_is_hedged_after_the_delay_and_the_first_success_wins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({"archon-1": [Call(10.0), Call(1.0)]}, default=Call(0.5))
+    service = ConcurrentDeliberationService(orch)
+    t0 = trio.current_time()
+    result = await service.invoke_concurrent(make_requests(3), hedge=HedgePolicy(delay=2.0))
+    assert trio.current_time() - t0 == pytest.approx(3.0)  # hedge at 2 s, answers at 3 s
+    assert result.success_count == 3 and result.hedged_agents == ("archon-1",)
+    assert result.outputs[0].content == "call 2"
+    assert orch.cancelled == [("archon-1", 1)]  # the loser, cancelled
+    snap = service.metrics.snapshot()
+    assert (snap.hedges_launched, snap.hedges_won) == (1, 1)
+    assert service.pool.available_count == 72
+
+
+async def test_no_hedge_before_the_delay_and_the_first_call_can_still_win(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({"archon-1": [Call(2.5), Call(5.0)]}, default=Call(1.9))
+    service = ConcurrentDeliberationService(orch)
+    result = await service.invoke_concurrent(make_requests(2), hedge=HedgePolicy(delay=2.0))
+    assert orch.calls == {"archon-1": 2, "archon-2": 1}  # archon-2 finished before 2 s
+    assert result.outputs[0].content == "call 1" and orch.cancelled == [("archon-1", 2)]
+    assert service.metrics.snapshot().hedges_won == 0
+
+
+async def test_a_failed_first_call_does_not_trigger_a_hedge(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({"archon-1": [Call(0.5, fails=True)]})
+    service = ConcurrentDeliberationService(orch)
+    result = await service.invoke_concurrent(make_requests(1), hedge=HedgePolicy(delay=1.0))
+    assert [f.kind for f in result.failures] == [FailureKind.ERROR]
+    assert orch.calls == {"archon-1": 1} and result.hedged_agents == ()
+
+
+async def test_if_both_calls_fail_the_first_calls_failure_stands(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({"archon-1": [Call(3.0, fails=True), Call(1.0, fails=True)]})
+    service = ConcurrentDeliberationService(orch)
+    result = await service.invoke_concurrent(make_requests(1), hedge=HedgePolicy(delay=1.0))
+    (failure,) = result.failures
+    assert failure.kind is FailureKind.ERROR and "call 1 of archon-1" in failure.message
+
+
+async def test_hedge_budget_is_respected(autojump_clock: trio.testing.MockClock) -> None:
+    orch = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(orch)
+    result = await service.invoke_concurrent(
+        make_requests(10), hedge=HedgePolicy(delay=1.0, budget=0.2)
+    )
+    assert len(result.hedged_agents) == 2
+    assert sum(orch.calls.values()) == 12
+
+
+async def test_hedges_count_against_capacity_and_never_jump_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(5))
+    result = await service.invoke_concurrent(
+        make_requests(4), hedge=HedgePolicy(delay=1.0, budget=1.0)
+    )
+    assert len(result.hedged_agents) == 1  # one free slot, one hedge
+    assert orch.max_in_flight == 5
+
+    queued = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(queued, pool=AgentPool(2))
+    result = await service.invoke_concurrent(
+        make_requests(4), overflow="queue", hedge=HedgePolicy(delay=1.0, budget=1.0)
+    )
+    # At the first two agents' hedge delay, two agents wait for a slot: a hedge may not
+    # take one first; at the last two's, no slot is free.
+    assert result.success_count == 4 and queued.max_in_flight == 2
+    assert result.hedged_agents == ()
+
+
+async def test_halt_cancels_hedges_like_everything_else(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    orch = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(orch, switch)
+
+    async def trigger() -> None:
+        await trio.sleep(2.0)
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(3), hedge=HedgePolicy(delay=1.0)),
+        trigger,
+    )
+    assert exc.partial is not None and len(exc.partial.hedged_agents) == 1  # budget: 1 of 3
+    (hedged,) = exc.partial.hedged_agents
+    assert {f.kind for f in exc.partial.failures} == {FailureKind.HALTED}
+    expected = [(f"archon-{i}", 1) for i in range(1, 4)] + [(hedged, 2)]
+    assert sorted(orch.cancelled) == sorted(expected)
+    assert service.pool.available_count == 72
+
+
+async def test_the_witness_commits_only_the_winner(autojump_clock: trio.testing.MockClock) -> None:
+    class Log:
+        def __init__(self) -> None:
+            self.outputs: list[AgentOutput] = []
+
+        async def commit(self, output: AgentOutput) -> CommitReceipt:
+            self.outputs.append(output)
+            return CommitReceipt(output.output_id, output.content_hash, 1, "h", output.generated_at)
+
+    orch = PerCall({"archon-1": [Call(10.0), Call(1.0)]})
+    log = Log()
+    service = ConcurrentDeliberationService(orch, witness=log)
+    result = await service.invoke_concurrent(make_requests(1), hedge=HedgePolicy(delay=1.0))
+    assert [o.content for o in log.outputs] == ["call 2"] == [o.content for o in result.outputs]
+
+
+async def test_observed_delay_waits_for_enough_samples_then_uses_the_quantile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    orch = PerCall({}, default=Call(1.0))
+    service = ConcurrentDeliberationService(orch)
+    policy = HedgePolicy(quantile=0.5, min_samples=5, budget=1.0)
+    orch.default = Call(1.0)
+    result = await service.invoke_concurrent(make_requests(4), hedge=policy)
+    assert result.hedged_agents == ()  # 0 samples before this batch
+    result = await service.invoke_concurrent(make_requests(4, prefix="b"), hedge=policy)
+    assert result.hedged_agents == ()  # 4 samples: still not enough
+    # 8 samples of 1.0 s: the median is 1.0 s.  A slow agent is hedged at 1.0 s.
+    orch.plan = {"c-1": [Call(5.0), Call(0.5)], "c-2": [Call(0.9)]}
+    t0 = trio.current_time()
+    result = await service.invoke_concurrent(make_requests(2, prefix="c"), hedge=policy)
+    assert result.hedged_agents == ("c-1",)
+    assert trio.current_time() - t0 == pytest.approx(1.5)
