@@ -1,6 +1,6 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
-    conclave deliberate [--backend stub|openai] [--agents N | --roster FILE] [--topic TEXT] ...
+    conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
     conclave halt   --halt-file PATH --reason TEXT
     conclave clear  --halt-file PATH --approver A --approver B --reason TEXT
     conclave status --halt-file PATH
@@ -39,10 +39,12 @@ from adapters import transcript
 from adapters._cli_backend import (
     OperatorInterrupt,
     UsageError,
+    crewai_orchestrator,
     halt_checker,
     halt_reason_now,
     open_service,
     openai_orchestrator,
+    require_crewai,
     stub_orchestrator,
 )
 from adapters._cli_display import Progress, announce, configure_logging, print_summary
@@ -65,6 +67,8 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
 #: before anything runs (a million agents took 10 s and 555 MB just to be refused).
 MAX_AGENTS = 100_000
+#: The backends that call an OpenAI-compatible endpoint (--base-url, --model).
+LLM_BACKENDS = ("openai", "crewai")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--topic", default="Should the council adopt the proposal?")
     who.add_argument("--topic-id", default="cli-topic")
     run = d.add_argument_group("run")
-    run.add_argument("--backend", choices=("stub", "openai"), default="stub")
+    run.add_argument(
+        "--backend",
+        choices=("stub", "openai", "crewai"),
+        default="stub",
+        help="crewai: each agent a CrewAI agent (role, goal, backstory from --roster; "
+        "needs the crewai extra)",
+    )
     run.add_argument(
         "--capacity",
         type=_positive_int,
@@ -182,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-rate", type=_fraction, default=0.0, help="fraction of agents that fail (0-1)"
     )
     stub.add_argument("--seed", type=int, default=None)
-    llm = d.add_argument_group("openai backend (API key from $OPENAI_API_KEY)")
+    llm = d.add_argument_group("openai and crewai backends (API key from $OPENAI_API_KEY)")
     llm.add_argument(
         "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1"
     )
@@ -318,8 +328,10 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     for flag, value in tail:
         if args.sequential and value is not None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
-    if args.backend == "openai" and not (args.base_url and args.model):
-        raise UsageError("--backend openai needs --base-url and --model")
+    if args.backend in LLM_BACKENDS and not (args.base_url and args.model):
+        raise UsageError(f"--backend {args.backend} needs --base-url and --model")
+    if args.backend == "crewai":
+        require_crewai()
     if args.json_path is not None:
         try:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
@@ -369,6 +381,14 @@ def _orchestrator(
             seed=args.seed,
             latency_profile=args.latency_profile,
         )
+    if args.backend == "crewai":  # every agent needs a persona: the council's roster
+        return crewai_orchestrator(
+            args.base_url,
+            args.model,
+            roster=roster,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+        )
     return openai_orchestrator(
         args.base_url,
         args.model,
@@ -406,7 +426,7 @@ async def _finish(
             halt_reason=halted,
             interrupted=interrupted,
             backend=args.backend,
-            model=args.model if args.backend == "openai" else None,
+            model=args.model if args.backend in LLM_BACKENDS else None,
             pool_after=pool.status(),
             include_content=args.include_content,
         )

@@ -282,6 +282,22 @@ class CrewAIOrchestrator:
             if quiet is not None:
                 quiet.close()
 
+    async def check_reachable(self, timeout_s: float | None = None) -> bool:
+        """Fail fast on a wrong host or port: probe ``GET /models`` once, exactly as
+        :meth:`adapters.openai_chat.OpenAIChatOrchestrator.check_reachable` does (with
+        this orchestrator's endpoint, key and timeout): :class:`AgentInvocationError`
+        if the endpoint cannot be reached, False if it is silent (busy), else True."""
+        from adapters.openai_chat import OpenAIChatOrchestrator
+
+        key = None if self._api_key == _KEYLESS else self._api_key
+        probe = OpenAIChatOrchestrator(
+            self.base_url, self.model, api_key=key, timeout_s=self.timeout_s
+        )
+        try:
+            return await probe.check_reachable(timeout_s)
+        finally:
+            await probe.aclose()
+
     # ------------------------------------------------------------ one agent
 
     async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:

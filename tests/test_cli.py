@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -123,6 +124,7 @@ def test_queue_and_sequential_modes() -> None:
         ["deliberate", "--roster", "/nonexistent/roster.toml"],
         ["deliberate", "--json", "/nonexistent/dir/out.json"],
         ["deliberate", "--backend", "openai", "--model", "m"],
+        ["deliberate", "--backend", "crewai", "--base-url", "http://127.0.0.1:9/v1"],
         ["clear", "--halt-file", "/tmp/x.json", "--approver", "alice", "--reason", "r"],
         ["status"],
         ["frobnicate"],
@@ -275,6 +277,32 @@ def test_openai_backend_unreachable_exits_2() -> None:
     assert proc.returncode == 2
     assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("crewai") is not None,
+    reason="crewai is installed here: tests/crewai/test_crewai_cli.py runs the backend",
+)
+def test_crewai_backend_without_crewai_exits_2_before_anything_runs(tmp_path: Path) -> None:
+    """The main environment has no crewai (it has its own: .venv-crewai)."""
+    out = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate",
+        "--backend",
+        "crewai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+        "--roster",
+        "examples/archons-sample.json",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("conclave: --backend crewai needs crewai")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # refused before anything ran
 
 
 def test_witness_db_and_verify(tmp_path: Path) -> None:
