@@ -55,11 +55,11 @@ lint: $(STAMP) $(CSTAMP)
 	$(CBIN)/mypy $(CREWAI_TYPED)
 
 # The full run writes the README's table and plot to benchmarks/results/.
-bench: $(STAMP)
+bench: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --out benchmarks/results --update-readme
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 # Not part of `make test`: builds llama-cpp-python (~13 min the first time).

@@ -186,7 +186,7 @@ class CrewAIOrchestrator:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
         self._policy: RetryPolicy | None = None
         self._members: dict[str, _Member] = {}
-        self._clients: dict[str, _HttpClient] = {}
+        self._clients: list[_HttpClient] = []
         self._quiet: contextlib.ExitStack | None = None
         self._prepare_lock = threading.Lock()
 
@@ -234,9 +234,8 @@ class CrewAIOrchestrator:
         model = profile.model or self.model
         base_url = (profile.base_url or self.base_url).rstrip("/")
         timeout_s = profile.timeout_s or self.timeout_s
-        client = self._clients.get(base_url)
-        if client is None:
-            client = self._clients[base_url] = crew.shared_http_client(timeout_s)
+        client = crew.agent_http_client(timeout_s)
+        self._clients.append(client)
         temperature = profile.temperature if profile.temperature is not None else self.temperature
         settings: dict[str, Any] = {}
         if temperature is not None:
@@ -272,7 +271,7 @@ class CrewAIOrchestrator:
 
     async def aclose(self) -> None:
         """Close the HTTP clients; give back CrewAI's listeners and the root logger."""
-        clients, self._clients = list(self._clients.values()), {}
+        clients, self._clients = self._clients, []
         quiet, self._quiet = self._quiet, None
         self._policy, self._members = None, {}
         try:

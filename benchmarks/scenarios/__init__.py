@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.results import Results, Settings
+from benchmarks.scenarios.crewai import crewai
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bridge-halt": bridge_halt,
     "llm-loopback": llm_loopback,
     "first-batch-stall": first_batch_stall,
+    "crewai": crewai,
     "witness": witness,
     "soak": soak,
 }

@@ -373,7 +373,10 @@ async def test_entering_the_bridge_builds_every_agent_off_the_loop_without_a_req
         # the batch built no agent and no executor
         assert {a: m.agent for a, m in orch._members.items()} == agents
         assert all(agents[a].agent_executor is e for a, e in executors.items())
+        clients = list(orch._clients)
+        assert len({id(c) for c in clients}) == 4  # a connection pool per agent
     assert orch._members == {}
+    assert all(c.is_closed for c in clients)  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="not open"):
         await orch.invoke("archon-1", TOPIC)
 
