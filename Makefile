@@ -63,8 +63,10 @@ bench-quick: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 # Not part of `make test`: builds llama-cpp-python (~13 min the first time).
-e2e: $(STAMP)
-	bash scripts/e2e_local_llm.sh
+# `make e2e BACKEND=crewai` runs 72 CrewAI agents (from .venv-crewai) instead.
+BACKEND ?= openai
+e2e: $(STAMP) $(if $(filter crewai,$(BACKEND)),$(CSTAMP))
+	BACKEND=$(BACKEND) bash scripts/e2e_local_llm.sh
 
 clean:
 	rm -rf $(VENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
