@@ -58,7 +58,7 @@ from crewai.types.usage_metrics import UsageMetrics
 from crewai.utilities.agent_utils import aget_llm_response, format_answer, process_llm_response
 from crewai.utilities.i18n import I18N_DEFAULT
 from crewai_core.printer import PRINTER
-from pydantic import BaseModel, PrivateAttr
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from kernel import AgentInvocationError
 
@@ -75,6 +75,7 @@ __all__ = [
     "muted_event_bus",
     "quiet_root_logger",
     "run_task",
+    "start_event_bus",
     "agent_http_client",
     "warm_up",
 ]
@@ -389,6 +390,28 @@ class _Shared:
 muted_event_bus = _Shared(crewai_event_bus.scoped_handlers)
 
 
+def start_event_bus() -> None:
+    """Start CrewAI's event bus now, from this (worker) thread, on a plain asyncio loop.
+
+    With its listeners attached (``telemetry=True``) the bus starts, on its first event,
+    worker threads and an asyncio loop of its own: it creates the loop with
+    ``asyncio.new_event_loop()`` in the calling thread and runs it in its own thread.
+    Once trio-asyncio is imported its event-loop policy answers that call with a loop
+    bound to the calling thread (and refuses outright on the trio thread), so every agent
+    would fail.  trio-asyncio lets a thread override the policy for itself: this thread
+    asks for asyncio's default one while CrewAI builds its loop.  Idempotent.
+    """
+    from trio_asyncio import _loop as trio_asyncio_loop
+
+    per_thread = trio_asyncio_loop._faked_policy  # thread-local: this thread only
+    previous = per_thread.policy
+    per_thread.policy = asyncio.DefaultEventLoopPolicy()
+    try:
+        crewai_event_bus._ensure_executor_initialized()
+    finally:
+        per_thread.policy = previous
+
+
 class _NoCrewAIRootRecords(logging.Filter):
     """Drops what CrewAI's code logs on the *root* logger (``logging.error(...)``): the
     server's error body (which may echo part of an API key), token usage, prompts.  The
@@ -499,6 +522,10 @@ def _is_json_error(exc: BaseException) -> bool:
 
 
 def describe_error(exc: BaseException) -> str:
+    """``Type: message``, one line, bounded; a validation error by its type and count only
+    (pydantic quotes the input, which may be a prompt or an answer)."""
+    if isinstance(exc, ValidationError):
+        return f"{type(exc).__name__} ({exc.error_count()} error(s))"
     text = " ".join(str(exc).split())[:_MAX_SERVER_MESSAGE]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

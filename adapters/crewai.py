@@ -219,12 +219,18 @@ class CrewAIOrchestrator:
                 retry_after_cap_s=self.retry_after_cap_s,
                 seed=self.seed,
             )
-            members = {p.agent_id: self._build_member(p) for p in self.roster}
-            crew.warm_up()
-            quiet = contextlib.ExitStack()
-            quiet.enter_context(crew.quiet_root_logger())
-            if not self.telemetry:
-                quiet.enter_context(crew.muted_event_bus())
+            quiet = contextlib.ExitStack()  # first: nothing of CrewAI's is heard from here on
+            try:
+                quiet.enter_context(crew.quiet_root_logger())
+                if self.telemetry:
+                    crew.start_event_bus()  # not on the trio thread: see there
+                else:
+                    quiet.enter_context(crew.muted_event_bus())
+                members = {p.agent_id: self._build_member(p) for p in self.roster}
+                crew.warm_up()
+            except BaseException:
+                quiet.close()
+                raise
             self._quiet = quiet
             self._members, self._policy = members, policy
 

@@ -1,11 +1,12 @@
 """Run by tests/crewai in a fresh interpreter: CrewAI's *default* executor, cancelled
-mid-request, under plain asyncio; prints a JSON report as its last line.
+mid-request, under plain asyncio; writes a JSON report to OUT (not stdout: CrewAI's
+event-bus threads may still be printing their panels there).
 
 What it shows (crewai 1.15): ``Agent.aexecute_task`` runs its LLM call with the
 synchronous OpenAI client in a worker thread, so cancelling the asyncio task leaves that
 thread in the client and the request open until the client's own timeout.
 
-Usage: python -m tests.crewai.stock_executor_probe
+Usage: python -m tests.crewai.stock_executor_probe OUT
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from adapters.crewai import disable_telemetry
@@ -55,7 +58,7 @@ async def cancel_mid_request(server: FakeOpenAIServer) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
+def main(out: Path) -> None:
     disable_telemetry()
     server = FakeOpenAIServer().start()
     server.default = "hang"
@@ -63,8 +66,8 @@ def main() -> None:
         report = asyncio.run(cancel_mid_request(server))
     finally:
         server.stop()
-    print(json.dumps(report))
+    out.write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]))

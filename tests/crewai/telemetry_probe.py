@@ -1,20 +1,20 @@
 """Run by tests/crewai in a fresh interpreter: one deliberation with a default
-CrewAIOrchestrator against ``base_url``; prints a JSON report as its last line: what
-CrewAI's telemetry did, what reached beyond 127.0.0.1, what was printed, and which
-modules the first batch imported on the event loop (set-up belongs to the entry).
+CrewAIOrchestrator against ``base_url``; writes a JSON report to OUT: what CrewAI's
+telemetry did, what reached beyond 127.0.0.1, and which modules the first batch imported
+on the event loop (set-up belongs to the entry).  It prints nothing itself: whatever is on
+its stdout, CrewAI printed.
 
-Usage: python -m tests.crewai.telemetry_probe BASE_URL
+Usage: python -m tests.crewai.telemetry_probe BASE_URL OUT [--telemetry]
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import ipaddress
 import json
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 OFF_MACHINE: list[str] = []
@@ -38,7 +38,7 @@ def _guard(event: str, args: tuple[Any, ...]) -> None:
     raise OSError("off-machine network refused by the probe")
 
 
-def main(base_url: str) -> None:
+def main(base_url: str, out: Path, telemetry: bool) -> None:
     sys.addaudithook(_guard)
     import trio
 
@@ -49,7 +49,9 @@ def main(base_url: str) -> None:
 
     report: dict[str, Any] = {}
     roster = Roster.default(3)
-    orchestrator = CrewAIOrchestrator(roster, base_url=base_url, model="fake-model")
+    orchestrator = CrewAIOrchestrator(
+        roster, base_url=base_url, model="fake-model", telemetry=telemetry
+    )
     assert "crewai" not in sys.modules, "crewai imported before the orchestrator was opened"
     report["env_before_import"] = {k: os.environ.get(k) for k in TELEMETRY_OFF}
 
@@ -65,16 +67,14 @@ def main(base_url: str) -> None:
             ]
             return result.success_count
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        report["success_count"] = trio.run(deliberate)
-    report["stdout_during_run"] = printed.getvalue()
+    report["success_count"] = trio.run(deliberate)
     from crewai.telemetry import Telemetry
 
     report["telemetry_ready"] = Telemetry().ready
+    report["litellm_loaded"] = "litellm" in sys.modules
     report["off_machine"] = OFF_MACHINE
-    print(json.dumps(report))
+    out.write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], Path(sys.argv[2]), "--telemetry" in sys.argv[3:])

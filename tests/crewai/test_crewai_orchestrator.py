@@ -382,9 +382,14 @@ async def test_entering_the_bridge_builds_every_agent_off_the_loop_without_a_req
 
 
 async def test_the_synchronous_paths_are_refused(llm_server: FakeOpenAIServer) -> None:
+    from crewai.llms.providers.openai.completion import OpenAICompletion
+
     orch = orchestrator(llm_server, 1)
     async with AsyncioOrchestratorBridge(orch):
         member = orch._members["archon-1"]
+        # CrewAI's native OpenAI provider (not LiteLLM), with its own retries off
+        assert isinstance(member.llm, OpenAICompletion) and not member.llm.is_litellm
+        assert member.llm.max_retries == 0 and member.agent.max_retry_limit == 0
         with pytest.raises(RuntimeError, match="asyncio only"):
             member.llm.call("hello")  # CrewAI's synchronous LLM call: no client to make it
         with pytest.raises(RuntimeError, match="asyncio only"):
@@ -452,17 +457,14 @@ async def test_telemetry_true_leaves_crewai_as_it_is(
     assert not set(TELEMETRY_OFF) & set(os.environ)
 
 
-def test_a_fresh_process_sends_nothing_prints_nothing_and_sets_up_on_entry(
-    llm_server: FakeOpenAIServer,
-) -> None:
-    """A fresh interpreter, no CrewAI switches in its environment: a deliberation with the
-    default orchestrator leaves CrewAI's telemetry unbuilt, opens no connection beyond
-    127.0.0.1 (an audit hook in the child records every attempt), prints nothing, and
-    its first batch imports no module (crewai, the SDK's resources: all on entry)."""
+def run_probe(
+    server: FakeOpenAIServer, out: Path, *flags: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """tests/crewai/telemetry_probe.py in a fresh interpreter without CrewAI's switches."""
     env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
     env.pop("CONCLAVE_CREWAI_TESTS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.crewai.telemetry_probe", llm_server.base_url],
+        [sys.executable, "-m", "tests.crewai.telemetry_probe", server.base_url, str(out), *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -471,17 +473,42 @@ def test_a_fresh_process_sends_nothing_prints_nothing_and_sets_up_on_entry(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.splitlines()[-1])
-    assert report["env_before_import"] == {k: v for k, v in TELEMETRY_OFF.items()}
+    report: dict[str, Any] = json.loads(out.read_text())
+    return proc, report
+
+
+def test_a_fresh_process_sends_nothing_prints_nothing_and_sets_up_on_entry(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """A fresh interpreter, no CrewAI switches in its environment: a deliberation with the
+    default orchestrator leaves CrewAI's telemetry unbuilt, opens no connection beyond
+    127.0.0.1 (an audit hook in the child records every attempt), prints nothing, and
+    its first batch imports no module (crewai, the SDK's resources: all on entry)."""
+    proc, report = run_probe(llm_server, tmp_path / "report.json")
+    assert proc.stdout == ""  # no CrewAI console panel (they print the topic), ever
+    assert report["env_before_import"] == dict(TELEMETRY_OFF)
     assert report["success_count"] == 3
     assert report["modules_imported_in_first_batch"] == []
     assert report["telemetry_ready"] is False
+    assert report["litellm_loaded"] is False  # CrewAI's native OpenAI provider, no LiteLLM
     assert report["off_machine"] == []
     assert report["crewai_threads"] == []
-    assert report["stdout_during_run"] == ""  # no CrewAI console panel printed the topic
 
 
-def test_crewais_stock_executor_leaves_the_request_open_in_a_thread() -> None:
+def test_telemetry_true_runs_with_crewais_listeners_and_telemetry_on(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """Opting in works under trio-asyncio: CrewAI's event bus (started in the set-up's
+    worker thread, on a plain asyncio loop) runs its listeners, its telemetry is built."""
+    _proc, report = run_probe(llm_server, tmp_path / "report.json", "--telemetry")
+    assert set(report["env_before_import"].values()) == {None}  # the environment untouched
+    assert report["success_count"] == 3
+    assert report["telemetry_ready"] is True
+    assert "CrewAIEventsLoop" in report["crewai_threads"]
+    assert report["off_machine"] == []  # nothing sent while the test looked (hook refuses)
+
+
+def test_crewais_stock_executor_leaves_the_request_open_in_a_thread(tmp_path: Path) -> None:
     """The trap this adapter avoids, on the installed crewai (crewAI issue 6683), and
     proof that the thread check above can fail: with CrewAI's default executor,
     cancelling the agent's asyncio task returns while a worker thread is still in the
@@ -490,8 +517,9 @@ def test_crewais_stock_executor_leaves_the_request_open_in_a_thread() -> None:
     In a fresh interpreter (tests/crewai/stock_executor_probe.py): CrewAI's flow machinery
     starts event-bus threads that would outlive the test.
     """
+    out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.crewai.stock_executor_probe"],
+        [sys.executable, "-m", "tests.crewai.stock_executor_probe", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -499,8 +527,24 @@ def test_crewais_stock_executor_leaves_the_request_open_in_a_thread() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = json.loads(out.read_text())
     assert report["cancelled"] is True
     assert report["threads_in_llm_code_after_cancel"] != []  # a thread still in the client
     assert report["in_flight_after_cancel"] == 1 and report["disconnects_after_cancel"] == 0
     assert report["seconds_until_closed"] >= 0.5  # closed by the client's 1 s timeout only
+
+
+def test_a_crewai_validation_error_is_described_without_its_input() -> None:
+    from pydantic import BaseModel, ValidationError
+
+    from adapters._crewai_agents import describe_error
+
+    class Vote(BaseModel):
+        count: int
+
+    with pytest.raises(ValidationError) as info:
+        Vote(count="the council's secret deliberation")  # type: ignore[arg-type]
+    described = describe_error(info.value)
+    assert described == "ValidationError (1 error(s))"
+    long_error = RuntimeError("x" * 1000 + "\n" + "y")
+    assert describe_error(long_error) == "RuntimeError: " + "x" * 200  # one bounded line
