@@ -39,7 +39,8 @@ class Slot:
 def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
     if isinstance(agent_ids, str | bytes):
         raise InvalidRequestError("agent_ids must be a collection of ids, not a single string")
-    ids = [check_text(a, "agent_id") for a in agent_ids]
+    # The common case without a call per id: a non-blank str.
+    ids = [a if a.__class__ is str and a.strip() else check_text(a, "agent_id") for a in agent_ids]
     return list(dict.fromkeys(ids))  # de-duplicate, keep order
 
 

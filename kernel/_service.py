@@ -487,7 +487,7 @@ class ConcurrentDeliberationService:
 
         # 3. Admit: all or nothing.
         try:
-            admission = self._pool.admit((r.agent_id for r in checked), queue=mode != "reject")
+            admission = self._pool.admit([r.agent_id for r in checked], queue=mode != "reject")
         except AgentPoolExhaustedError as exc:
             self.metrics.record_refused()
             log.warning(
@@ -502,7 +502,7 @@ class ConcurrentDeliberationService:
             await self._run(batch)
 
         # 5. A deadline or a quorum cut the batch short: a normal result, every outcome.
-        if None not in batch.outcomes:
+        if batch.done == len(batch.requests):  # every agent has its outcome
             return self._result(batch, started_at, t0)
         if batch.stop != "halt":
             batch.fill_unfinished(trio.current_time())
@@ -621,13 +621,15 @@ class ConcurrentDeliberationService:
         cancellation the kernel asked for propagates.
         """
         req = batch.requests[index]
+        # One call, or (hedging) the first success of two.
+        call = self._invoke(req) if batch.hedge_delay is None else self._hedged(batch, index, start)
         if batch.timeout is None:
             # No timeout: no cancel scope either (it is per-agent cost on the hot path).
-            result = await self._call(batch, index, start)
+            result = await call
         else:
             deadline = start + batch.timeout
             with trio.CancelScope(deadline=deadline) as timeout_scope:
-                result = await self._call(batch, index, start)
+                result = await call
             if timeout_scope.cancel_called or trio.current_time() >= deadline:
                 # Cancelled by its timeout (perhaps turned into an error), or it returned
                 # too late: either way, a timeout.
@@ -638,7 +640,9 @@ class ConcurrentDeliberationService:
                 return _stray_cancel(req, start)
             exc = result.exc
             return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
-        problem = _invalid(result, req)
+        # The common case first, without a call: this agent's own output.
+        ok = result.__class__ is AgentOutput and result.agent_id == req.agent_id
+        problem = None if ok else _invalid(result, req)
         if isinstance(result, AgentOutput) and result.output_id in batch.output_ids:
             problem = problem or (
                 f"orchestrator returned output {result.output_id} for agent "
@@ -677,12 +681,6 @@ class ConcurrentDeliberationService:
                     req, FailureKind.WITNESS, "Cancelled", "witness commit was cancelled", start
                 )
         return output
-
-    async def _call(self, batch: _Batch, index: int, start: float) -> object:
-        """The agent's answer: one call, or (hedging) the first success of two."""
-        if batch.hedge_delay is None:
-            return await self._invoke(batch.requests[index])
-        return await self._hedged(batch, index, start)
 
     async def _invoke(self, req: AgentRequest) -> object:
         """One orchestrator call: what it returned, or what it raised as a :class:`_Raised`."""
@@ -768,7 +766,7 @@ class ConcurrentDeliberationService:
         batch.outcomes[index] = outcome
         batch.done += 1
         if isinstance(outcome, AgentOutput):
-            self._latencies.add(trio.current_time() - start)
+            self._latencies.append(trio.current_time() - start)
             batch.succeeded += 1
             if batch.quorum is not None and batch.succeeded >= batch.quorum:
                 batch.stop_now("quorum")

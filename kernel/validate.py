@@ -123,6 +123,8 @@ def text() -> _Validator:
     """attrs validator: :func:`check_text`, named by the field."""
 
     def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-        check_text(value, attr.name)
+        # Inline fast path: every domain type checks its ids with this, on the hot path.
+        if value.__class__ is not str or not value.strip():
+            check_text(value, attr.name)
 
     return validate
