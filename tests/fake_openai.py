@@ -238,6 +238,9 @@ class FakeOpenAIServer:
         if eof in done:
             return False
         eof.cancel()
+        # Let the read unwind before the connection reads its next request: a keep-alive
+        # connection must not have two readers waiting at once.
+        await asyncio.wait({eof})
         return True
 
     async def _apply(
