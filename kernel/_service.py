@@ -488,6 +488,7 @@ class ConcurrentDeliberationService:
         # 3. Admit: all or nothing.
         try:
             admission = self._pool.admit([r.agent_id for r in checked], queue=mode != "reject")
+            await admission.reserve_shared()  # a cluster-wide capacity, if the pool has one
         except AgentPoolExhaustedError as exc:
             self.metrics.record_refused()
             log.warning(
@@ -498,7 +499,7 @@ class ConcurrentDeliberationService:
 
         # 4. Run; 7. whatever happens, every slot and claim comes back.
         batch.admission = admission
-        with admission:
+        async with admission:
             await self._run(batch)
 
         # 5. A deadline or a quorum cut the batch short: a normal result, every outcome.
@@ -729,7 +730,7 @@ class ConcurrentDeliberationService:
                 await trio.sleep_until(hedge_at)
                 if "first" in answers or len(batch.hedged) >= batch.max_hedged:
                     return
-                slot = admission.take_extra_slot(req.agent_id)
+                slot = await admission.take_extra_slot(req.agent_id)
                 if slot is None:
                     return
                 if self._rate_limit is not None:

@@ -276,14 +276,22 @@ class ConcurrentResult:
 
 @attrs.frozen(slots=True)
 class PoolStatus:
-    """A snapshot of an :class:`AgentPool`."""
+    """A snapshot of an :class:`AgentPool`: its own counts, and (a pool with a shared
+    capacity) the shared capacity and how much of it was last known to be in use."""
 
     active_count: int = attrs.field(validator=integer(at_least=0))
     available_count: int = attrs.field(validator=integer(at_least=0))
     max_concurrent: int = attrs.field(validator=integer(at_least=0))
+    shared_capacity: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(integer(at_least=0))
+    )
+    shared_in_use: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(integer(at_least=0))
+    )
 
     def as_dict(self) -> dict[str, int]:
-        return attrs.asdict(self)
+        """The counts by name (the shared ones only for a pool with a shared capacity)."""
+        return attrs.asdict(self, filter=lambda _attr, value: value is not None)
 
 
 class AgentStatus(enum.Enum):
