@@ -87,7 +87,7 @@ async def test_with_the_servers_limits_no_call_is_refused(llm_server: FakeOpenAI
     times = admitted(llm_server)
     assert len(times) == 216
     assert rate(times) >= 0.9 * N / W  # paced at 95 % of the limit
-    waited = [o.metadata["rate_limited_ms"] for o in outputs(results)]
+    waited = [float(o.metadata["rate_limited_ms"]) for o in outputs(results)]
     assert sum(w > 0 for w in waited) > 200  # nearly every agent waited its turn
     stats = orch.limit_stats()
     assert (stats.attempts, stats.responses_429) == (216, 0)
@@ -179,7 +179,7 @@ async def test_a_429_pauses_every_agent_of_the_endpoint_until_the_reset(
     assert orch.limit_stats().responses_429 == 1
     output = next(o for o in result.outputs if o.agent_id == first)
     assert output.metadata["attempts"] == 2
-    assert output.metadata["rate_limited_ms"] >= 300
+    assert float(output.metadata["rate_limited_ms"]) >= 300
 
 
 async def test_a_halt_while_agents_wait_for_budget_is_prompt_and_consumes_nothing(
