@@ -8,8 +8,13 @@ per API key; each test uses a key of its own, so each gets a budget of its own.
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +34,7 @@ from kernel import (
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import expect_halt, make_requests
 
+ROOT = Path(__file__).resolve().parent.parent
 W = 1.0  # the server's window: its "minute"
 N = 120  # requests per window
 RPM = round(N * 60 / W)  # the same limit, per minute, as a client configures it
@@ -241,3 +247,48 @@ async def test_the_token_budget_is_settled_with_the_real_usage(
     times = admitted(llm_server)
     token_rate = (sum(used) - used[0]) / (times[-1] - times[0])
     assert token_rate >= 0.8 * tokens / W
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def conclave(*args: str, key: str = "sk-cli") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_the_cli_paces_at_rpm_and_reports_what_rate_limits_cost(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.limit_rate(60, 10**7, W)  # fewer than 72 a window: a burst would be refused
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url,
+        "--model", "fake-model", "--rpm", str(round(60 * 60 / W)), "--quiet",
+        key=f"sk-cli-{uuid.uuid4().hex}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "72/72 succeeded" in proc.stdout
+    waited = re.search(
+        r"rate limits: ([\d.]+) s waiting for budget \(all agents\), 0 x HTTP 429", proc.stdout
+    )
+    assert waited is not None, proc.stdout
+    assert float(waited.group(1)) > 1.0  # 72 agents took turns over more than a second
+    assert llm_server.rate_limited == 0
+
+
+def test_the_cli_refuses_bad_rate_limits_before_running() -> None:
+    proc = conclave("deliberate", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+                    "--model", "m", "--rpm", "0")  # fmt: skip
+    assert proc.returncode == 2
+    assert "--rpm: must be >= 1, got 0" in proc.stderr
+    proc = conclave("deliberate", "--tpm", "1000")  # the stub backend has no provider
+    assert proc.returncode == 2
+    assert "--rpm and --tpm are the openai backend's" in proc.stderr
+    assert "Traceback" not in proc.stderr
