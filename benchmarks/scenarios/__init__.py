@@ -13,6 +13,7 @@ from benchmarks.results import Results, Settings
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback
+from benchmarks.scenarios.ratelimit import rate_limited
 from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
 
 __all__ = ["SCENARIOS", "Scenario"]
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bridge-halt": bridge_halt,
     "llm-loopback": llm_loopback,
     "first-batch-stall": first_batch_stall,
+    "rate-limited": rate_limited,
     "witness": witness,
     "soak": soak,
 }
