@@ -235,10 +235,11 @@ class EndpointBudget:
 
     Use :meth:`acquire` before each HTTP attempt and :meth:`finish` after it.  The lanes
     take the strictest :class:`ProviderLimits` any user configured (:meth:`configure`).
-    ``clock`` is for tests.
+    ``name`` (the endpoint's URL) is for logs; ``clock`` is for tests.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
         self._clock = clock
         self._lock = threading.Lock()
         # What was sent (committed); the plan for the pending turns builds on top of it.
@@ -254,7 +255,7 @@ class EndpointBudget:
 
     def __repr__(self) -> str:
         return (
-            f"<EndpointBudget rpm={_per_min(self.requests.rate)} "
+            f"<EndpointBudget {self.name or '-'} rpm={_per_min(self.requests.rate)} "
             f"tpm={_per_min(self.tokens.rate)} pending={len(self._pending)}>"
         )
 
@@ -445,7 +446,7 @@ class EndpointBudget:
             if changed:
                 self._replan()
         if pause is not None and pause > 0:
-            log.info("endpoint paused after HTTP 429", extra={"pause_s": round(pause, 3)})
+            self._log_pause(pause)
         return pause
 
     def pause(self, seconds: float) -> None:
@@ -454,7 +455,13 @@ class EndpointBudget:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
             self._replan()
-        log.info("endpoint paused after HTTP 429", extra={"pause_s": round(seconds, 3)})
+        self._log_pause(seconds)
+
+    def _log_pause(self, seconds: float) -> None:
+        log.info(
+            "endpoint paused after HTTP 429",
+            extra={"base_url": self.name, "pause_s": round(seconds, 3), "waiting": self.pending},
+        )
 
     def _sent_after(self, ticket: Ticket) -> tuple[float, float]:
         """Requests and tokens sent after ``ticket``."""
@@ -510,6 +517,6 @@ def shared_budget(base_url: str, api_key: str) -> EndpointBudget:
     with _registry_lock:
         budget = _registry.get(key)
         if budget is None:
-            budget = EndpointBudget()
+            budget = EndpointBudget(key[0])
             _registry[key] = budget
         return budget

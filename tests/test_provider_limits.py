@@ -8,6 +8,7 @@ per API key; each test uses a key of its own, so each gets a budget of its own.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import subprocess
@@ -168,8 +169,9 @@ async def test_orchestrators_with_different_keys_do_not_share(
 
 
 async def test_a_429_pauses_every_agent_of_the_endpoint_until_the_reset(
-    llm_server: FakeOpenAIServer,
+    llm_server: FakeOpenAIServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="adapters")
     llm_server.script_any(("429", 0.3))  # the first call: a plain 429, Retry-After 0.3 s
     # A turn every ~53 ms, so the others are still waiting when the 429 comes back.
     orch = orchestrator(llm_server, limits=ProviderLimits(requests_per_minute=1200))
@@ -186,6 +188,10 @@ async def test_a_429_pauses_every_agent_of_the_endpoint_until_the_reset(
     output = next(o for o in result.outputs if o.agent_id == first)
     assert output.metadata["attempts"] == 2
     assert float(output.metadata["rate_limited_ms"]) >= 300
+    (paused,) = [r for r in caplog.records if r.getMessage() == "endpoint paused after HTTP 429"]
+    assert (paused.base_url, paused.pause_s) == (llm_server.base_url, 0.3)  # type: ignore[attr-defined]
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert orch._api_key not in logged
 
 
 async def test_a_halt_while_agents_wait_for_budget_is_prompt_and_consumes_nothing(
