@@ -88,11 +88,11 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
         return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # an HTTP-date is GMT; a date without a zone is not one
+            return None
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:  # an HTTP-date is GMT; a date without a zone is not one
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @attrs.frozen

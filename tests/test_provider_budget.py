@@ -17,6 +17,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.openai_chat import OpenAIChatOrchestrator, ProviderLimits, estimate_tokens
 from adapters.provider_budget import HEADROOM, EndpointBudget, Ticket, shared_budget
@@ -111,6 +113,25 @@ def test_retry_after_prefers_milliseconds_then_seconds_then_a_date() -> None:
     for junk in ("soon", "-5", "nan", "Tue, 14 Nov 2023 22:13:40"):  # no zone: not HTTP
         assert retry_after_s({"retry-after": junk}, now=now) is None
     assert retry_after_s({}) is None
+
+
+_HEADER_NAMES = [
+    f"x-ratelimit-{kind}-{lane}"
+    for kind in ("limit", "remaining", "reset")
+    for lane in ("requests", "tokens")
+] + ["retry-after", "retry-after-ms"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(_HEADER_NAMES), st.text(max_size=80)))
+def test_no_header_value_breaks_the_parser(headers: dict[str, str]) -> None:
+    parsed = RateLimitHeaders.parse(headers)
+    for lane in (parsed.requests, parsed.tokens):
+        for value in (lane.limit_per_minute, lane.remaining, lane.reset_s):
+            assert value is None or (math.isfinite(value) and value >= 0)
+        assert lane.limit_per_minute != 0
+    pause = parsed.reset_after_429_s()
+    assert pause is None or (math.isfinite(pause) and pause >= 0)
 
 
 def test_openai_headers_are_read_per_lane() -> None:
