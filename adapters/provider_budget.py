@@ -8,11 +8,13 @@ every HTTP attempt first takes its share of one budget per endpoint and API key
 The budget has two lanes, requests and tokens.  Each lane paces evenly at the strictest
 limit it knows (the caller's :class:`ProviderLimits`, the server's advertised
 ``x-ratelimit-limit-*``), less a :data:`HEADROOM` (the server counts arrivals, not our
-departures, so a little slack absorbs the jitter in between).  Each lane also mirrors
-the server's own count when the server reports it (``x-ratelimit-remaining-*``): the
-remaining budget, less what we have sent or promised since, refilled at the limit's rate
-(or as fast as ``x-ratelimit-reset-*`` says it is back).  A 429 pauses the whole endpoint
-until the server's reset (``Retry-After``, else the reset headers), capped.
+departures, so a little slack absorbs the jitter in between; a turn taken much later than
+planned, by a busy loop or a descheduled process, moves the turns after it as late).
+Each lane also mirrors the server's own count when the server reports it
+(``x-ratelimit-remaining-*``): the remaining budget, less what we have sent since the
+reported request, refilled at the limit's rate (or as fast as ``x-ratelimit-reset-*``
+says it is back).  A 429 pauses the whole endpoint until the server's reset
+(``Retry-After``, else the reset headers), capped.
 
 Waiting is a *reservation*: :meth:`EndpointBudget.reserve` computes, under a thread lock,
 the time the attempt may start ("your turn is at T"), and the caller sleeps until then on
@@ -223,7 +225,7 @@ class _Lane:
         if not refill:
             return  # nothing says how it refills: mirroring it would stall
         # The server's remaining when it answered (about when the request arrived),
-        # refilled since, less everything charged after it.
+        # refilled since, less everything we sent after it.
         level = min(self.cap, report.remaining + refill * max(0.0, now - sent_at)) - after
         stamp = now if self.level is None else max(self.stamp, now)
         self.level = min(self.cap, level + refill * (stamp - now))
