@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import trio
 
 from kernel import AgentPool, ConcurrentResult, PoolStatus
+
+if TYPE_CHECKING:
+    from adapters.provider_budget import LimitStats
 
 __all__ = [
     "KeyValueFormatter",
@@ -93,9 +97,11 @@ def print_summary(
     ideal_ms: float | None,
     quiet: bool,
     show: int,
+    rate_limits: LimitStats | None = None,
 ) -> None:
     """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
-    failures and the first ``show`` answers (not with ``quiet``)."""
+    failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
+    waiting for the provider's budget cost (the openai backend), shown when given."""
     kinds = Counter(f.kind.value for f in result.failures)
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
     timing = f"{result.total_ms:.1f} ms"
@@ -109,11 +115,18 @@ def print_summary(
         status = "HALTED"
     else:
         status = "completed with failures" if result.failures else "completed"
+    limits_line = None
+    if rate_limits is not None:
+        limits_line = (
+            f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
+            f"{rate_limits.responses_429} x HTTP 429"
+        )
     if quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
             f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
             f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
+            + (f", rate limits: {limits_line}" if limits_line else "")
         )
         return
     from rich.console import Console
@@ -137,6 +150,8 @@ def print_summary(
     if kinds["cancelled"]:
         table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
     table.add_row("batch time", timing)
+    if limits_line:
+        table.add_row("rate limits", limits_line)
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)

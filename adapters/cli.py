@@ -38,6 +38,7 @@ import trio
 from adapters import transcript
 from adapters._cli_backend import (
     OperatorInterrupt,
+    RateLimitReport,
     UsageError,
     halt_checker,
     halt_reason_now,
@@ -188,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm.add_argument("--model", help="model name")
     llm.add_argument("--max-tokens", type=_positive_int, default=None)
+    llm.add_argument(
+        "--rpm", type=_positive_int, default=None, help="the provider's requests per minute"
+    )
+    llm.add_argument(
+        "--tpm", type=_positive_int, default=None, help="the provider's tokens per minute"
+    )
     out = d.add_argument_group("output")
     out.add_argument(
         "--json",
@@ -274,10 +281,11 @@ async def deliberate(args: argparse.Namespace) -> int:
 
     result: ConcurrentResult | None = None
     halted: str | None = None
+    limits = RateLimitReport()
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
         async with open_service(
-            _orchestrator(args, roster_file, roster),
+            _orchestrator(args, roster_file, roster, limits),
             checker,
             pool,
             agent_timeout=args.timeout,
@@ -303,7 +311,9 @@ async def deliberate(args: argparse.Namespace) -> int:
                 result, halted = exc.partial, exc.reason
             nursery.cancel_scope.cancel()
     interrupted = interrupt.signal_name is not None
-    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+    return await _finish(
+        args, context, requests, result, halted, pool, interrupted=interrupted, limits=limits
+    )
 
 
 async def _check_usage(args: argparse.Namespace) -> Roster | None:
@@ -320,6 +330,8 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
     if args.backend == "openai" and not (args.base_url and args.model):
         raise UsageError("--backend openai needs --base-url and --model")
+    if args.backend != "openai" and (args.rpm or args.tpm):
+        raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
     if args.json_path is not None:
         try:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
@@ -357,7 +369,10 @@ def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
 
 
 def _orchestrator(
-    args: argparse.Namespace, roster_file: Roster | None, roster: Roster
+    args: argparse.Namespace,
+    roster_file: Roster | None,
+    roster: Roster,
+    limits: RateLimitReport | None = None,
 ) -> AbstractAsyncContextManager[AgentOrchestratorProtocol]:
     """The --backend's orchestrator, with its flags (opened by ``open_service``)."""
     if args.backend == "stub":
@@ -369,12 +384,16 @@ def _orchestrator(
             seed=args.seed,
             latency_profile=args.latency_profile,
         )
+    from adapters.provider_budget import ProviderLimits
+
     return openai_orchestrator(
         args.base_url,
         args.model,
         roster=roster_file,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
+        limits=ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None,
+        report=limits,
     )
 
 
@@ -387,6 +406,7 @@ async def _finish(
     pool: AgentPool,
     *,
     interrupted: bool,
+    limits: RateLimitReport | None = None,
 ) -> int:
     """Record and report a run; return its exit code.  ``result`` is None when the run
     was halted before its batch began.
@@ -422,6 +442,7 @@ async def _finish(
             ideal_ms=_ideal_ms(args, len(requests)),
             quiet=args.quiet,
             show=args.show,
+            rate_limits=limits.stats() if limits is not None else None,
         )
     if interrupted:
         code = EXIT_INTERRUPTED

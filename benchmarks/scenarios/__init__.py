@@ -13,6 +13,7 @@ from benchmarks.results import Results, Settings
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback
+from benchmarks.scenarios.ratelimit import rate_limited
 from benchmarks.scenarios.tail import tail, tail_http
 from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
 
@@ -33,6 +34,7 @@ SCENARIOS: dict[str, Scenario] = {
     "first-batch-stall": first_batch_stall,
     "tail": tail,
     "tail-http": tail_http,
+    "rate-limited": rate_limited,
     "witness": witness,
     "soak": soak,
 }
