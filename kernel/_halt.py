@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Collection
 from datetime import datetime
@@ -64,16 +65,40 @@ async def read_halt(checker: HaltChecker, read_timeout: float) -> str | None:
     """One read of ``checker``: its reason if halted, None if not.
 
     A read that does not answer within ``read_timeout`` seconds counts as halted (a hung
-    channel must never keep a halt from being seen), with a reason that says so.  Errors
-    from the checker propagate: what a failed read means (halted, or "ask the other
-    channel") is the caller's decision.
+    channel must never keep a halt from being seen), with a reason that says so.  So does
+    an answer that is not a ``bool``.  The reason returned is always a non-empty ``str``
+    (:data:`NO_REASON` if the channel gave none, or not text).  Errors from the checker
+    propagate: what a failed read means (halted, or "ask the other channel") is the
+    caller's decision.
     """
     with trio.move_on_after(read_timeout):
-        if not await checker.is_halted():
+        # Typed as the protocol says, but a channel is only trusted as far as it behaves.
+        halted: object = await checker.is_halted()
+        if halted is False:
             return None
-        return (await checker.get_halt_reason()) or NO_REASON
+        if halted is not True:
+            # Garbage is doubt, and doubt is a halt: a forgotten ``return`` (None) must
+            # not read as "clear".
+            log.error("halt channel answered a non-bool", extra={"answer_type": _kind(halted)})
+            if inspect.iscoroutine(halted):
+                halted.close()
+            return f"halt channel answered {_kind(halted)}, not a bool; treated as halted"
+        return _text_reason(await checker.get_halt_reason())
     log.error("halt channel read timed out", extra={"read_timeout_s": read_timeout})
     return unanswered_reason(read_timeout)
+
+
+def _kind(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _text_reason(reason: object) -> str:
+    """A halted channel's reason as text: anything but a non-empty ``str`` is NO_REASON.
+
+    Callers (the dual checker, the service) tell "halted" from "clear" by a ``str``
+    reason, so a reason of another type must never reach them as it is.
+    """
+    return reason if isinstance(reason, str) and reason.strip() else NO_REASON
 
 
 async def wait_for_halt(
@@ -88,7 +113,7 @@ async def wait_for_halt(
     :func:`read_halt`).  Errors from the checker propagate.
     """
     if isinstance(checker, HaltWaiter):
-        return (await checker.wait_halted()) or NO_REASON
+        return _text_reason(await checker.wait_halted())
     while True:
         reason = await read_halt(checker, read_timeout)
         if reason is not None:

@@ -1,0 +1,71 @@
+"""A hostile review of the kernel's promises (issues 9-11): each test is a defect found by
+attacking them, shown failing before its fix.  All on trio's virtual clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from kernel import (
+    ConcurrentDeliberationService,
+    DualChannelHaltChecker,
+    HaltSwitch,
+    SystemHaltedError,
+)
+from tests.helpers import ScriptedOrchestrator, Step, make_requests
+
+
+def _assert_pool_clean(service: ConcurrentDeliberationService) -> None:
+    pool = service.pool
+    assert pool.active_count == 0 and pool.queued_agents == frozenset()
+    assert pool.available_count == pool.max_concurrent
+
+
+# ---------------------------------------------------------------- garbage from a halt channel
+
+
+class GarbageChannel:
+    """A polled halt channel whose answers are not what the protocol says."""
+
+    def __init__(self, halted: object, reason: object = None) -> None:
+        self.halted = halted
+        self.reason = reason
+
+    async def is_halted(self) -> object:
+        return self.halted
+
+    async def get_halt_reason(self) -> object:
+        return self.reason
+
+
+async def test_a_halted_channel_with_a_reason_that_is_not_text_still_halts_a_dual_checker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the dual checker only counted ``str`` reasons as halted, so a channel saying
+    halted with ``b"maintenance"`` read as clear: the batch started and its agents ran."""
+    garbage: Any = GarbageChannel(True, b"maintenance")
+    dual = DualChannelHaltChecker(HaltSwitch(), garbage)
+    assert await dual.is_halted()
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, dual)
+    with pytest.raises(SystemHaltedError) as caught:
+        await service.invoke_concurrent(make_requests(3))
+    assert caught.value.partial is None and orchestrator.invoked == []
+    assert isinstance(caught.value.reason, str) and caught.value.reason.strip()
+
+
+@pytest.mark.parametrize("answer", [None, 0, "", [], 0.0])
+async def test_a_channel_whose_is_halted_is_not_a_bool_counts_as_halted(
+    autojump_clock: trio.testing.MockClock, answer: object
+) -> None:
+    """Was: a falsy non-bool (a forgotten ``return``: None) read as "not halted"."""
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    garbage: Any = GarbageChannel(answer)
+    service = ConcurrentDeliberationService(orchestrator, garbage)
+    with pytest.raises(SystemHaltedError, match="not a bool") as caught:
+        await service.invoke_concurrent(make_requests(3))
+    assert caught.value.partial is None and orchestrator.invoked == []
+    _assert_pool_clean(service)
