@@ -828,6 +828,10 @@ class ConcurrentDeliberationService:
             return await read_halt(checker, self._halt_read_timeout)
         except Exception as exc:
             return _checker_failed(exc)
+        except trio.Cancelled as exc:
+            if _cancel_requested():
+                raise
+            return _checker_failed(exc)  # a channel that made up a cancellation
 
     async def _watch_halt(self, batch: _Batch) -> None:
         assert self._halt_checker is not None
@@ -837,10 +841,14 @@ class ConcurrentDeliberationService:
             )
         except Exception as exc:
             reason = _checker_failed(exc)
+        except trio.Cancelled as exc:
+            if _cancel_requested():
+                raise
+            reason = _checker_failed(exc)  # a stray: it must not end the batch as if done
         batch.stop_now("halt", reason)
 
 
-def _checker_failed(exc: Exception) -> str:
+def _checker_failed(exc: BaseException) -> str:
     """Fail-safe: a halt checker that cannot be read means the system is halted."""
     log.error(
         "halt checker failed; treating the system as halted",

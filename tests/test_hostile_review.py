@@ -3,6 +3,7 @@ attacking them, shown failing before its fix.  All on trio's virtual clock."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import trio.testing
 from kernel import (
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
+    FailureKind,
     HaltSwitch,
     SystemHaltedError,
 )
@@ -22,6 +24,16 @@ def _assert_pool_clean(service: ConcurrentDeliberationService) -> None:
     pool = service.pool
     assert pool.active_count == 0 and pool.queued_agents == frozenset()
     assert pool.available_count == pool.max_concurrent
+
+
+async def _raised(call: Awaitable[object]) -> BaseException | None:
+    """What ``call`` raised, whatever it was (a stray ``Cancelled`` must not escape a
+    test, where the test runner could take it for its own)."""
+    try:
+        await call
+    except BaseException as exc:  # the point: see everything, Cancelled included
+        return exc
+    return None
 
 
 # ---------------------------------------------------------------- garbage from a halt channel
@@ -68,4 +80,56 @@ async def test_a_channel_whose_is_halted_is_not_a_bool_counts_as_halted(
     with pytest.raises(SystemHaltedError, match="not a bool") as caught:
         await service.invoke_concurrent(make_requests(3))
     assert caught.value.partial is None and orchestrator.invoked == []
+    _assert_pool_clean(service)
+
+
+# ---------------------------------------------------------------- a stray Cancelled from a channel
+
+
+class StrayCancelChannel:
+    """A polled halt channel that answers ``good_reads`` times, then raises a
+    ``trio.Cancelled`` that no cancel scope asked for."""
+
+    def __init__(self, good_reads: int) -> None:
+        self.good_reads = good_reads
+
+    async def is_halted(self) -> bool:
+        await trio.sleep(0.01)
+        if self.good_reads > 0:
+            self.good_reads -= 1
+            return False
+        raise trio.Cancelled._create()
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+
+async def test_a_stray_cancelled_from_the_halt_read_at_batch_start_is_a_halt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the bare ``trio.Cancelled`` escaped ``invoke_concurrent`` (no outcome, no
+    halt), though a channel that raises counts as halted."""
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, StrayCancelChannel(0))
+    raised = await _raised(service.invoke_concurrent(make_requests(3)))
+    assert isinstance(raised, SystemHaltedError), repr(raised)
+    assert "halt checker failed" in raised.reason
+    assert raised.partial is None and orchestrator.invoked == []
+    _assert_pool_clean(service)
+
+
+async def test_a_stray_cancelled_from_the_halt_watcher_halts_the_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the watcher's stray Cancelled cancelled every agent and the batch *returned*
+    normally, each agent ``CANCELLED`` "not needed: quorum of None reached" (no quorum
+    was asked for): a misbehaving halt channel read as a finished batch."""
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, StrayCancelChannel(1))
+    raised = await _raised(service.invoke_concurrent(make_requests(3)))
+    assert isinstance(raised, SystemHaltedError), repr(raised)
+    assert "halt checker failed" in raised.reason
+    partial = raised.partial
+    assert partial is not None and partial.total_count == 3
+    assert {f.kind for f in partial.failures} == {FailureKind.HALTED}
     _assert_pool_clean(service)
