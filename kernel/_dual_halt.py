@@ -130,11 +130,21 @@ class DualChannelHaltChecker:
         return await self._reason()
 
     def halted_now(self) -> bool:
-        """Synchronous fast path: True if a channel can say, without I/O, that it is halted."""
-        return any(
-            isinstance(channel, HaltProbe) and channel.halted_now()
-            for channel in (self.primary, self.secondary)
-        )
+        """Synchronous fast path: True if a channel can say, without I/O, that it is halted.
+
+        A channel whose probe raises is counted in :attr:`read_errors` and is "not
+        known" here, as a read that raises lets the other channel decide.
+        """
+        for which in ("primary", "secondary"):
+            channel = self._channel(which)
+            if not isinstance(channel, HaltProbe):
+                continue
+            try:
+                if channel.halted_now():
+                    return True
+            except Exception as exc:
+                self._read_failed(which, exc)
+        return False
 
     def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Listen to every channel that can call back (see :class:`~kernel.HaltNotifier`)."""

@@ -521,11 +521,13 @@ class ConcurrentDeliberationService:
         assert admission is not None
         # A channel that can call back cancels the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
-        stop_listening: Callable[[], None] | None = (
-            checker.on_halt(functools.partial(batch.stop_now, "halt"))
-            if isinstance(checker, HaltNotifier)
-            else None
-        )
+        stop_listening: Callable[[], None] | None = None
+        notifier: object = checker  # (a checker may be a notifier too: not typed as one)
+        if isinstance(notifier, HaltNotifier):
+            try:
+                stop_listening = notifier.on_halt(functools.partial(batch.stop_now, "halt"))
+            except Exception as exc:  # a channel that raises is halted: nothing starts
+                batch.stop_now("halt", _checker_failed(exc))
         try:
             async with trio.open_nursery() as watchers:
                 if checker is not None:
@@ -574,11 +576,20 @@ class ConcurrentDeliberationService:
         """
         if batch.stop is not None:
             return True
-        if self._halted_now is not None and self._halted_now():
+        if self._halted_now is not None and self._probe_says_halted(batch):
             batch.stop_now("halt")
         elif batch.deadline is not None and trio.current_time() >= batch.deadline:
             batch.stop_now("deadline")
         return batch.stop is not None
+
+    def _probe_says_halted(self, batch: _Batch) -> bool:
+        """The channel's probe; one that raises stops the batch as a failed read does."""
+        assert self._halted_now is not None
+        try:
+            return bool(self._halted_now())
+        except Exception as exc:
+            batch.stop_now("halt", _checker_failed(exc))
+            return True
 
     async def _run_agent(self, batch: _Batch, index: int, slot: Slot) -> None:
         req = batch.requests[index]

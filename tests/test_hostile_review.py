@@ -3,7 +3,7 @@ attacking them, shown failing before its fix.  All on trio's virtual clock."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -132,4 +132,77 @@ async def test_a_stray_cancelled_from_the_halt_watcher_halts_the_batch(
     partial = raised.partial
     assert partial is not None and partial.total_count == 3
     assert {f.kind for f in partial.failures} == {FailureKind.HALTED}
+    _assert_pool_clean(service)
+
+
+# ---------------------------------------------------------------- a channel's sync parts raise
+
+
+class RaisingProbe:
+    """A clear channel whose synchronous probe raises."""
+
+    async def is_halted(self) -> bool:
+        return False
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+    def halted_now(self) -> bool:
+        raise OSError("probe broke")
+
+
+class RaisingNotifier:
+    """A clear channel that cannot register a halt listener."""
+
+    async def is_halted(self) -> bool:
+        return False
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+    def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        raise OSError("cannot listen")
+
+
+@pytest.mark.parametrize("channel", [RaisingProbe, RaisingNotifier])
+async def test_a_channel_whose_probe_or_listener_raises_halts_instead_of_crashing(
+    autojump_clock: trio.testing.MockClock, channel: type
+) -> None:
+    """Was: the ``OSError`` escaped ``invoke_concurrent``, no outcome, no halt; a channel
+    that raises counts as halted (CT-11: any doubt is a halt)."""
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, channel())
+    raised = await _raised(service.invoke_concurrent(make_requests(3)))
+    assert isinstance(raised, SystemHaltedError), repr(raised)
+    assert "halt checker failed (OSError)" in raised.reason
+    assert orchestrator.invoked == []
+    partial = raised.partial
+    assert partial is not None and partial.total_count == 3
+    assert {f.kind for f in partial.failures} == {FailureKind.HALTED}
+    _assert_pool_clean(service)
+
+
+async def test_a_dual_checker_lets_the_reads_decide_when_one_channels_probe_raises(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the probe's ``OSError`` escaped the batch.  In a dual checker a channel that
+    raises lets the other decide, so a broken probe is "not known", and the reads (both
+    clear here) decide; the switch still halts the batch at once."""
+    switch = HaltSwitch()
+    dual = DualChannelHaltChecker(switch, RaisingProbe())
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, dual)
+    result = await service.invoke_concurrent(make_requests(3))
+    assert result.success_count == 3
+    assert dual.read_errors["secondary"] > 0
+
+    async def halt_soon() -> None:
+        await trio.sleep(0.5)
+        switch.halt("operator")
+
+    raised: list[BaseException | None] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_soon)
+        raised.append(await _raised(service.invoke_concurrent(make_requests(3, prefix="b"))))
+    assert isinstance(raised[0], SystemHaltedError) and raised[0].reason == "operator"
     _assert_pool_clean(service)
