@@ -10,7 +10,7 @@ from typing import Final, Literal
 import trio
 
 from kernel._errors import InvalidRequestError
-from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, read_halt, wait_for_halt
+from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, check_sync_hooks, read_halt, wait_for_halt
 from kernel._ports import HaltChecker, HaltNotifier, HaltProbe
 from kernel.validate import check_seconds
 
@@ -66,6 +66,7 @@ class DualChannelHaltChecker:
                     f"{name} must have async is_halted() and get_halt_reason(), "
                     f"got {type(channel).__name__}"
                 )
+            check_sync_hooks(channel, name)
         self.primary = primary
         self.secondary = secondary
         self.poll_interval = check_seconds(poll_interval, "poll_interval")

@@ -23,6 +23,7 @@ __all__ = [
     "HaltSwitch",
     "check_clear_approvers",
     "check_halt_reason",
+    "check_sync_hooks",
     "read_halt",
     "unanswered_reason",
     "wait_for_halt",
@@ -99,6 +100,20 @@ def _text_reason(reason: object) -> str:
     reason, so a reason of another type must never reach them as it is.
     """
     return reason if isinstance(reason, str) and reason.strip() else NO_REASON
+
+
+def check_sync_hooks(channel: object, name: str) -> None:
+    """Refuse a channel whose ``halted_now`` or ``on_halt`` is an ``async def``.
+
+    Both are called synchronously (:class:`~kernel.HaltProbe`,
+    :class:`~kernel.HaltNotifier`): an async probe's coroutine is always truthy (every
+    batch would halt, with no reason), and an async ``on_halt`` never registers.
+    """
+    for hook in ("halted_now", "on_halt"):
+        if inspect.iscoroutinefunction(getattr(channel, hook, None)):
+            raise InvalidRequestError(
+                f"{name}.{hook} must be a plain (synchronous) method, not async def"
+            )
 
 
 async def wait_for_halt(

@@ -26,7 +26,13 @@ from kernel._errors import (
     AgentPoolExhaustedError,
     InvalidRequestError,
 )
-from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON, read_halt, wait_for_halt
+from kernel._halt import (
+    DEFAULT_HALT_READ_TIMEOUT,
+    NO_REASON,
+    check_sync_hooks,
+    read_halt,
+    wait_for_halt,
+)
 from kernel._metrics import ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool, Slot
@@ -305,6 +311,7 @@ class ConcurrentDeliberationService:
                 "halt_checker must have async is_halted() and get_halt_reason(), "
                 f"got {type(halt_checker).__name__}"
             )
+        check_sync_hooks(halt_checker, "halt_checker")
         if pool is not None and not isinstance(pool, AgentPool):
             raise InvalidRequestError(f"pool must be an AgentPool, got {type(pool).__name__}")
         if witness is not None and not isinstance(witness, OutputWitness):

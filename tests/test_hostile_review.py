@@ -15,6 +15,7 @@ from kernel import (
     DualChannelHaltChecker,
     FailureKind,
     HaltSwitch,
+    InvalidRequestError,
     SystemHaltedError,
 )
 from tests.helpers import ScriptedOrchestrator, Step, make_requests
@@ -206,3 +207,46 @@ async def test_a_dual_checker_lets_the_reads_decide_when_one_channels_probe_rais
         raised.append(await _raised(service.invoke_concurrent(make_requests(3, prefix="b"))))
     assert isinstance(raised[0], SystemHaltedError) and raised[0].reason == "operator"
     _assert_pool_clean(service)
+
+
+class AsyncProbe:
+    """``halted_now`` written as ``async def``: its call is a coroutine, always truthy."""
+
+    async def is_halted(self) -> bool:
+        return False
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+    async def halted_now(self) -> bool:
+        return False
+
+
+class AsyncNotifier:
+    """``on_halt`` written as ``async def``: it never registers, and its "unregister" is
+    a coroutine."""
+
+    async def is_halted(self) -> bool:
+        return False
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+    async def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+@pytest.mark.parametrize(
+    ("channel", "method"), [(AsyncProbe, "halted_now"), (AsyncNotifier, "on_halt")]
+)
+def test_a_channel_with_an_async_probe_or_listener_is_refused_when_wired(
+    channel: type, method: str
+) -> None:
+    """Was: accepted; an async ``halted_now`` then halted *every* batch with "halted (no
+    reason given)" (a coroutine is truthy) and leaked an un-awaited coroutine; an async
+    ``on_halt`` never listened.  The protocols say synchronous: refuse it at once."""
+    orchestrator = ScriptedOrchestrator()
+    with pytest.raises(InvalidRequestError, match=method):
+        ConcurrentDeliberationService(orchestrator, channel())
+    with pytest.raises(InvalidRequestError, match=method):
+        DualChannelHaltChecker(HaltSwitch(), channel())
