@@ -622,8 +622,8 @@ class ConcurrentDeliberationService:
     async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
         """Invoke one agent and turn whatever happens into exactly one outcome.
 
-        Returns None if the output came after the batch stopped (it is withheld); a
-        cancellation the kernel asked for propagates.
+        Returns None if the call ended after the batch stopped (an output is withheld;
+        the stop decides the outcome); a cancellation the kernel asked for propagates.
         """
         req = batch.requests[index]
         if batch.timeout is None:
@@ -638,6 +638,15 @@ class ConcurrentDeliberationService:
                 # too late: either way, a timeout.
                 return self._timeout_failure(batch, req, start)
 
+        # Whatever comes back after the batch stopped is cut short by that stop: an
+        # output is withheld (never released, not to the caller, not to the witness:
+        # the orchestrator returned in the same instant as a halt, or swallowed its
+        # cancellation), and an error is the stop's cancellation turned into an
+        # exception, as a timeout's is above.
+        if self._stopped(batch):
+            if isinstance(result, AgentOutput):
+                batch.withheld.add(index)
+            return None
         if isinstance(result, _Raised):
             if result.exc is None:
                 return _stray_cancel(req, start)
@@ -651,12 +660,6 @@ class ConcurrentDeliberationService:
             )
         if problem is not None or not isinstance(result, AgentOutput):
             return _failure(req, FailureKind.INVALID_OUTPUT, "", problem or "", start)
-        # Nothing is released after the batch stopped: not to the caller, not to the
-        # witness.  The orchestrator may have returned in the same instant as a halt, or
-        # after swallowing its cancellation.
-        if self._stopped(batch):
-            batch.withheld.add(index)
-            return None
         batch.output_ids.add(result.output_id)
         output = stamp_output(result, req.request_id, batch.batch_id)
 

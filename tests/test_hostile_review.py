@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import trio
 import trio.testing
 
 from kernel import (
+    AgentOutput,
     ConcurrentDeliberationService,
+    ContextBundle,
     DualChannelHaltChecker,
     FailureKind,
     HaltSwitch,
@@ -250,3 +253,73 @@ def test_a_channel_with_an_async_probe_or_listener_is_refused_when_wired(
         ConcurrentDeliberationService(orchestrator, channel())
     with pytest.raises(InvalidRequestError, match=method):
         DualChannelHaltChecker(HaltSwitch(), channel())
+
+
+# ---------------------------------------------------------------- a cancel turned into an error
+
+
+class ConvertsCancel:
+    """``archon-1`` answers at t=1; the others would take 10 s, and turn their
+    cancellation into an ordinary error (as a client library that wraps every I/O
+    failure might)."""
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        if agent_id == "archon-1":
+            await trio.sleep(1.0)
+            return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="yes")
+        try:
+            await trio.sleep(10.0)
+        except trio.Cancelled:
+            raise RuntimeError("connection aborted") from None
+        raise AssertionError("not cut short")
+
+
+async def test_agents_cut_by_a_halt_are_halted_even_if_they_turn_it_into_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the cut agents were ``ERROR``s, reported to ``on_progress`` as "failed" after
+    the halt, and since every request then had an outcome the halted batch *returned
+    normally*: no ``SystemHaltedError``.  (A timeout already kept its meaning.)"""
+    switch = HaltSwitch()
+    service = ConcurrentDeliberationService(ConvertsCancel(), switch)
+    reported: list[tuple[str, str]] = []
+
+    def on_progress(done: int, total: int, agent_id: str, status: str) -> None:
+        reported.append((agent_id, status))
+
+    async def halt_at_2() -> None:
+        await trio.sleep(2.0)
+        switch.halt("operator")
+
+    raised: list[BaseException | None] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_at_2)
+        call = service.invoke_concurrent(make_requests(4), on_progress=on_progress)
+        raised.append(await _raised(call))
+    assert isinstance(raised[0], SystemHaltedError), repr(raised[0])
+    partial = raised[0].partial
+    assert partial is not None and partial.success_count == 1
+    assert {f.kind for f in partial.failures} == {FailureKind.HALTED}
+    assert reported == [("archon-1", "completed")]
+    assert service.metrics.snapshot().failures_by_kind == {"halted": 3}
+
+
+@pytest.mark.parametrize(
+    ("tail", "kind", "message"),
+    [
+        ({"quorum": 1}, FailureKind.CANCELLED, "quorum of 1"),
+        ({"deadline": 2.0}, FailureKind.TIMEOUT, "batch deadline"),
+    ],
+)
+async def test_agents_cut_by_a_quorum_or_deadline_keep_that_meaning_if_they_raise(
+    autojump_clock: trio.testing.MockClock,
+    tail: dict[str, Any],
+    kind: FailureKind,
+    message: str,
+) -> None:
+    """Was: ``ERROR`` ("connection aborted") instead of ``CANCELLED`` / ``TIMEOUT``."""
+    service = ConcurrentDeliberationService(ConvertsCancel())
+    result = await service.invoke_concurrent(make_requests(4), **tail)
+    assert result.success_count == 1
+    assert {f.kind for f in result.failures} == {kind}
+    assert all(message in f.message for f in result.failures)
