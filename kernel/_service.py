@@ -722,6 +722,8 @@ class ConcurrentDeliberationService:
         async with trio.open_nursery() as race:
 
             def finished(which: str, answer: object) -> None:
+                if winner:
+                    return  # decided: an answer in the same round, after it, changes nothing
                 answers[which] = answer
                 if _invalid(answer, req) is None:
                     winner.append(answer)

@@ -18,6 +18,7 @@ from kernel import (
     DualChannelHaltChecker,
     FailureKind,
     HaltSwitch,
+    HedgePolicy,
     InvalidRequestError,
     SystemHaltedError,
 )
@@ -323,3 +324,42 @@ async def test_agents_cut_by_a_quorum_or_deadline_keep_that_meaning_if_they_rais
     assert result.success_count == 1
     assert {f.kind for f in result.failures} == {kind}
     assert all(message in f.message for f in result.failures)
+
+
+# ---------------------------------------------------------------- hedging metrics
+
+
+class HedgeAnswersInTheSameRound:
+    """Each agent's first call answers at t=10 and, just before returning, releases its
+    hedge, which then answers without another checkpoint: both calls finish in the same
+    scheduling round, the first call first."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.first_done: dict[str, trio.Event] = {}
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        call = self.calls.get(agent_id, 0)
+        self.calls[agent_id] = call + 1
+        done = self.first_done.setdefault(agent_id, trio.Event())
+        if call == 0:
+            await trio.sleep(10.0)
+            done.set()
+        else:
+            await done.wait()
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content=f"call {call}")
+
+
+async def test_hedges_won_counts_only_hedges_whose_answer_is_the_agents(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: a hedge that answered in the same round as the first call, after it, was
+    counted as won although the first call's output was the one released."""
+    service = ConcurrentDeliberationService(HedgeAnswersInTheSameRound())
+    hedge = HedgePolicy(delay=5.0, budget=1.0)
+    result = await service.invoke_concurrent(make_requests(3), hedge=hedge)
+    assert [o.content for o in result.outputs] == ["call 0"] * 3
+    assert len(result.hedged_agents) == 3
+    snapshot = service.metrics.snapshot()
+    assert snapshot.hedges_launched == 3
+    assert snapshot.hedges_won == 0
