@@ -22,6 +22,7 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
+from kernel.validate import check_number, check_seconds
 from tests.helpers import ScriptedOrchestrator, Step, make_requests
 
 
@@ -363,3 +364,50 @@ async def test_hedges_won_counts_only_hedges_whose_answer_is_the_agents(
     snapshot = service.metrics.snapshot()
     assert snapshot.hedges_launched == 3
     assert snapshot.hedges_won == 0
+
+
+# ---------------------------------------------------------------- numbers too large for a float
+
+HUGE = 10**400  # a valid Python int (and JSON number) that no float can hold
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: check_number(HUGE, "x"),
+        lambda: check_seconds(HUGE, "x"),
+        lambda: HedgePolicy(delay=HUGE),
+        lambda: HedgePolicy(budget=HUGE),
+        lambda: HedgePolicy(quantile=-HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), agent_timeout=HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), halt_read_timeout=HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), deadline=HUGE),
+        lambda: DualChannelHaltChecker(HaltSwitch(), HaltSwitch(), read_timeout=HUGE),
+    ],
+)
+def test_an_int_too_large_for_a_float_is_invalid_input(build: Callable[[], object]) -> None:
+    """Was: ``OverflowError: int too large to convert to float`` out of every check."""
+    with pytest.raises(InvalidRequestError, match="too large"):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("tail", "name"),
+    [
+        ({"deadline": HUGE}, "deadline"),
+        ({"quorum": 10**5000}, "quorum"),  # past Python's int-to-text limit
+        ({"quorum": -(10**5000)}, "quorum"),
+        ({"agent_timeout": -(10**5000)}, "agent_timeout"),
+    ],
+)
+async def test_huge_ints_for_a_batch_are_refused_before_anything_runs(
+    autojump_clock: trio.testing.MockClock, tail: dict[str, Any], name: str
+) -> None:
+    """Was: ``OverflowError``, or ``ValueError: Exceeds the limit (4300 digits) for
+    integer string conversion`` from formatting the error message itself."""
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orchestrator)
+    with pytest.raises(InvalidRequestError, match=name):
+        await service.invoke_concurrent(make_requests(2), **tail)
+    assert orchestrator.invoked == []
+    _assert_pool_clean(service)
