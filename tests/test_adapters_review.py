@@ -1,0 +1,46 @@
+"""A hostile review of the adapters and the CLI (issues 9-11): each test is a defect found
+by attacking them, shown failing before its fix.  CLI items run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.roster import Roster, RosterError
+from kernel import InvalidRequestError
+from tests.test_cli import conclave
+
+HUGE = 10**400  # a valid JSON number; no float holds it
+
+# ---------------------------------------------------------------- numbers too large for a float
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "max_tokens"])
+def test_a_roster_number_too_large_for_a_float_is_a_roster_error(field: str) -> None:
+    """Was: ``OverflowError`` out of ``Roster.from_dict`` / ``Roster.load``."""
+    with pytest.raises(RosterError, match=f"field '{field}'"):
+        Roster.from_dict({"agents": [{"agent_id": "a", field: HUGE}]})
+
+
+def test_the_cli_refuses_such_a_roster_in_one_line(tmp_path: Path) -> None:
+    """Was: a traceback (``OverflowError``), exit 1."""
+    roster = tmp_path / "big.json"
+    roster.write_text(json.dumps({"agents": [{"agent_id": "a", "timeout_s": HUGE}]}))
+    proc = conclave("deliberate", "--roster", str(roster), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert "field 'timeout_s'" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "setting", ["timeout_s", "backoff_base_s", "backoff_cap_s", "retry_after_cap_s"]
+)
+def test_an_orchestrator_setting_too_large_for_a_float_is_invalid(setting: str) -> None:
+    """Was: ``OverflowError`` out of the constructor."""
+    settings: dict[str, Any] = {setting: HUGE}
+    with pytest.raises(InvalidRequestError, match=setting):
+        OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m", **settings)
