@@ -335,7 +335,7 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     is refused before a single request is built.
 
     Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
-    every mode refuses more than :data:`MAX_AGENTS`.
+    every mode refuses more than :data:`MAX_AGENTS`, and a ``--quorum`` above the size.
     """
     size = len(roster_file) if roster_file is not None else args.agents
     if args.overflow == "reject" and not args.sequential and size > pool.available_count:
@@ -346,6 +346,12 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
         raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+    if args.quorum is not None and args.quorum > size:
+        # The kernel refuses it too, but only once the backend is open and the run begun.
+        raise UsageError(
+            f"--quorum {args.quorum}: quorum must be between 1 and the batch size "
+            f"({size}), got {args.quorum}"
+        )
     return roster_file if roster_file is not None else Roster.default(size)
 
 

@@ -44,3 +44,25 @@ def test_an_orchestrator_setting_too_large_for_a_float_is_invalid(setting: str) 
     settings: dict[str, Any] = {setting: HUGE}
     with pytest.raises(InvalidRequestError, match=setting):
         OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m", **settings)
+
+
+# ---------------------------------------------------------------- CLI: refusals before opening
+
+
+def test_a_quorum_larger_than_the_council_is_refused_before_anything_is_opened(
+    tmp_path: Path,
+) -> None:
+    """Was: refused by the kernel only after the run had started: "deliberating with 5
+    agents" printed, the witness log created (and, with --backend openai, the server
+    probed), the error not naming the flag."""
+    witness = tmp_path / "w.db"
+    proc = conclave(
+        "deliberate", "--agents", "5", "--quorum", "6", "--latency-ms", "1",
+        "--witness-db", str(witness),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "conclave: --quorum 6: quorum must be between 1 and the batch size (5), got 6"
+    ]
+    assert proc.stdout == ""
+    assert not witness.exists()
