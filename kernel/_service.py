@@ -126,6 +126,15 @@ def _check_progress(on_progress: ProgressCallback | None) -> ProgressCallback | 
         raise InvalidRequestError(
             f"on_progress must be a callable or an async function, got {type(on_progress).__name__}"
         )
+    # A generator function's call runs none of its body: it would be silently ignored.
+    call = getattr(on_progress, "__call__", None)  # noqa: B004 - the method, for objects
+    if any(
+        inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (on_progress, call)
+    ):
+        raise InvalidRequestError(
+            "on_progress must be a callable or an async function, not a generator function "
+            "(its body would never run)"
+        )
     return on_progress
 
 

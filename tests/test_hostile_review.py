@@ -3,7 +3,7 @@ attacking them, shown failing before its fix.  All on trio's virtual clock."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 from uuid import uuid4
 
@@ -409,5 +409,39 @@ async def test_huge_ints_for_a_batch_are_refused_before_anything_runs(
     service = ConcurrentDeliberationService(orchestrator)
     with pytest.raises(InvalidRequestError, match=name):
         await service.invoke_concurrent(make_requests(2), **tail)
+    assert orchestrator.invoked == []
+    _assert_pool_clean(service)
+
+
+# ---------------------------------------------------------------- on_progress that never runs
+
+
+async def _progress_agen(done: int, total: int, agent_id: str, status: str) -> AsyncIterator[None]:
+    yield  # an async generator: calling it runs nothing
+
+
+def _progress_gen(done: int, total: int, agent_id: str, status: str) -> Iterator[None]:
+    yield
+
+
+class _AsyncGenCall:
+    async def __call__(
+        self, done: int, total: int, agent_id: str, status: str
+    ) -> AsyncIterator[None]:
+        yield
+
+
+@pytest.mark.parametrize("on_progress", [_progress_agen, _progress_gen, _AsyncGenCall()])
+async def test_an_on_progress_that_would_never_run_is_refused(
+    autojump_clock: trio.testing.MockClock, on_progress: Any
+) -> None:
+    """Was: accepted, and silently never run (its call only builds a generator): the
+    case issue 9 fixed for ``async def``, one ``yield`` away."""
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orchestrator)
+    with pytest.raises(InvalidRequestError, match="on_progress"):
+        await service.invoke_concurrent(make_requests(2), on_progress=on_progress)
+    with pytest.raises(InvalidRequestError, match="on_progress"):
+        await service.invoke_sequential(make_requests(2), on_progress=on_progress)
     assert orchestrator.invoked == []
     _assert_pool_clean(service)
