@@ -264,11 +264,12 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 def _check_is_witness_log(db: sqlite3.Connection, path: Path) -> None:
     try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'outputs'").fetchone()
         columns = {r[1] for r in db.execute("PRAGMA table_info(outputs)")}
     except sqlite3.DatabaseError as exc:
         raise WitnessError(f"{path}: not a witness log ({exc})") from None
-    if not columns:
+    if kind is None or kind[0] != "table" or not columns:
+        # A view named outputs has the columns too, but it is not where a log is kept.
         raise WitnessError(f"{path}: not a witness log (no outputs table)")
     missing = [c for c in _COLUMNS if c not in columns]
     if missing:

@@ -4,6 +4,7 @@ by attacking them, shown failing before its fix.  CLI items run as subprocesses.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,26 @@ import pytest
 
 from adapters.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import Roster, RosterError
+from adapters.sqlite_witness import WitnessError, verify_log
 from kernel import InvalidRequestError
 from tests.test_cli import conclave
 
 HUGE = 10**400  # a valid JSON number; no float holds it
+_WITNESS_COLUMNS = [
+    "sequence",
+    "output_id",
+    "agent_id",
+    "request_id",
+    "batch_id",
+    "content_hash",
+    "content_type",
+    "generated_at",
+    "committed_at",
+    "metadata",
+    "content",
+    "prev_hash",
+    "chain_hash",
+]
 
 # ---------------------------------------------------------------- numbers too large for a float
 
@@ -66,3 +83,24 @@ def test_a_quorum_larger_than_the_council_is_refused_before_anything_is_opened(
     ]
     assert proc.stdout == ""
     assert not witness.exists()
+
+
+# ---------------------------------------------------------------- audit: a view is not a log
+
+
+def test_verify_refuses_a_view_named_outputs(tmp_path: Path) -> None:
+    """Was: "ok: 0 records, chain intact" (exit 0) for a database whose ``outputs`` is a
+    view with the witness's column names: an audit must fail on what is not a log."""
+    db_path = tmp_path / "view.db"
+    db = sqlite3.connect(db_path)
+    columns = ", ".join(f"NULL AS {c}" for c in _WITNESS_COLUMNS)
+    db.execute(f"CREATE VIEW outputs AS SELECT {columns} WHERE 0")
+    db.commit()
+    db.close()
+    before = db_path.read_bytes()
+    with pytest.raises(WitnessError, match="not a witness log"):
+        verify_log(db_path)
+    proc = conclave("verify", str(db_path))
+    assert proc.returncode == 2, proc.stdout
+    assert "not a witness log" in proc.stderr and "Traceback" not in proc.stderr
+    assert db_path.read_bytes() == before
