@@ -117,6 +117,7 @@ def print_summary(
         )
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -128,7 +129,8 @@ def print_summary(
     )
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", status + (f": {halt_reason}" if halt_reason else ""))
+    # Reasons and ids are text, never markup: "[/x]" in one would crash the summary.
+    table.add_row("status", status + (f": {escape(halt_reason)}" if halt_reason else ""))
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
     table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
@@ -147,7 +149,7 @@ def print_summary(
     if len(result.failures) > 5:
         console.print(f"  ! ... and {len(result.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
-        console.print(f"\n[bold]{output.agent_id}[/bold]:")
+        console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
         console.print(output.content, markup=False)
 
 

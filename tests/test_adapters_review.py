@@ -4,6 +4,7 @@ by attacking them, shown failing before its fix.  CLI items run as subprocesses.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from adapters.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import Roster, RosterError
 from adapters.sqlite_witness import WitnessError, verify_log
 from kernel import InvalidRequestError
-from tests.test_cli import conclave
+from tests.test_cli import conclave, start
 
 HUGE = 10**400  # a valid JSON number; no float holds it
 _WITNESS_COLUMNS = [
@@ -104,3 +105,33 @@ def test_verify_refuses_a_view_named_outputs(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout
     assert "not a witness log" in proc.stderr and "Traceback" not in proc.stderr
     assert db_path.read_bytes() == before
+
+
+# ---------------------------------------------------------------- CLI: names and reasons are text
+
+
+def test_an_agent_id_with_rich_markup_is_shown_not_parsed(tmp_path: Path) -> None:
+    """Was: ``--show`` crashed with ``rich.errors.MarkupError`` (a traceback, exit 1) on a
+    roster id such as ``a[/oops]``, which the roster accepts (printable)."""
+    roster = tmp_path / "r.json"
+    roster.write_text(json.dumps({"agents": [{"agent_id": "a[/oops]"}, {"agent_id": "b"}]}))
+    proc = conclave("deliberate", "--roster", str(roster), "--latency-ms", "1", "--show", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "a[/oops]:" in proc.stdout
+
+
+def test_a_halt_reason_with_rich_markup_is_shown_not_parsed(tmp_path: Path) -> None:
+    """Was: the halted run's summary crashed with ``MarkupError`` (a traceback, exit 1
+    instead of 3) on a reason such as ``[/oops] stop``."""
+    halt_file = tmp_path / "halt.json"
+    proc = start("deliberate", "--latency-ms", "600000", "--halt-file", str(halt_file))
+    try:
+        halted = conclave("halt", "--halt-file", str(halt_file), "--reason", "[/oops] stop")
+        assert halted.returncode == 0
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    assert re.search(r"status\s+HALTED: \[/oops\] stop", stdout)
