@@ -45,7 +45,7 @@ from adapters._cli_backend import (
     openai_orchestrator,
     stub_orchestrator,
 )
-from adapters._cli_display import Progress, announce, configure_logging, print_summary
+from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
 from adapters.roster import Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -402,7 +402,7 @@ async def _finish(
     :data:`EXIT_TRANSCRIPT_LOST` to the exit code (an interrupt stays 130).
     """
     if result is None:
-        print(f"conclave: halted before starting: {halted}", file=sys.stderr)
+        print(f"conclave: halted before starting: {plain(halted or '')}", file=sys.stderr)
     lost = None
     if args.json_path is not None:
         doc = transcript.document(
@@ -459,11 +459,11 @@ async def halt_command(args: argparse.Namespace) -> int:
 
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
-        print(f"halted: {args.reason}")
+        print(f"halted: {plain(args.reason)}")
         if channel.kept_aside is not None:
             print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
-        print(f"already halted: {await channel.get_halt_reason()}")
+        print(f"already halted: {plain(await channel.get_halt_reason() or '')}")
     return EXIT_OK
 
 
@@ -482,14 +482,14 @@ async def status_command(args: argparse.Namespace) -> int:
 
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
-        print(f"HALTED: {state.reason}")
+        print(f"HALTED: {plain(state.reason or '')}")
         if state.error is not None:
             print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
-        who = f" by {', '.join(record.approvers)}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {record.reason}")
+        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
     return EXIT_HALTED if state.halted else EXIT_OK
 
 
