@@ -601,6 +601,10 @@ class SqliteWitness:
         if synchronous not in ("FULL", "NORMAL"):
             raise InvalidRequestError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.busy_timeout_s = check_seconds(busy_timeout_s, "busy_timeout_s")
+        if str(path) == ":memory:":
+            # SQLite would give each of our two connections its own empty database: every
+            # commit would fail, and nothing would be kept to audit.
+            raise InvalidRequestError("the witness log must be a file, not ':memory:'")
         self.path = Path(path)
         db = writer = None
         try:

@@ -18,7 +18,7 @@ from adapters._cli_display import KeyValueFormatter, print_summary
 from adapters.file_halt import FileHaltChannel
 from adapters.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import Roster, RosterError
-from adapters.sqlite_witness import WitnessError, verify_log
+from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from kernel import (
     AgentFailure,
     AgentPool,
@@ -214,3 +214,17 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     record.halt_reason = "evil\x1b[2J\nCRITICAL\tkernel.halt:forged"
     line = formatter.format(record)
     assert line.isprintable(), line
+
+
+# ---------------------------------------------------------------- witness: not a file
+
+
+def test_an_in_memory_witness_is_refused_when_opened() -> None:
+    """Was: accepted; its reader and writer connections are two separate in-memory
+    databases, so every commit failed ("no such table": every agent a WITNESS failure,
+    ``conclave deliberate --witness-db :memory:`` exit 1) and nothing was ever kept."""
+    with pytest.raises(InvalidRequestError, match="memory"):
+        SqliteWitness(":memory:")
+    proc = conclave("deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", ":memory:")
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and "memory" in proc.stderr
