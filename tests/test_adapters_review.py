@@ -7,12 +7,16 @@ import json
 import logging
 import re
 import sqlite3
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
+import trio
+import trio.testing
 
 from adapters._cli_display import KeyValueFormatter, print_summary
 from adapters.file_halt import FileHaltChannel
@@ -23,11 +27,16 @@ from kernel import (
     AgentFailure,
     AgentPool,
     AgentRequest,
+    ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
+    DualChannelHaltChecker,
     FailureKind,
+    HaltSwitch,
     InvalidRequestError,
+    SystemHaltedError,
 )
+from tests.helpers import ScriptedOrchestrator, make_requests
 from tests.test_cli import conclave, start
 
 HUGE = 10**400  # a valid JSON number; no float holds it
@@ -228,3 +237,51 @@ def test_an_in_memory_witness_is_refused_when_opened() -> None:
     proc = conclave("deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", ":memory:")
     assert proc.returncode == 2, proc.stdout
     assert len(proc.stderr.splitlines()) == 1 and "memory" in proc.stderr
+
+
+# ---------------------------------------------------------------- halt file on a hung filesystem
+
+
+class HungFileChannel(FileHaltChannel):
+    """A halt file on a filesystem that stopped answering (a hard NFS mount, a stuck FUSE
+    daemon): its reads block until ``gate`` opens."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    def _read_bytes(self) -> bytes | None:
+        self.gate.wait()
+        return super()._read_bytes()
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Opened by the test's end at the latest; a safety net, not a synchronisation."""
+    event = threading.Event()
+    timer = threading.Timer(30.0, event.set)
+    timer.start()
+    yield event
+    event.set()
+    timer.cancel()
+
+
+async def test_a_hung_halt_file_read_is_bounded_by_the_read_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, gate: threading.Event
+) -> None:
+    """Was: the read ran in a worker thread trio could not abandon, so ``halt_read_timeout``
+    could not end it: the batch waited for the filesystem (then ran, the file being
+    clear), and so did a dual checker however fast its other channel answered."""
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(
+        orchestrator, HungFileChannel(tmp_path / "halt.json", gate), halt_read_timeout=0.5
+    )
+    with pytest.raises(SystemHaltedError, match=r"did not answer within 0\.5 s"):
+        await service.invoke_concurrent(make_requests(2))
+    assert not gate.is_set() and orchestrator.invoked == []
+
+    dual = DualChannelHaltChecker(
+        HaltSwitch(), HungFileChannel(tmp_path / "halt.json", gate), read_timeout=0.5
+    )
+    assert await dual.is_halted()
+    assert not gate.is_set()
