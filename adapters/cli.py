@@ -276,31 +276,41 @@ async def deliberate(args: argparse.Namespace) -> int:
     halted: str | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
-        async with open_service(
-            _orchestrator(args, roster_file, roster),
-            checker,
-            pool,
-            agent_timeout=args.timeout,
-            witness_db=args.witness_db,
-            metrics_port=args.metrics_port,
-        ) as service:
-            if not args.quiet:
-                announce(nursery, progress, backend=args.backend)
-            try:
-                if args.sequential:
-                    result = await service.invoke_sequential(requests, on_progress=progress)
-                else:
-                    result = await service.invoke_concurrent(
-                        requests,
-                        overflow=args.overflow,
-                        on_progress=progress,
-                        deadline=args.deadline,
-                        quorum=args.quorum,
-                        hedge=_hedge_policy(args),
-                    )
-            except SystemHaltedError as exc:
-                # partial is None: halted (or Ctrl-C) after the check above, before the batch.
-                result, halted = exc.partial, exc.reason
+        # Opening can take long (a busy server's reachability probe waits up to
+        # --timeout), and Ctrl-C means "stop now": until the service is open, the halt
+        # cancels the opening, and nothing is left open.
+        with trio.CancelScope() as opening:
+            stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
+            async with open_service(
+                _orchestrator(args, roster_file, roster),
+                checker,
+                pool,
+                agent_timeout=args.timeout,
+                witness_db=args.witness_db,
+                metrics_port=args.metrics_port,
+            ) as service:
+                stop_watching()  # from here on a halt is the kernel's to handle
+                if not args.quiet:
+                    announce(nursery, progress, backend=args.backend)
+                try:
+                    if args.sequential:
+                        result = await service.invoke_sequential(requests, on_progress=progress)
+                    else:
+                        result = await service.invoke_concurrent(
+                            requests,
+                            overflow=args.overflow,
+                            on_progress=progress,
+                            deadline=args.deadline,
+                            quorum=args.quorum,
+                            hedge=_hedge_policy(args),
+                        )
+                except SystemHaltedError as exc:
+                    # partial is None: halted (or Ctrl-C) after the check above, before
+                    # the batch.
+                    result, halted = exc.partial, exc.reason
+                nursery.cancel_scope.cancel()
+        if opening.cancelled_caught:  # Ctrl-C while opening: halted before the start
+            halted = interrupt.switch.reason
             nursery.cancel_scope.cancel()
     interrupted = interrupt.signal_name is not None
     return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sqlite3
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +39,9 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
+from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import ScriptedOrchestrator, make_requests
-from tests.test_cli import conclave, start
+from tests.test_cli import CONCLAVE, ROOT, conclave, start
 
 HUGE = 10**400  # a valid JSON number; no float holds it
 _WITNESS_COLUMNS = [
@@ -285,3 +289,35 @@ async def test_a_hung_halt_file_read_is_bounded_by_the_read_timeout(
     )
     assert await dual.is_halted()
     assert not gate.is_set()
+
+
+# ---------------------------------------------------------------- CLI: Ctrl-C while setting up
+
+
+def test_ctrl_c_while_a_busy_server_is_probed_stops_at_once(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    """Was: the first Ctrl-C was only a halt for the batch to come, so the CLI sat out the
+    reachability probe (up to --timeout, 60 s by default: measured 20.4 s with
+    --timeout 20), said it was "deliberating", and only then stopped."""
+    llm_server.models_fault = "hang"
+    proc = subprocess.Popen(
+        [
+            *CONCLAVE, "deliberate", "--backend", "openai", "--base-url", llm_server.base_url,
+            "--model", "m", "--timeout", "60", "--agents", "2",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert llm_server.wait_for(lambda s: s.requests_total >= 1, 30)  # the probe is out
+        proc.send_signal(signal.SIGINT)
+        t_signal = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        stopped_after = time.monotonic() - t_signal
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stdout == ""
+    assert stderr.splitlines() == ["conclave: halted before starting: operator interrupt (SIGINT)"]
+    assert stopped_after < 10.0  # interpreter exit; before: the whole --timeout
+    assert llm_server.wait_for(lambda s: s.disconnects >= 1, 10)  # the probe was closed
