@@ -276,6 +276,28 @@ def _check_is_witness_log(db: sqlite3.Connection, path: Path) -> None:
         raise WitnessError(f"{path}: not a witness log (outputs table lacks {', '.join(missing)})")
 
 
+def _refuse_other_databases(path: Path) -> None:
+    """Before anything is written: a file that already holds data must be a witness log.
+
+    Opening a witness creates its tables and switches the file to WAL: done to another
+    application's database (a mistyped path), that would change it, and its own
+    ``outputs`` table would fail every commit.  A missing or empty file is a new log.
+    """
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return  # new (or not a file at all: connect() says so)
+    except OSError:
+        return  # let connect() report it
+    db = _open_readonly(path)
+    try:
+        with contextlib.suppress(sqlite3.DatabaseError):  # not SQLite: the check says so
+            if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                return  # a database with nothing in it yet (another witness creating it)
+        _check_is_witness_log(db, path)
+    finally:
+        db.close()
+
+
 def _walk_chain(db: sqlite3.Connection, expected_head: str | None) -> VerifyReport:
     expected_seq, prev, count = 1, GENESIS_HASH, 0
     head_seen = expected_head is None
@@ -606,6 +628,7 @@ class SqliteWitness:
             # commit would fail, and nothing would be kept to audit.
             raise InvalidRequestError("the witness log must be a file, not ':memory:'")
         self.path = Path(path)
+        _refuse_other_databases(self.path)
         db = writer = None
         try:
             # Readers (verify aside) use this connection, one worker thread at a time.

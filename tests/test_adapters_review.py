@@ -28,6 +28,7 @@ from adapters.roster import Roster, RosterError
 from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from kernel import (
     AgentFailure,
+    AgentOutput,
     AgentPool,
     AgentRequest,
     ConcurrentDeliberationService,
@@ -321,3 +322,55 @@ def test_ctrl_c_while_a_busy_server_is_probed_stops_at_once(
     assert stderr.splitlines() == ["conclave: halted before starting: operator interrupt (SIGINT)"]
     assert stopped_after < 10.0  # interpreter exit; before: the whole --timeout
     assert llm_server.wait_for(lambda s: s.disconnects >= 1, 10)  # the probe was closed
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["CREATE TABLE users (name TEXT)", "CREATE TABLE outputs (id INTEGER, x TEXT)"],
+)
+def test_the_witness_refuses_a_database_that_is_not_a_witness_log_and_changes_nothing(
+    tmp_path: Path, schema: str
+) -> None:
+    """Was: ``--witness-db app.db`` (a slip of the finger) added the witness's tables to
+    the application's database and switched it to WAL; with a different ``outputs`` table
+    every agent became a ``WITNESS`` failure (exit 1) instead of one clear refusal."""
+    db_path = tmp_path / "app.db"
+    db = sqlite3.connect(db_path)
+    db.execute(schema)
+    db.commit()
+    db.close()
+    before = db_path.read_bytes()
+    with pytest.raises(WitnessError, match="not a witness log"):
+        SqliteWitness(db_path)
+    proc = conclave(
+        "deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(db_path)
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and "not a witness log" in proc.stderr
+    assert db_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, no -shm
+
+
+async def test_the_witness_still_opens_a_new_file_an_empty_file_and_its_own_log(
+    tmp_path: Path,
+) -> None:
+    for name in ("new.db", "empty.db"):
+        path = tmp_path / name
+        if name == "empty.db":
+            path.touch()
+        for _ in range(2):  # made, then reopened as a witness log
+            async with SqliteWitness(path) as witness:
+                await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
+        assert verify_log(path).records == 2
+
+
+async def test_the_witness_opens_an_sqlite_file_with_nothing_in_it_yet(tmp_path: Path) -> None:
+    """(Another process may have created the file and not yet its tables.)"""
+    path = tmp_path / "fresh.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    assert path.stat().st_size > 0
+    async with SqliteWitness(path) as witness:
+        await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
+    assert verify_log(path).records == 1
