@@ -68,9 +68,10 @@ async def read_halt(checker: HaltChecker, read_timeout: float) -> str | None:
     A read that does not answer within ``read_timeout`` seconds counts as halted (a hung
     channel must never keep a halt from being seen), with a reason that says so.  So does
     an answer that is not a ``bool``.  The reason returned is always a non-empty ``str``
-    (:data:`NO_REASON` if the channel gave none, or not text).  Errors from the checker
-    propagate: what a failed read means (halted, or "ask the other channel") is the
-    caller's decision.
+    (:data:`NO_REASON` if the channel gave none, or not text).  Errors from
+    ``is_halted`` propagate: what a failed read means (halted, or "ask the other
+    channel") is the caller's decision; once it said halted, an error reading the reason
+    is only a reason that says so.
     """
     with trio.move_on_after(read_timeout):
         # Typed as the protocol says, but a channel is only trusted as far as it behaves.
@@ -84,7 +85,13 @@ async def read_halt(checker: HaltChecker, read_timeout: float) -> str | None:
             if inspect.iscoroutine(halted):
                 halted.close()
             return f"halt channel answered {_kind(halted)}, not a bool; treated as halted"
-        return _text_reason(await checker.get_halt_reason())
+        try:
+            return _text_reason(await checker.get_halt_reason())
+        except Exception as exc:
+            # It said halted: a reason that cannot be read must not undo that (a failed
+            # read may "let the other channel decide", a halt may not).
+            log.error("halt reason unreadable", extra={"error_type": type(exc).__name__})
+            return f"halted (reason unreadable: {type(exc).__name__})"
     log.error("halt channel read timed out", extra={"read_timeout_s": read_timeout})
     return unanswered_reason(read_timeout)
 

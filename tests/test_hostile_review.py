@@ -445,3 +445,33 @@ async def test_an_on_progress_that_would_never_run_is_refused(
         await service.invoke_sequential(make_requests(2), on_progress=on_progress)
     assert orchestrator.invoked == []
     _assert_pool_clean(service)
+
+
+# ---------------------------------------------------------------- halted, but no reason to be had
+
+
+class HaltedWithoutReason:
+    """Says halted; then fails to say why (its reason store is down)."""
+
+    async def is_halted(self) -> bool:
+        return True
+
+    async def get_halt_reason(self) -> str | None:
+        raise OSError("reason store down")
+
+
+async def test_a_channel_that_says_halted_but_cannot_say_why_is_halted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Was: the failed reason read turned the whole read into a failure, and in a dual
+    checker a failed read "lets the other channel decide": the halt was lost, and the
+    batch ran to completion."""
+    dual = DualChannelHaltChecker(HaltSwitch(), HaltedWithoutReason())
+    assert await dual.is_halted()
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, dual)
+    with pytest.raises(SystemHaltedError, match="OSError") as caught:
+        await service.invoke_concurrent(make_requests(3))
+    assert caught.value.partial is None and orchestrator.invoked == []
+    with trio.fail_after(1.0):
+        assert "OSError" in await dual.wait_halted()
