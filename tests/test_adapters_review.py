@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from adapters._cli_display import KeyValueFormatter, print_summary
+from adapters.asyncio_bridge import AsyncioOrchestratorBridge
 from adapters.file_halt import FileHaltChannel
 from adapters.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import Roster, RosterError
@@ -374,3 +375,38 @@ async def test_the_witness_opens_an_sqlite_file_with_nothing_in_it_yet(tmp_path:
     async with SqliteWitness(path) as witness:
         await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
     assert verify_log(path).records == 1
+
+
+# ---------------------------------------------------------------- an answer that is not Unicode
+
+
+async def test_an_answer_holding_a_lone_surrogate_is_that_agents_failure(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    """Was: released as an output whose ``content_hash`` raised ``UnicodeEncodeError``
+    (JSON can carry ``"\\ud800"``; the SDK does not refuse it)."""
+    llm_server.default = ("content", "bad \ud800 answer")
+    inner = OpenAIChatOrchestrator(llm_server.base_url, "m", timeout_s=5.0)
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        result = await service.invoke_concurrent(make_requests(2))
+    assert result.success_count == 0
+    assert {f.kind for f in result.failures} == {FailureKind.ERROR}
+    assert all("Unicode" in f.message for f in result.failures)
+
+
+def test_the_cli_reports_such_answers_instead_of_crashing(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """Was: a ``UnicodeEncodeError`` traceback after the run (exit 1): no summary, no
+    transcript."""
+    llm_server.default = ("content", "bad \ud800 answer")
+    transcript = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url, "--model", "m",
+        "--agents", "2", "--json", str(transcript), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "0/2 succeeded, 2 failed (error 2)" in proc.stdout
+    assert json.loads(transcript.read_text())["status"] == "completed"
