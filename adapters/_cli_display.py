@@ -77,6 +77,19 @@ async def live_display(progress: Progress) -> None:
             live.update(render(), refresh=True)
 
 
+def plain(text: str, *, newlines: bool = False) -> str:
+    """``text`` safe for the terminal: every non-printable character (an escape sequence,
+    a newline that would forge a line, a bidi override) shown as its Python escape.
+    ``newlines`` keeps line breaks (an agent's answer).  Reasons, messages and answers
+    come from outside: a halt file, a server, a model."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
     """Say on stderr that the batch is on (a plain line, also when stderr is not a
     terminal), and on a terminal start the live line in ``nursery``."""
@@ -130,6 +143,7 @@ def print_summary(
         )
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -141,7 +155,9 @@ def print_summary(
     )
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", status + (f": {halt_reason}" if halt_reason else ""))
+    # Reasons and ids are text, never markup: "[/x]" in one would crash the summary.
+    shown = f": {escape(plain(halt_reason))}" if halt_reason else ""
+    table.add_row("status", status + shown)
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
     table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
@@ -157,13 +173,14 @@ def print_summary(
     console.print(table)
     for failure in result.failures[:5]:
         console.print(
-            f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}", markup=False
+            f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
+            markup=False,
         )
     if len(result.failures) > 5:
         console.print(f"  ! ... and {len(result.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
-        console.print(f"\n[bold]{output.agent_id}[/bold]:")
-        console.print(output.content, markup=False)
+        console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
+        console.print(plain(output.content, newlines=True), markup=False)
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -176,7 +193,10 @@ class KeyValueFormatter(logging.Formatter):
         extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
         if extras:
             line += " " + " ".join(
-                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                # repr() also escapes control characters: a field cannot forge a line.
+                f"{k}={v!r}"
+                if isinstance(v, str) and (" " in v or not v.isprintable())
+                else f"{k}={v}"
                 for k, v in sorted(extras.items())
             )
         return line

@@ -46,7 +46,7 @@ from adapters._cli_backend import (
     openai_orchestrator,
     stub_orchestrator,
 )
-from adapters._cli_display import Progress, announce, configure_logging, print_summary
+from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
 from adapters.roster import Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -284,31 +284,41 @@ async def deliberate(args: argparse.Namespace) -> int:
     limits = RateLimitReport()
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
-        async with open_service(
-            _orchestrator(args, roster_file, roster, limits),
-            checker,
-            pool,
-            agent_timeout=args.timeout,
-            witness_db=args.witness_db,
-            metrics_port=args.metrics_port,
-        ) as service:
-            if not args.quiet:
-                announce(nursery, progress, backend=args.backend)
-            try:
-                if args.sequential:
-                    result = await service.invoke_sequential(requests, on_progress=progress)
-                else:
-                    result = await service.invoke_concurrent(
-                        requests,
-                        overflow=args.overflow,
-                        on_progress=progress,
-                        deadline=args.deadline,
-                        quorum=args.quorum,
-                        hedge=_hedge_policy(args),
-                    )
-            except SystemHaltedError as exc:
-                # partial is None: halted (or Ctrl-C) after the check above, before the batch.
-                result, halted = exc.partial, exc.reason
+        # Opening can take long (a busy server's reachability probe waits up to
+        # --timeout), and Ctrl-C means "stop now": until the service is open, the halt
+        # cancels the opening, and nothing is left open.
+        with trio.CancelScope() as opening:
+            stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
+            async with open_service(
+                _orchestrator(args, roster_file, roster, limits),
+                checker,
+                pool,
+                agent_timeout=args.timeout,
+                witness_db=args.witness_db,
+                metrics_port=args.metrics_port,
+            ) as service:
+                stop_watching()  # from here on a halt is the kernel's to handle
+                if not args.quiet:
+                    announce(nursery, progress, backend=args.backend)
+                try:
+                    if args.sequential:
+                        result = await service.invoke_sequential(requests, on_progress=progress)
+                    else:
+                        result = await service.invoke_concurrent(
+                            requests,
+                            overflow=args.overflow,
+                            on_progress=progress,
+                            deadline=args.deadline,
+                            quorum=args.quorum,
+                            hedge=_hedge_policy(args),
+                        )
+                except SystemHaltedError as exc:
+                    # partial is None: halted (or Ctrl-C) after the check above, before
+                    # the batch.
+                    result, halted = exc.partial, exc.reason
+                nursery.cancel_scope.cancel()
+        if opening.cancelled_caught:  # Ctrl-C while opening: halted before the start
+            halted = interrupt.switch.reason
             nursery.cancel_scope.cancel()
     interrupted = interrupt.signal_name is not None
     return await _finish(
@@ -347,7 +357,7 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     is refused before a single request is built.
 
     Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
-    every mode refuses more than :data:`MAX_AGENTS`.
+    every mode refuses more than :data:`MAX_AGENTS`, and a ``--quorum`` above the size.
     """
     size = len(roster_file) if roster_file is not None else args.agents
     if args.overflow == "reject" and not args.sequential and size > pool.available_count:
@@ -358,6 +368,12 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
         raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+    if args.quorum is not None and args.quorum > size:
+        # The kernel refuses it too, but only once the backend is open and the run begun.
+        raise UsageError(
+            f"--quorum {args.quorum}: quorum must be between 1 and the batch size "
+            f"({size}), got {args.quorum}"
+        )
     return roster_file if roster_file is not None else Roster.default(size)
 
 
@@ -416,7 +432,7 @@ async def _finish(
     :data:`EXIT_TRANSCRIPT_LOST` to the exit code (an interrupt stays 130).
     """
     if result is None:
-        print(f"conclave: halted before starting: {halted}", file=sys.stderr)
+        print(f"conclave: halted before starting: {plain(halted or '')}", file=sys.stderr)
     lost = None
     if args.json_path is not None:
         doc = transcript.document(
@@ -474,11 +490,11 @@ async def halt_command(args: argparse.Namespace) -> int:
 
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
-        print(f"halted: {args.reason}")
+        print(f"halted: {plain(args.reason)}")
         if channel.kept_aside is not None:
             print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
-        print(f"already halted: {await channel.get_halt_reason()}")
+        print(f"already halted: {plain(await channel.get_halt_reason() or '')}")
     return EXIT_OK
 
 
@@ -497,14 +513,14 @@ async def status_command(args: argparse.Namespace) -> int:
 
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
-        print(f"HALTED: {state.reason}")
+        print(f"HALTED: {plain(state.reason or '')}")
         if state.error is not None:
             print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
-        who = f" by {', '.join(record.approvers)}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {record.reason}")
+        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
     return EXIT_HALTED if state.halted else EXIT_OK
 
 

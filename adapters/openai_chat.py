@@ -114,13 +114,20 @@ def decode_agent_header(value: str) -> str:
 
 
 def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidRequestError(
             f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
         )
     return float(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:

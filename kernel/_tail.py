@@ -92,8 +92,9 @@ def check_quorum(value: object, batch_size: int) -> int | None:
         return None
     quorum = check_int(value, "quorum", at_least=1)
     if quorum > batch_size:
+        shown = quorum if quorum < 10**15 else "an int of more than 15 digits"
         raise InvalidRequestError(
-            f"quorum must be between 1 and the batch size ({batch_size}), got {quorum}"
+            f"quorum must be between 1 and the batch size ({batch_size}), got {shown}"
         )
     return quorum
 

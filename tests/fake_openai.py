@@ -18,6 +18,8 @@ agents' own scripts).  A fault is one of:
     "malformed_json"           200 with a body that is not JSON
     "empty_choices"            200 with ``"choices": []``
     "null_content"             200 with ``"content": null``
+    ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
+                               surrogate such as ``"\ud800"``)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
@@ -352,6 +354,10 @@ class FakeOpenAIServer:
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = None
             self._send_json(writer, 200, doc)
+        elif isinstance(fault, tuple) and fault[0] == "content":
+            doc = _completion(payload, agent)
+            doc["choices"][0]["message"]["content"] = fault[1]
+            self._send_json(writer, 200, doc)  # json.dumps escapes a lone surrogate
         else:
             raise ValueError(f"unknown fault {fault!r}")
         await writer.drain()
