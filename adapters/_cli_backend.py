@@ -39,9 +39,11 @@ from kernel import (
 
 if TYPE_CHECKING:
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.provider_budget import LimitStats, ProviderLimits
 
 __all__ = [
     "OperatorInterrupt",
+    "RateLimitReport",
     "UsageError",
     "crewai_orchestrator",
     "require_crewai",
@@ -134,6 +136,17 @@ async def stub_orchestrator(
     )
 
 
+class RateLimitReport:
+    """What rate limiting cost a run's orchestrator, readable once it is open (the
+    summary shows it); ``stats()`` is None for a backend without rate limits."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], LimitStats] | None = None
+
+    def stats(self) -> LimitStats | None:
+        return None if self.source is None else self.source()
+
+
 @asynccontextmanager
 async def openai_orchestrator(
     base_url: str,
@@ -142,12 +155,15 @@ async def openai_orchestrator(
     roster: Roster | None,
     max_tokens: int | None,
     timeout_s: float | None,
+    limits: ProviderLimits | None = None,
+    report: RateLimitReport | None = None,
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """An OpenAI-compatible server behind the asyncio bridge, probed once on entry.
 
     A server that refuses the connection raises :class:`UsageError`; one that stays
     silent for ``timeout_s`` (the orchestrator's default when None) is busy, not gone:
-    a warning on stderr, and the run goes on.
+    a warning on stderr, and the run goes on.  ``limits``: the provider's rate limits
+    (``--rpm``/``--tpm``); ``report`` is pointed at the orchestrator's rate-limit stats.
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
@@ -155,7 +171,11 @@ async def openai_orchestrator(
 
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
-    inner = OpenAIChatOrchestrator(base_url, model, roster=roster, max_tokens=max_tokens, **timeout)
+    inner = OpenAIChatOrchestrator(
+        base_url, model, roster=roster, max_tokens=max_tokens, limits=limits, **timeout
+    )
+    if report is not None:
+        report.source = inner.limit_stats
     async with AsyncioOrchestratorBridge(inner) as bridge:
         await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
         yield bridge

@@ -118,10 +118,18 @@ def _opt_positive(name: str, *, integer: bool = False) -> Any:
         if isinstance(v, bool) or not isinstance(v, int | float) or wrong_kind:
             what = "an integer" if integer else "a number"
             raise InvalidRequestError(f"field {name!r}: expected {what}, got {_show(v)}")
-        if not math.isfinite(v) or v <= 0:
+        if not _finite(v) or v <= 0:
             raise InvalidRequestError(f"field {name!r}: must be > 0, got {_show(v)}")
 
     return check
+
+
+def _finite(v: float) -> bool:
+    """Finite as a float: a JSON int beyond a float's range (10**400) is not."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _temperature(_i: object, _a: object, v: Any) -> None:

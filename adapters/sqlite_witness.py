@@ -264,15 +264,38 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 def _check_is_witness_log(db: sqlite3.Connection, path: Path) -> None:
     try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'outputs'").fetchone()
         columns = {r[1] for r in db.execute("PRAGMA table_info(outputs)")}
     except sqlite3.DatabaseError as exc:
         raise WitnessError(f"{path}: not a witness log ({exc})") from None
-    if not columns:
+    if kind is None or kind[0] != "table" or not columns:
+        # A view named outputs has the columns too, but it is not where a log is kept.
         raise WitnessError(f"{path}: not a witness log (no outputs table)")
     missing = [c for c in _COLUMNS if c not in columns]
     if missing:
         raise WitnessError(f"{path}: not a witness log (outputs table lacks {', '.join(missing)})")
+
+
+def _refuse_other_databases(path: Path) -> None:
+    """Before anything is written: a file that already holds data must be a witness log.
+
+    Opening a witness creates its tables and switches the file to WAL: done to another
+    application's database (a mistyped path), that would change it, and its own
+    ``outputs`` table would fail every commit.  A missing or empty file is a new log.
+    """
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return  # new (or not a file at all: connect() says so)
+    except OSError:
+        return  # let connect() report it
+    db = _open_readonly(path)
+    try:
+        with contextlib.suppress(sqlite3.DatabaseError):  # not SQLite: the check says so
+            if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                return  # a database with nothing in it yet (another witness creating it)
+        _check_is_witness_log(db, path)
+    finally:
+        db.close()
 
 
 def _walk_chain(db: sqlite3.Connection, expected_head: str | None) -> VerifyReport:
@@ -600,7 +623,12 @@ class SqliteWitness:
         if synchronous not in ("FULL", "NORMAL"):
             raise InvalidRequestError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.busy_timeout_s = check_seconds(busy_timeout_s, "busy_timeout_s")
+        if str(path) == ":memory:":
+            # SQLite would give each of our two connections its own empty database: every
+            # commit would fail, and nothing would be kept to audit.
+            raise InvalidRequestError("the witness log must be a file, not ':memory:'")
         self.path = Path(path)
+        _refuse_other_databases(self.path)
         db = writer = None
         try:
             # Readers (verify aside) use this connection, one worker thread at a time.

@@ -35,6 +35,7 @@ from kernel._ports import (
     HaltProbe,
     HaltWaiter,
     OutputWitness,
+    SharedCapacity,
 )
 from kernel._rate import RateLimit
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
@@ -93,6 +94,7 @@ __all__ = [
     "ProgressCallback",
     "RateLimit",
     "ServiceMetrics",
+    "SharedCapacity",
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",

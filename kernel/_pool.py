@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 
 import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
+from kernel._ports import SharedCapacity
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
 from kernel.validate import check_text
 
@@ -24,13 +26,15 @@ class Slot:
     release (after :meth:`AgentPool.reset`) is recognised and ignored.
     """
 
-    __slots__ = ("agent_id", "extra")
+    __slots__ = ("agent_id", "extra", "lease")
 
-    def __init__(self, agent_id: str, *, extra: bool = False) -> None:
+    def __init__(self, agent_id: str, *, extra: bool = False, lease: str | None = None) -> None:
         self.agent_id = agent_id
         # An extra slot is a second call of an agent that is already active (a hedge):
         # it holds a limiter token, but the agent is counted active once.
         self.extra = extra
+        # Its lease in the pool's shared capacity, if it has one.
+        self.lease = lease
 
     def __repr__(self) -> str:
         return f"<slot {self.agent_id!r}>"
@@ -39,7 +43,8 @@ class Slot:
 def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
     if isinstance(agent_ids, str | bytes):
         raise InvalidRequestError("agent_ids must be a collection of ids, not a single string")
-    ids = [check_text(a, "agent_id") for a in agent_ids]
+    # The common case without a call per id: a non-blank str.
+    ids = [a if a.__class__ is str and a.strip() else check_text(a, "agent_id") for a in agent_ids]
     return list(dict.fromkeys(ids))  # de-duplicate, keep order
 
 
@@ -56,17 +61,32 @@ class AgentPool:
     checkpoint).  :meth:`try_acquire_batch` reserves every id or none.  An agent id
     can be active at most once; an agent queued by another batch counts as busy.
 
+    With a ``shared`` capacity (a :class:`~kernel.SharedCapacity`, e.g. one on a Valkey
+    server that several processes use), a slot is also a lease of the shared capacity:
+    a batch is admitted only when both have room, all or nothing in reject mode.  Taking
+    a shared lease needs the network, so such a pool admits only through :meth:`admit`
+    (``async with``); its synchronous :meth:`acquire` and :meth:`try_acquire_batch`
+    refuse with :class:`InvalidRequestError` rather than admit past the shared bound.
+
     The pool is not thread-safe: use it from the trio thread that runs the kernel.
     """
 
-    def __init__(self, max_concurrent: int = MAX_CONCURRENT_AGENTS) -> None:
+    def __init__(
+        self, max_concurrent: int = MAX_CONCURRENT_AGENTS, *, shared: SharedCapacity | None = None
+    ) -> None:
         if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
             raise InvalidRequestError(
                 f"max_concurrent must be an int, got {type(max_concurrent).__name__}"
             )
         if max_concurrent < 1:
             raise InvalidRequestError(f"FR10: max_concurrent must be >= 1, got {max_concurrent}")
+        if shared is not None and not isinstance(shared, SharedCapacity):
+            raise InvalidRequestError(
+                f"shared must be a SharedCapacity (reserve/acquire/release), "
+                f"got {type(shared).__name__}"
+            )
         self._max = max_concurrent
+        self._shared = shared
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self._active: dict[str, Slot] = {}
         self._extra: set[Slot] = set()
@@ -102,11 +122,18 @@ class AgentPool:
     def is_active(self, agent_id: str) -> bool:
         return agent_id in self._active
 
+    @property
+    def shared(self) -> SharedCapacity | None:
+        return self._shared
+
     def status(self) -> PoolStatus:
+        shared = self._shared
         return PoolStatus(
             active_count=self.active_count,
             available_count=self.available_count,
             max_concurrent=self._max,
+            shared_capacity=None if shared is None else shared.capacity,
+            shared_in_use=None if shared is None else shared.in_use(),
         )
 
     # ------------------------------------------------------------ public write side
@@ -118,6 +145,7 @@ class AgentPool:
         :class:`AgentPoolExhaustedError` if no slot is free.
         """
         agent_id = check_text(agent_id, "agent_id")
+        self._check_local_only("acquire")
         if self._is_busy(agent_id):
             return False
         self._reserve([agent_id])
@@ -138,6 +166,7 @@ class AgentPool:
         ``active + len(set(agent_ids)) > max_concurrent``.  Never reserves partially.
         """
         ids = _check_agent_ids(agent_ids)
+        self._check_local_only("try_acquire_batch")
         try:
             self._check_not_busy(ids)
             self._reserve(ids)
@@ -171,16 +200,19 @@ class AgentPool:
         return frozenset(self._queued)
 
     def admit(self, agent_ids: Iterable[str], *, queue: bool = False) -> Admission:
-        """Admit a batch, all or nothing; returns an :class:`Admission` to use as ``with``.
+        """Admit a batch, all or nothing: an :class:`Admission` to use as ``async with``.
 
         ``queue=False`` (FR10 reject mode) takes one slot per agent at once, or raises
         :class:`AgentPoolExhaustedError` (not enough free slots) or
         :class:`AgentBusyError` (an id is active or queued elsewhere) having taken
-        nothing.  ``queue=True`` only marks the ids busy; each then waits for its slot
-        with :meth:`Admission.take_slot`, FIFO with every other waiter of the pool.
+        nothing; with a shared capacity, entering the block takes the shared leases too,
+        all or none (``AgentPoolExhaustedError`` if the cluster is full or unreachable).
+        ``queue=True`` only marks the ids busy; each then waits for its slot with
+        :meth:`Admission.take_slot`, FIFO with every other waiter of the pool (and of the
+        cluster).
 
-        Leaving the ``with`` block gives back every slot and claim still held, on every
-        path (success, error, cancellation).
+        Leaving the block gives back every slot and claim still held, on every path
+        (success, error, cancellation).
         """
         ids = _check_agent_ids(agent_ids)
         self._check_not_busy(ids)
@@ -190,6 +222,16 @@ class AgentPool:
         return Admission(self, [], self._reserve(ids))
 
     # ------------------------------------------------------------ private
+
+    def _check_local_only(self, method: str) -> None:
+        if self._shared is not None:
+            raise InvalidRequestError(
+                f"FR10: {method}() cannot take shared leases without the network; "
+                "a pool with a shared capacity admits through 'async with pool.admit(...)'"
+            )
+
+    def _lease(self) -> str | None:
+        return None if self._shared is None else uuid.uuid4().hex
 
     def _is_busy(self, agent_id: str) -> bool:
         return agent_id in self._active or agent_id in self._queued
@@ -212,7 +254,7 @@ class AgentPool:
             )
         slots = []
         for agent_id in agent_ids:
-            slot = Slot(agent_id)
+            slot = Slot(agent_id, lease=self._lease())
             # Cannot block: we checked the free count and nothing ran in between.
             self.limiter.acquire_on_behalf_of_nowait(slot)
             self._active[agent_id] = slot
@@ -220,38 +262,70 @@ class AgentPool:
         return slots
 
     async def _take_slot(self, agent_id: str) -> Slot:
-        """Wait (FIFO, shared with every other waiter of the limiter) for a claimed id's slot."""
-        slot = Slot(agent_id)
+        """Wait (FIFO, shared with every other waiter of the limiter) for a claimed id's slot,
+        then for its shared lease, if any."""
+        slot = Slot(agent_id, lease=self._lease())
         await self.limiter.acquire_on_behalf_of(slot)
         if agent_id in self._active:  # only after a reset() let another batch take the id
             self.limiter.release_on_behalf_of(slot)
             raise AgentBusyError(f"FR10: agent {agent_id!r} became active in another batch")
         self._queued.discard(agent_id)
         self._active[agent_id] = slot
+        if slot.lease is not None:
+            assert self._shared is not None
+            try:
+                await self._shared.acquire(slot.lease)
+            except BaseException:
+                self._release(slot)  # withdraws the lease too
+                self._queued.add(agent_id)
+                raise
         return slot
 
-    def _take_extra_slot(self, agent_id: str) -> Slot | None:
+    async def _take_extra_slot(self, agent_id: str) -> Slot | None:
         """A second slot for an active agent if one is free now and nobody waits for it."""
         if agent_id not in self._active:
             return None
-        slot = Slot(agent_id, extra=True)
+        slot = Slot(agent_id, extra=True, lease=self._lease())
         try:
             # Fails while anyone waits in the limiter: a hedge never jumps the queue.
             self.limiter.acquire_on_behalf_of_nowait(slot)
         except trio.WouldBlock:
             return None
         self._extra.add(slot)
+        if slot.lease is not None:
+            assert self._shared is not None
+            try:
+                await self._shared.reserve([slot.lease])
+            except AgentPoolExhaustedError:
+                self._release(slot)
+                return None
+            except BaseException:
+                self._release(slot)
+                raise
         return slot
 
+    async def _reserve_shared(self, slots: Sequence[Slot]) -> None:
+        """Take the shared leases of slots reserved locally, all or none (reject mode)."""
+        leases = [s.lease for s in slots if s.lease is not None]
+        if leases:
+            assert self._shared is not None
+            await self._shared.reserve(leases)
+
     def _release(self, slot: Slot) -> None:
-        """Give a slot back; a no-op if it was already given back (e.g. by reset)."""
+        """Give a slot back (and its shared lease); a no-op if it was already given back
+        (e.g. by reset)."""
         if slot.extra:
-            if slot in self._extra:
-                self._extra.discard(slot)
-                self.limiter.release_on_behalf_of(slot)
+            if slot not in self._extra:
+                return
+            self._extra.discard(slot)
         elif self._active.get(slot.agent_id) is slot:
             del self._active[slot.agent_id]
-            self.limiter.release_on_behalf_of(slot)
+        else:
+            return
+        self.limiter.release_on_behalf_of(slot)
+        if slot.lease is not None:
+            assert self._shared is not None
+            self._shared.release(slot.lease)
 
 
 class Admission:
@@ -264,7 +338,7 @@ class Admission:
     back exactly once.
     """
 
-    __slots__ = ("_claimed", "_held", "_pool", "slots")
+    __slots__ = ("_claimed", "_held", "_pool", "_shared_taken", "slots")
 
     def __init__(self, pool: AgentPool, claimed: list[str], slots: list[Slot]) -> None:
         self._pool = pool
@@ -272,11 +346,29 @@ class Admission:
         self._held: set[Slot] = set(slots)
         #: The slots taken at admission, in the order of the ids (reject mode).
         self.slots: tuple[Slot, ...] = tuple(slots)
+        self._shared_taken = False
 
-    def __enter__(self) -> Admission:
+    async def reserve_shared(self) -> None:
+        """Take the shared leases of :attr:`slots`, all or none (a no-op without a shared
+        capacity, or once done).  If that fails, everything is given back at once and
+        :class:`AgentPoolExhaustedError` (or the cancellation) goes up."""
+        if self._shared_taken:
+            return
+        try:
+            await self._pool._reserve_shared(self.slots)
+        except BaseException:
+            self._give_back()
+            raise
+        self._shared_taken = True
+
+    async def __aenter__(self) -> Admission:
+        await self.reserve_shared()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
         for slot in self._held:
             self._pool._release(slot)
         self._held.clear()
@@ -288,12 +380,13 @@ class Admission:
         self._held.add(slot)
         return slot
 
-    def take_extra_slot(self, agent_id: str) -> Slot | None:
+    async def take_extra_slot(self, agent_id: str) -> Slot | None:
         """A second slot for an agent of this admission that is running (a hedge call).
 
-        Only if a slot is free right now and no one is waiting for one; else None.
+        Only if a slot is free right now and no one is waiting for one (and, with a
+        shared capacity, the cluster has room); else None.
         """
-        slot = self._pool._take_extra_slot(agent_id)
+        slot = await self._pool._take_extra_slot(agent_id)
         if slot is not None:
             self._held.add(slot)
         return slot

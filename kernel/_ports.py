@@ -6,7 +6,7 @@ importing anything from here but the domain types.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 from uuid import UUID
@@ -23,6 +23,7 @@ __all__ = [
     "HaltProbe",
     "HaltWaiter",
     "OutputWitness",
+    "SharedCapacity",
 ]
 
 
@@ -84,6 +85,40 @@ class HaltNotifier(Protocol):
     """
 
     def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]: ...
+
+
+@runtime_checkable
+class SharedCapacity(Protocol):
+    """A capacity shared by every process (and machine) that uses the same store (FR10
+    across replicas).  An :class:`~kernel.AgentPool` given one admits a call only when
+    both its own and the shared capacity have room.
+
+    Each slot the pool takes is one *lease*, named by a unique string.
+
+    * ``reserve(leases)`` -- all or nothing: take one slot per lease now, or raise
+      :class:`~kernel.AgentPoolExhaustedError` (no room, or the store cannot be reached:
+      never over-admit) having taken none.
+    * ``acquire(lease)`` -- wait, FIFO across every process, for one slot.  Cancellable:
+      cancelled, it holds nothing.  Raises ``AgentPoolExhaustedError`` if the store
+      cannot be reached.
+    * ``release(lease)`` -- give a slot back, or withdraw a lease still waiting.  Never
+      blocks and never raises (it runs in ``finally`` blocks and on cancellation): the
+      store is updated in the background, and a process that dies loses its leases when
+      they expire.
+    * ``capacity`` and ``in_use()``: the shared size, and the last known count in use (or
+      None when unknown), for :class:`~kernel.PoolStatus`.
+    """
+
+    @property
+    def capacity(self) -> int: ...
+
+    async def reserve(self, leases: Sequence[str]) -> None: ...
+
+    async def acquire(self, lease: str) -> None: ...
+
+    def release(self, lease: str) -> None: ...
+
+    def in_use(self) -> int | None: ...
 
 
 @attrs.frozen(slots=True)

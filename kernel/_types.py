@@ -55,6 +55,18 @@ def _str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         raise InvalidRequestError(f"{attr.name} must be a str, got {type(value).__name__}")
 
 
+def _unicode(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    """A str that is valid Unicode: one that UTF-8 can encode (no lone surrogates, which
+    a JSON ``"\ud800"`` produces); an output's ``content_hash`` depends on it."""
+    _str(_inst, attr, value)
+    try:
+        value.encode("utf-8")  # type: ignore[attr-defined]
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{attr.name} must be valid Unicode text (a lone surrogate at {exc.start})"
+        ) from None
+
+
 def _uuid(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, UUID):
         raise InvalidRequestError(f"{attr.name} must be a UUID, got {type(value).__name__}")
@@ -173,7 +185,7 @@ class AgentOutput:
 
     agent_id: str = attrs.field(validator=text())
     request_id: UUID = attrs.field(validator=_uuid)
-    content: str = attrs.field(validator=_str, repr=False)
+    content: str = attrs.field(validator=_unicode, repr=False)
     content_type: str = attrs.field(default="text/plain", validator=text())
     output_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
     generated_at: datetime = attrs.field(
@@ -276,14 +288,22 @@ class ConcurrentResult:
 
 @attrs.frozen(slots=True)
 class PoolStatus:
-    """A snapshot of an :class:`AgentPool`."""
+    """A snapshot of an :class:`AgentPool`: its own counts, and (a pool with a shared
+    capacity) the shared capacity and how much of it was last known to be in use."""
 
     active_count: int = attrs.field(validator=integer(at_least=0))
     available_count: int = attrs.field(validator=integer(at_least=0))
     max_concurrent: int = attrs.field(validator=integer(at_least=0))
+    shared_capacity: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(integer(at_least=0))
+    )
+    shared_in_use: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(integer(at_least=0))
+    )
 
     def as_dict(self) -> dict[str, int]:
-        return attrs.asdict(self)
+        """The counts by name (the shared ones only for a pool with a shared capacity)."""
+        return attrs.asdict(self, filter=lambda _attr, value: value is not None)
 
 
 class AgentStatus(enum.Enum):

@@ -5,6 +5,7 @@ run prints and writes is."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_run_prints_and_writes_the_rows_of_the_scenarios_asked_for(tmp_path: Pat
     for row in document["rows"]:
         assert len(row["samples"]) == 5  # quick: 5 reps
         assert row["median"] == statistics.median(row["samples"])
-        assert row["note"] == "2.0 transactions per batch (group commit)"
+        # Group commit: a 72-agent batch costs a transaction or two, never 72.
+        note = re.fullmatch(r"([0-9.]+) transactions per batch \(group commit\)", row["note"])
+        assert note is not None and 1.0 <= float(note.group(1)) <= 2.0, row["note"]
     assert (tmp_path / "results.md").read_text().count("| witness 72 commits |") == 2
     assert not (tmp_path / "agents_vs_elapsed.png").exists()  # --only: no plot
 

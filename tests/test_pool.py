@@ -76,7 +76,7 @@ async def test_limiter_bounds_tasks_outside_the_pool_too() -> None:
 
 async def test_stale_release_after_reset_is_ignored(autojump_clock: trio.testing.MockClock) -> None:
     pool = AgentPool(1)
-    with pool.admit(["a"], queue=True) as admission:
+    async with pool.admit(["a"], queue=True) as admission:
         slot = await admission.take_slot("a")
         pool.reset()
         assert pool.acquire("a")  # a new holder of the id
@@ -84,7 +84,7 @@ async def test_stale_release_after_reset_is_ignored(autojump_clock: trio.testing
     assert pool.is_active("a") and pool.limiter.borrowed_tokens == 1
 
 
-def test_admission_reject_mode_is_all_or_nothing_and_returns_everything() -> None:
+async def test_admission_reject_mode_is_all_or_nothing_and_returns_everything() -> None:
     pool = AgentPool(3)
     assert pool.acquire("x")
     with pytest.raises(AgentPoolExhaustedError, match=r"FR10: .* 1 active \+ 3 requested > 3"):
@@ -92,7 +92,7 @@ def test_admission_reject_mode_is_all_or_nothing_and_returns_everything() -> Non
     with pytest.raises(AgentBusyError, match="FR10"):
         pool.admit(["a", "x"])
     assert pool.active_agents == {"x"}
-    with pool.admit(["a", "b"]) as admission:
+    async with pool.admit(["a", "b"]) as admission:
         assert [s.agent_id for s in admission.slots] == ["a", "b"]
         assert pool.active_agents == {"x", "a", "b"} and pool.is_exhausted
         admission.release(admission.slots[0])
@@ -103,7 +103,7 @@ def test_admission_reject_mode_is_all_or_nothing_and_returns_everything() -> Non
 
 async def test_admission_queue_mode_claims_and_gives_back_on_exit() -> None:
     pool = AgentPool(1)
-    with pool.admit(["a", "b"], queue=True) as admission:
+    async with pool.admit(["a", "b"], queue=True) as admission:
         assert pool.queued_agents == {"a", "b"}
         assert pool.acquire("a") is False  # claimed counts as busy
         slot = await admission.take_slot("a")

@@ -1,0 +1,207 @@
+"""AgentPool with a SharedCapacity: the kernel's side of FR10 across processes.
+
+The shared capacity here is an in-process model of the contract (the Valkey adapter has
+its own tests against a real server): several pools, as several replicas would, share
+one capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from kernel import (
+    AgentPool,
+    AgentPoolExhaustedError,
+    ConcurrentDeliberationService,
+    HaltSwitch,
+    HedgePolicy,
+    InvalidRequestError,
+    SharedCapacity,
+)
+from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+
+
+class ModelCapacity:
+    """The SharedCapacity contract in memory: all-or-nothing reserve, FIFO acquire,
+    non-blocking release; ``down`` makes it unreachable."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self.held: set[str] = set()
+        self.waiting: collections.OrderedDict[str, trio.Event] = collections.OrderedDict()
+        self.down = False
+        self.max_held = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def in_use(self) -> int | None:
+        return None if self.down else len(self.held)
+
+    def _take(self, lease: str) -> None:
+        self.held.add(lease)
+        self.max_held = max(self.max_held, len(self.held))
+
+    async def reserve(self, leases: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise AgentPoolExhaustedError("FR10: shared capacity unreachable")
+        if self.waiting or len(self.held) + len(leases) > self._capacity:
+            raise AgentPoolExhaustedError(
+                f"FR10: shared capacity exhausted: {len(self.held)} + {len(leases)} "
+                f"> {self._capacity}"
+            )
+        for lease in leases:
+            self._take(lease)
+
+    async def acquire(self, lease: str) -> None:
+        if self.down:
+            raise AgentPoolExhaustedError("FR10: shared capacity unreachable")
+        if not self.waiting and len(self.held) < self._capacity:
+            self._take(lease)
+            await trio.lowlevel.checkpoint()
+            return
+        self.waiting[lease] = event = trio.Event()
+        try:
+            await event.wait()
+        except BaseException:
+            if self.waiting.pop(lease, None) is None:  # granted in the same instant
+                self.release(lease)
+            raise
+
+    def release(self, lease: str) -> None:
+        self.waiting.pop(lease, None)
+        self.held.discard(lease)
+        while self.waiting and len(self.held) < self._capacity:
+            first, event = self.waiting.popitem(last=False)
+            self._take(first)
+            event.set()
+
+
+def test_the_model_is_a_shared_capacity_and_bad_ones_are_refused() -> None:
+    assert isinstance(ModelCapacity(3), SharedCapacity)
+    with pytest.raises(InvalidRequestError, match="SharedCapacity"):
+        AgentPool(5, shared=object())  # type: ignore[arg-type]
+
+
+async def test_reject_mode_is_all_or_nothing_across_pools(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(5)
+    first, second = AgentPool(5, shared=shared), AgentPool(5, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    one = ConcurrentDeliberationService(orch, pool=first)
+    two = ConcurrentDeliberationService(orch, pool=second)
+    result: list[object] = []
+
+    async def run_first() -> None:
+        result.append(await one.invoke_concurrent(make_requests(3, prefix="a")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.status().as_dict() == {
+            "active_count": 3,
+            "available_count": 2,
+            "max_concurrent": 5,
+            "shared_capacity": 5,
+            "shared_in_use": 3,
+        }
+        # Locally the second pool is empty; the cluster has 2 left: 3 are refused whole.
+        with pytest.raises(AgentPoolExhaustedError, match="shared capacity exhausted"):
+            await two.invoke_concurrent(make_requests(3, prefix="b"))
+        assert second.active_count == 0 and second.available_count == 5
+        assert len(shared.held) == 3
+        assert [a for a in orch.invoked if a.startswith("b")] == []
+        assert two.metrics.snapshot().pool_exhaustion_errors == 1
+    assert shared.held == set() and shared.max_held == 3
+
+
+async def test_queue_mode_drains_everything_fifo_within_the_shared_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(4)
+    pools = [AgentPool(72, shared=shared) for _ in range(3)]
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    results = []
+
+    async def run(i: int) -> None:
+        service = ConcurrentDeliberationService(orch, pool=pools[i])
+        results.append(
+            await service.invoke_concurrent(make_requests(6, prefix=f"p{i}"), overflow="queue")
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(run, i)
+    assert [r.success_count for r in results] == [6, 6, 6]
+    assert orch.max_in_flight == 4 and shared.max_held == 4
+    assert shared.held == set() and not shared.waiting
+    assert all(p.active_count == 0 and p.available_count == 72 for p in pools)
+
+
+async def test_an_unreachable_shared_capacity_refuses_admission_and_takes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(72)
+    shared.down = True
+    pool = AgentPool(shared=shared)
+    orch = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    for overflow in ("reject", "queue"):
+        with pytest.raises(AgentPoolExhaustedError, match="unreachable"):
+            await service.invoke_concurrent(make_requests(3), overflow=overflow)
+        assert pool.active_count == 0 and pool.available_count == 72
+        assert not pool.queued_agents
+    assert orch.invoked == []
+    assert pool.status().shared_in_use is None
+
+
+async def test_sync_admission_is_refused_on_a_shared_pool() -> None:
+    pool = AgentPool(shared=ModelCapacity(72))
+    with pytest.raises(InvalidRequestError, match=r"async with pool\.admit"):
+        pool.acquire("a")
+    with pytest.raises(InvalidRequestError, match=r"async with pool\.admit"):
+        pool.try_acquire_batch(["a", "b"])
+    assert pool.active_count == 0
+
+
+async def test_a_halt_while_queued_for_the_cluster_gives_everything_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(2)
+    switch = HaltSwitch()
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, switch, pool)
+
+    async def trigger() -> None:
+        await trio.sleep(1.0)
+        assert len(shared.waiting) == 1  # the feeder waits for the cluster, FIFO
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(5), overflow="queue"), trigger
+    )
+    assert exc.partial is not None and exc.partial.total_count == 5
+    assert shared.held == set() and not shared.waiting
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_hedges_take_a_shared_lease_or_none(autojump_clock: trio.testing.MockClock) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    result = await service.invoke_concurrent(
+        make_requests(2), hedge=HedgePolicy(delay=1.0, budget=1.0)
+    )
+    # Locally there is room for 70 more calls; the cluster has one: one hedge.
+    assert len(result.hedged_agents) == 1 and shared.max_held == 3
+    assert shared.held == set() and pool.available_count == 72
