@@ -24,7 +24,16 @@ collect_ignore = [] if CREWAI_TESTS else ["crewai"]
 def pytest_report_header() -> str:
     if CREWAI_TESTS:
         return "tests/crewai: included (CONCLAVE_CREWAI_TESTS=1)"
-    return "tests/crewai: not collected here; `make test` runs them in .venv-crewai"
+    return CREWAI_LEFT_OUT
+
+
+CREWAI_LEFT_OUT = "tests/crewai: not collected here; `make test` runs them in .venv-crewai"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Said at the end too, where ``-q`` (which drops the header) still shows it."""
+    if not CREWAI_TESTS:
+        terminalreporter.write_line(CREWAI_LEFT_OUT)
 
 
 def _fail_on_stray_cancel(test: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

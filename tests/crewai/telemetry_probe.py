@@ -77,4 +77,9 @@ def main(base_url: str, out: Path, telemetry: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), "--telemetry" in sys.argv[3:])
+    telemetry = "--telemetry" in sys.argv[3:]
+    main(sys.argv[1], Path(sys.argv[2]), telemetry)
+    if telemetry:
+        # Opted in, CrewAI's telemetry exports its spans at exit, retrying for ~10 s
+        # against the audit hook's refusals: the report is written, skip the exit hooks.
+        os._exit(0)
