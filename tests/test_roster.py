@@ -74,7 +74,7 @@ def test_default_roster_and_requests() -> None:
         (
             "tokens.json",
             '{"agents": [{"agent_id": "b", "max_tokens": 1.5}]}',
-            "field 'max_tokens': expected an integer",
+            "field 'max_tokens': must be an int",
         ),
         (
             "unknown.toml",
