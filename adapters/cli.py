@@ -8,7 +8,8 @@
 
 Exit codes:
 
-    0    every agent succeeded (status: not halted)
+    0    every agent succeeded (status: not halted); with --quorum, every agent not
+         cancelled because the quorum was reached
     1    some agents failed
     2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
          than the pool holds in reject mode), more than 100 000 agents, an unwritable
@@ -59,6 +60,7 @@ from kernel import (
     ConclaveError,
     ConcurrentResult,
     ContextBundle,
+    FailureKind,
     HedgePolicy,
     SystemHaltedError,
 )
@@ -485,7 +487,9 @@ async def _finish(
     elif halted is not None:
         code = EXIT_HALTED
     else:
-        code = EXIT_OK if result is not None and result.failure_count == 0 else EXIT_FAILURES
+        # Agents cancelled because the quorum was reached did what was asked of the run.
+        failed = result is None or any(f.kind is not FailureKind.CANCELLED for f in result.failures)
+        code = EXIT_FAILURES if failed else EXIT_OK
     if lost is None:
         return code
     print(f"conclave: transcript not written: {lost}", file=sys.stderr)

@@ -64,6 +64,7 @@ from adapters.provider_budget import (
 from adapters.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
+from kernel.validate import check_number
 
 __all__ = [
     "AGENT_HEADER",
@@ -111,23 +112,6 @@ def encode_agent_header(agent_id: str) -> str:
 def decode_agent_header(value: str) -> str:
     """The agent id an ``X-Conclave-Agent`` value carries (inverse of the encoding)."""
     return unquote(value, encoding="utf-8", errors="strict")
-
-
-def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidRequestError(
-            f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        )
-    return float(value)
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
@@ -217,14 +201,14 @@ class OpenAIChatOrchestrator:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.roster = roster
-        self.timeout_s = _positive(timeout_s, "timeout_s")
+        self.timeout_s = check_number(timeout_s, "timeout_s", above=0)
         self.max_retries = max_retries
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.backoff_base_s = _positive(backoff_base_s, "backoff_base_s", allow_zero=True)
-        self.backoff_cap_s = _positive(backoff_cap_s, "backoff_cap_s", allow_zero=True)
-        self.retry_after_cap_s = _positive(retry_after_cap_s, "retry_after_cap_s", allow_zero=True)
+        self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
+        self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
+        self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
         self._rng = random.Random(seed)
         self.limits = limits
@@ -337,7 +321,9 @@ class OpenAIChatOrchestrator:
         ``timeout_s`` defaults to this orchestrator's ``timeout_s``: the probe waits
         as long as an agent's request would.
         """
-        limit = self.timeout_s if timeout_s is None else _positive(timeout_s, "timeout_s")
+        limit = (
+            self.timeout_s if timeout_s is None else check_number(timeout_s, "timeout_s", above=0)
+        )
         client = self._client(self.base_url)
         try:
             await client.models.list(timeout=limit)

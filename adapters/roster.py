@@ -49,11 +49,11 @@ What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import reprlib
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,6 +67,7 @@ from kernel import (
     ContextBundle,
     InvalidRequestError,
 )
+from kernel.validate import check_int, check_number, check_text
 
 __all__ = ["MAX_AGENT_ID_LENGTH", "AgentProfile", "Roster", "RosterError", "check_base_url"]
 
@@ -100,45 +101,29 @@ def _names(keys: Iterable[object]) -> str:
     return ", ".join(sorted(shown))
 
 
-def _opt_str(name: str) -> Any:
-    def check(_i: object, _a: object, v: Any) -> None:
-        if v is not None and (not isinstance(v, str) or not v.strip()):
-            raise InvalidRequestError(
-                f"field {name!r}: expected a non-empty string, got {_show(v)}"
-            )
+def _optional(check: Callable[[object, str], object]) -> Any:
+    """An attrs validator: ``None``, or a value ``check`` accepts, named as a roster field."""
 
-    return check
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check(value, f"field {attr.name!r}:")
 
-
-def _opt_positive(name: str, *, integer: bool = False) -> Any:
-    def check(_i: object, _a: object, v: Any) -> None:
-        if v is None:
-            return
-        wrong_kind = integer and not isinstance(v, int)
-        if isinstance(v, bool) or not isinstance(v, int | float) or wrong_kind:
-            what = "an integer" if integer else "a number"
-            raise InvalidRequestError(f"field {name!r}: expected {what}, got {_show(v)}")
-        if not _finite(v) or v <= 0:
-            raise InvalidRequestError(f"field {name!r}: must be > 0, got {_show(v)}")
-
-    return check
+    return validate
 
 
-def _finite(v: float) -> bool:
-    """Finite as a float: a JSON int beyond a float's range (10**400) is not."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
+_opt_text = _optional(check_text)
+_opt_positive = _optional(functools.partial(check_number, above=0))
+_opt_count = _optional(functools.partial(check_int, at_least=1))
 
 
-def _temperature(_i: object, _a: object, v: Any) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise InvalidRequestError(f"field 'temperature': expected a number, got {_show(v)}")
-    if not 0.0 <= v <= 2.0:
-        raise InvalidRequestError(f"field 'temperature': must be between 0 and 2, got {_show(v)}")
+def _check_temperature(value: object, name: str) -> float:
+    temperature = check_number(value, name)
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequestError(f"{name} must be between 0 and 2, got {_show(value)}")
+    return temperature
+
+
+_opt_temperature = _optional(_check_temperature)
 
 
 def _agent_id_problem(v: object) -> str | None:
@@ -210,22 +195,18 @@ class AgentProfile:
     """One council member: its id and the LLM settings that differ from the defaults."""
 
     agent_id: str = attrs.field(validator=_agent_id)
-    display_name: str | None = attrs.field(default=None, validator=_opt_str("display_name"))
-    model: str | None = attrs.field(default=None, validator=_opt_str("model"))
+    display_name: str | None = attrs.field(default=None, validator=_opt_text)
+    model: str | None = attrs.field(default=None, validator=_opt_text)
     base_url: str | None = attrs.field(default=None, validator=_base_url)
-    system_prompt: str | None = attrs.field(
-        default=None, validator=_opt_str("system_prompt"), repr=False
-    )
-    temperature: float | None = attrs.field(default=None, validator=_temperature)
-    max_tokens: int | None = attrs.field(
-        default=None, validator=_opt_positive("max_tokens", integer=True)
-    )
-    timeout_s: float | None = attrs.field(default=None, validator=_opt_positive("timeout_s"))
+    system_prompt: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
+    temperature: float | None = attrs.field(default=None, validator=_opt_temperature)
+    max_tokens: int | None = attrs.field(default=None, validator=_opt_count)
+    timeout_s: float | None = attrs.field(default=None, validator=_opt_positive)
     # Who the agent is, for frameworks that build a persona from it (adapters.crewai):
     # CrewAI's role, goal and backstory.  Orchestrators that do not use them ignore them.
-    role: str | None = attrs.field(default=None, validator=_opt_str("role"))
-    goal: str | None = attrs.field(default=None, validator=_opt_str("goal"), repr=False)
-    backstory: str | None = attrs.field(default=None, validator=_opt_str("backstory"), repr=False)
+    role: str | None = attrs.field(default=None, validator=_opt_text)
+    goal: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
+    backstory: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
 
     @property
     def name(self) -> str:

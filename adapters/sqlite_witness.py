@@ -635,7 +635,11 @@ class SqliteWitness:
             db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # In another journal mode a COMMIT past the point of no return waits for
+                # readers, shielded: that could delay a halt by the busy timeout.
+                raise sqlite3.OperationalError(f"journal mode is {mode}, WAL is required")
             db.executescript(_SCHEMA)
             # The writer thread's own connection; each attempt at the write lock is short.
             writer = sqlite3.connect(

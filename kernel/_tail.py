@@ -38,7 +38,7 @@ class HedgePolicy:
         delay: seconds after the agent's start; ``None`` means "the ``quantile`` of this
             service's recent successful agent latencies", once it has ``min_samples`` of
             them (before that, nothing is hedged).
-        quantile: 0 < quantile < 1, for the observed delay.
+        quantile: 0 < quantile <= 1, for the observed delay.
         budget: 0 <= budget <= 1: at most ``ceil(budget * len(requests))`` agents of a
             batch are hedged.
         min_samples: >= 1 latencies before an observed delay is trusted.

@@ -83,9 +83,11 @@ def _digits(value: float) -> str:
 
 
 def check_int(value: object, name: str, *, at_least: int | None = None) -> int:
-    """An ``int`` (not a bool), at least ``at_least`` if given."""
+    """An ``int`` (not a bool) a float can hold, at least ``at_least`` if given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an int, got {_shown(value)}")
+    if abs(value).bit_length() > 1024:  # beyond any float: no count or limit is that big
+        raise InvalidRequestError(f"{name} is too large, got an int of {_digits(value)}")
     if at_least is not None and value < at_least:
         raise InvalidRequestError(f"{name} must be >= {at_least}, got {_shown(value)}")
     return value

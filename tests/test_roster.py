@@ -74,7 +74,7 @@ def test_default_roster_and_requests() -> None:
         (
             "tokens.json",
             '{"agents": [{"agent_id": "b", "max_tokens": 1.5}]}',
-            "field 'max_tokens': expected an integer",
+            "field 'max_tokens': must be an int",
         ),
         (
             "unknown.toml",
@@ -328,7 +328,7 @@ def test_persona_fields_load_in_the_plain_format_too() -> None:
         {"defaults": {"goal": "decide"}, "agents": [{"agent_id": "a", "role": "Skeptic"}]}
     )
     assert roster.get("a").role == "Skeptic" and roster.get("a").goal == "decide"
-    with pytest.raises(RosterError, match=r"agent 'a': field 'backstory': expected a non-empty"):
+    with pytest.raises(RosterError, match=r"agent 'a': field 'backstory': must be a non-empty"):
         Roster.from_dict({"agents": [{"agent_id": "a", "backstory": ""}]})
 
 
@@ -342,7 +342,7 @@ def test_persona_fields_load_in_the_plain_format_too() -> None:
         ([{"id": ""}], "archons[0]: field 'id': expected a non-empty string"),
         ([{"id": "a\x1b[2Jb"}], "archons[0]: field 'id': holds a non-printable character"),
         ([{"id": "ok"}, {"id": 7}], "archons[1]: field 'id': expected a non-empty string"),
-        ([{"id": "vessa", "name": 3}], "archons[0] (id 'vessa'): field 'name': expected a"),
+        ([{"id": "vessa", "name": 3}], "archons[0] (id 'vessa'): field 'name': must be a str"),
         ([{"id": "vessa", "role": ""}], "archons[0] (id 'vessa'): field 'role'"),
         ([{"id": "vessa", "goal": ["x"]}], "archons[0] (id 'vessa'): field 'goal'"),
         ([{"id": "vessa", "backstory": 0}], "archons[0] (id 'vessa'): field 'backstory'"),
