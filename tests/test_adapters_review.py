@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -43,24 +42,10 @@ from kernel import (
 )
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import ScriptedOrchestrator, make_requests
-from tests.test_cli import CONCLAVE, ROOT, conclave, start
+from tests.test_cli import CONCLAVE, ROOT, conclave, deliberating, halt_from_cli
+from tests.witness_helpers import make_log, run_sql, select
 
 HUGE = 10**400  # a valid JSON number; no float holds it
-_WITNESS_COLUMNS = [
-    "sequence",
-    "output_id",
-    "agent_id",
-    "request_id",
-    "batch_id",
-    "content_hash",
-    "content_type",
-    "generated_at",
-    "committed_at",
-    "metadata",
-    "content",
-    "prev_hash",
-    "chain_hash",
-]
 
 # ---------------------------------------------------------------- numbers too large for a float
 
@@ -120,12 +105,11 @@ def test_a_quorum_larger_than_the_council_is_refused_before_anything_is_opened(
 def test_verify_refuses_a_view_named_outputs(tmp_path: Path) -> None:
     """Was: "ok: 0 records, chain intact" (exit 0) for a database whose ``outputs`` is a
     view with the witness's column names: an audit must fail on what is not a log."""
+    make_log(tmp_path / "real.db", 1)
+    columns = [row[1] for row in select(tmp_path / "real.db", "PRAGMA table_info(outputs)")]
     db_path = tmp_path / "view.db"
-    db = sqlite3.connect(db_path)
-    columns = ", ".join(f"NULL AS {c}" for c in _WITNESS_COLUMNS)
-    db.execute(f"CREATE VIEW outputs AS SELECT {columns} WHERE 0")
-    db.commit()
-    db.close()
+    nulls = ", ".join(f"NULL AS {c}" for c in columns)
+    run_sql(db_path, f"CREATE VIEW outputs AS SELECT {nulls} WHERE 0")
     before = db_path.read_bytes()
     with pytest.raises(WitnessError, match="not a witness log"):
         verify_log(db_path)
@@ -153,13 +137,9 @@ def test_a_halt_reason_with_rich_markup_is_shown_not_parsed(tmp_path: Path) -> N
     """Was: the halted run's summary crashed with ``MarkupError`` (a traceback, exit 1
     instead of 3) on a reason such as ``[/oops] stop``."""
     halt_file = tmp_path / "halt.json"
-    proc = start("deliberate", "--latency-ms", "600000", "--halt-file", str(halt_file))
-    try:
-        halted = conclave("halt", "--halt-file", str(halt_file), "--reason", "[/oops] stop")
-        assert halted.returncode == 0
+    with deliberating("--latency-ms", "600000", "--halt-file", str(halt_file)) as proc:
+        halt_from_cli(halt_file, "[/oops] stop")
         stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
     assert proc.returncode == 3, stderr
     assert "Traceback" not in stderr
     assert re.search(r"status\s+HALTED: \[/oops\] stop", stdout)
@@ -336,10 +316,7 @@ def test_the_witness_refuses_a_database_that_is_not_a_witness_log_and_changes_no
     the application's database and switched it to WAL; with a different ``outputs`` table
     every agent became a ``WITNESS`` failure (exit 1) instead of one clear refusal."""
     db_path = tmp_path / "app.db"
-    db = sqlite3.connect(db_path)
-    db.execute(schema)
-    db.commit()
-    db.close()
+    run_sql(db_path, schema)
     before = db_path.read_bytes()
     with pytest.raises(WitnessError, match="not a witness log"):
         SqliteWitness(db_path)
@@ -368,9 +345,7 @@ async def test_the_witness_still_opens_a_new_file_an_empty_file_and_its_own_log(
 async def test_the_witness_opens_an_sqlite_file_with_nothing_in_it_yet(tmp_path: Path) -> None:
     """(Another process may have created the file and not yet its tables.)"""
     path = tmp_path / "fresh.db"
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.close()
+    run_sql(path, "PRAGMA journal_mode=WAL")
     assert path.stat().st_size > 0
     async with SqliteWitness(path) as witness:
         await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))

@@ -42,6 +42,21 @@ async def _raised(call: Awaitable[object]) -> BaseException | None:
     return None
 
 
+async def _raised_with_halt_at(
+    seconds: float, switch: HaltSwitch, call: Awaitable[object]
+) -> BaseException | None:
+    """What ``call`` raised (see ``_raised``), ``switch`` halting ("operator") once
+    ``seconds`` have passed."""
+
+    async def halt_later() -> None:
+        await trio.sleep(seconds)
+        switch.halt("operator")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_later)
+        return await _raised(call)
+
+
 # ---------------------------------------------------------------- garbage from a halt channel
 
 
@@ -144,27 +159,25 @@ async def test_a_stray_cancelled_from_the_halt_watcher_halts_the_batch(
 # ---------------------------------------------------------------- a channel's sync parts raise
 
 
-class RaisingProbe:
-    """A clear channel whose synchronous probe raises."""
+class ClearChannel:
+    """A polled halt channel that is never halted; the ones below break one more part."""
 
     async def is_halted(self) -> bool:
         return False
 
     async def get_halt_reason(self) -> str | None:
         return None
+
+
+class RaisingProbe(ClearChannel):
+    """A clear channel whose synchronous probe raises."""
 
     def halted_now(self) -> bool:
         raise OSError("probe broke")
 
 
-class RaisingNotifier:
+class RaisingNotifier(ClearChannel):
     """A clear channel that cannot register a halt listener."""
-
-    async def is_halted(self) -> bool:
-        return False
-
-    async def get_halt_reason(self) -> str | None:
-        return None
 
     def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
         raise OSError("cannot listen")
@@ -202,40 +215,22 @@ async def test_a_dual_checker_lets_the_reads_decide_when_one_channels_probe_rais
     assert result.success_count == 3
     assert dual.read_errors["secondary"] > 0
 
-    async def halt_soon() -> None:
-        await trio.sleep(0.5)
-        switch.halt("operator")
-
-    raised: list[BaseException | None] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(halt_soon)
-        raised.append(await _raised(service.invoke_concurrent(make_requests(3, prefix="b"))))
-    assert isinstance(raised[0], SystemHaltedError) and raised[0].reason == "operator"
+    call = service.invoke_concurrent(make_requests(3, prefix="b"))
+    raised = await _raised_with_halt_at(0.5, switch, call)
+    assert isinstance(raised, SystemHaltedError) and raised.reason == "operator"
     _assert_pool_clean(service)
 
 
-class AsyncProbe:
+class AsyncProbe(ClearChannel):
     """``halted_now`` written as ``async def``: its call is a coroutine, always truthy."""
-
-    async def is_halted(self) -> bool:
-        return False
-
-    async def get_halt_reason(self) -> str | None:
-        return None
 
     async def halted_now(self) -> bool:
         return False
 
 
-class AsyncNotifier:
+class AsyncNotifier(ClearChannel):
     """``on_halt`` written as ``async def``: it never registers, and its "unregister" is
     a coroutine."""
-
-    async def is_halted(self) -> bool:
-        return False
-
-    async def get_halt_reason(self) -> str | None:
-        return None
 
     async def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
         return lambda: None
@@ -289,17 +284,10 @@ async def test_agents_cut_by_a_halt_are_halted_even_if_they_turn_it_into_an_erro
     def on_progress(done: int, total: int, agent_id: str, status: str) -> None:
         reported.append((agent_id, status))
 
-    async def halt_at_2() -> None:
-        await trio.sleep(2.0)
-        switch.halt("operator")
-
-    raised: list[BaseException | None] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(halt_at_2)
-        call = service.invoke_concurrent(make_requests(4), on_progress=on_progress)
-        raised.append(await _raised(call))
-    assert isinstance(raised[0], SystemHaltedError), repr(raised[0])
-    partial = raised[0].partial
+    call = service.invoke_concurrent(make_requests(4), on_progress=on_progress)
+    raised = await _raised_with_halt_at(2.0, switch, call)
+    assert isinstance(raised, SystemHaltedError), repr(raised)
+    partial = raised.partial
     assert partial is not None and partial.success_count == 1
     assert {f.kind for f in partial.failures} == {FailureKind.HALTED}
     assert reported == [("archon-1", "completed")]

@@ -12,10 +12,7 @@ import logging
 import os
 import re
 import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +30,9 @@ from kernel import (
     HaltSwitch,
 )
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import expect_halt, make_requests
+from tests.helpers import make_requests, time_halt
+from tests.test_cli import conclave as run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 W = 1.0  # the server's window: its "minute"
 N = 120  # requests per window
 RPM = round(N * 60 / W)  # the same limit, per minute, as a client configures it
@@ -201,34 +198,28 @@ async def test_a_halt_while_agents_wait_for_budget_is_prompt_and_consumes_nothin
     orch = orchestrator(llm_server, limits=ProviderLimits(requests_per_minute=60))
     budget = shared_budget(llm_server.base_url, orch._api_key)
     halt = HaltSwitch()
-    timing: dict[str, float] = {}
+    second_turn: list[float] = []
     async with AsyncioOrchestratorBridge(orch) as bridge:
         service = ConcurrentDeliberationService(bridge, halt, AgentPool())
 
-        # What the second turn would be if nobody else were waiting: turn 2 of the plan.
-        async def halt_while_waiting() -> None:
+        async def while_waiting() -> None:
             await trio.to_thread.run_sync(llm_server.wait_for, lambda s: s.answered == 1)
             while budget.pending < 9:  # noqa: ASYNC110 (until the nine others reserved)
                 await trio.sleep(0.001)
-            timing["second"] = budget.turns()[0]
-            timing["halt"] = time.perf_counter()
-            halt.halt("operator: stop")
+            # What the second turn would be if nobody else were waiting: turn 2 of the plan.
+            second_turn.append(budget.turns()[0])
 
-        async def deliberate() -> None:
-            try:
-                await service.invoke_concurrent(make_requests(10))
-            finally:
-                timing["returned"] = time.perf_counter()
+        err, took = await time_halt(
+            lambda: service.invoke_concurrent(make_requests(10)), halt, while_waiting
+        )
 
-        err = await expect_halt(deliberate, halt_while_waiting)
-
-    assert timing["returned"] - timing["halt"] < 0.1  # prompt
+    assert took < 0.1  # prompt
     assert err.partial is not None
     assert [f.kind for f in err.partial.failures].count(FailureKind.HALTED) >= 9
     assert llm_server.requests_total == 1
     # Consumed nothing: the next turn is the one the second agent had, not the eleventh.
     assert budget.pending == 0
-    assert budget.next_turn() == pytest.approx(timing["second"], abs=0.01)
+    assert budget.next_turn() == pytest.approx(second_turn[0], abs=0.01)
 
 
 async def test_the_token_budget_is_settled_with_the_real_usage(
@@ -259,15 +250,8 @@ async def test_the_token_budget_is_settled_with_the_real_usage(
 
 
 def conclave(*args: str, key: str = "sk-cli") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OPENAI_API_KEY": key}
-    return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-    )
+    """The CLI with ``key`` as its API key (the server keeps a budget per key)."""
+    return run_cli(*args, env={**os.environ, "OPENAI_API_KEY": key})
 
 
 def test_the_cli_paces_at_rpm_and_reports_what_rate_limits_cost(
