@@ -11,7 +11,7 @@ import trio
 
 from kernel._errors import InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, check_sync_hooks, read_halt, wait_for_halt
-from kernel._ports import HaltChecker, HaltNotifier, HaltProbe
+from kernel._ports import HaltChecker, HaltNotifier, HaltProbe, HaltWaiter
 from kernel.validate import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
@@ -72,6 +72,21 @@ class DualChannelHaltChecker:
         self.poll_interval = check_seconds(poll_interval, "poll_interval")
         self.read_timeout = check_seconds(read_timeout, "read_timeout")
         self.read_errors: dict[_Channel, int] = {"primary": 0, "secondary": 0}
+        # What each channel can do, decided once: a runtime Protocol check costs
+        # microseconds, and halted_now() is asked twice per agent.
+        channels: tuple[tuple[_Channel, HaltChecker], ...] = (
+            ("primary", primary),
+            ("secondary", secondary),
+        )
+        self._probes: list[tuple[_Channel, Callable[[], bool]]] = [
+            (which, channel.halted_now)
+            for which, channel in channels
+            if isinstance(channel, HaltProbe)
+        ]
+        self._waits = {
+            "primary": isinstance(primary, HaltWaiter),
+            "secondary": isinstance(secondary, HaltWaiter),
+        }
 
     def __repr__(self) -> str:
         return f"<DualChannelHaltChecker {self.primary!r} | {self.secondary!r}>"
@@ -136,12 +151,9 @@ class DualChannelHaltChecker:
         A channel whose probe raises is counted in :attr:`read_errors` and is "not
         known" here, as a read that raises lets the other channel decide.
         """
-        for which in ("primary", "secondary"):
-            channel = self._channel(which)
-            if not isinstance(channel, HaltProbe):
-                continue
+        for which, probe in self._probes:
             try:
-                if channel.halted_now():
+                if probe():
                     return True
             except Exception as exc:
                 self._read_failed(which, exc)
@@ -183,7 +195,10 @@ class DualChannelHaltChecker:
     ) -> None:
         try:
             reason = await wait_for_halt(
-                self._channel(which), self.poll_interval, self.read_timeout
+                self._channel(which),
+                self.poll_interval,
+                self.read_timeout,
+                waits=self._waits[which],
             )
         except Exception as exc:
             self._read_failed(which, exc)

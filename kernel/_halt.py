@@ -127,15 +127,21 @@ async def wait_for_halt(
     checker: HaltChecker,
     poll_interval: float,
     read_timeout: float = DEFAULT_HALT_READ_TIMEOUT,
+    *,
+    waits: bool | None = None,
 ) -> str:
     """Return the reason once ``checker`` is halted.
 
     A :class:`HaltWaiter` is waited on; any other checker is polled every
     ``poll_interval`` seconds, each read bounded by ``read_timeout`` (see
-    :func:`read_halt`).  Errors from the checker propagate.
+    :func:`read_halt`).  Errors from the checker propagate.  ``waits`` says whether the
+    checker is a :class:`HaltWaiter` when the caller already knows (the runtime Protocol
+    check costs microseconds; a service asks once, not per batch).
     """
-    if isinstance(checker, HaltWaiter):
-        return _text_reason(await checker.wait_halted())
+    if waits is None:
+        waits = isinstance(checker, HaltWaiter)
+    if waits:
+        return _text_reason(await checker.wait_halted())  # type: ignore[attr-defined]
     while True:
         reason = await read_halt(checker, read_timeout)
         if reason is not None:

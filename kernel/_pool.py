@@ -253,8 +253,9 @@ class AgentPool:
                 f"{len(agent_ids)} requested > {self._max}"
             )
         slots = []
+        shared = self._shared is not None
         for agent_id in agent_ids:
-            slot = Slot(agent_id, lease=self._lease())
+            slot = Slot(agent_id, lease=uuid.uuid4().hex if shared else None)
             # Cannot block: we checked the free count and nothing ran in between.
             self.limiter.acquire_on_behalf_of_nowait(slot)
             self._active[agent_id] = slot
@@ -334,16 +335,19 @@ class Admission:
     It owns what the batch holds: the slots taken at admission (:attr:`slots`, reject
     mode), the slots taken later (:meth:`take_slot`, queue mode) and the claims of ids
     still waiting.  :meth:`release` gives one slot back as soon as its agent is done;
-    leaving the ``with`` block gives back everything still held.  Each slot is given
-    back exactly once.
+    leaving the ``with`` block gives back everything still held.  A slot goes back to
+    the pool once: the pool recognises a slot it already has back (released, or taken
+    back by :meth:`AgentPool.reset`), so leaving the block passes over those.
     """
 
-    __slots__ = ("_claimed", "_held", "_pool", "_shared_taken", "slots")
+    __slots__ = ("_claimed", "_pool", "_shared_taken", "_taken", "slots")
 
     def __init__(self, pool: AgentPool, claimed: list[str], slots: list[Slot]) -> None:
         self._pool = pool
         self._claimed = claimed
-        self._held: set[Slot] = set(slots)
+        # Slots taken after admission (queue mode, hedges); no per-slot bookkeeping on
+        # release: it is the hot path, and the pool knows what it has back.
+        self._taken: list[Slot] = []
         #: The slots taken at admission, in the order of the ids (reject mode).
         self.slots: tuple[Slot, ...] = tuple(slots)
         self._shared_taken = False
@@ -369,15 +373,18 @@ class Admission:
         self._give_back()
 
     def _give_back(self) -> None:
-        for slot in self._held:
-            self._pool._release(slot)
-        self._held.clear()
+        release = self._pool._release
+        for slot in self.slots:
+            release(slot)
+        for slot in self._taken:
+            release(slot)
+        self._taken.clear()
         self._pool._queued.difference_update(self._claimed)
 
     async def take_slot(self, agent_id: str) -> Slot:
         """Wait for the slot of an id this admission claimed (queue mode)."""
         slot = await self._pool._take_slot(agent_id)
-        self._held.add(slot)
+        self._taken.append(slot)
         return slot
 
     async def take_extra_slot(self, agent_id: str) -> Slot | None:
@@ -388,11 +395,9 @@ class Admission:
         """
         slot = await self._pool._take_extra_slot(agent_id)
         if slot is not None:
-            self._held.add(slot)
+            self._taken.append(slot)
         return slot
 
     def release(self, slot: Slot) -> None:
         """Give one slot back now (its agent or call is done); later calls are no-ops."""
-        if slot in self._held:
-            self._held.discard(slot)
-            self._pool._release(slot)
+        self._pool._release(slot)

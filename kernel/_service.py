@@ -15,9 +15,9 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 from uuid import UUID, uuid4
 
 import trio
@@ -41,6 +41,7 @@ from kernel._ports import (
     HaltChecker,
     HaltNotifier,
     HaltProbe,
+    HaltWaiter,
     OutputWitness,
 )
 from kernel._rate import RateLimit
@@ -344,6 +345,12 @@ class ConcurrentDeliberationService:
         self._halted_now: Callable[[], bool] | None = (
             halt_checker.halted_now if isinstance(halt_checker, HaltProbe) else None
         )
+        # What else the channel can do, decided once (a runtime Protocol check costs
+        # microseconds: not something to repeat per batch).
+        self._on_halt: Callable[[Callable[[str], None]], Callable[[], None]] | None = (
+            halt_checker.on_halt if isinstance(halt_checker, HaltNotifier) else None
+        )
+        self._halt_waits = isinstance(halt_checker, HaltWaiter)
         self._pool = pool if pool is not None else AgentPool()
         self._agent_timeout = _check_timeout(agent_timeout)
         self._halt_poll_interval = poll
@@ -351,7 +358,10 @@ class ConcurrentDeliberationService:
         self._witness = witness
         self._deadline = check_deadline(deadline)
         self._hedge = check_hedge(hedge)
-        self._latencies = LatencyWindow()  # recent successful agent latencies, for hedging
+        # Recent successful agent latencies, for hedging on an observed quantile.  Kept
+        # from the service's start if it hedges by default, else from the first call that
+        # asks for hedging: a service that never hedges does not pay for it per agent.
+        self._latencies: LatencyWindow | None = LatencyWindow() if hedge is not None else None
         self._rate_limit = rate_limit
         self.metrics = ServiceMetrics(lambda: self._pool.active_count)
 
@@ -498,6 +508,8 @@ class ConcurrentDeliberationService:
         if deadline is not None:
             batch.deadline = t0 + deadline
         if hedge is not None:
+            if self._latencies is None:
+                self._latencies = LatencyWindow()
             batch.hedge_delay = hedge.delay_for(self._latencies)
             batch.max_hedged = hedge.max_hedged(len(checked))
 
@@ -548,10 +560,9 @@ class ConcurrentDeliberationService:
         # A channel that can call back cancels the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
         stop_listening: Callable[[], None] | None = None
-        notifier: object = checker  # (a checker may be a notifier too: not typed as one)
-        if isinstance(notifier, HaltNotifier):
+        if self._on_halt is not None:
             try:
-                stop_listening = notifier.on_halt(functools.partial(batch.stop_now, "halt"))
+                stop_listening = self._on_halt(functools.partial(batch.stop_now, "halt"))
             except Exception as exc:  # a channel that raises is halted: nothing starts
                 batch.stop_now("halt", _checker_failed(exc))
         try:
@@ -602,20 +613,20 @@ class ConcurrentDeliberationService:
         """
         if batch.stop is not None:
             return True
-        if self._halted_now is not None and self._probe_says_halted(batch):
-            batch.stop_now("halt")
-        elif batch.deadline is not None and trio.current_time() >= batch.deadline:
+        probe = self._halted_now
+        if probe is not None:
+            try:
+                halted = bool(probe())
+            except Exception as exc:  # a probe that raises stops the batch, as a read does
+                batch.stop_now("halt", _checker_failed(exc))
+                return True
+            if halted:
+                batch.stop_now("halt")
+                return True
+        if batch.deadline is not None and trio.current_time() >= batch.deadline:
             batch.stop_now("deadline")
-        return batch.stop is not None
-
-    def _probe_says_halted(self, batch: _Batch) -> bool:
-        """The channel's probe; one that raises stops the batch as a failed read does."""
-        assert self._halted_now is not None
-        try:
-            return bool(self._halted_now())
-        except Exception as exc:
-            batch.stop_now("halt", _checker_failed(exc))
             return True
+        return False
 
     async def _run_agent(self, batch: _Batch, index: int, slot: Slot) -> None:
         req = batch.requests[index]
@@ -649,19 +660,35 @@ class ConcurrentDeliberationService:
         the stop decides the outcome); a cancellation the kernel asked for propagates.
         """
         req = batch.requests[index]
-        # One call, or (hedging) the first success of two.
-        call = self._invoke(req) if batch.hedge_delay is None else self._hedged(batch, index, start)
-        if batch.timeout is None:
-            # No timeout: no cancel scope either (it is per-agent cost on the hot path).
-            result = await call
-        else:
-            deadline = start + batch.timeout
-            with trio.CancelScope(deadline=deadline) as timeout_scope:
+        # One call, or (hedging) the first success of two.  The single call is awaited
+        # here rather than through _invoke: one coroutine less per agent on the hot path.
+        call: Coroutine[Any, Any, object] = (
+            self._orchestrator.invoke(req.agent_id, req.context)
+            if batch.hedge_delay is None
+            else self._hedged(batch, index, start)
+        )
+        timeout_scope = None
+        result: object = None
+        try:
+            if batch.timeout is None:
+                # No timeout: no cancel scope either (it is per-agent cost on the hot path).
                 result = await call
-            if timeout_scope.cancel_called or trio.current_time() >= deadline:
-                # Cancelled by its timeout (perhaps turned into an error), or it returned
-                # too late: either way, a timeout.
-                return self._timeout_failure(batch, req, start)
+            else:
+                timeout_scope = trio.CancelScope(deadline=start + batch.timeout)
+                with timeout_scope:
+                    result = await call
+        except Exception as raised:
+            result = _Raised(raised)
+        except trio.Cancelled:
+            if _cancel_requested():
+                raise
+            result = _Raised(None)  # a Cancelled nobody asked for
+        if timeout_scope is not None and (
+            timeout_scope.cancel_called or trio.current_time() >= timeout_scope.deadline
+        ):
+            # Cancelled by its timeout (perhaps turned into an error), or it returned too
+            # late: either way, a timeout.
+            return self._timeout_failure(batch, req, start)
 
         # Whatever comes back after the batch stopped is cut short by that stop: an
         # output is withheld (never released, not to the caller, not to the witness:
@@ -675,8 +702,8 @@ class ConcurrentDeliberationService:
         if isinstance(result, _Raised):
             if result.exc is None:
                 return _stray_cancel(req, start)
-            exc = result.exc
-            return _failure(req, FailureKind.ERROR, type(exc).__name__, _describe(exc), start)
+            error = result.exc
+            return _failure(req, FailureKind.ERROR, type(error).__name__, _describe(error), start)
         # The common case first, without a call: this agent's own output.
         ok = result.__class__ is AgentOutput and result.agent_id == req.agent_id
         problem = None if ok else _invalid(result, req)
@@ -799,7 +826,8 @@ class ConcurrentDeliberationService:
         batch.outcomes[index] = outcome
         batch.done += 1
         if isinstance(outcome, AgentOutput):
-            self._latencies.append(trio.current_time() - start)
+            if self._latencies is not None:
+                self._latencies.append(trio.current_time() - start)
             batch.succeeded += 1
             if batch.quorum is not None and batch.succeeded >= batch.quorum:
                 batch.stop_now("quorum")
@@ -887,7 +915,10 @@ class ConcurrentDeliberationService:
         assert self._halt_checker is not None
         try:
             reason = await wait_for_halt(
-                self._halt_checker, self._halt_poll_interval, self._halt_read_timeout
+                self._halt_checker,
+                self._halt_poll_interval,
+                self._halt_read_timeout,
+                waits=self._halt_waits,
             )
         except Exception as exc:
             reason = _checker_failed(exc)
