@@ -240,6 +240,7 @@ class ValkeyCapacity:
             self._acquire_script = client.register_script(ACQUIRE)
             self._sync_script = client.register_script(SYNC)
             await self._claim_capacity(client)
+            await self._first_sync()
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             await self._nursery.start(self._listen)
             await self._nursery.start(self._sync_loop)
@@ -292,6 +293,13 @@ class ValkeyCapacity:
                 "shared capacity configured differently elsewhere; each process enforces its own",
                 extra={"capacity_name": self.name, "capacity": self._capacity},
             )
+
+    async def _first_sync(self) -> None:
+        """The count in use, known from the start (and any leases this process had)."""
+        try:
+            await self._sync(renew=True)
+        except StoreError as exc:
+            self._failed(str(exc))
 
     # ------------------------------------------------------------ background
 
