@@ -319,9 +319,11 @@ async def test_an_unreachable_server_refuses_admission_and_takes_nothing(
                 await wait_until(lambda: _count(client, f"{name}:queue", 1))
             own_server.stop()  # a waiter already queued gives up after lease_s of outage
         assert two.waiting == frozenset() and two.in_use() is None
-        for call in (lambda: one.reserve(["x"]), lambda: two.acquire("y")):
-            with pytest.raises(AgentPoolExhaustedError, match="FR10: shared capacity unreachable"):
-                await call()
+        unreachable = "FR10: shared capacity unreachable"
+        with pytest.raises(AgentPoolExhaustedError, match=unreachable):
+            await one.reserve(["x"])
+        with pytest.raises(AgentPoolExhaustedError, match=unreachable):
+            await two.acquire("y")
         assert one.held == {"running", "also-running", "queued-a"} and two.held == frozenset()
         pool = AgentPool(shared=two)
         assert pool.status().shared_in_use is None and pool.status().shared_capacity == 3
