@@ -115,6 +115,8 @@ class ValkeyCapacity:
         self._pending: dict[str, float] = {}  # released lease -> when (trio time)
         self._wake = trio.Event()
         self._recheck = False
+        # One sync call at a time: a renewal sent after a release would re-add the lease.
+        self._sync_lock = trio.Lock()
         self._in_use: int | None = None
         self._failing_since: float | None = None
         self._problem: str | None = None
@@ -210,6 +212,15 @@ class ValkeyCapacity:
             raise
         del self._waiters[lease]
         self._held.add(lease)
+
+    async def flush(self) -> None:
+        """Send the queued releases now and refresh :meth:`in_use` (e.g. before reporting
+        a run); a failure is logged, not raised (the background task retries)."""
+        self._require_open()
+        try:
+            await self._sync(renew=False, always=True)
+        except StoreError as exc:
+            self._failed(str(exc))
 
     def release(self, lease: str) -> None:
         """Give a slot back, or withdraw a lease still waiting.  Never blocks or raises:
@@ -375,12 +386,17 @@ class ValkeyCapacity:
             if renew:
                 next_renewal = trio.current_time() + renew_every
 
-    async def _sync(self, *, renew: bool) -> None:
-        """One call: the queued releases, and (``renew``) every lease held and waited for."""
+    async def _sync(self, *, renew: bool, always: bool = False) -> None:
+        """One call: the queued releases, and (``renew``) every lease held and waited for;
+        none if there is nothing to send, unless ``always``."""
+        async with self._sync_lock:
+            await self._sync_now(renew=renew, always=always)
+
+    async def _sync_now(self, *, renew: bool, always: bool) -> None:
         releases = list(self._pending)
         held = list(self._held) if renew else []
         waiting = list(self._waiters) if renew else []
-        if not releases and not renew:
+        if not releases and not renew and not always:
             return
         args: list[Any] = [
             self._capacity,
