@@ -43,6 +43,7 @@ from adapters.valkey._connection import (
     describe,
     open_client,
     redact,
+    reraise_cancellation,
     store_call,
     to_int,
 )
@@ -339,7 +340,8 @@ class ValkeyCapacity:
                     async for message in subscription:
                         if message["type"] == "message":
                             self._on_grants(message["data"])
-            except Exception as exc:
+            except BaseException as exc:
+                reraise_cancellation(exc)
                 log.warning(
                     "shared capacity: grants subscription lost",
                     extra={"capacity_name": self.name, "problem": describe(exc)},

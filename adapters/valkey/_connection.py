@@ -34,6 +34,7 @@ __all__ = [
     "describe",
     "open_client",
     "redact",
+    "reraise_cancellation",
     "store_call",
     "to_int",
 ]
@@ -138,6 +139,19 @@ async def store_call(call: Callable[[], Awaitable[T]], limit: float) -> T:
             raise StoreError(describe(exc)) from exc
     assert scope.cancelled_caught
     raise StoreError(f"no answer within {limit:g} s")
+
+
+def reraise_cancellation(exc: BaseException) -> None:
+    """Re-raise ``exc`` if it is, or holds, a cancellation (anything not an ``Exception``):
+    a connection torn down *because* we are being cancelled raises its own error beside
+    the cancellation, and that must not turn a clean exit into a crash."""
+    if isinstance(exc, BaseExceptionGroup):
+        # Leaves only: a group holding a cancellation is not an Exception itself.
+        cancelled, _ = exc.split(lambda e: not isinstance(e, Exception | BaseExceptionGroup))
+        if cancelled is not None:
+            raise cancelled
+    elif not isinstance(exc, Exception):
+        raise exc
 
 
 def describe(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from adapters.valkey._connection import (
     describe,
     open_client,
     redact,
+    reraise_cancellation,
     store_call,
     to_int,
 )
@@ -406,7 +407,8 @@ class ValkeyHaltChannel:
                         if message is not None and message["type"] == "message":
                             self._on_message(message["data"])
                         await self._refresh()
-            except Exception as exc:
+            except BaseException as exc:
+                reraise_cancellation(exc)
                 self._lost(describe(exc))
             if not started:
                 started = True
