@@ -7,7 +7,9 @@
 It is wired as ``conclave deliberate --backend openai --valkey URL --shared-capacity N``
 is (the in-process switch and the Valkey channel, either halts; a pool admitted against
 the shared capacity), then runs ``--rounds`` batches of ``--agents`` agents, each once
-the halt is clear (a replica that stays up resumes after two approvers clear a halt).
+the halt is clear (a replica that stays up resumes after two approvers clear a halt);
+after a batch that was not halted, the next waits for a halt and a clear (each batch
+starts on a fresh clear, so a test decides when).
 
 It writes JSON lines on stdout: ``{"event": "ready"}`` once connected and probed;
 ``{"event": "state", ...}`` whenever what it knows of the halt changes; one
@@ -101,6 +103,8 @@ async def run(args: argparse.Namespace) -> int:
                 continue
             emit(event="round", round=round_, succeeded=result.success_count)
             code = 0 if result.failure_count == 0 else 1
+            if round_ < args.rounds - 1:
+                await channel.wait_halted()  # each round starts on a fresh clear
         nursery.cancel_scope.cancel()
     return code
 
