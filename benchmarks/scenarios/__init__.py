@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.results import Results, Settings
+from benchmarks.scenarios.cluster import cluster
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback
@@ -35,4 +36,5 @@ SCENARIOS: dict[str, Scenario] = {
     "tail-http": tail_http,
     "witness": witness,
     "soak": soak,
+    "cluster": cluster,
 }
