@@ -22,8 +22,12 @@ from kernel import (
     AgentPool,
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
+    HaltChecker,
     HaltClearDeniedError,
+    HaltNotifier,
+    HaltProbe,
     HaltSwitch,
+    HaltWaiter,
     InvalidRequestError,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
@@ -59,6 +63,12 @@ async def cleared(url: str, key: str, **kwargs: float) -> AsyncIterator[ValkeyHa
         with trio.fail_after(5):
             await channel.wait_cleared()
         yield channel
+
+
+def test_it_is_a_halt_channel_the_kernel_can_wait_on_probe_and_listen_to() -> None:
+    channel = ValkeyHaltChannel("redis://127.0.0.1:6379")
+    for port in (HaltChecker, HaltWaiter, HaltProbe, HaltNotifier):
+        assert isinstance(channel, port), port
 
 
 async def test_a_new_server_reads_halted_until_two_approvers_clear_it(
