@@ -1,16 +1,20 @@
 # Two commands: `make run` and `make test`. Each creates .venv and installs into it
-# (idempotently: reinstalls only when pyproject.toml changes).
+# (idempotently: reinstalls only when pyproject.toml changes).  `make test` also builds
+# .venv-crewai, the same way, for the CrewAI tests (crewai pins openai<3; .venv stays on 3).
 
 SHELL := /bin/bash
 VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CVENV  := .venv-crewai
+CBIN   := $(CVENV)/bin
+CSTAMP := $(CVENV)/.installed
 
 # First Python in the supported range (>=3.11,<3.14) found on PATH.
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: setup run test lint bench bench-quick e2e clean
+.PHONY: setup setup-crewai run test lint bench bench-quick e2e clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
@@ -19,30 +23,50 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+# The CrewAI environment: the project (editable), the crewai extra, the test and lint tools.
+$(CSTAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
+	@test -x $(CBIN)/python || $(PYTHON) -m venv $(CVENV)
+	$(CBIN)/python -m pip install --quiet --upgrade pip
+	$(CBIN)/python -m pip install --quiet -e '.[crewai,test,lint]'
+	@touch $@
+
 setup: $(STAMP)
+
+setup-crewai: $(CSTAMP)
 
 run: $(STAMP)
 	$(BIN)/conclave deliberate --agents 72 --latency-ms 100
 
-test: $(STAMP)
+# tests/crewai/ is excluded from the main run by path (tests/conftest.py) and run in
+# .venv-crewai: both runs, every time.
+test: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m pytest -q
+	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q tests/crewai
 
-lint: $(STAMP)
+# The modules that import crewai are type-checked in .venv-crewai, against the real crewai
+# (the main environment cannot install it; there they are excluded, see pyproject.toml).
+CREWAI_TYPED := adapters/crewai.py adapters/_crewai_agents.py $(wildcard tests/crewai/*.py)
+
+lint: $(STAMP) $(CSTAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(CBIN)/mypy $(CREWAI_TYPED)
 
 # The full run writes the README's table and plot to benchmarks/results/.
-bench: $(STAMP)
+bench: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.run --out benchmarks/results --update-readme
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(CSTAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
 # Not part of `make test`: builds llama-cpp-python (~13 min the first time).
-e2e: $(STAMP)
-	bash scripts/e2e_local_llm.sh
+# `make e2e BACKEND=crewai` runs 72 CrewAI agents (from .venv-crewai) instead.
+BACKEND ?= openai
+e2e: $(STAMP) $(if $(filter crewai,$(BACKEND)),$(CSTAMP))
+	BACKEND=$(BACKEND) bash scripts/e2e_local_llm.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -15,10 +15,10 @@ from __future__ import annotations
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -37,9 +37,16 @@ from kernel import (
     read_halt,
 )
 
+if TYPE_CHECKING:
+    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.provider_budget import LimitStats, ProviderLimits
+
 __all__ = [
     "OperatorInterrupt",
+    "RateLimitReport",
     "UsageError",
+    "crewai_orchestrator",
+    "require_crewai",
     "halt_checker",
     "halt_reason_now",
     "open_service",
@@ -129,6 +136,17 @@ async def stub_orchestrator(
     )
 
 
+class RateLimitReport:
+    """What rate limiting cost a run's orchestrator, readable once it is open (the
+    summary shows it); ``stats()`` is None for a backend without rate limits."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], LimitStats] | None = None
+
+    def stats(self) -> LimitStats | None:
+        return None if self.source is None else self.source()
+
+
 @asynccontextmanager
 async def openai_orchestrator(
     base_url: str,
@@ -137,12 +155,15 @@ async def openai_orchestrator(
     roster: Roster | None,
     max_tokens: int | None,
     timeout_s: float | None,
+    limits: ProviderLimits | None = None,
+    report: RateLimitReport | None = None,
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """An OpenAI-compatible server behind the asyncio bridge, probed once on entry.
 
     A server that refuses the connection raises :class:`UsageError`; one that stays
     silent for ``timeout_s`` (the orchestrator's default when None) is busy, not gone:
-    a warning on stderr, and the run goes on.
+    a warning on stderr, and the run goes on.  ``limits``: the provider's rate limits
+    (``--rpm``/``--tpm``); ``report`` is pointed at the orchestrator's rate-limit stats.
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     from adapters.asyncio_bridge import AsyncioOrchestratorBridge
@@ -150,22 +171,71 @@ async def openai_orchestrator(
 
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
-    inner = OpenAIChatOrchestrator(base_url, model, roster=roster, max_tokens=max_tokens, **timeout)
+    inner = OpenAIChatOrchestrator(
+        base_url, model, roster=roster, max_tokens=max_tokens, limits=limits, **timeout
+    )
+    if report is not None:
+        report.source = inner.limit_stats
     async with AsyncioOrchestratorBridge(inner) as bridge:
-        try:
-            # Waits as long as an agent's request would (--timeout); only a connection
-            # failure is "cannot reach", silence is a busy server (llama.cpp).
-            answered = await bridge.run_asyncio(inner.check_reachable)
-        except AgentInvocationError as exc:
-            raise UsageError(str(exc)) from None
-        if not answered:
-            print(
-                f"conclave: warning: {inner.base_url} did not answer within "
-                f"{inner.timeout_s:g} s; assuming it is busy and going on",
-                file=sys.stderr,
-                flush=True,
-            )
+        await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
         yield bridge
+
+
+def require_crewai() -> None:
+    """:class:`UsageError` unless crewai is installed (checked before anything runs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("crewai") is None:
+        raise UsageError(
+            "--backend crewai needs crewai, in an environment of its own (it pins "
+            "openai<3): pip install 'conclave-kernel[crewai]', or make setup-crewai"
+        )
+
+
+@asynccontextmanager
+async def crewai_orchestrator(
+    base_url: str,
+    model: str,
+    *,
+    roster: Roster,
+    max_tokens: int | None,
+    timeout_s: float | None,
+) -> AsyncIterator[AgentOrchestratorProtocol]:
+    """Each agent of ``roster`` a real CrewAI agent (:mod:`adapters.crewai`, telemetry
+    off) behind the asyncio bridge; entering imports crewai and builds every agent (a
+    worker thread, a second or two), then probes the server as the openai backend does."""
+    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.crewai import CrewAIOrchestrator
+
+    timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
+    inner = CrewAIOrchestrator(
+        roster, base_url=base_url, model=model, max_tokens=max_tokens, **timeout
+    )
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
+        yield bridge
+
+
+async def _probe(
+    bridge: AsyncioOrchestratorBridge,
+    check_reachable: Callable[[], Awaitable[bool]],
+    base_url: str,
+    timeout_s: float,
+) -> None:
+    """Probe the endpoint once: unreachable is a :class:`UsageError`; silence (for as
+    long as an agent's request would wait: --timeout) is a busy server (llama.cpp), a
+    warning on stderr, and the run goes on."""
+    try:
+        answered = await bridge.run_asyncio(check_reachable)
+    except AgentInvocationError as exc:
+        raise UsageError(str(exc)) from None
+    if not answered:
+        print(
+            f"conclave: warning: {base_url} did not answer within "
+            f"{timeout_s:g} s; assuming it is busy and going on",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------- the service

@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import trio
 
 from kernel import AgentPool, ConcurrentResult, PoolStatus
+
+if TYPE_CHECKING:
+    from adapters.provider_budget import LimitStats
 
 __all__ = [
     "KeyValueFormatter",
@@ -73,6 +77,19 @@ async def live_display(progress: Progress) -> None:
             live.update(render(), refresh=True)
 
 
+def plain(text: str, *, newlines: bool = False) -> str:
+    """``text`` safe for the terminal: every non-printable character (an escape sequence,
+    a newline that would forge a line, a bidi override) shown as its Python escape.
+    ``newlines`` keeps line breaks (an agent's answer).  Reasons, messages and answers
+    come from outside: a halt file, a server, a model."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or (newlines and c == "\n") else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
     """Say on stderr that the batch is on (a plain line, also when stderr is not a
     terminal), and on a terminal start the live line in ``nursery``."""
@@ -93,9 +110,11 @@ def print_summary(
     ideal_ms: float | None,
     quiet: bool,
     show: int,
+    rate_limits: LimitStats | None = None,
 ) -> None:
     """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
-    failures and the first ``show`` answers (not with ``quiet``)."""
+    failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
+    waiting for the provider's budget cost (the openai backend), shown when given."""
     kinds = Counter(f.kind.value for f in result.failures)
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
     timing = f"{result.total_ms:.1f} ms"
@@ -112,14 +131,22 @@ def print_summary(
         status = "HALTED"
     else:
         status = "completed with failures" if result.failures else "completed"
+    limits_line = None
+    if rate_limits is not None:
+        limits_line = (
+            f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
+            f"{rate_limits.responses_429} x HTTP 429"
+        )
     if quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
             f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
             f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
+            + (f", rate limits: {limits_line}" if limits_line else "")
         )
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -131,7 +158,9 @@ def print_summary(
     )
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("status", status + (f": {halt_reason}" if halt_reason else ""))
+    # Reasons and ids are text, never markup: "[/x]" in one would crash the summary.
+    shown = f": {escape(plain(halt_reason))}" if halt_reason else ""
+    table.add_row("status", status + shown)
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
     table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
@@ -140,18 +169,21 @@ def print_summary(
     if kinds["cancelled"]:
         table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
     table.add_row("batch time", timing)
+    if limits_line:
+        table.add_row("rate limits", limits_line)
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
     for failure in result.failures[:5]:
         console.print(
-            f"  ! {failure.agent_id}: {failure.kind.value}: {failure.message}", markup=False
+            f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
+            markup=False,
         )
     if len(result.failures) > 5:
         console.print(f"  ! ... and {len(result.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
-        console.print(f"\n[bold]{output.agent_id}[/bold]:")
-        console.print(output.content, markup=False)
+        console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
+        console.print(plain(output.content, newlines=True), markup=False)
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -164,7 +196,10 @@ class KeyValueFormatter(logging.Formatter):
         extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
         if extras:
             line += " " + " ".join(
-                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                # repr() also escapes control characters: a field cannot forge a line.
+                f"{k}={v!r}"
+                if isinstance(v, str) and (" " in v or not v.isprintable())
+                else f"{k}={v}"
                 for k, v in sorted(extras.items())
             )
         return line

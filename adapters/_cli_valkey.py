@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters._cli_backend import UsageError, halt_checker
+from adapters._cli_display import plain
 from kernel import AgentPool, DualChannelHaltChecker, HaltChecker, HaltSwitch
 
 if TYPE_CHECKING:
@@ -91,11 +92,11 @@ async def halt_command(args: argparse.Namespace) -> int:
         from adapters.valkey import ValkeyHaltChannel
     async with ValkeyHaltChannel(args.valkey) as channel:
         if await channel.halt(args.reason):
-            print(f"halted: {args.reason}")
+            print(f"halted: {plain(args.reason)}")
             if channel.kept_aside is not None:
                 print(f"the unreadable halt key was kept as {channel.kept_aside}")
         else:
-            print(f"already halted: {channel.state.reason}")
+            print(f"already halted: {plain(channel.state.reason or '')}")
     return EXIT_OK
 
 
@@ -120,7 +121,7 @@ async def status_command(args: argparse.Namespace) -> int:
     if not state.halted:
         print("not halted")
     else:
-        print(f"HALTED: {state.reason}")
+        print(f"HALTED: {plain(state.reason or '')}")
         if state.problem == "no halt record":
             print(
                 "  two approvers clear it: conclave clear --valkey URL "
@@ -129,6 +130,6 @@ async def status_command(args: argparse.Namespace) -> int:
         elif state.connected and state.problem is not None:
             print("  `conclave halt --valkey` rewrites it as a readable halt; then clear it")
     for record in history[-5:]:
-        who = f" by {', '.join(record.approvers)}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {record.reason}")
+        who = f" by {plain(', '.join(record.approvers))}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
     return EXIT_HALTED if state.halted else EXIT_OK

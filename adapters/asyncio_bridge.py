@@ -3,8 +3,11 @@
 The LLM ecosystem ships asyncio clients; the kernel is trio.  The bridge makes one the
 other's orchestrator without giving up trio's cancellation: when trio cancels a call
 (a halt, a timeout, the caller's own cancel scope), the bridge cancels the asyncio task
-running it, which cancels the HTTP request it is waiting on, and returns only once that
-task has finished unwinding.
+running it, which cancels the HTTP request it is waiting on, and returns once that task
+has finished unwinding -- or after ``unwind_grace_s`` (0.5 s) at the most: a task whose
+own clean-up takes longer is left to finish on the loop (logged), so that nothing slow
+stands between a halt and the caller.  (An HTTP client closes its request at once; only
+an orchestrator with slow clean-up of its own ever reaches the bound.)
 
 A cancellation trio did not ask for is not one: if the asyncio side ends in
 ``asyncio.CancelledError`` on its own (the client cancelled its own task, or raised it),
@@ -29,6 +32,7 @@ import trio
 import trio_asyncio
 
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
+from kernel.validate import check_number
 
 __all__ = ["AsyncioCancelledError", "AsyncioOrchestrator", "AsyncioOrchestratorBridge"]
 
@@ -76,13 +80,14 @@ class AsyncioOrchestratorBridge:
     ``asyncio.CancelledError`` trio did not ask for: :class:`AsyncioCancelledError`.
     """
 
-    def __init__(self, inner: AsyncioOrchestrator) -> None:
+    def __init__(self, inner: AsyncioOrchestrator, *, unwind_grace_s: float = 0.5) -> None:
         if not inspect.iscoroutinefunction(getattr(inner, "invoke", None)):
             raise InvalidRequestError(
                 f"inner must have an asyncio coroutine invoke(agent_id, context), "
                 f"got {type(inner).__name__}"
             )
         self._inner = inner
+        self._grace = check_number(unwind_grace_s, "unwind_grace_s", at_least=0)
         self._loop: Any = None
         self._stack: AsyncExitStack | None = None
 
@@ -144,19 +149,52 @@ class AsyncioOrchestratorBridge:
         if loop is None:
             raise RuntimeError("use 'async with AsyncioOrchestratorBridge(...)' before invoke()")
         result: AgentOutput = await _run(
-            loop, self._inner.invoke(agent_id, context), f"agent {agent_id!r}"
+            loop, self._inner.invoke(agent_id, context), f"agent {agent_id!r}", self._grace
         )
         return result
+
+
+async def _run_bounded(loop: Any, coro: Awaitable[T], what: str, grace: float) -> T:
+    task: asyncio.Future[T] = asyncio.ensure_future(coro, loop=loop)
+    done = trio.Event()
+    task.add_done_callback(lambda _task: done.set())  # called on the trio thread
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        task.cancel()  # closes the HTTP request it waits on
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + grace):
+            await done.wait()
+        if not task.done():
+            log.warning(
+                "asyncio task still unwinding after the grace period; left to finish",
+                extra={"what": what, "grace_s": grace},
+            )
+            task.add_done_callback(_forget)
+        raise
+    return task.result()
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _name(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
 
 
-async def _run(loop: Any, coro: Awaitable[T], what: str) -> T:
-    """Run ``coro`` as an asyncio task on ``loop``; an unasked-for cancellation is an error."""
+async def _run(loop: Any, coro: Awaitable[T], what: str, grace: float | None = None) -> T:
+    """Run ``coro`` as an asyncio task on ``loop``; an unasked-for cancellation is an error.
+
+    Cancelled from trio, the task is cancelled and waited for -- ``grace`` seconds at the
+    most, if given (else until it is done).
+    """
     try:
-        result: T = await loop.run_aio_coroutine(coro)
+        if grace is None:
+            result: T = await loop.run_aio_coroutine(coro)
+        else:
+            result = await _run_bounded(loop, coro, what, grace)
     except asyncio.CancelledError as exc:
         # trio-asyncio raises trio.Cancelled when trio cancelled us.  The asyncio task
         # may also have ended cancelled just before a trio cancel reached this task: if

@@ -1,6 +1,6 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
-    conclave deliberate [--backend stub|openai] [--agents N | --roster FILE] [--topic TEXT] ...
+    conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
     conclave halt   --halt-file PATH | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
     conclave status --halt-file PATH | --valkey URL
@@ -8,7 +8,8 @@
 
 Exit codes:
 
-    0    every agent succeeded (status: not halted)
+    0    every agent succeeded (status: not halted); with --quorum, every agent not
+         cancelled because the quorum was reached
     1    some agents failed
     2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
          than the pool holds in reject mode), more than 100 000 agents, an unwritable
@@ -38,13 +39,16 @@ import trio
 from adapters import _cli_valkey, transcript
 from adapters._cli_backend import (
     OperatorInterrupt,
+    RateLimitReport,
     UsageError,
+    crewai_orchestrator,
     halt_reason_now,
     open_service,
     openai_orchestrator,
+    require_crewai,
     stub_orchestrator,
 )
-from adapters._cli_display import Progress, announce, configure_logging, print_summary
+from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
 from adapters.roster import Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -55,6 +59,7 @@ from kernel import (
     ConclaveError,
     ConcurrentResult,
     ContextBundle,
+    FailureKind,
     HedgePolicy,
     SystemHaltedError,
 )
@@ -64,6 +69,8 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
 #: before anything runs (a million agents took 10 s and 555 MB just to be refused).
 MAX_AGENTS = 100_000
+#: The backends that call an OpenAI-compatible endpoint (--base-url, --model).
+LLM_BACKENDS = ("openai", "crewai")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--topic", default="Should the council adopt the proposal?")
     who.add_argument("--topic-id", default="cli-topic")
     run = d.add_argument_group("run")
-    run.add_argument("--backend", choices=("stub", "openai"), default="stub")
+    run.add_argument(
+        "--backend",
+        choices=("stub", "openai", "crewai"),
+        default="stub",
+        help="crewai: each agent a CrewAI agent (role, goal, backstory from --roster; "
+        "needs the crewai extra)",
+    )
     run.add_argument(
         "--capacity",
         type=_positive_int,
@@ -195,12 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--fail-rate", type=_fraction, default=0.0, help="fraction of agents that fail (0-1)"
     )
     stub.add_argument("--seed", type=int, default=None)
-    llm = d.add_argument_group("openai backend (API key from $OPENAI_API_KEY)")
+    llm = d.add_argument_group("openai and crewai backends (API key from $OPENAI_API_KEY)")
     llm.add_argument(
         "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1"
     )
     llm.add_argument("--model", help="model name")
     llm.add_argument("--max-tokens", type=_positive_int, default=None)
+    llm.add_argument(
+        "--rpm", type=_positive_int, default=None, help="the provider's requests per minute"
+    )
+    llm.add_argument(
+        "--tpm", type=_positive_int, default=None, help="the provider's tokens per minute"
+    )
     out = d.add_argument_group("output")
     out.add_argument(
         "--json",
@@ -296,37 +315,50 @@ async def _deliberate(
 
     result: ConcurrentResult | None = None
     halted: str | None = None
+    limits = RateLimitReport()
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
-        async with open_service(
-            _orchestrator(args, roster_file, roster),
-            checker,
-            pool,
-            agent_timeout=args.timeout,
-            witness_db=args.witness_db,
-            metrics_port=args.metrics_port,
-        ) as service:
-            if not args.quiet:
-                announce(nursery, progress, backend=args.backend)
-            try:
-                if args.sequential:
-                    result = await service.invoke_sequential(requests, on_progress=progress)
-                else:
-                    result = await service.invoke_concurrent(
-                        requests,
-                        overflow=args.overflow,
-                        on_progress=progress,
-                        deadline=args.deadline,
-                        quorum=args.quorum,
-                        hedge=_hedge_policy(args),
-                    )
-            except SystemHaltedError as exc:
-                # partial is None: halted (or Ctrl-C) after the check above, before the batch.
-                result, halted = exc.partial, exc.reason
+        # Opening can take long (a busy server's reachability probe waits up to
+        # --timeout), and Ctrl-C means "stop now": until the service is open, the halt
+        # cancels the opening, and nothing is left open.
+        with trio.CancelScope() as opening:
+            stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
+            async with open_service(
+                _orchestrator(args, roster_file, roster, limits),
+                checker,
+                pool,
+                agent_timeout=args.timeout,
+                witness_db=args.witness_db,
+                metrics_port=args.metrics_port,
+            ) as service:
+                stop_watching()  # from here on a halt is the kernel's to handle
+                if not args.quiet:
+                    announce(nursery, progress, backend=args.backend)
+                try:
+                    if args.sequential:
+                        result = await service.invoke_sequential(requests, on_progress=progress)
+                    else:
+                        result = await service.invoke_concurrent(
+                            requests,
+                            overflow=args.overflow,
+                            on_progress=progress,
+                            deadline=args.deadline,
+                            quorum=args.quorum,
+                            hedge=_hedge_policy(args),
+                        )
+                except SystemHaltedError as exc:
+                    # partial is None: halted (or Ctrl-C) after the check above, before
+                    # the batch.
+                    result, halted = exc.partial, exc.reason
+                nursery.cancel_scope.cancel()
+        if opening.cancelled_caught:  # Ctrl-C while opening: halted before the start
+            halted = interrupt.switch.reason
             nursery.cancel_scope.cancel()
     await cluster.settle()
     interrupted = interrupt.signal_name is not None
-    return await _finish(args, context, requests, result, halted, pool, interrupted=interrupted)
+    return await _finish(
+        args, context, requests, result, halted, pool, interrupted=interrupted, limits=limits
+    )
 
 
 async def _check_usage(args: argparse.Namespace) -> Roster | None:
@@ -343,8 +375,12 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     for flag, value in tail:
         if args.sequential and value is not None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
-    if args.backend == "openai" and not (args.base_url and args.model):
-        raise UsageError("--backend openai needs --base-url and --model")
+    if args.backend in LLM_BACKENDS and not (args.base_url and args.model):
+        raise UsageError(f"--backend {args.backend} needs --base-url and --model")
+    if args.backend != "openai" and (args.rpm or args.tpm):
+        raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
+    if args.backend == "crewai":
+        require_crewai()
     if args.json_path is not None:
         try:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
@@ -360,7 +396,7 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     is refused before a single request is built.
 
     Reject mode refuses more agents than the pool holds with the pool's own FR10 message;
-    every mode refuses more than :data:`MAX_AGENTS`.
+    every mode refuses more than :data:`MAX_AGENTS`, and a ``--quorum`` above the size.
     """
     size = len(roster_file) if roster_file is not None else args.agents
     if args.overflow == "reject" and not args.sequential and size > pool.available_count:
@@ -376,6 +412,12 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
         raise UsageError(f"{what}: at most {MAX_AGENTS} agents in one run")
+    if args.quorum is not None and args.quorum > size:
+        # The kernel refuses it too, but only once the backend is open and the run begun.
+        raise UsageError(
+            f"--quorum {args.quorum}: quorum must be between 1 and the batch size "
+            f"({size}), got {args.quorum}"
+        )
     return roster_file if roster_file is not None else Roster.default(size)
 
 
@@ -387,7 +429,10 @@ def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
 
 
 def _orchestrator(
-    args: argparse.Namespace, roster_file: Roster | None, roster: Roster
+    args: argparse.Namespace,
+    roster_file: Roster | None,
+    roster: Roster,
+    limits: RateLimitReport | None = None,
 ) -> AbstractAsyncContextManager[AgentOrchestratorProtocol]:
     """The --backend's orchestrator, with its flags (opened by ``open_service``)."""
     if args.backend == "stub":
@@ -399,12 +444,24 @@ def _orchestrator(
             seed=args.seed,
             latency_profile=args.latency_profile,
         )
+    if args.backend == "crewai":  # every agent needs a persona: the council's roster
+        return crewai_orchestrator(
+            args.base_url,
+            args.model,
+            roster=roster,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+        )
+    from adapters.provider_budget import ProviderLimits
+
     return openai_orchestrator(
         args.base_url,
         args.model,
         roster=roster_file,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
+        limits=ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None,
+        report=limits,
     )
 
 
@@ -417,6 +474,7 @@ async def _finish(
     pool: AgentPool,
     *,
     interrupted: bool,
+    limits: RateLimitReport | None = None,
 ) -> int:
     """Record and report a run; return its exit code.  ``result`` is None when the run
     was halted before its batch began.
@@ -426,7 +484,7 @@ async def _finish(
     :data:`EXIT_TRANSCRIPT_LOST` to the exit code (an interrupt stays 130).
     """
     if result is None:
-        print(f"conclave: halted before starting: {halted}", file=sys.stderr)
+        print(f"conclave: halted before starting: {plain(halted or '')}", file=sys.stderr)
     lost = None
     if args.json_path is not None:
         doc = transcript.document(
@@ -436,7 +494,7 @@ async def _finish(
             halt_reason=halted,
             interrupted=interrupted,
             backend=args.backend,
-            model=args.model if args.backend == "openai" else None,
+            model=args.model if args.backend in LLM_BACKENDS else None,
             pool_after=pool.status(),
             include_content=args.include_content,
         )
@@ -452,13 +510,16 @@ async def _finish(
             ideal_ms=_ideal_ms(args, len(requests)),
             quiet=args.quiet,
             show=args.show,
+            rate_limits=limits.stats() if limits is not None else None,
         )
     if interrupted:
         code = EXIT_INTERRUPTED
     elif halted is not None:
         code = EXIT_HALTED
     else:
-        code = EXIT_OK if result is not None and result.failure_count == 0 else EXIT_FAILURES
+        # Agents cancelled because the quorum was reached did what was asked of the run.
+        failed = result is None or any(f.kind is not FailureKind.CANCELLED for f in result.failures)
+        code = EXIT_FAILURES if failed else EXIT_OK
     if lost is None:
         return code
     print(f"conclave: transcript not written: {lost}", file=sys.stderr)
@@ -485,11 +546,11 @@ async def halt_command(args: argparse.Namespace) -> int:
 
     channel = FileHaltChannel(args.halt_file)
     if await channel.ahalt(args.reason):
-        print(f"halted: {args.reason}")
+        print(f"halted: {plain(args.reason)}")
         if channel.kept_aside is not None:
             print(f"the unreadable halt file was kept as {channel.kept_aside}")
     else:
-        print(f"already halted: {await channel.get_halt_reason()}")
+        print(f"already halted: {plain(await channel.get_halt_reason() or '')}")
     return EXIT_OK
 
 
@@ -512,14 +573,14 @@ async def status_command(args: argparse.Namespace) -> int:
 
     state = await FileHaltChannel(args.halt_file).state()
     if state.halted:
-        print(f"HALTED: {state.reason}")
+        print(f"HALTED: {plain(state.reason or '')}")
         if state.error is not None:
             print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
     else:
         print("not halted")
     for record in state.history[-5:]:
-        who = f" by {', '.join(record.approvers)}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {record.reason}")
+        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
     return EXIT_HALTED if state.halted else EXIT_OK
 
 

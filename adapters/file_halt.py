@@ -196,7 +196,10 @@ class FileHaltChannel:
         return HaltFileState(True, f"halt file unreadable ({why}); treated as halted", error=why)
 
     async def state(self) -> HaltFileState:
-        return await trio.to_thread.run_sync(self.read_state)
+        # Abandoned if cancelled: a read stuck in a hung filesystem (a hard NFS mount)
+        # must not hold the caller past its read deadline.  Reading changes nothing, so
+        # the thread may finish on its own, later.
+        return await trio.to_thread.run_sync(self.read_state, abandon_on_cancel=True)
 
     async def is_halted(self) -> bool:
         return (await self.state()).halted

@@ -5,7 +5,7 @@ OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 :class:`adapters.asyncio_bridge.AsyncioOrchestratorBridge`.
 
 Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
-connection errors, 5xx, and 429 (waiting at least ``Retry-After``, capped).  Failures it
+connection errors, 5xx, and 429 (see below).  Failures it
 does not retry: other 4xx (a bad key, a bad request, an unknown model), malformed
 responses, and a request that cannot be encoded.  Every failure is an
 :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never the API
@@ -19,6 +19,17 @@ becomes ``%XX`` (:func:`encode_agent_header`).  Ids made of unreserved character
 as ``archon-7``, travel unchanged; ``"ārchon-Ω"`` travels as ``%C4%81rchon-%CE%A9``.
 Decode with ``urllib.parse.unquote`` (:func:`decode_agent_header`).
 
+Rate limits: every HTTP attempt, retries included, first takes its turn in the budget
+its endpoint and API key share with every other agent and orchestrator of the process
+(:mod:`adapters.provider_budget`): one request and its estimated tokens (the prompt's
+UTF-8 bytes / 4, plus ``max_tokens``, or :data:`DEFAULT_COMPLETION_TOKENS` without it),
+settled with the real ``usage`` after the call.  The budget paces at ``limits=``
+(:class:`ProviderLimits`) and at the server's ``x-ratelimit-*`` headers, and a 429
+pauses the whole endpoint until the server's reset (``Retry-After``, else the reset
+headers; at most ``retry_after_cap_s``; without either, this agent's backoff), instead
+of each agent retrying on its own.  The time an agent waited for its turns is its
+output's ``rate_limited_ms``; :meth:`OpenAIChatOrchestrator.limit_stats` sums it up.
+
 Set-up happens when the orchestrator is opened (:meth:`OpenAIChatOrchestrator.aopen`, which
 :class:`~adapters.asyncio_bridge.AsyncioOrchestratorBridge` calls on entry), in a worker
 thread and without any network call: one HTTP client per distinct ``base_url`` of the
@@ -30,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import importlib
 import logging
 import math
@@ -44,15 +54,28 @@ from uuid import uuid4
 
 import openai
 
+from adapters.provider_budget import (
+    EndpointBudget,
+    LimitStats,
+    ProviderLimits,
+    Ticket,
+    shared_budget,
+)
+from adapters.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
+from kernel.validate import check_number
 
 __all__ = [
     "AGENT_HEADER",
+    "DEFAULT_COMPLETION_TOKENS",
     "DEFAULT_SYSTEM_PROMPT",
+    "LimitStats",
     "OpenAIChatOrchestrator",
+    "ProviderLimits",
     "decode_agent_header",
     "encode_agent_header",
+    "estimate_tokens",
 ]
 
 log = logging.getLogger("adapters.openai_chat")
@@ -66,6 +89,9 @@ _MAX_SERVER_MESSAGE = 200
 
 #: The request header that names the agent (its value: :func:`encode_agent_header`).
 AGENT_HEADER = "X-Conclave-Agent"
+
+#: The completion's token estimate for the budget when no ``max_tokens`` is set.
+DEFAULT_COMPLETION_TOKENS = 256
 
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
@@ -88,30 +114,23 @@ def decode_agent_header(value: str) -> str:
     return unquote(value, encoding="utf-8", errors="strict")
 
 
-def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidRequestError(
-            f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        )
-    return float(value)
+def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
+    """The tokens a request will use, estimated before it is sent: its messages' UTF-8
+    bytes / 4 (about a token each in English; more in scripts of several bytes per
+    character, which then count more), 4 per message and 3 for the reply's framing,
+    plus ``max_tokens`` (or :data:`DEFAULT_COMPLETION_TOKENS`)."""
+    size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
+    completion = max_tokens if max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+    return math.ceil(size / 4) + 4 * len(messages) + 3 + completion
 
 
-def _retry_after_s(exc: openai.APIStatusError) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), if any."""
-    value = exc.response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+def _used_tokens(completion: Any) -> float | None:
+    """The tokens a completion really used (its ``usage``), None if it does not say."""
+    usage = getattr(completion, "usage", None)
+    total = getattr(usage, "total_tokens", None)
+    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+        return float(total)
+    return None
 
 
 class OpenAIChatOrchestrator:
@@ -131,8 +150,13 @@ class OpenAIChatOrchestrator:
         system_prompt, temperature, max_tokens: defaults for profiles that leave them unset.
             ``{name}`` and ``{agent_id}`` in the system prompt are filled in.
         backoff_base_s, backoff_cap_s: decorrelated-jitter backoff bounds.
-        retry_after_cap_s: the longest a ``Retry-After`` is honoured.
+        retry_after_cap_s: the longest a 429 pauses the endpoint (``Retry-After`` or
+            reset headers beyond it are cut to it).
         seed: seeds the backoff jitter (tests, benchmarks).
+        limits: the provider's limits for this key (:class:`ProviderLimits`); without
+            them the budget follows the server's ``x-ratelimit-*`` headers alone.  Shared:
+            the budget of an endpoint and key keeps the strictest limits any
+            orchestrator gave it.
     """
 
     def __init__(
@@ -151,6 +175,7 @@ class OpenAIChatOrchestrator:
         backoff_cap_s: float = 8.0,
         retry_after_cap_s: float = 30.0,
         seed: int | None = None,
+        limits: ProviderLimits | None = None,
     ) -> None:
         check_base_url(base_url)
         if not isinstance(model, str) or not model.strip():
@@ -161,6 +186,10 @@ class OpenAIChatOrchestrator:
             raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise InvalidRequestError("api_key must be a non-empty string or None")
+        if limits is not None and not isinstance(limits, ProviderLimits):
+            raise InvalidRequestError(
+                f"limits must be a ProviderLimits or None, got {type(limits).__name__}"
+            )
         # Validate the defaults the same way a roster entry is validated.
         AgentProfile(
             agent_id="defaults",
@@ -172,19 +201,23 @@ class OpenAIChatOrchestrator:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.roster = roster
-        self.timeout_s = _positive(timeout_s, "timeout_s")
+        self.timeout_s = check_number(timeout_s, "timeout_s", above=0)
         self.max_retries = max_retries
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.backoff_base_s = _positive(backoff_base_s, "backoff_base_s", allow_zero=True)
-        self.backoff_cap_s = _positive(backoff_cap_s, "backoff_cap_s", allow_zero=True)
-        self.retry_after_cap_s = _positive(retry_after_cap_s, "retry_after_cap_s", allow_zero=True)
+        self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
+        self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
+        self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
         self._rng = random.Random(seed)
+        self.limits = limits
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._budgets: dict[str, EndpointBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
         self._clients_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._stats = LimitStats()
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == _KEYLESS else "***"
@@ -212,6 +245,31 @@ class OpenAIChatOrchestrator:
                     self._clients[base_url] = client
         return client
 
+    def _budget(self, base_url: str) -> EndpointBudget:
+        budget = self._budgets.get(base_url)
+        if budget is None:
+            with self._clients_lock:
+                budget = self._budgets.get(base_url)
+                if budget is None:
+                    budget = shared_budget(base_url, self._api_key)
+                    budget.configure(self.limits)
+                    self._budgets[base_url] = budget
+        return budget
+
+    def limit_stats(self) -> LimitStats:
+        """What rate limiting has cost this orchestrator's agents so far."""
+        with self._stats_lock:
+            return self._stats
+
+    def _count(self, *, waited_s: float = 0.0, throttled: bool = False) -> None:
+        with self._stats_lock:
+            s = self._stats
+            self._stats = LimitStats(
+                attempts=s.attempts + (0 if throttled else 1),
+                waited_ms=s.waited_ms + waited_s * 1000.0,
+                responses_429=s.responses_429 + (1 if throttled else 0),
+            )
+
     def base_urls(self) -> list[str]:
         """Every endpoint this orchestrator can call: the default, then the roster's."""
         urls = [self.base_url]
@@ -228,6 +286,7 @@ class OpenAIChatOrchestrator:
         :meth:`aopen` does exactly that.  Idempotent.
         """
         for url in self.base_urls():
+            self._budget(url)
             client = self._client(url)
             # The SDK builds its resources (and imports their modules) on first access.
             _ = client.chat.completions, client.models
@@ -262,7 +321,9 @@ class OpenAIChatOrchestrator:
         ``timeout_s`` defaults to this orchestrator's ``timeout_s``: the probe waits
         as long as an agent's request would.
         """
-        limit = self.timeout_s if timeout_s is None else _positive(timeout_s, "timeout_s")
+        limit = (
+            self.timeout_s if timeout_s is None else check_number(timeout_s, "timeout_s", above=0)
+        )
         client = self._client(self.base_url)
         try:
             await client.models.list(timeout=limit)
@@ -319,21 +380,29 @@ class OpenAIChatOrchestrator:
             request["max_tokens"] = max_tokens
 
         client = self._client(base_url)
+        budget = self._budget(base_url)
+        tokens = estimate_tokens(request["messages"], max_tokens)
         where = f"agent {agent_id!r} ({model} at {base_url})"
         started = time.perf_counter()
         attempts = 0
+        waited_s = 0.0
         sleep_s = self.backoff_base_s
         while True:
             attempts += 1
+            # Every attempt, retries included, waits for its turn in the shared budget.
+            ticket = await budget.acquire(tokens)
+            waited_s += ticket.waited_s
+            self._count(waited_s=ticket.waited_s)
+            throttled = False
+            outcome = _Outcome()
             try:
-                completion = await client.chat.completions.create(**request)
+                completion = await self._attempt(client, request, budget, ticket, outcome)
                 break
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 # APITimeoutError is an APIConnectionError; name which one happened.
                 what = (
                     "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
                 )
-                retry_after = None
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 # 408 is the server's own request timeout: a timeout, so retried.
@@ -342,7 +411,7 @@ class OpenAIChatOrchestrator:
                         f"{where}: HTTP {status} {self._server_message(exc)}; not retried"
                     ) from None
                 what = f"HTTP {status}"
-                retry_after = _retry_after_s(exc) if status == 429 else None
+                throttled = status == 429
             except UnicodeEncodeError as exc:
                 # Something of ours (a header: the API key?) is not encodable: the request
                 # never left, and no retry will change that.
@@ -357,23 +426,72 @@ class OpenAIChatOrchestrator:
             if attempts > self.max_retries:
                 raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)") from None
             sleep_s = min(self.backoff_cap_s, self._rng.uniform(self.backoff_base_s, sleep_s * 3))
-            if retry_after is not None:
-                sleep_s = min(max(sleep_s, retry_after), self.retry_after_cap_s)
+            if throttled:
+                # The whole endpoint waits: for the server's reset if it gave one (done
+                # by the budget), else for our backoff.  Our next turn comes after it.
+                if not outcome.paused:
+                    budget.pause(min(sleep_s, self.retry_after_cap_s))
+                delay_s = 0.0
+            else:
+                delay_s = sleep_s
             log.info(
                 "retrying chat completion",
                 extra={
                     "agent_id": agent_id,
                     "attempt": attempts,
                     "cause": what,
-                    "delay_s": round(sleep_s, 3),
+                    "delay_s": round(delay_s, 3),
                 },
             )
-            await asyncio.sleep(sleep_s)
+            if delay_s:
+                await asyncio.sleep(delay_s)
 
-        return self._output(agent_id, model, completion, attempts, started, where)
+        return self._output(agent_id, model, completion, attempts, started, waited_s, where)
+
+    async def _attempt(
+        self,
+        client: openai.AsyncOpenAI,
+        request: dict[str, Any],
+        budget: EndpointBudget,
+        ticket: Ticket,
+        outcome: _Outcome,
+    ) -> Any:
+        """One HTTP attempt, its outcome reported to the budget whatever it is (an
+        answer, an error status, no answer at all, a cancellation)."""
+        report: RateLimitHeaders | None = None
+        used: float | None = None
+        throttled = False
+        try:
+            raw = await client.chat.completions.with_raw_response.create(**request)
+            report = RateLimitHeaders.parse(raw.headers)
+            completion = raw.parse()
+            used = _used_tokens(completion)
+            return completion
+        except openai.APIStatusError as exc:
+            report = RateLimitHeaders.parse(exc.response.headers)
+            throttled = exc.status_code == 429
+            if throttled:
+                self._count(throttled=True)
+            raise
+        finally:
+            pause = budget.finish(
+                ticket,
+                report,
+                used_tokens=used,
+                throttled=throttled,
+                max_pause_s=self.retry_after_cap_s,
+            )
+            outcome.paused = pause is not None
 
     def _output(
-        self, agent_id: str, model: str, completion: Any, attempts: int, started: float, where: str
+        self,
+        agent_id: str,
+        model: str,
+        completion: Any,
+        attempts: int,
+        started: float,
+        waited_s: float,
+        where: str,
     ) -> AgentOutput:
         choices = getattr(completion, "choices", None)
         if not isinstance(choices, list):
@@ -394,6 +512,7 @@ class OpenAIChatOrchestrator:
             "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
             "attempts": attempts,
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "rate_limited_ms": round(waited_s * 1000.0, 3),
         }
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
@@ -410,6 +529,15 @@ class OpenAIChatOrchestrator:
         if self._api_key != _KEYLESS:
             text = text.replace(self._api_key, "***")
         return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
+
+
+class _Outcome:
+    """What an attempt tells its retry loop besides its result or error."""
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        self.paused = False  # a 429 whose reset already paused the endpoint
 
 
 def _never_connected(exc: BaseException) -> bool:

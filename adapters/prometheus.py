@@ -11,6 +11,8 @@ Metric names (namespace ``conclave`` by default), following Prometheus conventio
     conclave_agent_failures_total{kind=...}     counter (one series per FailureKind)
     conclave_pool_exhaustion_errors_total       counter
     conclave_halted_batches_total               counter
+    conclave_hedges_launched_total              counter
+    conclave_hedges_won_total                   counter
     conclave_batch_duration_seconds             histogram
     conclave_pool_active_agents                 gauge
     conclave_pool_available_slots               gauge
@@ -72,6 +74,8 @@ class ServiceCollector(Collector):
         yield counter(
             "halted_batches", "Batches refused or stopped by a halt.", snap.halted_batches
         )
+        yield counter("hedges_launched", "Duplicate calls for slow agents.", snap.hedges_launched)
+        yield counter("hedges_won", "Duplicate calls that answered first.", snap.hedges_won)
         yield GaugeMetricFamily(
             f"{ns}_pool_active_agents", "Agents in flight now.", value=pool.active_count
         )

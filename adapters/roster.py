@@ -20,6 +20,19 @@ File shape (TOML shown; JSON is the same structure)::
 A profile field left unset falls back to ``[defaults]``, then to the orchestrator's
 own defaults.  Errors name the file, the agent and the field.
 
+The Archon 72 roster format (``archons-base.json``) loads too: a JSON object with an
+``archons`` list, each item with ``id`` (the agent id), ``name`` (its display name),
+``role``, ``goal``, ``backstory`` and ``system_prompt``::
+
+    {"archons": [{"id": "paimon", "name": "Paimon", "role": "King of the West",
+                  "goal": "...", "backstory": "...", "system_prompt": "..."}]}
+
+Only ``id`` is required.  Those six fields are read; every other field of an archon, and
+every other top-level key, belongs to the application that wrote the file (ranks,
+branches, realms, ...) and is ignored.  LLM settings come from the orchestrator.  Errors
+name the file, the archon (``archons[i]``, with its ``id`` when that is valid) and the
+field by its name in the file (``'id'``, ``'name'``, ...).
+
 What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
 - a file that is not UTF-8 (a UTF-8 byte-order mark is allowed and skipped), is not valid
@@ -36,11 +49,11 @@ What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import reprlib
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,6 +67,7 @@ from kernel import (
     ContextBundle,
     InvalidRequestError,
 )
+from kernel.validate import check_int, check_number, check_text
 
 __all__ = ["MAX_AGENT_ID_LENGTH", "AgentProfile", "Roster", "RosterError", "check_base_url"]
 
@@ -87,37 +101,29 @@ def _names(keys: Iterable[object]) -> str:
     return ", ".join(sorted(shown))
 
 
-def _opt_str(name: str) -> Any:
-    def check(_i: object, _a: object, v: Any) -> None:
-        if v is not None and (not isinstance(v, str) or not v.strip()):
-            raise InvalidRequestError(
-                f"field {name!r}: expected a non-empty string, got {_show(v)}"
-            )
+def _optional(check: Callable[[object, str], object]) -> Any:
+    """An attrs validator: ``None``, or a value ``check`` accepts, named as a roster field."""
 
-    return check
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check(value, f"field {attr.name!r}:")
 
-
-def _opt_positive(name: str, *, integer: bool = False) -> Any:
-    def check(_i: object, _a: object, v: Any) -> None:
-        if v is None:
-            return
-        wrong_kind = integer and not isinstance(v, int)
-        if isinstance(v, bool) or not isinstance(v, int | float) or wrong_kind:
-            what = "an integer" if integer else "a number"
-            raise InvalidRequestError(f"field {name!r}: expected {what}, got {_show(v)}")
-        if not math.isfinite(v) or v <= 0:
-            raise InvalidRequestError(f"field {name!r}: must be > 0, got {_show(v)}")
-
-    return check
+    return validate
 
 
-def _temperature(_i: object, _a: object, v: Any) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise InvalidRequestError(f"field 'temperature': expected a number, got {_show(v)}")
-    if not 0.0 <= v <= 2.0:
-        raise InvalidRequestError(f"field 'temperature': must be between 0 and 2, got {_show(v)}")
+_opt_text = _optional(check_text)
+_opt_positive = _optional(functools.partial(check_number, above=0))
+_opt_count = _optional(functools.partial(check_int, at_least=1))
+
+
+def _check_temperature(value: object, name: str) -> float:
+    temperature = check_number(value, name)
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequestError(f"{name} must be between 0 and 2, got {_show(value)}")
+    return temperature
+
+
+_opt_temperature = _optional(_check_temperature)
 
 
 def _agent_id_problem(v: object) -> str | None:
@@ -189,17 +195,18 @@ class AgentProfile:
     """One council member: its id and the LLM settings that differ from the defaults."""
 
     agent_id: str = attrs.field(validator=_agent_id)
-    display_name: str | None = attrs.field(default=None, validator=_opt_str("display_name"))
-    model: str | None = attrs.field(default=None, validator=_opt_str("model"))
+    display_name: str | None = attrs.field(default=None, validator=_opt_text)
+    model: str | None = attrs.field(default=None, validator=_opt_text)
     base_url: str | None = attrs.field(default=None, validator=_base_url)
-    system_prompt: str | None = attrs.field(
-        default=None, validator=_opt_str("system_prompt"), repr=False
-    )
-    temperature: float | None = attrs.field(default=None, validator=_temperature)
-    max_tokens: int | None = attrs.field(
-        default=None, validator=_opt_positive("max_tokens", integer=True)
-    )
-    timeout_s: float | None = attrs.field(default=None, validator=_opt_positive("timeout_s"))
+    system_prompt: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
+    temperature: float | None = attrs.field(default=None, validator=_opt_temperature)
+    max_tokens: int | None = attrs.field(default=None, validator=_opt_count)
+    timeout_s: float | None = attrs.field(default=None, validator=_opt_positive)
+    # Who the agent is, for frameworks that build a persona from it (adapters.crewai):
+    # CrewAI's role, goal and backstory.  Orchestrators that do not use them ignore them.
+    role: str | None = attrs.field(default=None, validator=_opt_text)
+    goal: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
+    backstory: str | None = attrs.field(default=None, validator=_opt_text, repr=False)
 
     @property
     def name(self) -> str:
@@ -212,6 +219,16 @@ def _profiles_tuple(value: Iterable[AgentProfile]) -> tuple[AgentProfile, ...]:
 
 _PROFILE_FIELDS = frozenset(a.name for a in attrs.fields(AgentProfile))
 _DEFAULT_FIELDS = _PROFILE_FIELDS - {"agent_id"}
+
+# The Archon 72 roster format: field in the file -> profile field.
+_ARCHON_FIELDS = {
+    "id": "agent_id",
+    "name": "display_name",
+    "role": "role",
+    "goal": "goal",
+    "backstory": "backstory",
+    "system_prompt": "system_prompt",
+}
 
 
 @attrs.frozen(slots=True)
@@ -280,6 +297,8 @@ class Roster:
     def from_dict(cls, data: object, *, source: str = "<roster>") -> Roster:
         if not isinstance(data, Mapping):
             raise RosterError(f"{source}: expected a table with an 'agents' list")
+        if "archons" in data and "agents" not in data:
+            return cls._from_archons(data["archons"], source=source)
         unknown = set(data) - {"agents", "defaults"}
         if unknown:
             raise RosterError(f"{source}: unknown top-level field(s): {_names(unknown)}")
@@ -314,6 +333,38 @@ class Roster:
                 raise RosterError(f"{source}: {where}: {exc}") from None
             except InvalidRequestError as exc:
                 raise RosterError(f"{source}: {where}: {exc}") from None
+        return cls(profiles, source=source)
+
+    @classmethod
+    def _from_archons(cls, archons: object, *, source: str) -> Roster:
+        """The Archon 72 format (see the module docstring): six fields read, the rest ignored."""
+        if not isinstance(archons, list):
+            raise RosterError(f"{source}: 'archons' must be a list of archon objects")
+        profiles: list[AgentProfile] = []
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(archons):
+            where = f"archons[{i}]"
+            if not isinstance(entry, Mapping):
+                raise RosterError(f"{source}: {where}: expected an object")
+            if _agent_id_problem(entry.get("id")) is None:
+                where = f"archons[{i}] (id {entry['id']!r})"
+            if "id" not in entry:
+                raise RosterError(f"{source}: {where}: field 'id' is missing")
+            fields = {field: entry[name] for name, field in _ARCHON_FIELDS.items() if name in entry}
+            try:
+                profile = AgentProfile(**fields)
+            except InvalidRequestError as exc:
+                # Name the field as the file does ('id', not 'agent_id').
+                message = str(exc)
+                for name, field in _ARCHON_FIELDS.items():
+                    message = message.replace(f"field {field!r}", f"field {name!r}")
+                raise RosterError(f"{source}: {where}: {message}") from None
+            if profile.agent_id in seen:
+                raise RosterError(
+                    f"{source}: {where}: duplicate 'id' (also archons[{seen[profile.agent_id]}])"
+                )
+            seen[profile.agent_id] = i
+            profiles.append(profile)
         return cls(profiles, source=source)
 
     # ------------------------------------------------------------ reading

@@ -46,7 +46,7 @@ class LatencyModel:
     """
 
     median_ms: float = attrs.field(default=800.0, validator=number(above=0))
-    sigma: float = attrs.field(default=0.9, validator=number(at_least=0))
+    sigma: float = attrs.field(default=0.9, validator=number(at_least=0, at_most=10))
     stall_probability: float = attrs.field(default=0.005, validator=number(at_least=0, at_most=1))
     stall_ms: float = attrs.field(default=30_000.0, validator=number(at_least=0))
 

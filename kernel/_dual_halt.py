@@ -10,7 +10,7 @@ from typing import Final, Literal
 import trio
 
 from kernel._errors import InvalidRequestError
-from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, read_halt, wait_for_halt
+from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, check_sync_hooks, read_halt, wait_for_halt
 from kernel._ports import HaltChecker, HaltNotifier, HaltProbe
 from kernel.validate import check_seconds
 
@@ -66,6 +66,7 @@ class DualChannelHaltChecker:
                     f"{name} must have async is_halted() and get_halt_reason(), "
                     f"got {type(channel).__name__}"
                 )
+            check_sync_hooks(channel, name)
         self.primary = primary
         self.secondary = secondary
         self.poll_interval = check_seconds(poll_interval, "poll_interval")
@@ -130,11 +131,21 @@ class DualChannelHaltChecker:
         return await self._reason()
 
     def halted_now(self) -> bool:
-        """Synchronous fast path: True if a channel can say, without I/O, that it is halted."""
-        return any(
-            isinstance(channel, HaltProbe) and channel.halted_now()
-            for channel in (self.primary, self.secondary)
-        )
+        """Synchronous fast path: True if a channel can say, without I/O, that it is halted.
+
+        A channel whose probe raises is counted in :attr:`read_errors` and is "not
+        known" here, as a read that raises lets the other channel decide.
+        """
+        for which in ("primary", "secondary"):
+            channel = self._channel(which)
+            if not isinstance(channel, HaltProbe):
+                continue
+            try:
+                if channel.halted_now():
+                    return True
+            except Exception as exc:
+                self._read_failed(which, exc)
+        return False
 
     def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Listen to every channel that can call back (see :class:`~kernel.HaltNotifier`)."""

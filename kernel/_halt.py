@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Collection
 from datetime import datetime
@@ -22,6 +23,7 @@ __all__ = [
     "HaltSwitch",
     "check_clear_approvers",
     "check_halt_reason",
+    "check_sync_hooks",
     "read_halt",
     "unanswered_reason",
     "wait_for_halt",
@@ -64,16 +66,61 @@ async def read_halt(checker: HaltChecker, read_timeout: float) -> str | None:
     """One read of ``checker``: its reason if halted, None if not.
 
     A read that does not answer within ``read_timeout`` seconds counts as halted (a hung
-    channel must never keep a halt from being seen), with a reason that says so.  Errors
-    from the checker propagate: what a failed read means (halted, or "ask the other
-    channel") is the caller's decision.
+    channel must never keep a halt from being seen), with a reason that says so.  So does
+    an answer that is not a ``bool``.  The reason returned is always a non-empty ``str``
+    (:data:`NO_REASON` if the channel gave none, or not text).  Errors from
+    ``is_halted`` propagate: what a failed read means (halted, or "ask the other
+    channel") is the caller's decision; once it said halted, an error reading the reason
+    is only a reason that says so.
     """
     with trio.move_on_after(read_timeout):
-        if not await checker.is_halted():
+        # Typed as the protocol says, but a channel is only trusted as far as it behaves.
+        halted: object = await checker.is_halted()
+        if halted is False:
             return None
-        return (await checker.get_halt_reason()) or NO_REASON
+        if halted is not True:
+            # Garbage is doubt, and doubt is a halt: a forgotten ``return`` (None) must
+            # not read as "clear".
+            log.error("halt channel answered a non-bool", extra={"answer_type": _kind(halted)})
+            if inspect.iscoroutine(halted):
+                halted.close()
+            return f"halt channel answered {_kind(halted)}, not a bool; treated as halted"
+        try:
+            return _text_reason(await checker.get_halt_reason())
+        except Exception as exc:
+            # It said halted: a reason that cannot be read must not undo that (a failed
+            # read may "let the other channel decide", a halt may not).
+            log.error("halt reason unreadable", extra={"error_type": type(exc).__name__})
+            return f"halted (reason unreadable: {type(exc).__name__})"
     log.error("halt channel read timed out", extra={"read_timeout_s": read_timeout})
     return unanswered_reason(read_timeout)
+
+
+def _kind(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _text_reason(reason: object) -> str:
+    """A halted channel's reason as text: anything but a non-empty ``str`` is NO_REASON.
+
+    Callers (the dual checker, the service) tell "halted" from "clear" by a ``str``
+    reason, so a reason of another type must never reach them as it is.
+    """
+    return reason if isinstance(reason, str) and reason.strip() else NO_REASON
+
+
+def check_sync_hooks(channel: object, name: str) -> None:
+    """Refuse a channel whose ``halted_now`` or ``on_halt`` is an ``async def``.
+
+    Both are called synchronously (:class:`~kernel.HaltProbe`,
+    :class:`~kernel.HaltNotifier`): an async probe's coroutine is always truthy (every
+    batch would halt, with no reason), and an async ``on_halt`` never registers.
+    """
+    for hook in ("halted_now", "on_halt"):
+        if inspect.iscoroutinefunction(getattr(channel, hook, None)):
+            raise InvalidRequestError(
+                f"{name}.{hook} must be a plain (synchronous) method, not async def"
+            )
 
 
 async def wait_for_halt(
@@ -88,7 +135,7 @@ async def wait_for_halt(
     :func:`read_halt`).  Errors from the checker propagate.
     """
     if isinstance(checker, HaltWaiter):
-        return (await checker.wait_halted()) or NO_REASON
+        return _text_reason(await checker.wait_halted())
     while True:
         reason = await read_halt(checker, read_timeout)
         if reason is not None:

@@ -26,7 +26,13 @@ from kernel._errors import (
     AgentPoolExhaustedError,
     InvalidRequestError,
 )
-from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON, read_halt, wait_for_halt
+from kernel._halt import (
+    DEFAULT_HALT_READ_TIMEOUT,
+    NO_REASON,
+    check_sync_hooks,
+    read_halt,
+    wait_for_halt,
+)
 from kernel._metrics import ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool, Slot
@@ -120,6 +126,15 @@ def _check_progress(on_progress: ProgressCallback | None) -> ProgressCallback | 
     if on_progress is not None and not callable(on_progress):
         raise InvalidRequestError(
             f"on_progress must be a callable or an async function, got {type(on_progress).__name__}"
+        )
+    # A generator function's call runs none of its body: it would be silently ignored.
+    call = getattr(on_progress, "__call__", None)  # noqa: B004 - the method, for objects
+    if any(
+        inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (on_progress, call)
+    ):
+        raise InvalidRequestError(
+            "on_progress must be a callable or an async function, not a generator function "
+            "(its body would never run)"
         )
     return on_progress
 
@@ -309,6 +324,7 @@ class ConcurrentDeliberationService:
                 "halt_checker must have async is_halted() and get_halt_reason(), "
                 f"got {type(halt_checker).__name__}"
             )
+        check_sync_hooks(halt_checker, "halt_checker")
         if pool is not None and not isinstance(pool, AgentPool):
             raise InvalidRequestError(f"pool must be an AgentPool, got {type(pool).__name__}")
         if witness is not None and not isinstance(witness, OutputWitness):
@@ -531,11 +547,13 @@ class ConcurrentDeliberationService:
         assert admission is not None
         # A channel that can call back cancels the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
-        stop_listening: Callable[[], None] | None = (
-            checker.on_halt(functools.partial(batch.stop_now, "halt"))
-            if isinstance(checker, HaltNotifier)
-            else None
-        )
+        stop_listening: Callable[[], None] | None = None
+        notifier: object = checker  # (a checker may be a notifier too: not typed as one)
+        if isinstance(notifier, HaltNotifier):
+            try:
+                stop_listening = notifier.on_halt(functools.partial(batch.stop_now, "halt"))
+            except Exception as exc:  # a channel that raises is halted: nothing starts
+                batch.stop_now("halt", _checker_failed(exc))
         try:
             async with trio.open_nursery() as watchers:
                 if checker is not None:
@@ -584,11 +602,20 @@ class ConcurrentDeliberationService:
         """
         if batch.stop is not None:
             return True
-        if self._halted_now is not None and self._halted_now():
+        if self._halted_now is not None and self._probe_says_halted(batch):
             batch.stop_now("halt")
         elif batch.deadline is not None and trio.current_time() >= batch.deadline:
             batch.stop_now("deadline")
         return batch.stop is not None
+
+    def _probe_says_halted(self, batch: _Batch) -> bool:
+        """The channel's probe; one that raises stops the batch as a failed read does."""
+        assert self._halted_now is not None
+        try:
+            return bool(self._halted_now())
+        except Exception as exc:
+            batch.stop_now("halt", _checker_failed(exc))
+            return True
 
     async def _run_agent(self, batch: _Batch, index: int, slot: Slot) -> None:
         req = batch.requests[index]
@@ -618,8 +645,8 @@ class ConcurrentDeliberationService:
     async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
         """Invoke one agent and turn whatever happens into exactly one outcome.
 
-        Returns None if the output came after the batch stopped (it is withheld); a
-        cancellation the kernel asked for propagates.
+        Returns None if the call ended after the batch stopped (an output is withheld;
+        the stop decides the outcome); a cancellation the kernel asked for propagates.
         """
         req = batch.requests[index]
         # One call, or (hedging) the first success of two.
@@ -636,6 +663,15 @@ class ConcurrentDeliberationService:
                 # too late: either way, a timeout.
                 return self._timeout_failure(batch, req, start)
 
+        # Whatever comes back after the batch stopped is cut short by that stop: an
+        # output is withheld (never released, not to the caller, not to the witness:
+        # the orchestrator returned in the same instant as a halt, or swallowed its
+        # cancellation), and an error is the stop's cancellation turned into an
+        # exception, as a timeout's is above.
+        if self._stopped(batch):
+            if isinstance(result, AgentOutput):
+                batch.withheld.add(index)
+            return None
         if isinstance(result, _Raised):
             if result.exc is None:
                 return _stray_cancel(req, start)
@@ -651,12 +687,6 @@ class ConcurrentDeliberationService:
             )
         if problem is not None or not isinstance(result, AgentOutput):
             return _failure(req, FailureKind.INVALID_OUTPUT, "", problem or "", start)
-        # Nothing is released after the batch stopped: not to the caller, not to the
-        # witness.  The orchestrator may have returned in the same instant as a halt, or
-        # after swallowing its cancellation.
-        if self._stopped(batch):
-            batch.withheld.add(index)
-            return None
         batch.output_ids.add(result.output_id)
         output = stamp_output(result, req.request_id, batch.batch_id)
 
@@ -713,6 +743,8 @@ class ConcurrentDeliberationService:
         async with trio.open_nursery() as race:
 
             def finished(which: str, answer: object) -> None:
+                if winner:
+                    return  # decided: an answer in the same round, after it, changes nothing
                 answers[which] = answer
                 if _invalid(answer, req) is None:
                     winner.append(answer)
@@ -846,6 +878,10 @@ class ConcurrentDeliberationService:
             return await read_halt(checker, self._halt_read_timeout)
         except Exception as exc:
             return _checker_failed(exc)
+        except trio.Cancelled as exc:
+            if _cancel_requested():
+                raise
+            return _checker_failed(exc)  # a channel that made up a cancellation
 
     async def _watch_halt(self, batch: _Batch) -> None:
         assert self._halt_checker is not None
@@ -855,10 +891,14 @@ class ConcurrentDeliberationService:
             )
         except Exception as exc:
             reason = _checker_failed(exc)
+        except trio.Cancelled as exc:
+            if _cancel_requested():
+                raise
+            reason = _checker_failed(exc)  # a stray: it must not end the batch as if done
         batch.stop_now("halt", reason)
 
 
-def _checker_failed(exc: Exception) -> str:
+def _checker_failed(exc: BaseException) -> str:
     """Fail-safe: a halt checker that cannot be read means the system is halted."""
     log.error(
         "halt checker failed; treating the system as halted",

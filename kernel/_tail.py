@@ -38,7 +38,7 @@ class HedgePolicy:
         delay: seconds after the agent's start; ``None`` means "the ``quantile`` of this
             service's recent successful agent latencies", once it has ``min_samples`` of
             them (before that, nothing is hedged).
-        quantile: 0 < quantile < 1, for the observed delay.
+        quantile: 0 < quantile <= 1, for the observed delay.
         budget: 0 <= budget <= 1: at most ``ceil(budget * len(requests))`` agents of a
             batch are hedged.
         min_samples: >= 1 latencies before an observed delay is trusted.
@@ -92,8 +92,9 @@ def check_quorum(value: object, batch_size: int) -> int | None:
         return None
     quorum = check_int(value, "quorum", at_least=1)
     if quorum > batch_size:
+        shown = quorum if quorum < 10**15 else "an int of more than 15 digits"
         raise InvalidRequestError(
-            f"quorum must be between 1 and the batch size ({batch_size}), got {quorum}"
+            f"quorum must be between 1 and the batch size ({batch_size}), got {shown}"
         )
     return quorum
 

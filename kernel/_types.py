@@ -55,6 +55,18 @@ def _str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         raise InvalidRequestError(f"{attr.name} must be a str, got {type(value).__name__}")
 
 
+def _unicode(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    """A str that is valid Unicode: one that UTF-8 can encode (no lone surrogates, which
+    a JSON ``"\ud800"`` produces); an output's ``content_hash`` depends on it."""
+    _str(_inst, attr, value)
+    try:
+        value.encode("utf-8")  # type: ignore[attr-defined]
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{attr.name} must be valid Unicode text (a lone surrogate at {exc.start})"
+        ) from None
+
+
 def _uuid(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, UUID):
         raise InvalidRequestError(f"{attr.name} must be a UUID, got {type(value).__name__}")
@@ -173,7 +185,7 @@ class AgentOutput:
 
     agent_id: str = attrs.field(validator=text())
     request_id: UUID = attrs.field(validator=_uuid)
-    content: str = attrs.field(validator=_str, repr=False)
+    content: str = attrs.field(validator=_unicode, repr=False)
     content_type: str = attrs.field(default="text/plain", validator=text())
     output_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
     generated_at: datetime = attrs.field(

@@ -39,6 +39,8 @@ _Validator = Any  # attrs' validator type is (instance, attribute, value) -> Non
 
 
 def _shown(value: object) -> str:
+    if isinstance(value, int) and abs(value).bit_length() > 200:
+        return f"an int of {_digits(value)}"  # repr() of a huge int is slow, or refused
     text_ = repr(value)
     return text_ if len(text_) <= 60 else text_[:57] + "..."
 
@@ -59,23 +61,35 @@ def check_number(
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{name} must be a number, got {_shown(value)}")
-    if math.isnan(value) or (finite and math.isinf(value)):
+    try:
+        number = float(value)  # an int beyond a float's range is not a usable setting
+    except OverflowError:
+        raise InvalidRequestError(f"{name} is too large, got an int of {_digits(value)}") from None
+    if math.isnan(number) or (finite and math.isinf(number)):
         raise InvalidRequestError(f"{name} must be a finite number, got {_shown(value)}")
-    if above is not None and not value > above:
+    if above is not None and not number > above:
         raise InvalidRequestError(f"{name} must be > {above:g}, got {_shown(value)}")
-    if at_least is not None and not value >= at_least:
+    if at_least is not None and not number >= at_least:
         raise InvalidRequestError(f"{name} must be >= {at_least:g}, got {_shown(value)}")
-    if at_most is not None and not value <= at_most:
+    if at_most is not None and not number <= at_most:
         raise InvalidRequestError(f"{name} must be <= {at_most:g}, got {_shown(value)}")
-    return float(value)
+    return number
+
+
+def _digits(value: float) -> str:
+    # Only an int overflows a float.  Not repr(): an int of many digits is slow to
+    # format, and Python refuses past 4300 digits.
+    return f"about {int(abs(int(value)).bit_length() * 0.30103)} digits"
 
 
 def check_int(value: object, name: str, *, at_least: int | None = None) -> int:
-    """An ``int`` (not a bool), at least ``at_least`` if given."""
+    """An ``int`` (not a bool) a float can hold, at least ``at_least`` if given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an int, got {_shown(value)}")
+    if abs(value).bit_length() > 1024:  # beyond any float: no count or limit is that big
+        raise InvalidRequestError(f"{name} is too large, got an int of {_digits(value)}")
     if at_least is not None and value < at_least:
-        raise InvalidRequestError(f"{name} must be >= {at_least}, got {value}")
+        raise InvalidRequestError(f"{name} must be >= {at_least}, got {_shown(value)}")
     return value
 
 

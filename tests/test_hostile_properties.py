@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from uuid import uuid4
 
 import trio
-import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,9 +28,8 @@ from kernel import (
     ContextBundle,
     FailureKind,
     HaltSwitch,
-    SystemHaltedError,
 )
-from tests.helpers import make_requests
+from tests.helpers import assert_one_outcome_per_request_in_order, make_requests, run_with_halt_at
 
 BEHAVIOURS = [
     "ok",
@@ -180,41 +178,17 @@ def test_promises_hold_with_hostile_orchestrators_and_random_halts(scenario: Sce
         if scenario.halt_at_done is not None and done == scenario.halt_at_done:
             switch.halt("halt from on_progress")
 
-    box: list[tuple[ConcurrentResult, bool]] = []
+    async def batch() -> ConcurrentResult:
+        if scenario.mode == "sequential":
+            return await service.invoke_sequential(requests, on_progress=progress)
+        return await service.invoke_concurrent(
+            requests,
+            overflow="queue" if scenario.mode == "queue" else "reject",
+            on_progress=progress,
+        )
 
-    async def main() -> None:
-        async def halter() -> None:
-            assert scenario.halt_at_ms is not None
-            await trio.sleep(scenario.halt_at_ms / 1000.0)
-            switch.halt("halt at a random time")
-
-        async with trio.open_nursery() as nursery:
-            if scenario.halt_at_ms is not None:
-                nursery.start_soon(halter)
-            try:
-                if scenario.mode == "sequential":
-                    result = await service.invoke_sequential(requests, on_progress=progress)
-                else:
-                    result = await service.invoke_concurrent(
-                        requests,
-                        overflow="queue" if scenario.mode == "queue" else "reject",
-                        on_progress=progress,
-                    )
-                box.append((result, False))
-            except SystemHaltedError as exc:
-                assert exc.partial is not None
-                box.append((exc.partial, True))
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    ((result, halted),) = box
-
-    # One outcome per request, in request order.
-    index = {r.agent_id: i for i, r in enumerate(requests)}
-    out_idx = [index[o.agent_id] for o in result.outputs]
-    fail_idx = [index[f.agent_id] for f in result.failures]
-    assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
-    assert sorted(out_idx + fail_idx) == list(range(len(requests)))
+    result, halted, _ = run_with_halt_at(batch, switch, scenario.halt_at_ms)
+    assert_one_outcome_per_request_in_order(requests, result)
 
     # Nothing released after the halt: every released output was reported before it...
     released = {o.agent_id for o in result.outputs}

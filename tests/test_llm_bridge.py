@@ -34,6 +34,7 @@ from kernel import (
     AgentPool,
     AgentRequest,
     ConcurrentDeliberationService,
+    ConcurrentResult,
     ContextBundle,
     FailureKind,
     HaltSwitch,
@@ -41,7 +42,7 @@ from kernel import (
     SystemHaltedError,
 )
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import expect_halt, make_requests
+from tests.helpers import make_requests, time_halt
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST: dict[str, Any] = {"backoff_base_s": 0.001, "backoff_cap_s": 0.005, "timeout_s": 5.0}
@@ -187,26 +188,17 @@ async def test_halt_cancels_72_open_requests_down_to_the_socket(
     llm_server.default = "hang"
     halt = HaltSwitch()
     pool = AgentPool()
-    timing: dict[str, float] = {}
     async with AsyncioOrchestratorBridge(orchestrator(llm_server, timeout_s=600)) as bridge:
         service = ConcurrentDeliberationService(bridge, halt, pool)
-
-        async def halt_when_all_in_flight() -> None:
-            await wait_server(llm_server, lambda s: s.in_flight == 72)
-            timing["halt"] = time.perf_counter()
-            halt.halt("operator: stop the council")
-
-        async def deliberate() -> None:
-            try:
-                await service.invoke_concurrent(make_requests(72))
-            finally:
-                timing["returned"] = time.perf_counter()
-
-        err = await expect_halt(deliberate, halt_when_all_in_flight)
+        err, took = await time_halt(
+            lambda: service.invoke_concurrent(make_requests(72)),
+            halt,
+            lambda: wait_server(llm_server, lambda s: s.in_flight == 72),
+        )
     assert err.partial is not None and err.partial.failure_count == 72
     assert {f.kind for f in err.partial.failures} == {FailureKind.HALTED}
     assert pool.active_count == 0
-    assert timing["returned"] - timing["halt"] < 0.100
+    assert took < 0.100
     await wait_server(llm_server, lambda s: s.disconnects == 72)
     assert llm_server.answered == 0
 
@@ -401,16 +393,24 @@ async def test_timeouts_and_outer_cancels_close_the_http_requests(
 UNICODE_IDS = ("ārchon-Ω", "议员-7", "Ñandú 2", "🦉", "a%41b", "x/y?z&w=1", " padded ")
 
 
-async def test_non_ascii_agent_ids_work_end_to_end(llm_server: FakeOpenAIServer) -> None:
-    roster = Roster([AgentProfile(agent_id) for agent_id in UNICODE_IDS])
+async def every_agent_answers(llm_server: FakeOpenAIServer, roster: Roster) -> ConcurrentResult:
+    """Deliberate with every agent of ``roster`` through the bridge: each must succeed,
+    answered in its own name (the server decoded the header back to the original id)."""
     async with AsyncioOrchestratorBridge(orchestrator(llm_server, roster=roster)) as bridge:
         result = await ConcurrentDeliberationService(bridge).invoke_concurrent(
             roster.requests(ContextBundle("t", "Is it good?"))
         )
-    assert result.success_count == len(UNICODE_IDS), result.failures
+    assert result.success_count == len(roster), result.failures
     for output in result.outputs:
-        # The server decoded the header: it answered (and counted) the original id.
         assert output.content.startswith(f"{output.agent_id} votes aye")
+    return result
+
+
+async def test_non_ascii_agent_ids_work_end_to_end(llm_server: FakeOpenAIServer) -> None:
+    result = await every_agent_answers(
+        llm_server, Roster([AgentProfile(agent_id) for agent_id in UNICODE_IDS])
+    )
+    for output in result.outputs:  # each id was counted as itself, once
         assert llm_server.attempts[output.agent_id] == 1
     raw = {h["x-conclave-agent"] for h in llm_server.headers}
     assert "%C4%81rchon-%CE%A9" in raw  # UTF-8, percent-encoded (RFC 3986)
@@ -452,13 +452,7 @@ async def test_any_agent_ids_are_refused_at_load_or_work_end_to_end(
         event("refused at load")
         return
     event("sent end to end")
-    async with AsyncioOrchestratorBridge(orchestrator(llm_server, roster=roster)) as bridge:
-        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(
-            roster.requests(ContextBundle("t", "c"))
-        )
-    assert result.success_count == len(agent_ids), result.failures
-    for output in result.outputs:
-        assert output.content.startswith(f"{output.agent_id} votes aye")
+    await every_agent_answers(llm_server, roster)
 
 
 async def test_an_unencodable_request_is_not_called_a_malformed_response(

@@ -27,9 +27,14 @@ from kernel import (
     ConcurrentResult,
     FailureKind,
     HaltSwitch,
-    SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, make_requests
+from tests.helpers import (
+    ScriptedOrchestrator,
+    Step,
+    assert_one_outcome_per_request_in_order,
+    make_requests,
+    run_with_halt_at,
+)
 
 ACTIONS = ["ok", "ok", "ok", "error", "invalid", "wrong_agent"]
 PROPERTY_SETTINGS = settings(
@@ -72,35 +77,16 @@ def _run(
     switch = HaltSwitch()
     timeout = scenario.timeout_ms / 1000.0 if scenario.timeout_ms is not None else None
     service = ConcurrentDeliberationService(orch, switch, pool, agent_timeout=timeout)
-    box: dict[str, object] = {}
 
-    async def halter() -> None:
-        assert scenario.halt_at_ms is not None
-        await trio.sleep(scenario.halt_at_ms / 1000.0)
-        switch.halt("property halt")
+    async def batch() -> ConcurrentResult:
+        if scenario.mode == "sequential":
+            return await service.invoke_sequential(requests)
+        return await service.invoke_concurrent(
+            requests, overflow="queue" if scenario.mode == "queue" else "reject"
+        )
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            if scenario.halt_at_ms is not None:
-                nursery.start_soon(halter)
-            try:
-                if scenario.mode == "sequential":
-                    box["result"] = await service.invoke_sequential(requests)
-                else:
-                    box["result"] = await service.invoke_concurrent(
-                        requests,
-                        overflow="queue" if scenario.mode == "queue" else "reject",
-                    )
-                box["halted"] = False
-            except SystemHaltedError as exc:
-                assert exc.partial is not None
-                box["result"], box["halted"] = exc.partial, True
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    result = box["result"]
-    assert isinstance(result, ConcurrentResult)
-    return result, bool(box["halted"]), orch, pool, requests
+    result, halted, _ = run_with_halt_at(batch, switch, scenario.halt_at_ms)
+    return result, halted, orch, pool, requests
 
 
 def _expected_kind(step: Step, timeout_ms: float | None) -> FailureKind | None:
@@ -123,10 +109,7 @@ def test_every_request_has_exactly_one_outcome(scenario: Scenario) -> None:
 
     # one outcome each, in request order
     assert result.total_count == len(requests)
-    out_idx = [index[o.agent_id] for o in result.outputs]
-    fail_idx = [index[f.agent_id] for f in result.failures]
-    assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
-    assert sorted(out_idx + fail_idx) == list(range(len(requests)))
+    assert_one_outcome_per_request_in_order(requests, result)
 
     # stamps
     for out in result.outputs:
@@ -199,27 +182,11 @@ def test_stub_never_exceeds_capacity_and_nothing_starts_after_halt(
     switch = HaltSwitch()
     service = ConcurrentDeliberationService(stub, switch, pool)
     requests = make_requests(n)
-    box: list[ConcurrentResult] = []
 
-    async def main() -> None:
-        async def halter() -> None:
-            assert halt_at_ms is not None
-            await trio.sleep(halt_at_ms / 1000.0)
-            switch.halt("stop")
+    async def batch() -> ConcurrentResult:
+        return await service.invoke_concurrent(requests, overflow="queue")
 
-        async with trio.open_nursery() as nursery:
-            if halt_at_ms is not None:
-                nursery.start_soon(halter)
-            try:
-                box.append(await service.invoke_concurrent(requests, overflow="queue"))
-            except SystemHaltedError as exc:
-                assert exc.partial is not None
-                assert exc.partial is not None
-                box.append(exc.partial)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    (result,) = box
+    result, _, _ = run_with_halt_at(batch, switch, halt_at_ms)
     assert result.total_count == n
     assert stub.max_in_flight <= capacity
     assert pool.active_count == 0

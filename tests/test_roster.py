@@ -74,7 +74,7 @@ def test_default_roster_and_requests() -> None:
         (
             "tokens.json",
             '{"agents": [{"agent_id": "b", "max_tokens": 1.5}]}',
-            "field 'max_tokens': expected an integer",
+            "field 'max_tokens': must be an int",
         ),
         (
             "unknown.toml",
@@ -285,3 +285,79 @@ def test_any_agent_id_is_refused_at_load_or_round_trips_through_the_header(agent
     assert header.isascii() and header.isprintable() and header == header.strip()
     header.encode("latin-1")  # what HTTP libraries require of a header value
     assert decode_agent_header(header) == agent_id
+
+
+# ------------------------------------------------------------------ the Archon 72 format
+
+ARCHONS = Path(__file__).parent.parent / "examples" / "archons-sample.json"
+
+
+def test_the_archon_sample_loads_with_persona_fields() -> None:
+    roster = Roster.load(ARCHONS)
+    assert len(roster) == 6
+    assert roster.agent_ids[0] == "archon-vessa"
+    vessa = roster.get("archon-vessa")
+    assert vessa.name == "Vessa"  # display name = name
+    assert vessa.role == "Keeper of the Treasury"
+    assert vessa.goal is not None and vessa.goal.startswith("Keep the council")
+    assert vessa.backstory is not None and "three generations" in vessa.backstory
+    assert vessa.system_prompt is not None and vessa.system_prompt.startswith("You are Vessa")
+    assert vessa.model is None and vessa.base_url is None  # LLM settings: the orchestrator's
+    # every persona field reached every profile
+    assert all(p.role and p.goal and p.backstory and p.system_prompt for p in roster)
+
+
+def test_archon_fields_beyond_the_six_and_other_top_level_keys_are_ignored() -> None:
+    roster = Roster.from_dict(
+        {
+            "version": 3,
+            "realms": ["north"],
+            "archons": [
+                {"id": "a1", "rank": "king", "legions": 66, "model": {"not": "ours"}},
+                {"id": "a2", "name": "Second"},
+            ],
+        }
+    )
+    assert roster.agent_ids == ("a1", "a2")
+    first = roster.get("a1")
+    assert first.model is None and first.display_name is None and first.role is None
+
+
+def test_persona_fields_load_in_the_plain_format_too() -> None:
+    roster = Roster.from_dict(
+        {"defaults": {"goal": "decide"}, "agents": [{"agent_id": "a", "role": "Skeptic"}]}
+    )
+    assert roster.get("a").role == "Skeptic" and roster.get("a").goal == "decide"
+    with pytest.raises(RosterError, match=r"agent 'a': field 'backstory': must be a non-empty"):
+        Roster.from_dict({"agents": [{"agent_id": "a", "backstory": ""}]})
+
+
+@pytest.mark.parametrize(
+    ("archons", "expected"),
+    [
+        ({"x": 1}, "'archons' must be a list of archon objects"),
+        ([], "the roster has no agents"),
+        (["paimon"], "archons[0]: expected an object"),
+        ([{"name": "Nameless"}], "archons[0]: field 'id' is missing"),
+        ([{"id": ""}], "archons[0]: field 'id': expected a non-empty string"),
+        ([{"id": "a\x1b[2Jb"}], "archons[0]: field 'id': holds a non-printable character"),
+        ([{"id": "ok"}, {"id": 7}], "archons[1]: field 'id': expected a non-empty string"),
+        ([{"id": "vessa", "name": 3}], "archons[0] (id 'vessa'): field 'name': must be a str"),
+        ([{"id": "vessa", "role": ""}], "archons[0] (id 'vessa'): field 'role'"),
+        ([{"id": "vessa", "goal": ["x"]}], "archons[0] (id 'vessa'): field 'goal'"),
+        ([{"id": "vessa", "backstory": 0}], "archons[0] (id 'vessa'): field 'backstory'"),
+        ([{"id": "v", "system_prompt": " "}], "archons[0] (id 'v'): field 'system_prompt'"),
+        ([{"id": "v"}, {"id": "w"}, {"id": "v"}], "archons[2] (id 'v'): duplicate 'id'"),
+    ],
+)
+def test_bad_archon_rosters_name_the_file_the_archon_and_the_field(
+    tmp_path: Path, archons: Any, expected: str
+) -> None:
+    path = tmp_path / "archons-base.json"
+    path.write_text(json.dumps({"archons": archons}))
+    with pytest.raises(RosterError) as info:
+        Roster.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "agent_id" not in message and "display_name" not in message  # the file's names

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from uuid import uuid4
 
 import trio
-import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,9 +27,8 @@ from kernel import (
     FailureKind,
     HaltSwitch,
     HedgePolicy,
-    SystemHaltedError,
 )
-from tests.helpers import make_requests
+from tests.helpers import assert_one_outcome_per_request_in_order, make_requests, run_with_halt_at
 
 
 @dataclass
@@ -103,41 +101,18 @@ def test_tail_control_keeps_every_promise(scenario: Scenario) -> None:
     orch = Scripted({r.agent_id: c for r, c in zip(requests, scenario.calls, strict=True)}, switch)
     pool = AgentPool(scenario.capacity)
     service = ConcurrentDeliberationService(orch, switch, pool)
-    box: list[tuple[ConcurrentResult, bool, float]] = []
 
-    async def main() -> None:
-        async def halter() -> None:
-            assert scenario.halt_at_ms is not None
-            await trio.sleep(scenario.halt_at_ms / 1000.0)
-            switch.halt("random halt")
+    async def batch() -> ConcurrentResult:
+        return await service.invoke_concurrent(
+            requests,
+            overflow="queue" if scenario.overflow == "queue" else "reject",
+            deadline=None if scenario.deadline_ms is None else scenario.deadline_ms / 1e3,
+            quorum=scenario.quorum,
+            hedge=scenario.hedge,
+        )
 
-        async with trio.open_nursery() as nursery:
-            if scenario.halt_at_ms is not None:
-                nursery.start_soon(halter)
-            t0 = trio.current_time()
-            try:
-                result = await service.invoke_concurrent(
-                    requests,
-                    overflow="queue" if scenario.overflow == "queue" else "reject",
-                    deadline=None if scenario.deadline_ms is None else scenario.deadline_ms / 1e3,
-                    quorum=scenario.quorum,
-                    hedge=scenario.hedge,
-                )
-                box.append((result, False, trio.current_time() - t0))
-            except SystemHaltedError as exc:
-                assert exc.partial is not None
-                box.append((exc.partial, True, trio.current_time() - t0))
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    ((result, halted, elapsed),) = box
-
-    # One outcome per request, in request order.
-    index = {r.agent_id: i for i, r in enumerate(requests)}
-    out_idx = [index[o.agent_id] for o in result.outputs]
-    fail_idx = [index[f.agent_id] for f in result.failures]
-    assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
-    assert sorted(out_idx + fail_idx) == list(range(len(requests)))
+    result, halted, elapsed = run_with_halt_at(batch, switch, scenario.halt_at_ms)
+    assert_one_outcome_per_request_in_order(requests, result)
 
     kinds = [f.kind for f in result.failures]
     # CANCELLED only with a quorum, and only once it was reached.

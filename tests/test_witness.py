@@ -16,6 +16,7 @@ from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPool, ConcurrentDeliberationService, FailureKind, OutputWitness
 from tests.helpers import make_requests
+from tests.witness_helpers import run_sql
 
 ROOT = Path(__file__).parent.parent
 
@@ -51,18 +52,10 @@ async def test_view_refuses_uncommitted_and_tampered_outputs(tmp_path: Path) -> 
         with pytest.raises(WitnessError, match="never committed"):
             await witness.get_for_viewing(uuid4(), "auditor")
         target = result.outputs[1]  # type: ignore[attr-defined]
-        _tamper(path, f"UPDATE outputs SET content = 'x' WHERE output_id = '{target.output_id}'")
+        run_sql(path, f"UPDATE outputs SET content = 'x' WHERE output_id = '{target.output_id}'")
         with pytest.raises(WitnessError, match="tampered"):
             await witness.get_for_viewing(target.output_id, "auditor")
         assert await witness.views(target.output_id) == []
-
-
-def _tamper(path: Path, sql: str) -> None:
-    db = sqlite3.connect(path)
-    try:
-        db.executescript(sql)
-    finally:
-        db.close()
 
 
 @pytest.mark.parametrize(
@@ -96,7 +89,7 @@ async def test_verify_finds_the_first_broken_record(
     async with SqliteWitness(path) as witness:
         await _deliberate(witness, 8)
         assert (await witness.verify()).ok
-    _tamper(path, sql)
+    run_sql(path, sql)
     async with SqliteWitness(path) as witness:
         report = await witness.verify()
     assert not report.ok and not report
@@ -110,7 +103,7 @@ async def test_expected_head_catches_a_truncated_log(tmp_path: Path) -> None:
         await _deliberate(witness, 5)
         head = witness._db.execute("SELECT max(sequence), chain_hash FROM outputs").fetchone()[1]
         assert (await witness.verify(expected_head=head)).ok
-    _tamper(path, "DELETE FROM outputs WHERE sequence = 5")  # a clean truncation
+    run_sql(path, "DELETE FROM outputs WHERE sequence = 5")  # a clean truncation
     async with SqliteWitness(path) as witness:
         assert (await witness.verify()).ok  # consistent on its own...
         report = await witness.verify(expected_head=head)
@@ -146,7 +139,7 @@ async def test_concurrent_batches_share_one_gap_free_chain(tmp_path: Path) -> No
 async def test_failed_commit_is_a_witness_failure(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
     async with SqliteWitness(path) as witness:
-        _tamper(path, "DROP TABLE outputs")  # the log becomes unwritable
+        run_sql(path, "DROP TABLE outputs")  # the log becomes unwritable
         result = await _deliberate(witness, 4)
         assert result.success_count == 0  # type: ignore[attr-defined]
         kinds = {f.kind for f in result.failures}  # type: ignore[attr-defined]

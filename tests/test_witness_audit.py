@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from uuid import uuid4
@@ -16,13 +13,8 @@ import trio
 
 from adapters.sqlite_witness import SqliteWitness, VerifyReport, WitnessError, verify_log
 from kernel import AgentOutput, InvalidRequestError
-
-ROOT = Path(__file__).parent.parent
-CONCLAVE = [sys.executable, "-m", "adapters.cli"]
-
-
-def conclave(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CONCLAVE, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+from tests.test_cli import conclave
+from tests.witness_helpers import make_log, run_sql
 
 
 def _fingerprint(path: Path) -> dict[str, tuple[str, int] | None]:
@@ -37,28 +29,6 @@ def _fingerprint(path: Path) -> dict[str, tuple[str, int] | None]:
     return found
 
 
-def _make_log(path: Path, n: int = 5) -> str:
-    """A witness log with n records, closed cleanly; returns its head chain hash."""
-
-    async def fill() -> str:
-        async with SqliteWitness(path) as witness:
-            receipt = None
-            for i in range(n):
-                receipt = await witness.commit(AgentOutput(f"archon-{i}", uuid4(), f"a{i}"))
-            assert receipt is not None
-            return receipt.chain_hash
-
-    return trio.run(fill)
-
-
-def _sql(path: Path, script: str) -> None:
-    db = sqlite3.connect(path)
-    try:
-        db.executescript(script)
-    finally:
-        db.close()
-
-
 # A copy of the outputs table without types or constraints, so any value can go in.
 _UNTYPED = (
     "CREATE TABLE o2 (sequence, output_id, agent_id, request_id, batch_id, content_hash,"
@@ -70,7 +40,7 @@ _UNTYPED = (
 
 def test_verify_changes_no_byte_and_creates_no_side_file(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
-    head = _make_log(path)
+    head = make_log(path)
     before = _fingerprint(path)
     assert before["-wal"] is None and before["-shm"] is None  # closed cleanly
     report = verify_log(path, expected_head=head)
@@ -96,7 +66,7 @@ async def test_verify_beside_a_live_writer_changes_neither_db_nor_wal(tmp_path: 
 
 
 def _unrelated_sqlite(path: Path) -> None:
-    _sql(path, "CREATE TABLE accounts (id INTEGER PRIMARY KEY, name TEXT);")
+    run_sql(path, "CREATE TABLE accounts (id INTEGER PRIMARY KEY, name TEXT);")
 
 
 def _text_file(path: Path) -> None:
@@ -104,13 +74,13 @@ def _text_file(path: Path) -> None:
 
 
 def _dropped_table(path: Path) -> None:
-    _make_log(path)
-    _sql(path, "DROP TABLE outputs;")
+    make_log(path)
+    run_sql(path, "DROP TABLE outputs;")
 
 
 def _renamed_column(path: Path) -> None:
-    _make_log(path)
-    _sql(path, "ALTER TABLE outputs RENAME COLUMN content TO body;")
+    make_log(path)
+    run_sql(path, "ALTER TABLE outputs RENAME COLUMN content TO body;")
 
 
 def _directory(path: Path) -> None:
@@ -195,9 +165,9 @@ BROKEN_ROWS: dict[str, tuple[str, int | None, str]] = {
 @pytest.mark.parametrize("shape", list(BROKEN_ROWS))
 def test_wrong_typed_values_are_a_broken_chain_not_a_traceback(tmp_path: Path, shape: str) -> None:
     path = tmp_path / "w.db"
-    _make_log(path)
+    make_log(path)
     sql, first_bad, problem = BROKEN_ROWS[shape]
-    _sql(path, sql)
+    run_sql(path, sql)
     before = _fingerprint(path)
     report = verify_log(path)
     assert not report.ok
@@ -217,10 +187,10 @@ async def test_viewing_a_wrong_typed_row_is_refused_as_tampered(tmp_path: Path) 
         outputs = [AgentOutput(f"archon-{i}", uuid4(), f"a{i}") for i in range(3)]
         for output in outputs:
             await witness.commit(output)
-        _sql(path, "UPDATE outputs SET content = CAST(content AS BLOB) WHERE sequence = 2;")
+        run_sql(path, "UPDATE outputs SET content = CAST(content AS BLOB) WHERE sequence = 2;")
         with pytest.raises(WitnessError, match="tampered"):
             await witness.get_for_viewing(outputs[1].output_id, "auditor")
-        _sql(path, "UPDATE outputs SET content = CAST(x'ff' AS TEXT) WHERE sequence = 3;")
+        run_sql(path, "UPDATE outputs SET content = CAST(x'ff' AS TEXT) WHERE sequence = 3;")
         with pytest.raises(WitnessError, match="tampered"):
             await witness.get_for_viewing(outputs[2].output_id, "auditor")
         assert await witness.get_for_viewing(outputs[0].output_id, "auditor") == outputs[0]
@@ -229,7 +199,7 @@ async def test_viewing_a_wrong_typed_row_is_refused_as_tampered(tmp_path: Path) 
 @pytest.mark.parametrize("head", ["", "zz", "A" * 64, "0" * 63])
 def test_a_malformed_expected_head_is_bad_input(tmp_path: Path, head: str) -> None:
     path = tmp_path / "w.db"
-    _make_log(path, 1)
+    make_log(path, 1)
     with pytest.raises(InvalidRequestError, match="expected_head"):
         verify_log(path, expected_head=head)
     proc = conclave("verify", str(path), "--expected-head", head)

@@ -10,7 +10,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from uuid import uuid4
 
@@ -27,7 +27,8 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.helpers import make_requests
+from tests.helpers import make_requests, time_halt
+from tests.witness_helpers import select
 
 
 def _output(i: int) -> AgentOutput:
@@ -50,11 +51,7 @@ class WriteLock:
 
 def _logged(path: Path) -> dict[str, tuple[int, str]]:
     """output_id -> (sequence, chain_hash) of every row in the log."""
-    db = sqlite3.connect(path)
-    try:
-        rows = db.execute("SELECT output_id, sequence, chain_hash FROM outputs").fetchall()
-    finally:
-        db.close()
+    rows = select(path, "SELECT output_id, sequence, chain_hash FROM outputs")
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
@@ -122,25 +119,46 @@ async def test_aclose_does_not_wait_for_a_lock_nobody_needs_any_more(tmp_path: P
         await witness.commit(_output(2))
 
 
-async def test_cancelling_one_commit_keeps_the_others_of_its_group(tmp_path: Path) -> None:
-    path = tmp_path / "w.db"
-    outputs = [_output(i) for i in range(4)]
+async def _commit_behind_a_lock(
+    witness: SqliteWitness,
+    outputs: list[AgentOutput],
+    while_queued: Callable[[list[trio.CancelScope]], Awaitable[None]] | None = None,
+) -> dict[int, CommitReceipt]:
+    """Commit ``outputs`` concurrently while another connection holds the write lock;
+    once all are queued, run ``while_queued`` (given each commit's cancel scope), then
+    release the lock.  Returns the receipts by index (a cancelled commit has none)."""
     receipts: dict[int, CommitReceipt] = {}
     scopes = [trio.CancelScope() for _ in outputs]
 
-    async def commit(witness: SqliteWitness, i: int) -> None:
+    async def commit(i: int) -> None:
         with scopes[i]:
             receipts[i] = await witness.commit(outputs[i])
 
-    async with SqliteWitness(path) as witness:
-        lock = WriteLock(path)
+    lock = WriteLock(witness.path)
+    try:
         async with trio.open_nursery() as nursery:
-            for i in range(4):
-                nursery.start_soon(commit, witness, i)
-            await _until(lambda: witness.statistics().queued == 4)
+            for i in range(len(outputs)):
+                nursery.start_soon(commit, i)
+            await _until(lambda: witness.statistics().queued == len(outputs))
+            if while_queued is not None:
+                await while_queued(scopes)
+            lock.release()
+    finally:
+        lock.release()
+    return receipts
+
+
+async def test_cancelling_one_commit_keeps_the_others_of_its_group(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    outputs = [_output(i) for i in range(4)]
+
+    async with SqliteWitness(path) as witness:
+
+        async def cancel_the_second(scopes: list[trio.CancelScope]) -> None:
             scopes[1].cancel()
             await _until(lambda: witness.statistics().queued == 3)
-            lock.release()
+
+        receipts = await _commit_behind_a_lock(witness, outputs, cancel_the_second)
         assert witness.transactions == 1  # the other three went in one transaction
     assert sorted(receipts) == [0, 2, 3]
     assert set(_logged(path)) == {str(outputs[i].output_id) for i in (0, 2, 3)}
@@ -149,20 +167,10 @@ async def test_cancelling_one_commit_keeps_the_others_of_its_group(tmp_path: Pat
 
 async def test_72_commits_queued_behind_a_lock_cost_one_transaction(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
-    receipts: list[CommitReceipt] = []
-
-    async def commit(witness: SqliteWitness, i: int) -> None:
-        receipts.append(await witness.commit(_output(i)))
-
     async with SqliteWitness(path) as witness:
-        lock = WriteLock(path)
-        async with trio.open_nursery() as nursery:
-            for i in range(72):
-                nursery.start_soon(commit, witness, i)
-            await _until(lambda: witness.statistics().queued == 72)
-            lock.release()
+        receipts = await _commit_behind_a_lock(witness, [_output(i) for i in range(72)])
         assert witness.transactions == 1
-    assert sorted(r.sequence for r in receipts) == list(range(1, 73))
+    assert sorted(r.sequence for r in receipts.values()) == list(range(1, 73))
     assert verify_log(path).records == 72
 
 
@@ -248,27 +256,17 @@ async def test_a_halt_is_not_delayed_by_a_locked_witness(tmp_path: Path) -> None
         stub = AgentOrchestratorStub(latency_ms=1)
         service = ConcurrentDeliberationService(stub, switch, witness=witness)
         lock = WriteLock(path)
-        caught: list[SystemHaltedError] = []
-        timing: dict[str, float] = {}
-
-        async def run() -> None:
-            try:
-                await service.invoke_concurrent(make_requests(72))
-            except SystemHaltedError as exc:
-                caught.append(exc)
-            timing["returned"] = time.perf_counter()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            await _until(lambda: witness.statistics().queued == 72)
-            timing["halt"] = time.perf_counter()
-            switch.halt("operator stop")
+        err, took = await time_halt(
+            lambda: service.invoke_concurrent(make_requests(72)),
+            switch,
+            lambda: _until(lambda: witness.statistics().queued == 72),
+            "operator stop",
+        )
         lock.release()
-    took = timing["returned"] - timing["halt"]
     print(f"\nhalt -> invoke_concurrent returned: {took * 1e3:.1f} ms")
     assert took < 1.0
-    assert caught and caught[0].partial is not None
-    released = {str(o.output_id) for o in caught[0].partial.outputs}
+    assert err.partial is not None
+    released = {str(o.output_id) for o in err.partial.outputs}
     assert set(_logged(path)) == released == set()
 
 

@@ -1,0 +1,355 @@
+"""Real CrewAI agents as an asyncio orchestrator; run it from trio through the bridge::
+
+    roster = Roster.load("archons-base.json")
+    orchestrator = CrewAIOrchestrator(roster, base_url="http://127.0.0.1:8080/v1", model="smollm2")
+    async with AsyncioOrchestratorBridge(orchestrator) as agents:
+        service = ConcurrentDeliberationService(agents, halt, AgentPool(max_concurrent=72))
+        result = await service.invoke_concurrent(roster.requests(context))
+
+Each agent of the roster is a CrewAI ``Agent`` (``role``, ``goal`` and ``backstory`` from
+its profile, its ``system_prompt`` put first in the system message) asked one CrewAI
+``Task``: the topic.  The LLM is CrewAI's native OpenAI-compatible provider pointed at
+``base_url`` (no LiteLLM).  Needs the ``crewai`` extra (its own environment: crewai 1.15
+pins openai<3; see the Makefile's ``.venv-crewai``).
+
+Guarantees:
+
+- *Cancellation closes the request.*  Every LLM call is ``LLM.acall`` on ``AsyncOpenAI``
+  on the event loop, through :class:`adapters._crewai_agents.AsyncioAgentExecutor`
+  (CrewAI's own executor runs its LLM calls with the synchronous client in worker
+  threads; why, and what replaces it: that module's docstring).  A halt or a timeout
+  cancels the asyncio task and with it the HTTP request; no thread is left running.
+- *Retries are ours.*  The SDK's retries and CrewAI's whole-task retries are off; one LLM
+  call is retried as :class:`~adapters.openai_chat.OpenAIChatOrchestrator` retries:
+  timeouts, connection failures, 408, 429 (``Retry-After``, capped) and 5xx, with
+  decorrelated jitter.  401/403, other 4xx, malformed responses and CrewAI's own errors
+  fail at once.  Every failure is an :class:`~kernel.AgentInvocationError` naming the
+  agent, never the key or the content.
+- *Telemetry is off* unless ``telemetry=True``: CrewAI's switches are set in the
+  environment (:data:`TELEMETRY_OFF`, process-wide, before crewai is imported) and,
+  while the orchestrator is open, CrewAI's event listeners (its console panels, its
+  telemetry and trace collection) are detached from its event bus.  Nothing is sent,
+  nothing is printed, no event-bus thread starts.  ``telemetry=True`` leaves the
+  environment and the listeners as CrewAI has them (its console output included).
+- *Nothing of CrewAI's on the root logger* while the orchestrator is open: CrewAI logs
+  server error bodies (which may echo an API key) and token usage with
+  ``logging.error(...)``; a filter on the root logger drops the records CrewAI's code
+  emits there.  Named loggers (``crewai.*``) are left alone.
+- *Set-up on entry.*  :meth:`aopen` (the bridge calls it) imports crewai and builds every
+  agent, its executor and the HTTP clients in a worker thread; the first batch builds
+  nothing.  :meth:`aclose` closes the HTTP clients.
+
+Output: ``content`` is the agent's final answer (CrewAI's ``TaskOutput.raw``);
+``metadata`` holds ``framework`` ("crewai"), ``model``, ``role``, the call's token usage
+from CrewAI's ``UsageMetrics`` (``prompt_tokens``, ``completion_tokens``,
+``total_tokens``, ``cached_prompt_tokens``, ``reasoning_tokens``, ``successful_requests``),
+``attempts`` and ``latency_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import uuid4
+
+from adapters.openai_chat import AGENT_HEADER, encode_agent_header
+from adapters.roster import AgentProfile, Roster, check_base_url
+from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
+from kernel.validate import check_int, check_number, check_seconds
+
+if TYPE_CHECKING:
+    from crewai import Agent
+
+    from adapters._crewai_agents import AsyncOnlyOpenAI, RetryPolicy
+
+__all__ = ["DEFAULT_EXPECTED_OUTPUT", "TELEMETRY_OFF", "CrewAIOrchestrator", "disable_telemetry"]
+
+#: What each agent's task asks for, unless ``expected_output`` says otherwise.
+DEFAULT_EXPECTED_OUTPUT = (
+    "Your position on the topic in a few sentences: what you recommend, and why."
+)
+#: CrewAI's off switches (its telemetry, its tracing, its version check, and the
+#: OpenTelemetry SDK it sends telemetry with), set when ``telemetry=False``.
+TELEMETRY_OFF: Mapping[str, str] = {
+    "CREWAI_DISABLE_TELEMETRY": "true",
+    "CREWAI_DISABLE_TRACKING": "true",
+    "OTEL_SDK_DISABLED": "true",
+    "CREWAI_TRACING_ENABLED": "false",
+    "CREWAI_DISABLE_VERSION_CHECK": "true",
+}
+_DEFAULT_GOAL = "Give the council your position on the topic, and your reasons."
+_DEFAULT_BACKSTORY = "A member of a deliberative council of 72."
+_KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
+
+
+def disable_telemetry() -> None:
+    """Set CrewAI's off switches (:data:`TELEMETRY_OFF`) in this process's environment.
+
+    CrewAI reads them when it is imported and again before each telemetry call, so
+    call this before importing crewai; :class:`CrewAIOrchestrator` does, when built
+    with ``telemetry=False``.
+    """
+    os.environ.update(TELEMETRY_OFF)
+
+
+class _HttpClient(Protocol):
+    """What this module needs of an HTTP client (``httpx.AsyncClient``): closing it."""
+
+    async def aclose(self) -> None: ...
+
+
+class _Member:
+    """One council member: its CrewAI agent, its LLM, and what names it in errors."""
+
+    def __init__(
+        self, agent: Agent, llm: AsyncOnlyOpenAI, model: str, where: str, role: str
+    ) -> None:
+        self.agent = agent
+        self.llm = llm
+        self.model = model
+        self.where = where
+        self.role = role
+
+
+class CrewAIOrchestrator:
+    """Each agent of ``roster`` a real CrewAI agent; an asyncio orchestrator.
+
+    Args:
+        roster: who sits on the council; invoking an agent not in it raises
+            :class:`~kernel.AgentNotFoundError`.
+        base_url: the OpenAI-compatible endpoint (a profile's ``base_url`` overrides it).
+        model: the model (a profile's ``model`` overrides it).
+        api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
+            (local servers need none).  Never logged; redacted in ``repr``.
+        timeout_s: per-request timeout (a profile's ``timeout_s`` overrides it).
+        max_tokens, temperature: defaults for profiles that leave them unset.
+        telemetry: False (the default) turns CrewAI's telemetry off; see the module
+            docstring.
+        max_retries, backoff_base_s, backoff_cap_s, retry_after_cap_s, seed: our retries
+            of one LLM call, as in :class:`~adapters.openai_chat.OpenAIChatOrchestrator`.
+        expected_output: the task's expected output (CrewAI puts it in the prompt).
+    """
+
+    def __init__(
+        self,
+        roster: Roster,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        telemetry: bool = False,
+        max_retries: int = 3,
+        backoff_base_s: float = 0.25,
+        backoff_cap_s: float = 8.0,
+        retry_after_cap_s: float = 30.0,
+        seed: int | None = None,
+        expected_output: str = DEFAULT_EXPECTED_OUTPUT,
+    ) -> None:
+        if not isinstance(roster, Roster):
+            raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
+        check_base_url(base_url)
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequestError("model must be a non-empty string")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise InvalidRequestError("api_key must be a non-empty string or None")
+        if not isinstance(telemetry, bool):
+            raise InvalidRequestError(f"telemetry must be True or False, got {telemetry!r}")
+        if not isinstance(expected_output, str) or not expected_output.strip():
+            raise InvalidRequestError("expected_output must be a non-empty string")
+        # Validate the defaults the way a roster entry is validated.
+        AgentProfile(
+            agent_id="defaults", temperature=temperature, max_tokens=max_tokens, timeout_s=timeout_s
+        )
+        self.roster = roster
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout_s = check_seconds(timeout_s, "timeout_s")
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.telemetry = telemetry
+        self.max_retries = check_int(max_retries, "max_retries", at_least=0)
+        self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
+        self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
+        self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
+        self.seed = seed
+        self.expected_output = expected_output
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
+        if not telemetry:
+            disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
+        self._policy: RetryPolicy | None = None
+        self._members: dict[str, _Member] = {}
+        self._clients: list[_HttpClient] = []
+        self._quiet: contextlib.ExitStack | None = None
+        self._prepare_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        key = "none" if self._api_key == _KEYLESS else "***"
+        return (
+            f"CrewAIOrchestrator(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key={key}, agents={len(self.roster)}, telemetry={self.telemetry})"
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def prepare(self) -> None:
+        """Import crewai and build every agent, executor and HTTP client; no network call.
+
+        Synchronous (crewai's import alone takes a second or two): run it in a worker
+        thread, as :meth:`aopen` does.  Idempotent.
+        """
+        with self._prepare_lock:
+            if self._policy is not None:
+                return
+            if not self.telemetry:
+                disable_telemetry()
+            from adapters import _crewai_agents as crew  # imports crewai: seconds
+
+            policy = crew.RetryPolicy(
+                max_retries=self.max_retries,
+                backoff_base_s=self.backoff_base_s,
+                backoff_cap_s=self.backoff_cap_s,
+                retry_after_cap_s=self.retry_after_cap_s,
+                seed=self.seed,
+            )
+            quiet = contextlib.ExitStack()  # first: nothing of CrewAI's is heard from here on
+            try:
+                quiet.enter_context(crew.quiet_root_logger())
+                if self.telemetry:
+                    crew.start_event_bus()  # not on the trio thread: see there
+                else:
+                    quiet.enter_context(crew.muted_event_bus())
+                members = {p.agent_id: self._build_member(p) for p in self.roster}
+                crew.warm_up()
+            except BaseException:
+                quiet.close()
+                raise
+            self._quiet = quiet
+            self._members, self._policy = members, policy
+
+    def _build_member(self, profile: AgentProfile) -> _Member:
+        from adapters import _crewai_agents as crew
+
+        model = profile.model or self.model
+        base_url = (profile.base_url or self.base_url).rstrip("/")
+        timeout_s = profile.timeout_s or self.timeout_s
+        client = crew.agent_http_client(timeout_s)
+        self._clients.append(client)
+        temperature = profile.temperature if profile.temperature is not None else self.temperature
+        settings: dict[str, Any] = {}
+        if temperature is not None:
+            settings["temperature"] = temperature
+        if profile.max_tokens or self.max_tokens:
+            settings["max_tokens"] = profile.max_tokens or self.max_tokens
+        llm = crew.AsyncOnlyOpenAI(
+            model=model,
+            provider="openai",
+            custom_openai=True,  # an OpenAI-compatible server: no fallback to other APIs
+            base_url=base_url,
+            api_key=self._api_key,
+            max_retries=0,  # ours, not the SDK's
+            timeout=timeout_s,
+            default_headers={AGENT_HEADER: encode_agent_header(profile.agent_id)},
+            client_params={"http_client": client},
+            **settings,
+        )
+        role = profile.role or profile.name
+        agent = crew.build_agent(
+            role=role,
+            goal=profile.goal or _DEFAULT_GOAL,
+            backstory=profile.backstory or _DEFAULT_BACKSTORY,
+            system_prompt=profile.system_prompt,
+            llm=llm,
+        )
+        where = f"agent {profile.agent_id!r} (CrewAI, {model} at {base_url})"
+        return _Member(agent, llm, model, where, role)
+
+    async def aopen(self) -> None:
+        """Set up (:meth:`prepare`) in a worker thread, so the event loop stays free."""
+        await asyncio.to_thread(self.prepare)
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients; give back CrewAI's listeners and the root logger."""
+        clients, self._clients = self._clients, []
+        quiet, self._quiet = self._quiet, None
+        self._policy, self._members = None, {}
+        try:
+            for client in clients:
+                await client.aclose()
+        finally:
+            if quiet is not None:
+                quiet.close()
+
+    async def check_reachable(self, timeout_s: float | None = None) -> bool:
+        """Fail fast on a wrong host or port: probe ``GET /models`` once, exactly as
+        :meth:`adapters.openai_chat.OpenAIChatOrchestrator.check_reachable` does (with
+        this orchestrator's endpoint, key and timeout): :class:`AgentInvocationError`
+        if the endpoint cannot be reached, False if it is silent (busy), else True."""
+        from adapters.openai_chat import OpenAIChatOrchestrator
+
+        key = None if self._api_key == _KEYLESS else self._api_key
+        probe = OpenAIChatOrchestrator(
+            self.base_url, self.model, api_key=key, timeout_s=self.timeout_s
+        )
+        try:
+            return await probe.check_reachable(timeout_s)
+        finally:
+            await probe.aclose()
+
+    # ------------------------------------------------------------ one agent
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        policy = self._policy
+        if policy is None:
+            raise RuntimeError(
+                "CrewAIOrchestrator is not open: enter it through AsyncioOrchestratorBridge "
+                "(or await aopen()) first"
+            )
+        from adapters import _crewai_agents as crew  # imported by prepare(): no I/O here
+
+        self.roster.get(agent_id)  # AgentNotFoundError for a stranger
+        member = self._members[agent_id]
+        run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
+        task = crew.build_task(member.agent, _task_description(context), self.expected_output)
+        before = member.llm.get_token_usage_summary()
+        started = time.perf_counter()
+        try:
+            content = await crew.run_task(member.agent, task, run)
+        except AgentInvocationError:
+            raise
+        except Exception as exc:
+            described = crew.describe_error(exc).replace(self._api_key, "***")
+            raise AgentInvocationError(f"{member.where}: CrewAI error: {described}") from None
+        usage = member.llm.get_token_usage_summary().delta_since(before)
+        metadata: dict[str, str | int | float] = {
+            "framework": "crewai",
+            "model": member.model,
+            "role": member.role,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "cached_prompt_tokens": usage.cached_prompt_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "successful_requests": usage.successful_requests,
+            "attempts": run.attempts,
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+        return AgentOutput(
+            agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
+        )
+
+
+def _task_description(context: ContextBundle) -> str:
+    """The topic, then its metadata as a short list (as the OpenAI orchestrator sends it)."""
+    text = f"Topic {context.topic_id}:\n\n{context.topic_content}"
+    if context.metadata:
+        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
+        text += "\n\nContext:\n" + "\n".join(lines)
+    return text

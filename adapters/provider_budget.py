@@ -1,0 +1,524 @@
+"""A provider's rate limits as one budget, shared by every agent that calls it.
+
+72 agents against a hosted API share its requests-per-minute and tokens-per-minute
+limits.  Left alone, each agent fires and retries its own 429s: a retry storm.  Here,
+every HTTP attempt first takes its share of one budget per endpoint and API key
+(:func:`shared_budget`), so the calls are paced instead of refused.
+
+The budget has two lanes, requests and tokens.  Each lane paces evenly at the strictest
+limit it knows (the caller's :class:`ProviderLimits`, the server's advertised
+``x-ratelimit-limit-*``), less a :data:`HEADROOM` (the server counts arrivals, not our
+departures, so a little slack absorbs the jitter in between; a turn taken much later than
+planned, by a busy loop or a descheduled process, moves the turns after it as late).
+Each lane also mirrors the server's own count when the server reports it
+(``x-ratelimit-remaining-*``): the remaining budget, less what we have sent since the
+reported request, refilled at the limit's rate (or as fast as ``x-ratelimit-reset-*``
+says it is back).  A 429 pauses the whole endpoint until the server's reset
+(``Retry-After``, else the reset headers), capped.
+
+Waiting is a *reservation*: :meth:`EndpointBudget.reserve` computes, under a thread lock,
+the time the attempt may start ("your turn is at T"), and the caller sleeps until then on
+its own event loop.  So the shared state holds no loop-bound primitive: orchestrators on
+different asyncio loops (different bridges, even different threads) share one budget.
+Turns are handed out in reservation order (FIFO): a later reservation never starts
+before an earlier one.  The turns still waiting are a *plan* on top of what was sent:
+whenever the budget learns something (a real token usage below its estimate, a
+server's report, a pause, a waiter cancelled), the plan is recomputed in the same order;
+a turn that moves later is found out when its waiter wakes, one that moves earlier
+wakes its waiter (``call_soon_threadsafe`` on the waiter's loop).  A waiter cancelled
+before its turn leaves the plan: it consumes nothing.
+
+Time is the process's monotonic clock (``time.monotonic``), in real seconds whatever the
+event loop's clock: the provider's limits are real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+import attrs
+from attrs.validators import optional
+
+from adapters.ratelimit_headers import LaneHeaders, RateLimitHeaders
+from kernel.validate import integer
+
+__all__ = [
+    "HEADROOM",
+    "EndpointBudget",
+    "LimitStats",
+    "ProviderLimits",
+    "Ticket",
+    "shared_budget",
+]
+
+log = logging.getLogger("adapters.provider_budget")
+
+#: The share of a limit kept in reserve: lanes pace at 95 % of the limit they know.
+HEADROOM = 0.05
+# A turn taken later than this moves the turns after it (less is timer noise).
+_LATE_S = 0.010
+
+
+@attrs.frozen
+class ProviderLimits:
+    """A provider's rate limits for one API key, per minute, as its dashboard shows them.
+
+    ``None`` for either means "not given": that lane follows the server's headers only.
+    Each must be an ``int`` >= 1 (not a bool, not a float), or
+    :class:`~kernel.InvalidRequestError`.
+    """
+
+    requests_per_minute: int | None = attrs.field(
+        default=None, validator=optional(integer(at_least=1))
+    )
+    tokens_per_minute: int | None = attrs.field(
+        default=None, validator=optional(integer(at_least=1))
+    )
+
+
+@attrs.frozen
+class LimitStats:
+    """What rate limiting cost one orchestrator so far.
+
+    ``attempts``: HTTP attempts that took budget (retries included); ``waited_ms``: the
+    time its agents spent waiting for budget, summed over agents and attempts (so it can
+    exceed the wall time); ``responses_429``: how many answers were HTTP 429.
+    """
+
+    attempts: int = 0
+    waited_ms: float = 0.0
+    responses_429: int = 0
+
+
+class Ticket:
+    """One attempt's reservation: its turn (``at``), its token charge, and when it went."""
+
+    __slots__ = ("at", "done", "loop", "reserved_at", "sent_at", "seq", "tokens", "waker")
+
+    def __init__(
+        self, seq: int, tokens: float, reserved_at: float, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        self.seq = seq
+        self.at = reserved_at  # monotonic time of its turn (set by the plan)
+        self.tokens = tokens  # its token charge: the estimate, then what it really used
+        self.reserved_at = reserved_at
+        self.loop = loop  # the waiter's loop, to wake it when its turn moves earlier
+        self.waker: asyncio.Future[None] | None = None
+        self.sent_at: float | None = None  # set when its turn came
+        self.done = False  # its answer (or failure) is in
+
+    @property
+    def waited_s(self) -> float:
+        """How long it waited for its turn (0 until it went)."""
+        return 0.0 if self.sent_at is None else max(0.0, self.sent_at - self.reserved_at)
+
+
+class _Lane:
+    """One dimension of the budget (requests, or tokens), in units per second.
+
+    Own pacing is a GCRA with no burst: a charge of ``cost`` at time ``t`` makes the next
+    turn no earlier than ``t + cost / pace`` (``tat``).  The mirror is a bucket of
+    ``level`` units at time ``stamp``, refilling at ``refill`` up to ``cap``, set from the
+    server's reports; None until the server reports one.  Charges are applied in
+    non-decreasing time order (turns are FIFO).
+    """
+
+    __slots__ = ("advertised", "cap", "configured", "level", "reset_rate", "stamp", "tat")
+
+    def __init__(self) -> None:
+        self.configured: float | None = None  # from ProviderLimits
+        self.advertised: float | None = None  # from x-ratelimit-limit-*
+        self.reset_rate: float | None = None  # from remaining/reset, when no limit is known
+        self.tat = -math.inf
+        self.level: float | None = None
+        self.stamp = -math.inf
+        self.cap = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        """The strictest limit known, units per second (None: no limit known)."""
+        known = [r for r in (self.configured, self.advertised) if r is not None]
+        return min(known) if known else None
+
+    @property
+    def pace(self) -> float | None:
+        rate = self.rate
+        return None if rate is None else rate * (1.0 - HEADROOM)
+
+    @property
+    def refill(self) -> float | None:
+        """How fast the server's budget comes back: its limit, else ours, else the
+        estimate from its reset header."""
+        return self.advertised or self.configured or self.reset_rate
+
+    def _level_at(self, t: float) -> float:
+        assert self.level is not None
+        refill = self.refill or 0.0
+        return min(max(self.cap, self.level), self.level + refill * max(0.0, t - self.stamp))
+
+    def ready(self, t: float, cost: float) -> float:
+        """The earliest time >= ``t`` at which ``cost`` may go."""
+        pace = self.pace
+        if pace is not None:
+            t = max(t, self.tat)
+        refill = self.refill
+        if self.level is not None and refill:
+            t = max(t, self.stamp)
+            need = min(cost, self.cap)  # more than the server ever holds: wait for a full one
+            have = self._level_at(t)
+            if have < need:
+                t += (need - have) / refill
+        return t
+
+    def charge(self, t: float, cost: float) -> None:
+        pace = self.pace
+        if pace is not None:
+            self.tat = max(self.tat, t) + cost / pace
+        if self.level is not None:
+            t = max(t, self.stamp)
+            self.level = self._level_at(t) - cost
+            self.stamp = t
+
+    def copy(self) -> _Lane:
+        lane = _Lane()
+        for name in self.__slots__:
+            setattr(lane, name, getattr(self, name))
+        return lane
+
+    def refund(self, amount: float) -> None:
+        """Give back ``amount`` (negative: charge more), e.g. a cancelled reservation or
+        the difference between a token estimate and the real usage."""
+        pace = self.pace
+        if pace is not None and math.isfinite(self.tat):
+            self.tat -= amount / pace
+        if self.level is not None:
+            self.level = min(max(self.cap, self.level), self.level + amount)
+
+    def sync(
+        self, report: LaneHeaders, now: float, sent_at: float, own: float, after: float
+    ) -> None:
+        """Follow a response's report: its limit, and its remaining count.
+
+        ``sent_at``: when the reported request went; ``own``: its charge; ``after``: what
+        was sent since it went, which the server's ``remaining`` cannot include yet.
+        """
+        if report.limit_per_minute is not None:
+            self.advertised = report.limit_per_minute / 60.0
+        if report.remaining is None:
+            return
+        self.cap = max(self.cap, report.remaining + own)
+        if report.reset_s:
+            # Back to full within reset_s: at least this fast.
+            self.reset_rate = max(self.cap - report.remaining, 1.0) / report.reset_s
+        refill = self.refill
+        if not refill:
+            return  # nothing says how it refills: mirroring it would stall
+        # The server's remaining when it answered (about when the request arrived),
+        # refilled since, less everything we sent after it.
+        level = min(self.cap, report.remaining + refill * max(0.0, now - sent_at)) - after
+        stamp = now if self.level is None else max(self.stamp, now)
+        self.level = min(self.cap, level + refill * (stamp - now))
+        self.stamp = stamp
+
+
+class EndpointBudget:
+    """The budget of one endpoint and key; thread-safe, usable from any event loop.
+
+    Use :meth:`acquire` before each HTTP attempt and :meth:`finish` after it.  The lanes
+    take the strictest :class:`ProviderLimits` any user configured (:meth:`configure`).
+    ``name`` (the endpoint's URL) is for logs; ``clock`` is for tests.
+    """
+
+    def __init__(self, name: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        # What was sent (committed); the plan for the pending turns builds on top of it.
+        self.requests = _Lane()
+        self.tokens = _Lane()
+        self._pending: list[Ticket] = []  # reserved, turn not yet come, in FIFO order
+        self._sent: collections.deque[Ticket] = collections.deque()  # for replaying reports
+        self._seq = 0
+        self._paused_until = -math.inf
+        self._last_turn = -math.inf  # the latest turn that went
+        # The lanes and the last turn once every pending turn is charged (the plan's end).
+        self._plan: tuple[_Lane, _Lane, float] = (self.requests, self.tokens, -math.inf)
+
+    def __repr__(self) -> str:
+        return (
+            f"<EndpointBudget {self.name or '-'} rpm={_per_min(self.requests.rate)} "
+            f"tpm={_per_min(self.tokens.rate)} pending={len(self._pending)}>"
+        )
+
+    # ------------------------------------------------------------ read side
+
+    @property
+    def paused_until(self) -> float:
+        """Monotonic time until which the endpoint is paused (a 429); -inf if never."""
+        return self._paused_until
+
+    @property
+    def pending(self) -> int:
+        """Reservations waiting for their turn now."""
+        return len(self._pending)
+
+    def turns(self) -> list[float]:
+        """The planned turns of the pending reservations, in order."""
+        with self._lock:
+            return [ticket.at for ticket in self._pending]
+
+    def next_turn(self, tokens: float = 0.0) -> float:
+        """The turn a reservation made now would get, without making it."""
+        with self._lock:
+            requests, tokens_lane, last = self._plan
+            return self._turn(requests.copy(), tokens_lane.copy(), last, tokens, self._clock())
+
+    # ------------------------------------------------------------ configuration
+
+    def configure(self, limits: ProviderLimits | None) -> None:
+        """Apply ``limits``; a lane keeps the strictest limit it was ever given."""
+        if limits is None:
+            return
+        with self._lock:
+            for lane, per_minute in (
+                (self.requests, limits.requests_per_minute),
+                (self.tokens, limits.tokens_per_minute),
+            ):
+                if per_minute is not None:
+                    rate = per_minute / 60.0
+                    known = lane.configured
+                    lane.configured = rate if known is None else min(known, rate)
+            self._replan()
+
+    # ------------------------------------------------------------ planning
+
+    def _turn(
+        self, requests: _Lane, tokens_lane: _Lane, last: float, tokens: float, now: float
+    ) -> float:
+        """Plan one turn after ``last`` on these lanes, and charge them for it."""
+        t = max(now, self._paused_until, last)  # FIFO: never before an earlier turn
+        t = requests.ready(t, 1.0)
+        # Each lane's ready() is monotone, so one pass finds a time both accept.
+        t = tokens_lane.ready(t, tokens)
+        requests.charge(t, 1.0)
+        tokens_lane.charge(t, tokens)
+        return t
+
+    def _replan(self) -> None:
+        """Recompute every pending turn, in order, on top of what was sent; wake the
+        waiters whose turn moved earlier."""
+        now = self._clock()
+        requests, tokens_lane = self.requests.copy(), self.tokens.copy()
+        last = self._last_turn
+        for ticket in self._pending:
+            at = self._turn(requests, tokens_lane, last, ticket.tokens, now)
+            if at < ticket.at:
+                _wake(ticket)
+            ticket.at = last = at
+        self._plan = (requests, tokens_lane, last)
+
+    # ------------------------------------------------------------ reserving
+
+    def reserve(self, tokens: float, loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Take the next turn for one request of ``tokens`` estimated tokens."""
+        with self._lock:
+            now = self._clock()
+            self._seq += 1
+            ticket = Ticket(self._seq, tokens, now, loop)
+            requests, tokens_lane, last = self._plan
+            if not self._pending:  # the plan is what was sent: charge copies, not it
+                requests, tokens_lane = requests.copy(), tokens_lane.copy()
+            ticket.at = self._turn(requests, tokens_lane, last, tokens, now)
+            self._plan = (requests, tokens_lane, ticket.at)
+            self._pending.append(ticket)
+            return ticket
+
+    def try_send(self, ticket: Ticket) -> float:
+        """0 and the ticket sent if its turn has come, else seconds to wait (and a
+        fresh ``waker`` to wait on)."""
+        with self._lock:
+            now = self._clock()
+            if ticket.at > now:
+                if ticket.loop is not None:
+                    ticket.waker = ticket.loop.create_future()
+                return ticket.at - now
+            self._pending.remove(ticket)
+            ticket.sent_at = now
+            ticket.waker = None
+            # Commit its charges at its turn, or when it really went if that was much
+            # later (its loop was busy, the process descheduled): then the turns after
+            # it move as late, since the server counts arrivals, and a late call followed
+            # by on-time ones would crowd the server's window.  A little late is timer
+            # noise, which the headroom absorbs; moving the plan for it would only lose
+            # throughput.
+            late = now - ticket.at > _LATE_S
+            went = now if late else ticket.at
+            self.requests.charge(went, 1.0)
+            self.tokens.charge(went, ticket.tokens)
+            self._last_turn = max(self._last_turn, went)
+            self._sent.append(ticket)
+            if not self._pending:
+                self._plan = (self.requests, self.tokens, self._last_turn)
+            elif late:
+                self._replan()
+            return 0.0
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Give a pending reservation back (it consumes nothing); no-op once it went."""
+        with self._lock:
+            if ticket.sent_at is not None or ticket not in self._pending:
+                return
+            self._pending.remove(ticket)
+            ticket.waker = None
+            self._replan()
+
+    async def acquire(self, tokens: float) -> Ticket:
+        """Wait (asyncio, on the running loop) for a turn; return the sent ticket.
+
+        Cancelled while waiting, the reservation is given back and the cancellation
+        propagates at once.
+        """
+        ticket = self.reserve(tokens, asyncio.get_running_loop())
+        try:
+            while (delay := self.try_send(ticket)) > 0:
+                # Wakes at the turn, or earlier if the plan moves it earlier; a turn
+                # moved later is found out here, and slept on again.
+                waker = ticket.waker
+                assert waker is not None
+                await asyncio.wait((waker,), timeout=delay)
+        except BaseException:
+            self.cancel(ticket)
+            raise
+        return ticket
+
+    # ------------------------------------------------------------ answers
+
+    def finish(
+        self,
+        ticket: Ticket,
+        report: RateLimitHeaders | None,
+        *,
+        used_tokens: float | None = None,
+        throttled: bool = False,
+        max_pause_s: float,
+    ) -> float | None:
+        """Record a sent attempt's outcome: settle its tokens with ``used_tokens`` (the
+        real usage, when known), follow ``report`` (the response's headers; None when
+        there was no response), and on a 429 (``throttled``) pause the endpoint for the
+        reset it gives, at most ``max_pause_s``.
+
+        Returns the pause applied for a 429, or None if the response gave no reset (the
+        caller then decides; see :meth:`pause`).  Idempotent per ticket.
+        """
+        with self._lock:
+            if ticket.done or ticket.sent_at is None:
+                return None
+            ticket.done = True
+            now = self._clock()
+            changed = False
+            if used_tokens is not None and math.isfinite(used_tokens) and used_tokens >= 0:
+                self.tokens.refund(ticket.tokens - used_tokens)
+                changed = used_tokens != ticket.tokens
+                ticket.tokens = used_tokens
+            pause = None
+            if report is not None and report.present:
+                after_requests, after_tokens = self._sent_after(ticket)
+                sent = ticket.sent_at
+                self.requests.sync(report.requests, now, sent, 1.0, after_requests)
+                self.tokens.sync(report.tokens, now, sent, ticket.tokens, after_tokens)
+                changed = True
+                if throttled:
+                    pause = report.reset_after_429_s()
+                    if pause is not None:
+                        pause = min(pause, max_pause_s)
+                        self._paused_until = max(self._paused_until, now + pause)
+            while self._sent and self._sent[0].done:
+                self._sent.popleft()
+            if changed:
+                self._replan()
+        if pause is not None and pause > 0:
+            self._log_pause(pause)
+        return pause
+
+    def pause(self, seconds: float) -> None:
+        """Pause the whole endpoint for ``seconds`` from now (a 429 that said nothing of
+        when to come back: the caller's backoff)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
+            self._replan()
+        self._log_pause(seconds)
+
+    def _log_pause(self, seconds: float) -> None:
+        log.info(
+            "endpoint paused after HTTP 429",
+            extra={"base_url": self.name, "pause_s": round(seconds, 3), "waiting": self.pending},
+        )
+
+    def _sent_after(self, ticket: Ticket) -> tuple[float, float]:
+        """Requests and tokens sent after ``ticket``."""
+        requests = tokens = 0.0
+        for later in reversed(self._sent):
+            if later.seq <= ticket.seq:
+                break
+            requests += 1.0
+            tokens += later.tokens
+        return requests, tokens
+
+
+def _wake(ticket: Ticket) -> None:
+    """Wake the waiter of ``ticket`` (on its own loop, from any thread)."""
+    waker, ticket.waker = ticket.waker, None
+    if waker is None or ticket.loop is None:
+        return
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+        ticket.loop.call_soon_threadsafe(_resolve, waker)
+
+
+def _resolve(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
+
+
+def _per_min(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 60:g}"
+
+
+# ---------------------------------------------------------------- the registry
+
+_registry: weakref.WeakValueDictionary[tuple[str, str], EndpointBudget] = (
+    weakref.WeakValueDictionary()
+)
+_registry_lock = threading.Lock()
+# Keys are told apart by an HMAC under a per-process secret: the registry holds no key,
+# nor anything that could be checked against a guessed one outside this process.
+_SALT = secrets.token_bytes(32)
+
+
+def shared_budget(base_url: str, api_key: str) -> EndpointBudget:
+    """The one budget of ``base_url`` and ``api_key`` in this process.
+
+    Every orchestrator that calls the same endpoint with the same key gets the same
+    budget, whatever its event loop or thread; a different key (or endpoint) gets
+    another.  A budget lives as long as someone holds it.
+    """
+    fingerprint = hmac.new(
+        _SALT, api_key.encode("utf-8", "surrogatepass"), hashlib.sha256
+    ).hexdigest()
+    key = (base_url.rstrip("/"), fingerprint)
+    with _registry_lock:
+        budget = _registry.get(key)
+        if budget is None:
+            budget = EndpointBudget(key[0])
+            _registry[key] = budget
+        return budget

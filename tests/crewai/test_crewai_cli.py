@@ -1,0 +1,79 @@
+"""``conclave deliberate --backend crewai`` as a user runs it: a subprocess, real crewai,
+the loopback server."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fake_openai import FakeOpenAIServer
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHONS = ROOT / "examples" / "archons-sample.json"
+
+
+def conclave(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_an_archon_council_deliberates_with_crewai(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    llm_server.script("archon-imrith", 401)
+    out = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate",
+        "--backend",
+        "crewai",
+        "--roster",
+        str(ARCHONS),
+        "--base-url",
+        llm_server.base_url,
+        "--model",
+        "fake-model",
+        "--topic",
+        "Adopt the budget?",
+        "--json",
+        str(out),
+        "--show",
+        "1",
+    )
+    assert proc.returncode == 1, proc.stderr  # one archon failed
+    assert re.search(r"succeeded\s+5\b", proc.stdout)
+    assert "archon-imrith: error: agent 'archon-imrith' (CrewAI, fake-model at" in proc.stdout
+    assert "archon-vessa votes aye" in proc.stdout  # --show 1: the first answer
+    assert "Traceback" not in proc.stderr
+    assert "Task Started" not in proc.stdout + proc.stderr  # CrewAI's panels stay off
+    doc = json.loads(out.read_text())
+    assert doc["backend"] == "crewai" and doc["model"] == "fake-model"
+    assert len(doc["outcomes"]) == 6
+    assert llm_server.headers[0][":path"].endswith("/models")  # the reachability probe
+    chats = [b for b in llm_server.bodies if "messages" in b]
+    assert len(chats) == 6
+    # each archon's own system prompt first, then CrewAI's persona
+    assert all(b["messages"][0]["content"].startswith("You are ") for b in chats)
+
+
+def test_the_crewai_backend_refuses_an_unreachable_server(tmp_path: Path) -> None:
+    proc = conclave(
+        "deliberate",
+        "--backend",
+        "crewai",
+        "--roster",
+        str(ARCHONS),
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "conclave: cannot reach http://127.0.0.1:9/v1: APIConnectionError"
