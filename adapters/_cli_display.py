@@ -124,6 +124,9 @@ def print_summary(
         f"{pool_after.active_count} active, "
         f"{pool_after.available_count}/{pool_after.max_concurrent} free"
     )
+    if pool_after.shared_capacity is not None:  # --shared-capacity: the cluster's count too
+        in_use = "?" if pool_after.shared_in_use is None else pool_after.shared_in_use
+        pool_line += f"; cluster {in_use}/{pool_after.shared_capacity} in use"
     if halt_reason is not None:
         status = "HALTED"
     else:

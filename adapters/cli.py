@@ -1,9 +1,9 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
-    conclave halt   --halt-file PATH --reason TEXT
-    conclave clear  --halt-file PATH --approver A --approver B --reason TEXT
-    conclave status --halt-file PATH
+    conclave halt   --halt-file PATH | --valkey URL --reason TEXT
+    conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
+    conclave status --halt-file PATH | --valkey URL
     conclave verify DB
 
 Exit codes:
@@ -36,13 +36,12 @@ from pathlib import Path
 
 import trio
 
-from adapters import transcript
+from adapters import _cli_valkey, transcript
 from adapters._cli_backend import (
     OperatorInterrupt,
     RateLimitReport,
     UsageError,
     crewai_orchestrator,
-    halt_checker,
     halt_reason_now,
     open_service,
     openai_orchestrator,
@@ -155,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
+    cluster = d.add_argument_group("several processes (a Valkey or Redis server they share)")
+    cluster.add_argument(
+        "--valkey",
+        metavar="URL",
+        help="obey the halt on this server (redis://, rediss://, valkey://, unix://); "
+        "any process can raise it",
+    )
+    cluster.add_argument(
+        "--shared-capacity",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --valkey: at most N agents in flight across every process on the server",
+    )
     tail = d.add_argument_group("tail control (concurrent runs)")
     tail.add_argument(
         "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
@@ -256,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "show a halt file's state"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--halt-file", type=Path, required=True)
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--halt-file", type=Path)
+        where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
         if name in ("halt", "clear"):
             p.add_argument("--reason", required=True)
         if name == "clear":
@@ -278,10 +293,17 @@ async def deliberate(args: argparse.Namespace) -> int:
     batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(args.log_level)
     roster_file = await _check_usage(args)
+    async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
+        return await _deliberate(args, roster_file, cluster)
+
+
+async def _deliberate(
+    args: argparse.Namespace, roster_file: Roster | None, cluster: _cli_valkey.ValkeyCluster
+) -> int:
     context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
-    pool = AgentPool(args.capacity)
+    pool = cluster.pool(args.capacity)
     interrupt = OperatorInterrupt()
-    checker = halt_checker(interrupt.switch, args.halt_file)
+    checker = cluster.halt_checker(interrupt.switch, args.halt_file)
     # CT-11 first, in the kernel's order: a halted system refuses everything, even an
     # oversize council, and does not probe a server.
     reason = await halt_reason_now(checker)
@@ -332,6 +354,7 @@ async def deliberate(args: argparse.Namespace) -> int:
         if opening.cancelled_caught:  # Ctrl-C while opening: halted before the start
             halted = interrupt.switch.reason
             nursery.cancel_scope.cancel()
+    await cluster.settle()
     interrupted = interrupt.signal_name is not None
     return await _finish(
         args, context, requests, result, halted, pool, interrupted=interrupted, limits=limits
@@ -342,6 +365,8 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
+    if args.shared_capacity is not None and args.valkey is None:
+        raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
     tail = (
         ("--deadline", args.deadline),
         ("--quorum", args.quorum),
@@ -378,6 +403,11 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
         raise AgentPoolExhaustedError(
             f"FR10: agent pool exhausted: {pool.max_concurrent - pool.available_count} active "
             f"+ {size} requested > {pool.max_concurrent}"
+        )
+    shared = pool.shared
+    if args.overflow == "reject" and not args.sequential and shared and size > shared.capacity:
+        raise AgentPoolExhaustedError(
+            f"FR10: shared capacity exhausted: {size} requested > {shared.capacity}"
         )
     if size > MAX_AGENTS:
         what = f"--roster {args.roster} has {size} agents" if args.roster else f"--agents {size}"
@@ -510,6 +540,8 @@ def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
 
 
 async def halt_command(args: argparse.Namespace) -> int:
+    if args.valkey is not None:
+        return await _cli_valkey.halt_command(args)
     from adapters.file_halt import FileHaltChannel
 
     channel = FileHaltChannel(args.halt_file)
@@ -523,6 +555,8 @@ async def halt_command(args: argparse.Namespace) -> int:
 
 
 async def clear_command(args: argparse.Namespace) -> int:
+    if args.valkey is not None:
+        return await _cli_valkey.clear_command(args)
     from adapters.file_halt import FileHaltChannel
 
     channel = FileHaltChannel(args.halt_file)
@@ -533,6 +567,8 @@ async def clear_command(args: argparse.Namespace) -> int:
 
 
 async def status_command(args: argparse.Namespace) -> int:
+    if args.valkey is not None:
+        return await _cli_valkey.status_command(args)
     from adapters.file_halt import FileHaltChannel
 
     state = await FileHaltChannel(args.halt_file).state()

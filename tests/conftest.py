@@ -13,6 +13,7 @@ import trio
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPool, ConcurrentDeliberationService, HaltSwitch
 from tests.fake_openai import FakeOpenAIServer
+from tests.valkey_server import ValkeyServer
 
 # tests/crewai/ needs crewai, which has an environment of its own (.venv-crewai: crewai
 # pins openai<3, this one has openai 3).  `make test` runs this directory there, with
@@ -96,3 +97,10 @@ def llm_server(_fake_openai_server: FakeOpenAIServer) -> FakeOpenAIServer:
     """The loopback OpenAI-compatible server, with faults and counters reset."""
     _fake_openai_server.reset()
     return _fake_openai_server
+
+
+@pytest.fixture(scope="session")
+def valkey_server() -> Iterator[ValkeyServer]:
+    """One real Valkey (or Redis) server for the session, on a free 127.0.0.1 port."""
+    with ValkeyServer() as server:
+        yield server

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.results import Results, Settings
+from benchmarks.scenarios.cluster import cluster
 from benchmarks.scenarios.crewai import crewai
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
@@ -39,4 +40,5 @@ SCENARIOS: dict[str, Scenario] = {
     "crewai": crewai,
     "witness": witness,
     "soak": soak,
+    "cluster": cluster,
 }

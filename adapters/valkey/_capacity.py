@@ -1,0 +1,516 @@
+"""FR10 across machines: one capacity shared by every process that uses the same server.
+
+A counting semaphore with leases, kept on the server and changed only by atomic Lua
+scripts (see :mod:`adapters.valkey._lua`): a sorted set of lease expiries, a FIFO queue of
+waiters, and a grants channel.
+
+* :meth:`ValkeyCapacity.reserve` takes every lease or none (reject mode), and never
+  jumps the queue: it is refused while anyone waits.
+* :meth:`ValkeyCapacity.acquire` takes one lease, or queues for it FIFO across every
+  process and waits without polling: the script that frees a slot hands it to the head
+  of the queue and publishes the grant.  Each (re)subscription, and each renewal, re-checks
+  what this process waits for, so a grant published while it was not listening is
+  not lost.
+* :meth:`ValkeyCapacity.release` never blocks and never raises: it queues the release
+  for a background task, which sends every queued release in one call.
+* A background task renews every lease this process holds (and every place it keeps in
+  the queue) each ``lease_s / 3`` seconds.  A process that dies stops renewing: its
+  leases expire after ``lease_s`` and any script reclaims them.
+* The server cannot be reached: :meth:`reserve` and :meth:`acquire` raise
+  :class:`~kernel.AgentPoolExhaustedError` ("FR10: shared capacity unreachable: ...")
+  having taken nothing; a waiter already queued keeps waiting through a short outage
+  (its place is re-checked on reconnect) and is refused once the server has been
+  unreachable for ``lease_s``.  Never over-admits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from adapters.valkey._connection import (
+    Client,
+    StoreError,
+    backoff,
+    check_name,
+    check_timeout,
+    check_url,
+    describe,
+    open_client,
+    redact,
+    reraise_cancellation,
+    store_call,
+    to_int,
+)
+from adapters.valkey._lua import ACQUIRE, CAPACITY_CLAIM, RESERVE, SYNC
+from kernel import AgentPoolExhaustedError, InvalidRequestError
+from kernel.validate import check_int, check_number
+
+__all__ = ["ValkeyCapacity"]
+
+log = logging.getLogger("adapters.valkey")
+
+_MAX_LEASE_CHARS = 128
+
+
+class _Waiter:
+    """One :meth:`ValkeyCapacity.acquire` waiting for its grant."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: str | None = None
+
+
+class ValkeyCapacity:
+    """A :class:`~kernel.SharedCapacity` on a Valkey or Redis server, for ``async with``.
+
+    ``AgentPool(max_concurrent, shared=capacity)`` admits a call only when both the
+    pool and this capacity have room.  Every process that uses the same server and
+    ``name`` shares one ``capacity``; configure them alike (a process that finds another
+    capacity recorded under ``name`` logs a warning, and each enforces its own).
+
+    Entering connects (bounded by ``timeout``), subscribes to the grants and starts the
+    background task that renews leases and sends releases.  An unreachable server does
+    not make entering fail: admissions are refused until it can be reached.  Leaving
+    gives back whatever is still held (one last call, bounded by ``timeout``; if it
+    cannot be made, the leases expire after ``lease_s``).
+
+    Args:
+        url: ``redis://``, ``rediss://``, ``valkey://``, ``valkeys://`` or ``unix://``.
+        name: the prefix of the keys and channel (``<name>:leases`` ...).
+        capacity: the most leases held at once across every process.
+        lease_s: how long a lease outlives its last renewal (a dead process's slots come
+            back after at most this long); renewed every ``lease_s / 3``.
+        timeout: how long one call to the server may take before the admission is refused.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "conclave",
+        capacity: int = 72,
+        lease_s: float = 30.0,
+        timeout: float = 1.0,
+    ) -> None:
+        self._url = check_url(url)
+        self.url = redact(self._url)
+        self.name = check_name(name, "name")
+        self._capacity = check_int(capacity, "capacity", at_least=1)
+        self.lease_s = check_number(lease_s, "lease_s", at_least=0.1)
+        self.timeout = check_timeout(timeout, "timeout")
+        self._keys = [f"{self.name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
+        self._grants = f"{self.name}:grants"
+        self._client: Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._held: set[str] = set()
+        self._waiters: dict[str, _Waiter] = {}
+        self._pending: dict[str, float] = {}  # released lease -> when (trio time)
+        self._wake = trio.Event()
+        self._recheck = False
+        # One sync call at a time: a renewal sent after a release would re-add the lease.
+        self._sync_lock = trio.Lock()
+        self._in_use: int | None = None
+        self._failing_since: float | None = None
+        self._problem: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<ValkeyCapacity {self.name!r} {self._in_use}/{self._capacity} on {self.url}>"
+
+    # ------------------------------------------------------------ SharedCapacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def in_use(self) -> int | None:
+        """Leases in use cluster-wide, as of this process's last call (None when the last
+        call failed, or before the first)."""
+        return self._in_use
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The leases this process holds."""
+        return frozenset(self._held)
+
+    @property
+    def waiting(self) -> frozenset[str]:
+        """The leases this process is queued for."""
+        return frozenset(self._waiters)
+
+    async def reserve(self, leases: Sequence[str]) -> None:
+        """Take one slot per lease now, all or none; else raise
+        :class:`~kernel.AgentPoolExhaustedError` having taken none."""
+        wanted = _check_leases(leases)
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return
+        self._require_open()
+        args: list[Any] = [self._capacity, self._lease_ms, self._grants, *wanted]
+        try:
+            reply: object = await store_call(
+                lambda: self._reserve_script(keys=self._keys, args=args), self.timeout
+            )
+            ok, in_use, queued = _ints(reply, 3, "reserve")
+        except StoreError as exc:
+            self._failed(str(exc))
+            self._forget(wanted)  # the call may have landed: give them back
+            raise AgentPoolExhaustedError(self._unreachable(str(exc))) from None
+        except BaseException:
+            self._forget(wanted)
+            raise
+        self._reached(in_use)
+        if not ok:
+            if queued:
+                raise AgentPoolExhaustedError(
+                    f"FR10: shared capacity {self.name!r} busy: {queued} agent(s) are queued "
+                    "for it cluster-wide, and reject mode does not jump the queue"
+                )
+            raise AgentPoolExhaustedError(
+                f"FR10: shared capacity exhausted: {in_use} in use + {len(wanted)} requested "
+                f"> {self._capacity} ({self.name!r} on {self.url})"
+            )
+        self._held.update(wanted)
+
+    async def acquire(self, lease: str) -> None:
+        """Take one slot, waiting FIFO (across every process) until one is free.
+
+        Cancelled, it holds nothing.  Raises :class:`~kernel.AgentPoolExhaustedError` if the
+        server cannot be reached (or stays unreachable for ``lease_s`` while queued).
+        """
+        (lease,) = _check_leases([lease])
+        self._require_open()
+        if lease in self._held or lease in self._waiters:
+            raise InvalidRequestError(f"lease {lease!r} is already held or waiting")
+        waiter = self._waiters[lease] = _Waiter()
+        args: list[Any] = [self._capacity, self._lease_ms, self._grants, lease]
+        try:
+            try:
+                reply: object = await store_call(
+                    lambda: self._acquire_script(keys=self._keys, args=args), self.timeout
+                )
+                granted, in_use, _place = _ints(reply, 3, "acquire")
+            except StoreError as exc:
+                self._failed(str(exc))
+                raise AgentPoolExhaustedError(self._unreachable(str(exc))) from None
+            self._reached(in_use)
+            if not granted:
+                await waiter.event.wait()
+            if waiter.error is not None:
+                raise AgentPoolExhaustedError(waiter.error)
+        except BaseException:
+            if self._waiters.get(lease) is waiter:
+                del self._waiters[lease]
+            self._forget([lease])  # withdraw, or give back a grant that came too late
+            raise
+        del self._waiters[lease]
+        self._held.add(lease)
+
+    async def flush(self) -> None:
+        """Send the queued releases now and refresh :meth:`in_use` (e.g. before reporting
+        a run); a failure is logged, not raised (the background task retries)."""
+        self._require_open()
+        try:
+            await self._sync(renew=False, always=True)
+        except StoreError as exc:
+            self._failed(str(exc))
+
+    def release(self, lease: str) -> None:
+        """Give a slot back, or withdraw a lease still waiting.  Never blocks or raises:
+        the server is told in the background; idempotent."""
+        if lease in self._held:
+            self._held.discard(lease)
+            self._queue_release(lease)
+        elif lease in self._waiters:
+            waiter = self._waiters.pop(lease)
+            waiter.error = f"FR10: lease {lease} withdrawn while queued"
+            waiter.event.set()
+            self._queue_release(lease)
+        # Else never held here (a refused reserve), or already given back: nothing to do.
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> ValkeyCapacity:
+        if self._stack is not None:
+            raise RuntimeError("this ValkeyCapacity is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            client = await stack.enter_async_context(
+                open_client(self._url, connect_timeout=self.timeout)
+            )
+            self._client = client
+            self._reserve_script = client.register_script(RESERVE)
+            self._acquire_script = client.register_script(ACQUIRE)
+            self._sync_script = client.register_script(SYNC)
+            await self._claim_capacity(client)
+            await self._first_sync()
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            await self._nursery.start(self._listen)
+            await self._nursery.start(self._sync_loop)
+        except BaseException as exc:
+            self._client = self._nursery = None
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None and self._nursery is not None
+        for lease in [*self._held, *self._waiters]:
+            self.release(lease)
+        if self._pending:
+            with trio.move_on_after(self.timeout, shield=True):
+                try:
+                    await self._sync(renew=False)
+                except StoreError as problem:
+                    log.warning(
+                        "shared capacity: leases not given back on close; they expire",
+                        extra={"capacity_name": self.name, "problem": str(problem)},
+                    )
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._client = self._nursery = None
+            self._pending.clear()
+
+    async def _claim_capacity(self, client: Client) -> None:
+        """Connect now (not on a batch's first admission) and compare capacities."""
+        key = f"{self.name}:capacity"
+        try:
+            recorded = await store_call(
+                lambda: client.eval(CAPACITY_CLAIM, keys=[key], args=[self._capacity]),
+                self.timeout,
+            )
+        except StoreError as exc:
+            self._failed(str(exc))
+            return
+        if recorded != str(self._capacity).encode():
+            log.warning(
+                "shared capacity configured differently elsewhere; each process enforces its own",
+                extra={"capacity_name": self.name, "capacity": self._capacity},
+            )
+
+    async def _first_sync(self) -> None:
+        """The count in use, known from the start (and any leases this process had)."""
+        try:
+            await self._sync(renew=True)
+        except StoreError as exc:
+            self._failed(str(exc))
+
+    # ------------------------------------------------------------ background
+
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the grants channel; after every (re)subscription, ask for a re-check of
+        what this process waits for.  ``started`` after the first attempt."""
+        client = self._client
+        assert client is not None
+        started = False
+        attempt = 0
+        while True:
+            try:
+                async with client.pubsub(
+                    channels=[self._grants],
+                    ignore_subscribe_messages=True,
+                    retry_policy=None,  # we reconnect ourselves, and re-check when we do
+                    subscription_timeout=self.timeout,
+                ) as subscription:
+                    attempt = 0
+                    self._request_recheck()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in subscription:
+                        if message["type"] == "message":
+                            self._on_grants(message["data"])
+            except BaseException as exc:
+                reraise_cancellation(exc)
+                log.warning(
+                    "shared capacity: grants subscription lost",
+                    extra={"capacity_name": self.name, "problem": describe(exc)},
+                )
+            self._request_recheck()
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(backoff(attempt))
+            attempt += 1
+
+    def _on_grants(self, data: object) -> None:
+        if not isinstance(data, bytes):
+            return
+        for lease in data.decode("utf-8", "replace").split():
+            waiter = self._waiters.get(lease)
+            if waiter is not None:
+                waiter.event.set()
+
+    async def _sync_loop(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send releases as they come, renew every ``lease_s / 3``, re-check on request."""
+        task_status.started()
+        renew_every = self.lease_s / 3
+        next_renewal = trio.current_time() + renew_every
+        failures = 0
+        while True:
+            if not self._pending and not self._recheck:
+                with trio.move_on_at(next_renewal):
+                    await self._wake.wait()
+            self._wake = trio.Event()
+            renew = self._recheck or trio.current_time() >= next_renewal
+            self._recheck = False
+            try:
+                await self._sync(renew=renew)
+            except StoreError as exc:
+                self._failed(str(exc))
+                self._recheck = self._recheck or renew
+                await trio.sleep(backoff(failures))
+                failures += 1
+                continue
+            failures = 0
+            if renew:
+                next_renewal = trio.current_time() + renew_every
+
+    async def _sync(self, *, renew: bool, always: bool = False) -> None:
+        """One call: the queued releases, and (``renew``) every lease held and waited for;
+        none if there is nothing to send, unless ``always``."""
+        async with self._sync_lock:
+            await self._sync_now(renew=renew, always=always)
+
+    async def _sync_now(self, *, renew: bool, always: bool) -> None:
+        releases = list(self._pending)
+        held = list(self._held) if renew else []
+        waiting = list(self._waiters) if renew else []
+        if not releases and not renew and not always:
+            return
+        args: list[Any] = [
+            self._capacity,
+            self._lease_ms,
+            self._grants,
+            len(releases),
+            len(held),
+            *releases,
+            *held,
+            *waiting,
+        ]
+        reply: object = await store_call(
+            lambda: self._sync_script(keys=self._keys, args=args), self.timeout
+        )
+        if not isinstance(reply, list) or len(reply) != 2 + len(held) + len(waiting):
+            raise StoreError("unexpected reply to the lease sync")
+        in_use, _queued = _ints(reply[:2], 2, "sync")
+        for lease in releases:
+            self._pending.pop(lease, None)
+        self._reached(in_use)
+        for lease, status in zip(held, reply[2 : 2 + len(held)], strict=True):
+            if status == b"r" and lease in self._held:
+                log.warning(
+                    "shared capacity: a lease expired while its agent ran; re-added",
+                    extra={"capacity_name": self.name, "lease_s": self.lease_s},
+                )
+        for lease, status in zip(waiting, reply[2 + len(held) :], strict=True):
+            if status == b"g":
+                self._on_grants(lease.encode())
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, round(self.lease_s * 1000))
+
+    def _queue_release(self, lease: str) -> None:
+        if self._nursery is None:
+            return  # closed: the lease expires on its own
+        self._pending[lease] = trio.current_time()
+        self._wake.set()
+
+    def _forget(self, leases: Sequence[str]) -> None:
+        """Release leases whose fate on the server is unknown (a call that failed)."""
+        for lease in leases:
+            self._queue_release(lease)
+
+    def _request_recheck(self) -> None:
+        self._recheck = True
+        self._wake.set()
+
+    def _reached(self, in_use: int) -> None:
+        self._in_use = in_use
+        if self._failing_since is not None:
+            log.warning("shared capacity reachable again", extra={"capacity_name": self.name})
+            self._failing_since = None
+            self._problem = None
+
+    def _failed(self, problem: str) -> None:
+        """A call failed: the count is unknown; waiters give up after ``lease_s`` of it;
+        releases older than ``lease_s`` are dropped (those leases have expired)."""
+        now = trio.current_time()
+        self._in_use = None
+        if self._failing_since is None:
+            self._failing_since = now
+        if problem != self._problem:
+            log.error(
+                "shared capacity unreachable; admissions refused",
+                extra={"capacity_name": self.name, "capacity_url": self.url, "problem": problem},
+            )
+            self._problem = problem
+        for lease, when in list(self._pending.items()):
+            if now - when > self.lease_s:
+                del self._pending[lease]
+        if now - self._failing_since >= self.lease_s:
+            for waiter in self._waiters.values():
+                if not waiter.event.is_set():
+                    waiter.error = self._unreachable(f"{problem} (for {self.lease_s:g} s)")
+                    waiter.event.set()
+
+    def _unreachable(self, problem: str) -> str:
+        return f"FR10: shared capacity unreachable: {self.url}: {problem}"
+
+    def _require_open(self) -> None:
+        if self._client is None:
+            raise AgentPoolExhaustedError(
+                "FR10: shared capacity unreachable: not open (use 'async with ValkeyCapacity(...)')"
+            )
+
+
+def _check_leases(leases: Sequence[str]) -> list[str]:
+    if isinstance(leases, str | bytes):
+        raise InvalidRequestError("leases must be a sequence of lease ids, not one string")
+    checked = []
+    for lease in leases:
+        if (
+            not isinstance(lease, str)
+            or not lease
+            or len(lease) > _MAX_LEASE_CHARS
+            or any(c.isspace() for c in lease)
+        ):
+            raise InvalidRequestError(
+                f"a lease id is a non-empty string of at most {_MAX_LEASE_CHARS} characters "
+                f"without whitespace, got {lease!r:.80}"
+            )
+        checked.append(lease)
+    if len(set(checked)) != len(checked):
+        raise InvalidRequestError("lease ids must be distinct")
+    return checked
+
+
+def _ints(reply: object, n: int, what: str) -> list[int]:
+    if not isinstance(reply, list) or len(reply) < n:
+        raise StoreError(f"unexpected reply to {what}")
+    return [to_int(v, what) for v in reply[:n]]

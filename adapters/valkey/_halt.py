@@ -1,0 +1,524 @@
+"""CT-11 across machines: a halt every process sharing a Valkey (or Redis) server obeys.
+
+Durable, because the halt is a key; instant, because every change is published and each
+process listens.  Publish/subscribe alone loses messages (a process that subscribes
+late, or reconnects, missed what was said meanwhile), so a process reads the key every
+time it (re)subscribes, after every message, and every ``refresh_interval`` seconds.
+
+**Fail-closed.**  This process counts as halted unless it is subscribed *and* the key,
+read since, is a well-formed document that says ``"halted": false``.  A lost connection,
+a missing key (a new server, or one that restarted without its data), a key of another
+type, a value that is too large, not UTF-8, not JSON or of the wrong shape: halted, with
+a reason that says which, until the key is read again and says otherwise.  A first
+deployment therefore starts halted, and two approvers clear it once
+(``conclave clear --valkey URL ...``); so does a server that lost its data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Collection
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import attrs
+import trio
+
+from adapters.valkey._connection import (
+    Client,
+    StoreError,
+    ValkeyUnavailableError,
+    backoff,
+    check_name,
+    check_timeout,
+    check_url,
+    describe,
+    open_client,
+    redact,
+    reraise_cancellation,
+    store_call,
+    to_int,
+)
+from adapters.valkey._halt_doc import (
+    MAX_HALT_BYTES,
+    MAX_HISTORY,
+    Corrupt,
+    encode_document,
+    encode_record,
+    parse_document,
+    parse_record,
+)
+from adapters.valkey._lua import HALT, HALT_CLEAR, HALT_READ
+from kernel import (
+    HaltClearDeniedError,
+    HaltRecord,
+    check_clear_approvers,
+    check_halt_reason,
+    utc_now,
+)
+
+__all__ = ["HaltChannelState", "ValkeyHaltChannel"]
+
+log = logging.getLogger("adapters.valkey")
+
+
+@attrs.frozen(slots=True)
+class HaltChannelState:
+    """What this process knows of the halt.
+
+    ``reason`` is None only when not halted.  ``connected`` is True while the channel is
+    subscribed and has read the key since.  ``problem`` says why this reads as halted
+    without anyone having raised a halt (unreachable, no halt record, an unreadable
+    key); None for a real halt, or when not halted.
+    """
+
+    halted: bool
+    reason: str | None
+    connected: bool
+    problem: str | None = None
+
+
+@attrs.frozen(slots=True)
+class _KeyState:
+    halted: bool
+    reason: str | None
+    problem: str | None = None
+
+
+class ValkeyHaltChannel:
+    """A halt channel on a Valkey or Redis server, for ``async with``.
+
+    A :class:`~kernel.HaltChecker` with ``wait_halted`` (:class:`~kernel.HaltWaiter`),
+    ``halted_now()`` (:class:`~kernel.HaltProbe`) and ``on_halt`` (:class:`~kernel.
+    HaltNotifier`): the reads answer from this process's last known state, which a
+    background task keeps current (within milliseconds of a change anywhere).
+
+    Writing needs the network, so :meth:`halt` and :meth:`clear` are ``async``; the
+    synchronous probe, :meth:`halted_now`, never does I/O.  An application that must
+    halt from synchronous code raises its in-process :class:`~kernel.HaltSwitch` (which
+    the kernel obeys at once, wired with this channel through
+    :class:`~kernel.DualChannelHaltChecker`) and then awaits :meth:`halt` here so every
+    other process stops too.
+
+    Entering connects, subscribes and reads the key (bounded by ``timeout``); an
+    unreachable server does not make entering fail: the channel reads as halted and
+    keeps reconnecting (backing off up to 1 s between attempts).  Outside the block the
+    channel reads as halted.
+
+    Args:
+        url: ``redis://``, ``rediss://``, ``valkey://``, ``valkeys://`` or ``unix://``.
+        key: the halt key; its history is ``<key>:history``, its events channel
+            ``<key>:events``.
+        timeout: how long one call to the server may take (seconds).
+        refresh_interval: how often the key is re-read when nothing is published (seconds);
+            also how soon a silently dead connection is noticed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str = "conclave:halt",
+        timeout: float = 2.0,
+        refresh_interval: float = 1.0,
+    ) -> None:
+        self._url = check_url(url)
+        self.url = redact(self._url)
+        self.key = check_name(key, "key")
+        self.timeout = check_timeout(timeout, "timeout")
+        self.refresh_interval = check_timeout(refresh_interval, "refresh_interval")
+        self._history_key = f"{self.key}:history"
+        self._events = f"{self.key}:events"
+        #: Where the last :meth:`halt` over an unreadable key kept it (or None).
+        self.kept_aside: str | None = None
+        self._client: Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._listeners: list[Callable[[str], None]] = []
+        self._key_state = _KeyState(True, "not read yet", "not read yet")
+        self._connected = False
+        self._lost_why = "not connected"
+        self._state = HaltChannelState(True, self._unreachable_reason(), False, "not connected")
+        self._halted_event = trio.Event()
+        self._halted_event.set()
+        self._cleared_event = trio.Event()
+        self._read_event = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<ValkeyHaltChannel {self.url} key={self.key!r} halted={self._state.halted}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> ValkeyHaltChannel:
+        if self._stack is not None:
+            raise RuntimeError("this ValkeyHaltChannel is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            client = await stack.enter_async_context(
+                open_client(self._url, connect_timeout=self.timeout)
+            )
+            self._client = client
+            self._halt_script = client.register_script(HALT)
+            self._clear_script = client.register_script(HALT_CLEAR)
+            self._read_script = client.register_script(HALT_READ)
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            await self._nursery.start(self._watch)
+        except BaseException as exc:
+            self._client = self._nursery = None
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None and self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._client = self._nursery = None
+            self._connected = False
+            self._lost_why = "closed"
+            self._recompute()
+
+    # ------------------------------------------------------------ reading (HaltChecker)
+
+    @property
+    def state(self) -> HaltChannelState:
+        """This process's view now (no I/O)."""
+        return self._state
+
+    def halted_now(self) -> bool:
+        """Halted as far as this process knows right now (no I/O): the kernel's probe."""
+        return self._state.halted
+
+    async def is_halted(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._state.halted
+
+    async def get_halt_reason(self) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return self._state.reason
+
+    async def wait_halted(self) -> str:
+        """Return the reason as soon as this process counts as halted (at once if it does)."""
+        while True:
+            event = self._halted_event
+            state = self._state
+            if state.halted:
+                await trio.lowlevel.checkpoint()
+                assert state.reason is not None
+                return state.reason
+            await event.wait()
+
+    async def wait_cleared(self) -> None:
+        """Return once this process no longer counts as halted (at once if it does not):
+        a service that stays up waits here to resume after two approvers clear a halt."""
+        while True:
+            event = self._cleared_event
+            if not self._state.halted:
+                await trio.lowlevel.checkpoint()
+                return
+            await event.wait()
+
+    async def wait_read(self) -> None:
+        """Return after this process's next successful read of the key (after a
+        reconnect, say: then :attr:`state` is what the server says, not a guess)."""
+        await self._read_event.wait()
+
+    def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(reason)`` whenever this process comes to count as halted (see
+        :class:`~kernel.HaltNotifier`); returns the unregister call.  It runs in the
+        channel's task, before the kernel's watcher would wake: it must be quick."""
+        self._listeners.append(listener)
+
+        def unregister() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unregister
+
+    async def history(self) -> tuple[HaltRecord, ...]:
+        """The halt history on the server, oldest first (records that cannot be read are
+        skipped and logged).  Raises :class:`ValkeyUnavailableError` if unreachable."""
+        client = self._require_open()
+        key = self._history_key
+        try:
+            kind = await store_call(lambda: client.type(key), self.timeout)
+            if kind not in ("list", b"list"):
+                if kind not in ("none", b"none"):
+                    log.error("halt history unreadable", extra={"halt_key": key})
+                return ()
+            raw = await store_call(lambda: client.lrange(key, 0, -1), self.timeout)
+        except StoreError as exc:
+            raise ValkeyUnavailableError(f"cannot read {key} on {self.url}: {exc}") from None
+        records = []
+        for item in raw:
+            try:
+                records.append(parse_record(item if isinstance(item, bytes) else b""))
+            except Corrupt:
+                log.error("halt history record unreadable; skipped", extra={"halt_key": key})
+        return tuple(records)
+
+    # ------------------------------------------------------------ writing
+
+    async def halt(self, reason: str) -> bool:
+        """Raise the halt for every process on the server; True if this call raised it
+        (the first reason is kept; False if it was already raised).
+
+        Over an unreadable key this always writes a valid halted document; the unreadable
+        value is kept under ``<key>:corrupt:<UTC time>`` (see :attr:`kept_aside`).  This
+        process counts as halted before it returns.  Raises :class:`ValkeyUnavailableError`
+        if the server cannot be reached: then nothing was written (this process still
+        reads as halted: it cannot reach the channel).
+        """
+        reason = check_halt_reason(reason)
+        self._require_open()
+        now = utc_now()
+        stamp = _stamp()
+        aside = f"{self.key}:corrupt:{stamp}"
+        keys = [self.key, self._history_key, aside, f"{self._history_key}:corrupt:{stamp}"]
+        args: list[Any] = [
+            encode_document(True, reason),
+            encode_record(HaltRecord("halt", reason, now)),
+            self._events,
+            MAX_HISTORY,
+            MAX_HALT_BYTES,
+            b"1" if self._key_state.problem not in (None, "no halt record") else b"0",
+        ]
+        try:
+            done = to_int(
+                await store_call(lambda: self._halt_script(keys=keys, args=args), self.timeout),
+                "halt",
+            )
+        except StoreError as exc:
+            raise ValkeyUnavailableError(
+                f"CT-11: cannot raise the halt on {self.url}: {exc}; nothing was written"
+            ) from None
+        self.kept_aside = aside if done == 2 else None
+        if done:
+            # Halted here at once, without waiting for our own message (never wrongly:
+            # a clear after this is read by the watcher, which re-reads the key).
+            self._set_key_state(_KeyState(True, reason))
+            log.critical(
+                "halt raised",
+                extra={"halt_channel": "valkey", "halt_key": self.key, "halt_reason": reason},
+            )
+            if self.kept_aside is not None:
+                log.error(
+                    "unreadable halt key replaced by a halted one",
+                    extra={"halt_key": self.key, "kept_as": self.kept_aside},
+                )
+        return done > 0
+
+    async def clear(self, *, approvers: Collection[str], reason: str) -> bool:
+        """Clear the halt: two distinct approvers and a reason, as for ``HaltSwitch``.
+
+        True if a halt (or a missing halt record: the first clear of a new server) was
+        cleared, False if there was nothing to clear.  Every process resumes once its
+        subscription delivers the change (milliseconds).  Raises
+        :class:`~kernel.HaltClearDeniedError`, having changed nothing, if the approvers
+        do not qualify, the key is unreadable (halt first, which rewrites it, then
+        clear), the halt changed while clearing, or the server cannot be reached.
+        """
+        names = check_clear_approvers(approvers, reason)
+        self._require_open()
+        try:
+            kind, raw = await self._read_raw()
+        except StoreError as exc:
+            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+        if kind == "none":
+            expected = b""
+        else:
+            state = self._interpret(kind, raw)
+            if state.problem is not None:
+                raise HaltClearDeniedError(
+                    f"CT-11: cannot clear: {state.reason}; raise the halt again "
+                    "(conclave halt --valkey ...) to rewrite it, then clear"
+                )
+            if not state.halted:
+                return False
+            expected = raw
+        keys = [self.key, self._history_key, f"{self._history_key}:corrupt:{_stamp()}"]
+        args: list[Any] = [
+            expected,
+            encode_document(False, None),
+            encode_record(HaltRecord("clear", reason, utc_now(), names)),
+            self._events,
+            MAX_HISTORY,
+        ]
+        try:
+            done = to_int(
+                await store_call(lambda: self._clear_script(keys=keys, args=args), self.timeout),
+                "clear",
+            )
+        except StoreError as exc:
+            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+        if not done:
+            raise HaltClearDeniedError(
+                "CT-11: the halt changed while it was being cleared (a new halt?); "
+                "read the status and clear again"
+            )
+        log.warning(
+            "halt cleared",
+            extra={"halt_channel": "valkey", "halt_key": self.key, "approvers": list(names)},
+        )
+        return True
+
+    # ------------------------------------------------------------ the watcher
+
+    async def _watch(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Subscribe, read the key, then follow: each message, and every
+        ``refresh_interval`` of silence, re-reads it.  On any failure: halted, back off,
+        start again.  ``started`` after the first attempt, whatever its outcome."""
+        client = self._client
+        assert client is not None
+        started = False
+        attempt = 0
+        while True:
+            try:
+                async with client.pubsub(
+                    channels=[self._events],
+                    ignore_subscribe_messages=True,
+                    retry_policy=None,  # we reconnect ourselves: a reconnect must re-read
+                    subscription_timeout=self.timeout,
+                    max_idle_seconds=max(1.0, self.refresh_interval),
+                ) as subscription:
+                    await self._refresh()
+                    attempt = 0
+                    if not started:
+                        started = True
+                        task_status.started()
+                    while True:
+                        message = None
+                        with trio.move_on_after(self.refresh_interval):
+                            message = await subscription.get_message()
+                        if message is not None and message["type"] == "message":
+                            self._on_message(message["data"])
+                        await self._refresh()
+            except BaseException as exc:
+                reraise_cancellation(exc)
+                self._lost(describe(exc))
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(backoff(attempt))
+            attempt += 1
+
+    def _on_message(self, data: object) -> None:
+        """A published document: a halt applies at once; anything else waits for the
+        read that follows every message."""
+        try:
+            doc = parse_document(data if isinstance(data, bytes) else str(data).encode())
+        except Corrupt:
+            return
+        if doc.halted:
+            self._set_key_state(_KeyState(True, doc.reason))
+
+    async def _read_raw(self) -> tuple[str, bytes]:
+        """(type of the key, its value if a string of sane size) -- one atomic read."""
+        reply: object = await store_call(
+            lambda: self._read_script(keys=[self.key], args=[MAX_HALT_BYTES]), self.timeout
+        )
+        if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
+            raise StoreError("unexpected reply to the halt read")
+        kind = reply[0].decode("ascii", "replace")
+        value = reply[1] if kind == "string" and len(reply) > 1 else b""
+        return kind, value if isinstance(value, bytes) else b""
+
+    async def _refresh(self) -> None:
+        kind, raw = await self._read_raw()
+        self._connected = True
+        self._set_key_state(self._interpret(kind, raw))
+        self._read_event.set()
+        self._read_event = trio.Event()
+
+    def _interpret(self, kind: str, raw: bytes) -> _KeyState:
+        if kind == "none":
+            why = (
+                f"no halt record at {self.key} on {self.url} (a new server, or one that "
+                "lost its data); treated as halted until two approvers clear it"
+            )
+            return _KeyState(True, why, "no halt record")
+        if kind == "toolarge":
+            problem = f"larger than {MAX_HALT_BYTES} bytes"
+        elif kind != "string":
+            problem = f"it is a {kind}, not a string"
+        else:
+            try:
+                doc = parse_document(raw)
+            except Corrupt as exc:
+                problem = str(exc)
+            else:
+                return _KeyState(doc.halted, doc.reason)
+        why = f"halt key {self.key} unreadable ({problem}); treated as halted"
+        return _KeyState(True, why, problem)
+
+    # ------------------------------------------------------------ state
+
+    def _unreachable_reason(self) -> str:
+        return f"halt channel {self.url} unreachable ({self._lost_why}); treated as halted"
+
+    def _lost(self, why: str) -> None:
+        if self._connected or why != self._lost_why:
+            log.error(
+                "halt channel unreachable; treated as halted",
+                extra={"halt_url": self.url, "problem": why},
+            )
+        self._connected = False
+        self._lost_why = why
+        self._recompute()
+
+    def _set_key_state(self, key_state: _KeyState) -> None:
+        if key_state.problem is not None and key_state != self._key_state:
+            log.error(
+                "halt key unreadable or missing; treated as halted",
+                extra={"halt_key": self.key, "problem": key_state.problem},
+            )
+        self._key_state = key_state
+        self._recompute()
+
+    def _recompute(self) -> None:
+        if not self._connected:
+            new = HaltChannelState(True, self._unreachable_reason(), False, "unreachable")
+        else:
+            k = self._key_state
+            new = HaltChannelState(k.halted, k.reason if k.halted else None, True, k.problem)
+        old, self._state = self._state, new
+        if new.halted and not old.halted:
+            assert new.reason is not None
+            self._halted_event.set()
+            self._cleared_event = trio.Event()
+            log.warning("halted", extra={"halt_channel": "valkey", "halt_reason": new.reason})
+            for listener in list(self._listeners):
+                try:
+                    listener(new.reason)
+                except Exception:
+                    # One broken listener must not keep the halt from the others.
+                    log.exception("halt listener raised; ignored", extra={"halt_channel": "valkey"})
+        elif old.halted and not new.halted:
+            self._cleared_event.set()
+            self._halted_event = trio.Event()
+            log.warning("halt lifted", extra={"halt_channel": "valkey"})
+
+    def _require_open(self) -> Client:
+        if self._client is None:
+            raise RuntimeError(
+                "a ValkeyHaltChannel is used inside 'async with ValkeyHaltChannel(url) as ...'"
+            )
+        return self._client
+
+
+def _stamp() -> str:
+    return utc_now().strftime("%Y%m%dT%H%M%S.%fZ")

@@ -1,0 +1,255 @@
+"""The server-side scripts: every read-modify-write of shared state is one atomic Lua call.
+
+Time is the server's (``TIME``), so the clocks of the machines using it never matter.
+Each script is loaded once per connection by ``EVALSHA`` (coredis falls back to
+``EVAL`` after a server restart flushed its script cache).
+
+Shared capacity, keys ``<name>:leases`` (sorted set: lease -> expiry, ms),
+``<name>:queue`` (sorted set: waiting lease -> ticket, FIFO), ``<name>:waiting``
+(sorted set: waiting lease -> deadline, ms) and ``<name>:ticket`` (the ticket counter).
+Every script first *reclaims*: leases past their expiry, and waiters that stopped renewing
+(a process that died in the queue), are dropped.  Slots are handed to waiters by the
+script that frees them (*pump*): FIFO, and each grant is published on the grants channel
+(lease ids, space-separated), so waiting costs no polling.
+
+Halt: the state key holds a small JSON document; its history is a list beside it; a
+change is published on the events channel with the new document.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACQUIRE",
+    "CAPACITY_CLAIM",
+    "HALT",
+    "HALT_CLEAR",
+    "HALT_READ",
+    "RESERVE",
+    "SYNC",
+]
+
+_CAPACITY_PRELUDE = """
+local leases, queue, waiting, ticket = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local capacity, lease_ms, channel = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- Reclaim what nobody renews: leases of a process that died, waiters that left.
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+local gone = redis.call('ZRANGEBYSCORE', waiting, '-inf', now)
+for _, lease in ipairs(gone) do
+  redis.call('ZREM', queue, lease)
+  redis.call('ZREM', waiting, lease)
+end
+
+-- Hand free slots to the head of the queue, in ticket order, and tell the waiters.
+-- A granted lease lives at least until its waiter's own deadline, so a waiter whose
+-- process renews less often than this one's still renews it in time.
+local function pump()
+  local free = capacity - redis.call('ZCARD', leases)
+  local granted = {}
+  while free > 0 do
+    local head = redis.call('ZPOPMIN', queue)
+    if #head == 0 then break end
+    local lease = head[1]
+    local deadline = tonumber(redis.call('ZSCORE', waiting, lease) or 0)
+    redis.call('ZREM', waiting, lease)
+    redis.call('ZADD', leases, math.max(now + lease_ms, deadline), lease)
+    granted[#granted + 1] = lease
+    free = free - 1
+  end
+  if #granted > 0 then
+    redis.call('PUBLISH', channel, table.concat(granted, ' '))
+  end
+end
+
+local function enqueue(lease)
+  redis.call('ZADD', queue, redis.call('INCR', ticket), lease)
+  redis.call('ZADD', waiting, now + lease_ms, lease)
+end
+"""
+
+#: ARGV[4..]: the leases.  All or nothing; refused while anyone waits (FIFO: a batch in
+#: reject mode never jumps the queue).  A lease already held counts once (a retried call).
+#: Returns {1 | 0, in use, queued}.
+RESERVE = (
+    _CAPACITY_PRELUDE
+    + """
+pump()
+local queued = redis.call('ZCARD', queue)
+local in_use = redis.call('ZCARD', leases)
+if queued > 0 then return {0, in_use, queued} end
+local new = 0
+for i = 4, #ARGV do
+  if not redis.call('ZSCORE', leases, ARGV[i]) then new = new + 1 end
+end
+if in_use + new > capacity then return {0, in_use, 0} end
+for i = 4, #ARGV do
+  redis.call('ZADD', leases, now + lease_ms, ARGV[i])
+end
+return {1, in_use + new, 0}
+"""
+)
+
+#: ARGV[4]: the lease.  Granted now if nobody waits and a slot is free, else queued
+#: (idempotent: a lease already held or queued keeps its place).
+#: Returns {1 (granted) | 0 (queued), in use, place in the queue}.
+ACQUIRE = (
+    _CAPACITY_PRELUDE
+    + """
+local lease = ARGV[4]
+pump()
+if redis.call('ZSCORE', leases, lease) then
+  redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+  return {1, redis.call('ZCARD', leases), 0}
+end
+if redis.call('ZSCORE', queue, lease) then
+  redis.call('ZADD', waiting, now + lease_ms, lease)
+  return {0, redis.call('ZCARD', leases), redis.call('ZRANK', queue, lease) + 1}
+end
+local in_use = redis.call('ZCARD', leases)
+if redis.call('ZCARD', queue) == 0 and in_use < capacity then
+  redis.call('ZADD', leases, now + lease_ms, lease)
+  return {1, in_use + 1, 0}
+end
+enqueue(lease)
+return {0, in_use, redis.call('ZCARD', queue)}
+"""
+)
+
+#: ARGV[4]: how many releases, ARGV[5]: how many held leases, then the releases, the held
+#: leases and the waiting leases of one process.  Releases (idempotent), renews what it
+#: holds (re-adding a lease that expired while its agent ran: the store must count what
+#: runs), keeps its waiters in the queue (re-queued at the back if the store lost them),
+#: then hands out free slots.  Returns {in use, queued, one status per held lease
+#: ('h' renewed, 'r' re-added), one per waiting lease ('g' granted, 'w' waiting,
+#: 'q' re-queued)}.
+SYNC = (
+    _CAPACITY_PRELUDE
+    + """
+local n_release, n_held = tonumber(ARGV[4]), tonumber(ARGV[5])
+local first_held = 6 + n_release
+local first_waiting = first_held + n_held
+for i = 6, first_held - 1 do
+  redis.call('ZREM', leases, ARGV[i])
+  redis.call('ZREM', queue, ARGV[i])
+  redis.call('ZREM', waiting, ARGV[i])
+end
+local status = {}
+for i = first_held, first_waiting - 1 do
+  status[#status + 1] = redis.call('ZSCORE', leases, ARGV[i]) and 'h' or 'r'
+  redis.call('ZADD', leases, 'GT', now + lease_ms, ARGV[i])
+end
+local requeued = {}
+for i = first_waiting, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+  elseif redis.call('ZSCORE', queue, lease) then
+    redis.call('ZADD', waiting, now + lease_ms, lease)
+  else
+    enqueue(lease)
+    requeued[lease] = true
+  end
+end
+pump()
+for i = first_waiting, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    status[#status + 1] = 'g'
+  elseif requeued[lease] then
+    status[#status + 1] = 'q'
+  else
+    status[#status + 1] = 'w'
+  end
+end
+local reply = {redis.call('ZCARD', leases), redis.call('ZCARD', queue)}
+for _, s in ipairs(status) do reply[#reply + 1] = s end
+return reply
+"""
+)
+
+#: KEYS[1]: the halt key; ARGV[1]: the largest value read.  Returns {type} for anything
+#: but a string, {'string', value}, or {'toolarge', length}.
+HALT_READ = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' then return {kind} end
+local length = redis.call('STRLEN', KEYS[1])
+if length > tonumber(ARGV[1]) then return {'toolarge', length} end
+return {kind, redis.call('GET', KEYS[1])}
+"""
+
+_HALT_HISTORY = """
+local function record(history, aside, entry, max_history)
+  local kind = redis.call('TYPE', history)['ok']
+  if kind ~= 'list' and kind ~= 'none' then redis.call('RENAME', history, aside) end
+  redis.call('RPUSH', history, entry)
+  redis.call('LTRIM', history, -max_history, -1)
+end
+"""
+
+#: KEYS: state, history, where to keep an unreadable state, where to keep an unreadable
+#: history.  ARGV: the halted document, its history record, the events channel, the
+#: history's length limit, the largest value read, '1' if the caller last read the state
+#: as unreadable.  Keeps a halt already raised (returns 0); over anything that is not a
+#: halt document (any type, any content; cjson is more lenient than the caller, hence
+#: its flag), keeps that aside and writes the halt (returns 2); else writes the halt
+#: (returns 1).  Publishes the new document.
+HALT = (
+    _HALT_HISTORY
+    + """
+local state, history = KEYS[1], KEYS[2]
+local kind = redis.call('TYPE', state)['ok']
+local doc = nil
+if kind == 'string' and redis.call('STRLEN', state) <= tonumber(ARGV[5]) then
+  local ok, decoded = pcall(cjson.decode, redis.call('GET', state))
+  if ok and type(decoded) == 'table' and decoded['schema'] == 'conclave.halt/1'
+      and type(decoded['halted']) == 'boolean' then
+    doc = decoded
+  end
+end
+if doc and doc['halted'] == true then return 0 end
+local kept = 0
+if kind ~= 'none' and (not doc or ARGV[6] == '1') then
+  redis.call('RENAME', state, KEYS[3])
+  kept = 1
+end
+redis.call('SET', state, ARGV[1])
+record(history, KEYS[4], ARGV[2], tonumber(ARGV[4]))
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1 + kept
+"""
+)
+
+#: KEYS: state, history, where to keep an unreadable history.  ARGV: the value read
+#: before ('' for no key), the cleared document, its history record, the events channel,
+#: the history's length limit.  Compare and set: writes only if the state is still what
+#: the approvers saw (returns 1), else changes nothing (returns 0).
+HALT_CLEAR = (
+    _HALT_HISTORY
+    + """
+local state, history = KEYS[1], KEYS[2]
+local kind = redis.call('TYPE', state)['ok']
+if ARGV[1] == '' then
+  if kind ~= 'none' then return 0 end
+elseif kind ~= 'string' or redis.call('STRLEN', state) ~= #ARGV[1]
+    or redis.call('GET', state) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', state, ARGV[2])
+record(history, KEYS[3], ARGV[3], tonumber(ARGV[5]))
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+"""
+)
+
+#: KEYS[1]: where the capacity is recorded; ARGV[1]: this process's.  Records it if none
+#: is, and returns the recorded one (processes configured differently are warned).
+CAPACITY_CLAIM = """
+local recorded = redis.call('GET', KEYS[1])
+if not recorded then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return recorded
+"""

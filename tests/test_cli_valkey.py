@@ -1,0 +1,81 @@
+"""``conclave halt|clear|status|deliberate --valkey URL`` as an operator runs them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.valkey_server import ValkeyServer
+
+ROOT = Path(__file__).parent.parent
+
+
+def conclave(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """A new server: its halt key does not exist yet."""
+    with ValkeyServer() as server:
+        yield server.url
+
+
+def test_a_new_server_is_halted_until_two_approvers_clear_it(url: str) -> None:
+    status = conclave("status", "--valkey", url)
+    assert status.returncode == 3
+    assert status.stdout.startswith("HALTED: no halt record at conclave:halt")
+    assert "conclave clear --valkey URL --approver A --approver B" in status.stdout
+    run = conclave("deliberate", "--valkey", url, "--agents", "3", "--latency-ms", "1")
+    assert run.returncode == 3 and "halted before starting: no halt record" in run.stderr
+
+    one = conclave("clear", "--valkey", url, "--approver", "alice", "--reason", "r")
+    assert one.returncode == 2 and "2 distinct approvers" in one.stderr
+    both = ["--approver", "alice", "--approver", "bob"]
+    cleared = conclave("clear", "--valkey", url, *both, "--reason", "first deployment")
+    assert cleared.returncode == 0 and cleared.stdout == "cleared\n"
+    run = conclave(
+        "deliberate", "--valkey", url, "--shared-capacity", "72", "--agents", "72", "--quiet"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "72/72 succeeded" in run.stdout and "cluster 0/72 in use" in run.stdout
+    oversize = conclave("deliberate", "--valkey", url, "--shared-capacity", "10", "--agents", "11")
+    assert oversize.returncode == 2
+    assert "FR10: shared capacity exhausted: 11 requested > 10" in oversize.stderr
+
+    halted = conclave("halt", "--valkey", url, "--reason", "audit")
+    assert halted.returncode == 0 and halted.stdout == "halted: audit\n"
+    again = conclave("halt", "--valkey", url, "--reason", "second")
+    assert again.returncode == 0 and again.stdout == "already halted: audit\n"
+    status = conclave("status", "--valkey", url)
+    assert status.returncode == 3
+    lines = status.stdout.splitlines()
+    assert lines[0] == "HALTED: audit"
+    assert re.search(r"clear by alice, bob: first deployment$", lines[1])
+    assert re.search(r"halt: audit$", lines[2]) and len(lines) == 3
+
+
+def test_bad_valkey_usage_is_one_line_and_exit_2(url: str) -> None:
+    for args in (
+        ["deliberate", "--shared-capacity", "5"],
+        ["deliberate", "--valkey", url, "--shared-capacity", "0"],
+        ["status", "--valkey", "http://127.0.0.1:1"],
+        ["status", "--halt-file", "/tmp/x", "--valkey", url],
+        ["halt", "--valkey", "redis://127.0.0.1:1", "--reason", "x"],
+    ):
+        proc = conclave(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("conclave: ") and len(proc.stderr.splitlines()) == 1
+    unreachable = conclave("status", "--valkey", "redis://127.0.0.1:1")
+    assert unreachable.returncode == 3 and "unreachable" in unreachable.stdout

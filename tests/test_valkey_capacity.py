@@ -1,0 +1,421 @@
+"""ValkeyCapacity against a real server: the Lua scripts' edge cases, then the
+SharedCapacity contract (as tests/test_shared_capacity.py's in-memory model has it) with
+several instances standing for several processes, then AgentPool on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+
+from adapters.valkey import ValkeyCapacity
+from adapters.valkey._lua import ACQUIRE, RESERVE, SYNC
+from kernel import (
+    AgentPool,
+    AgentPoolExhaustedError,
+    ConcurrentDeliberationService,
+    InvalidRequestError,
+    SharedCapacity,
+)
+from tests.helpers import ScriptedOrchestrator, Step, make_requests
+from tests.valkey_server import ValkeyServer
+
+Raw = coredis.Redis[bytes]
+
+
+@pytest.fixture
+def name() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def own_server() -> Iterator[ValkeyServer]:
+    with ValkeyServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def raw(url: str) -> AsyncIterator[Raw]:
+    async with coredis.Redis.from_url(url, decode_responses=False) as client:
+        yield client
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Wait for a condition on the server (no event crosses the process boundary)."""
+    with trio.fail_after(seconds):
+        while not await check():  # noqa: ASYNC110  # a condition in another process
+            await trio.sleep(0.005)
+
+
+class Scripts:
+    """The capacity scripts called directly, as one process would, with lease times in ms."""
+
+    def __init__(self, client: Raw, name: str, capacity: int) -> None:
+        self.client = client
+        self.keys = [f"{name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
+        self.grants = f"{name}:grants"
+        self.capacity = capacity
+        self._reserve = client.register_script(RESERVE)
+        self._acquire = client.register_script(ACQUIRE)
+        self._sync = client.register_script(SYNC)
+
+    def _args(self, lease_ms: int, *rest: Any) -> list[Any]:
+        return [self.capacity, lease_ms, self.grants, *rest]
+
+    async def reserve(self, *leases: str, lease_ms: int = 60_000) -> list[Any]:
+        return list(await self._reserve(keys=self.keys, args=self._args(lease_ms, *leases)))
+
+    async def acquire(self, lease: str, lease_ms: int = 60_000) -> list[Any]:
+        return list(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
+
+    async def sync(
+        self,
+        releases: list[str] = [],  # noqa: B006  # never mutated
+        held: list[str] = [],  # noqa: B006
+        waiting: list[str] = [],  # noqa: B006
+        lease_ms: int = 60_000,
+    ) -> list[Any]:
+        args = self._args(lease_ms, len(releases), len(held), *releases, *held, *waiting)
+        return list(await self._sync(keys=self.keys, args=args))
+
+    async def held(self) -> set[str]:
+        return {m.decode() for m in await self.client.zrange(self.keys[0], 0, -1)}
+
+    async def queue(self) -> list[str]:
+        return [m.decode() for m in await self.client.zrange(self.keys[1], 0, -1)]
+
+
+# ---------------------------------------------------------------- the Lua scripts
+
+
+async def test_reserve_is_all_or_nothing_and_a_retry_counts_once(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=5)
+        assert await s.reserve("a", "b", "c") == [1, 3, 0]
+        assert await s.reserve("d", "e", "f") == [0, 3, 0]  # 3 + 3 > 5: none taken
+        assert await s.held() == {"a", "b", "c"}
+        assert await s.reserve("c", "d", "e") == [1, 5, 0]  # c is already held: counts once
+        assert await s.held() == {"a", "b", "c", "d", "e"}
+
+
+async def test_expired_leases_and_departed_waiters_are_reclaimed(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=2)
+        assert await s.reserve("alive", "dead") == [1, 2, 0]
+        await client.zadd(s.keys[0], {"dead": 1.0})  # its process stopped renewing long ago
+        assert await s.acquire("w-gone") == [1, 2, 0]  # the dead slot is reclaimed at once
+        assert await s.acquire("w1") == [0, 2, 1]
+        assert await s.acquire("w2") == [0, 2, 2]
+        await client.zadd(s.keys[2], {"w1": 1.0})  # w1's process died while queued
+        [in_use, queued, *_] = await s.sync(releases=["alive"])
+        # The freed slot skips the departed waiter and goes to the next one.
+        assert (in_use, queued) == (2, 0)
+        assert await s.held() == {"w-gone", "w2"} and await s.queue() == []
+
+
+async def test_release_is_idempotent_and_ignores_strangers(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=3)
+        await s.reserve("a", "b")
+        assert (await s.sync(releases=["a", "a", "never-held"]))[:2] == [1, 0]
+        assert (await s.sync(releases=["a"]))[:2] == [1, 0]
+        assert await s.held() == {"b"}
+
+
+async def test_slots_go_to_waiters_in_fifo_order_and_each_grant_is_published(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client, raw(valkey_server.url) as listener:
+        s = Scripts(client, name, capacity=1)
+        async with listener.pubsub(channels=[s.grants], ignore_subscribe_messages=True) as sub:
+            assert (await s.acquire("holder"))[0] == 1
+            for i, waiter in enumerate(["w1", "w2", "w3"], start=1):
+                assert await s.acquire(waiter) == [0, 1, i]
+            assert await s.acquire("w2") == [0, 1, 2]  # asked again: keeps its place
+            grants = []
+            for leaving in ("holder", "w1", "w2"):
+                await s.sync(releases=[leaving])
+                message = None
+                with trio.fail_after(5):
+                    while message is None:  # None: a subscription message, filtered out
+                        message = await sub.get_message()
+                grants.append(message["data"])
+        assert grants == [b"w1", b"w2", b"w3"]
+        assert await s.held() == {"w3"} and await s.queue() == []
+
+
+async def test_reserve_never_jumps_the_queue(valkey_server: ValkeyServer, name: str) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=2)
+        await s.reserve("a", "b")
+        assert await s.acquire("waiter") == [0, 2, 1]
+        await client.zrem(s.keys[0], ["a"])  # a slot frees without a script handing it on
+        # The reserve hands it to the waiter first, then finds the capacity full.
+        assert await s.reserve("jumper") == [0, 2, 0]
+        assert await s.held() == {"b", "waiter"}
+        assert await s.acquire("w2") == [0, 2, 1]
+        assert await s.reserve("jumper") == [0, 2, 1]  # refused: someone is queued
+
+
+async def test_sync_renews_re_adds_lost_leases_and_re_queues_lost_waiters(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=2)
+        await s.reserve("kept", "lost")
+        await client.zrem(s.keys[0], ["lost"])  # e.g. the server restarted without data
+        assert (await s.acquire("queued"))[0] == 1
+        assert (await s.acquire("waiter"))[0] == 0
+        await client.zrem(s.keys[1], ["waiter"])
+        reply = await s.sync(held=["kept", "lost"], waiting=["waiter"])
+        # The agent of "lost" still runs: the store counts it again (3 > 2 for now).
+        assert reply == [3, 1, b"h", b"r", b"q"]
+        assert await s.queue() == ["waiter"]
+
+
+# ---------------------------------------------------------------- the SharedCapacity contract
+
+
+@asynccontextmanager
+async def capacities(
+    url: str, name: str, n: int, **kwargs: Any
+) -> AsyncIterator[list[ValkeyCapacity]]:
+    """``n`` capacities on one name: as ``n`` processes would have."""
+    opened: list[ValkeyCapacity] = []
+    try:
+        for _ in range(n):
+            opened.append(await ValkeyCapacity(url, name=name, **kwargs).__aenter__())
+        yield opened
+    finally:
+        for capacity in reversed(opened):
+            await capacity.__aexit__(None, None, None)
+
+
+async def test_it_is_a_shared_capacity(valkey_server: ValkeyServer, name: str) -> None:
+    assert isinstance(ValkeyCapacity(valkey_server.url, name=name), SharedCapacity)
+
+
+async def test_reserve_across_processes_is_all_or_nothing(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 2, capacity=5) as (one, two),
+        raw(valkey_server.url) as client,
+    ):
+        await one.reserve(["a1", "a2", "a3"])
+        refused = r"exhausted: 3 in use \+ 3 requested > 5"
+        with pytest.raises(AgentPoolExhaustedError, match=refused):
+            await two.reserve(["b1", "b2", "b3"])
+        assert two.held == frozenset() and two.in_use() == 3
+        await two.reserve(["b1", "b2"])
+        assert one.held == {"a1", "a2", "a3"} and two.held == {"b1", "b2"}
+        one.release("a1")
+        one.release("a1")  # idempotent
+        two.release("never-mine")
+        await wait_until(lambda: _count(client, f"{name}:leases", 4))
+
+
+async def test_acquire_waits_fifo_across_processes_without_polling(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 3, capacity=1) as (one, two, three),
+        raw(valkey_server.url) as client,
+    ):
+        queue = f"{name}:queue"
+        order: list[str] = []
+        await one.acquire("first")
+
+        async def take(capacity: ValkeyCapacity, lease: str) -> None:
+            await capacity.acquire(lease)
+            order.append(lease)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take, two, "second")
+            await wait_until(lambda: _count(client, queue, 1))
+            nursery.start_soon(take, three, "third")
+            await wait_until(lambda: _count(client, queue, 2))
+            one.release("first")
+            await wait_until(lambda: _async(order == ["second"]))
+            assert three.waiting == {"third"}
+            two.release("second")
+        assert order == ["second", "third"] and three.held == {"third"}
+
+
+async def _count(client: Raw, queue: str, n: int) -> bool:
+    return await client.zcard(queue) == n
+
+
+async def _async(value: bool) -> bool:
+    await trio.lowlevel.checkpoint()
+    return value
+
+
+async def test_a_cancelled_acquire_holds_nothing(valkey_server: ValkeyServer, name: str) -> None:
+    async with (
+        capacities(valkey_server.url, name, 2, capacity=1) as (one, two),
+        raw(valkey_server.url) as client,
+    ):
+        await one.acquire("holder")
+        with trio.move_on_after(0.2) as scope:
+            await two.acquire("impatient")
+        assert scope.cancelled_caught
+        assert two.held == frozenset() and two.waiting == frozenset()
+        await wait_until(lambda: _count(client, f"{name}:queue", 0))
+        one.release("holder")
+        await wait_until(lambda: _count(client, f"{name}:leases", 0))
+
+
+async def test_leases_are_renewed_while_held_and_expire_after_their_holder_is_gone(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 1, capacity=1, lease_s=0.2) as (survivor,),
+        raw(valkey_server.url) as client,
+    ):
+        await survivor.reserve(["long-runner"])
+        await trio.sleep(0.7)  # the time under test: more than three lease periods
+        assert await client.zcard(f"{name}:leases") == 1  # renewed all along
+        survivor.release("long-runner")
+        await wait_until(lambda: _count(client, f"{name}:leases", 0))
+
+        # A process that dies holding a lease (it never renews): the lease is reclaimed.
+        dead = Scripts(client, name, capacity=1)
+        assert (await dead.reserve("orphan", lease_ms=300))[0] == 1
+        start = trio.current_time()
+        with trio.fail_after(3):
+            await survivor.acquire("next")  # granted when a renewal's pump reclaims it
+        assert trio.current_time() - start >= 0.25
+
+
+async def test_an_unreachable_server_refuses_admission_and_takes_nothing(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(own_server.url, name, 2, capacity=3, lease_s=0.5) as (one, two):
+        await one.reserve(["running"])
+        await one.acquire("also-running")
+        await one.acquire("queued-a")
+
+        async def queued() -> None:
+            with pytest.raises(AgentPoolExhaustedError, match="unreachable"):
+                await two.acquire("queued-b")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queued)
+            async with raw(own_server.url) as client:
+                await wait_until(lambda: _count(client, f"{name}:queue", 1))
+            own_server.stop()  # a waiter already queued gives up after lease_s of outage
+        assert two.waiting == frozenset() and two.in_use() is None
+        unreachable = "FR10: shared capacity unreachable"
+        with pytest.raises(AgentPoolExhaustedError, match=unreachable):
+            await one.reserve(["x"])
+        with pytest.raises(AgentPoolExhaustedError, match=unreachable):
+            await two.acquire("y")
+        assert one.held == {"running", "also-running", "queued-a"} and two.held == frozenset()
+        pool = AgentPool(shared=two)
+        assert pool.status().shared_in_use is None and pool.status().shared_capacity == 3
+        # Back (without its data): the leases still running are counted again.
+        own_server.start()
+        await wait_until(lambda: _async(one.in_use() == 3))
+        with pytest.raises(AgentPoolExhaustedError, match="exhausted"):
+            await two.reserve(["z"])
+
+
+async def test_release_never_blocks_or_raises(valkey_server: ValkeyServer, name: str) -> None:
+    capacity = ValkeyCapacity(valkey_server.url, name=name)
+    capacity.release("never-opened")
+    capacity.release(None)  # type: ignore[arg-type]
+    with pytest.raises(AgentPoolExhaustedError, match="not open"):
+        await capacity.reserve(["a"])
+    async with capacity:
+        for bad in (["a b"], [""], ["x" * 200], ["a", "a"], "ab"):
+            with pytest.raises(InvalidRequestError):
+                await capacity.reserve(bad)
+        assert capacity.held == frozenset() and capacity.in_use() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"capacity": 0}, "capacity"),
+        ({"capacity": True}, "capacity"),
+        ({"lease_s": 0.01}, "lease_s"),
+        ({"lease_s": float("inf")}, "lease_s"),
+        ({"name": "a b"}, "whitespace"),
+        ({"timeout": -1}, "timeout"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidRequestError, match=match):
+        ValkeyCapacity("redis://127.0.0.1:6379", **kwargs)
+
+
+async def test_a_different_capacity_elsewhere_is_warned_about(
+    valkey_server: ValkeyServer, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with capacities(valkey_server.url, name, 1, capacity=72):
+        with caplog.at_level(logging.WARNING, logger="adapters.valkey"):
+            async with capacities(valkey_server.url, name, 1, capacity=10):
+                pass
+    assert "configured differently" in caplog.text
+
+
+# ---------------------------------------------------------------- AgentPool on top
+
+
+async def test_pools_in_reject_mode_share_the_capacity_all_or_nothing(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(valkey_server.url, name, 2, capacity=5) as (one, two):
+        first, second = AgentPool(5, shared=one), AgentPool(5, shared=two)
+        orch = ScriptedOrchestrator(default=Step(latency=0.3))
+        results = []
+
+        async def run_first() -> None:
+            service = ConcurrentDeliberationService(orch, pool=first)
+            results.append(await service.invoke_concurrent(make_requests(3, prefix="a")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_first)
+            await wait_until(lambda: _async(orch.in_flight == 3))
+            status = first.status()
+            assert (status.shared_capacity, status.shared_in_use) == (5, 3)
+            service = ConcurrentDeliberationService(orch, pool=second)
+            with pytest.raises(AgentPoolExhaustedError, match="shared capacity exhausted"):
+                await service.invoke_concurrent(make_requests(3, prefix="b"))
+            assert second.active_count == 0 and two.held == frozenset()
+        assert results[0].success_count == 3
+        assert [a for a in orch.invoked if a.startswith("b")] == []
+
+
+async def test_pools_in_queue_mode_drain_everything_within_the_shared_bound(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(valkey_server.url, name, 3, capacity=4) as shared:
+        orch = ScriptedOrchestrator(default=Step(latency=0.02))
+        results = []
+
+        async def run(capacity: ValkeyCapacity, prefix: str) -> None:
+            service = ConcurrentDeliberationService(orch, pool=AgentPool(72, shared=capacity))
+            requests = make_requests(8, prefix=prefix)
+            results.append(await service.invoke_concurrent(requests, overflow="queue"))
+
+        async with trio.open_nursery() as nursery:
+            for i, capacity in enumerate(shared):
+                nursery.start_soon(run, capacity, f"p{i}")
+        assert [r.success_count for r in results] == [8, 8, 8]
+        assert orch.max_in_flight == 4
+        assert all(c.held == frozenset() and c.waiting == frozenset() for c in shared)

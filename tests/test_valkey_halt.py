@@ -1,0 +1,297 @@
+"""ValkeyHaltChannel against a real server: durable, instant, fail-closed, two approvers.
+
+Two channels on one key stand for two processes here (each has its own connection and
+subscription); tests/test_valkey_cluster.py does it with real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+
+from adapters.valkey import ValkeyHaltChannel, ValkeyUnavailableError
+from adapters.valkey._lua import HALT_CLEAR
+from kernel import (
+    AgentPool,
+    ConcurrentDeliberationService,
+    DualChannelHaltChecker,
+    HaltChecker,
+    HaltClearDeniedError,
+    HaltNotifier,
+    HaltProbe,
+    HaltSwitch,
+    HaltWaiter,
+    InvalidRequestError,
+)
+from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.valkey_server import ValkeyServer
+
+APPROVERS = ["alice", "bob"]
+
+
+@pytest.fixture
+def key() -> str:
+    return f"test:{uuid.uuid4().hex}:halt"
+
+
+@pytest.fixture
+def own_server() -> Iterator[ValkeyServer]:
+    """A server of this test's own, to stop, pause and restart."""
+    with ValkeyServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def raw(url: str) -> AsyncIterator[coredis.Redis[bytes]]:
+    """A plain client: what an operator (or a bug) could do to the keys."""
+    async with coredis.Redis.from_url(url, decode_responses=False) as client:
+        yield client
+
+
+@asynccontextmanager
+async def cleared(url: str, key: str, **kwargs: float) -> AsyncIterator[ValkeyHaltChannel]:
+    """A channel on a key that two approvers have cleared (a fresh key reads halted)."""
+    async with ValkeyHaltChannel(url, key=key, **kwargs) as channel:
+        await channel.clear(approvers=APPROVERS, reason="initial clear")
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+        yield channel
+
+
+def test_it_is_a_halt_channel_the_kernel_can_wait_on_probe_and_listen_to() -> None:
+    channel = ValkeyHaltChannel("redis://127.0.0.1:6379")
+    for port in (HaltChecker, HaltWaiter, HaltProbe, HaltNotifier):
+        assert isinstance(channel, port), port
+
+
+async def test_a_new_server_reads_halted_until_two_approvers_clear_it(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    async with ValkeyHaltChannel(valkey_server.url, key=key) as channel:
+        state = channel.state
+        assert state.halted and state.connected and state.problem == "no halt record"
+        assert channel.halted_now() and await channel.is_halted()
+        assert "no halt record" in (await channel.get_halt_reason() or "")
+        with pytest.raises(HaltClearDeniedError, match="2 distinct approvers"):
+            await channel.clear(approvers=["alice", "alice"], reason="x")
+        assert channel.halted_now() and await channel.history() == ()
+        assert await channel.clear(approvers=APPROVERS, reason="first deployment")
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+        assert not channel.halted_now() and await channel.get_halt_reason() is None
+        # Nothing left to clear.
+        assert not await channel.clear(approvers=APPROVERS, reason="again")
+        [record] = await channel.history()
+        assert record.action == "clear" and record.approvers == ("alice", "bob")
+        assert record.reason == "first deployment"
+
+
+async def test_a_halt_reaches_every_process_at_once_and_keeps_its_first_reason(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    async with cleared(valkey_server.url, key) as one, cleared(valkey_server.url, key) as two:
+        heard: list[str] = []
+        unregister = two.on_halt(heard.append)
+        assert await one.halt("the vote is compromised")
+        assert one.halted_now()  # at once, before its own message comes back
+        with trio.fail_after(5):
+            assert await two.wait_halted() == "the vote is compromised"
+        assert two.halted_now() and heard == ["the vote is compromised"]
+        assert not await two.halt("a second reason")  # sticky: the first reason stays
+        assert await one.get_halt_reason() == "the vote is compromised"
+        unregister()
+        assert await two.clear(approvers=APPROVERS, reason="investigated")
+        with trio.fail_after(5):
+            await one.wait_cleared()
+            await two.wait_cleared()
+        assert [(r.action, r.reason) for r in await one.history()] == [
+            ("clear", "initial clear"),  # the second process found nothing to clear
+            ("halt", "the vote is compromised"),
+            ("clear", "investigated"),
+        ]
+
+
+async def test_a_late_subscriber_reads_the_key_first(valkey_server: ValkeyServer, key: str) -> None:
+    async with cleared(valkey_server.url, key) as one:
+        await one.halt("raised before the other process started")
+    # The message went out when nobody else listened: the key still says so.
+    async with ValkeyHaltChannel(valkey_server.url, key=key) as late:
+        assert late.state.halted and late.state.problem is None
+        assert late.state.reason == "raised before the other process started"
+
+
+CORRUPT_VALUES = {
+    "not json": b"halted? no",
+    "not utf-8": b"\xff\xfe{}",
+    "empty": b"",
+    "a list": b"[]",
+    "halted is a string": json.dumps({"schema": "conclave.halt/1", "halted": "no"}).encode(),
+    "unknown schema": json.dumps({"schema": "conclave.halt/9", "halted": False}).encode(),
+    "no schema": json.dumps({"halted": False}).encode(),
+    "duplicate key": b'{"schema": "conclave.halt/1", "halted": true, "halted": false}',
+    "NaN": b'{"schema": "conclave.halt/1", "halted": false, "reason": NaN}',
+    "lone surrogate": b'{"schema": "conclave.halt/1", "halted": false, "reason": "\\ud800"}',
+    "nested too deep": b"[" * 100_000 + b"]" * 100_000,
+    "too large": json.dumps(
+        {"schema": "conclave.halt/1", "halted": False, "pad": "x" * 70_000}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("shape", [*CORRUPT_VALUES, "hash", "list", "set", "zset", "stream"])
+async def test_a_corrupt_key_of_any_shape_reads_halted_and_halt_repairs_it(
+    valkey_server: ValkeyServer, key: str, shape: str
+) -> None:
+    async with cleared(valkey_server.url, key) as channel, raw(valkey_server.url) as client:
+        await client.delete([key])
+        if shape in CORRUPT_VALUES:
+            await client.set(key, CORRUPT_VALUES[shape])
+        elif shape == "hash":
+            await client.hset(key, {"halted": "false"})
+        elif shape == "list":
+            await client.rpush(key, [b"false"])
+        elif shape == "set":
+            await client.sadd(key, [b"false"])
+        elif shape == "zset":
+            await client.zadd(key, {"false": 1.0})
+        else:
+            await client.xadd(key, {"halted": "false"})
+        # Written behind the channel's back: garbage on the events channel makes it look.
+        await client.publish(f"{key}:events", b"\x00garbage")
+        with trio.fail_after(5):
+            reason = await channel.wait_halted()
+        assert "unreadable" in reason and channel.state.problem is not None
+        with pytest.raises(HaltClearDeniedError, match="unreadable"):
+            await channel.clear(approvers=APPROVERS, reason="looks fine to me")
+        # Halting rewrites it as a readable halt and keeps the bad value for forensics.
+        assert await channel.halt("repairing the halt key")
+        assert channel.kept_aside is not None
+        kept_type = "string" if shape in CORRUPT_VALUES else shape
+        assert await client.type(channel.kept_aside) == kept_type.encode()
+        assert await channel.clear(approvers=APPROVERS, reason="repaired")
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+
+
+async def test_a_lost_connection_is_halted_until_the_key_is_read_again(
+    own_server: ValkeyServer, key: str
+) -> None:
+    async with cleared(own_server.url, key, timeout=0.5, refresh_interval=0.1) as channel:
+        own_server.pause()  # hung, not gone: only the refresh's timeout can tell
+        with trio.fail_after(5):
+            reason = await channel.wait_halted()
+        assert "unreachable" in reason and not channel.state.connected
+        own_server.resume()  # the key was never changed: reading it again lifts the halt
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+
+        own_server.stop()
+        with trio.fail_after(5):
+            assert "unreachable" in await channel.wait_halted()
+        with pytest.raises(ValkeyUnavailableError, match="nothing was written"):
+            await channel.halt("cannot reach it")
+        with pytest.raises(HaltClearDeniedError, match="cannot reach"):
+            await channel.clear(approvers=APPROVERS, reason="x")
+        # Restarted without its data: no halt record, so still halted...
+        own_server.start()
+        with trio.fail_after(5):
+            await channel.wait_read()  # the watcher reconnects (backing off) and reads
+        assert channel.halted_now() and channel.state.problem == "no halt record"
+        # ...until two approvers clear it.
+        assert await channel.clear(approvers=APPROVERS, reason="server replaced")
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+
+
+async def test_outside_its_block_the_channel_reads_halted_and_cannot_write(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    channel = ValkeyHaltChannel(valkey_server.url, key=key)
+    assert channel.halted_now() and "not connected" in (await channel.get_halt_reason() or "")
+    with pytest.raises(RuntimeError, match="async with"):
+        await channel.halt("x")
+    async with cleared(valkey_server.url, key) as other:
+        assert not other.halted_now()
+    assert other.halted_now() and "closed" in (other.state.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs", "match"),
+    [
+        ("http://127.0.0.1:6379", {}, "scheme"),
+        ("redis://", {}, "no host"),
+        ("redis://127.0.0.1:notaport", {}, "port"),
+        ("", {}, "non-empty"),
+        ("redis://127.0.0.1:6379", {"key": "has space"}, "whitespace"),
+        ("redis://127.0.0.1:6379", {"timeout": 0}, "timeout"),
+        ("redis://127.0.0.1:6379", {"refresh_interval": float("nan")}, "refresh_interval"),
+    ],
+)
+def test_bad_settings_are_refused(url: str, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidRequestError, match=match):
+        ValkeyHaltChannel(url, **kwargs)
+
+
+async def test_bad_halt_and_clear_requests_change_nothing(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    async with cleared(valkey_server.url, key) as channel:
+        with pytest.raises(InvalidRequestError, match="non-empty reason"):
+            await channel.halt("  ")
+        with pytest.raises(HaltClearDeniedError, match="not a string"):
+            await channel.clear(approvers="alice,bob", reason="x")
+        assert not channel.halted_now() and len(await channel.history()) == 1
+
+
+async def test_the_password_never_shows(valkey_server: ValkeyServer) -> None:
+    channel = ValkeyHaltChannel(f"redis://user:s3cret@127.0.0.1:{valkey_server.port}")
+    assert "s3cret" not in repr(channel) and "s3cret" not in (channel.state.reason or "")
+
+
+async def test_clear_is_compare_and_set(valkey_server: ValkeyServer, key: str) -> None:
+    """The clear script writes only if the key is still what the approvers saw."""
+    async with raw(valkey_server.url) as client:
+        await client.set(key, b'{"schema": "conclave.halt/1", "halted": true, "reason": "b"}')
+        script = client.register_script(HALT_CLEAR)
+        args: list[Any] = [b"what they saw", b"cleared", b"record", f"{key}:events", 10]
+        keys = [key, f"{key}:history", f"{key}:history:aside"]
+        assert await script(keys=keys, args=args) == 0
+        assert b'"reason": "b"' in (await client.get(key) or b"")
+        assert await client.exists([f"{key}:history"]) == 0
+
+
+async def test_a_batch_stops_when_another_process_halts(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    """The CLI's wiring: the in-process switch and the Valkey channel, either halts."""
+    async with cleared(valkey_server.url, key) as mine, cleared(valkey_server.url, key) as theirs:
+        switch = HaltSwitch()
+        orch = ScriptedOrchestrator(default=Step(latency=60.0))
+        service = ConcurrentDeliberationService(
+            orch, DualChannelHaltChecker(switch, mine), AgentPool()
+        )
+
+        all_in_flight = trio.Event()
+
+        def started(_agent: str) -> None:
+            if orch.in_flight == 72:
+                all_in_flight.set()
+
+        orch.on_start = started
+
+        async def trigger() -> None:
+            await all_in_flight.wait()
+            await theirs.halt("stop everything")
+
+        with trio.fail_after(10):
+            exc = await expect_halt(lambda: service.invoke_concurrent(make_requests(72)), trigger)
+        assert exc.reason == "stop everything"
+        assert exc.partial is not None and exc.partial.success_count == 0
+        assert len(orch.cancelled) == 72 and not switch.halted
