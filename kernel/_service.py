@@ -592,8 +592,25 @@ class ConcurrentDeliberationService:
         # Take each slot *before* spawning the agent's task: a queue of thousands of
         # agents costs thousands of waiting requests, not thousands of parked tasks.
         for index, req in enumerate(batch.requests):
-            slot = await admission.take_slot(req.agent_id)
+            try:
+                slot = await admission.take_slot(req.agent_id)
+            except AgentPoolExhaustedError as exc:
+                if index == 0:
+                    raise  # nothing started: the batch is refused, as in reject mode
+                # The capacity went away mid-batch (a shared one became unreachable): the
+                # agents not started yet fail with the reason, the running ones finish.
+                self._not_admitted(batch, index, exc)
+                return
             agents.start_soon(self._run_agent, batch, index, slot)
+
+    def _not_admitted(self, batch: _Batch, first: int, exc: AgentPoolExhaustedError) -> None:
+        now = trio.current_time()
+        for index in range(first, len(batch.requests)):
+            req = batch.requests[index]
+            failure = _failure(
+                req, FailureKind.ERROR, type(exc).__name__, f"not started: {exc}", now
+            )
+            self._record(batch, index, failure, now)
 
     async def _run_in_turn(self, batch: _Batch, admission: Admission) -> None:
         for index, req in enumerate(batch.requests):

@@ -205,3 +205,28 @@ async def test_hedges_take_a_shared_lease_or_none(autojump_clock: trio.testing.M
     # Locally there is room for 70 more calls; the cluster has one: one hedge.
     assert len(result.hedged_agents) == 1 and shared.max_held == 3
     assert shared.held == set() and pool.available_count == 72
+
+
+async def test_a_shared_capacity_lost_mid_batch_fails_the_unstarted_and_keeps_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(2)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_the_server() -> None:
+        await trio.sleep(1.5)  # two agents done, two running, the fifth queued for a lease
+        shared.down = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_the_server)
+        result = await service.invoke_concurrent(make_requests(6), overflow="queue")
+    # The fifth was already waiting in the queue and got its lease; the sixth asks a server
+    # that is gone.
+    assert result.success_count == 5 and result.total_count == 6
+    assert [f.agent_id for f in result.failures] == ["archon-6"]
+    assert all(
+        "unreachable" in f.message and f.message.startswith("not started") for f in result.failures
+    )
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
