@@ -42,3 +42,16 @@ def test_a_reset_of_a_billion_seconds_waits_no_longer_than_the_cap() -> None:
             f"x-ratelimit-reset-{lane}": "1000000000s",
         }
         assert 0 < after_one_answer(headers) <= CAP_S, lane
+
+
+def test_an_advertised_limit_below_one_a_minute_is_not_obeyed() -> None:
+    # Limits are counts per minute; "0.0001" would space requests 7 days apart.
+    headers = {"x-ratelimit-limit-requests": "0.0001", "x-ratelimit-remaining-requests": "5"}
+    parsed = RateLimitHeaders.parse(headers)
+    assert parsed.requests.limit_per_minute is None
+    clock = Clock()
+    b = EndpointBudget(clock=clock)
+    first, second = b.reserve(1.0), b.reserve(1.0)
+    assert b.try_send(first) == 0
+    b.finish(first, parsed, max_pause_s=CAP_S)
+    assert second.at - clock.now <= CAP_S
