@@ -196,6 +196,14 @@ class _Lane:
             setattr(lane, name, getattr(self, name))
         return lane
 
+    def largest_request(self, estimate: float) -> float:
+        """The most one request can really have used: a server refuses a request larger
+        than its per-minute limit (or than it ever holds), so a usage above that (or
+        above the estimate, when neither is known) is a lie that would stall the lane."""
+        rate = self.rate
+        most = max(estimate, 0.0 if rate is None else rate * 60.0)
+        return most if self.level is None else max(most, self.cap)
+
     def refund(self, amount: float) -> None:
         """Give back ``amount`` (negative: charge more), e.g. a cancelled reservation or
         the difference between a token estimate and the real usage."""
@@ -437,6 +445,7 @@ class EndpointBudget:
             now = self._clock()
             changed = False
             if used_tokens is not None and math.isfinite(used_tokens) and used_tokens >= 0:
+                used_tokens = min(used_tokens, self.tokens.largest_request(ticket.tokens))
                 self.tokens.refund(ticket.tokens - used_tokens)
                 changed = used_tokens != ticket.tokens
                 ticket.tokens = used_tokens

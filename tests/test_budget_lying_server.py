@@ -55,3 +55,15 @@ def test_an_advertised_limit_below_one_a_minute_is_not_obeyed() -> None:
     assert b.try_send(first) == 0
     b.finish(first, parsed, max_pause_s=CAP_S)
     assert second.at - clock.now <= CAP_S
+
+
+def test_a_usage_of_a_quadrillion_tokens_counts_as_at_most_a_minute_of_the_limit() -> None:
+    # A request larger than the per-minute token limit is refused by the server, so no
+    # honest usage is larger: a lie must not put the lane 2 million years in debt.
+    minute = 60 / 0.95  # one minute of the limit, at the budget's pace
+    configured = ProviderLimits(tokens_per_minute=1000)
+    assert 0 < after_one_answer({}, used=1e15, limits=configured) <= minute + 1
+    advertised = {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "900"}
+    assert 0 <= after_one_answer(advertised, used=1e15) <= minute + 1
+    # Below the bound, the real usage still counts in full.
+    assert after_one_answer({}, used=500, limits=configured) > 400 * 60 / 950
