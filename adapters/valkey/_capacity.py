@@ -41,6 +41,7 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
+    exit_stack,
     open_client,
     redact,
     reraise_cancellation,
@@ -284,7 +285,7 @@ class ValkeyCapacity:
                     )
         self._nursery.cancel_scope.cancel()
         try:
-            return await stack.__aexit__(exc_type, exc, tb)
+            return await exit_stack(stack, exc_type, exc, tb)
         finally:
             self._client = self._nursery = None
             self._pending.clear()

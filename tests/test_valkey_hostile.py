@@ -1,0 +1,35 @@
+"""The Valkey adapters as a hostile user meets them: errors raised in the body of their
+``async with`` blocks, and absurd settings."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
+from kernel import SystemHaltedError
+from tests.valkey_server import ValkeyServer
+
+
+def unique() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+async def test_an_error_in_the_body_of_the_capacity_comes_out_as_itself(
+    valkey_server: ValkeyServer,
+) -> None:
+    # README: "async with ValkeyCapacity(url) as shared: ... deliberate": a halt raised in
+    # there must be catchable as SystemHaltedError, as with SqliteWitness, not as an
+    # ExceptionGroup from the capacity's own background nursery.
+    with pytest.raises(SystemHaltedError):
+        async with ValkeyCapacity(valkey_server.url, name=unique()):
+            raise SystemHaltedError("halted")
+
+
+async def test_an_error_in_the_body_of_the_halt_channel_comes_out_as_itself(
+    valkey_server: ValkeyServer,
+) -> None:
+    with pytest.raises(SystemHaltedError):
+        async with ValkeyHaltChannel(valkey_server.url, key=unique()):
+            raise SystemHaltedError("halted")
