@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
-from kernel import SystemHaltedError
+from kernel import InvalidRequestError, SystemHaltedError
 from tests.valkey_server import ValkeyServer
 
 
@@ -33,3 +33,14 @@ async def test_an_error_in_the_body_of_the_halt_channel_comes_out_as_itself(
     with pytest.raises(SystemHaltedError):
         async with ValkeyHaltChannel(valkey_server.url, key=unique()):
             raise SystemHaltedError("halted")
+
+
+@pytest.mark.parametrize("lease_s", [1e306, 86_400.5, 1e20])
+def test_a_lease_beyond_a_day_is_refused_when_made_not_at_the_first_acquire(
+    lease_s: float,
+) -> None:
+    # 1e306 s used to be accepted, then every acquire failed with OverflowError (its
+    # milliseconds are infinite); a lease of years would keep a dead process's slots.
+    with pytest.raises(InvalidRequestError, match="lease_s"):
+        ValkeyCapacity("redis://127.0.0.1:1", lease_s=lease_s)
+    assert ValkeyCapacity("redis://127.0.0.1:1", lease_s=86_400).lease_s == 86_400
