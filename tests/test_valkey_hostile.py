@@ -44,3 +44,19 @@ def test_a_lease_beyond_a_day_is_refused_when_made_not_at_the_first_acquire(
     with pytest.raises(InvalidRequestError, match="lease_s"):
         ValkeyCapacity("redis://127.0.0.1:1", lease_s=lease_s)
     assert ValkeyCapacity("redis://127.0.0.1:1", lease_s=86_400).lease_s == 86_400
+
+
+async def test_reserving_a_lease_already_held_is_refused_like_acquiring_it(
+    valkey_server: ValkeyServer,
+) -> None:
+    # It used to be accepted and counted once on the server: the caller then believed
+    # it held two slots, and one release gave both back.
+    async with ValkeyCapacity(valkey_server.url, name=unique(), capacity=3) as capacity:
+        await capacity.reserve(["a"])
+        await capacity.acquire("b")
+        for leases in (["a"], ["b", "c"]):
+            with pytest.raises(InvalidRequestError, match="already held"):
+                await capacity.reserve(leases)
+        await capacity.flush()
+        assert capacity.held == {"a", "b"}
+        assert capacity.in_use() == 2

@@ -153,6 +153,9 @@ class ValkeyCapacity:
         """Take one slot per lease now, all or none; else raise
         :class:`~kernel.AgentPoolExhaustedError` having taken none."""
         wanted = _check_leases(leases)
+        mine = [lease for lease in wanted if lease in self._held or lease in self._waiters]
+        if mine:
+            raise InvalidRequestError(f"lease {mine[0]!r:.80} is already held or waiting")
         if not wanted:
             await trio.lowlevel.checkpoint()
             return
