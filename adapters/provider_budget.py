@@ -196,6 +196,14 @@ class _Lane:
             setattr(lane, name, getattr(self, name))
         return lane
 
+    def largest_request(self, estimate: float) -> float:
+        """The most one request can really have used: a server refuses a request larger
+        than its per-minute limit (or than it ever holds), so a usage above that (or
+        above the estimate, when neither is known) is a lie that would stall the lane."""
+        rate = self.rate
+        most = max(estimate, 0.0 if rate is None else rate * 60.0)
+        return most if self.level is None else max(most, self.cap)
+
     def refund(self, amount: float) -> None:
         """Give back ``amount`` (negative: charge more), e.g. a cancelled reservation or
         the difference between a token estimate and the real usage."""
@@ -206,21 +214,30 @@ class _Lane:
             self.level = min(max(self.cap, self.level), self.level + amount)
 
     def sync(
-        self, report: LaneHeaders, now: float, sent_at: float, own: float, after: float
+        self,
+        report: LaneHeaders,
+        now: float,
+        sent_at: float,
+        own: float,
+        after: float,
+        max_reset_s: float,
     ) -> None:
         """Follow a response's report: its limit, and its remaining count.
 
         ``sent_at``: when the reported request went; ``own``: its charge; ``after``: what
         was sent since it went, which the server's ``remaining`` cannot include yet.
+        ``max_reset_s``: a reset longer than this is taken as this long (a server that
+        says "back in 30 years" must not stall the endpoint longer than a 429 could).
         """
         if report.limit_per_minute is not None:
             self.advertised = report.limit_per_minute / 60.0
         if report.remaining is None:
             return
         self.cap = max(self.cap, report.remaining + own)
-        if report.reset_s:
+        reset_s = min(report.reset_s or 0.0, max_reset_s)
+        if reset_s:
             # Back to full within reset_s: at least this fast.
-            self.reset_rate = max(self.cap - report.remaining, 1.0) / report.reset_s
+            self.reset_rate = max(self.cap - report.remaining, 1.0) / reset_s
         refill = self.refill
         if not refill:
             return  # nothing says how it refills: mirroring it would stall
@@ -428,6 +445,7 @@ class EndpointBudget:
             now = self._clock()
             changed = False
             if used_tokens is not None and math.isfinite(used_tokens) and used_tokens >= 0:
+                used_tokens = min(used_tokens, self.tokens.largest_request(ticket.tokens))
                 self.tokens.refund(ticket.tokens - used_tokens)
                 changed = used_tokens != ticket.tokens
                 ticket.tokens = used_tokens
@@ -435,8 +453,8 @@ class EndpointBudget:
             if report is not None and report.present:
                 after_requests, after_tokens = self._sent_after(ticket)
                 sent = ticket.sent_at
-                self.requests.sync(report.requests, now, sent, 1.0, after_requests)
-                self.tokens.sync(report.tokens, now, sent, ticket.tokens, after_tokens)
+                self.requests.sync(report.requests, now, sent, 1.0, after_requests, max_pause_s)
+                self.tokens.sync(report.tokens, now, sent, ticket.tokens, after_tokens, max_pause_s)
                 changed = True
                 if throttled:
                     pause = report.reset_after_429_s()

@@ -99,7 +99,7 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
 class LaneHeaders:
     """One dimension (requests or tokens) as a response reported it; None: not sent.
 
-    ``limit_per_minute`` is > 0 when present; ``remaining`` and ``reset_s`` >= 0.
+    ``limit_per_minute`` is >= 1 when present; ``remaining`` and ``reset_s`` >= 0.
     """
 
     limit_per_minute: float | None = None
@@ -154,7 +154,9 @@ def _lane(headers: Mapping[str, str], what: str) -> LaneHeaders:
 
     limit = _number(get("limit"))
     return LaneHeaders(
-        limit_per_minute=limit if limit else None,  # a limit of 0 would pause forever
+        # A limit is a count per minute: 0 would pause forever, and a fraction of one
+        # (a lying server's "0.0001") would space requests days apart.
+        limit_per_minute=limit if limit is not None and limit >= 1 else None,
         remaining=_number(get("remaining")),
         reset_s=parse_duration_s(get("reset")),
     )

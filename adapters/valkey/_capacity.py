@@ -41,6 +41,7 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
+    exit_stack,
     open_client,
     redact,
     reraise_cancellation,
@@ -87,7 +88,7 @@ class ValkeyCapacity:
         name: the prefix of the keys and channel (``<name>:leases`` ...).
         capacity: the most leases held at once across every process.
         lease_s: how long a lease outlives its last renewal (a dead process's slots come
-            back after at most this long); renewed every ``lease_s / 3``.
+            back after at most this long); renewed every ``lease_s / 3``; 0.1 to 86400.
         timeout: how long one call to the server may take before the admission is refused.
     """
 
@@ -104,7 +105,9 @@ class ValkeyCapacity:
         self.url = redact(self._url)
         self.name = check_name(name, "name")
         self._capacity = check_int(capacity, "capacity", at_least=1)
-        self.lease_s = check_number(lease_s, "lease_s", at_least=0.1)
+        # At most a day: a dead process's slots come back within it, and its milliseconds
+        # stay exact in Lua (1e306 s was accepted, then every acquire overflowed).
+        self.lease_s = check_number(lease_s, "lease_s", at_least=0.1, at_most=86_400)
         self.timeout = check_timeout(timeout, "timeout")
         self._keys = [f"{self.name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
         self._grants = f"{self.name}:grants"
@@ -150,6 +153,9 @@ class ValkeyCapacity:
         """Take one slot per lease now, all or none; else raise
         :class:`~kernel.AgentPoolExhaustedError` having taken none."""
         wanted = _check_leases(leases)
+        mine = [lease for lease in wanted if lease in self._held or lease in self._waiters]
+        if mine:
+            raise InvalidRequestError(f"lease {mine[0]!r:.80} is already held or waiting")
         if not wanted:
             await trio.lowlevel.checkpoint()
             return
@@ -284,7 +290,7 @@ class ValkeyCapacity:
                     )
         self._nursery.cancel_scope.cancel()
         try:
-            return await stack.__aexit__(exc_type, exc, tb)
+            return await exit_stack(stack, exc_type, exc, tb)
         finally:
             self._client = self._nursery = None
             self._pending.clear()

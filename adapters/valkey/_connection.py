@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -152,6 +153,29 @@ def reraise_cancellation(exc: BaseException) -> None:
             raise cancelled
     elif not isinstance(exc, Exception):
         raise exc
+
+
+async def exit_stack(
+    stack: AsyncExitStack,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> bool | None:
+    """Exit ``stack`` (which holds a background nursery) after an ``async with`` block.
+
+    An error of the block that only passed through that nursery comes out as itself, not
+    wrapped in its ExceptionGroup(s): the caller's ``except SystemHaltedError`` around the
+    block must work as it does around any other context manager.
+    """
+    try:
+        return await stack.__aexit__(exc_type, exc, tb)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if exc is None or leaf is not exc:
+            raise
+    raise exc  # outside the handler: the group does not become its context
 
 
 def describe(exc: BaseException) -> str:

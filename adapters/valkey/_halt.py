@@ -35,6 +35,7 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
+    exit_stack,
     open_client,
     redact,
     reraise_cancellation,
@@ -183,7 +184,7 @@ class ValkeyHaltChannel:
         assert stack is not None and self._nursery is not None
         self._nursery.cancel_scope.cancel()
         try:
-            return await stack.__aexit__(exc_type, exc, tb)
+            return await exit_stack(stack, exc_type, exc, tb)
         finally:
             self._client = self._nursery = None
             self._connected = False
