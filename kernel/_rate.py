@@ -44,6 +44,7 @@ class RateLimit:
         self._burst = float(check_int(burst, "burst", at_least=1))
         self._tokens = self._burst
         self._stamp: float | None = None  # trio time of the last refill (set on first use)
+        self._run: object = None  # the trio run that stamp belongs to
         self._queue: collections.deque[_Waiter] = collections.deque()
 
     def __repr__(self) -> str:
@@ -64,8 +65,13 @@ class RateLimit:
 
     def _refill(self) -> None:
         now = trio.current_time()
+        run = trio.lowlevel.current_trio_token()
+        if run is not self._run:
+            # Another trio.run: its clock has its own offset, so the old stamp means
+            # nothing here.  Keep the tokens, start counting again (no credit for the gap).
+            self._run, self._stamp = run, None
         if self._stamp is not None:
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+            self._tokens = min(self._burst, self._tokens + max(0.0, now - self._stamp) * self._rate)
         self._stamp = now
 
     def _seconds_until(self, cost: float) -> float:

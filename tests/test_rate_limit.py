@@ -189,3 +189,17 @@ async def test_a_halt_during_the_rate_wait_starts_nothing(
 def test_service_refuses_a_rate_limit_of_the_wrong_type() -> None:
     with pytest.raises(InvalidRequestError, match="rate_limit"):
         ConcurrentDeliberationService(ScriptedOrchestrator(), rate_limit=10)  # type: ignore[arg-type]
+
+
+def test_one_limit_serves_several_trio_runs() -> None:
+    """Each trio.run has its own clock offset: a stamp from the last run must not put the
+    bucket in a debt of years (the next acquire hung)."""
+    limit = RateLimit(1000, burst=2)
+
+    async def use() -> None:
+        with trio.fail_after(5):
+            for _ in range(4):
+                await limit.acquire()
+
+    for _ in range(3):
+        trio.run(use)
