@@ -179,7 +179,7 @@ class CrewAIOrchestrator:
         self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
         self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
         self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
-        self.seed = seed
+        self.seed = None if seed is None else check_int(seed, "seed")
         self.expected_output = expected_output
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
         if not telemetry:

@@ -64,7 +64,7 @@ from adapters.provider_budget import (
 from adapters.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
-from kernel.validate import check_number
+from kernel.validate import check_int, check_number
 
 __all__ = [
     "AGENT_HEADER",
@@ -210,7 +210,7 @@ class OpenAIChatOrchestrator:
         self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
         self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
-        self._rng = random.Random(seed)
+        self._rng = random.Random(None if seed is None else check_int(seed, "seed"))
         self.limits = limits
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget] = {}

@@ -718,3 +718,9 @@ async def test_a_trio_cancel_that_lands_just_after_the_asyncio_cancel_is_still_t
         await _run(CancelledJustAsTrioCancels(scope), never_run(), "agent 'x'")
         raise AssertionError("not cancelled")
     assert scope.cancelled_caught
+
+
+@pytest.mark.parametrize("seed", [[1], "7", 1.5, True])
+def test_a_seed_that_is_not_an_int_is_refused(seed: object) -> None:
+    with pytest.raises(InvalidRequestError, match="seed"):
+        OpenAIChatOrchestrator("http://127.0.0.1:1/v1", "m", seed=seed)  # type: ignore[arg-type]
