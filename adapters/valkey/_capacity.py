@@ -28,12 +28,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 import trio
 
 from adapters.valkey._connection import (
+    BackgroundClient,
     Client,
     StoreError,
     backoff,
@@ -41,8 +41,6 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
-    exit_stack,
-    open_client,
     redact,
     reraise_cancellation,
     store_call,
@@ -69,7 +67,7 @@ class _Waiter:
         self.error: str | None = None
 
 
-class ValkeyCapacity:
+class ValkeyCapacity(BackgroundClient):
     """A :class:`~kernel.SharedCapacity` on a Valkey or Redis server, for ``async with``.
 
     ``AgentPool(max_concurrent, shared=capacity)`` admits a call only when both the
@@ -111,9 +109,7 @@ class ValkeyCapacity:
         self.timeout = check_timeout(timeout, "timeout")
         self._keys = [f"{self.name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
         self._grants = f"{self.name}:grants"
-        self._client: Client | None = None
-        self._stack: AsyncExitStack | None = None
-        self._nursery: trio.Nursery | None = None
+        super().__init__()
         self._held: set[str] = set()
         self._waiters: dict[str, _Waiter] = {}
         self._pending: dict[str, float] = {}  # released lease -> when (trio time)
@@ -244,39 +240,17 @@ class ValkeyCapacity:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> ValkeyCapacity:
-        if self._stack is not None:
-            raise RuntimeError("this ValkeyCapacity is already open")
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            client = await stack.enter_async_context(
-                open_client(self._url, connect_timeout=self.timeout)
-            )
-            self._client = client
-            self._reserve_script = client.register_script(RESERVE)
-            self._acquire_script = client.register_script(ACQUIRE)
-            self._sync_script = client.register_script(SYNC)
-            await self._claim_capacity(client)
-            await self._first_sync()
-            self._nursery = await stack.enter_async_context(trio.open_nursery())
-            await self._nursery.start(self._listen)
-            await self._nursery.start(self._sync_loop)
-        except BaseException as exc:
-            self._client = self._nursery = None
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._stack = stack
-        return self
+    async def _start(self, client: Client, stack: AsyncExitStack) -> None:
+        self._reserve_script = client.register_script(RESERVE)
+        self._acquire_script = client.register_script(ACQUIRE)
+        self._sync_script = client.register_script(SYNC)
+        await self._claim_capacity(client)
+        await self._first_sync()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        await self._nursery.start(self._listen)
+        await self._nursery.start(self._sync_loop)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        stack, self._stack = self._stack, None
-        assert stack is not None and self._nursery is not None
+    async def _before_close(self) -> None:
         for lease in [*self._held, *self._waiters]:
             self.release(lease)
         if self._pending:
@@ -288,12 +262,9 @@ class ValkeyCapacity:
                         "shared capacity: leases not given back on close; they expire",
                         extra={"capacity_name": self.name, "problem": str(problem)},
                     )
-        self._nursery.cancel_scope.cancel()
-        try:
-            return await exit_stack(stack, exc_type, exc, tb)
-        finally:
-            self._client = self._nursery = None
-            self._pending.clear()
+
+    def _after_close(self) -> None:
+        self._pending.clear()
 
     async def _claim_capacity(self, client: Client) -> None:
         """Connect now (not on a batch's first admission) and compare capacities."""

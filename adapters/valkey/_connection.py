@@ -14,7 +14,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import coredis
@@ -25,6 +25,7 @@ from kernel import ConclaveError, InvalidRequestError
 from kernel.validate import check_number, check_text
 
 __all__ = [
+    "BackgroundClient",
     "Client",
     "StoreError",
     "ValkeyUnavailableError",
@@ -176,6 +177,69 @@ async def exit_stack(
         if exc is None or leaf is not exc:
             raise
     raise exc  # outside the handler: the group does not become its context
+
+
+class BackgroundClient:
+    """What both Valkey adapters share: a client and a nursery of background tasks,
+    opened at ``async with`` and closed at its end.
+
+    A subclass sets ``_url`` and ``timeout`` and gives :meth:`_start` (register its
+    scripts, read what it needs, start its tasks in ``self._nursery``) and, if it has
+    something to hand back first, :meth:`_before_close` and :meth:`_after_close`.
+    Entering twice is refused; a failed start closes what it opened and raises its own
+    error; an error of the block comes out as itself (:func:`exit_stack`).
+    """
+
+    _url: str
+    timeout: float
+
+    def __init__(self) -> None:
+        self._client: Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def _start(self, client: Client, stack: AsyncExitStack) -> None:
+        raise NotImplementedError
+
+    async def _before_close(self) -> None:
+        """Runs first on leaving, while the client and the tasks are still there."""
+
+    def _after_close(self) -> None:
+        """Runs last on leaving, once the client is closed."""
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError(f"this {type(self).__name__} is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            client = await stack.enter_async_context(
+                open_client(self._url, connect_timeout=self.timeout)
+            )
+            self._client = client
+            await self._start(client, stack)
+        except BaseException as exc:
+            self._client = self._nursery = None
+            await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None and self._nursery is not None
+        await self._before_close()
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await exit_stack(stack, exc_type, exc, tb)
+        finally:
+            self._client = self._nursery = None
+            self._after_close()
 
 
 def describe(exc: BaseException) -> str:

@@ -20,13 +20,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 import attrs
 import trio
 
 from adapters.valkey._connection import (
+    BackgroundClient,
     Client,
     StoreError,
     ValkeyUnavailableError,
@@ -35,8 +35,6 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
-    exit_stack,
-    open_client,
     redact,
     reraise_cancellation,
     store_call,
@@ -88,7 +86,7 @@ class _KeyState:
     problem: str | None = None
 
 
-class ValkeyHaltChannel:
+class ValkeyHaltChannel(BackgroundClient):
     """A halt channel on a Valkey or Redis server, for ``async with``.
 
     A :class:`~kernel.HaltChecker` with ``wait_halted`` (:class:`~kernel.HaltWaiter`),
@@ -134,9 +132,7 @@ class ValkeyHaltChannel:
         self._events = f"{self.key}:events"
         #: Where the last :meth:`halt` over an unreadable key kept it (or None).
         self.kept_aside: str | None = None
-        self._client: Client | None = None
-        self._stack: AsyncExitStack | None = None
-        self._nursery: trio.Nursery | None = None
+        super().__init__()
         self._listeners: list[Callable[[str], None]] = []
         self._key_state = _KeyState(True, "not read yet", "not read yet")
         self._connected = False
@@ -152,44 +148,17 @@ class ValkeyHaltChannel:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> ValkeyHaltChannel:
-        if self._stack is not None:
-            raise RuntimeError("this ValkeyHaltChannel is already open")
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            client = await stack.enter_async_context(
-                open_client(self._url, connect_timeout=self.timeout)
-            )
-            self._client = client
-            self._halt_script = client.register_script(HALT)
-            self._clear_script = client.register_script(HALT_CLEAR)
-            self._read_script = client.register_script(HALT_READ)
-            self._nursery = await stack.enter_async_context(trio.open_nursery())
-            await self._nursery.start(self._watch)
-        except BaseException as exc:
-            self._client = self._nursery = None
-            await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._stack = stack
-        return self
+    async def _start(self, client: Client, stack: AsyncExitStack) -> None:
+        self._halt_script = client.register_script(HALT)
+        self._clear_script = client.register_script(HALT_CLEAR)
+        self._read_script = client.register_script(HALT_READ)
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        await self._nursery.start(self._watch)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        stack, self._stack = self._stack, None
-        assert stack is not None and self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        try:
-            return await exit_stack(stack, exc_type, exc, tb)
-        finally:
-            self._client = self._nursery = None
-            self._connected = False
-            self._lost_why = "closed"
-            self._recompute()
+    def _after_close(self) -> None:
+        self._connected = False
+        self._lost_why = "closed"
+        self._recompute()
 
     # ------------------------------------------------------------ reading (HaltChecker)
 
