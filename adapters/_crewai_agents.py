@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import importlib
 import logging
 import os
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,6 +58,8 @@ from crewai.utilities.i18n import I18N_DEFAULT
 from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
+from adapters.openai_chat import server_message
+from adapters.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
 
 __all__ = [
@@ -142,11 +142,12 @@ class AgentRun:
         if isinstance(error, openai.APIStatusError):
             status = error.status_code
             if status not in (408, 429) and status < 500:
+                said = server_message(error, self._api_key)
                 raise AgentInvocationError(
-                    f"{self.where}: HTTP {status} {self._server_message(error)}; not retried"
+                    f"{self.where}: HTTP {status} {said}; not retried"
                 ) from None
             what = f"HTTP {status}"
-            retry_after = _retry_after_s(error) if status == 429 else None
+            retry_after = retry_after_s(error.response.headers) if status == 429 else None
         elif isinstance(error, openai.APITimeoutError):
             what = "timed out"
         elif isinstance(error, openai.APIConnectionError):
@@ -167,17 +168,6 @@ class AgentRun:
         if retry_after is not None:
             self._sleep_s = min(max(self._sleep_s, retry_after), policy.retry_after_cap_s)
         return self._sleep_s
-
-    def _server_message(self, exc: openai.APIStatusError) -> str:
-        if exc.status_code in (401, 403):
-            # Providers echo (part of) the key in auth errors; say nothing of it.
-            return "(authentication failed: check the API key)"
-        body = exc.body if isinstance(exc.body, dict) else {}
-        error = body.get("error", body)
-        text = error.get("message") if isinstance(error, dict) else None
-        text = str(text or exc.response.reason_phrase or "")
-        text = text.replace(self._api_key, "***")
-        return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
 
 
 class AsyncioAgentExecutor(AgentExecutor):
@@ -528,19 +518,3 @@ def describe_error(exc: BaseException) -> str:
         return f"{type(exc).__name__} ({exc.error_count()} error(s))"
     text = " ".join(str(exc).split())[:_MAX_SERVER_MESSAGE]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _retry_after_s(exc: openai.APIStatusError) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), if any."""
-    value = exc.response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -57,7 +57,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
-from adapters.openai_chat import AGENT_HEADER, encode_agent_header
+from adapters.openai_chat import AGENT_HEADER, KEYLESS, encode_agent_header
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, check_seconds
@@ -84,7 +84,6 @@ TELEMETRY_OFF: Mapping[str, str] = {
 }
 _DEFAULT_GOAL = "Give the council your position on the topic, and your reasons."
 _DEFAULT_BACKSTORY = "A member of a deliberative council of 72."
-_KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
 
 
 def disable_telemetry() -> None:
@@ -181,7 +180,7 @@ class CrewAIOrchestrator:
         self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
         self.seed = None if seed is None else check_int(seed, "seed")
         self.expected_output = expected_output
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
         self._policy: RetryPolicy | None = None
@@ -191,7 +190,7 @@ class CrewAIOrchestrator:
         self._prepare_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        key = "none" if self._api_key == _KEYLESS else "***"
+        key = "none" if self._api_key == KEYLESS else "***"
         return (
             f"CrewAIOrchestrator(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key={key}, agents={len(self.roster)}, telemetry={self.telemetry})"
@@ -294,7 +293,7 @@ class CrewAIOrchestrator:
         if the endpoint cannot be reached, False if it is silent (busy), else True."""
         from adapters.openai_chat import OpenAIChatOrchestrator
 
-        key = None if self._api_key == _KEYLESS else self._api_key
+        key = None if self._api_key == KEYLESS else self._api_key
         probe = OpenAIChatOrchestrator(
             self.base_url, self.model, api_key=key, timeout_s=self.timeout_s
         )

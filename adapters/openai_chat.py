@@ -84,7 +84,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are {name}, one member of a deliberative council. Read the topic and give "
     "your position on it in a few sentences: what you recommend and why."
 )
-_KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
+#: The key sent when there is none: local servers (Ollama, llama.cpp) ignore it.
+KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
 _MAX_SERVER_MESSAGE = 200
 
 #: The request header that names the agent (its value: :func:`encode_agent_header`).
@@ -112,6 +113,20 @@ def encode_agent_header(agent_id: str) -> str:
 def decode_agent_header(value: str) -> str:
     """The agent id an ``X-Conclave-Agent`` value carries (inverse of the encoding)."""
     return unquote(value, encoding="utf-8", errors="strict")
+
+
+def server_message(exc: openai.APIStatusError, api_key: str) -> str:
+    """What a server said in an error answer, fit for an error message: short, in
+    parentheses, and never the key (providers echo part of it, in auth errors above all)."""
+    if exc.status_code in (401, 403):
+        return "(authentication failed: check the API key)"
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    text = error.get("message") if isinstance(error, dict) else None
+    text = str(text or exc.response.reason_phrase or "")
+    if api_key and api_key != KEYLESS:
+        text = text.replace(api_key, "***")
+    return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
@@ -209,7 +224,7 @@ class OpenAIChatOrchestrator:
         self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
         self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
         self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or _KEYLESS
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         self._rng = random.Random(None if seed is None else check_int(seed, "seed"))
         self.limits = limits
         self._clients: dict[str, openai.AsyncOpenAI] = {}
@@ -220,7 +235,7 @@ class OpenAIChatOrchestrator:
         self._stats = LimitStats()
 
     def __repr__(self) -> str:
-        key = "none" if self._api_key == _KEYLESS else "***"
+        key = "none" if self._api_key == KEYLESS else "***"
         return (
             f"OpenAIChatOrchestrator(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key={key}, agents={len(self.roster) if self.roster else 'any'})"
@@ -408,7 +423,7 @@ class OpenAIChatOrchestrator:
                 # 408 is the server's own request timeout: a timeout, so retried.
                 if status not in (408, 429) and status < 500:
                     raise AgentInvocationError(
-                        f"{where}: HTTP {status} {self._server_message(exc)}; not retried"
+                        f"{where}: HTTP {status} {server_message(exc, self._api_key)}; not retried"
                     ) from None
                 what = f"HTTP {status}"
                 throttled = status == 429
@@ -517,18 +532,6 @@ class OpenAIChatOrchestrator:
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
         )
-
-    def _server_message(self, exc: openai.APIStatusError) -> str:
-        if exc.status_code in (401, 403):
-            # Providers echo (part of) the key in auth errors; say nothing of it.
-            return "(authentication failed: check the API key)"
-        body = exc.body if isinstance(exc.body, dict) else {}
-        error = body.get("error", body)
-        text = error.get("message") if isinstance(error, dict) else None
-        text = str(text or exc.response.reason_phrase or "")
-        if self._api_key != _KEYLESS:
-            text = text.replace(self._api_key, "***")
-        return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
 
 
 class _Outcome:
