@@ -20,7 +20,7 @@ agents' own scripts).  A fault is one of:
     "empty_choices"            200 with ``"choices": []``
     "null_content"             200 with ``"content": null``
     ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
-                               surrogate such as ``"\ud800"``)
+                               surrogate such as ``"\\ud800"``)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
