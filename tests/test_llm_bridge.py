@@ -198,7 +198,9 @@ async def test_halt_cancels_72_open_requests_down_to_the_socket(
     assert err.partial is not None and err.partial.failure_count == 72
     assert {f.kind for f in err.partial.failures} == {FailureKind.HALTED}
     assert pool.active_count == 0
-    assert took < 0.100
+    # The halt, not a timeout (600 s), ended requests that would hang forever.  How fast
+    # is the halt benchmark's business (milliseconds); the bound holds on a loaded machine.
+    assert took < 5.0
     await wait_server(llm_server, lambda s: s.disconnects == 72)
     assert llm_server.answered == 0
 
