@@ -124,9 +124,10 @@ def _docstrings(tree: ast.Module) -> list[tuple[int, str]]:
     found = []
     for owner in owners:
         body = owner.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            if isinstance(body[0].value.value, str):
-                found.append((body[0].lineno, body[0].value.value))
+        first = body[0] if body else None
+        value = first.value if isinstance(first, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found.append((value.lineno, value.value))
     return found
 
 
@@ -134,10 +135,12 @@ def test_every_docstring_is_encodable_utf8_so_python_3_13_can_compile_it() -> No
     # Python 3.13 cleans docstrings at compile time through UTF-8: a lone surrogate
     # escape (a non-raw "\ud800") in one makes the whole module fail to import there,
     # while 3.11 and 3.12 import it fine.
-    sources = [p for d in ("kernel", "adapters", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    packages = ("kernel", "adapters", "tests", "benchmarks")
+    sources = [path for package in packages for path in (ROOT / package).rglob("*.py")]
     for path in sorted(sources):
         for line, doc in _docstrings(ast.parse(path.read_text())):
             try:
                 doc.encode("utf-8")
             except UnicodeEncodeError:
-                raise AssertionError(f"{path.relative_to(ROOT)}:{line}: docstring not UTF-8") from None
+                where = f"{path.relative_to(ROOT)}:{line}"
+                raise AssertionError(f"{where}: docstring not UTF-8") from None
