@@ -19,6 +19,7 @@ import pexpect
 import pytest
 
 from tests.fake_openai import FakeOpenAIServer
+from tests.url_secrets import SECRET, assert_never_shown
 from tests.witness_helpers import run_sql
 
 ROOT = Path(__file__).parent.parent
@@ -282,6 +283,28 @@ def test_openai_backend_unreachable_exits_2() -> None:
     assert proc.returncode == 2
     assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        f"http://127.0.0.1:9/v1?api_key={SECRET}",
+        f"http://127.0.0.1:9/v1#access_token={SECRET}",
+        f"http://user:{SECRET}@127.0.0.1:9/v1",
+        f"http://user:{SECRET}/x@127.0.0.1:9/v1",  # a '/' makes the parser see a port
+    ],
+)
+def test_a_secret_in_the_base_url_is_refused_without_being_shown(
+    tmp_path: Path, base_url: str
+) -> None:
+    roster = tmp_path / "roster.toml"
+    roster.write_text(f'[[agents]]\nagent_id = "a"\nbase_url = "{base_url}"\n')
+    flag = ["--base-url", base_url, "--model", "m"]
+    in_roster = ["--roster", str(roster), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    for args in (flag, in_roster):
+        proc = conclave("deliberate", "--backend", "openai", *args, "--log-level", "debug")
+        assert proc.returncode == 2 and "base_url" in proc.stderr, proc.stderr
+        assert_never_shown(SECRET, [proc.stdout, proc.stderr])
 
 
 @pytest.mark.skipif(
