@@ -13,7 +13,8 @@ Exit codes:
     1    some agents failed
     2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
          than the pool holds in reject mode), more than 100 000 agents, an unwritable
-         --json path, an unreachable server
+         --json path, an unreachable server, an optional part not installed (the message
+         names the extra: llm, valkey, metrics, crewai)
     3    halted (also when the halt was already raised before the start)
     4    the run finished but its --json transcript could not be written: added to the
          run's own code, so 4 = all succeeded, 5 = some failed, 7 = halted
@@ -45,7 +46,7 @@ from adapters._cli_backend import (
     halt_reason_now,
     open_service,
     openai_orchestrator,
-    require_crewai,
+    require_extra,
     stub_orchestrator,
 )
 from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
@@ -379,8 +380,14 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         raise UsageError(f"--backend {args.backend} needs --base-url and --model")
     if args.backend != "openai" and (args.rpm or args.tpm):
         raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
-    if args.backend == "crewai":
-        require_crewai()
+    for extra, flag, wanted in (
+        ("llm", "--backend openai", args.backend == "openai"),
+        ("crewai", "--backend crewai", args.backend == "crewai"),
+        ("valkey", "--valkey", args.valkey is not None),
+        ("metrics", "--metrics-port", args.metrics_port is not None),
+    ):
+        if wanted:
+            require_extra(extra, flag)
     if args.json_path is not None:
         try:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)

@@ -307,6 +307,59 @@ def test_a_secret_in_the_base_url_is_refused_without_being_shown(
         assert_never_shown(SECRET, [proc.stdout, proc.stderr])
 
 
+def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``conclave *args`` in an interpreter where ``module`` cannot be imported, as in a
+    wheel installed without the extra that brings it (``None`` in ``sys.modules``: both
+    ``import`` and ``importlib.util.find_spec`` say it is not there)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "from adapters.cli import main; sys.exit(main())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+_OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "hint"),
+    [
+        ("trio_asyncio", ["deliberate", *_OPENAI], "--backend openai needs trio_asyncio"),
+        ("openai", ["deliberate", *_OPENAI], "--backend openai needs openai"),
+        ("coredis", ["deliberate", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
+        ("coredis", ["status", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
+        ("prometheus_client", ["deliberate", "--metrics-port", "0"], "--metrics-port needs"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line_before_anything_runs(
+    tmp_path: Path, module: str, args: list[str], hint: str
+) -> None:
+    """Exit 2 with the extra to install, no traceback, and before the halt is read:
+    a halted system does not hide what is missing."""
+    extra = {"trio_asyncio": "llm", "openai": "llm", "coredis": "valkey"}.get(module, "metrics")
+    if args[0] == "deliberate":
+        halted = tmp_path / "halt.json"
+        halt_from_cli(halted, "maintenance")
+        args = [*args, "--halt-file", str(halted)]
+    proc = conclave_without(module, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"conclave: {hint}")
+    assert proc.stderr.endswith(f": pip install 'conclave-kernel[{extra}]'\n")
+    assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+
+
+def test_a_broken_install_of_an_extra_is_named_too() -> None:
+    """openai there, but not a library it needs (httpx2): the import fails where the
+    backend is opened, with the same one line."""
+    proc = conclave_without("httpx2", "deliberate", *_OPENAI, "--agents", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "conclave: --backend openai needs httpx2: pip install 'conclave-kernel[llm]'\n"
+    )
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("crewai") is not None,
     reason="crewai is installed here: tests/crewai/test_crewai_cli.py runs the backend",
