@@ -187,6 +187,44 @@ def test_halt_clear_status_commands(tmp_path: Path) -> None:
     assert "clear by alice, bob: quorum restored" in status.stdout
 
 
+def test_a_halt_file_whose_directory_does_not_exist_is_refused_unless_created(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --halt-file would be a halt nobody watches (or a council watching a
+    file nobody writes): every command refuses it, exit 2, creating nothing; halt and
+    deliberate make the directory with --create."""
+    typo = tmp_path / "typo" / "x" / "halt.json"
+    both = ["--approver", "alice", "--approver", "bob"]
+    refused = {
+        "halt": conclave("halt", "--halt-file", str(typo), "--reason", "r"),
+        "clear": conclave("clear", "--halt-file", str(typo), *both, "--reason", "r"),
+        "status": conclave("status", "--halt-file", str(typo)),
+        "deliberate": conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1"),
+    }
+    for command, proc in refused.items():
+        assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout)
+        assert proc.stderr.startswith(f"conclave: --halt-file {typo}: {typo.parent} does not ")
+        assert len(proc.stderr.splitlines()) == 1
+        assert ("--create makes it" in proc.stderr) == (command in ("halt", "deliberate"))
+    assert not (tmp_path / "typo").exists()
+
+    created = conclave("halt", "--halt-file", str(typo), "--create", "--reason", "audit")
+    assert created.returncode == 0 and created.stdout == "halted: audit\n"
+    run = conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1", "--quiet")
+    assert run.returncode == 3 and "halted before starting: audit" in run.stderr
+    watched = tmp_path / "new" / "halt.json"
+    run = conclave("deliberate", "--halt-file", str(watched), "--create", "--agents", "2")
+    assert run.returncode == 0 and watched.parent.is_dir() and not watched.exists()
+
+    not_a_directory = tmp_path / "file"  # it exists: the channel's to report (halted)
+    not_a_directory.write_text("")
+    proc = conclave("halt", "--halt-file", str(not_a_directory / "h"), "--create", "--reason", "r")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert not_a_directory.read_text() == ""
+    proc = conclave("halt", "--valkey", "redis://127.0.0.1:1", "--create", "--reason", "r")
+    assert proc.returncode == 2 and "--create goes with --halt-file" in proc.stderr
+
+
 def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) -> None:
     halt_file = tmp_path / "halt.json"
     transcript = tmp_path / "run.json"
