@@ -104,10 +104,13 @@ def urls_with_a_secret(draw: st.DrawFn, *, raw: bool) -> SecretURL:
         # Raw, those characters end the value: the URL no longer holds this secret.
         where = "fragment"
     tail = f"{host}{port}{path}"
+    user = draw(st.sampled_from(("", "default", "worker")))
+    secret_name = _case(draw(st.sampled_from(_SECRET_NAMES)), draw)
+    fragment_name = draw(st.sampled_from(("", "access_token=", "section-")))
 
     def build(written: str) -> str:
         if where == "password":
-            return f"{scheme}://{draw_user}:{written}@{tail}{plain_query}"
+            return f"{scheme}://{user}:{written}@{tail}{plain_query}"
         if where == "user":
             return f"{scheme}://{written}@{tail}{plain_query}"
         if where == "user-of-pair":
@@ -117,9 +120,6 @@ def urls_with_a_secret(draw: st.DrawFn, *, raw: bool) -> SecretURL:
             return f"{scheme}://{tail}?{sep.join(params)}"
         return f"{scheme}://{tail}{plain_query}#{fragment_name}{written}"
 
-    draw_user = draw(st.sampled_from(("", "default", "worker")))
-    secret_name = _case(draw(st.sampled_from(_SECRET_NAMES)), draw)
-    fragment_name = draw(st.sampled_from(("", "access_token=", "section-")))
     return SecretURL(secret, build, raw)
 
 
