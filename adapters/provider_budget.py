@@ -16,6 +16,13 @@ reported request, refilled at the limit's rate (or as fast as ``x-ratelimit-rese
 says it is back).  A 429 pauses the whole endpoint until the server's reset
 (``Retry-After``, else the reset headers), capped.
 
+A server is believed only within bounds, since nothing is sent during a stall that a later
+header could correct: whatever it reports, a turn comes at most ``max_pause_s`` after the
+turn before it (or its reservation), unless the caller's own :class:`ProviderLimits` space
+them further; a request is charged at most one minute of its lane, and a lane is never in
+debt by more than one minute; an advertised limit below half of what the endpoint served
+in the last minute is ignored.
+
 Waiting is a *reservation*: :meth:`EndpointBudget.reserve` computes, under a thread lock,
 the time the attempt may start ("your turn is at T"), and the caller sleeps until then on
 its own event loop.  So the shared state holds no loop-bound primitive: orchestrators on

@@ -80,6 +80,38 @@ def test_a_usage_of_a_quadrillion_tokens_counts_as_at_most_a_minute_of_the_limit
     assert after_one_answer({}, used=500, limits=configured) > 400 * 60 / 950
 
 
+def test_an_advertised_limit_far_below_what_the_endpoint_served_is_not_believed() -> None:
+    clock = Clock()
+    b = EndpointBudget(clock=clock)
+    served = [b.reserve(100.0) for _ in range(10)]
+    for ticket in served:
+        assert b.try_send(ticket) == 0
+    for ticket in served[:-1]:
+        b.finish(ticket, RateLimitHeaders(), used_tokens=100, max_pause_s=CAP_S)
+    # 10 requests and 1000 tokens answered within the minute: "1 a minute" is a lie...
+    lie = {"x-ratelimit-limit-requests": "1", "x-ratelimit-limit-tokens": "10"}
+    b.finish(served[-1], RateLimitHeaders.parse(lie), used_tokens=100, max_pause_s=CAP_S)
+    assert (b.requests.rate, b.tokens.rate) == (None, None)
+    assert b.next_turn(100.0) == clock.now  # nothing holds the next one back
+    # ...but a limit a sliding minute could honestly have served is followed.
+    honest = b.reserve(100.0)
+    assert b.try_send(honest) == 0
+    report = {"x-ratelimit-limit-requests": "6", "x-ratelimit-limit-tokens": "600"}
+    b.finish(honest, RateLimitHeaders.parse(report), used_tokens=100, max_pause_s=CAP_S)
+    assert (b.requests.rate, b.tokens.rate) == (6 / 60, 600 / 60)
+
+
+def test_the_callers_own_limits_space_turns_further_than_the_cap() -> None:
+    # The cap bounds what a server says; a limit the caller configured is believed in full.
+    clock = Clock()
+    b = EndpointBudget(clock=clock)
+    b.configure(ProviderLimits(requests_per_minute=1))
+    first = b.reserve(1.0)
+    assert b.try_send(first) == 0
+    b.finish(first, RateLimitHeaders(), used_tokens=1, max_pause_s=CAP_S)
+    assert b.next_turn(1.0) - clock.now == pytest.approx(60 / 0.95)
+
+
 # ---------------------------------------------------------------- over real HTTP
 
 # Each lie as the server tells it: (headers on every answer, usage it reports or None).
