@@ -164,7 +164,7 @@ def test_a_lying_server_never_makes_the_next_request_wait_longer_than_the_cap(
                 # The wait a request made now would get, before it is made: a stall of
                 # hours shows here at once, without waiting for it.
                 waits.append(budget.next_turn(estimate) - before)
-                assert waits[-1] <= HTTP_CAP_S + 0.25, (lie, n, waits)
+                assert waits[-1] <= HTTP_CAP_S + 2.0, (lie, n, waits)  # a stall is hours
                 await asyncio.wait_for(orch.invoke(f"archon-{n}", context), 30)
         finally:
             await orch.aclose()
