@@ -119,6 +119,7 @@ FAULTS: dict[str, tuple[tuple[Any, ...], FailureKind | None, str, int]] = {
     "down-503": ((503, 503, 503, 503), FailureKind.ERROR, "HTTP 503 after 4 attempt(s)", 4),
     "bad-key": ((401,), FailureKind.ERROR, "HTTP 401 (authentication failed", 1),
     "bad-request": ((400,), FailureKind.ERROR, "HTTP 400 (injected 400); not retried", 1),
+    "out-of-quota": ((("quota", 20),), FailureKind.ERROR, "429: the account is out of quota", 1),
     "garbled": (("malformed_json",), FailureKind.ERROR, "malformed response", 1),
     "speechless": (("null_content",), FailureKind.ERROR, "CrewAI error: ValueError", 1),
     "hung": (("hang",), FailureKind.TIMEOUT, "", 1),
