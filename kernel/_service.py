@@ -175,7 +175,7 @@ class _Batch:
         "done",
         "hedge_delay",
         "hedged",
-        "max_hedged",
+        "hedges_left",
         "mode",
         "on_progress",
         "outcomes",
@@ -213,7 +213,9 @@ class _Batch:
         self.deadline: float | None = None  # absolute, trio clock
         self.quorum: int | None = None
         self.hedge_delay: float | None = None
-        self.max_hedged = 0
+        # The hedge budget not yet taken: a hedge takes its share before it may start,
+        # and gives it back if it never does.
+        self.hedges_left = 0
         self.hedged: set[int] = set()
         # The scope every agent runs in: a halt, the deadline or the quorum cancels it.
         self.run_scope = trio.CancelScope()
@@ -511,7 +513,7 @@ class ConcurrentDeliberationService:
             if self._latencies is None:
                 self._latencies = LatencyWindow()
             batch.hedge_delay = hedge.delay_for(self._latencies)
-            batch.max_hedged = hedge.max_hedged(len(checked))
+            batch.hedges_left = hedge.max_hedged(len(checked))
 
         # 3. Admit: all or nothing.
         try:
@@ -804,17 +806,11 @@ class ConcurrentDeliberationService:
             async def hedge() -> None:
                 nonlocal hedging
                 await trio.sleep_until(hedge_at)
-                if "first" in answers or len(batch.hedged) >= batch.max_hedged:
+                if "first" in answers:
                     return
-                slot = await admission.take_extra_slot(req.agent_id)
+                slot = await self._start_hedge(batch, admission, req.agent_id)
                 if slot is None:
                     return
-                if self._rate_limit is not None:
-                    try:
-                        await self._rate_limit.acquire()
-                    except BaseException:
-                        admission.release(slot)
-                        raise
                 batch.hedged.add(index)
                 self.metrics.record_hedge_launched()
                 hedging = True
@@ -829,6 +825,33 @@ class ConcurrentDeliberationService:
             race.start_soon(first)
             race.start_soon(hedge)
         return winner[0] if winner else answers["first"]
+
+    async def _start_hedge(self, batch: _Batch, admission: Admission, agent_id: str) -> Slot | None:
+        """Take what a hedge needs to start: a share of the budget, a slot (and its
+        shared lease), the rate limit's turn.  None (everything given back) if it may
+        not start: no budget or slot left, or the batch stopped meanwhile."""
+        if batch.hedges_left <= 0:
+            return None
+        # Taken now, before the first checkpoint (a shared lease, the rate limit): every
+        # agent whose delay fires in this same tick gets past the check above before any
+        # of them is counted, so a count taken after an await would let them all through.
+        batch.hedges_left -= 1
+        slot: Slot | None = None
+        try:
+            slot = await admission.take_extra_slot(agent_id)
+            if slot is not None and self._rate_limit is not None:
+                await self._rate_limit.acquire()
+        except BaseException:
+            batch.hedges_left += 1
+            if slot is not None:
+                admission.release(slot)
+            raise
+        if slot is not None and not self._stopped(batch):
+            return slot
+        batch.hedges_left += 1
+        if slot is not None:
+            admission.release(slot)
+        return None
 
     def _timeout_failure(self, batch: _Batch, req: AgentRequest, start: float) -> AgentFailure:
         return _failure(

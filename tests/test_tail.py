@@ -21,8 +21,10 @@ from kernel import (
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
+    RateLimit,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.test_shared_capacity import ModelCapacity
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,86 @@ async def test_hedge_budget_is_respected(autojump_clock: trio.testing.MockClock)
     )
     assert len(result.hedged_agents) == 2
     assert sum(orch.calls.values()) == 12
+
+
+@pytest.mark.parametrize("wait", ["rate_limit", "shared_capacity"])
+async def test_hedge_budget_holds_when_every_delay_fires_in_the_same_tick(
+    autojump_clock: trio.testing.MockClock, wait: str
+) -> None:
+    # Each hedge awaits before it may start (the rate limit's turn, or the shared
+    # capacity's reserve, which checkpoints): 20 hedges due in one tick, budget for 1.
+    orch = PerCall({}, default=Call(10.0))
+    rate = RateLimit(1000.0, burst=100) if wait == "rate_limit" else None
+    shared = ModelCapacity(100) if wait == "shared_capacity" else None
+    service = ConcurrentDeliberationService(
+        orch, pool=AgentPool(72, shared=shared), rate_limit=rate
+    )
+    result = await service.invoke_concurrent(
+        make_requests(20), hedge=HedgePolicy(delay=1.0, budget=0.05)
+    )
+    assert len(result.hedged_agents) == 1
+    assert sum(orch.calls.values()) == 21 and orch.max_in_flight == 21
+    assert service.metrics.snapshot().hedges_launched == 1
+    assert service.pool.available_count == 72
+    assert shared is None or (shared.held == set() and shared.max_held == 21)
+
+
+async def test_a_hedge_with_no_free_slot_gives_its_budget_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two slots, three agents queued; budget for one hedge.  At 1 s the first two are due
+    # a hedge, but archon-3 waits for a slot: neither starts.  archon-2 ends at 1.5 s and
+    # archon-1 at 2 s; archon-3 (started at 1.5 s) is due at 2.5 s, with a slot free.
+    orch = PerCall(
+        {"archon-1": [Call(2.0)], "archon-2": [Call(1.5)], "archon-3": [Call(10.0), Call(1.0)]}
+    )
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(2))
+    result = await service.invoke_concurrent(
+        make_requests(3), overflow="queue", hedge=HedgePolicy(delay=1.0, budget=0.3)
+    )
+    assert result.hedged_agents == ("archon-3",)
+    assert result.outputs[2].content == "call 2"
+    assert service.metrics.snapshot().hedges_launched == 1
+
+
+async def test_a_hedge_cancelled_while_waiting_for_the_rate_limit_gives_its_budget_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One call every 2 s.  Starts: archon-1 at 0, archon-2 at 2, archon-3 at 4 s.
+    # archon-1's hedge (due at 1 s) waits behind them and is cancelled when archon-1
+    # answers at 3 s; archon-2's (due at 4 s, in the queue since 3 s) then gets the
+    # budget's one hedge at 6 s.
+    orch = PerCall(
+        {"archon-1": [Call(3.0)], "archon-2": [Call(20.0), Call(1.0)], "archon-3": [Call(1.5)]}
+    )
+    service = ConcurrentDeliberationService(orch, rate_limit=RateLimit(0.5))
+    result = await service.invoke_concurrent(
+        make_requests(3), hedge=HedgePolicy(delay=1.0, budget=0.3)
+    )
+    assert result.hedged_agents == ("archon-2",)
+    assert orch.calls == {"archon-1": 1, "archon-2": 2, "archon-3": 1}
+    assert service.metrics.snapshot().hedges_launched == 1
+
+
+async def test_a_hedge_still_waiting_for_the_rate_limit_at_a_halt_never_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    orch = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(orch, switch, rate_limit=RateLimit(0.1))
+
+    async def trigger() -> None:
+        await trio.sleep(5.0)  # archon-1's hedge (due at 1 s) waits for the limit until 10 s
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(1), hedge=HedgePolicy(delay=1.0)),
+        trigger,
+    )
+    assert exc.partial is not None and exc.partial.hedged_agents == ()
+    assert orch.calls == {"archon-1": 1}
+    assert service.metrics.snapshot().hedges_launched == 0
+    assert service.pool.available_count == 72 and service.active_count == 0
 
 
 async def test_hedges_count_against_capacity_and_never_jump_the_queue(
