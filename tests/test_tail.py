@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import uuid4
 
@@ -16,12 +16,14 @@ from kernel import (
     AgentPool,
     CommitReceipt,
     ConcurrentDeliberationService,
+    ConcurrentResult,
     ContextBundle,
     FailureKind,
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    SystemHaltedError,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.test_shared_capacity import ModelCapacity
@@ -155,6 +157,97 @@ async def test_quorum_or_deadline_whichever_comes_first(
     result = await service.invoke_concurrent(make_requests(5), quorum=2, deadline=9.0)
     assert result.success_count == 2
     assert {f.kind for f in result.failures} == {FailureKind.CANCELLED}
+
+
+class Reports:
+    """An ``on_progress`` that records each report once its body has run to the end."""
+
+    def __init__(self, asynchronous: bool = True, pause: float = 0.0) -> None:
+        self.asynchronous = asynchronous
+        self.pause = pause
+        self.seen: list[tuple[str, str]] = []
+        self.on_report: Callable[[str], object] | None = None
+
+    def __call__(self, done: int, total: int, agent_id: str, status: str) -> object:
+        if not self.asynchronous:
+            self.seen.append((agent_id, status))
+            return None
+        return self._report(agent_id, status)
+
+    async def _report(self, agent_id: str, status: str) -> None:
+        if self.on_report is not None:
+            self.on_report(agent_id)
+        await trio.sleep(self.pause)  # a checkpoint, as any real async display has
+        self.seen.append((agent_id, status))
+
+    def completed(self) -> set[str]:
+        return {agent for agent, status in self.seen if status == "completed"}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+async def test_with_a_quorum_every_released_output_is_reported(
+    autojump_clock: trio.testing.MockClock, asynchronous: bool
+) -> None:
+    # archon-1's report is still running (0.5 s) when archon-2 reaches the quorum at 1.2 s,
+    # and archon-2's own report starts after it.
+    plan = {f"archon-{i}": Step(latency=t) for i, t in enumerate([1.0, 1.2, 3.0, 4.0], 1)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan))
+    reports = Reports(asynchronous, pause=0.5)
+    result = await service.invoke_concurrent(make_requests(4), quorum=2, on_progress=reports)
+    assert {o.agent_id for o in result.outputs} == {"archon-1", "archon-2"}
+    assert sorted(reports.seen) == [("archon-1", "completed"), ("archon-2", "completed")]
+
+
+async def test_a_hedge_that_wins_at_the_quorum_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # archon-2 answers at 0.5 s; archon-1's hedge (from 1 s) answers at 2 s: the quorum.
+    orch = PerCall({"archon-1": [Call(10.0), Call(1.0)], "archon-2": [Call(0.5)]})
+    service = ConcurrentDeliberationService(orch)
+    reports = Reports()
+    result = await service.invoke_concurrent(
+        make_requests(2), quorum=2, hedge=HedgePolicy(delay=1.0), on_progress=reports
+    )
+    assert result.hedged_agents == ("archon-1",) and result.outputs[0].content == "call 2"
+    assert reports.seen == [("archon-2", "completed"), ("archon-1", "completed")]
+
+
+@pytest.mark.parametrize("halt", ["in_the_same_tick", "from_the_report"])
+async def test_an_output_released_at_the_quorum_is_reported_despite_a_halt(
+    autojump_clock: trio.testing.MockClock, halt: str
+) -> None:
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(latency=1.0), "archon-2": Step(latency=1.0)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(5.0)), switch)
+    reports = Reports()
+    if halt == "from_the_report":
+        reports.on_report = lambda agent_id: switch.halt("stop")
+
+    async def trigger() -> None:
+        if halt == "in_the_same_tick":
+            await trio.sleep(1.0)
+            switch.halt("stop")
+
+    outcome: list[ConcurrentResult] = []
+
+    async def batch() -> None:
+        try:
+            outcome.append(
+                await service.invoke_concurrent(make_requests(3), quorum=2, on_progress=reports)
+            )
+        except SystemHaltedError as exc:  # the halt came before the quorum
+            assert exc.partial is not None
+            outcome.append(exc.partial)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trigger)
+        nursery.start_soon(batch)
+    (result,) = outcome
+    released = {o.agent_id for o in result.outputs}
+    assert reports.completed() == released
+    if halt == "from_the_report":
+        assert released  # the report that halted was of a released output
+    assert service.pool.available_count == 72
 
 
 @pytest.mark.parametrize("bad", [0, -1, 4, True, 2.0, "2"])
