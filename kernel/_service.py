@@ -848,9 +848,9 @@ class ConcurrentDeliberationService:
         not start: no budget or slot left, or the batch stopped meanwhile."""
         if batch.hedges_left <= 0:
             return None
-        # Taken now, before the first checkpoint (a shared lease, the rate limit): every
-        # agent whose delay fires in this same tick gets past the check above before any
-        # of them is counted, so a count taken after an await would let them all through.
+        # Taken here, before the first checkpoint (the shared lease, the rate limit): the
+        # hedges due in the same tick all pass the check above before any of them gets
+        # past an await, so a share taken after one would let every one of them through.
         batch.hedges_left -= 1
         slot: Slot | None = None
         try:
