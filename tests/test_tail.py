@@ -405,22 +405,34 @@ async def test_a_hedge_with_no_free_slot_gives_its_budget_back(
     assert service.metrics.snapshot().hedges_launched == 1
 
 
+class InStartOrder:
+    """The n-th call to start, whichever agent makes it, waits ``latencies[n]`` seconds
+    (trio starts the tasks of one tick in any order: the agents' order is not fixed)."""
+
+    def __init__(self, latencies: Sequence[float]) -> None:
+        self.latencies = latencies
+        self.callers: list[str] = []
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        self.callers.append(agent_id)
+        await trio.sleep(self.latencies[len(self.callers) - 1])
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="yes")
+
+
 async def test_a_hedge_cancelled_while_waiting_for_the_rate_limit_gives_its_budget_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # One call every 2 s.  Starts: archon-1 at 0, archon-2 at 2, archon-3 at 4 s.
-    # archon-1's hedge (due at 1 s) waits behind them and is cancelled when archon-1
-    # answers at 3 s; archon-2's (due at 4 s, in the queue since 3 s) then gets the
-    # budget's one hedge at 6 s.
-    orch = PerCall(
-        {"archon-1": [Call(3.0)], "archon-2": [Call(20.0), Call(1.0)], "archon-3": [Call(1.5)]}
-    )
+    # One call every 2 s: the agents start at 0, 2 and 4 s.  The first one's hedge (due
+    # at 1 s) waits behind the other two and is cancelled when its agent answers at
+    # 2.5 s; the second one's (due at 3 s) then gets the budget's one hedge, at 6 s.
+    orch = InStartOrder([2.5, 20.0, 1.5, 1.0])
     service = ConcurrentDeliberationService(orch, rate_limit=RateLimit(0.5))
     result = await service.invoke_concurrent(
         make_requests(3), hedge=HedgePolicy(delay=1.0, budget=0.3)
     )
-    assert result.hedged_agents == ("archon-2",)
-    assert orch.calls == {"archon-1": 1, "archon-2": 2, "archon-3": 1}
+    second = orch.callers[1]
+    assert result.hedged_agents == (second,) and orch.callers[3] == second
+    assert result.success_count == 3 and len(orch.callers) == 4
     assert service.metrics.snapshot().hedges_launched == 1
 
 
