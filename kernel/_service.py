@@ -225,7 +225,9 @@ class _Batch:
         # Agents whose output arrived after the stop: it is never released.
         self.withheld: set[int] = set()
         # Where async on_progress reports of outcomes run: outside the run scope (set by
-        # _run).
+        # _run), so that a quorum or a deadline reached right after an outcome was
+        # recorded does not cut its report short.  A halt does: it cancels everything in
+        # flight, the caller's own slow callbacks included.
         self.reports: trio.Nursery | None = None
 
     def stop_now(self, stop: _Stop, reason: str | None = None) -> None:
@@ -235,6 +237,8 @@ class _Batch:
         if stop == "halt" and self.stop == "halt" and self.reason is None:
             self.reason = reason
         self.run_scope.cancel()
+        if stop == "halt" and self.reports is not None:
+            self.reports.cancel_scope.cancel()  # nothing slow between a halt and the caller
 
     def fill_unfinished(self, now: float) -> None:
         """Give every request that has no outcome the failure its batch's stop calls for."""

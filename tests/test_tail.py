@@ -160,21 +160,25 @@ async def test_quorum_or_deadline_whichever_comes_first(
 
 
 class Reports:
-    """An ``on_progress`` that records each report once its body has run to the end."""
+    """An ``on_progress`` that records each report when its body starts (``begun``) and
+    once it has run to the end (``seen``)."""
 
     def __init__(self, asynchronous: bool = True, pause: float = 0.0) -> None:
         self.asynchronous = asynchronous
         self.pause = pause
+        self.begun: list[tuple[str, str]] = []
         self.seen: list[tuple[str, str]] = []
         self.on_report: Callable[[str], object] | None = None
 
     def __call__(self, done: int, total: int, agent_id: str, status: str) -> object:
         if not self.asynchronous:
+            self.begun.append((agent_id, status))
             self.seen.append((agent_id, status))
             return None
         return self._report(agent_id, status)
 
     async def _report(self, agent_id: str, status: str) -> None:
+        self.begun.append((agent_id, status))
         if self.on_report is not None:
             self.on_report(agent_id)
         await trio.sleep(self.pause)  # a checkpoint, as any real async display has
@@ -182,6 +186,9 @@ class Reports:
 
     def completed(self) -> set[str]:
         return {agent for agent, status in self.seen if status == "completed"}
+
+    def begun_completed(self) -> set[str]:
+        return {agent for agent, status in self.begun if status == "completed"}
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -244,9 +251,34 @@ async def test_an_output_released_at_the_quorum_is_reported_despite_a_halt(
         nursery.start_soon(batch)
     (result,) = outcome
     released = {o.agent_id for o in result.outputs}
-    assert reports.completed() == released
+    # Every released output's report was made; a halt may cut an async one short (it
+    # cancels everything in flight), never keep it from being made.
+    assert reports.begun_completed() == released
     if halt == "from_the_report":
         assert released  # the report that halted was of a released output
+    assert service.pool.available_count == 72
+
+
+async def test_a_slow_async_report_does_not_delay_a_halt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(latency=1.0)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(5.0)), switch)
+    reports = Reports(pause=3600.0)  # a display that hangs for an hour
+
+    async def trigger() -> None:
+        await trio.sleep(2.0)
+        switch.halt("stop")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trigger)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(make_requests(3), on_progress=reports)
+        assert trio.current_time() == pytest.approx(2.0)  # at the halt, not an hour later
+    assert caught.value.partial is not None
+    assert [o.agent_id for o in caught.value.partial.outputs] == ["archon-1"]
+    assert reports.begun_completed() == {"archon-1"} and reports.seen == []
     assert service.pool.available_count == 72
 
 
