@@ -33,13 +33,23 @@ Raw = coredis.Redis[bytes]
 
 
 @pytest.fixture
-def name() -> str:
+def name(valkey_server: ValkeyServer) -> str:
+    """A capacity name in service (no recovery grace) on the session's server."""
+    fresh = f"test-{uuid.uuid4().hex}"
+    valkey_server.seed_capacity(fresh)
+    return fresh
+
+
+@pytest.fixture
+def fresh_name() -> str:
+    """A capacity name nobody has used: its first use begins the recovery grace."""
     return f"test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
-def own_server() -> Iterator[ValkeyServer]:
+def own_server(name: str) -> Iterator[ValkeyServer]:
     with ValkeyServer() as server:
+        server.seed_capacity(name)
         yield server
 
 
@@ -61,9 +71,12 @@ class Scripts:
 
     def __init__(self, client: Raw, name: str, capacity: int) -> None:
         self.client = client
-        self.keys = [f"{name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
+        books = [f"{name}:{k}" for k in ("leases", "queue", "waiting", "ticket", "epoch")]
+        self.keys = [*books, *(f"{key}:corrupt" for key in books)]
         self.grants = f"{name}:grants"
         self.capacity = capacity
+        #: Where the books stood after the last call: [epoch, grace left (ms), corrupt keys].
+        self.books: list[Any] = []
         self._reserve = client.register_script(RESERVE)
         self._acquire = client.register_script(ACQUIRE)
         self._sync = client.register_script(SYNC)
@@ -71,11 +84,15 @@ class Scripts:
     def _args(self, lease_ms: int, *rest: Any) -> list[Any]:
         return [self.capacity, lease_ms, self.grants, *rest]
 
+    def _split(self, reply: Any) -> list[Any]:
+        self.books = list(reply[:3])
+        return list(reply[3:])
+
     async def reserve(self, *leases: str, lease_ms: int = 60_000) -> list[Any]:
-        return list(await self._reserve(keys=self.keys, args=self._args(lease_ms, *leases)))
+        return self._split(await self._reserve(keys=self.keys, args=self._args(lease_ms, *leases)))
 
     async def acquire(self, lease: str, lease_ms: int = 60_000) -> list[Any]:
-        return list(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
+        return self._split(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
 
     async def sync(
         self,
@@ -85,7 +102,7 @@ class Scripts:
         lease_ms: int = 60_000,
     ) -> list[Any]:
         args = self._args(lease_ms, len(releases), len(held), *releases, *held, *waiting)
-        return list(await self._sync(keys=self.keys, args=args))
+        return self._split(await self._sync(keys=self.keys, args=args))
 
     async def held(self) -> set[str]:
         return {m.decode() for m in await self.client.zrange(self.keys[0], 0, -1)}

@@ -51,7 +51,9 @@ async def test_reserving_a_lease_already_held_is_refused_like_acquiring_it(
 ) -> None:
     # It used to be accepted and counted once on the server: the caller then believed
     # it held two slots, and one release gave both back.
-    async with ValkeyCapacity(valkey_server.url, name=unique(), capacity=3) as capacity:
+    name = unique()
+    valkey_server.seed_capacity(name)
+    async with ValkeyCapacity(valkey_server.url, name=name, capacity=3) as capacity:
         await capacity.reserve(["a"])
         await capacity.acquire("b")
         for leases in (["a"], ["b", "c"]):

@@ -143,6 +143,19 @@ class ValkeyServer:
                 if time.monotonic() > deadline:
                     raise
 
+    def command(self, *args: str) -> bytes:
+        """Send one command (from a sync fixture, before any event loop runs); its raw reply."""
+        request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(request.encode())
+            return conn.recv(65536)
+
+    def seed_capacity(self, name: str = "conclave") -> None:
+        """Record the shared capacity ``name`` as in service since long before now, so it
+        admits at once: a name known to be unused, where nobody can hold a lease, needs no
+        recovery grace (a new one, like lost books, otherwise waits one ``lease_s``)."""
+        self.command("SET", f"{name}:epoch", "0", "NX")
+
     def pause(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
