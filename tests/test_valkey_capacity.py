@@ -189,20 +189,126 @@ async def test_reserve_never_jumps_the_queue(valkey_server: ValkeyServer, name: 
         assert await s.reserve("jumper") == [0, 2, 1]  # refused: someone is queued
 
 
-async def test_sync_renews_re_adds_lost_leases_and_re_queues_lost_waiters(
+async def test_sync_renews_re_adds_a_lost_lease_only_if_there_is_room_and_re_queues_waiters(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=3)
+        await s.reserve("kept", "lost")
+        await client.zrem(s.keys[0], ["lost"])  # gone from the books, its agent still runs
+        # There is room: the store counts it again.
+        assert await s.sync(held=["kept", "lost"]) == [2, 0, b"h", b"r"]
+        await client.zrem(s.keys[0], ["lost"])
+        assert (await s.acquire("newcomer"))[0] == 1
+        assert (await s.acquire("third"))[0] == 1  # the room is taken
+        # No room for it now: it is lost (its holder stops its agent), never counted over.
+        assert await s.sync(held=["kept", "lost"]) == [3, 0, b"h", b"l"]
+        assert await s.held() == {"kept", "newcomer", "third"}
+        assert (await s.acquire("waiter"))[0] == 0
+        await client.zrem(s.keys[1], ["waiter"])
+        assert await s.sync(waiting=["waiter"]) == [3, 1, b"q"]
+        assert await s.queue() == ["waiter"]
+
+
+async def test_new_books_admit_nothing_for_one_lease_but_take_back_what_holders_re_assert(
+    valkey_server: ValkeyServer, fresh_name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, fresh_name, capacity=2)
+        lease_ms = 1000
+        assert await s.reserve("new", lease_ms=lease_ms) == [0, 0, 0]  # refused: the grace
+        epoch, grace, corrupt = s.books
+        assert 0 < grace <= lease_ms and corrupt == b""
+        assert await s.acquire("waiter", lease_ms=lease_ms) == [0, 0, 1]  # queued, not granted
+        # A holder from before the loss re-asserts its lease during the grace.
+        assert await s.sync(held=["running"], lease_ms=lease_ms) == [1, 1, b"r"]
+        assert await s.held() == {"running"}
+        await trio.sleep(0.4)
+        assert await s.sync(held=["running"], lease_ms=lease_ms) == [1, 1, b"h"]
+        assert s.books[1] > 0  # still in the grace: the waiter waits
+        await trio.sleep(0.7)  # the time under test: the grace runs out
+        reply = await s.sync(held=["running"], waiting=["waiter"], lease_ms=lease_ms)
+        assert reply == [2, 0, b"h", b"g"]  # granted by the first call after the grace
+        assert s.books[0] == epoch and s.books[1] == 0
+
+
+async def test_flushed_books_begin_a_new_epoch_and_grace(
     valkey_server: ValkeyServer, name: str
 ) -> None:
     async with raw(valkey_server.url) as client:
         s = Scripts(client, name, capacity=2)
-        await s.reserve("kept", "lost")
-        await client.zrem(s.keys[0], ["lost"])  # e.g. the server restarted without data
-        assert (await s.acquire("queued"))[0] == 1
-        assert (await s.acquire("waiter"))[0] == 0
-        await client.zrem(s.keys[1], ["waiter"])
-        reply = await s.sync(held=["kept", "lost"], waiting=["waiter"])
-        # The agent of "lost" still runs: the store counts it again (3 > 2 for now).
-        assert reply == [3, 1, b"h", b"r", b"q"]
-        assert await s.queue() == ["waiter"]
+        assert await s.reserve("a") == [1, 1, 0]
+        epoch, grace, _ = s.books
+        assert grace == 0
+        await client.delete([s.keys[0], s.keys[4]])  # what FLUSHALL does to this name
+        assert await s.reserve("b") == [0, 0, 0]
+        assert s.books[0] != epoch and s.books[1] > 0
+
+
+WRONG_SHAPES: dict[str, Callable[[Raw, str], Awaitable[object]]] = {
+    "list": lambda c, k: c.rpush(k, [b"x"]),
+    "hash": lambda c, k: c.hset(k, {"x": "1"}),
+    "text": lambda c, k: c.set(k, b"not a number"),
+    "huge number": lambda c, k: c.set(k, b"1" * 40),
+    "float": lambda c, k: c.set(k, b"1e300"),
+}
+
+
+@pytest.mark.parametrize("key", ["leases", "queue", "waiting", "ticket", "epoch"])
+@pytest.mark.parametrize("shape", list(WRONG_SHAPES))
+async def test_a_corrupt_key_is_set_aside_and_the_books_start_again_with_a_grace(
+    valkey_server: ValkeyServer, name: str, key: str, shape: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=2)
+        await s.reserve("a")
+        index = ["leases", "queue", "waiting", "ticket", "epoch"].index(key)
+        await client.delete([s.keys[index]])
+        await WRONG_SHAPES[shape](client, s.keys[index])
+        # Never a WRONGTYPE error (which read as "unreachable"): the key is set aside.
+        assert (await s.acquire("b"))[0] == 0  # the grace: nothing new admitted
+        found = "string" if shape in ("text", "huge number", "float") else shape
+        assert s.books[2] == f"{s.keys[index]}={found}".encode()
+        assert await client.type(s.keys[index + 5]) == found.encode()
+        assert s.books[1] > 0
+        assert (await s.sync(held=["a"]))[:1] == [1]  # the holder re-asserts; all readable
+
+
+@pytest.mark.parametrize("score", [float("inf"), 1e300, 4e12])
+@pytest.mark.parametrize("key", ["leases", "waiting"])
+async def test_an_absurd_expiry_is_cut_to_one_lease_and_never_holds_a_slot_forever(
+    valkey_server: ValkeyServer, name: str, score: float, key: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=1)
+        if key == "leases":
+            await client.zadd(s.keys[0], {"forever": score})
+        else:
+            assert (await s.acquire("holder"))[0] == 1
+            assert (await s.acquire("forever"))[0] == 0
+            await client.zadd(s.keys[2], {"forever": score})
+            await s.sync(releases=["holder"])  # "forever" is granted, from a deadline of...
+        await s.sync(lease_ms=200)  # any call cuts what no process could have written
+        expiry = await client.zscore(s.keys[0], "forever")
+        assert expiry is not None and expiry < 4e12  # ...at most a day off, not forever
+        await client.zadd(s.keys[0], {"forever": score})
+        await s.sync(lease_ms=200)
+        await trio.sleep(0.3)  # nobody renews it: it expires like any other lease
+        assert (await s.acquire("next", lease_ms=200))[0] == 1
+        assert await s.held() == {"next"}
+
+
+async def test_a_negative_or_nan_expiry_holds_no_slot(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=1)
+        await client.zadd(s.keys[0], {"past": float("-inf")})
+        await client.zadd(s.keys[0], {"negative": -5.0})
+        with pytest.raises(coredis.exceptions.ResponseError):
+            await client.zadd(s.keys[0], {"nan": float("nan")})  # the server refuses NaN
+        assert (await s.acquire("a"))[0] == 1
+        assert await s.held() == {"a"}
 
 
 # ---------------------------------------------------------------- the SharedCapacity contract
