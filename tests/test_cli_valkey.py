@@ -28,8 +28,10 @@ def conclave(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def url() -> Iterator[str]:
-    """A new server: its halt key does not exist yet."""
+    """A new server: its halt key does not exist yet (its capacity 'conclave' is known
+    unused, so it admits without the recovery grace a new name otherwise waits)."""
     with ValkeyServer() as server:
+        server.seed_capacity()
         yield server.url
 
 
