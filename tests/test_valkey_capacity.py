@@ -495,7 +495,7 @@ async def _run_through_a_loss(
             await lose()
             lost_at = trio.current_time()
             # Reject mode: refused whole while the holders re-assert (or the server is back).
-            with pytest.raises(AgentPoolExhaustedError, match="recovering|unreachable"):
+            with pytest.raises(AgentPoolExhaustedError, match=r"recovering|unreachable"):
                 await second.invoke_concurrent(make_requests(1, prefix="r"))
             queued = await second.invoke_concurrent(make_requests(2, prefix="b"), overflow="queue")
             assert orch.in_flight == 2  # b-1 then b-2 ran beside the two a's, never on top
@@ -508,16 +508,13 @@ async def _run_through_a_loss(
 
 
 async def test_after_a_flushall_two_processes_never_exceed_the_capacity_and_admit_after_the_grace(
-    valkey_server: ValkeyServer, name: str
+    own_server: ValkeyServer, name: str
 ) -> None:
     async def flushall() -> None:
-        async with raw(valkey_server.url) as client:
+        async with raw(own_server.url) as client:
             await client.flushall()
-        valkey_server.seed_capacity(name)  # undone by the first script, as FLUSHALL is
-        async with raw(valkey_server.url) as client:
-            await client.delete([f"{name}:epoch"])
 
-    await _run_through_a_loss(valkey_server, name, flushall, lease_s=1.5)
+    await _run_through_a_loss(own_server, name, flushall, lease_s=1.0)
 
 
 async def test_after_a_restart_without_persistence_two_processes_never_exceed_the_capacity(
@@ -595,6 +592,7 @@ async def test_a_password_anywhere_in_the_url_never_shows(
     caplog.set_level(logging.DEBUG)
     shown: list[str | None] = []
     with ValkeyServer(password=SECRET) as server:
+        server.seed_capacity(name)
         url = secret_valkey_urls(server.port)[form]
         async with ValkeyCapacity(url, name=name, capacity=2, lease_s=0.5) as capacity:
             shown += [repr(capacity), capacity.url]

@@ -49,6 +49,12 @@ def _end(proc: subprocess.Popen[str], reader: threading.Thread | None) -> None:
         proc.stdout.close()
 
 
+def _resp(*args: str) -> bytes:
+    """One command in the server's wire format."""
+    parts = [f"*{len(args)}\r\n"] + [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+    return "".join(parts).encode()
+
+
 def free_port() -> int:
     """A 127.0.0.1 port nothing listens on (as of now)."""
     with socket.socket() as s:
@@ -144,10 +150,13 @@ class ValkeyServer:
                     raise
 
     def command(self, *args: str) -> bytes:
-        """Send one command (from a sync fixture, before any event loop runs); its raw reply."""
-        request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        """Send one command (from a sync fixture, before any event loop runs; with the
+        password first, if any); its raw reply."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
-            conn.sendall(request.encode())
+            if self.password is not None:
+                conn.sendall(_resp("AUTH", self.password))
+                conn.recv(65536)
+            conn.sendall(_resp(*args))
             return conn.recv(65536)
 
     def seed_capacity(self, name: str = "conclave") -> None:
