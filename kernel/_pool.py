@@ -83,7 +83,9 @@ class AgentPool:
     a batch is admitted only when both have room, all or nothing in reject mode.  Taking
     a shared lease needs the network, so such a pool admits only through :meth:`admit`
     (``async with``); its synchronous :meth:`acquire` and :meth:`try_acquire_batch`
-    refuse with :class:`InvalidRequestError` rather than admit past the shared bound.
+    refuse with :class:`InvalidRequestError` rather than admit past the shared bound.  A
+    capacity that is also a :class:`~kernel.LeaseLossNotifier` is listened to while the
+    pool holds leases: a lost lease cancels its slot's :meth:`Slot.guard` scope.
 
     The pool is not thread-safe: use it from the trio thread that runs the kernel.
     """
