@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, NamedTuple
@@ -139,6 +140,7 @@ class ValkeyCapacity(BackgroundClient):
         self._waiters: dict[str, _Waiter] = {}
         self._pending: dict[str, float] = {}  # released lease -> when (trio time)
         self._wake = trio.Event()
+        self._held_added = trio.Event()  # wakes the expiry watch
         self._recheck = False
         # One sync call at a time: a renewal sent after a release would re-add the lease.
         self._sync_lock = trio.Lock()
@@ -213,6 +215,7 @@ class ValkeyCapacity(BackgroundClient):
                 f"> {self._capacity} ({self.name!r} on {self.url})"
             )
         self._held.update(dict.fromkeys(wanted, sent + self.lease_s))
+        self._held_added.set()
 
     async def acquire(self, lease: str) -> None:
         """Take one slot, waiting FIFO (across every process) until one is free.
@@ -248,6 +251,7 @@ class ValkeyCapacity(BackgroundClient):
             raise
         del self._waiters[lease]
         self._held[lease] = waiter.refreshed + self.lease_s
+        self._held_added.set()
 
     async def flush(self) -> None:
         """Send the queued releases now and refresh :meth:`in_use` (e.g. before reporting
@@ -294,6 +298,7 @@ class ValkeyCapacity(BackgroundClient):
         self._nursery = await stack.enter_async_context(trio.open_nursery())
         await self._nursery.start(self._listen)
         await self._nursery.start(self._sync_loop)
+        await self._nursery.start(self._watch_expiry)
 
     async def _before_close(self) -> None:
         for lease in [*self._held, *self._waiters]:
@@ -407,7 +412,6 @@ class ValkeyCapacity(BackgroundClient):
                 with trio.move_on_at(self._next_wake(next_renewal)):
                     await self._wake.wait()
             self._wake = trio.Event()
-            self._drop_expired()
             now = trio.current_time()
             grace_over = self._grace_ends is not None and now >= self._grace_ends
             renew = self._recheck or now >= next_renewal or (grace_over and bool(self._waiters))
@@ -425,11 +429,22 @@ class ValkeyCapacity(BackgroundClient):
                 next_renewal = trio.current_time() + renew_every
 
     def _next_wake(self, next_renewal: float) -> float:
-        """The next renewal, or sooner: a held lease's end, the end of the grace."""
-        wake = min(next_renewal, *self._held.values()) if self._held else next_renewal
+        """The next renewal, or the end of the grace if sooner (for the waiters)."""
         if self._grace_ends is not None and self._waiters:
-            wake = min(wake, self._grace_ends)
-        return wake
+            return min(next_renewal, self._grace_ends)
+        return next_renewal
+
+    async def _watch_expiry(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drop each held lease the moment it may have expired: a task of its own, so a
+        call to a hung server (up to ``timeout``) never delays it."""
+        task_status.started()
+        while True:
+            with trio.move_on_at(min(self._held.values(), default=math.inf)):
+                await self._held_added.wait()
+            self._held_added = trio.Event()
+            self._drop_expired()
 
     def _drop_expired(self) -> None:
         """Every held lease past the time it surely lived is lost (the server may have
