@@ -34,6 +34,7 @@ from kernel._ports import (
     HaltNotifier,
     HaltProbe,
     HaltWaiter,
+    LeaseLossNotifier,
     OutputWitness,
     SharedCapacity,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
+    "LeaseLossNotifier",
     "HedgePolicy",
     "InvalidRequestError",
     "MetricsSnapshot",

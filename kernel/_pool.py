@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
-from kernel._ports import SharedCapacity
+from kernel._ports import LeaseLossNotifier, SharedCapacity
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
 from kernel.validate import check_text
 
@@ -26,7 +26,7 @@ class Slot:
     release (after :meth:`AgentPool.reset`) is recognised and ignored.
     """
 
-    __slots__ = ("agent_id", "extra", "lease")
+    __slots__ = ("_scope", "agent_id", "extra", "lease", "lost")
 
     def __init__(self, agent_id: str, *, extra: bool = False, lease: str | None = None) -> None:
         self.agent_id = agent_id
@@ -35,6 +35,23 @@ class Slot:
         self.extra = extra
         # Its lease in the pool's shared capacity, if it has one.
         self.lease = lease
+        #: Why its shared lease was lost (see :class:`~kernel.LeaseLossNotifier`), if it was.
+        self.lost: str | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def guard(self) -> trio.CancelScope:
+        """A cancel scope for the work this slot admits: cancelled when its shared lease is
+        lost (at once if it already is)."""
+        scope = self._scope = trio.CancelScope()
+        if self.lost is not None:
+            scope.cancel()
+        return scope
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+        if self._scope is not None:
+            self._scope.cancel()
 
     def __repr__(self) -> str:
         return f"<slot {self.agent_id!r}>"
@@ -66,7 +83,9 @@ class AgentPool:
     a batch is admitted only when both have room, all or nothing in reject mode.  Taking
     a shared lease needs the network, so such a pool admits only through :meth:`admit`
     (``async with``); its synchronous :meth:`acquire` and :meth:`try_acquire_batch`
-    refuse with :class:`InvalidRequestError` rather than admit past the shared bound.
+    refuse with :class:`InvalidRequestError` rather than admit past the shared bound.  A
+    capacity that is also a :class:`~kernel.LeaseLossNotifier` is listened to while the
+    pool holds leases: a lost lease cancels its slot's :meth:`Slot.guard` scope.
 
     The pool is not thread-safe: use it from the trio thread that runs the kernel.
     """
@@ -87,6 +106,13 @@ class AgentPool:
             )
         self._max = max_concurrent
         self._shared = shared
+        # The slots holding a shared lease, by lease; the pool listens for lost leases
+        # while it has any (not for its whole life: a capacity outlives many pools).
+        self._leased: dict[str, Slot] = {}
+        self._notifier: LeaseLossNotifier | None = (
+            shared if isinstance(shared, LeaseLossNotifier) else None
+        )
+        self._stop_listening: Callable[[], None] | None = None
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self._active: dict[str, Slot] = {}
         self._extra: set[Slot] = set()
@@ -259,6 +285,7 @@ class AgentPool:
             # Cannot block: we checked the free count and nothing ran in between.
             self.limiter.acquire_on_behalf_of_nowait(slot)
             self._active[agent_id] = slot
+            self._track(slot)
             slots.append(slot)
         return slots
 
@@ -272,6 +299,7 @@ class AgentPool:
             raise AgentBusyError(f"FR10: agent {agent_id!r} became active in another batch")
         self._queued.discard(agent_id)
         self._active[agent_id] = slot
+        self._track(slot)
         if slot.lease is not None:
             assert self._shared is not None
             try:
@@ -293,6 +321,7 @@ class AgentPool:
         except trio.WouldBlock:
             return None
         self._extra.add(slot)
+        self._track(slot)
         if slot.lease is not None:
             assert self._shared is not None
             try:
@@ -326,7 +355,32 @@ class AgentPool:
         self.limiter.release_on_behalf_of(slot)
         if slot.lease is not None:
             assert self._shared is not None
+            self._untrack(slot.lease)
             self._shared.release(slot.lease)
+
+    def _track(self, slot: Slot) -> None:
+        """Note a slot's lease; with the first, start listening for lost leases."""
+        if slot.lease is None:
+            return
+        if not self._leased and self._notifier is not None:
+            self._stop_listening = self._notifier.on_lease_lost(self._lease_lost)
+        self._leased[slot.lease] = slot
+
+    def _untrack(self, lease: str) -> None:
+        if self._leased.pop(lease, None) is not None and not self._leased:
+            stop, self._stop_listening = self._stop_listening, None
+            if stop is not None:
+                stop()
+
+    def _lease_lost(self, lease: str, why: str) -> None:
+        """The shared capacity lost a lease: stop the work its slot admitted."""
+        slot = self._leased.get(lease)
+        if slot is not None:
+            log.warning(
+                "shared lease lost; its work is stopped",
+                extra={"agent_id": slot.agent_id, "hedge": slot.extra},
+            )
+            slot._lose(why)
 
 
 class Admission:

@@ -22,6 +22,7 @@ __all__ = [
     "HaltNotifier",
     "HaltProbe",
     "HaltWaiter",
+    "LeaseLossNotifier",
     "OutputWitness",
     "SharedCapacity",
 ]
@@ -119,6 +120,22 @@ class SharedCapacity(Protocol):
     def release(self, lease: str) -> None: ...
 
     def in_use(self) -> int | None: ...
+
+
+@runtime_checkable
+class LeaseLossNotifier(Protocol):
+    """A :class:`SharedCapacity` that can say when a lease it granted is *lost*: it can
+    no longer vouch that the store counts it (it could not renew it in time, or the store
+    lost it and has no room for it again).
+
+    ``on_lease_lost(listener)`` registers ``listener(lease, why)`` and returns a function
+    that unregisters it; the listener is quick and never raises.  An
+    :class:`~kernel.AgentPool` listens while it holds leases and stops the work on a lost
+    one at once (an agent fails with ``ERROR``, "shared capacity lease lost: <why>"; a
+    hedge call is dropped), rather than run beyond the cluster's count.
+    """
+
+    def on_lease_lost(self, listener: Callable[[str, str], None]) -> Callable[[], None]: ...
 
 
 @attrs.frozen(slots=True)

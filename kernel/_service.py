@@ -662,23 +662,18 @@ class ConcurrentDeliberationService:
         req = batch.requests[index]
         assert batch.admission is not None
         try:
-            if self._stopped(batch):  # nothing starts after a halt, deadline or quorum
-                return
-            if self._rate_limit is not None:
-                await self._rate_limit.acquire()
-                if self._stopped(batch):
-                    return
-            start = trio.current_time()
-            batch.started[index] = start
-            self.metrics.record_started()
-            outcome = await self._attempt(batch, index, start)
+            if slot.lease is None:
+                outcome = await self._start(batch, index)
+            else:
+                outcome = await self._start_leased(batch, index, slot)
         finally:
             batch.admission.release(slot)
-        if outcome is None:  # withheld: the batch stopped before its release
+        if outcome is None:  # not started, or withheld: the batch stopped first
             return
         # Recorded with no checkpoint since the stop check in _attempt: what is recorded
         # as a success was released before any halt.
-        self._record(batch, index, outcome, start)
+        start = batch.started[index]
+        self._record(batch, index, outcome, trio.current_time() if start is None else start)
         if batch.on_progress is not None:
             status = "completed" if isinstance(outcome, AgentOutput) else "failed"
             answer = self._call_progress(batch, req.agent_id, status)
@@ -691,6 +686,37 @@ class ConcurrentDeliberationService:
                 )
                 if reported is not None:
                     await reported.wait()
+
+    async def _start(self, batch: _Batch, index: int) -> _Outcome | None:
+        """Start one agent (unless the batch stopped) and run its attempt."""
+        if self._stopped(batch):  # nothing starts after a halt, deadline or quorum
+            return None
+        if self._rate_limit is not None:
+            await self._rate_limit.acquire()
+            if self._stopped(batch):
+                return None
+        start = trio.current_time()
+        batch.started[index] = start
+        self.metrics.record_started()
+        return await self._attempt(batch, index, start)
+
+    async def _start_leased(self, batch: _Batch, index: int, slot: Slot) -> _Outcome | None:
+        """:meth:`_start` on a shared lease: if the lease is lost, the agent is cancelled
+        and fails (an output it returned all the same stands; a stop of the batch decides
+        as ever)."""
+        outcome: _Outcome | None = None
+        if slot.lost is None:
+            with slot.guard():
+                outcome = await self._start(batch, index)
+        if slot.lost is None or isinstance(outcome, AgentOutput) or batch.stop is not None:
+            return outcome
+        req, start = batch.requests[index], batch.started[index]
+        message = f"shared capacity lease lost: {slot.lost}"
+        if start is None:
+            return _failure(
+                req, FailureKind.ERROR, "", f"not started: {message}", trio.current_time()
+            )
+        return _failure(req, FailureKind.ERROR, "", message, start)
 
     async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
         """Invoke one agent and turn whatever happens into exactly one outcome.
@@ -834,11 +860,15 @@ class ConcurrentDeliberationService:
                 batch.hedged.add(index)
                 self.metrics.record_hedge_launched()
                 hedging = True
+                answer: object = None
                 try:
-                    answer = await self._invoke(req)
+                    with slot.guard():  # a hedge whose lease is lost is dropped
+                        answer = await self._invoke(req)
                 finally:
                     admission.release(slot)
                     hedging = False
+                if slot.lost is not None:
+                    return
                 if "first" in answers or _invalid(answer, req) is None:
                     finished("hedge", answer)
 

@@ -101,6 +101,8 @@ def llm_server(_fake_openai_server: FakeOpenAIServer) -> FakeOpenAIServer:
 
 @pytest.fixture(scope="session")
 def valkey_server() -> Iterator[ValkeyServer]:
-    """One real Valkey (or Redis) server for the session, on a free 127.0.0.1 port."""
+    """One real Valkey (or Redis) server for the session, on a free 127.0.0.1 port (its
+    default capacity name known unused: no recovery grace)."""
     with ValkeyServer() as server:
+        server.seed_capacity()
         yield server

@@ -28,8 +28,10 @@ def conclave(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def url() -> Iterator[str]:
-    """A new server: its halt key does not exist yet."""
+    """A new server: its halt key does not exist yet (its capacity 'conclave' is known
+    unused, so it admits without the recovery grace a new name otherwise waits)."""
     with ValkeyServer() as server:
+        server.seed_capacity()
         yield server.url
 
 
@@ -84,8 +86,10 @@ def test_bad_valkey_usage_is_one_line_and_exit_2(url: str) -> None:
 
 @pytest.fixture
 def locked_server() -> Iterator[ValkeyServer]:
-    """A server that only a client with :data:`SECRET` may use."""
+    """A server that only a client with :data:`SECRET` may use (its default capacity name
+    known unused: no recovery grace)."""
     with ValkeyServer(password=SECRET) as server:
+        server.seed_capacity()
         yield server
 
 

@@ -8,7 +8,7 @@ one capacity.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -18,9 +18,11 @@ from kernel import (
     AgentPool,
     AgentPoolExhaustedError,
     ConcurrentDeliberationService,
+    FailureKind,
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
+    LeaseLossNotifier,
     SharedCapacity,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
@@ -36,6 +38,8 @@ class ModelCapacity:
         self.waiting: collections.OrderedDict[str, trio.Event] = collections.OrderedDict()
         self.down = False
         self.max_held = 0
+        self.listeners: list[Callable[[str, str], None]] = []
+        self.taken: list[str] = []  # every lease ever held, in order
 
     @property
     def capacity(self) -> int:
@@ -46,6 +50,7 @@ class ModelCapacity:
 
     def _take(self, lease: str) -> None:
         self.held.add(lease)
+        self.taken.append(lease)
         self.max_held = max(self.max_held, len(self.held))
 
     async def reserve(self, leases: Sequence[str]) -> None:
@@ -75,6 +80,16 @@ class ModelCapacity:
                 self.release(lease)
             raise
 
+    def on_lease_lost(self, listener: Callable[[str, str], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def lose(self, lease: str) -> None:
+        """The store can no longer vouch for ``lease``: it is dropped, its holder told."""
+        self.held.discard(lease)
+        for listener in list(self.listeners):
+            listener(lease, "not renewed within lease_s")
+
     def release(self, lease: str) -> None:
         self.waiting.pop(lease, None)
         self.held.discard(lease)
@@ -86,6 +101,7 @@ class ModelCapacity:
 
 def test_the_model_is_a_shared_capacity_and_bad_ones_are_refused() -> None:
     assert isinstance(ModelCapacity(3), SharedCapacity)
+    assert isinstance(ModelCapacity(3), LeaseLossNotifier)
     with pytest.raises(InvalidRequestError, match="SharedCapacity"):
         AgentPool(5, shared=object())  # type: ignore[arg-type]
 
@@ -230,3 +246,81 @@ async def test_a_shared_capacity_lost_mid_batch_fails_the_unstarted_and_keeps_th
         "unreachable" in f.message and f.message.startswith("not started") for f in result.failures
     )
     assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_a_lost_lease_stops_its_agent_with_an_error_and_the_rest_run_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_one() -> None:
+        await trio.sleep(1.0)
+        assert len(shared.listeners) == 1  # the pool listens while it holds leases
+        shared.lose(shared.taken[1])  # archon-2's (reject mode takes them in order)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_one)
+        result = await service.invoke_concurrent(make_requests(3))
+    # Exactly one outcome each: the agent on the lost lease stopped at once, with the reason.
+    assert result.total_count == 3 and result.success_count == 2
+    [failure] = result.failures
+    assert failure.agent_id == "archon-2" and failure.kind is FailureKind.ERROR
+    assert failure.message == "shared capacity lease lost: not renewed within lease_s"
+    assert failure.elapsed_ms == pytest.approx(1000.0)
+    assert orch.cancelled == ["archon-2"]
+    assert pool.active_count == 0 and pool.available_count == 72 and shared.held == set()
+    assert shared.listeners == []  # and stops listening once it holds none
+
+
+async def test_a_lost_lease_before_its_agent_starts_fails_it_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    requests = make_requests(2)
+    async with pool.admit([r.agent_id for r in requests]) as admission:
+        assert admission.slots[0].lease is not None
+        shared.lose(admission.slots[0].lease)
+        assert admission.slots[0].lost == "not renewed within lease_s"
+    # The service's own path: the agent on a lease lost before it starts is never invoked.
+
+    class LosingFirst(ModelCapacity):
+        async def reserve(self, leases: Sequence[str]) -> None:
+            await super().reserve(leases)
+            self.lose(leases[0])
+
+    losing = LosingFirst(3)
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(72, shared=losing))
+    result = await service.invoke_concurrent(requests)
+    assert result.success_count == 1 and orch.invoked == ["archon-2"]
+    [failure] = result.failures
+    assert failure.message == "not started: shared capacity lease lost: not renewed within lease_s"
+    assert losing.held == set() and losing.listeners == []
+
+
+async def test_a_hedge_whose_lease_is_lost_is_dropped_and_the_first_call_stands(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_the_hedge() -> None:
+        await trio.sleep(2.0)  # the hedge started at 1.0
+        assert len(shared.taken) == 2
+        shared.lose(shared.taken[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_the_hedge)
+        result = await service.invoke_concurrent(
+            make_requests(1), hedge=HedgePolicy(delay=1.0, budget=1.0)
+        )
+    assert result.success_count == 1 and result.outputs[0].agent_id == "archon-1"
+    assert result.total_ms == pytest.approx(10_000.0)  # the first call's own answer
+    assert shared.held == set() and pool.available_count == 72 and shared.listeners == []

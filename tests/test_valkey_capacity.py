@@ -21,6 +21,7 @@ from kernel import (
     AgentPool,
     AgentPoolExhaustedError,
     ConcurrentDeliberationService,
+    FailureKind,
     HaltSwitch,
     InvalidRequestError,
     SharedCapacity,
@@ -33,13 +34,23 @@ Raw = coredis.Redis[bytes]
 
 
 @pytest.fixture
-def name() -> str:
+def name(valkey_server: ValkeyServer) -> str:
+    """A capacity name in service (no recovery grace) on the session's server."""
+    fresh = f"test-{uuid.uuid4().hex}"
+    valkey_server.seed_capacity(fresh)
+    return fresh
+
+
+@pytest.fixture
+def fresh_name() -> str:
+    """A capacity name nobody has used: its first use begins the recovery grace."""
     return f"test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
-def own_server() -> Iterator[ValkeyServer]:
+def own_server(name: str) -> Iterator[ValkeyServer]:
     with ValkeyServer() as server:
+        server.seed_capacity(name)
         yield server
 
 
@@ -61,9 +72,12 @@ class Scripts:
 
     def __init__(self, client: Raw, name: str, capacity: int) -> None:
         self.client = client
-        self.keys = [f"{name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
+        books = [f"{name}:{k}" for k in ("leases", "queue", "waiting", "ticket", "epoch")]
+        self.keys = [*books, *(f"{key}:corrupt" for key in books)]
         self.grants = f"{name}:grants"
         self.capacity = capacity
+        #: Where the books stood after the last call: [epoch, grace left (ms), corrupt keys].
+        self.books: list[Any] = []
         self._reserve = client.register_script(RESERVE)
         self._acquire = client.register_script(ACQUIRE)
         self._sync = client.register_script(SYNC)
@@ -71,11 +85,15 @@ class Scripts:
     def _args(self, lease_ms: int, *rest: Any) -> list[Any]:
         return [self.capacity, lease_ms, self.grants, *rest]
 
+    def _split(self, reply: Any) -> list[Any]:
+        self.books = list(reply[:3])
+        return list(reply[3:])
+
     async def reserve(self, *leases: str, lease_ms: int = 60_000) -> list[Any]:
-        return list(await self._reserve(keys=self.keys, args=self._args(lease_ms, *leases)))
+        return self._split(await self._reserve(keys=self.keys, args=self._args(lease_ms, *leases)))
 
     async def acquire(self, lease: str, lease_ms: int = 60_000) -> list[Any]:
-        return list(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
+        return self._split(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
 
     async def sync(
         self,
@@ -85,7 +103,7 @@ class Scripts:
         lease_ms: int = 60_000,
     ) -> list[Any]:
         args = self._args(lease_ms, len(releases), len(held), *releases, *held, *waiting)
-        return list(await self._sync(keys=self.keys, args=args))
+        return self._split(await self._sync(keys=self.keys, args=args))
 
     async def held(self) -> set[str]:
         return {m.decode() for m in await self.client.zrange(self.keys[0], 0, -1)}
@@ -172,20 +190,126 @@ async def test_reserve_never_jumps_the_queue(valkey_server: ValkeyServer, name: 
         assert await s.reserve("jumper") == [0, 2, 1]  # refused: someone is queued
 
 
-async def test_sync_renews_re_adds_lost_leases_and_re_queues_lost_waiters(
+async def test_sync_renews_re_adds_a_lost_lease_only_if_there_is_room_and_re_queues_waiters(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=3)
+        await s.reserve("kept", "lost")
+        await client.zrem(s.keys[0], ["lost"])  # gone from the books, its agent still runs
+        # There is room: the store counts it again.
+        assert await s.sync(held=["kept", "lost"]) == [2, 0, b"h", b"r"]
+        await client.zrem(s.keys[0], ["lost"])
+        assert (await s.acquire("newcomer"))[0] == 1
+        assert (await s.acquire("third"))[0] == 1  # the room is taken
+        # No room for it now: it is lost (its holder stops its agent), never counted over.
+        assert await s.sync(held=["kept", "lost"]) == [3, 0, b"h", b"l"]
+        assert await s.held() == {"kept", "newcomer", "third"}
+        assert (await s.acquire("waiter"))[0] == 0
+        await client.zrem(s.keys[1], ["waiter"])
+        assert await s.sync(waiting=["waiter"]) == [3, 1, b"q"]
+        assert await s.queue() == ["waiter"]
+
+
+async def test_new_books_admit_nothing_for_one_lease_but_take_back_what_holders_re_assert(
+    valkey_server: ValkeyServer, fresh_name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, fresh_name, capacity=2)
+        lease_ms = 1000
+        assert await s.reserve("new", lease_ms=lease_ms) == [0, 0, 0]  # refused: the grace
+        epoch, grace, corrupt = s.books
+        assert 0 < grace <= lease_ms and corrupt == b""
+        assert await s.acquire("waiter", lease_ms=lease_ms) == [0, 0, 1]  # queued, not granted
+        # A holder from before the loss re-asserts its lease during the grace.
+        assert await s.sync(held=["running"], lease_ms=lease_ms) == [1, 1, b"r"]
+        assert await s.held() == {"running"}
+        await trio.sleep(0.4)
+        assert await s.sync(held=["running"], lease_ms=lease_ms) == [1, 1, b"h"]
+        assert s.books[1] > 0  # still in the grace: the waiter waits
+        await trio.sleep(0.7)  # the time under test: the grace runs out
+        reply = await s.sync(held=["running"], waiting=["waiter"], lease_ms=lease_ms)
+        assert reply == [2, 0, b"h", b"g"]  # granted by the first call after the grace
+        assert s.books[0] == epoch and s.books[1] == 0
+
+
+async def test_flushed_books_begin_a_new_epoch_and_grace(
     valkey_server: ValkeyServer, name: str
 ) -> None:
     async with raw(valkey_server.url) as client:
         s = Scripts(client, name, capacity=2)
-        await s.reserve("kept", "lost")
-        await client.zrem(s.keys[0], ["lost"])  # e.g. the server restarted without data
-        assert (await s.acquire("queued"))[0] == 1
-        assert (await s.acquire("waiter"))[0] == 0
-        await client.zrem(s.keys[1], ["waiter"])
-        reply = await s.sync(held=["kept", "lost"], waiting=["waiter"])
-        # The agent of "lost" still runs: the store counts it again (3 > 2 for now).
-        assert reply == [3, 1, b"h", b"r", b"q"]
-        assert await s.queue() == ["waiter"]
+        assert await s.reserve("a") == [1, 1, 0]
+        epoch, grace, _ = s.books
+        assert grace == 0
+        await client.delete([s.keys[0], s.keys[4]])  # what FLUSHALL does to this name
+        assert await s.reserve("b") == [0, 0, 0]
+        assert s.books[0] != epoch and s.books[1] > 0
+
+
+WRONG_SHAPES: dict[str, Callable[[Raw, str], Awaitable[object]]] = {
+    "list": lambda c, k: c.rpush(k, [b"x"]),
+    "hash": lambda c, k: c.hset(k, {"x": "1"}),
+    "text": lambda c, k: c.set(k, b"not a number"),
+    "huge number": lambda c, k: c.set(k, b"1" * 40),
+    "float": lambda c, k: c.set(k, b"1e300"),
+}
+
+
+@pytest.mark.parametrize("key", ["leases", "queue", "waiting", "ticket", "epoch"])
+@pytest.mark.parametrize("shape", list(WRONG_SHAPES))
+async def test_a_corrupt_key_is_set_aside_and_the_books_start_again_with_a_grace(
+    valkey_server: ValkeyServer, name: str, key: str, shape: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=2)
+        await s.reserve("a")
+        index = ["leases", "queue", "waiting", "ticket", "epoch"].index(key)
+        await client.delete([s.keys[index]])
+        await WRONG_SHAPES[shape](client, s.keys[index])
+        # Never a WRONGTYPE error (which read as "unreachable"): the key is set aside.
+        assert (await s.acquire("b"))[0] == 0  # the grace: nothing new admitted
+        found = "string" if shape in ("text", "huge number", "float") else shape
+        assert s.books[2] == f"{s.keys[index]}={found}".encode()
+        assert await client.type(s.keys[index + 5]) == found.encode()
+        assert s.books[1] > 0
+        assert (await s.sync(held=["a"]))[:1] == [1]  # the holder re-asserts; all readable
+
+
+@pytest.mark.parametrize("score", [float("inf"), 1e300, 4e12])
+@pytest.mark.parametrize("key", ["leases", "waiting"])
+async def test_an_absurd_expiry_is_cut_to_one_lease_and_never_holds_a_slot_forever(
+    valkey_server: ValkeyServer, name: str, score: float, key: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=1)
+        if key == "leases":
+            await client.zadd(s.keys[0], {"forever": score})
+        else:
+            assert (await s.acquire("holder"))[0] == 1
+            assert (await s.acquire("forever"))[0] == 0
+            await client.zadd(s.keys[2], {"forever": score})
+            await s.sync(releases=["holder"])  # "forever" is granted, from a deadline of...
+        await s.sync(lease_ms=200)  # any call cuts what no process could have written
+        expiry = await client.zscore(s.keys[0], "forever")
+        assert expiry is not None and expiry < 4e12  # ...at most a day off, not forever
+        await client.zadd(s.keys[0], {"forever": score})
+        await s.sync(lease_ms=200)
+        await trio.sleep(0.3)  # nobody renews it: it expires like any other lease
+        assert (await s.acquire("next", lease_ms=200))[0] == 1
+        assert await s.held() == {"next"}
+
+
+async def test_a_negative_or_nan_expiry_holds_no_slot(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client:
+        s = Scripts(client, name, capacity=1)
+        await client.zadd(s.keys[0], {"past": float("-inf")})
+        await client.zadd(s.keys[0], {"negative": -5.0})
+        with pytest.raises(coredis.exceptions.ResponseError):
+            await client.zadd(s.keys[0], {"nan": float("nan")})  # the server refuses NaN
+        assert (await s.acquire("a"))[0] == 1
+        assert await s.held() == {"a"}
 
 
 # ---------------------------------------------------------------- the SharedCapacity contract
@@ -326,14 +450,113 @@ async def test_an_unreachable_server_refuses_admission_and_takes_nothing(
             await one.reserve(["x"])
         with pytest.raises(AgentPoolExhaustedError, match=unreachable):
             await two.acquire("y")
-        assert one.held == {"running", "also-running", "queued-a"} and two.held == frozenset()
+        # Not renewed within lease_s: the holder let its leases go (see the lost-lease test).
+        await wait_until(lambda: _async(one.held == frozenset()))
         pool = AgentPool(shared=two)
         assert pool.status().shared_in_use is None and pool.status().shared_capacity == 3
-        # Back (without its data): the leases still running are counted again.
+        # Back, without its data: nothing new is admitted for one lease period.
         own_server.start()
-        await wait_until(lambda: _async(one.in_use() == 3))
-        with pytest.raises(AgentPoolExhaustedError, match="exhausted"):
-            await two.reserve(["z"])
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await two.reserve(["z"])
+                    break
+                except AgentPoolExhaustedError as exc:
+                    assert "unreachable" in str(exc) or "recovering" in str(exc), exc
+                    await trio.sleep(0.05)
+
+
+async def _run_through_a_loss(
+    server: ValkeyServer, name: str, lose: Callable[[], Awaitable[None]], lease_s: float
+) -> None:
+    """Two processes share a capacity of 3; one runs 2 long agents; the server loses its
+    data; the other then asks for 2 more, in reject mode and in queue mode."""
+    async with capacities(server.url, name, 2, capacity=3, lease_s=lease_s) as (one, two):
+        quick = Step(latency=0.05)
+        orch = ScriptedOrchestrator({"b-1": quick, "b-2": quick}, Step(latency=2 * lease_s))
+        started: dict[str, float] = {}
+
+        def on_start(agent: str) -> None:
+            # The count both processes share, checked at every start (no sampling gap).
+            assert orch.in_flight <= 3, f"{orch.in_flight} in flight > 3"
+            started[agent] = trio.current_time()
+
+        orch.on_start = on_start
+        first = ConcurrentDeliberationService(orch, pool=AgentPool(72, shared=one))
+        second = ConcurrentDeliberationService(orch, pool=AgentPool(72, shared=two))
+        results: list[Any] = []
+
+        async def run_first() -> None:
+            results.append(await first.invoke_concurrent(make_requests(2, prefix="a")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_first)
+            await wait_until(lambda: _async(orch.in_flight == 2))
+            await lose()
+            lost_at = trio.current_time()
+            # Reject mode: refused whole while the holders re-assert (or the server is back).
+            with pytest.raises(AgentPoolExhaustedError, match=r"recovering|unreachable"):
+                await second.invoke_concurrent(make_requests(1, prefix="r"))
+            queued = await second.invoke_concurrent(make_requests(2, prefix="b"), overflow="queue")
+            assert orch.in_flight == 2  # b-1 then b-2 ran beside the two a's, never on top
+        # One slot was free all along; the grace kept it from the newcomer until the
+        # holder had had one lease period to re-assert its two.
+        assert queued.success_count == 2 and results[0].success_count == 2
+        assert started["b-1"] - lost_at >= 0.9 * lease_s
+        assert orch.max_in_flight == 3
+        assert one.held == two.held == frozenset()
+
+
+async def test_after_a_flushall_two_processes_never_exceed_the_capacity_and_admit_after_the_grace(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async def flushall() -> None:
+        async with raw(own_server.url) as client:
+            await client.flushall()
+
+    await _run_through_a_loss(own_server, name, flushall, lease_s=1.0)
+
+
+async def test_after_a_restart_without_persistence_two_processes_never_exceed_the_capacity(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async def restart() -> None:
+        own_server.restart()
+
+    await _run_through_a_loss(own_server, name, restart, lease_s=3.0)
+
+
+async def test_a_holder_cut_off_past_its_lease_fails_its_agents_with_lease_lost(
+    own_server: ValkeyServer, name: str
+) -> None:
+    # A long timeout: the renewal sent to the hung server is still out when the leases end.
+    async with capacities(own_server.url, name, 1, capacity=3, lease_s=0.5, timeout=5.0) as (
+        capacity,
+    ):
+        orch = ScriptedOrchestrator(default=Step(latency=30.0))
+        pool = AgentPool(72, shared=capacity)
+        service = ConcurrentDeliberationService(orch, pool=pool)
+
+        async def cut_off() -> None:
+            await wait_until(lambda: _async(orch.in_flight == 3))
+            own_server.pause()  # hung: every call times out
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_off)
+            with trio.fail_after(20):  # not the agents' 30 s
+                result = await service.invoke_concurrent(make_requests(3))
+        own_server.resume()
+    assert result.total_count == 3 and result.success_count == 0
+    assert {f.kind for f in result.failures} == {FailureKind.ERROR}
+    assert all(
+        f.message.startswith("shared capacity lease lost: not renewed within lease_s (0.5 s)")
+        for f in result.failures
+    ), result.failures
+    assert sorted(orch.cancelled) == ["archon-1", "archon-2", "archon-3"]
+    # Stopped when the leases ended (0.5 s after the last renewal), not when the hung call
+    # gave up (5 s): the margin is for a loaded machine.
+    assert all(f.elapsed_ms < 2500 for f in result.failures), result.failures
+    assert pool.active_count == 0 and pool.available_count == 72 and capacity.held == frozenset()
 
 
 async def test_release_never_blocks_or_raises(valkey_server: ValkeyServer, name: str) -> None:
@@ -375,6 +598,7 @@ async def test_a_password_anywhere_in_the_url_never_shows(
     caplog.set_level(logging.DEBUG)
     shown: list[str | None] = []
     with ValkeyServer(password=SECRET) as server:
+        server.seed_capacity(name)
         url = secret_valkey_urls(server.port)[form]
         async with ValkeyCapacity(url, name=name, capacity=2, lease_s=0.5) as capacity:
             shown += [repr(capacity), capacity.url]

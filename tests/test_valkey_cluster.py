@@ -119,8 +119,10 @@ async def halt_channel(url: str, key: str = "conclave:halt") -> AsyncIterator[Va
 
 
 @pytest.fixture
-def names() -> dict[str, str]:
+def names(valkey_server: ValkeyServer) -> dict[str, str]:
+    """A capacity name in service (no recovery grace) and a halt key."""
     tag = uuid.uuid4().hex[:8]
+    valkey_server.seed_capacity(f"cap-{tag}")
     return {"name": f"cap-{tag}", "key": f"halt-{tag}"}
 
 
@@ -346,7 +348,13 @@ async def test_server_stopped_mid_batch_halts_refuses_and_resumes_only_after_a_c
             workers = [
                 spawn(
                     worker_argv(
-                        server.url, llm_server.base_url, f"s{i}", agents=24, rounds=2, **names
+                        server.url,
+                        llm_server.base_url,
+                        f"s{i}",
+                        agents=24,
+                        rounds=2,
+                        lease_s=1.0,  # the books are lost: one lease of grace after the clear
+                        **names,
                     )
                 )
                 for i in range(3)

@@ -1,14 +1,17 @@
 """The Valkey adapters as a hostile user meets them: errors raised in the body of their
-``async with`` blocks, and absurd settings."""
+``async with`` blocks, absurd settings, and keys of the wrong type."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 
+import coredis
 import pytest
+import trio
 
 from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
-from kernel import InvalidRequestError, SystemHaltedError
+from kernel import AgentPoolExhaustedError, InvalidRequestError, SystemHaltedError
 from tests.valkey_server import ValkeyServer
 
 
@@ -51,7 +54,9 @@ async def test_reserving_a_lease_already_held_is_refused_like_acquiring_it(
 ) -> None:
     # It used to be accepted and counted once on the server: the caller then believed
     # it held two slots, and one release gave both back.
-    async with ValkeyCapacity(valkey_server.url, name=unique(), capacity=3) as capacity:
+    name = unique()
+    valkey_server.seed_capacity(name)
+    async with ValkeyCapacity(valkey_server.url, name=name, capacity=3) as capacity:
         await capacity.reserve(["a"])
         await capacity.acquire("b")
         for leases in (["a"], ["b", "c"]):
@@ -60,3 +65,59 @@ async def test_reserving_a_lease_already_held_is_refused_like_acquiring_it(
         await capacity.flush()
         assert capacity.held == {"a", "b"}
         assert capacity.in_use() == 2
+
+
+@pytest.mark.parametrize(("suffix", "shape"), [("leases", "list"), ("ticket", "hash")])
+async def test_a_capacity_key_of_the_wrong_type_is_reported_corrupt_not_unreachable(
+    valkey_server: ValkeyServer, suffix: str, shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique()
+    key = f"{name}:{suffix}"
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        if shape == "list":
+            await client.rpush(key, [b"not a lease"])
+        else:
+            await client.hset(key, {"not": "a counter"})
+        with caplog.at_level(logging.ERROR, logger="adapters.valkey"):
+            async with ValkeyCapacity(valkey_server.url, name=name, lease_s=0.5) as capacity:
+                with pytest.raises(AgentPoolExhaustedError) as refused:
+                    await capacity.reserve(["a"])
+                # Set aside at the first call (entering); then the books start again.
+                assert "recovering" in str(refused.value)
+                assert "unreachable" not in str(refused.value)
+                assert await client.type(f"{key}:corrupt") == shape.encode()
+                with trio.fail_after(5):
+                    await capacity.acquire("b")  # admitted once the grace is over
+        assert "corrupt keys set aside" in caplog.text
+        assert f"{key}={shape}" in str([r.__dict__.get("corrupt_keys") for r in caplog.records])
+
+
+async def test_a_capacity_record_of_the_wrong_type_is_set_aside_and_logged_as_corrupt(
+    valkey_server: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique()
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        await client.rpush(f"{name}:capacity", [b"72"])
+        with caplog.at_level(logging.ERROR, logger="adapters.valkey"):
+            async with ValkeyCapacity(valkey_server.url, name=name, capacity=3):
+                pass
+        assert await client.get(f"{name}:capacity") == b"3"
+        assert await client.type(f"{name}:capacity:corrupt") == b"list"
+    assert "corrupt key set aside" in caplog.text and "unreachable" not in caplog.text
+
+
+@pytest.mark.parametrize("shape", ["list", "hash"])
+async def test_a_halt_key_of_the_wrong_type_is_a_halt_that_says_corrupt(
+    valkey_server: ValkeyServer, shape: str
+) -> None:
+    key = unique()
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        if shape == "list":
+            await client.rpush(key, [b"false"])
+        else:
+            await client.hset(key, {"halted": "false"})
+        async with ValkeyHaltChannel(valkey_server.url, key=key) as channel:
+            with trio.fail_after(5):
+                reason = await channel.wait_halted()
+    assert f"halt key {key} corrupt" in reason and f"it is a {shape}" in reason
+    assert "unreachable" not in reason

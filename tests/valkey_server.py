@@ -49,6 +49,12 @@ def _end(proc: subprocess.Popen[str], reader: threading.Thread | None) -> None:
         proc.stdout.close()
 
 
+def _resp(*args: str) -> bytes:
+    """One command in the server's wire format."""
+    parts = [f"*{len(args)}\r\n"] + [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+    return "".join(parts).encode()
+
+
 def free_port() -> int:
     """A 127.0.0.1 port nothing listens on (as of now)."""
     with socket.socket() as s:
@@ -142,6 +148,22 @@ class ValkeyServer:
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
+
+    def command(self, *args: str) -> bytes:
+        """Send one command (from a sync fixture, before any event loop runs; with the
+        password first, if any); its raw reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            if self.password is not None:
+                conn.sendall(_resp("AUTH", self.password))
+                conn.recv(65536)
+            conn.sendall(_resp(*args))
+            return conn.recv(65536)
+
+    def seed_capacity(self, name: str = "conclave") -> None:
+        """Record the shared capacity ``name`` as in service since long before now, so it
+        admits at once: a name known to be unused, where nobody can hold a lease, needs no
+        recovery grace (a new one, like lost books, otherwise waits one ``lease_s``)."""
+        self.command("SET", f"{name}:epoch", "0", "NX")
 
     def pause(self) -> None:
         assert self.proc is not None

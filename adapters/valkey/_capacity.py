@@ -16,6 +16,15 @@ waiters, and a grants channel.
 * A background task renews every lease this process holds (and every place it keeps in
   the queue) each ``lease_s / 3`` seconds.  A process that dies stops renewing: its
   leases expire after ``lease_s`` and any script reclaims them.
+* A lease this process cannot renew within ``lease_s`` of the last call that renewed it
+  (counted from when that call was *sent*, so never later than the server lets it
+  expire), or that the server lost and has no room for again, is *lost*: it is dropped
+  and every listener registered with :meth:`ValkeyCapacity.on_lease_lost` is told, so
+  its agent stops rather than run beyond the cluster's count.
+* The server lost its books (flushed, restarted without persistence, a key corrupt; or
+  a name never used): the scripts begin a new epoch and admit nothing for ``lease_s``
+  (the grace), while every live holder re-asserts its leases on its next renewal; a
+  process that sees the epoch change renews at once.  Admissions then resume.
 * The server cannot be reached: :meth:`reserve` and :meth:`acquire` raise
   :class:`~kernel.AgentPoolExhaustedError` ("FR10: shared capacity unreachable: ...")
   having taken nothing; a waiter already queued keeps waiting through a short outage
@@ -25,10 +34,12 @@ waiters, and a grants channel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -60,11 +71,25 @@ _MAX_LEASE_CHARS = 128
 class _Waiter:
     """One :meth:`ValkeyCapacity.acquire` waiting for its grant."""
 
-    __slots__ = ("error", "event")
+    __slots__ = ("error", "event", "refreshed")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.error: str | None = None
+        # When the last call that kept its place (and, once granted, its lease) was sent.
+        self.refreshed = trio.current_time()
+
+
+class _Books(NamedTuple):
+    """Where the server's books stand, as every capacity script reports first."""
+
+    epoch: int  # when they began (server ms): a change means they were lost
+    grace_ms: int  # how long nothing new is admitted yet
+    corrupt: str  # the keys set aside just now ("key=type ..."), or ""
+
+
+#: A listener of lost leases: ``listener(lease, why)``.
+LeaseLostListener = Callable[[str, str], None]
 
 
 class ValkeyCapacity(BackgroundClient):
@@ -107,19 +132,24 @@ class ValkeyCapacity(BackgroundClient):
         # stay exact in Lua (1e306 s was accepted, then every acquire overflowed).
         self.lease_s = check_number(lease_s, "lease_s", at_least=0.1, at_most=86_400)
         self.timeout = check_timeout(timeout, "timeout")
-        self._keys = [f"{self.name}:{k}" for k in ("leases", "queue", "waiting", "ticket")]
+        books = [f"{self.name}:{k}" for k in ("leases", "queue", "waiting", "ticket", "epoch")]
+        self._keys = [*books, *(f"{key}:corrupt" for key in books)]
         self._grants = f"{self.name}:grants"
         super().__init__()
-        self._held: set[str] = set()
+        self._held: dict[str, float] = {}  # lease -> until when it surely lives (trio time)
         self._waiters: dict[str, _Waiter] = {}
         self._pending: dict[str, float] = {}  # released lease -> when (trio time)
         self._wake = trio.Event()
+        self._held_added = trio.Event()  # wakes the expiry watch
         self._recheck = False
         # One sync call at a time: a renewal sent after a release would re-add the lease.
         self._sync_lock = trio.Lock()
         self._in_use: int | None = None
         self._failing_since: float | None = None
         self._problem: str | None = None
+        self._epoch: int | None = None
+        self._grace_ends: float | None = None  # trio time, as of the last reply
+        self._loss_listeners: list[LeaseLostListener] = []
 
     def __repr__(self) -> str:
         return f"<ValkeyCapacity {self.name!r} {self._in_use}/{self._capacity} on {self.url}>"
@@ -157,11 +187,12 @@ class ValkeyCapacity(BackgroundClient):
             return
         self._require_open()
         args: list[Any] = [self._capacity, self._lease_ms, self._grants, *wanted]
+        sent = trio.current_time()
         try:
             reply: object = await store_call(
                 lambda: self._reserve_script(keys=self._keys, args=args), self.timeout
             )
-            ok, in_use, queued = _ints(reply, 3, "reserve")
+            books, (ok, in_use, queued) = _books(reply, 3, "reserve")
         except StoreError as exc:
             self._failed(str(exc))
             self._forget(wanted)  # the call may have landed: give them back
@@ -170,7 +201,10 @@ class ValkeyCapacity(BackgroundClient):
             self._forget(wanted)
             raise
         self._reached(in_use)
+        self._note(books, sent)
         if not ok:
+            if books.grace_ms:
+                raise AgentPoolExhaustedError(self._recovering(books))
             if queued:
                 raise AgentPoolExhaustedError(
                     f"FR10: shared capacity {self.name!r} busy: {queued} agent(s) are queued "
@@ -180,7 +214,8 @@ class ValkeyCapacity(BackgroundClient):
                 f"FR10: shared capacity exhausted: {in_use} in use + {len(wanted)} requested "
                 f"> {self._capacity} ({self.name!r} on {self.url})"
             )
-        self._held.update(wanted)
+        self._held.update(dict.fromkeys(wanted, sent + self.lease_s))
+        self._held_added.set()
 
     async def acquire(self, lease: str) -> None:
         """Take one slot, waiting FIFO (across every process) until one is free.
@@ -199,11 +234,12 @@ class ValkeyCapacity(BackgroundClient):
                 reply: object = await store_call(
                     lambda: self._acquire_script(keys=self._keys, args=args), self.timeout
                 )
-                granted, in_use, _place = _ints(reply, 3, "acquire")
+                books, (granted, in_use, _place) = _books(reply, 3, "acquire")
             except StoreError as exc:
                 self._failed(str(exc))
                 raise AgentPoolExhaustedError(self._unreachable(str(exc))) from None
             self._reached(in_use)
+            self._note(books, waiter.refreshed)
             if not granted:
                 await waiter.event.wait()
             if waiter.error is not None:
@@ -214,7 +250,8 @@ class ValkeyCapacity(BackgroundClient):
             self._forget([lease])  # withdraw, or give back a grant that came too late
             raise
         del self._waiters[lease]
-        self._held.add(lease)
+        self._held[lease] = waiter.refreshed + self.lease_s
+        self._held_added.set()
 
     async def flush(self) -> None:
         """Send the queued releases now and refresh :meth:`in_use` (e.g. before reporting
@@ -229,7 +266,7 @@ class ValkeyCapacity(BackgroundClient):
         """Give a slot back, or withdraw a lease still waiting.  Never blocks or raises:
         the server is told in the background; idempotent."""
         if lease in self._held:
-            self._held.discard(lease)
+            del self._held[lease]
             self._queue_release(lease)
         elif lease in self._waiters:
             waiter = self._waiters.pop(lease)
@@ -237,6 +274,18 @@ class ValkeyCapacity(BackgroundClient):
             waiter.event.set()
             self._queue_release(lease)
         # Else never held here (a refused reserve), or already given back: nothing to do.
+
+    def on_lease_lost(self, listener: LeaseLostListener) -> Callable[[], None]:
+        """Call ``listener(lease, why)`` when a lease this process holds is lost (see
+        :class:`~kernel.LeaseLossNotifier`); returns the unregister call.  It runs in the
+        capacity's background task: it must be quick and must not raise."""
+        self._loss_listeners.append(listener)
+
+        def unregister() -> None:
+            with contextlib.suppress(ValueError):
+                self._loss_listeners.remove(listener)
+
+        return unregister
 
     # ------------------------------------------------------------ lifecycle
 
@@ -249,6 +298,7 @@ class ValkeyCapacity(BackgroundClient):
         self._nursery = await stack.enter_async_context(trio.open_nursery())
         await self._nursery.start(self._listen)
         await self._nursery.start(self._sync_loop)
+        await self._nursery.start(self._watch_expiry)
 
     async def _before_close(self) -> None:
         for lease in [*self._held, *self._waiters]:
@@ -270,13 +320,23 @@ class ValkeyCapacity(BackgroundClient):
         """Connect now (not on a batch's first admission) and compare capacities."""
         key = f"{self.name}:capacity"
         try:
-            recorded = await store_call(
-                lambda: client.eval(CAPACITY_CLAIM, keys=[key], args=[self._capacity]),
+            reply = await store_call(
+                lambda: client.eval(
+                    CAPACITY_CLAIM, keys=[key, f"{key}:corrupt"], args=[self._capacity]
+                ),
                 self.timeout,
             )
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise StoreError("unexpected reply to the capacity claim")
+            recorded, corrupt = reply
         except StoreError as exc:
             self._failed(str(exc))
             return
+        if corrupt:
+            log.error(
+                "shared capacity: corrupt key set aside",
+                extra={"capacity_name": self.name, "corrupt_keys": f"{key}={_text(corrupt)}"},
+            )
         if recorded != str(self._capacity).encode():
             log.warning(
                 "shared capacity configured differently elsewhere; each process enforces its own",
@@ -341,17 +401,20 @@ class ValkeyCapacity(BackgroundClient):
     async def _sync_loop(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Send releases as they come, renew every ``lease_s / 3``, re-check on request."""
+        """Send releases as they come, renew every ``lease_s / 3``, re-check on request
+        (and when the grace ends, for the waiters); drop the leases it could not renew."""
         task_status.started()
         renew_every = self.lease_s / 3
         next_renewal = trio.current_time() + renew_every
         failures = 0
         while True:
             if not self._pending and not self._recheck:
-                with trio.move_on_at(next_renewal):
+                with trio.move_on_at(self._next_wake(next_renewal)):
                     await self._wake.wait()
             self._wake = trio.Event()
-            renew = self._recheck or trio.current_time() >= next_renewal
+            now = trio.current_time()
+            grace_over = self._grace_ends is not None and now >= self._grace_ends
+            renew = self._recheck or now >= next_renewal or (grace_over and bool(self._waiters))
             self._recheck = False
             try:
                 await self._sync(renew=renew)
@@ -364,6 +427,32 @@ class ValkeyCapacity(BackgroundClient):
             failures = 0
             if renew:
                 next_renewal = trio.current_time() + renew_every
+
+    def _next_wake(self, next_renewal: float) -> float:
+        """The next renewal, or the end of the grace if sooner (for the waiters)."""
+        if self._grace_ends is not None and self._waiters:
+            return min(next_renewal, self._grace_ends)
+        return next_renewal
+
+    async def _watch_expiry(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drop each held lease the moment it may have expired: a task of its own, so a
+        call to a hung server (up to ``timeout``) never delays it."""
+        task_status.started()
+        while True:
+            with trio.move_on_at(min(self._held.values(), default=math.inf)):
+                await self._held_added.wait()
+            self._held_added = trio.Event()
+            self._drop_expired()
+
+    def _drop_expired(self) -> None:
+        """Every held lease past the time it surely lived is lost (the server may have
+        let it go: this process's agent must not keep running on it)."""
+        now = trio.current_time()
+        for lease in [lease for lease, until in self._held.items() if until <= now]:
+            problem = self._problem or "no answer"
+            self._lose(lease, f"not renewed within lease_s ({self.lease_s:g} s): {problem}")
 
     async def _sync(self, *, renew: bool, always: bool = False) -> None:
         """One call: the queued releases, and (``renew``) every lease held and waited for;
@@ -387,24 +476,76 @@ class ValkeyCapacity(BackgroundClient):
             *held,
             *waiting,
         ]
+        sent = trio.current_time()
         reply: object = await store_call(
             lambda: self._sync_script(keys=self._keys, args=args), self.timeout
         )
-        if not isinstance(reply, list) or len(reply) != 2 + len(held) + len(waiting):
+        books, (in_use, _queued, *statuses) = _books(reply, 2, "sync")
+        if len(statuses) != len(held) + len(waiting):
             raise StoreError("unexpected reply to the lease sync")
-        in_use, _queued = _ints(reply[:2], 2, "sync")
         for lease in releases:
             self._pending.pop(lease, None)
         self._reached(in_use)
-        for lease, status in zip(held, reply[2 : 2 + len(held)], strict=True):
-            if status == b"r" and lease in self._held:
+        self._note(books, sent)
+        self._renewed(held, statuses[: len(held)], sent)
+        for lease, status in zip(waiting, statuses[len(held) :], strict=True):
+            waiter = self._waiters.get(lease)
+            if waiter is not None:
+                waiter.refreshed = sent
+                if status == b"g":
+                    waiter.event.set()
+
+    def _renewed(self, held: list[str], statuses: Sequence[object], sent: float) -> None:
+        """Note what a renewal said of each lease held: renewed, re-added or lost."""
+        until = sent + self.lease_s
+        for lease, status in zip(held, statuses, strict=True):
+            if lease not in self._held:
+                continue  # released (or lost) while the call was out
+            if status == b"l":
+                self._lose(lease, "the server lost it and has no room for it again")
+                continue
+            if status == b"r" and self._grace_ends is None:
                 log.warning(
-                    "shared capacity: a lease expired while its agent ran; re-added",
+                    "shared capacity: a lease the server lost was re-added",
                     extra={"capacity_name": self.name, "lease_s": self.lease_s},
                 )
-        for lease, status in zip(waiting, reply[2 + len(held) :], strict=True):
-            if status == b"g":
-                self._on_grants(lease.encode())
+            self._held[lease] = max(self._held[lease], until)
+
+    def _note(self, books: _Books, sent: float) -> None:
+        """Where the books stand: corrupt keys set aside, a new epoch (the server lost
+        them: re-assert every lease now, not at the next renewal), the grace."""
+        if books.corrupt:
+            log.error(
+                "shared capacity: corrupt keys set aside; its books start again",
+                extra={"capacity_name": self.name, "corrupt_keys": books.corrupt},
+            )
+        if self._epoch is not None and books.epoch != self._epoch:
+            log.warning(
+                "shared capacity: the server lost its lease records; re-asserting ours, "
+                "nothing new admitted until the grace ends",
+                extra={"capacity_name": self.name, "grace_s": books.grace_ms / 1000},
+            )
+            self._request_recheck()
+        self._epoch = books.epoch
+        self._grace_ends = sent + books.grace_ms / 1000 if books.grace_ms else None
+
+    def _lose(self, lease: str, why: str) -> None:
+        """A held lease is lost: drop it (a release is sent, in case the server still
+        counts it) and tell the listeners, so its agent stops."""
+        del self._held[lease]
+        self._queue_release(lease)
+        log.error(
+            "shared capacity lease lost; its agent is stopped",
+            extra={"capacity_name": self.name, "problem": why},
+        )
+        for listener in list(self._loss_listeners):
+            try:
+                listener(lease, why)
+            except Exception:
+                log.exception(
+                    "shared capacity: a lease-loss listener raised; ignored",
+                    extra={"capacity_name": self.name},
+                )
 
     # ------------------------------------------------------------ state
 
@@ -456,6 +597,18 @@ class ValkeyCapacity(BackgroundClient):
                     waiter.error = self._unreachable(f"{problem} (for {self.lease_s:g} s)")
                     waiter.event.set()
 
+    def _recovering(self, books: _Books) -> str:
+        why = (
+            f"its keys were corrupt ({books.corrupt}; set aside as <key>:corrupt)"
+            if books.corrupt
+            else "the server has no record of its leases (a new name, or the server lost its data)"
+        )
+        return (
+            f"FR10: shared capacity {self.name!r} recovering: {why}; nothing new is admitted "
+            f"for {books.grace_ms / 1000:.1f} s more, until every live holder has re-asserted "
+            f"its leases ({self.url})"
+        )
+
     def _unreachable(self, problem: str) -> str:
         return f"FR10: shared capacity unreachable: {self.url}: {problem}"
 
@@ -487,7 +640,18 @@ def _check_leases(leases: Sequence[str]) -> list[str]:
     return checked
 
 
-def _ints(reply: object, n: int, what: str) -> list[int]:
-    if not isinstance(reply, list) or len(reply) < n:
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _books(reply: object, n: int, what: str) -> tuple[_Books, list[Any]]:
+    """A capacity script's reply: where the books stand, then ``n`` ints, then the rest."""
+    if not isinstance(reply, list) or len(reply) < 3 + n:
         raise StoreError(f"unexpected reply to {what}")
-    return [to_int(v, what) for v in reply[:n]]
+    corrupt = reply[2]
+    if not isinstance(corrupt, bytes):
+        raise StoreError(f"unexpected reply for {what}: {type(corrupt).__name__}")
+    books = _Books(
+        to_int(reply[0], what), to_int(reply[1], what), corrupt.decode("utf-8", "replace")
+    )
+    return books, [*(to_int(v, what) for v in reply[3 : 3 + n]), *reply[3 + n :]]

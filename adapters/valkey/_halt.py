@@ -432,7 +432,7 @@ class ValkeyHaltChannel(BackgroundClient):
                 problem = str(exc)
             else:
                 return _KeyState(doc.halted, doc.reason)
-        why = f"halt key {self.key} unreadable ({problem}); treated as halted"
+        why = f"halt key {self.key} corrupt, unreadable ({problem}); treated as halted"
         return _KeyState(True, why, problem)
 
     # ------------------------------------------------------------ state

@@ -6,11 +6,21 @@ Each script is loaded once per connection by ``EVALSHA`` (coredis falls back to
 
 Shared capacity, keys ``<name>:leases`` (sorted set: lease -> expiry, ms),
 ``<name>:queue`` (sorted set: waiting lease -> ticket, FIFO), ``<name>:waiting``
-(sorted set: waiting lease -> deadline, ms) and ``<name>:ticket`` (the ticket counter).
-Every script first *reclaims*: leases past their expiry, and waiters that stopped renewing
-(a process that died in the queue), are dropped.  Slots are handed to waiters by the
-script that frees them (*pump*): FIFO, and each grant is published on the grants channel
-(lease ids, space-separated), so waiting costs no polling.
+(sorted set: waiting lease -> deadline, ms), ``<name>:ticket`` (the ticket counter) and
+``<name>:epoch`` (when these books began, ms), then where each of those five is set aside
+if it is found corrupt.  Every script first *checks the books*: a key of the wrong type
+(or a counter that is not a sane integer) is renamed aside, and the books count as lost.
+Books without an epoch (new, flushed, restarted without persistence, set aside) begin a
+new one: for one lease period from its start (the *grace*) nothing new is admitted, so
+that every process still running agents re-asserts its leases first (lock servers do the
+same after a restart).  Then every script *reclaims*: leases past their expiry, and
+waiters that stopped renewing (a process that died in the queue), are dropped; an expiry
+or deadline beyond the longest lease (a corrupt score, e.g. ``inf``) is cut to one lease
+from now, so it cannot hold a slot forever.  Outside the grace, slots are handed to
+waiters by the script that frees them (*pump*): FIFO, and each grant is published on the
+grants channel (lease ids, space-separated), so waiting costs no polling.
+
+Every capacity reply begins ``{epoch, grace left (ms), corrupt keys set aside}``.
 
 Halt: the state key holds a small JSON document; its history is a list beside it; a
 change is published on the events channel with the new document.
@@ -24,15 +34,51 @@ __all__ = [
     "HALT",
     "HALT_CLEAR",
     "HALT_READ",
+    "MAX_LEASE_MS",
     "RESERVE",
     "SYNC",
 ]
 
-_CAPACITY_PRELUDE = """
-local leases, queue, waiting, ticket = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+#: The longest lease (``lease_s`` is at most a day): no legitimate expiry lies further off.
+MAX_LEASE_MS = 86_400_000
+
+_CAPACITY_PRELUDE = (
+    """
+local leases, queue, waiting, ticket, epoch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local capacity, lease_ms, channel = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local MAX_LEASE_MS = """
+    + str(MAX_LEASE_MS)
+    + """
+
+-- Check the books: a key of the wrong type, or a counter that is not a sane integer,
+-- is set aside (for forensics) and the books count as lost.
+local corrupt = {}
+local shapes = {'zset', 'zset', 'zset', 'string', 'string'}
+for i, shape in ipairs(shapes) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  local bad = found ~= 'none' and found ~= shape
+  if found == 'string' and not bad then
+    -- Digits only, as INCR writes them (at most 15: exact in Lua's doubles).
+    local value = redis.call('STRLEN', KEYS[i]) <= 15 and redis.call('GET', KEYS[i])
+    bad = not (value and string.match(value, '^%d+$'))
+  end
+  if bad then
+    redis.call('RENAME', KEYS[i], KEYS[i + 5])
+    corrupt[#corrupt + 1] = KEYS[i] .. '=' .. found
+  end
+end
+if #corrupt > 0 then redis.call('DEL', epoch) end
+
+-- The epoch: books without one are new or were lost; one that starts in the future
+-- (a corrupt value, or the server's clock went back) starts now.
+local began = tonumber(redis.call('GET', epoch) or '')
+if not began or began > now then
+  began = now
+  redis.call('SET', epoch, string.format('%d', now))
+end
+local grace = math.max(0, began + lease_ms - now)
 
 -- Reclaim what nobody renews: leases of a process that died, waiters that left.
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
@@ -41,11 +87,25 @@ for _, lease in ipairs(gone) do
   redis.call('ZREM', queue, lease)
   redis.call('ZREM', waiting, lease)
 end
+-- Cut what no process could have written (an expiry beyond the longest lease).
+local horizon = string.format('(%d', now + MAX_LEASE_MS)
+for _, key in ipairs({leases, waiting}) do
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', key, horizon, '+inf')) do
+    redis.call('ZADD', key, now + lease_ms, member)
+  end
+end
 
--- Hand free slots to the head of the queue, in ticket order, and tell the waiters.
--- A granted lease lives at least until its waiter's own deadline, so a waiter whose
--- process renews less often than this one's still renews it in time.
+-- Every reply starts with where the books stand.
+local function reply(...)
+  return {began, grace, table.concat(corrupt, ' '), ...}
+end
+
+-- Hand free slots to the head of the queue, in ticket order, and tell the waiters
+-- (never during the grace).  A granted lease lives at least until its waiter's own
+-- deadline, so a waiter whose process renews less often than this one's still renews
+-- it in time.
 local function pump()
+  if grace > 0 then return end
   local free = capacity - redis.call('ZCARD', leases)
   local granted = {}
   while free > 0 do
@@ -68,32 +128,33 @@ local function enqueue(lease)
   redis.call('ZADD', waiting, now + lease_ms, lease)
 end
 """
+)
 
 #: ARGV[4..]: the leases.  All or nothing; refused while anyone waits (FIFO: a batch in
-#: reject mode never jumps the queue).  A lease already held counts once (a retried call).
-#: Returns {1 | 0, in use, queued}.
+#: reject mode never jumps the queue) and during the grace.  A lease already held counts
+#: once (a retried call).  Returns {epoch, grace, corrupt, 1 | 0, in use, queued}.
 RESERVE = (
     _CAPACITY_PRELUDE
     + """
 pump()
 local queued = redis.call('ZCARD', queue)
 local in_use = redis.call('ZCARD', leases)
-if queued > 0 then return {0, in_use, queued} end
+if queued > 0 or grace > 0 then return reply(0, in_use, queued) end
 local new = 0
 for i = 4, #ARGV do
   if not redis.call('ZSCORE', leases, ARGV[i]) then new = new + 1 end
 end
-if in_use + new > capacity then return {0, in_use, 0} end
+if in_use + new > capacity then return reply(0, in_use, 0) end
 for i = 4, #ARGV do
   redis.call('ZADD', leases, now + lease_ms, ARGV[i])
 end
-return {1, in_use + new, 0}
+return reply(1, in_use + new, 0)
 """
 )
 
-#: ARGV[4]: the lease.  Granted now if nobody waits and a slot is free, else queued
-#: (idempotent: a lease already held or queued keeps its place).
-#: Returns {1 (granted) | 0 (queued), in use, place in the queue}.
+#: ARGV[4]: the lease.  Granted now if nobody waits, a slot is free and the grace is over,
+#: else queued (idempotent: a lease already held or queued keeps its place).
+#: Returns {epoch, grace, corrupt, 1 (granted) | 0 (queued), in use, place in the queue}.
 ACQUIRE = (
     _CAPACITY_PRELUDE
     + """
@@ -101,29 +162,30 @@ local lease = ARGV[4]
 pump()
 if redis.call('ZSCORE', leases, lease) then
   redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
-  return {1, redis.call('ZCARD', leases), 0}
+  return reply(1, redis.call('ZCARD', leases), 0)
 end
 if redis.call('ZSCORE', queue, lease) then
   redis.call('ZADD', waiting, now + lease_ms, lease)
-  return {0, redis.call('ZCARD', leases), redis.call('ZRANK', queue, lease) + 1}
+  return reply(0, redis.call('ZCARD', leases), redis.call('ZRANK', queue, lease) + 1)
 end
 local in_use = redis.call('ZCARD', leases)
-if redis.call('ZCARD', queue) == 0 and in_use < capacity then
+if redis.call('ZCARD', queue) == 0 and in_use < capacity and grace == 0 then
   redis.call('ZADD', leases, now + lease_ms, lease)
-  return {1, in_use + 1, 0}
+  return reply(1, in_use + 1, 0)
 end
 enqueue(lease)
-return {0, in_use, redis.call('ZCARD', queue)}
+return reply(0, in_use, redis.call('ZCARD', queue))
 """
 )
 
 #: ARGV[4]: how many releases, ARGV[5]: how many held leases, then the releases, the held
 #: leases and the waiting leases of one process.  Releases (idempotent), renews what it
-#: holds (re-adding a lease that expired while its agent ran: the store must count what
-#: runs), keeps its waiters in the queue (re-queued at the back if the store lost them),
-#: then hands out free slots.  Returns {in use, queued, one status per held lease
-#: ('h' renewed, 'r' re-added), one per waiting lease ('g' granted, 'w' waiting,
-#: 'q' re-queued)}.
+#: holds, keeps its waiters in the queue (re-queued at the back if the store lost them),
+#: then hands out free slots.  A held lease the store lost is re-added during the grace
+#: (its holder re-asserts it: the store must count what runs), or after it if there is
+#: room; else it is lost, and its holder must stop its agent.  Returns {epoch, grace,
+#: corrupt, in use, queued, one status per held lease ('h' renewed, 'r' re-added, 'l'
+#: lost), one per waiting lease ('g' granted, 'w' waiting, 'q' re-queued)}.
 SYNC = (
     _CAPACITY_PRELUDE
     + """
@@ -137,8 +199,15 @@ for i = 6, first_held - 1 do
 end
 local status = {}
 for i = first_held, first_waiting - 1 do
-  status[#status + 1] = redis.call('ZSCORE', leases, ARGV[i]) and 'h' or 'r'
-  redis.call('ZADD', leases, 'GT', now + lease_ms, ARGV[i])
+  if redis.call('ZSCORE', leases, ARGV[i]) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, ARGV[i])
+    status[#status + 1] = 'h'
+  elseif grace > 0 or redis.call('ZCARD', leases) < capacity then
+    redis.call('ZADD', leases, now + lease_ms, ARGV[i])
+    status[#status + 1] = 'r'
+  else
+    status[#status + 1] = 'l'
+  end
 end
 local requeued = {}
 for i = first_waiting, #ARGV do
@@ -163,9 +232,7 @@ for i = first_waiting, #ARGV do
     status[#status + 1] = 'w'
   end
 end
-local reply = {redis.call('ZCARD', leases), redis.call('ZCARD', queue)}
-for _, s in ipairs(status) do reply[#reply + 1] = s end
-return reply
+return reply(redis.call('ZCARD', leases), redis.call('ZCARD', queue), unpack(status))
 """
 )
 
@@ -243,13 +310,20 @@ return 1
 """
 )
 
-#: KEYS[1]: where the capacity is recorded; ARGV[1]: this process's.  Records it if none
-#: is, and returns the recorded one (processes configured differently are warned).
+#: KEYS[1]: where the capacity is recorded, KEYS[2]: where to set it aside if it is not a
+#: string; ARGV[1]: this process's.  Records it if none is, and returns {the recorded one,
+#: the type set aside or ''} (processes configured differently are warned).
 CAPACITY_CLAIM = """
+local found = redis.call('TYPE', KEYS[1])['ok']
+local corrupt = ''
+if found ~= 'none' and found ~= 'string' then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  corrupt = found
+end
 local recorded = redis.call('GET', KEYS[1])
 if not recorded then
   redis.call('SET', KEYS[1], ARGV[1])
-  return ARGV[1]
+  return {ARGV[1], corrupt}
 end
-return recorded
+return {recorded, corrupt}
 """

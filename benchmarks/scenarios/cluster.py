@@ -32,6 +32,7 @@ from kernel import AgentPool
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAIServer
+    from tests.valkey_server import ValkeyServer
 
 __all__ = ["cluster"]
 
@@ -53,7 +54,10 @@ def cluster(s: Settings, results: Results) -> None:
         return
     with ValkeyServer(binary) as server:
         reps = 20 if s.quick else 100
-        admission = trio.run(_admission, server.url, reps)
+        # Names known unused: admitted at once, without the grace of lost books.
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        server.seed_capacity(name)
+        admission = trio.run(_admission, server.url, name, reps)
         for mode in ("reject", "queue"):
             for variant in ("local only", "shared (Valkey)"):
                 samples = admission[variant, mode]
@@ -64,7 +68,7 @@ def cluster(s: Settings, results: Results) -> None:
                     )
                 )
         trials = 10 if s.quick else 30
-        seen, stopped = _halt_propagation(server.url, trials)
+        seen, stopped = _halt_propagation(server, trials)
     name = "cluster halt (3 processes)"
     note = f"{trials} trials x 3 workers, 72 requests open"
     for metric, ms, target in (
@@ -85,12 +89,12 @@ def _pct(samples: list[float], p: int) -> float:
 # ---------------------------------------------------------------- admission
 
 
-async def _admission(url: str, reps: int) -> dict[tuple[str, str], list[float]]:
+async def _admission(url: str, name: str, reps: int) -> dict[tuple[str, str], list[float]]:
     from adapters.valkey import ValkeyCapacity
 
     ids = [f"agent-{i}" for i in range(AGENTS)]
     out: dict[tuple[str, str], list[float]] = {}
-    async with ValkeyCapacity(url, name=f"bench-{uuid.uuid4().hex[:8]}", capacity=AGENTS) as cap:
+    async with ValkeyCapacity(url, name=name, capacity=AGENTS) as cap:
         for variant, pool in (
             ("local only", AgentPool(AGENTS)),
             ("shared (Valkey)", AgentPool(AGENTS, shared=cap)),
@@ -117,11 +121,13 @@ async def _admission(url: str, reps: int) -> dict[tuple[str, str], list[float]]:
 # ---------------------------------------------------------------- halt propagation
 
 
-def _halt_propagation(url: str, trials: int) -> tuple[list[float], list[float]]:
+def _halt_propagation(server: ValkeyServer, trials: int) -> tuple[list[float], list[float]]:
     from tests.fake_openai import FakeOpenAIServer
 
+    url = server.url
     tag = uuid.uuid4().hex[:8]
     key, name = f"bench-halt-{tag}", f"bench-cap-{tag}"
+    server.seed_capacity(name)
     llm = FakeOpenAIServer().start()
     llm.default, llm.models_fault = "hang", "ok"
     workers = []
