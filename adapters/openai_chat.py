@@ -48,6 +48,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from typing import Any
 from urllib.parse import quote, unquote
 from uuid import uuid4
@@ -64,7 +65,7 @@ from adapters.provider_budget import (
 from adapters.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
-from kernel.validate import check_int, check_number
+from kernel.validate import check_int, check_number, utf8_size
 
 __all__ = [
     "AGENT_HEADER",
@@ -134,7 +135,7 @@ def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> i
     bytes / 4 (about a token each in English; more in scripts of several bytes per
     character, which then count more), 4 per message and 3 for the reply's framing,
     plus ``max_tokens`` (or :data:`DEFAULT_COMPLETION_TOKENS`)."""
-    size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
+    size = sum(utf8_size(str(m.get("content", ""))) for m in messages)
     completion = max_tokens if max_tokens is not None else DEFAULT_COMPLETION_TOKENS
     return math.ceil(size / 4) + 4 * len(messages) + 3 + completion
 
@@ -233,6 +234,11 @@ class OpenAIChatOrchestrator:
         self._clients_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats = LimitStats()
+        # Each topic's user message, built once and shared by every agent on it (a topic
+        # may be 1 MiB: one copy per agent was 72 of them); dropped with the topic.
+        self._user_messages: weakref.WeakKeyDictionary[ContextBundle, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == KEYLESS else "***"
@@ -360,6 +366,14 @@ class OpenAIChatOrchestrator:
 
     # ------------------------------------------------------------ one agent
 
+    def _user_message(self, context: ContextBundle) -> str:
+        """The user message for ``context``: built on its first agent, shared after."""
+        message = self._user_messages.get(context)
+        if message is None:
+            message = _user_message(context)
+            self._user_messages[context] = message
+        return message
+
     def _profile(self, agent_id: str) -> AgentProfile:
         if self.roster is not None:
             return self.roster.get(agent_id)
@@ -382,7 +396,7 @@ class OpenAIChatOrchestrator:
             "model": model,
             "messages": [
                 {"role": "system", "content": system},
-                {"role": "user", "content": _user_message(context)},
+                {"role": "user", "content": self._user_message(context)},
             ],
             "timeout": timeout_s,
             # Lets proxies and test servers attribute a request to an agent.  Encoded:
