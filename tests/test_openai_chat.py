@@ -85,8 +85,8 @@ async def test_concurrent_topics_each_reach_their_own_agents(llm_server: FakeOpe
                 nursery.start_soon(bridge.invoke, f"agent-{k}-{i}", context)
     assert len(llm_server.bodies) == 12
     for body, headers in zip(llm_server.bodies, llm_server.headers, strict=True):
-        k = headers["x-conclave-agent"].split("-")[1]
-        assert user_message(body) == f"Topic t{k}:\n\ntopic number {k}\n\nContext:\n- k: {k}"
+        n = headers["x-conclave-agent"].split("-")[1]
+        assert user_message(body) == f"Topic t{n}:\n\ntopic number {n}\n\nContext:\n- k: {n}"
 
 
 async def test_the_orchestrator_keeps_no_topic_alive_after_its_agents(
