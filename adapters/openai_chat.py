@@ -77,6 +77,7 @@ __all__ = [
     "decode_agent_header",
     "encode_agent_header",
     "estimate_tokens",
+    "topic_message",
 ]
 
 log = logging.getLogger("adapters.openai_chat")
@@ -234,11 +235,6 @@ class OpenAIChatOrchestrator:
         self._clients_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats = LimitStats()
-        # Each topic's user message, built once and shared by every agent on it (a topic
-        # may be 1 MiB: one copy per agent was 72 of them); dropped with the topic.
-        self._user_messages: weakref.WeakKeyDictionary[ContextBundle, str] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == KEYLESS else "***"
@@ -366,14 +362,6 @@ class OpenAIChatOrchestrator:
 
     # ------------------------------------------------------------ one agent
 
-    def _user_message(self, context: ContextBundle) -> str:
-        """The user message for ``context``: built on its first agent, shared after."""
-        message = self._user_messages.get(context)
-        if message is None:
-            message = _user_message(context)
-            self._user_messages[context] = message
-        return message
-
     def _profile(self, agent_id: str) -> AgentProfile:
         if self.roster is not None:
             return self.roster.get(agent_id)
@@ -396,7 +384,7 @@ class OpenAIChatOrchestrator:
             "model": model,
             "messages": [
                 {"role": "system", "content": system},
-                {"role": "user", "content": self._user_message(context)},
+                {"role": "user", "content": topic_message(context)},
             ],
             "timeout": timeout_s,
             # Lets proxies and test servers attribute a request to an agent.  Encoded:
@@ -570,18 +558,31 @@ def _never_connected(exc: BaseException) -> bool:
     return False
 
 
-def _user_message(context: ContextBundle) -> str:
-    """The topic, then its metadata as a short list::
+# Each topic's message, built on its first agent's request and shared by every later one
+# (of any orchestrator) while the topic lives: a topic may be 1 MiB, and one copy per
+# agent was 72 of them.
+_topic_messages: weakref.WeakKeyDictionary[ContextBundle, str] = weakref.WeakKeyDictionary()
+_topic_messages_lock = threading.Lock()
 
-    Topic motion-7:
 
-    Adopt the budget?
+def topic_message(context: ContextBundle) -> str:
+    """What an agent is asked: the topic, then its metadata as a short list::
 
-    Context:
-    - session: 42
+        Topic motion-7:
+
+        Adopt the budget?
+
+        Context:
+        - session: 42
+
+    Built once per topic (per equal :class:`~kernel.ContextBundle`) and shared.
     """
-    message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
-    if context.metadata:
-        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
-        message += "\n\nContext:\n" + "\n".join(lines)
-    return message
+    with _topic_messages_lock:
+        message = _topic_messages.get(context)
+        if message is None:
+            message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
+            if context.metadata:
+                lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
+                message += "\n\nContext:\n" + "\n".join(lines)
+            _topic_messages[context] = message
+        return message

@@ -17,6 +17,7 @@ from adapters.asyncio_bridge import AsyncioOrchestratorBridge
 from adapters.openai_chat import OpenAIChatOrchestrator
 from kernel import MAX_TOPIC_BYTES, ContextBundle
 from tests.fake_openai import FakeOpenAIServer
+from tests.helpers import client_bytes
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -27,21 +28,6 @@ def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestra
 async def wait_server(server: FakeOpenAIServer, predicate: Any) -> None:
     ok = await trio.to_thread.run_sync(server.wait_for, predicate, 20.0)
     assert ok, "server never reached the expected state"
-
-
-def client_bytes() -> int:
-    """What this process holds in Python objects, the fake server's left out: what it
-    reads (asyncio streams; the client's HTTP stack does not use them), decodes (json)
-    and keeps (fake_openai.py)."""
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [
-            tracemalloc.Filter(False, "*fake_openai.py"),
-            tracemalloc.Filter(False, "*/asyncio/streams.py"),
-            tracemalloc.Filter(False, "*/json/decoder.py"),
-            tracemalloc.Filter(False, tracemalloc.__file__),
-        ]
-    )
-    return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
 def user_message(body: dict[str, Any]) -> str:
