@@ -35,6 +35,9 @@ field by its name in the file (``'id'``, ``'name'``, ...).
 
 What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
+- a file of more than :data:`MAX_ROSTER_BYTES` (:data:`MAX_ROSTER_AGENTS` agents x
+  :data:`ROSTER_BYTES_PER_AGENT` bytes), before it is parsed, and more than
+  :data:`MAX_ROSTER_AGENTS` agents, before any profile is built;
 - a file that is not UTF-8 (a UTF-8 byte-order mark is allowed and skipped), is not valid
   JSON/TOML, or is nested too deeply to parse;
 - an ``agent_id`` that is empty, longer than :data:`MAX_AGENT_ID_LENGTH` characters, or
