@@ -577,12 +577,20 @@ def topic_message(context: ContextBundle) -> str:
 
     Built once per topic (per equal :class:`~kernel.ContextBundle`) and shared.
     """
-    with _topic_messages_lock:
-        message = _topic_messages.get(context)
-        if message is None:
-            message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
-            if context.metadata:
-                lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
-                message += "\n\nContext:\n" + "\n".join(lines)
-            _topic_messages[context] = message
-        return message
+    try:
+        with _topic_messages_lock:
+            message = _topic_messages.get(context)
+            if message is None:
+                message = _topic_message(context)
+                _topic_messages[context] = message
+            return message
+    except TypeError:  # a subclass that cannot be hashed or weakly referenced: not shared
+        return _topic_message(context)
+
+
+def _topic_message(context: ContextBundle) -> str:
+    message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
+    if context.metadata:
+        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
+        message += "\n\nContext:\n" + "\n".join(lines)
+    return message

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.openai_chat import OpenAIChatOrchestrator, topic_message
 from kernel import MAX_TOPIC_BYTES, ContextBundle
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import client_bytes
@@ -85,3 +85,12 @@ async def test_the_orchestrator_keeps_no_topic_alive_after_its_agents(
         del context
         gc.collect()
         assert gone() is None
+
+
+def test_a_topic_that_cannot_be_shared_still_gets_its_message() -> None:
+    class Unhashable(ContextBundle):
+        __hash__ = None  # type: ignore[assignment]
+
+    assert topic_message(Unhashable("t", "the text", {"k": "v"})) == (
+        "Topic t:\n\nthe text\n\nContext:\n- k: v"
+    )
