@@ -3,7 +3,7 @@
 # .venv-crewai, the same way, for the CrewAI tests (crewai pins openai<3; .venv stays on 3).
 
 SHELL := /bin/bash
-VENV  := .venv
+VENV  ?= .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CVENV  := .venv-crewai
@@ -14,7 +14,7 @@ CSTAMP := $(CVENV)/.installed
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: setup setup-crewai run test lint bench bench-quick e2e clean
+.PHONY: setup setup-crewai run test test-main lint bench bench-quick e2e clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
@@ -40,9 +40,13 @@ run: $(STAMP)
 
 # tests/crewai/ is excluded from the main run by path (tests/conftest.py) and run in
 # .venv-crewai: both runs, every time.
-test: $(STAMP) $(CSTAMP)
-	$(BIN)/python -m pytest -q
+test: test-main $(CSTAMP)
 	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q tests/crewai
+
+# The main suite alone; `.ci/run` runs it once per supported Python, each in a venv of its
+# own: `make test-main PYTHON=/path/to/python3.12 VENV=.venv-3.12`.
+test-main: $(STAMP)
+	$(BIN)/python -m pytest -q
 
 # The modules that import crewai are type-checked in .venv-crewai, against the real crewai
 # (the main environment cannot install it; there they are excluded, see pyproject.toml).
@@ -69,4 +73,4 @@ e2e: $(STAMP) $(if $(filter crewai,$(BACKEND)),$(CSTAMP))
 	BACKEND=$(BACKEND) bash scripts/e2e_local_llm.sh
 
 clean:
-	rm -rf $(VENV) $(CVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* $(CVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

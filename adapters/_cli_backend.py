@@ -12,11 +12,17 @@ never loads openai, trio-asyncio, sqlite3 or prometheus-client.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,7 +52,9 @@ __all__ = [
     "RateLimitReport",
     "UsageError",
     "crewai_orchestrator",
-    "require_crewai",
+    "EXTRAS",
+    "importing_extra",
+    "require_extra",
     "halt_checker",
     "halt_reason_now",
     "open_service",
@@ -60,6 +68,44 @@ class UsageError(Exception):
 
     It lives here, the lowest of the CLI's modules, because set-up raises it too.
     """
+
+
+# ---------------------------------------------------------------- optional parts
+
+#: The CLI's optional parts: the extra that installs each, and the modules it brings.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "llm": ("trio_asyncio", "openai"),
+    "valkey": ("coredis",),
+    "metrics": ("prometheus_client",),
+    "crewai": ("crewai", "trio_asyncio", "openai"),
+}
+
+
+def require_extra(extra: str, flag: str) -> None:
+    """:class:`UsageError` naming the extra to install unless every module ``extra``
+    brings is there.  Checked before anything runs, without importing them."""
+    for module in EXTRAS[extra]:
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(_install_hint(extra, flag, module))
+
+
+@contextmanager
+def importing_extra(extra: str, flag: str) -> Iterator[None]:
+    """Around the imports of an optional part: a module that cannot be found (also one
+    the extra's own modules need: a broken install) is the same :class:`UsageError`."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise UsageError(_install_hint(extra, flag, exc.name or "a module")) from None
+
+
+def _install_hint(extra: str, flag: str, module: str) -> str:
+    if extra == "crewai":
+        return (
+            f"{flag} needs {module}, in an environment of its own (crewai pins openai<3): "
+            "pip install 'conclave-kernel[crewai]', or make setup-crewai"
+        )
+    return f"{flag} needs {module}: pip install 'conclave-kernel[{extra}]'"
 
 
 # ---------------------------------------------------------------- halt channels
@@ -166,8 +212,9 @@ async def openai_orchestrator(
     (``--rpm``/``--tpm``); ``report`` is pointed at the orchestrator's rate-limit stats.
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    with importing_extra("llm", "--backend openai"):
+        from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+        from adapters.openai_chat import OpenAIChatOrchestrator
 
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
@@ -179,17 +226,6 @@ async def openai_orchestrator(
     async with AsyncioOrchestratorBridge(inner) as bridge:
         await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
         yield bridge
-
-
-def require_crewai() -> None:
-    """:class:`UsageError` unless crewai is installed (checked before anything runs)."""
-    import importlib.util
-
-    if importlib.util.find_spec("crewai") is None:
-        raise UsageError(
-            "--backend crewai needs crewai, in an environment of its own (it pins "
-            "openai<3): pip install 'conclave-kernel[crewai]', or make setup-crewai"
-        )
 
 
 @asynccontextmanager
@@ -204,8 +240,9 @@ async def crewai_orchestrator(
     """Each agent of ``roster`` a real CrewAI agent (:mod:`adapters.crewai`, telemetry
     off) behind the asyncio bridge; entering imports crewai and builds every agent (a
     worker thread, a second or two), then probes the server as the openai backend does."""
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.crewai import CrewAIOrchestrator
+    with importing_extra("crewai", "--backend crewai"):
+        from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+        from adapters.crewai import CrewAIOrchestrator
 
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
     inner = CrewAIOrchestrator(
@@ -272,14 +309,10 @@ async def open_service(
 def _serve_metrics(
     service: ConcurrentDeliberationService, port: int, stack: AsyncExitStack
 ) -> None:
-    try:
+    with importing_extra("metrics", "--metrics-port"):
         from prometheus_client import CollectorRegistry
 
         from adapters.prometheus import export_service_metrics, serve_metrics
-    except ImportError:
-        raise UsageError(
-            "--metrics-port needs prometheus-client: pip install 'conclave-kernel[metrics]'"
-        ) from None
     registry = CollectorRegistry()
     export_service_metrics(service, registry)
     try:

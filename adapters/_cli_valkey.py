@@ -8,12 +8,12 @@ adapters.valkey (and coredis) is imported only when ``--valkey`` is given.
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters._cli_backend import UsageError, halt_checker
+from adapters._cli_backend import halt_checker, importing_extra
 from adapters._cli_display import plain
 from kernel import AgentPool, DualChannelHaltChecker, HaltChecker, HaltSwitch
 
@@ -67,7 +67,7 @@ async def open_cluster(
     if url is None:
         yield ValkeyCluster()
         return
-    with _needs_coredis():
+    with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
     async with AsyncExitStack() as stack:
         channel = await stack.enter_async_context(ValkeyHaltChannel(url))
@@ -79,16 +79,8 @@ async def open_cluster(
         yield ValkeyCluster(channel, capacity)
 
 
-@contextmanager
-def _needs_coredis() -> Iterator[None]:
-    try:
-        yield
-    except ImportError:
-        raise UsageError("--valkey needs coredis: pip install 'conclave-kernel[valkey]'") from None
-
-
 async def halt_command(args: argparse.Namespace) -> int:
-    with _needs_coredis():
+    with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel
     async with ValkeyHaltChannel(args.valkey) as channel:
         if await channel.halt(args.reason):
@@ -101,7 +93,7 @@ async def halt_command(args: argparse.Namespace) -> int:
 
 
 async def clear_command(args: argparse.Namespace) -> int:
-    with _needs_coredis():
+    with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel
     async with ValkeyHaltChannel(args.valkey) as channel:
         cleared = await channel.clear(approvers=args.approver, reason=args.reason)
@@ -110,7 +102,7 @@ async def clear_command(args: argparse.Namespace) -> int:
 
 
 async def status_command(args: argparse.Namespace) -> int:
-    with _needs_coredis():
+    with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel, ValkeyUnavailableError
     async with ValkeyHaltChannel(args.valkey) as channel:
         state = channel.state

@@ -58,7 +58,7 @@ from crewai.utilities.i18n import I18N_DEFAULT
 from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
-from adapters.openai_chat import server_message
+from adapters.openai_chat import classify_failure
 from adapters.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
 
@@ -133,32 +133,27 @@ class AgentRun:
     def retry_delay(self, exc: BaseException) -> float:
         """Seconds to wait before the next attempt after ``exc``; raises if it is final.
 
-        Retried: timeouts, connection failures, HTTP 408, 429 (at least ``Retry-After``,
-        capped) and 5xx.  Not retried: other HTTP statuses, malformed responses, anything
-        else CrewAI raises.  The error raised names the agent, never the key or content.
+        Classified as the OpenAI orchestrator classifies (:func:`classify_failure`):
+        retried are timeouts, connection failures, HTTP 408, a rate-limit 429 (at least
+        ``Retry-After``, capped) and 5xx; not retried are other HTTP statuses, a 429 out
+        of quota, malformed responses, anything else CrewAI raises.  The error raised
+        names the agent, never the key or content.
         """
         error = _openai_error(exc)
-        retry_after: float | None = None
-        if isinstance(error, openai.APIStatusError):
-            status = error.status_code
-            if status not in (408, 429) and status < 500:
-                said = server_message(error, self._api_key)
+        cause = None
+        if isinstance(error, openai.OpenAIError):
+            cause = classify_failure(error, self.where, self._api_key)  # raises if final
+        if cause is None:
+            if isinstance(error, openai.APIResponseValidationError) or _is_json_error(exc):
                 raise AgentInvocationError(
-                    f"{self.where}: HTTP {status} {said}; not retried"
+                    f"{self.where}: malformed response (not a chat completion)"
                 ) from None
-            what = f"HTTP {status}"
-            retry_after = retry_after_s(error.response.headers) if status == 429 else None
-        elif isinstance(error, openai.APITimeoutError):
-            what = "timed out"
-        elif isinstance(error, openai.APIConnectionError):
-            what = "connection failed"
-        elif isinstance(error, openai.APIResponseValidationError) or _is_json_error(exc):
-            raise AgentInvocationError(
-                f"{self.where}: malformed response (not a chat completion)"
-            ) from None
-        else:
             described = describe_error(exc).replace(self._api_key, "***")
             raise AgentInvocationError(f"{self.where}: CrewAI error: {described}") from None
+        what = cause.what
+        retry_after: float | None = None
+        if cause.throttled and isinstance(error, openai.APIStatusError):
+            retry_after = retry_after_s(error.response.headers)
         if self.attempts > self.policy.max_retries:
             raise AgentInvocationError(f"{self.where}: {what} after {self.attempts} attempt(s)")
         policy = self.policy

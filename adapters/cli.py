@@ -1,7 +1,7 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
-    conclave halt   --halt-file PATH | --valkey URL --reason TEXT
+    conclave halt   --halt-file PATH [--create] | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
     conclave status --halt-file PATH | --valkey URL
     conclave verify DB
@@ -13,7 +13,9 @@ Exit codes:
     1    some agents failed
     2    bad usage or input, nothing run: a bad flag, a roster, FR10 refusal (more agents
          than the pool holds in reject mode), more than 100 000 agents, an unwritable
-         --json path, an unreachable server
+         --json path, an unreachable server, an optional part not installed (the message
+         names the extra: llm, valkey, metrics, crewai), a --halt-file whose directory
+         does not exist (without --create)
     3    halted (also when the halt was already raised before the start)
     4    the run finished but its --json transcript could not be written: added to the
          run's own code, so 4 = all succeeded, 5 = some failed, 7 = halted
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -45,7 +48,7 @@ from adapters._cli_backend import (
     halt_reason_now,
     open_service,
     openai_orchestrator,
-    require_crewai,
+    require_extra,
     stub_orchestrator,
 )
 from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
@@ -120,6 +123,12 @@ def _hedge_after(text: str) -> float | str:
     return "auto" if text == "auto" else _positive_float(text)
 
 
+_CREATE_HELP = (
+    "make the --halt-file's directory if it does not exist (without it, a missing "
+    "directory is refused: a mistyped path would be a halt nobody watches)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
+    run.add_argument("--create", action="store_true", help=_CREATE_HELP)
     cluster = d.add_argument_group("several processes (a Valkey or Redis server they share)")
     cluster.add_argument(
         "--valkey",
@@ -273,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--halt-file", type=Path)
         where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
+        if name == "halt":
+            p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
             p.add_argument("--reason", required=True)
         if name == "clear":
@@ -368,6 +380,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
+    await _check_halt_file(args)
     tail = (
         ("--deadline", args.deadline),
         ("--quorum", args.quorum),
@@ -380,8 +393,14 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         raise UsageError(f"--backend {args.backend} needs --base-url and --model")
     if args.backend != "openai" and (args.rpm or args.tpm):
         raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
-    if args.backend == "crewai":
-        require_crewai()
+    for extra, flag, wanted in (
+        ("llm", "--backend openai", args.backend == "openai"),
+        ("crewai", "--backend crewai", args.backend == "crewai"),
+        ("valkey", "--valkey", args.valkey is not None),
+        ("metrics", "--metrics-port", args.metrics_port is not None),
+    ):
+        if wanted:
+            require_extra(extra, flag)
     if args.json_path is not None:
         try:
             await trio.to_thread.run_sync(transcript.check_writable, args.json_path)
@@ -540,7 +559,34 @@ def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
 # ---------------------------------------------------------------- halt / clear / status
 
 
+async def _check_halt_file(args: argparse.Namespace) -> None:
+    """Refuse a ``--halt-file`` whose directory does not exist, unless ``--create`` (for
+    the commands that take it) makes it.  Such a path is most likely mistyped: a halt
+    written there, or a council watching it, would not meet the other side.  A directory
+    that exists but cannot hold the file (a file, say) is the channel's to report: it
+    reads as halted and cannot be written."""
+    create = getattr(args, "create", False)
+    path: Path | None = args.halt_file
+    if path is None:
+        if create:
+            raise UsageError("--create goes with --halt-file (it makes the file's directory)")
+        return
+    directory = path.parent
+    if await trio.to_thread.run_sync(os.path.lexists, directory):
+        return
+    if create:
+        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+        return
+    problem = "does not exist"
+    if args.command in ("halt", "clear"):
+        problem += "; nothing was written"
+    if "create" in args:
+        problem += " (--create makes it)"
+    raise UsageError(f"--halt-file {plain(str(path))}: {plain(str(directory))} {problem}")
+
+
 async def halt_command(args: argparse.Namespace) -> int:
+    await _check_halt_file(args)
     if args.valkey is not None:
         return await _cli_valkey.halt_command(args)
     from adapters.file_halt import FileHaltChannel
@@ -558,6 +604,7 @@ async def halt_command(args: argparse.Namespace) -> int:
 async def clear_command(args: argparse.Namespace) -> int:
     if args.valkey is not None:
         return await _cli_valkey.clear_command(args)
+    await _check_halt_file(args)
     from adapters.file_halt import FileHaltChannel
 
     channel = FileHaltChannel(args.halt_file)
@@ -570,6 +617,7 @@ async def clear_command(args: argparse.Namespace) -> int:
 async def status_command(args: argparse.Namespace) -> int:
     if args.valkey is not None:
         return await _cli_valkey.status_command(args)
+    await _check_halt_file(args)
     from adapters.file_halt import FileHaltChannel
 
     state = await FileHaltChannel(args.halt_file).state()

@@ -38,6 +38,9 @@ Guarantees:
 - *Set-up on entry.*  :meth:`aopen` (the bridge calls it) imports crewai and builds every
   agent, its executor and the HTTP clients in a worker thread; the first batch builds
   nothing.  :meth:`aclose` closes the HTTP clients.
+- *A hedge is a real second request.*  Each member has two CrewAI agents (a CrewAI
+  executor runs one task at a time): a call and its hedge run at once, each with its own
+  request; the loser's is closed when the kernel cancels it.
 
 Output: ``content`` is the agent's final answer (CrewAI's ``TaskOutput.raw``);
 ``metadata`` holds ``framework`` ("crewai"), ``model``, ``role``, the call's token usage
@@ -102,14 +105,31 @@ class _HttpClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Member:
-    """One council member: its CrewAI agent, its LLM, and what names it in errors."""
+#: CrewAI agents built per council member: one runs a call, the other its hedge (the
+#: kernel sends at most one duplicate call of an agent at a time).
+_RUNNERS_PER_MEMBER = 2
 
-    def __init__(
-        self, agent: Agent, llm: AsyncOnlyOpenAI, model: str, where: str, role: str
-    ) -> None:
+
+class _Runner:
+    """One CrewAI agent (with its executor) and its own LLM: it runs one call at a time.
+
+    Its own LLM, so that a call's token usage (the delta of the LLM's counters) is that
+    call's alone, even while a hedge of the same member runs beside it."""
+
+    __slots__ = ("agent", "llm")
+
+    def __init__(self, agent: Agent, llm: AsyncOnlyOpenAI) -> None:
         self.agent = agent
         self.llm = llm
+
+
+class _Member:
+    """One council member: the runners its calls take turns on, and what names it in
+    errors.  Only the event loop's thread touches ``idle``."""
+
+    def __init__(self, runners: list[_Runner], model: str, where: str, role: str) -> None:
+        self.runners = tuple(runners)
+        self.idle = list(runners)
         self.model = model
         self.where = where
         self.role = role
@@ -247,28 +267,33 @@ class CrewAIOrchestrator:
             settings["temperature"] = temperature
         if profile.max_tokens or self.max_tokens:
             settings["max_tokens"] = profile.max_tokens or self.max_tokens
-        llm = crew.AsyncOnlyOpenAI(
-            model=model,
-            provider="openai",
-            custom_openai=True,  # an OpenAI-compatible server: no fallback to other APIs
-            base_url=base_url,
-            api_key=self._api_key,
-            max_retries=0,  # ours, not the SDK's
-            timeout=timeout_s,
-            default_headers={AGENT_HEADER: encode_agent_header(profile.agent_id)},
-            client_params={"http_client": client},
-            **settings,
-        )
         role = profile.role or profile.name
-        agent = crew.build_agent(
-            role=role,
-            goal=profile.goal or _DEFAULT_GOAL,
-            backstory=profile.backstory or _DEFAULT_BACKSTORY,
-            system_prompt=profile.system_prompt,
-            llm=llm,
-        )
+
+        def runner() -> _Runner:
+            llm = crew.AsyncOnlyOpenAI(
+                model=model,
+                provider="openai",
+                custom_openai=True,  # an OpenAI-compatible server: no fallback to other APIs
+                base_url=base_url,
+                api_key=self._api_key,
+                max_retries=0,  # ours, not the SDK's
+                timeout=timeout_s,
+                default_headers={AGENT_HEADER: encode_agent_header(profile.agent_id)},
+                client_params={"http_client": client},  # the member's runners share a pool
+                **settings,
+            )
+            agent = crew.build_agent(
+                role=role,
+                goal=profile.goal or _DEFAULT_GOAL,
+                backstory=profile.backstory or _DEFAULT_BACKSTORY,
+                system_prompt=profile.system_prompt,
+                llm=llm,
+            )
+            return _Runner(agent, llm)
+
         where = f"agent {profile.agent_id!r} (CrewAI, {model} at {base_url})"
-        return _Member(agent, llm, model, where, role)
+        runners = [runner() for _ in range(_RUNNERS_PER_MEMBER)]
+        return _Member(runners, model, where, role)
 
     async def aopen(self) -> None:
         """Set up (:meth:`prepare`) in a worker thread, so the event loop stays free."""
@@ -311,22 +336,42 @@ class CrewAIOrchestrator:
                 "CrewAIOrchestrator is not open: enter it through AsyncioOrchestratorBridge "
                 "(or await aopen()) first"
             )
-        from adapters import _crewai_agents as crew  # imported by prepare(): no I/O here
-
         self.roster.get(agent_id)  # AgentNotFoundError for a stranger
         member = self._members[agent_id]
+        if not member.idle:
+            raise AgentInvocationError(
+                f"{member.where}: already running {len(member.runners)} calls "
+                "(a call and its hedge)"
+            )
+        # A runner goes back only once its call has ended, cancellation included.
+        runner = member.idle.pop()
+        try:
+            return await self._run(agent_id, member, runner, context, policy)
+        finally:
+            member.idle.append(runner)
+
+    async def _run(
+        self,
+        agent_id: str,
+        member: _Member,
+        runner: _Runner,
+        context: ContextBundle,
+        policy: RetryPolicy,
+    ) -> AgentOutput:
+        from adapters import _crewai_agents as crew  # imported by prepare(): no I/O here
+
         run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
-        task = crew.build_task(member.agent, topic_message(context), self.expected_output)
-        before = member.llm.get_token_usage_summary()
+        task = crew.build_task(runner.agent, topic_message(context), self.expected_output)
+        before = runner.llm.get_token_usage_summary()
         started = time.perf_counter()
         try:
-            content = await crew.run_task(member.agent, task, run)
+            content = await crew.run_task(runner.agent, task, run)
         except AgentInvocationError:
             raise
         except Exception as exc:
             described = crew.describe_error(exc).replace(self._api_key, "***")
             raise AgentInvocationError(f"{member.where}: CrewAI error: {described}") from None
-        usage = member.llm.get_token_usage_summary().delta_since(before)
+        usage = runner.llm.get_token_usage_summary().delta_since(before)
         metadata: dict[str, str | int | float] = {
             "framework": "crewai",
             "model": member.model,

@@ -6,8 +6,10 @@ OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 
 Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
 connection errors, 5xx, and 429 (see below).  Failures it
-does not retry: other 4xx (a bad key, a bad request, an unknown model), malformed
-responses, and a request that cannot be encoded.  Every failure is an
+does not retry: other 4xx (a bad key, a bad request, an unknown model), a 429 that says
+the account is out of quota (``insufficient_quota``: no wait brings it back), malformed
+responses, and a request that cannot be encoded (:func:`classify_failure`, which the
+CrewAI orchestrator shares).  Every failure is an
 :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never the API
 key, the prompt or the content.
 
@@ -49,7 +51,7 @@ import random
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote
 from uuid import uuid4
 
@@ -72,6 +74,8 @@ __all__ = [
     "DEFAULT_COMPLETION_TOKENS",
     "DEFAULT_SYSTEM_PROMPT",
     "LimitStats",
+    "RetryCause",
+    "classify_failure",
     "OpenAIChatOrchestrator",
     "ProviderLimits",
     "decode_agent_header",
@@ -129,6 +133,58 @@ def server_message(exc: openai.APIStatusError, api_key: str) -> str:
     if api_key and api_key != KEYLESS:
         text = text.replace(api_key, "***")
     return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
+
+
+def out_of_quota(exc: openai.APIStatusError) -> bool:
+    """Whether an error answer says the account is out of quota: OpenAI answers HTTP 429
+    with the error code (and type) ``insufficient_quota``, which is not a rate limit."""
+    if exc.status_code != 429:
+        return False
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)  # the SDK unwraps "error"; a proxy may not
+    fields = [exc.code, getattr(exc, "type", None)]
+    if isinstance(error, dict):
+        fields += [error.get("code"), error.get("type")]
+    return "insufficient_quota" in fields
+
+
+def rate_limited(exc: openai.APIStatusError) -> bool:
+    """Whether an error answer is a rate limit: a 429 that is not an exhausted quota."""
+    return exc.status_code == 429 and not out_of_quota(exc)
+
+
+class RetryCause(NamedTuple):
+    """A failure worth another attempt: what it was (for the final error message), and
+    whether it was a rate limit (the endpoint then pauses, not just this agent)."""
+
+    what: str
+    throttled: bool = False
+
+
+def classify_failure(exc: openai.OpenAIError, where: str, api_key: str) -> RetryCause | None:
+    """The one retry classification of an openai SDK error, for every orchestrator.
+
+    Retried (returned): timeouts, connection failures, HTTP 408, 5xx, and a rate-limit 429.
+    Final (raises :class:`~kernel.AgentInvocationError` naming ``where`` and the status,
+    never the key): every other status, and a 429 out of quota.  None: not an HTTP or
+    transport failure (a malformed response...): the caller decides.
+    """
+    if isinstance(exc, openai.APITimeoutError):  # an APIConnectionError: first
+        return RetryCause("timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return RetryCause("connection failed")
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    status = exc.status_code
+    said = server_message(exc, api_key)
+    if out_of_quota(exc):
+        raise AgentInvocationError(
+            f"{where}: HTTP {status}: the account is out of quota {said}; not retried"
+        ) from None
+    # 408 is the server's own request timeout: a timeout, so retried.
+    if status not in (408, 429) and status < 500:
+        raise AgentInvocationError(f"{where}: HTTP {status} {said}; not retried") from None
+    return RetryCause(f"HTTP {status}", throttled=status == 429)
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
@@ -415,20 +471,10 @@ class OpenAIChatOrchestrator:
             try:
                 completion = await self._attempt(client, request, budget, ticket, outcome)
                 break
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                # APITimeoutError is an APIConnectionError; name which one happened.
-                what = (
-                    "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
-                )
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                # 408 is the server's own request timeout: a timeout, so retried.
-                if status not in (408, 429) and status < 500:
-                    raise AgentInvocationError(
-                        f"{where}: HTTP {status} {server_message(exc, self._api_key)}; not retried"
-                    ) from None
-                what = f"HTTP {status}"
-                throttled = status == 429
+            except (openai.APIConnectionError, openai.APIStatusError) as exc:
+                cause = classify_failure(exc, where, self._api_key)  # raises if final
+                assert cause is not None  # both kinds are HTTP or transport failures
+                what, throttled = cause
             except UnicodeEncodeError as exc:
                 # Something of ours (a header: the API key?) is not encodable: the request
                 # never left, and no retry will change that.
@@ -486,7 +532,8 @@ class OpenAIChatOrchestrator:
             return completion
         except openai.APIStatusError as exc:
             report = RateLimitHeaders.parse(exc.response.headers)
-            throttled = exc.status_code == 429
+            # An exhausted quota is no rate limit: it neither pauses nor counts as one.
+            throttled = rate_limited(exc)
             if throttled:
                 self._count(throttled=True)
             raise

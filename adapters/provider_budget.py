@@ -16,6 +16,13 @@ reported request, refilled at the limit's rate (or as fast as ``x-ratelimit-rese
 says it is back).  A 429 pauses the whole endpoint until the server's reset
 (``Retry-After``, else the reset headers), capped.
 
+A server is believed only within bounds, since nothing is sent during a stall that a later
+header could correct: whatever it reports, a turn comes at most ``max_pause_s`` after the
+turn before it (or its reservation), unless the caller's own :class:`ProviderLimits` space
+them further; a request is charged at most one minute of its lane, and a lane is never in
+debt by more than one minute; an advertised limit below half of what the endpoint served
+in the last minute is ignored.
+
 Waiting is a *reservation*: :meth:`EndpointBudget.reserve` computes, under a thread lock,
 the time the attempt may start ("your turn is at T"), and the caller sleeps until then on
 its own event loop.  So the shared state holds no loop-bound primitive: orchestrators on
@@ -68,6 +75,12 @@ log = logging.getLogger("adapters.provider_budget")
 HEADROOM = 0.05
 # A turn taken later than this moves the turns after it (less is timer noise).
 _LATE_S = 0.010
+# What the endpoint served counts over this long (a "minute" of its limits).
+_WINDOW_S = 60.0
+# An advertised limit is not believed below what was served in the last minute over
+# this: a sliding minute can honestly hold up to twice a limit (a full bucket then its
+# refill, or the end of one fixed window and the start of the next).
+_SERVED_SLACK = 2.0
 
 
 @attrs.frozen
@@ -104,7 +117,17 @@ class LimitStats:
 class Ticket:
     """One attempt's reservation: its turn (``at``), its token charge, and when it went."""
 
-    __slots__ = ("at", "done", "loop", "reserved_at", "sent_at", "seq", "tokens", "waker")
+    __slots__ = (
+        "at",
+        "charged",
+        "done",
+        "loop",
+        "reserved_at",
+        "sent_at",
+        "seq",
+        "tokens",
+        "waker",
+    )
 
     def __init__(
         self, seq: int, tokens: float, reserved_at: float, loop: asyncio.AbstractEventLoop | None
@@ -112,6 +135,7 @@ class Ticket:
         self.seq = seq
         self.at = reserved_at  # monotonic time of its turn (set by the plan)
         self.tokens = tokens  # its token charge: the estimate, then what it really used
+        self.charged = 0.0  # what the tokens lane was charged for it when it went
         self.reserved_at = reserved_at
         self.loop = loop  # the waiter's loop, to wake it when its turn moves earlier
         self.waker: asyncio.Future[None] | None = None
@@ -128,19 +152,31 @@ class _Lane:
     """One dimension of the budget (requests, or tokens), in units per second.
 
     Own pacing is a GCRA with no burst: a charge of ``cost`` at time ``t`` makes the next
-    turn no earlier than ``t + cost / pace`` (``tat``).  The mirror is a bucket of
-    ``level`` units at time ``stamp``, refilling at ``refill`` up to ``cap``, set from the
-    server's reports; None until the server reports one.  Charges are applied in
-    non-decreasing time order (turns are FIFO).
+    turn no earlier than ``t + cost / pace`` (``tat``; ``own_tat`` the same at the
+    configured limit alone).  The mirror is a bucket of ``level`` units at time ``stamp``,
+    refilling at ``refill`` up to ``cap``, set from the server's reports; None until the
+    server reports one.  Charges are applied in non-decreasing time order (turns are
+    FIFO).  No charge is more than one :attr:`minute` of the lane, and the lane is never
+    in debt by more than one minute (whatever a server reports).
     """
 
-    __slots__ = ("advertised", "cap", "configured", "level", "reset_rate", "stamp", "tat")
+    __slots__ = (
+        "advertised",
+        "cap",
+        "configured",
+        "level",
+        "own_tat",
+        "reset_rate",
+        "stamp",
+        "tat",
+    )
 
     def __init__(self) -> None:
         self.configured: float | None = None  # from ProviderLimits
         self.advertised: float | None = None  # from x-ratelimit-limit-*
         self.reset_rate: float | None = None  # from remaining/reset, when no limit is known
         self.tat = -math.inf
+        self.own_tat = -math.inf
         self.level: float | None = None
         self.stamp = -math.inf
         self.cap = 0.0
@@ -162,6 +198,28 @@ class _Lane:
         estimate from its reset header."""
         return self.advertised or self.configured or self.reset_rate
 
+    @property
+    def minute(self) -> float:
+        """One minute of the lane, in units: the most one request can cost (a server
+        refuses a request larger than its per-minute limit) and the deepest debt the lane
+        may be in.  Infinite while nothing says how fast the lane goes."""
+        rate = self.rate or self.refill
+        return math.inf if rate is None else rate * 60.0
+
+    def cost(self, units: float) -> float:
+        """What a request of ``units`` is charged: at most one minute of the lane."""
+        return min(units, self.minute)
+
+    def debt(self, now: float) -> float:
+        """How far the lane is in debt at ``now``, in units (0 if not)."""
+        owed = 0.0
+        pace = self.pace
+        if pace is not None and self.tat > now:
+            owed = (self.tat - now) * pace
+        if self.level is not None and self.level < 0:
+            owed = max(owed, -self.level)
+        return owed
+
     def _level_at(self, t: float) -> float:
         assert self.level is not None
         refill = self.refill or 0.0
@@ -169,6 +227,7 @@ class _Lane:
 
     def ready(self, t: float, cost: float) -> float:
         """The earliest time >= ``t`` at which ``cost`` may go."""
+        cost = self.cost(cost)
         pace = self.pace
         if pace is not None:
             t = max(t, self.tat)
@@ -181,14 +240,36 @@ class _Lane:
                 t += (need - have) / refill
         return t
 
+    def ready_own(self, t: float, cost: float) -> float:
+        """The earliest time >= ``t`` at which the configured limit alone lets ``cost``
+        go (``t`` if there is none)."""
+        if self.configured is None:
+            return t
+        return max(t, self.own_tat)
+
     def charge(self, t: float, cost: float) -> None:
+        cost = self.cost(cost)
         pace = self.pace
         if pace is not None:
-            self.tat = max(self.tat, t) + cost / pace
+            # At most a minute ahead of the charge: a debt beyond that is forgiven.
+            self.tat = min(max(self.tat, t) + cost / pace, t + self.minute / pace)
+        if self.configured is not None:
+            own = self.configured * (1.0 - HEADROOM)
+            mine = min(cost, self.configured * 60.0)
+            self.own_tat = min(max(self.own_tat, t) + mine / own, t + 60.0 / (1.0 - HEADROOM))
         if self.level is not None:
             t = max(t, self.stamp)
-            self.level = self._level_at(t) - cost
+            self.level = self._bounded(self._level_at(t) - cost)
             self.stamp = t
+
+    def _bounded(self, level: float) -> float:
+        """``level``, at most a minute of debt (and a finite number)."""
+        return max(level, -self.minute) if math.isfinite(level) else -self.minute
+
+    def rebound(self) -> None:
+        """Keep the mirror's debt within a minute after the lane's limit changed."""
+        if self.level is not None:
+            self.level = self._bounded(self.level)
 
     def copy(self) -> _Lane:
         lane = _Lane()
@@ -196,22 +277,21 @@ class _Lane:
             setattr(lane, name, getattr(self, name))
         return lane
 
-    def largest_request(self, estimate: float) -> float:
-        """The most one request can really have used: a server refuses a request larger
-        than its per-minute limit (or than it ever holds), so a usage above that (or
-        above the estimate, when neither is known) is a lie that would stall the lane."""
-        rate = self.rate
-        most = max(estimate, 0.0 if rate is None else rate * 60.0)
-        return most if self.level is None else max(most, self.cap)
-
-    def refund(self, amount: float) -> None:
+    def refund(self, amount: float, now: float) -> None:
         """Give back ``amount`` (negative: charge more), e.g. a cancelled reservation or
-        the difference between a token estimate and the real usage."""
+        the difference between a token estimate and the real usage.  A charge more never
+        puts the lane in debt by more than a minute from ``now``."""
         pace = self.pace
         if pace is not None and math.isfinite(self.tat):
-            self.tat -= amount / pace
+            moved = self.tat - amount / pace
+            self.tat = min(moved, max(self.tat, now + self.minute / pace))
+        if self.configured is not None and math.isfinite(self.own_tat):
+            own = self.configured * (1.0 - HEADROOM)
+            moved = self.own_tat - amount / own
+            self.own_tat = min(moved, max(self.own_tat, now + 60.0 / (1.0 - HEADROOM)))
         if self.level is not None:
-            self.level = min(max(self.cap, self.level), self.level + amount)
+            level = min(max(self.cap, self.level), self.level + amount)
+            self.level = min(self.level, self._bounded(level)) if amount < 0 else level
 
     def sync(
         self,
@@ -228,9 +308,11 @@ class _Lane:
         was sent since it went, which the server's ``remaining`` cannot include yet.
         ``max_reset_s``: a reset longer than this is taken as this long (a server that
         says "back in 30 years" must not stall the endpoint longer than a 429 could).
+        The caller has already dropped a limit not to be believed.
         """
         if report.limit_per_minute is not None:
             self.advertised = report.limit_per_minute / 60.0
+            self.rebound()
         if report.remaining is None:
             return
         self.cap = max(self.cap, report.remaining + own)
@@ -245,7 +327,7 @@ class _Lane:
         # refilled since, less everything we sent after it.
         level = min(self.cap, report.remaining + refill * max(0.0, now - sent_at)) - after
         stamp = now if self.level is None else max(self.stamp, now)
-        self.level = min(self.cap, level + refill * (stamp - now))
+        self.level = self._bounded(min(self.cap, level + refill * (stamp - now)))
         self.stamp = stamp
 
 
@@ -269,6 +351,11 @@ class EndpointBudget:
         self._seq = 0
         self._paused_until = -math.inf
         self._last_turn = -math.inf  # the latest turn that went
+        # The longest any caller lets one report hold a turn back (finish's max_pause_s).
+        self._max_pause_s = math.inf
+        # (when, tokens) of each answer that was not a 429, over the last minute.
+        self._served: collections.deque[tuple[float, float]] = collections.deque()
+        self._doubted: set[str] = set()  # lanes whose advertised limit was not believed
         # The lanes and the last turn once every pending turn is charged (the plan's end).
         self._plan: tuple[_Lane, _Lane, float] = (self.requests, self.tokens, -math.inf)
 
@@ -299,7 +386,8 @@ class EndpointBudget:
         """The turn a reservation made now would get, without making it."""
         with self._lock:
             requests, tokens_lane, last = self._plan
-            return self._turn(requests.copy(), tokens_lane.copy(), last, tokens, self._clock())
+            now = self._clock()
+            return self._turn(requests.copy(), tokens_lane.copy(), last, tokens, now, now)
 
     # ------------------------------------------------------------ configuration
 
@@ -316,18 +404,32 @@ class EndpointBudget:
                     rate = per_minute / 60.0
                     known = lane.configured
                     lane.configured = rate if known is None else min(known, rate)
+                    lane.rebound()
             self._replan()
 
     # ------------------------------------------------------------ planning
 
     def _turn(
-        self, requests: _Lane, tokens_lane: _Lane, last: float, tokens: float, now: float
+        self,
+        requests: _Lane,
+        tokens_lane: _Lane,
+        last: float,
+        tokens: float,
+        now: float,
+        reserved_at: float,
     ) -> float:
         """Plan one turn after ``last`` on these lanes, and charge them for it."""
-        t = max(now, self._paused_until, last)  # FIFO: never before an earlier turn
-        t = requests.ready(t, 1.0)
+        start = max(now, self._paused_until, last)  # FIFO: never before an earlier turn
+        t = requests.ready(start, 1.0)
         # Each lane's ready() is monotone, so one pass finds a time both accept.
         t = tokens_lane.ready(t, tokens)
+        # What the server said (its limits, its counts, the usage it reported) holds a
+        # turn back at most max_pause_s after the turn before it (or its reservation):
+        # a lie must not stall the endpoint, and nothing is sent during a stall that
+        # could correct it.  The caller's own limits are believed in full.
+        own = max(requests.ready_own(start, 1.0), tokens_lane.ready_own(start, tokens))
+        latest = max(own, max(reserved_at, last) + self._max_pause_s)
+        t = max(start, min(t, latest))
         requests.charge(t, 1.0)
         tokens_lane.charge(t, tokens)
         return t
@@ -339,7 +441,7 @@ class EndpointBudget:
         requests, tokens_lane = self.requests.copy(), self.tokens.copy()
         last = self._last_turn
         for ticket in self._pending:
-            at = self._turn(requests, tokens_lane, last, ticket.tokens, now)
+            at = self._turn(requests, tokens_lane, last, ticket.tokens, now, ticket.reserved_at)
             if at < ticket.at:
                 _wake(ticket)
             ticket.at = last = at
@@ -356,7 +458,7 @@ class EndpointBudget:
             requests, tokens_lane, last = self._plan
             if not self._pending:  # the plan is what was sent: charge copies, not it
                 requests, tokens_lane = requests.copy(), tokens_lane.copy()
-            ticket.at = self._turn(requests, tokens_lane, last, tokens, now)
+            ticket.at = self._turn(requests, tokens_lane, last, tokens, now, now)
             self._plan = (requests, tokens_lane, ticket.at)
             self._pending.append(ticket)
             return ticket
@@ -382,6 +484,7 @@ class EndpointBudget:
             late = now - ticket.at > _LATE_S
             went = now if late else ticket.at
             self.requests.charge(went, 1.0)
+            ticket.charged = self.tokens.cost(ticket.tokens)
             self.tokens.charge(went, ticket.tokens)
             self._last_turn = max(self._last_turn, went)
             self._sent.append(ticket)
@@ -443,14 +546,25 @@ class EndpointBudget:
                 return None
             ticket.done = True
             now = self._clock()
+            self._max_pause_s = min(self._max_pause_s, max_pause_s)
             changed = False
+            served = 0.0  # the tokens it is known to have been served
             if used_tokens is not None and math.isfinite(used_tokens) and used_tokens >= 0:
-                used_tokens = min(used_tokens, self.tokens.largest_request(ticket.tokens))
-                self.tokens.refund(ticket.tokens - used_tokens)
+                # A usage above one minute of the lane (or, with no limit known, above
+                # the estimate) is a lie: a server refuses a request that large.
+                if self.tokens.rate is None:
+                    used_tokens = min(used_tokens, ticket.tokens)
+                used_tokens = self.tokens.cost(used_tokens)
+                self.tokens.refund(ticket.charged - used_tokens, now)
                 changed = used_tokens != ticket.tokens
-                ticket.tokens = used_tokens
+                ticket.tokens = ticket.charged = served = used_tokens
+            if report is not None and not throttled:
+                self._served.append((now, served))
+            while self._served and self._served[0][0] <= now - _WINDOW_S:
+                self._served.popleft()
             pause = None
             if report is not None and report.present:
+                report = self._believable(report)
                 after_requests, after_tokens = self._sent_after(ticket)
                 sent = ticket.sent_at
                 self.requests.sync(report.requests, now, sent, 1.0, after_requests, max_pause_s)
@@ -468,6 +582,30 @@ class EndpointBudget:
         if pause is not None and pause > 0:
             self._log_pause(pause)
         return pause
+
+    def _believable(self, report: RateLimitHeaders) -> RateLimitHeaders:
+        """``report`` without an advertised limit far below what the endpoint served in
+        the last minute (a server that says "1 token a minute" after serving thousands is
+        not believed); logged once per lane."""
+        served_requests = float(len(self._served))
+        served_tokens = sum(tokens for _, tokens in self._served)
+        lanes = {"requests": report.requests, "tokens": report.tokens}
+        for name, served in (("requests", served_requests), ("tokens", served_tokens)):
+            limit = lanes[name].limit_per_minute
+            if limit is not None and limit * _SERVED_SLACK < served:
+                lanes[name] = attrs.evolve(lanes[name], limit_per_minute=None)
+                if name not in self._doubted:
+                    self._doubted.add(name)
+                    log.warning(
+                        "advertised rate limit not believed: below what the endpoint served",
+                        extra={
+                            "base_url": self.name,
+                            "lane": name,
+                            "limit_per_minute": limit,
+                            "served_last_minute": served,
+                        },
+                    )
+        return attrs.evolve(report, requests=lanes["requests"], tokens=lanes["tokens"])
 
     def pause(self, seconds: float) -> None:
         """Pause the whole endpoint for ``seconds`` from now (a 429 that said nothing of

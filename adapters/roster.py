@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from adapters.urls import redact_url
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentNotFoundError,
@@ -187,18 +188,14 @@ def _agent_id(_i: object, _a: object, v: Any) -> None:
         raise InvalidRequestError(f"field 'agent_id': {problem}, got {_show(v)}")
 
 
-def _redact_userinfo(url: str) -> str:
-    at = url.find("@", url.find("//") + 2)
-    return url if at < 0 else url[: url.find("//") + 2] + "***" + url[at:]
-
-
 def check_base_url(value: object, name: str = "base_url") -> str:
     """Return ``value`` if it is an ``http(s)://`` URL with a host; else InvalidRequestError.
 
     Refused besides: whitespace or control characters, a bad port, credentials
-    (``user:password@``: they would be shown wherever the URL is, pass an API key
-    instead), a query or a fragment (the SDK appends paths to the URL).  The message
-    never repeats credentials.
+    (``user:password@``, or any raw ``@``: they would be shown wherever the URL is, pass
+    an API key instead), a query or a fragment (the SDK appends paths to the URL).  So an
+    accepted URL is shown as it is; the refusal shows it through
+    :func:`~adapters.urls.redact_url`.
     """
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequestError(
@@ -207,6 +204,10 @@ def check_base_url(value: object, name: str = "base_url") -> str:
     problem = None
     if not value.isprintable() or any(c.isspace() for c in value):
         problem = "holds whitespace or control characters"
+    elif "@" in value:
+        # Before parsing: a password holding a '/' or '?' would be taken for a port, and
+        # the parser's error repeats the port.  A raw '@' is a userinfo's or a mistake.
+        problem = "must not carry credentials (user:password@); use the API key"
     else:
         try:
             parts = urlsplit(value)
@@ -218,12 +219,10 @@ def check_base_url(value: object, name: str = "base_url") -> str:
                 problem = "must be an http:// or https:// URL"
             elif not parts.hostname:
                 problem = "has no host"
-            elif parts.username is not None or parts.password is not None:
-                problem = "must not carry credentials (user:password@); use the API key"
             elif parts.query or parts.fragment:
                 problem = "must not have a query or a fragment"
     if problem is not None:
-        shown = _show(_redact_userinfo(value))
+        shown = _show(redact_url(value))
         raise InvalidRequestError(f"field {name!r}: {problem}, got {shown}")
     return value
 

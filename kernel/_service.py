@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
 from uuid import UUID, uuid4
@@ -175,13 +175,14 @@ class _Batch:
         "done",
         "hedge_delay",
         "hedged",
-        "max_hedged",
+        "hedges_left",
         "mode",
         "on_progress",
         "outcomes",
         "output_ids",
         "quorum",
         "reason",
+        "reports",
         "requests",
         "run_scope",
         "started",
@@ -213,7 +214,9 @@ class _Batch:
         self.deadline: float | None = None  # absolute, trio clock
         self.quorum: int | None = None
         self.hedge_delay: float | None = None
-        self.max_hedged = 0
+        # The hedge budget not yet taken: a hedge takes its share before it may start,
+        # and gives it back if it never does.
+        self.hedges_left = 0
         self.hedged: set[int] = set()
         # The scope every agent runs in: a halt, the deadline or the quorum cancels it.
         self.run_scope = trio.CancelScope()
@@ -221,6 +224,11 @@ class _Batch:
         self.reason: str | None = None  # the halt reason
         # Agents whose output arrived after the stop: it is never released.
         self.withheld: set[int] = set()
+        # Where async on_progress reports of outcomes run: outside the run scope (set by
+        # _run), so that a quorum or a deadline reached right after an outcome was
+        # recorded does not cut its report short.  A halt does: it cancels everything in
+        # flight, the caller's own slow callbacks included.
+        self.reports: trio.Nursery | None = None
 
     def stop_now(self, stop: _Stop, reason: str | None = None) -> None:
         """Stop everything: the first cause wins (a halt's reason may come later)."""
@@ -229,6 +237,8 @@ class _Batch:
         if stop == "halt" and self.stop == "halt" and self.reason is None:
             self.reason = reason
         self.run_scope.cancel()
+        if stop == "halt" and self.reports is not None:
+            self.reports.cancel_scope.cancel()  # nothing slow between a halt and the caller
 
     def fill_unfinished(self, now: float) -> None:
         """Give every request that has no outcome the failure its batch's stop calls for."""
@@ -511,7 +521,7 @@ class ConcurrentDeliberationService:
             if self._latencies is None:
                 self._latencies = LatencyWindow()
             batch.hedge_delay = hedge.delay_for(self._latencies)
-            batch.max_hedged = hedge.max_hedged(len(checked))
+            batch.hedges_left = hedge.max_hedged(len(checked))
 
         # 3. Admit: all or nothing.
         try:
@@ -566,7 +576,10 @@ class ConcurrentDeliberationService:
             except Exception as exc:  # a channel that raises is halted: nothing starts
                 batch.stop_now("halt", _checker_failed(exc))
         try:
-            async with trio.open_nursery() as watchers:
+            # The reports of recorded outcomes run outside the run scope: a stop that
+            # comes after an outcome was recorded (the quorum it completes, a halt in the
+            # same instant) must not cut its report short.
+            async with trio.open_nursery() as batch.reports, trio.open_nursery() as watchers:
                 if checker is not None:
                     watchers.start_soon(self._watch_halt, batch)
                 if batch.deadline is not None:
@@ -668,7 +681,16 @@ class ConcurrentDeliberationService:
         self._record(batch, index, outcome, start)
         if batch.on_progress is not None:
             status = "completed" if isinstance(outcome, AgentOutput) else "failed"
-            await self._report(batch, req.agent_id, status)
+            answer = self._call_progress(batch, req.agent_id, status)
+            if answer is not None:
+                assert batch.reports is not None
+                # One agent at a time: its report is done before the next turn starts.
+                reported = trio.Event() if batch.mode == "sequential" else None
+                batch.reports.start_soon(
+                    self._await_progress, batch, req.agent_id, answer, reported
+                )
+                if reported is not None:
+                    await reported.wait()
 
     async def _attempt(self, batch: _Batch, index: int, start: float) -> _Outcome | None:
         """Invoke one agent and turn whatever happens into exactly one outcome.
@@ -804,17 +826,11 @@ class ConcurrentDeliberationService:
             async def hedge() -> None:
                 nonlocal hedging
                 await trio.sleep_until(hedge_at)
-                if "first" in answers or len(batch.hedged) >= batch.max_hedged:
+                if "first" in answers:
                     return
-                slot = await admission.take_extra_slot(req.agent_id)
+                slot = await self._start_hedge(batch, admission, req.agent_id)
                 if slot is None:
                     return
-                if self._rate_limit is not None:
-                    try:
-                        await self._rate_limit.acquire()
-                    except BaseException:
-                        admission.release(slot)
-                        raise
                 batch.hedged.add(index)
                 self.metrics.record_hedge_launched()
                 hedging = True
@@ -829,6 +845,33 @@ class ConcurrentDeliberationService:
             race.start_soon(first)
             race.start_soon(hedge)
         return winner[0] if winner else answers["first"]
+
+    async def _start_hedge(self, batch: _Batch, admission: Admission, agent_id: str) -> Slot | None:
+        """Take what a hedge needs to start: a share of the budget, a slot (and its
+        shared lease), the rate limit's turn.  None (everything given back) if it may
+        not start: no budget or slot left, or the batch stopped meanwhile."""
+        if batch.hedges_left <= 0:
+            return None
+        # Taken here, before the first checkpoint (the shared lease, the rate limit): the
+        # hedges due in the same tick all pass the check above before any of them gets
+        # past an await, so a share taken after one would let every one of them through.
+        batch.hedges_left -= 1
+        slot: Slot | None = None
+        try:
+            slot = await admission.take_extra_slot(agent_id)
+            if slot is not None and self._rate_limit is not None:
+                await self._rate_limit.acquire()
+        except BaseException:
+            batch.hedges_left += 1
+            if slot is not None:
+                admission.release(slot)
+            raise
+        if slot is not None and not self._stopped(batch):
+            return slot
+        batch.hedges_left += 1
+        if slot is not None:
+            admission.release(slot)
+        return None
 
     def _timeout_failure(self, batch: _Batch, req: AgentRequest, start: float) -> AgentFailure:
         return _failure(
@@ -863,18 +906,34 @@ class ConcurrentDeliberationService:
             )
 
     async def _report(self, batch: _Batch, agent_id: str, status: str) -> None:
-        """Tell ``on_progress``; a broken display must not take the deliberation down."""
+        """Tell ``on_progress``, and wait for it if it is async."""
+        answer = self._call_progress(batch, agent_id, status)
+        if answer is not None:
+            await self._await_progress(batch, agent_id, answer)
+
+    def _call_progress(self, batch: _Batch, agent_id: str, status: str) -> Awaitable[object] | None:
+        """Call ``on_progress`` now (with the count as it is now); what it returned if
+        that is to be awaited.  A broken display must not take the deliberation down."""
         if batch.on_progress is None:
-            return
+            return None
         try:
             answer = batch.on_progress(batch.done, len(batch.requests), agent_id, status)
-            if inspect.isawaitable(answer):
-                await answer
         except Exception:
-            log.exception(
-                "on_progress callback raised; ignored",
-                extra={"batch_id": str(batch.batch_id), "agent_id": agent_id},
-            )
+            _progress_failed(batch, agent_id)
+            return None
+        return answer if inspect.isawaitable(answer) else None
+
+    async def _await_progress(
+        self,
+        batch: _Batch,
+        agent_id: str,
+        answer: Awaitable[object],
+        reported: trio.Event | None = None,
+    ) -> None:
+        try:
+            await answer
+        except Exception:
+            _progress_failed(batch, agent_id)
         except trio.Cancelled:
             if _cancel_requested():
                 raise
@@ -882,6 +941,9 @@ class ConcurrentDeliberationService:
                 "on_progress callback let a stray trio.Cancelled escape; ignored",
                 extra={"batch_id": str(batch.batch_id), "agent_id": agent_id},
             )
+        finally:
+            if reported is not None:
+                reported.set()
 
     def _result(
         self, batch: _Batch, started_at: datetime, t0: float, *, halted: bool = False
@@ -944,6 +1006,13 @@ class ConcurrentDeliberationService:
                 raise
             reason = _checker_failed(exc)  # a stray: it must not end the batch as if done
         batch.stop_now("halt", reason)
+
+
+def _progress_failed(batch: _Batch, agent_id: str) -> None:
+    log.exception(
+        "on_progress callback raised; ignored",
+        extra={"batch_id": str(batch.batch_id), "agent_id": agent_id},
+    )
 
 
 def _checker_failed(exc: BaseException) -> str:

@@ -70,7 +70,7 @@ def _str(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
 
 def _unicode(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     """A str that is valid Unicode: one that UTF-8 can encode (no lone surrogates, which
-    a JSON ``"\ud800"`` produces); an output's ``content_hash`` depends on it."""
+    a JSON ``"\\ud800"`` produces); an output's ``content_hash`` depends on it."""
     if value.__class__ is not str:
         _str(_inst, attr, value)
     if value.isascii():  # type: ignore[attr-defined]

@@ -16,11 +16,16 @@ agents' own scripts).  A fault is one of:
     "barrier"                  hold the answer until ``barrier_size`` requests are held
     500 / 503 / 401 / 400      that status with an OpenAI-style error body
     ("429", retry_after_s)     429 with a Retry-After header
+    ("quota", retry_after_s)   429 as OpenAI answers an account out of quota
+                               (``insufficient_quota``), with a Retry-After header
+    ("lie", headers, total)    200 with these extra headers (a lying server's
+                               ``x-ratelimit-*``) and, unless None, ``total`` as its
+                               usage's ``total_tokens``
     "malformed_json"           200 with a body that is not JSON
     "empty_choices"            200 with ``"choices": []``
     "null_content"             200 with ``"content": null``
     ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
-                               surrogate such as ``"\ud800"``)
+                               surrogate such as ``"\\ud800"``)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
@@ -346,6 +351,24 @@ class FakeOpenAIServer:
                 _error("rate limited", "rate_limit_exceeded"),
                 {**extra, "Retry-After": str(fault[1])},
             )
+        elif isinstance(fault, tuple) and fault[0] == "quota":
+            message = "You exceeded your current quota, please check your plan and billing details."
+            self._send_json(
+                writer,
+                429,
+                _error(message, "insufficient_quota"),
+                {**extra, "Retry-After": str(fault[1])},
+            )
+        elif isinstance(fault, tuple) and fault[0] == "lie":
+            _, headers, total = fault
+            doc = _completion(payload, agent, usage)
+            if total is not None:
+                doc["usage"] = {
+                    "prompt_tokens": total,
+                    "completion_tokens": 0,
+                    "total_tokens": total,
+                }
+            self._send_json(writer, 200, doc, {**extra, **headers})
         elif isinstance(fault, int):
             error = _error(f"injected {fault}", "server_error")
             self._send_json(writer, fault, error, extra)

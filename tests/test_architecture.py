@@ -113,3 +113,34 @@ def test_kernel_modules_import_each_other_without_cycles() -> None:
 
     for module in graph:
         visit(module, ())
+
+
+def _docstrings(tree: ast.Module) -> list[tuple[int, str]]:
+    owners = [tree] + [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    found = []
+    for owner in owners:
+        body = owner.body
+        first = body[0] if body else None
+        value = first.value if isinstance(first, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found.append((value.lineno, value.value))
+    return found
+
+
+def test_every_docstring_is_encodable_utf8_so_python_3_13_can_compile_it() -> None:
+    # Python 3.13 cleans docstrings at compile time through UTF-8: a lone surrogate
+    # escape (a non-raw "\ud800") in one makes the whole module fail to import there,
+    # while 3.11 and 3.12 import it fine.
+    packages = ("kernel", "adapters", "tests", "benchmarks")
+    sources = [path for package in packages for path in (ROOT / package).rglob("*.py")]
+    for path in sorted(sources):
+        for line, doc in _docstrings(ast.parse(path.read_text())):
+            try:
+                doc.encode("utf-8")
+            except UnicodeEncodeError:
+                where = f"{path.relative_to(ROOT)}:{line}"
+                raise AssertionError(f"{where}: docstring not UTF-8") from None

@@ -54,7 +54,7 @@ async def test_a_halt_waits_for_slow_clean_up_no_longer_than_the_grace() -> None
         took = time.perf_counter() - timing["halt"]
         assert exc.partial is not None
         assert {f.kind for f in exc.partial.failures} == {FailureKind.HALTED}
-        assert 0.15 < took < 1.5  # the grace (0.2 s), not the 3 s clean-up
+        assert 0.15 < took < 2.5  # the grace (0.2 s), not the 3 s clean-up
         assert service.pool.available_count == 72
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.fake_openai import FakeOpenAIServer
+from tests.url_secrets import SECRET, assert_never_shown
 from tests.witness_helpers import run_sql
 
 ROOT = Path(__file__).parent.parent
@@ -199,6 +200,44 @@ def test_halt_clear_status_commands(tmp_path: Path) -> None:
     assert "clear by alice, bob: quorum restored" in status.stdout
 
 
+def test_a_halt_file_whose_directory_does_not_exist_is_refused_unless_created(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --halt-file would be a halt nobody watches (or a council watching a
+    file nobody writes): every command refuses it, exit 2, creating nothing; halt and
+    deliberate make the directory with --create."""
+    typo = tmp_path / "typo" / "x" / "halt.json"
+    both = ["--approver", "alice", "--approver", "bob"]
+    refused = {
+        "halt": conclave("halt", "--halt-file", str(typo), "--reason", "r"),
+        "clear": conclave("clear", "--halt-file", str(typo), *both, "--reason", "r"),
+        "status": conclave("status", "--halt-file", str(typo)),
+        "deliberate": conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1"),
+    }
+    for command, proc in refused.items():
+        assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout)
+        assert proc.stderr.startswith(f"conclave: --halt-file {typo}: {typo.parent} does not ")
+        assert len(proc.stderr.splitlines()) == 1
+        assert ("--create makes it" in proc.stderr) == (command in ("halt", "deliberate"))
+    assert not (tmp_path / "typo").exists()
+
+    created = conclave("halt", "--halt-file", str(typo), "--create", "--reason", "audit")
+    assert created.returncode == 0 and created.stdout == "halted: audit\n"
+    run = conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1", "--quiet")
+    assert run.returncode == 3 and "halted before starting: audit" in run.stderr
+    watched = tmp_path / "new" / "halt.json"
+    run = conclave("deliberate", "--halt-file", str(watched), "--create", "--agents", "2")
+    assert run.returncode == 0 and watched.parent.is_dir() and not watched.exists()
+
+    not_a_directory = tmp_path / "file"  # it exists: the channel's to report (halted)
+    not_a_directory.write_text("")
+    proc = conclave("halt", "--halt-file", str(not_a_directory / "h"), "--create", "--reason", "r")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert not_a_directory.read_text() == ""
+    proc = conclave("halt", "--valkey", "redis://127.0.0.1:1", "--create", "--reason", "r")
+    assert proc.returncode == 2 and "--create goes with --halt-file" in proc.stderr
+
+
 def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) -> None:
     halt_file = tmp_path / "halt.json"
     transcript = tmp_path / "run.json"
@@ -295,6 +334,81 @@ def test_openai_backend_unreachable_exits_2() -> None:
     assert proc.returncode == 2
     assert "cannot reach http://127.0.0.1:9/v1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        f"http://127.0.0.1:9/v1?api_key={SECRET}",
+        f"http://127.0.0.1:9/v1#access_token={SECRET}",
+        f"http://user:{SECRET}@127.0.0.1:9/v1",
+        f"http://user:{SECRET}/x@127.0.0.1:9/v1",  # a '/' makes the parser see a port
+    ],
+)
+def test_a_secret_in_the_base_url_is_refused_without_being_shown(
+    tmp_path: Path, base_url: str
+) -> None:
+    roster = tmp_path / "roster.toml"
+    roster.write_text(f'[[agents]]\nagent_id = "a"\nbase_url = "{base_url}"\n')
+    flag = ["--base-url", base_url, "--model", "m"]
+    in_roster = ["--roster", str(roster), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    for args in (flag, in_roster):
+        proc = conclave("deliberate", "--backend", "openai", *args, "--log-level", "debug")
+        assert proc.returncode == 2 and "base_url" in proc.stderr, proc.stderr
+        assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
+def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``conclave *args`` in an interpreter where ``module`` cannot be imported, as in a
+    wheel installed without the extra that brings it (``None`` in ``sys.modules``: both
+    ``import`` and ``importlib.util.find_spec`` say it is not there)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "from adapters.cli import main; sys.exit(main())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+_OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "hint"),
+    [
+        ("trio_asyncio", ["deliberate", *_OPENAI], "--backend openai needs trio_asyncio"),
+        ("openai", ["deliberate", *_OPENAI], "--backend openai needs openai"),
+        ("coredis", ["deliberate", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
+        ("coredis", ["status", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
+        ("prometheus_client", ["deliberate", "--metrics-port", "0"], "--metrics-port needs"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line_before_anything_runs(
+    tmp_path: Path, module: str, args: list[str], hint: str
+) -> None:
+    """Exit 2 with the extra to install, no traceback, and before the halt is read:
+    a halted system does not hide what is missing."""
+    extra = {"trio_asyncio": "llm", "openai": "llm", "coredis": "valkey"}.get(module, "metrics")
+    if args[0] == "deliberate":
+        halted = tmp_path / "halt.json"
+        halt_from_cli(halted, "maintenance")
+        args = [*args, "--halt-file", str(halted)]
+    proc = conclave_without(module, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"conclave: {hint}")
+    assert proc.stderr.endswith(f": pip install 'conclave-kernel[{extra}]'\n")
+    assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+
+
+def test_a_broken_install_of_an_extra_is_named_too() -> None:
+    """openai there, but not a library it needs (httpx2): the import fails where the
+    backend is opened, with the same one line."""
+    proc = conclave_without("httpx2", "deliberate", *_OPENAI, "--agents", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "conclave: --backend openai needs httpx2: pip install 'conclave-kernel[llm]'\n"
+    )
 
 
 @pytest.mark.skipif(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
 from tests.valkey_server import ValkeyServer
 
 ROOT = Path(__file__).parent.parent
@@ -79,3 +80,47 @@ def test_bad_valkey_usage_is_one_line_and_exit_2(url: str) -> None:
         assert proc.stderr.startswith("conclave: ") and len(proc.stderr.splitlines()) == 1
     unreachable = conclave("status", "--valkey", "redis://127.0.0.1:1")
     assert unreachable.returncode == 3 and "unreachable" in unreachable.stdout
+
+
+@pytest.fixture
+def locked_server() -> Iterator[ValkeyServer]:
+    """A server that only a client with :data:`SECRET` may use."""
+    with ValkeyServer(password=SECRET) as server:
+        yield server
+
+
+@pytest.mark.parametrize("form", [0, 2])  # ?password=..., and user:password@
+def test_a_password_in_the_url_never_shows_in_the_cli_output(
+    locked_server: ValkeyServer, form: int
+) -> None:
+    """status, clear, deliberate (with its structured logs on stderr) and halt, on a
+    server that answers, one that refuses a wrong password, and one that is gone."""
+    url = secret_valkey_urls(locked_server.port)[form]
+    wrong_password = SECRET[::-1]
+    logs = ["--log-level", "debug"]
+    runs = [
+        conclave("status", "--valkey", url),
+        conclave("clear", "--valkey", url, "--approver", "a", "--approver", "b", "--reason", "r"),
+        conclave("deliberate", "--valkey", url, "--shared-capacity", "2", "--agents", "3"),
+        conclave("deliberate", "--valkey", url, "--shared-capacity", "2", "--agents", "2", *logs),
+        conclave("halt", "--valkey", url, "--reason", "audit"),
+    ]
+    assert [run.returncode for run in runs] == [3, 0, 2, 0, 0], [r.stderr for r in runs]
+    assert "no halt record at conclave:halt on redis://" in runs[0].stdout  # the URL is shown
+    assert "FR10: shared capacity exhausted" in runs[2].stderr
+    wrong = secret_valkey_urls(locked_server.port, wrong_password)[form]
+    refused = [
+        conclave("status", "--valkey", wrong),
+        conclave("deliberate", "--valkey", wrong, "--shared-capacity", "2", *logs),
+    ]
+    locked_server.stop()
+    gone = [
+        conclave("status", "--valkey", url),
+        conclave("halt", "--valkey", url, "--reason", "x"),
+        conclave("deliberate", "--valkey", url, "--agents", "2", *logs),
+    ]
+    assert [run.returncode for run in refused + gone] == [3, 3, 3, 2, 3]
+    assert all("unreachable" in run.stdout for run in (refused[0], gone[0]))
+    for secret in (SECRET, wrong_password):
+        texts = [text for run in runs + refused + gone for text in (run.stdout, run.stderr)]
+        assert_never_shown(secret, texts)

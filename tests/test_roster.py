@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.provisional import urls
 
 from adapters.openai_chat import decode_agent_header, encode_agent_header
 from adapters.roster import (
@@ -24,8 +25,11 @@ from adapters.roster import (
     AgentProfile,
     Roster,
     RosterError,
+    check_base_url,
 )
+from adapters.urls import redact_url
 from kernel import AgentNotFoundError, AgentRequest, ContextBundle, InvalidRequestError
+from tests.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
 
 DATA = Path(__file__).parent / "data"
 
@@ -229,6 +233,10 @@ def test_printable_unicode_agent_ids_load(tmp_path: Path, good_id: str) -> None:
         ("http://example.com/v1?api-version=1", "must not have a query or a fragment"),
         ("http://example.com/v1#top", "must not have a query or a fragment"),
         ("http://user:hunter2@example.com/v1", "must not carry credentials"),
+        ("http://user:hun/ter2@example.com/v1", "must not carry credentials"),
+        ("http://hunter2@example.com/v1", "must not carry credentials"),
+        ("http://example.com/v1?api_key=hunter2", "must not have a query or a fragment"),
+        ("http://example.com/v1#access_token=hunter2", "must not have a query or a fragment"),
         ("   ", "expected a non-empty string"),
     ],
 )
@@ -249,6 +257,37 @@ def test_base_url_that_is_not_an_http_url_with_a_host_is_refused(
     label = "defaults" if where == "defaults" else "agent 'archon-1'"
     assert f"{path}: {label}: field 'base_url': {problem}" in message
     assert "hunter2" not in message  # credentials are never repeated
+
+
+@settings(max_examples=300)
+@given(st.booleans().flatmap(lambda raw: urls_with_a_secret(raw=raw)))
+def test_a_refused_base_url_never_shows_its_secret(case: SecretURL) -> None:
+    """Credentials in a base_url are refused, and the refusal does not repeat them:
+    not the userinfo (even a password holding a raw '/' or '?', which the URL parser
+    takes for a port and quotes), not a secret query value, not a fragment."""
+
+    def refusal(url: str) -> str:
+        with pytest.raises(InvalidRequestError) as refused:
+            AgentProfile("a", base_url=url)
+        return str(refused.value)
+
+    message = refusal(case.url)
+    if case.raw:  # its letters are in no other part of the URL
+        assert not set(message) & set(SECRET_LETTERS), message
+    else:  # percent-encoded: the message is the same whatever the secret
+        assert message == refusal(case.with_secret("decoy"))
+
+
+@settings(max_examples=300)
+@given(urls())
+def test_an_accepted_base_url_has_nothing_to_hide(url: str) -> None:
+    """What check_base_url lets through is shown as it is everywhere (repr, logs,
+    errors): it carries nothing redact_url would hide."""
+    try:
+        check_base_url(url)
+    except InvalidRequestError:
+        return
+    assert redact_url(url) == url
 
 
 @pytest.mark.parametrize(

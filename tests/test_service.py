@@ -115,6 +115,25 @@ async def test_progress_reports_each_finish(autojump_clock: trio.testing.MockClo
     assert sum(s == "completed" for *_, s in seen) == 3
 
 
+async def test_async_progress_reports_of_a_sequential_run_keep_their_turns(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(default=Step(latency=1.0)))
+    seen: list[tuple[int, str, str]] = []
+
+    async def progress(done: int, total: int, agent_id: str, status: str) -> None:
+        await trio.sleep(0.5)  # each report takes a while
+        seen.append((done, agent_id, status))
+
+    await service.invoke_sequential(make_requests(2), on_progress=progress)
+    assert seen == [
+        (0, "archon-1", "starting"),
+        (1, "archon-1", "completed"),
+        (1, "archon-2", "starting"),
+        (2, "archon-2", "completed"),
+    ]
+
+
 async def test_broken_progress_callback_is_logged_not_fatal(
     autojump_clock: trio.testing.MockClock,
     service: ConcurrentDeliberationService,

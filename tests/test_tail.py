@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import uuid4
 
@@ -16,13 +16,17 @@ from kernel import (
     AgentPool,
     CommitReceipt,
     ConcurrentDeliberationService,
+    ConcurrentResult,
     ContextBundle,
     FailureKind,
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
+    RateLimit,
+    SystemHaltedError,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.test_shared_capacity import ModelCapacity
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,129 @@ async def test_quorum_or_deadline_whichever_comes_first(
     assert {f.kind for f in result.failures} == {FailureKind.CANCELLED}
 
 
+class Reports:
+    """An ``on_progress`` that records each report when its body starts (``begun``) and
+    once it has run to the end (``seen``)."""
+
+    def __init__(self, asynchronous: bool = True, pause: float = 0.0) -> None:
+        self.asynchronous = asynchronous
+        self.pause = pause
+        self.begun: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str]] = []
+        self.on_report: Callable[[str], object] | None = None
+
+    def __call__(self, done: int, total: int, agent_id: str, status: str) -> object:
+        if not self.asynchronous:
+            self.begun.append((agent_id, status))
+            self.seen.append((agent_id, status))
+            return None
+        return self._report(agent_id, status)
+
+    async def _report(self, agent_id: str, status: str) -> None:
+        self.begun.append((agent_id, status))
+        if self.on_report is not None:
+            self.on_report(agent_id)
+        await trio.sleep(self.pause)  # a checkpoint, as any real async display has
+        self.seen.append((agent_id, status))
+
+    def completed(self) -> set[str]:
+        return {agent for agent, status in self.seen if status == "completed"}
+
+    def begun_completed(self) -> set[str]:
+        return {agent for agent, status in self.begun if status == "completed"}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+async def test_with_a_quorum_every_released_output_is_reported(
+    autojump_clock: trio.testing.MockClock, asynchronous: bool
+) -> None:
+    # archon-1's report is still running (0.5 s) when archon-2 reaches the quorum at 1.2 s,
+    # and archon-2's own report starts after it.
+    plan = {f"archon-{i}": Step(latency=t) for i, t in enumerate([1.0, 1.2, 3.0, 4.0], 1)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan))
+    reports = Reports(asynchronous, pause=0.5)
+    result = await service.invoke_concurrent(make_requests(4), quorum=2, on_progress=reports)
+    assert {o.agent_id for o in result.outputs} == {"archon-1", "archon-2"}
+    assert sorted(reports.seen) == [("archon-1", "completed"), ("archon-2", "completed")]
+
+
+async def test_a_hedge_that_wins_at_the_quorum_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # archon-2 answers at 0.5 s; archon-1's hedge (from 1 s) answers at 2 s: the quorum.
+    orch = PerCall({"archon-1": [Call(10.0), Call(1.0)], "archon-2": [Call(0.5)]})
+    service = ConcurrentDeliberationService(orch)
+    reports = Reports()
+    result = await service.invoke_concurrent(
+        make_requests(2), quorum=2, hedge=HedgePolicy(delay=1.0), on_progress=reports
+    )
+    assert result.hedged_agents == ("archon-1",) and result.outputs[0].content == "call 2"
+    assert reports.seen == [("archon-2", "completed"), ("archon-1", "completed")]
+
+
+@pytest.mark.parametrize("halt", ["in_the_same_tick", "from_the_report"])
+async def test_an_output_released_at_the_quorum_is_reported_despite_a_halt(
+    autojump_clock: trio.testing.MockClock, halt: str
+) -> None:
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(latency=1.0), "archon-2": Step(latency=1.0)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(5.0)), switch)
+    reports = Reports()
+    if halt == "from_the_report":
+        reports.on_report = lambda agent_id: switch.halt("stop")
+
+    async def trigger() -> None:
+        if halt == "in_the_same_tick":
+            await trio.sleep(1.0)
+            switch.halt("stop")
+
+    outcome: list[ConcurrentResult] = []
+
+    async def batch() -> None:
+        try:
+            outcome.append(
+                await service.invoke_concurrent(make_requests(3), quorum=2, on_progress=reports)
+            )
+        except SystemHaltedError as exc:  # the halt came before the quorum
+            assert exc.partial is not None
+            outcome.append(exc.partial)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trigger)
+        nursery.start_soon(batch)
+    (result,) = outcome
+    released = {o.agent_id for o in result.outputs}
+    # Every released output's report was made; a halt may cut an async one short (it
+    # cancels everything in flight), never keep it from being made.
+    assert reports.begun_completed() == released
+    if halt == "from_the_report":
+        assert released  # the report that halted was of a released output
+    assert service.pool.available_count == 72
+
+
+async def test_a_slow_async_report_does_not_delay_a_halt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(latency=1.0)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(5.0)), switch)
+    reports = Reports(pause=3600.0)  # a display that hangs for an hour
+
+    async def trigger() -> None:
+        await trio.sleep(2.0)
+        switch.halt("stop")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trigger)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(make_requests(3), on_progress=reports)
+        assert trio.current_time() == pytest.approx(2.0)  # at the halt, not an hour later
+    assert caught.value.partial is not None
+    assert [o.agent_id for o in caught.value.partial.outputs] == ["archon-1"]
+    assert reports.begun_completed() == {"archon-1"} and reports.seen == []
+    assert service.pool.available_count == 72
+
+
 @pytest.mark.parametrize("bad", [0, -1, 4, True, 2.0, "2"])
 async def test_bad_quorum_is_refused_before_anything_runs(bad: object) -> None:
     orch = ScriptedOrchestrator()
@@ -268,6 +395,98 @@ async def test_hedge_budget_is_respected(autojump_clock: trio.testing.MockClock)
     )
     assert len(result.hedged_agents) == 2
     assert sum(orch.calls.values()) == 12
+
+
+@pytest.mark.parametrize("wait", ["rate_limit", "shared_capacity"])
+async def test_hedge_budget_holds_when_every_delay_fires_in_the_same_tick(
+    autojump_clock: trio.testing.MockClock, wait: str
+) -> None:
+    # Each hedge awaits before it may start (the rate limit's turn, or the shared
+    # capacity's reserve, which checkpoints): 20 hedges due in one tick, budget for 1.
+    orch = PerCall({}, default=Call(10.0))
+    rate = RateLimit(1000.0, burst=100) if wait == "rate_limit" else None
+    shared = ModelCapacity(100) if wait == "shared_capacity" else None
+    service = ConcurrentDeliberationService(
+        orch, pool=AgentPool(72, shared=shared), rate_limit=rate
+    )
+    result = await service.invoke_concurrent(
+        make_requests(20), hedge=HedgePolicy(delay=1.0, budget=0.05)
+    )
+    assert len(result.hedged_agents) == 1
+    assert sum(orch.calls.values()) == 21 and orch.max_in_flight == 21
+    assert service.metrics.snapshot().hedges_launched == 1
+    assert service.pool.available_count == 72
+    assert shared is None or (shared.held == set() and shared.max_held == 21)
+
+
+async def test_a_hedge_with_no_free_slot_gives_its_budget_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two slots, three agents queued; budget for one hedge.  At 1 s the first two are due
+    # a hedge, but archon-3 waits for a slot: neither starts.  archon-2 ends at 1.5 s and
+    # archon-1 at 2 s; archon-3 (started at 1.5 s) is due at 2.5 s, with a slot free.
+    orch = PerCall(
+        {"archon-1": [Call(2.0)], "archon-2": [Call(1.5)], "archon-3": [Call(10.0), Call(1.0)]}
+    )
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(2))
+    result = await service.invoke_concurrent(
+        make_requests(3), overflow="queue", hedge=HedgePolicy(delay=1.0, budget=0.3)
+    )
+    assert result.hedged_agents == ("archon-3",)
+    assert result.outputs[2].content == "call 2"
+    assert service.metrics.snapshot().hedges_launched == 1
+
+
+class InStartOrder:
+    """The n-th call to start, whichever agent makes it, waits ``latencies[n]`` seconds
+    (trio starts the tasks of one tick in any order: the agents' order is not fixed)."""
+
+    def __init__(self, latencies: Sequence[float]) -> None:
+        self.latencies = latencies
+        self.callers: list[str] = []
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        self.callers.append(agent_id)
+        await trio.sleep(self.latencies[len(self.callers) - 1])
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="yes")
+
+
+async def test_a_hedge_cancelled_while_waiting_for_the_rate_limit_gives_its_budget_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One call every 2 s: the agents start at 0, 2 and 4 s.  The first one's hedge (due
+    # at 1 s) waits behind the other two and is cancelled when its agent answers at
+    # 2.5 s; the second one's (due at 3 s) then gets the budget's one hedge, at 6 s.
+    orch = InStartOrder([2.5, 20.0, 1.5, 1.0])
+    service = ConcurrentDeliberationService(orch, rate_limit=RateLimit(0.5))
+    result = await service.invoke_concurrent(
+        make_requests(3), hedge=HedgePolicy(delay=1.0, budget=0.3)
+    )
+    second = orch.callers[1]
+    assert result.hedged_agents == (second,) and orch.callers[3] == second
+    assert result.success_count == 3 and len(orch.callers) == 4
+    assert service.metrics.snapshot().hedges_launched == 1
+
+
+async def test_a_hedge_still_waiting_for_the_rate_limit_at_a_halt_never_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    orch = PerCall({}, default=Call(10.0))
+    service = ConcurrentDeliberationService(orch, switch, rate_limit=RateLimit(0.1))
+
+    async def trigger() -> None:
+        await trio.sleep(5.0)  # archon-1's hedge (due at 1 s) waits for the limit until 10 s
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(1), hedge=HedgePolicy(delay=1.0)),
+        trigger,
+    )
+    assert exc.partial is not None and exc.partial.hedged_agents == ()
+    assert orch.calls == {"archon-1": 1}
+    assert service.metrics.snapshot().hedges_launched == 0
+    assert service.pool.available_count == 72 and service.active_count == 0
 
 
 async def test_hedges_count_against_capacity_and_never_jump_the_queue(

@@ -1,16 +1,18 @@
 """Hypothesis: tail control in every combination, with failures and halts mixed in.
 
 Random batches (per-call latencies, failing calls), either overflow mode, random
-capacity, and any mix of deadline, quorum, hedging and a halt.  Whatever happens: one
-outcome per request in request order; ``CANCELLED`` only with a quorum, and then exactly
-``quorum`` successes; a deadline ``TIMEOUT`` only once the deadline has passed; calls in
-flight (hedges included) never exceed the capacity; the hedge budget holds; nothing starts
-after a halt; the pool ends empty.
+capacity, and any mix of deadline, quorum, hedging, a halt, a rate limit, a shared
+capacity (an in-process model whose reserve checkpoints) and a sync or async
+``on_progress``.  Whatever happens: one outcome per request in request order;
+``CANCELLED`` only with a quorum, and then exactly ``quorum`` successes; a deadline
+``TIMEOUT`` only once the deadline has passed; calls in flight (hedges included) never
+exceed the capacity, local or shared; the hedge budget holds; nothing starts after a
+halt; every released output had its ``completed`` report; the pool and the shared
+leases end empty.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from uuid import uuid4
 
@@ -27,8 +29,13 @@ from kernel import (
     FailureKind,
     HaltSwitch,
     HedgePolicy,
+    RateLimit,
 )
 from tests.helpers import assert_one_outcome_per_request_in_order, make_requests, run_with_halt_at
+from tests.test_shared_capacity import ModelCapacity
+
+#: How long an async ``on_progress`` report takes.
+REPORT_MS = 1.0
 
 
 @dataclass
@@ -40,6 +47,9 @@ class Scenario:
     quorum: int | None
     hedge: HedgePolicy | None
     halt_at_ms: float | None
+    rate: tuple[float, int] | None  # (per_second, burst)
+    shared: int | None  # the shared capacity
+    progress: str | None  # "sync" or "async"
 
 
 @st.composite
@@ -64,6 +74,10 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         quorum=draw(st.none() | st.integers(1, max(1, len(calls)))) if calls else None,
         hedge=hedge,
         halt_at_ms=draw(st.none() | st.integers(0, 3000).map(lambda ms: ms + 0.25)),
+        rate=draw(st.none() | st.tuples(st.sampled_from([2.0, 10.0, 100.0]), st.integers(1, 4))),
+        # Reject mode takes every lease at once: a shared capacity below the batch refuses it.
+        shared=draw(st.none() | st.integers(max(1, len(calls)) if overflow == "reject" else 1, 24)),
+        progress=draw(st.sampled_from([None, "sync", "async"])),
     )
 
 
@@ -99,8 +113,21 @@ def test_tail_control_keeps_every_promise(scenario: Scenario) -> None:
     requests = make_requests(len(scenario.calls))
     switch = HaltSwitch()
     orch = Scripted({r.agent_id: c for r, c in zip(requests, scenario.calls, strict=True)}, switch)
-    pool = AgentPool(scenario.capacity)
-    service = ConcurrentDeliberationService(orch, switch, pool)
+    shared = None if scenario.shared is None else ModelCapacity(scenario.shared)
+    pool = AgentPool(scenario.capacity, shared=shared)
+    rate = None if scenario.rate is None else RateLimit(scenario.rate[0], burst=scenario.rate[1])
+    service = ConcurrentDeliberationService(orch, switch, pool, rate_limit=rate)
+    completed: list[str] = []
+
+    def sync_progress(done: int, total: int, agent_id: str, status: str) -> None:
+        if status == "completed":
+            completed.append(agent_id)
+
+    async def async_progress(done: int, total: int, agent_id: str, status: str) -> None:
+        await trio.sleep(REPORT_MS / 1000.0)  # a stop may come meanwhile
+        sync_progress(done, total, agent_id, status)
+
+    progress = {None: None, "sync": sync_progress, "async": async_progress}[scenario.progress]
 
     async def batch() -> ConcurrentResult:
         return await service.invoke_concurrent(
@@ -109,6 +136,7 @@ def test_tail_control_keeps_every_promise(scenario: Scenario) -> None:
             deadline=None if scenario.deadline_ms is None else scenario.deadline_ms / 1e3,
             quorum=scenario.quorum,
             hedge=scenario.hedge,
+            on_progress=progress,
         )
 
     result, halted, elapsed = run_with_halt_at(batch, switch, scenario.halt_at_ms)
@@ -119,21 +147,33 @@ def test_tail_control_keeps_every_promise(scenario: Scenario) -> None:
     if FailureKind.CANCELLED in kinds:
         assert scenario.quorum is not None and result.success_count == scenario.quorum
         assert not halted
-    # A deadline TIMEOUT only once the deadline has passed.
+    # A deadline TIMEOUT only once the deadline has passed; the batch returns at the
+    # deadline, or once the reports in progress then have finished.
+    returns_by = (scenario.deadline_ms or 0.0) + 1e-6
+    if scenario.progress == "async":
+        returns_by += REPORT_MS
     deadline_timeouts = [f for f in result.failures if "batch deadline" in f.message]
     if deadline_timeouts:
         assert scenario.deadline_ms is not None
         assert all(f.kind is FailureKind.TIMEOUT for f in deadline_timeouts)
-        assert math.isclose(elapsed * 1000.0, scenario.deadline_ms, abs_tol=1e-6)
+        assert scenario.deadline_ms - 1e-6 <= elapsed * 1000.0 <= returns_by
     if scenario.deadline_ms is not None:
-        assert elapsed * 1000.0 <= scenario.deadline_ms + 1e-6
+        assert elapsed * 1000.0 <= returns_by
     # HALTED only when halted.
     assert (FailureKind.HALTED in kinds) == halted
 
+    # Every released output was reported, and nothing else.
+    if progress is not None:
+        assert sorted(completed) == sorted(o.agent_id for o in result.outputs)
+
     # Capacity counts calls, hedges included; the budget holds; the pool ends empty.
     assert orch.max_in_flight <= scenario.capacity
+    if shared is not None:
+        assert orch.max_in_flight <= shared.max_held <= shared.capacity
+        assert shared.held == set() and not shared.waiting
     budget = scenario.hedge.max_hedged(len(requests)) if scenario.hedge else 0
     assert len(result.hedged_agents) <= budget
+    assert service.metrics.snapshot().hedges_launched == len(result.hedged_agents)
     assert sum(orch.calls.values()) == len(orch.calls) + len(result.hedged_agents)
     assert orch.started_after_halt == 0
     assert pool.active_count == 0 and pool.available_count == scenario.capacity

@@ -21,11 +21,13 @@ from kernel import (
     AgentPool,
     AgentPoolExhaustedError,
     ConcurrentDeliberationService,
+    HaltSwitch,
     InvalidRequestError,
     SharedCapacity,
 )
 from tests.helpers import ScriptedOrchestrator, Step, make_requests
-from tests.valkey_server import ValkeyServer
+from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
+from tests.valkey_server import ValkeyServer, free_port
 
 Raw = coredis.Redis[bytes]
 
@@ -361,6 +363,40 @@ async def test_release_never_blocks_or_raises(valkey_server: ValkeyServer, name:
 def test_bad_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidRequestError, match=match):
         ValkeyCapacity("redis://127.0.0.1:6379", **kwargs)
+
+
+@pytest.mark.parametrize("form", range(len(secret_valkey_urls(0))))
+async def test_a_password_anywhere_in_the_url_never_shows(
+    name: str, form: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not in ``repr``, ``.url``, the FR10 errors of a full or a lost server (from the
+    capacity and from a pool on it), of a wrong password or no server, nor any log
+    record."""
+    caplog.set_level(logging.DEBUG)
+    shown: list[str | None] = []
+    with ValkeyServer(password=SECRET) as server:
+        url = secret_valkey_urls(server.port)[form]
+        async with ValkeyCapacity(url, name=name, capacity=2, lease_s=0.5) as capacity:
+            shown += [repr(capacity), capacity.url]
+            pool = AgentPool(shared=capacity)
+            service = ConcurrentDeliberationService(ScriptedOrchestrator(), HaltSwitch(), pool)
+            with pytest.raises(AgentPoolExhaustedError, match="exhausted") as full:
+                await service.invoke_concurrent(make_requests(3))
+            shown.append(str(full.value))
+            server.stop()
+            with pytest.raises(AgentPoolExhaustedError, match="unreachable") as lost:
+                await service.invoke_concurrent(make_requests(1))
+            shown += [str(lost.value), repr(capacity)]
+        server.start()
+        wrong = secret_valkey_urls(server.port, "Zq7-wrong-pw")[form]
+        never = secret_valkey_urls(free_port())[form]
+        for other in (wrong, never):
+            async with ValkeyCapacity(other, name=name, timeout=0.5) as capacity:
+                with pytest.raises(AgentPoolExhaustedError, match="unreachable") as refused:
+                    await capacity.reserve(["a"])
+                shown += [str(refused.value), repr(capacity), capacity.url]
+    assert_never_shown(SECRET, shown, caplog.records)
+    assert_never_shown("Zq7-wrong-pw", shown, caplog.records)
 
 
 async def test_a_different_capacity_elsewhere_is_warned_about(

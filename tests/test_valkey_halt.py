@@ -7,6 +7,7 @@ subscription); tests/test_valkey_cluster.py does it with real processes.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ import coredis
 import pytest
 import trio
 
+from adapters.stub import AgentOrchestratorStub
 from adapters.valkey import ValkeyHaltChannel, ValkeyUnavailableError
 from adapters.valkey._lua import HALT_CLEAR
 from kernel import (
@@ -29,9 +31,11 @@ from kernel import (
     HaltSwitch,
     HaltWaiter,
     InvalidRequestError,
+    SystemHaltedError,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.valkey_server import ValkeyServer
+from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
+from tests.valkey_server import ValkeyServer, free_port
 
 APPROVERS = ["alice", "bob"]
 
@@ -250,9 +254,43 @@ async def test_bad_halt_and_clear_requests_change_nothing(
         assert not channel.halted_now() and len(await channel.history()) == 1
 
 
-async def test_the_password_never_shows(valkey_server: ValkeyServer) -> None:
-    channel = ValkeyHaltChannel(f"redis://user:s3cret@127.0.0.1:{valkey_server.port}")
-    assert "s3cret" not in repr(channel) and "s3cret" not in (channel.state.reason or "")
+@pytest.fixture
+def locked_server() -> Iterator[ValkeyServer]:
+    """A server of this test's own that only a client with :data:`SECRET` may use."""
+    with ValkeyServer(password=SECRET) as server:
+        yield server
+
+
+@pytest.mark.parametrize("form", range(len(secret_valkey_urls(0))))
+async def test_a_password_anywhere_in_the_url_never_shows(
+    locked_server: ValkeyServer, key: str, form: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not in ``repr``, ``.url``, the halt reason of a lost server or of a batch refused
+    because of it, nor in any log record: whether the server answers, is lost, refuses
+    a wrong password or was never there."""
+    caplog.set_level(logging.DEBUG)
+    url = secret_valkey_urls(locked_server.port)[form]
+    shown: list[str | None] = []
+    async with cleared(url, key) as channel:  # the password works: it reached the server
+        shown += [repr(channel), channel.url]
+        locked_server.stop()
+        with trio.fail_after(10):
+            shown.append(await channel.wait_halted())
+        assert "unreachable" in (channel.state.reason or "")
+        service = ConcurrentDeliberationService(AgentOrchestratorStub(), channel, AgentPool())
+        with pytest.raises(SystemHaltedError) as refused:
+            await service.invoke_concurrent(make_requests(2))
+        shown += [refused.value.reason, str(refused.value), repr(channel)]
+    locked_server.start()
+    wrong = secret_valkey_urls(locked_server.port, "Zq7-wrong-pw")[form]
+    never = secret_valkey_urls(free_port())[form]
+    for other in (wrong, never):
+        async with ValkeyHaltChannel(other, key=key, timeout=0.5) as channel:
+            assert channel.state.halted and not channel.state.connected
+            shown += [repr(channel), channel.url, channel.state.reason, channel.state.problem]
+    assert_never_shown(SECRET, shown, caplog.records)
+    assert_never_shown("Zq7-wrong-pw", shown, caplog.records)
+    assert any(r.levelno == logging.ERROR for r in caplog.records)  # the loss was logged
 
 
 async def test_clear_is_compare_and_set(valkey_server: ValkeyServer, key: str) -> None:

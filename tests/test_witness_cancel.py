@@ -111,7 +111,7 @@ async def test_aclose_does_not_wait_for_a_lock_nobody_needs_any_more(tmp_path: P
         assert scope.cancelled_caught
         started = time.perf_counter()
         await witness.aclose()  # the lock is still held, but nothing is left to write
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < 10.0  # not the 30 s busy timeout
     finally:
         lock.release()
     assert len(_logged(path)) == 1
@@ -183,7 +183,7 @@ async def test_a_commit_not_cancelled_fails_after_busy_timeout(tmp_path: Path) -
             await witness.commit(_output(0))
         waited = time.perf_counter() - started
         lock.release()
-        assert 0.2 <= waited < 2.0
+        assert 0.2 <= waited < 10.0  # its own 0.2 s, not the default 30 s
         receipt = await witness.commit(_output(1))
     assert receipt.sequence == 1  # the failed one took no sequence number
     assert list(_logged(path)) == [str(receipt.output_id)]

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["ValkeyServer", "server_binary"]
+__all__ = ["ValkeyServer", "free_port", "server_binary"]
 
 
 def server_binary() -> Path | None:
@@ -49,7 +49,8 @@ def _end(proc: subprocess.Popen[str], reader: threading.Thread | None) -> None:
         proc.stdout.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (as of now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -57,9 +58,13 @@ def _free_port() -> int:
 
 
 class ValkeyServer:
-    """One server process; :attr:`url` stays the same across restarts."""
+    """One server process; :attr:`url` stays the same across restarts.
 
-    def __init__(self, binary: Path | None = None) -> None:
+    With ``password``, the server refuses every client that does not give it (``url``
+    carries none: each test writes the password where it wants it).
+    """
+
+    def __init__(self, binary: Path | None = None, *, password: str | None = None) -> None:
         found = binary or server_binary()
         if found is None:
             raise RuntimeError(
@@ -67,7 +72,8 @@ class ValkeyServer:
                 "or Debian's redis-server"
             )
         self.binary = found
-        self.port = _free_port()
+        self.password = password
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="conclave-valkey-"))
         self.proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -94,6 +100,7 @@ class ValkeyServer:
                 str(self.dir),
                 "--daemonize",
                 "no",
+                *(["--requirepass", self.password] if self.password is not None else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from adapters.urls import redact_url
 from adapters.valkey._connection import (
     BackgroundClient,
     Client,
@@ -41,7 +42,6 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
-    redact,
     reraise_cancellation,
     store_call,
     to_int,
@@ -100,7 +100,7 @@ class ValkeyCapacity(BackgroundClient):
         timeout: float = 1.0,
     ) -> None:
         self._url = check_url(url)
-        self.url = redact(self._url)
+        self.url = redact_url(self._url)
         self.name = check_name(name, "name")
         self._capacity = check_int(capacity, "capacity", at_least=1)
         # At most a day: a dead process's slots come back within it, and its milliseconds

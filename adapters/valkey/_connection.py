@@ -3,8 +3,8 @@
 One place says what a usable server URL is, how a client is opened (at ``async with``,
 never on a batch's first request), and what a failed call means: every call is bounded
 by a timeout, and any way it can fail (refused, reset, timed out, a server error, a reply
-of the wrong shape) becomes one :class:`StoreError` whose text names the server without
-its password.
+of the wrong shape) becomes one :class:`StoreError`; a URL in a message is always
+:func:`~adapters.urls.redact_url`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import coredis
 import trio
 from coredis.retry import ConstantRetryPolicy
 
+from adapters.urls import redact_url
 from kernel import ConclaveError, InvalidRequestError
 from kernel.validate import check_number, check_text
 
@@ -35,7 +36,6 @@ __all__ = [
     "check_url",
     "describe",
     "open_client",
-    "redact",
     "reraise_cancellation",
     "store_call",
     "to_int",
@@ -63,23 +63,28 @@ def check_url(url: object) -> str:
     """A ``redis://``, ``rediss://``, ``valkey://``, ``valkeys://`` or ``unix://`` URL, as
     coredis takes it (``valkey`` schemes become ``redis`` ones)."""
     text = check_text(url, "url")
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unbalanced '[' of an IPv6 host
+        raise InvalidRequestError(f"url {redact_url(text)!r}: not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme == "unix":
         if not parts.path:
-            raise InvalidRequestError(f"url {redact(text)!r}: a unix:// URL needs a socket path")
+            raise InvalidRequestError(
+                f"url {redact_url(text)!r}: a unix:// URL needs a socket path"
+            )
         return text
     if scheme not in _SCHEMES:
         raise InvalidRequestError(
-            f"url {redact(text)!r}: the scheme must be redis://, rediss://, valkey://, "
+            f"url {redact_url(text)!r}: the scheme must be redis://, rediss://, valkey://, "
             "valkeys:// or unix://"
         )
     try:
         port = parts.port
     except ValueError:
-        raise InvalidRequestError(f"url {redact(text)!r}: the port is not a number") from None
+        raise InvalidRequestError(f"url {redact_url(text)!r}: the port is not a number") from None
     if not parts.hostname:
-        raise InvalidRequestError(f"url {redact(text)!r}: no host")
+        raise InvalidRequestError(f"url {redact_url(text)!r}: no host")
     del port
     return urlunsplit(parts._replace(scheme=_SCHEMES[scheme]))
 
@@ -90,20 +95,6 @@ def check_name(value: object, name: str) -> str:
     if len(text) > 200 or any(c.isspace() for c in text):
         raise InvalidRequestError(f"{name} must be at most 200 characters without whitespace")
     return text
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for messages and logs)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:
-        return "<unparsable url>"
 
 
 def check_timeout(value: object, name: str) -> float:

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import trio
 
+from adapters.urls import redact_url
 from adapters.valkey._connection import (
     BackgroundClient,
     Client,
@@ -35,7 +36,6 @@ from adapters.valkey._connection import (
     check_timeout,
     check_url,
     describe,
-    redact,
     reraise_cancellation,
     store_call,
     to_int,
@@ -124,7 +124,7 @@ class ValkeyHaltChannel(BackgroundClient):
         refresh_interval: float = 1.0,
     ) -> None:
         self._url = check_url(url)
-        self.url = redact(self._url)
+        self.url = redact_url(self._url)
         self.key = check_name(key, "key")
         self.timeout = check_timeout(timeout, "timeout")
         self.refresh_interval = check_timeout(refresh_interval, "refresh_interval")
