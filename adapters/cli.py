@@ -52,7 +52,7 @@ from adapters._cli_backend import (
     stub_orchestrator,
 )
 from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
-from adapters.roster import Roster
+from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentOrchestratorProtocol,
@@ -70,8 +70,9 @@ from kernel import (
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 #: The most agents one run may have, whatever the mode: the council is built in memory
-#: before anything runs (a million agents took 10 s and 555 MB just to be refused).
-MAX_AGENTS = 100_000
+#: before anything runs (a million agents took 10 s and 555 MB just to be refused).  The
+#: roster's own limit, which also caps a --roster file's size before it is parsed.
+MAX_AGENTS = MAX_ROSTER_AGENTS
 #: The backends that call an OpenAI-compatible endpoint (--base-url, --model).
 LLM_BACKENDS = ("openai", "crewai")
 

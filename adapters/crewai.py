@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
-from adapters.openai_chat import AGENT_HEADER, KEYLESS, encode_agent_header
+from adapters.openai_chat import AGENT_HEADER, KEYLESS, encode_agent_header, topic_message
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, check_seconds
@@ -361,7 +361,7 @@ class CrewAIOrchestrator:
         from adapters import _crewai_agents as crew  # imported by prepare(): no I/O here
 
         run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
-        task = crew.build_task(runner.agent, _task_description(context), self.expected_output)
+        task = crew.build_task(runner.agent, topic_message(context), self.expected_output)
         before = runner.llm.get_token_usage_summary()
         started = time.perf_counter()
         try:
@@ -388,12 +388,3 @@ class CrewAIOrchestrator:
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
         )
-
-
-def _task_description(context: ContextBundle) -> str:
-    """The topic, then its metadata as a short list (as the OpenAI orchestrator sends it)."""
-    text = f"Topic {context.topic_id}:\n\n{context.topic_content}"
-    if context.metadata:
-        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
-        text += "\n\nContext:\n" + "\n".join(lines)
-    return text

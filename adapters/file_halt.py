@@ -31,6 +31,7 @@ File format::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -352,22 +353,27 @@ class FileHaltChannel:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            lock = open(lock_path, "a+b")  # noqa: SIM115  # closed below, after the body
+            lock = _open_lock(lock_path)
         except OSError as exc:
-            self._no_lock(required, f"cannot open {lock_path}: {exc.strerror or exc}")
+            why = (
+                "it is a symbolic link (not followed)"
+                if exc.errno == errno.ELOOP
+                else exc.strerror or str(exc)
+            )
+            self._no_lock(required, f"cannot open {lock_path}: {why}")
             yield
             return
         try:
-            if not _flock(lock.fileno(), self.lock_timeout):
+            if not _flock(lock, self.lock_timeout):
                 self._no_lock(required, f"{lock_path} held for more than {self.lock_timeout} s")
                 yield
                 return
             try:
                 yield
             finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_UN)
         finally:
-            lock.close()
+            os.close(lock)
 
     def _no_lock(self, required: bool, why: str) -> None:
         if required:
@@ -376,6 +382,14 @@ class FileHaltChannel:
             "halt file lock unavailable; writing without it",
             extra={"halt_file": str(self.path), "problem": why},
         )
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened (created 0600 if missing) without following a symbolic link:
+    a link planted there would make us create or open its target.  ``O_NONBLOCK``: a FIFO
+    planted there cannot hang us.  Its mode is left alone if it exists (never widened)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    return os.open(path, flags, 0o600)
 
 
 def _flock(fd: int, timeout: float) -> bool:

@@ -50,6 +50,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote
 from uuid import uuid4
@@ -66,7 +67,7 @@ from adapters.provider_budget import (
 from adapters.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
-from kernel.validate import check_int, check_number
+from kernel.validate import check_int, check_number, utf8_size
 
 __all__ = [
     "AGENT_HEADER",
@@ -80,6 +81,7 @@ __all__ = [
     "decode_agent_header",
     "encode_agent_header",
     "estimate_tokens",
+    "topic_message",
 ]
 
 log = logging.getLogger("adapters.openai_chat")
@@ -190,7 +192,7 @@ def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> i
     bytes / 4 (about a token each in English; more in scripts of several bytes per
     character, which then count more), 4 per message and 3 for the reply's framing,
     plus ``max_tokens`` (or :data:`DEFAULT_COMPLETION_TOKENS`)."""
-    size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
+    size = sum(utf8_size(str(m.get("content", ""))) for m in messages)
     completion = max_tokens if max_tokens is not None else DEFAULT_COMPLETION_TOKENS
     return math.ceil(size / 4) + 4 * len(messages) + 3 + completion
 
@@ -438,7 +440,7 @@ class OpenAIChatOrchestrator:
             "model": model,
             "messages": [
                 {"role": "system", "content": system},
-                {"role": "user", "content": _user_message(context)},
+                {"role": "user", "content": topic_message(context)},
             ],
             "timeout": timeout_s,
             # Lets proxies and test servers attribute a request to an agent.  Encoded:
@@ -603,16 +605,37 @@ def _never_connected(exc: BaseException) -> bool:
     return False
 
 
-def _user_message(context: ContextBundle) -> str:
-    """The topic, then its metadata as a short list::
+# Each topic's message, built on its first agent's request and shared by every later one
+# (of any orchestrator) while the topic lives: a topic may be 1 MiB, and one copy per
+# agent was 72 of them.
+_topic_messages: weakref.WeakKeyDictionary[ContextBundle, str] = weakref.WeakKeyDictionary()
+_topic_messages_lock = threading.Lock()
 
-    Topic motion-7:
 
-    Adopt the budget?
+def topic_message(context: ContextBundle) -> str:
+    """What an agent is asked: the topic, then its metadata as a short list::
 
-    Context:
-    - session: 42
+        Topic motion-7:
+
+        Adopt the budget?
+
+        Context:
+        - session: 42
+
+    Built once per topic (per equal :class:`~kernel.ContextBundle`) and shared.
     """
+    try:
+        with _topic_messages_lock:
+            message = _topic_messages.get(context)
+            if message is None:
+                message = _topic_message(context)
+                _topic_messages[context] = message
+            return message
+    except TypeError:  # a subclass that cannot be hashed or weakly referenced: not shared
+        return _topic_message(context)
+
+
+def _topic_message(context: ContextBundle) -> str:
     message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
     if context.metadata:
         lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))

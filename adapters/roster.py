@@ -35,6 +35,9 @@ field by its name in the file (``'id'``, ``'name'``, ...).
 
 What a roster refuses when it is loaded (a :class:`RosterError`, nothing built):
 
+- a file of more than :data:`MAX_ROSTER_BYTES` (:data:`MAX_ROSTER_AGENTS` agents x
+  :data:`ROSTER_BYTES_PER_AGENT` bytes), before it is parsed, and more than
+  :data:`MAX_ROSTER_AGENTS` agents, before any profile is built;
 - a file that is not UTF-8 (a UTF-8 byte-order mark is allowed and skipped), is not valid
   JSON/TOML, or is nested too deeply to parse;
 - an ``agent_id`` that is empty, longer than :data:`MAX_AGENT_ID_LENGTH` characters, or
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import reprlib
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -70,12 +74,28 @@ from kernel import (
 )
 from kernel.validate import check_int, check_number, check_text
 
-__all__ = ["MAX_AGENT_ID_LENGTH", "AgentProfile", "Roster", "RosterError", "check_base_url"]
+__all__ = [
+    "MAX_AGENT_ID_LENGTH",
+    "MAX_ROSTER_AGENTS",
+    "MAX_ROSTER_BYTES",
+    "ROSTER_BYTES_PER_AGENT",
+    "AgentProfile",
+    "Roster",
+    "RosterError",
+    "check_base_url",
+]
 
 #: The longest agent id a roster accepts, in characters.  An id travels in an HTTP header
 #: (percent-encoded, up to 12 bytes a character); servers refuse headers of more than a
 #: few kilobytes, so a longer id would fail every request.
 MAX_AGENT_ID_LENGTH = 256
+
+#: The most agents one roster (and one CLI run) may hold.
+MAX_ROSTER_AGENTS = 100_000
+#: What one agent may take in a roster file, in bytes, for the file's size cap.
+ROSTER_BYTES_PER_AGENT = 256
+#: The largest roster file read at all; checked before it is parsed.
+MAX_ROSTER_BYTES = MAX_ROSTER_AGENTS * ROSTER_BYTES_PER_AGENT
 
 # Values quoted in error messages are cut short (and never recursed into deeply): a
 # roster may hold anything, and a message must stay one readable line.
@@ -88,6 +108,29 @@ _SHOW.maxlist = _SHOW.maxdict = 4
 
 class RosterError(InvalidRequestError):
     """A roster file or mapping is missing, unreadable or invalid."""
+
+
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes, refused (:class:`RosterError`) beyond :data:`MAX_ROSTER_BYTES`:
+    by its size before a byte is read, and by what a read returns for a file whose size
+    says nothing (a device, a pipe, a file still growing)."""
+    limit = (
+        f"at most {MAX_ROSTER_BYTES:,} ({MAX_ROSTER_AGENTS:,} agents x {ROSTER_BYTES_PER_AGENT})"
+    )
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_ROSTER_BYTES:
+            raise RosterError(f"{path}: roster file of {size:,} bytes; {limit}")
+        raw = f.read(MAX_ROSTER_BYTES + 1)
+    if len(raw) > MAX_ROSTER_BYTES:
+        raise RosterError(f"{path}: roster file of more than {MAX_ROSTER_BYTES:,} bytes; {limit}")
+    return raw
+
+
+def _check_count(agents: int, source: str) -> None:
+    """Refuse more than :data:`MAX_ROSTER_AGENTS` agents before any profile is built."""
+    if agents > MAX_ROSTER_AGENTS:
+        raise RosterError(f"{source}: {agents:,} agents; at most {MAX_ROSTER_AGENTS:,} in a roster")
 
 
 def _show(value: object) -> str:
@@ -270,7 +313,7 @@ class Roster:
         """Read a ``.json`` or ``.toml`` roster file."""
         p = Path(path)
         try:
-            raw = p.read_bytes()
+            raw = _read_capped(p)
         except FileNotFoundError:
             raise RosterError(f"{p}: roster file not found") from None
         except OSError as exc:
@@ -314,6 +357,7 @@ class Roster:
         agents = data.get("agents")
         if not isinstance(agents, list):
             raise RosterError(f"{source}: 'agents' must be a list of agent tables")
+        _check_count(len(agents), source)
         profiles = []
         for i, entry in enumerate(agents):
             where = f"agents[{i}]"
@@ -339,6 +383,7 @@ class Roster:
         """The Archon 72 format (see the module docstring): six fields read, the rest ignored."""
         if not isinstance(archons, list):
             raise RosterError(f"{source}: 'archons' must be a list of archon objects")
+        _check_count(len(archons), source)
         profiles: list[AgentProfile] = []
         seen: dict[str, int] = {}
         for i, entry in enumerate(archons):

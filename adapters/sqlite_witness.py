@@ -17,7 +17,10 @@ public API (every public name is importable from here):
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +58,11 @@ __all__ = [
 
 T = TypeVar("T")
 
+log = logging.getLogger("adapters.sqlite_witness")
+
+# The files SQLite keeps beside a log, by the path it derives from the log's.
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
 # Who viewed what (the outputs table belongs to the chain).
 _VIEWS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS views (
@@ -65,6 +73,62 @@ CREATE TABLE IF NOT EXISTS views (
     viewed_at  TEXT NOT NULL
 );
 """
+
+
+def _claim_file(path: Path) -> tuple[int, int] | None:
+    """Make sure the log and its side files are reached without a symbolic link, and
+    create a new log private (0600, whatever the umask; SQLite gives its -wal and -shm
+    files the log's mode).  Returns the log's (device, inode), None if it is not a file.
+
+    A link planted at any of those paths (in a shared directory, by someone else) would
+    make SQLite write every answer where the link points, creating the target if it is
+    missing: refused, with nothing created or changed.  An existing log keeps its mode
+    (an operator may have opened it to a group of auditors); a log that others can read
+    is logged as a warning.
+    """
+    for suffix in ("", *_SIDE_FILES):
+        side = Path(f"{path}{suffix}")
+        if side.is_symlink():
+            raise WitnessError(
+                f"{side}: is a symbolic link; a witness log is never opened through one"
+            )
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise WitnessError(f"{path}: cannot open witness log: {exc.strerror or exc}") from None
+    else:
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits away; never more than these
+        finally:
+            os.close(fd)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise WitnessError(f"{path}: cannot open witness log: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(st.st_mode):  # planted between the check and now
+        raise WitnessError(f"{path}: is a symbolic link; a witness log is never opened through one")
+    if not stat.S_ISREG(st.st_mode):
+        return None  # connect() says what it is
+    if st.st_mode & 0o077:
+        log.warning(
+            "witness log is accessible to other users",
+            extra={"witness_path": str(path), "mode": oct(stat.S_IMODE(st.st_mode))},
+        )
+    return st.st_dev, st.st_ino
+
+
+def _check_still(path: Path, identity: tuple[int, int] | None) -> None:
+    """After SQLite opened ``path`` by name: it was the file :func:`_claim_file` saw
+    (not a link swapped in meanwhile)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"the log vanished while opening: {exc}") from None
+    if stat.S_ISLNK(st.st_mode) or (identity is not None and (st.st_dev, st.st_ino) != identity):
+        raise sqlite3.OperationalError("the log was replaced while opening")
 
 
 def _refuse_other_databases(path: Path) -> None:
@@ -119,6 +183,7 @@ class SqliteWitness:
             # commit would fail, and nothing would be kept to audit.
             raise InvalidRequestError("the witness log must be a file, not ':memory:'")
         self.path = Path(path)
+        identity = _claim_file(self.path)
         _refuse_other_databases(self.path)
         db = None
         try:
@@ -132,6 +197,7 @@ class SqliteWitness:
                 # readers, shielded: that could delay a halt by the busy timeout.
                 raise sqlite3.OperationalError(f"journal mode is {mode}, WAL is required")
             db.executescript(OUTPUTS_SCHEMA + _VIEWS_SCHEMA)
+            _check_still(self.path, identity)
             self._committer = GroupCommitter(
                 self.path, synchronous=synchronous, busy_timeout_s=self.busy_timeout_s
             )

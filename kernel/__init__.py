@@ -43,6 +43,9 @@ from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCal
 from kernel._tail import HedgePolicy
 from kernel._types import (
     MAX_CONCURRENT_AGENTS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_TOPIC_BYTES,
     AgentFailure,
     AgentOutput,
     AgentRequest,
@@ -58,6 +61,9 @@ from kernel._types import (
 __all__ = [
     "DEFAULT_HALT_READ_TIMEOUT",
     "MAX_CONCURRENT_AGENTS",
+    "MAX_METADATA_BYTES",
+    "MAX_METADATA_ENTRIES",
+    "MAX_TOPIC_BYTES",
     "NO_REASON",
     "Admission",
     "AgentBusyError",

@@ -13,17 +13,20 @@ import enum
 import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 from uuid import UUID, uuid4
 
 import attrs
 
 from kernel._errors import InvalidRequestError
 from kernel._frozenmap import FrozenMap
-from kernel.validate import integer, number, text
+from kernel.validate import check_utf8_size, integer, number, text, utf8_size
 
 __all__ = [
     "MAX_CONCURRENT_AGENTS",
+    "MAX_METADATA_BYTES",
+    "MAX_METADATA_ENTRIES",
+    "MAX_TOPIC_BYTES",
     "utc_now",
     "AgentFailure",
     "AgentOutput",
@@ -38,6 +41,16 @@ __all__ = [
 
 #: FR10: the size of the council, and the most agents ever in flight at once.
 MAX_CONCURRENT_AGENTS: Final = 72
+
+#: The largest ``ContextBundle.topic_content``, in bytes of UTF-8 (1 MiB).  Every agent's
+#: request carries the topic: a bound on it is a bound on what a batch holds in memory
+#: and sends (72 agents x 1 MiB), and 1 MiB is already far more text than a chat model's
+#: context holds.
+MAX_TOPIC_BYTES: Final = 1 << 20
+#: The largest ``ContextBundle.metadata``: its keys and values together, in bytes of
+#: UTF-8 (64 KiB), in at most :data:`MAX_METADATA_ENTRIES` entries.
+MAX_METADATA_BYTES: Final = 64 << 10
+MAX_METADATA_ENTRIES: Final = 1024
 
 
 def utc_now() -> datetime:
@@ -68,6 +81,11 @@ def _unicode(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         raise InvalidRequestError(
             f"{attr.name} must be valid Unicode text (a lone surrogate at {exc.start})"
         ) from None
+
+
+def _topic(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    _str(_inst, attr, value)
+    check_utf8_size(cast(str, value), attr.name, MAX_TOPIC_BYTES, what="MAX_TOPIC_BYTES")
 
 
 def _uuid(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
@@ -126,13 +144,28 @@ def _to_tuple(value: object) -> tuple[object, ...]:
 
 
 def _str_map(value: object) -> FrozenMap[str]:
-    """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata)."""
+    """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata), within its size limits."""
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
+    entries = len(value)  # before reading any: a huge mapping is refused cheaply
+    if entries > MAX_METADATA_ENTRIES:
+        raise InvalidRequestError(
+            f"metadata must have at most {MAX_METADATA_ENTRIES:,} entries "
+            f"(MAX_METADATA_ENTRIES), got {entries:,}"
+        )
+    size = 0
     for key, val in value.items():
         if not isinstance(key, str) or not isinstance(val, str):
             raise InvalidRequestError(
                 f"metadata must map str to str, got {type(key).__name__} -> {type(val).__name__}"
+            )
+        size += utf8_size(key, beyond=MAX_METADATA_BYTES) + utf8_size(
+            val, beyond=MAX_METADATA_BYTES
+        )
+        if size > MAX_METADATA_BYTES:
+            raise InvalidRequestError(
+                f"metadata must be at most {MAX_METADATA_BYTES:,} bytes of UTF-8 "
+                "(MAX_METADATA_BYTES; keys and values together)"
             )
     return value if isinstance(value, FrozenMap) else FrozenMap(value)
 
@@ -155,10 +188,15 @@ def _scalar_map(value: object) -> FrozenMap[str | int | float]:
 
 @attrs.frozen(slots=True)
 class ContextBundle:
-    """What the council deliberates on: one topic, shared by every agent of a batch."""
+    """What the council deliberates on: one topic, shared by every agent of a batch.
+
+    ``topic_content`` is at most :data:`MAX_TOPIC_BYTES` (1 MiB) of UTF-8, ``metadata``
+    at most :data:`MAX_METADATA_ENTRIES` entries and :data:`MAX_METADATA_BYTES` (64 KiB)
+    of keys and values; more is an :class:`InvalidRequestError`.
+    """
 
     topic_id: str = attrs.field(validator=text())
-    topic_content: str = attrs.field(validator=_str, repr=False)
+    topic_content: str = attrs.field(validator=_topic, repr=False)
     metadata: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_str_map)
     bundle_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
     created_at: datetime = attrs.field(

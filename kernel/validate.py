@@ -30,9 +30,11 @@ __all__ = [
     "check_number",
     "check_seconds",
     "check_text",
+    "check_utf8_size",
     "integer",
     "number",
     "text",
+    "utf8_size",
 ]
 
 _Validator = Any  # attrs' validator type is (instance, attribute, value) -> None
@@ -105,6 +107,38 @@ def check_text(value: object, name: str) -> str:
     if not value.strip():
         raise InvalidRequestError(f"{name} must be a non-empty string")
     return value
+
+
+def utf8_size(value: str, *, beyond: int | None = None) -> int:
+    """The length of ``value`` in bytes of UTF-8 (a lone surrogate counts its 3 bytes).
+
+    ASCII text is measured without a copy.  With ``beyond``, text of more than ``beyond``
+    characters (so surely more than ``beyond`` bytes) is not encoded either: its length
+    in characters is returned, a lower bound that is already over ``beyond``.
+    """
+    n = len(value)
+    if value.isascii() or (beyond is not None and n > beyond):
+        return n
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def check_utf8_size(value: str, name: str, limit: int, *, what: str = "") -> int:
+    """Refuse ``value`` (a str) if it is more than ``limit`` bytes of UTF-8; its size.
+
+    Text that is surely within (4 bytes a character at most) or surely over (1 byte a
+    character at least) the limit is never encoded: a huge input is refused without a
+    copy of it.  ``what`` names the limit in the message.
+    """
+    if len(value) * 4 <= limit:
+        return utf8_size(value)
+    size = utf8_size(value, beyond=limit)
+    if size > limit:
+        got = f"at least {size:,}" if size == len(value) and not value.isascii() else f"{size:,}"
+        rule = f" ({what})" if what else ""
+        raise InvalidRequestError(
+            f"{name} must be at most {limit:,} bytes of UTF-8{rule}, got {got}"
+        )
+    return size
 
 
 def number(

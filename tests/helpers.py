@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from uuid import uuid4
@@ -177,3 +178,18 @@ def assert_one_outcome_per_request_in_order(
     fail_idx = [index[f.agent_id] for f in result.failures]
     assert out_idx == sorted(out_idx) and fail_idx == sorted(fail_idx)
     assert sorted(out_idx + fail_idx) == list(range(len(requests)))
+
+
+def client_bytes() -> int:
+    """What this process holds in traced Python objects (``tracemalloc`` must be on),
+    the in-process fake server's left out: what it reads (asyncio streams; the clients'
+    HTTP stacks do not use them), decodes (json) and keeps (fake_openai.py)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [
+            tracemalloc.Filter(False, "*fake_openai.py"),
+            tracemalloc.Filter(False, "*/asyncio/streams.py"),
+            tracemalloc.Filter(False, "*/json/decoder.py"),
+            tracemalloc.Filter(False, tracemalloc.__file__),
+        ]
+    )
+    return sum(stat.size for stat in snapshot.statistics("filename"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from adapters.roster import MAX_ROSTER_BYTES
 from tests.fake_openai import FakeOpenAIServer
 from tests.url_secrets import SECRET, assert_never_shown
 from tests.witness_helpers import run_sql
@@ -156,6 +157,18 @@ def test_bad_usage_exits_2_with_one_line(args: list[str]) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("conclave: ")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_roster_file_over_the_size_cap_is_a_usage_error_naming_the_cap(tmp_path: Path) -> None:
+    roster = tmp_path / "council.json"
+    with roster.open("wb") as f:
+        f.truncate(MAX_ROSTER_BYTES + 1)  # sparse: refused by its size, never read
+    proc = conclave("deliberate", "--roster", str(roster))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"conclave: {roster}: roster file of 25,600,001 bytes; "
+        "at most 25,600,000 (100,000 agents x 256)\n"
+    )
 
 
 def test_halt_clear_status_commands(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -224,3 +225,48 @@ async def test_file_halt_stops_a_running_batch(tmp_path: Path) -> None:
     err = await expect_halt(lambda: service.invoke_concurrent(make_requests(72)), halt_by_file)
     assert err.reason == "file says stop"
     assert trio.current_time() - timing["halt"] < 1.0  # a few polls, not the agents' 600 s
+
+
+# ---------------------------------------------------------------- the lock file
+
+
+def test_a_new_lock_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        FileHaltChannel(tmp_path / "halt.json").halt("test")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.lstat(tmp_path / "halt.json.lock").st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(tmp_path / "halt.json").st_mode) == 0o600
+
+
+@pytest.mark.parametrize("target", ["missing", "file"])
+def test_a_symlink_at_the_lock_path_is_never_followed(
+    tmp_path: Path, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "halt.json"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    aim = elsewhere / "target"
+    if target == "file":
+        aim.write_bytes(b"someone else's data")
+    before = {p.name: (p.read_bytes(), os.lstat(p)) for p in elsewhere.iterdir()}
+    (tmp_path / "halt.json.lock").symlink_to(aim)
+    channel = FileHaltChannel(path, lock_timeout=0.01)
+
+    # A halt is never refused: it is written without the lock, and says why.
+    with caplog.at_level(logging.ERROR, logger="adapters.file_halt"):
+        assert channel.halt("storm") is True
+    assert channel.read_state().halted
+    assert any("symbolic link" in str(r.__dict__.get("problem")) for r in caplog.records)
+    # A clear needs the lock: refused, the halt stands.
+    with pytest.raises(HaltClearDeniedError, match="symbolic link"):
+        channel.clear(approvers=["a", "b"], reason="all clear")
+    assert channel.read_state().halted
+
+    after = {p.name: (p.read_bytes(), os.lstat(p)) for p in elsewhere.iterdir()}
+    assert after.keys() == before.keys()  # the target was not created
+    for name, (data, st) in before.items():
+        assert after[name][0] == data
+        assert after[name][1].st_mtime_ns == st.st_mtime_ns
+    assert (tmp_path / "halt.json.lock").is_symlink()

@@ -7,6 +7,7 @@ log lines, endpoints that are not http(s) URLs.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from hypothesis.provisional import urls
 from adapters.openai_chat import decode_agent_header, encode_agent_header
 from adapters.roster import (
     MAX_AGENT_ID_LENGTH,
+    MAX_ROSTER_AGENTS,
+    MAX_ROSTER_BYTES,
+    ROSTER_BYTES_PER_AGENT,
     AgentProfile,
     Roster,
     RosterError,
@@ -405,3 +409,51 @@ def test_bad_archon_rosters_name_the_file_the_archon_and_the_field(
     assert message.startswith(f"{path}: ")
     assert expected in message
     assert "agent_id" not in message and "display_name" not in message  # the file's names
+
+
+# ---------------------------------------------------------------- file size
+
+
+def test_the_size_cap_is_the_agent_limit_times_the_per_agent_bound() -> None:
+    assert MAX_ROSTER_BYTES == MAX_ROSTER_AGENTS * ROSTER_BYTES_PER_AGENT
+    assert MAX_ROSTER_AGENTS == 100_000
+
+
+def test_a_roster_file_over_the_size_cap_is_refused_without_being_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("wb") as f:
+        f.truncate(MAX_ROSTER_BYTES + 1)  # sparse: its size, without writing it
+    tracemalloc.start()
+    try:
+        with pytest.raises(RosterError, match=r"huge\.json: roster file of 25,600,001 bytes"):
+            Roster.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, peak  # not read (before: the whole file, then parsed)
+
+
+def test_a_roster_file_of_exactly_the_size_cap_loads(tmp_path: Path) -> None:
+    path = tmp_path / "padded.json"
+    doc = b'{"agents": [{"agent_id": "archon-1"}]}'
+    path.write_bytes(doc + b" " * (MAX_ROSTER_BYTES - len(doc)))
+    assert Roster.load(path).agent_ids == ("archon-1",)
+
+
+def test_a_roster_path_without_a_size_is_read_only_up_to_the_cap(tmp_path: Path) -> None:
+    # A device reports no size and never ends: reading stops one byte past the cap.
+    path = tmp_path / "endless.json"
+    path.symlink_to("/dev/zero")
+    with pytest.raises(RosterError, match=r"endless\.json: roster file of more than 25,600,000"):
+        Roster.load(path)
+
+
+@pytest.mark.parametrize("key", ["agents", "archons"])
+def test_more_agents_than_the_limit_are_refused_before_any_is_built(key: str) -> None:
+    entries: list[dict[str, Any]] = [{}] * (MAX_ROSTER_AGENTS + 1)  # each would be refused
+    with pytest.raises(RosterError, match=r"<roster>: 100,001 agents; at most 100,000"):
+        Roster.from_dict({key: entries})
+
+
+def test_a_roster_of_exactly_the_agent_limit_loads() -> None:
+    assert len(Roster.default(MAX_ROSTER_AGENTS)) == MAX_ROSTER_AGENTS

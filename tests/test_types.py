@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import tracemalloc
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
@@ -12,6 +14,9 @@ import attrs
 import pytest
 
 from kernel import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_TOPIC_BYTES,
     AgentFailure,
     AgentOutput,
     AgentRequest,
@@ -161,3 +166,68 @@ def test_stamp_output_equals_evolve() -> None:
     assert out.batch_id is None  # the original is untouched
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         stamped.content = "x"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- size limits
+
+
+def test_a_topic_of_exactly_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
+    assert len(ContextBundle("t", "a" * MAX_TOPIC_BYTES).topic_content) == MAX_TOPIC_BYTES
+    with pytest.raises(InvalidRequestError, match=r"topic_content .* at most 1,048,576 bytes"):
+        ContextBundle("t", "a" * (MAX_TOPIC_BYTES + 1))
+
+
+@pytest.mark.parametrize("char", ["é", "€", "𝄞", "\ud800"])
+def test_the_topic_limit_counts_utf8_bytes_not_characters(char: str) -> None:
+    width = len(char.encode("utf-8", "surrogatepass"))
+    fits = char * (MAX_TOPIC_BYTES // width)
+    assert ContextBundle("t", fits).topic_content == fits
+    over = char * (MAX_TOPIC_BYTES // width + 1)
+    assert len(over) < MAX_TOPIC_BYTES  # under the limit in characters, over it in bytes
+    with pytest.raises(InvalidRequestError, match="topic_content"):
+        ContextBundle("t", over)
+
+
+def test_a_huge_topic_is_refused_without_a_copy_of_it() -> None:
+    topic = "é" * (8 * MAX_TOPIC_BYTES)  # 8 Mi characters, 16 MiB of UTF-8
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequestError, match="topic_content"):
+            ContextBundle("t", topic)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_TOPIC_BYTES // 4, peak
+
+
+def test_metadata_up_to_the_limit_is_accepted_and_beyond_it_refused() -> None:
+    # 64 entries of 1 KiB (key and value together): exactly the limit.
+    fits = {f"k{i:03d}": "v" * (1024 - 4) for i in range(64)}
+    assert sum(len(k) + len(v) for k, v in fits.items()) == MAX_METADATA_BYTES
+    assert ContextBundle("t", "c", fits).metadata == fits
+    with pytest.raises(InvalidRequestError, match=r"metadata .* at most 65,536 bytes"):
+        ContextBundle("t", "c", {**fits, "x": ""})
+    with pytest.raises(InvalidRequestError, match="metadata"):
+        ContextBundle("t", "c", {"k": "é" * (MAX_METADATA_BYTES // 2)})  # bytes, not chars
+
+
+def test_metadata_with_too_many_entries_is_refused_before_it_is_read() -> None:
+    class Endless(Mapping[str, str]):
+        """As many empty entries as it likes; reading one is a test failure."""
+
+        def __len__(self) -> int:
+            return 10**9
+
+        def __getitem__(self, key: str) -> str:
+            raise AssertionError("read")
+
+        def __iter__(self) -> Iterator[str]:
+            raise AssertionError("read")
+
+    with pytest.raises(InvalidRequestError, match=r"metadata .* at most 1,024 entries"):
+        ContextBundle("t", "c", Endless())
+    many = {str(i): "" for i in range(MAX_METADATA_ENTRIES + 1)}  # no bytes to speak of
+    with pytest.raises(InvalidRequestError, match="entries"):
+        ContextBundle("t", "c", many)
+    del many["0"]
+    assert len(ContextBundle("t", "c", many).metadata) == MAX_METADATA_ENTRIES

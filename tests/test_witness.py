@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -16,7 +19,7 @@ from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPool, ConcurrentDeliberationService, FailureKind, OutputWitness
 from tests.helpers import make_requests
-from tests.witness_helpers import run_sql
+from tests.witness_helpers import make_log, run_sql
 
 ROOT = Path(__file__).parent.parent
 
@@ -193,3 +196,74 @@ def test_sigkill_mid_batch_leaves_a_log_that_verifies(tmp_path: Path) -> None:
     finally:
         db.close()
     assert set(seen) <= committed  # every output that was released is in the log
+
+
+# ---------------------------------------------------------------- the log's files
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The loosest umask: whatever the witness creates keeps the mode it asked for."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+async def test_a_new_log_and_its_wal_and_shm_files_are_private(
+    tmp_path: Path, open_umask: None
+) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        await _deliberate(witness, 3)
+        side_files = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+        assert all(p.exists() for p in side_files)
+        assert {p.name: _mode(p) for p in [path, *side_files]} == {
+            "w.db": 0o600,
+            "w.db-wal": 0o600,
+            "w.db-shm": 0o600,
+        }
+
+
+async def test_an_existing_log_keeps_its_mode(tmp_path: Path, open_umask: None) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        await _deliberate(witness, 1)
+    path.chmod(0o640)  # the operator's choice (a group of auditors): not ours to change
+    async with SqliteWitness(path) as witness:
+        await _deliberate(witness, 1)
+        assert _mode(path) == 0o640
+        assert _mode(Path(f"{path}-wal")) == 0o640  # SQLite follows the log's mode
+
+
+@pytest.mark.parametrize("target", ["missing", "file", "witness_log"])
+@pytest.mark.parametrize("at", ["", "-wal", "-shm"])
+def test_a_symlink_at_the_log_or_its_side_files_is_refused_and_nothing_is_written(
+    tmp_path: Path, target: str, at: str
+) -> None:
+    path = tmp_path / "w.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    aim = elsewhere / "target"
+    if target == "file":
+        aim.write_bytes(b"someone else's data")
+        aim.chmod(0o644)
+    elif target == "witness_log":
+        make_log(aim, 2)
+    before = {p.name: (p.read_bytes(), os.lstat(p)) for p in elsewhere.iterdir()}
+    Path(f"{path}{at}").symlink_to(aim)
+
+    with pytest.raises(WitnessError, match="symbolic link"):
+        SqliteWitness(path)
+
+    after = {p.name: (p.read_bytes(), os.lstat(p)) for p in elsewhere.iterdir()}
+    assert after.keys() == before.keys()  # nothing created beside the target
+    for name, (data, st) in before.items():
+        assert after[name][0] == data
+        assert (after[name][1].st_mode, after[name][1].st_mtime_ns) == (st.st_mode, st.st_mtime_ns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["elsewhere", f"w.db{at}"])

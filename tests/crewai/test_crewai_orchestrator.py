@@ -7,6 +7,7 @@ the faults and counts what is in flight and who went away.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from adapters.asyncio_bridge import AsyncioOrchestratorBridge
 from adapters.crewai import TELEMETRY_OFF, CrewAIOrchestrator
 from adapters.roster import AgentProfile, Roster
 from kernel import (
+    MAX_TOPIC_BYTES,
     AgentNotFoundError,
     AgentPool,
     ConcurrentDeliberationService,
@@ -35,7 +38,7 @@ from kernel import (
 )
 from tests.crewai.conftest import threads_running_llm_code
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import expect_halt
+from tests.helpers import client_bytes, expect_halt
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHONS = ROOT / "examples" / "archons-sample.json"
@@ -584,3 +587,30 @@ def test_a_crewai_validation_error_is_described_without_its_input() -> None:
     assert described == "ValidationError (1 error(s))"
     long_error = RuntimeError("x" * 1000 + "\n" + "y")
     assert describe_error(long_error) == "RuntimeError: " + "x" * 200  # one bounded line
+
+
+async def test_agents_on_one_topic_share_its_task_description(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    # CrewAI copies the description into its prompt and its messages, and the SDK encodes
+    # each body: three copies per agent are CrewAI's and the SDK's; the description
+    # itself is built once per topic (it was a fourth copy per agent).
+    n = 8
+    llm_server.default = "hang"
+    roster = Roster.default(n)
+    context = ContextBundle("big", "a" * MAX_TOPIC_BYTES)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, roster)) as bridge:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = client_bytes()
+            async with trio.open_nursery() as nursery:
+                for agent_id in roster.agent_ids:
+                    nursery.start_soon(bridge.invoke, agent_id, context)
+                await wait_server(llm_server, lambda s: s.requests_total >= n)
+                held = client_bytes() - before
+                nursery.cancel_scope.cancel()
+        finally:
+            tracemalloc.stop()
+    per_agent = held / n / MAX_TOPIC_BYTES
+    assert per_agent < 3.6, f"{per_agent:.2f} x the topic per agent"  # was 4.07

@@ -1,0 +1,96 @@
+"""The OpenAI orchestrator's requests: what it builds from a topic, and what that costs.
+
+Through the real SDK and the trio-asyncio bridge against the loopback server in
+tests/fake_openai.py; nothing here patches the client.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import weakref
+from typing import Any
+
+import trio
+
+from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+from adapters.openai_chat import OpenAIChatOrchestrator, topic_message
+from kernel import MAX_TOPIC_BYTES, ContextBundle
+from tests.fake_openai import FakeOpenAIServer
+from tests.helpers import client_bytes
+
+
+def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
+    settings: dict[str, Any] = {"timeout_s": 30.0, "max_retries": 0, **kwargs}
+    return OpenAIChatOrchestrator(server.base_url, "fake-model", **settings)
+
+
+async def wait_server(server: FakeOpenAIServer, predicate: Any) -> None:
+    ok = await trio.to_thread.run_sync(server.wait_for, predicate, 20.0)
+    assert ok, "server never reached the expected state"
+
+
+def user_message(body: dict[str, Any]) -> str:
+    return str(next(m["content"] for m in body["messages"] if m["role"] == "user"))
+
+
+async def test_agents_on_one_topic_hold_one_copy_of_it_not_one_each(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    # Every in-flight request holds its encoded body (the SDK encodes each request); the
+    # user message built from the topic is built once per topic and shared.
+    n = 8
+    llm_server.default = "hang"
+    context = ContextBundle("big", "a" * MAX_TOPIC_BYTES)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = client_bytes()
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(bridge.invoke, f"archon-{i}", context)
+                await wait_server(llm_server, lambda s: s.requests_total >= n)
+                held = client_bytes() - before
+                nursery.cancel_scope.cancel()
+        finally:
+            tracemalloc.stop()
+    per_agent = held / n / MAX_TOPIC_BYTES
+    # One encoded body each (1x), and the shared message (1/n each); was 2x.
+    assert per_agent < 1.5, f"{per_agent:.2f} x the topic per agent"
+
+
+async def test_concurrent_topics_each_reach_their_own_agents(llm_server: FakeOpenAIServer) -> None:
+    topics = [ContextBundle(f"t{k}", f"topic number {k}", {"k": str(k)}) for k in range(3)]
+    async with (
+        AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge,
+        trio.open_nursery() as nursery,
+    ):
+        for k, context in enumerate(topics):
+            for i in range(4):
+                nursery.start_soon(bridge.invoke, f"agent-{k}-{i}", context)
+    assert len(llm_server.bodies) == 12
+    for body, headers in zip(llm_server.bodies, llm_server.headers, strict=True):
+        n = headers["x-conclave-agent"].split("-")[1]
+        assert user_message(body) == f"Topic t{n}:\n\ntopic number {n}\n\nContext:\n- k: {n}"
+
+
+async def test_the_orchestrator_keeps_no_topic_alive_after_its_agents(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    context = ContextBundle("t", "a topic to forget")
+    gone = weakref.ref(context)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        await bridge.invoke("archon-1", context)
+        del context
+        gc.collect()
+        assert gone() is None
+
+
+def test_a_topic_that_cannot_be_shared_still_gets_its_message() -> None:
+    class Unhashable(ContextBundle):
+        __hash__ = None  # type: ignore[assignment]
+
+    assert topic_message(Unhashable("t", "the text", {"k": "v"})) == (
+        "Topic t:\n\nthe text\n\nContext:\n- k: v"
+    )
