@@ -23,7 +23,8 @@ Exit codes:
 
 Bad input gets one line on stderr, never a traceback.
 
-Here: the parser and the commands.  What a run is opened on is in ``_cli_backend``,
+Here: the parser and the commands (``halt``, ``clear``, ``status``: ``_cli_halt``, for every
+channel).  What a run is opened on is in ``_cli_backend``,
 what it shows in ``_cli_display``, what it records in ``transcript``.
 """
 
