@@ -1,34 +1,24 @@
 """The CLI on a Valkey (or Redis) server: ``--valkey URL`` for ``deliberate`` (the halt
 channel every replica obeys, and with ``--shared-capacity N`` the cluster-wide FR10
-capacity) and for ``halt``, ``clear`` and ``status``.
+capacity).  ``halt``, ``clear`` and ``status`` are ``_cli_halt``'s, for every channel.
 
 adapters.valkey (and coredis) is imported only when ``--valkey`` is given.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters._cli_backend import halt_checker, importing_extra
-from adapters._cli_display import plain
 from kernel import AgentPool, DualChannelHaltChecker, HaltChecker, HaltSwitch
 
 if TYPE_CHECKING:
     from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
 
-__all__ = [
-    "ValkeyCluster",
-    "clear_command",
-    "halt_command",
-    "open_cluster",
-    "status_command",
-]
-
-EXIT_OK, EXIT_HALTED = 0, 3
+__all__ = ["ValkeyCluster", "open_cluster"]
 
 
 class ValkeyCluster:
@@ -77,51 +67,3 @@ async def open_cluster(
                 ValkeyCapacity(url, capacity=shared_capacity)
             )
         yield ValkeyCluster(channel, capacity)
-
-
-async def halt_command(args: argparse.Namespace) -> int:
-    with importing_extra("valkey", "--valkey"):
-        from adapters.valkey import ValkeyHaltChannel
-    async with ValkeyHaltChannel(args.valkey) as channel:
-        if await channel.halt(args.reason):
-            print(f"halted: {plain(args.reason)}")
-            if channel.kept_aside is not None:
-                print(f"the unreadable halt key was kept as {channel.kept_aside}")
-        else:
-            print(f"already halted: {plain(channel.state.reason or '')}")
-    return EXIT_OK
-
-
-async def clear_command(args: argparse.Namespace) -> int:
-    with importing_extra("valkey", "--valkey"):
-        from adapters.valkey import ValkeyHaltChannel
-    async with ValkeyHaltChannel(args.valkey) as channel:
-        cleared = await channel.clear(approvers=args.approver, reason=args.reason)
-    print("cleared" if cleared else "not halted; nothing to clear")
-    return EXIT_OK
-
-
-async def status_command(args: argparse.Namespace) -> int:
-    with importing_extra("valkey", "--valkey"):
-        from adapters.valkey import ValkeyHaltChannel, ValkeyUnavailableError
-    async with ValkeyHaltChannel(args.valkey) as channel:
-        state = channel.state
-        try:
-            history = await channel.history()
-        except ValkeyUnavailableError:
-            history = ()
-    if not state.halted:
-        print("not halted")
-    else:
-        print(f"HALTED: {plain(state.reason or '')}")
-        if state.problem == "no halt record":
-            print(
-                "  two approvers clear it: conclave clear --valkey URL "
-                "--approver A --approver B --reason TEXT"
-            )
-        elif state.connected and state.problem is not None:
-            print("  `conclave halt --valkey` rewrites it as a readable halt; then clear it")
-    for record in history[-5:]:
-        who = f" by {plain(', '.join(record.approvers))}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
-    return EXIT_HALTED if state.halted else EXIT_OK

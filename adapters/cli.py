@@ -23,7 +23,8 @@ Exit codes:
 
 Bad input gets one line on stderr, never a traceback.
 
-Here: the parser and the commands.  What a run is opened on is in ``_cli_backend``,
+Here: the parser and the commands (``halt``, ``clear``, ``status``: ``_cli_halt``, for every
+channel).  What a run is opened on is in ``_cli_backend``,
 what it shows in ``_cli_display``, what it records in ``transcript``.
 """
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -52,6 +52,7 @@ from adapters._cli_backend import (
     stub_orchestrator,
 )
 from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
+from adapters._cli_halt import check_halt_file, clear_command, halt_command, status_command
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -380,7 +381,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
-    await _check_halt_file(args)
+    await check_halt_file(args)
     tail = (
         ("--deadline", args.deadline),
         ("--quorum", args.quorum),
@@ -554,83 +555,6 @@ def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
         return n * latency_ms
     waves = math.ceil(n / args.capacity) if args.overflow == "queue" else 1
     return waves * latency_ms
-
-
-# ---------------------------------------------------------------- halt / clear / status
-
-
-async def _check_halt_file(args: argparse.Namespace) -> None:
-    """Refuse a ``--halt-file`` whose directory does not exist, unless ``--create`` (for
-    the commands that take it) makes it.  Such a path is most likely mistyped: a halt
-    written there, or a council watching it, would not meet the other side.  A directory
-    that exists but cannot hold the file (a file, say) is the channel's to report: it
-    reads as halted and cannot be written."""
-    create = getattr(args, "create", False)
-    path: Path | None = args.halt_file
-    if path is None:
-        if create:
-            raise UsageError("--create goes with --halt-file (it makes the file's directory)")
-        return
-    directory = path.parent
-    if await trio.to_thread.run_sync(os.path.lexists, directory):
-        return
-    if create:
-        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
-        return
-    problem = "does not exist"
-    if args.command in ("halt", "clear"):
-        problem += "; nothing was written"
-    if "create" in args:
-        problem += " (--create makes it)"
-    raise UsageError(f"--halt-file {plain(str(path))}: {plain(str(directory))} {problem}")
-
-
-async def halt_command(args: argparse.Namespace) -> int:
-    await _check_halt_file(args)
-    if args.valkey is not None:
-        return await _cli_valkey.halt_command(args)
-    from adapters.file_halt import FileHaltChannel
-
-    channel = FileHaltChannel(args.halt_file)
-    if await channel.ahalt(args.reason):
-        print(f"halted: {plain(args.reason)}")
-        if channel.kept_aside is not None:
-            print(f"the unreadable halt file was kept as {channel.kept_aside}")
-    else:
-        print(f"already halted: {plain(await channel.get_halt_reason() or '')}")
-    return EXIT_OK
-
-
-async def clear_command(args: argparse.Namespace) -> int:
-    if args.valkey is not None:
-        return await _cli_valkey.clear_command(args)
-    await _check_halt_file(args)
-    from adapters.file_halt import FileHaltChannel
-
-    channel = FileHaltChannel(args.halt_file)
-    was_halted = await channel.is_halted()
-    await channel.aclear(approvers=args.approver, reason=args.reason)
-    print("cleared" if was_halted else "not halted; nothing to clear")
-    return EXIT_OK
-
-
-async def status_command(args: argparse.Namespace) -> int:
-    if args.valkey is not None:
-        return await _cli_valkey.status_command(args)
-    await _check_halt_file(args)
-    from adapters.file_halt import FileHaltChannel
-
-    state = await FileHaltChannel(args.halt_file).state()
-    if state.halted:
-        print(f"HALTED: {plain(state.reason or '')}")
-        if state.error is not None:
-            print("  `conclave halt` rewrites it as a readable halted file; then it can be cleared")
-    else:
-        print("not halted")
-    for record in state.history[-5:]:
-        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
-        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
-    return EXIT_HALTED if state.halted else EXIT_OK
 
 
 async def verify_command(args: argparse.Namespace) -> int:

@@ -9,9 +9,10 @@ and ``clear`` write at once, like ``HaltSwitch``'s, and ``ahalt``/``aclear`` wri
 worker thread.
 
 **Fail-closed.**  Only two things read as "not halted": no file at the path, or a
-well-formed document whose ``halted`` is ``false``.  Anything else at the path -- bytes
-that are not UTF-8 JSON, JSON nested too deeply to parse, a wrong type at any level, an
-unknown schema, a duplicated key, an empty file, a file larger than
+well-formed document (:mod:`adapters.halt_doc`, the rules the Valkey channel reads by
+too) whose ``halted`` is ``false``.  Anything else at the path -- bytes that are not UTF-8
+JSON, JSON nested too deeply to parse, a wrong type at any level, a missing or unknown
+schema, halted without a reason, a duplicated key, an empty file, a file larger than
 :data:`MAX_HALT_FILE_BYTES`, a directory, a FIFO, a dangling symlink, a file that cannot
 be opened -- reads as **halted**, with a reason that says the file is corrupt or
 unreadable (logged once per distinct problem).  Reading never raises.
@@ -33,20 +34,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import stat
 import time
 from collections.abc import Collection, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
 
 import attrs
 import trio
 
 from adapters._atomic import write_atomically
+from adapters.halt_doc import CorruptHaltDocument, encode_document, parse_document
 from kernel import (
     NO_REASON,
     HaltClearDeniedError,
@@ -60,8 +59,6 @@ from kernel.validate import check_seconds
 __all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
 
 log = logging.getLogger("adapters.file_halt")
-
-_SCHEMA = "conclave.halt/1"
 
 #: A halt file larger than this reads as corrupt (halted).  Writers keep the history
 #: under it by dropping the oldest records (about 20 000 fit).
@@ -84,17 +81,14 @@ class HaltFileState:
     error: str | None = None
 
 
-class _Corrupt(Exception):
-    """The file's content is not a halt document (internal to reading)."""
-
-
 class FileHaltChannel:
-    """A :class:`~kernel.HaltChecker` (with ``wait_halted``) backed by a JSON file.
+    """A :class:`~kernel.HaltChecker` (with ``wait_halted``) and a
+    :class:`~kernel.HaltControl`, backed by a JSON file.
 
-    Reads (``is_halted``, ``get_halt_reason``, ``wait_halted``) run in a worker thread.
-    ``halt`` and ``clear`` are synchronous like ``HaltSwitch``'s; ``ahalt`` and
-    ``aclear`` do the same write from a worker thread.  A missing file means "not
-    halted"; a missing *directory* is created on the first write.
+    Reads (``is_halted``, ``get_halt_reason``, ``wait_halted``, ``ahistory``) run in a
+    worker thread.  ``halt`` and ``clear`` are synchronous like ``HaltSwitch``'s;
+    ``ahalt`` and ``aclear`` (the port) do the same write from a worker thread.  A
+    missing file means "not halted"; a missing *directory* is created on the first write.
 
     Args:
         path: the halt file.
@@ -130,8 +124,9 @@ class FileHaltChannel:
             raw = self._read_bytes()
             if raw is None:
                 return self._ok(HaltFileState(False, None))
-            return self._ok(_parse(raw))
-        except _Corrupt as exc:
+            doc = parse_document(raw)
+            return self._ok(HaltFileState(doc.halted, doc.reason, doc.history))
+        except CorruptHaltDocument as exc:
             return self._unreadable(f"corrupt halt file {self.path}: {exc}")
         except OSError as exc:
             return self._unreadable(f"cannot read {self.path}: {exc.strerror or exc}")
@@ -149,7 +144,8 @@ class FileHaltChannel:
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                raise _Corrupt("it is a directory" if stat.S_ISDIR(mode) else "not a regular file")
+                what = "it is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise CorruptHaltDocument(what)
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_HALT_FILE_BYTES:
@@ -161,7 +157,7 @@ class FileHaltChannel:
         finally:
             os.close(fd)
         if size > MAX_HALT_FILE_BYTES:
-            raise _Corrupt(f"larger than {MAX_HALT_FILE_BYTES} bytes")
+            raise CorruptHaltDocument(f"larger than {MAX_HALT_FILE_BYTES} bytes")
         return b"".join(chunks)
 
     def _open(self) -> int | None:
@@ -175,10 +171,10 @@ class FileHaltChannel:
                 except FileNotFoundError:
                     return None  # nothing there
                 if link and not os.path.exists(self.path):
-                    raise _Corrupt("it is a dangling symbolic link") from None
+                    raise CorruptHaltDocument("it is a dangling symbolic link") from None
                 # Something appeared between the open and the look (another process's
                 # atomic rename): open again rather than call it corrupt.
-        raise _Corrupt("the path keeps changing under the reader")
+        raise CorruptHaltDocument("the path keeps changing under the reader")
 
     def _ok(self, state: HaltFileState) -> HaltFileState:
         if self._last_error is not None:
@@ -215,8 +211,13 @@ class FileHaltChannel:
                 return state.reason or NO_REASON
             await trio.sleep(self.poll_interval)
 
+    async def ahistory(self) -> tuple[HaltRecord, ...]:
+        """The file's history, oldest first (empty if unreadable), read in a worker thread."""
+        return (await self.state()).history
+
     @property
     def history(self) -> tuple[HaltRecord, ...]:
+        """:meth:`ahistory`, read now (blocking: outside trio, or from a thread)."""
         return self.read_state().history
 
     # ------------------------------------------------------------ writing
@@ -234,23 +235,28 @@ class FileHaltChannel:
         """
         return self._halt_now(check_halt_reason(reason))
 
-    def clear(self, *, approvers: Collection[str], reason: str) -> None:
-        """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``.
+    def clear(self, *, approvers: Collection[str], reason: str) -> bool:
+        """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``;
+        True if a halt was cleared, False if there was none.
 
         Raises :class:`~kernel.HaltClearDeniedError` if the file is unreadable (halt
         first, which rewrites it, then clear) or its lock cannot be taken.
         """
         names = check_clear_approvers(approvers, reason)
-        self._clear_now(names, reason)
+        return self._clear_now(names, reason)
+
+    # The HaltControl port: the same writes, from a worker thread.  Not abandoned when
+    # cancelled: a halt (or clear) that was asked for is written, whatever happens to
+    # the caller.
 
     async def ahalt(self, reason: str) -> bool:
         """:meth:`halt`, with the disk write in a worker thread."""
         return await trio.to_thread.run_sync(self._halt_now, check_halt_reason(reason))
 
-    async def aclear(self, *, approvers: Collection[str], reason: str) -> None:
+    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool:
         """:meth:`clear`, with the disk write in a worker thread."""
         names = check_clear_approvers(approvers, reason)
-        await trio.to_thread.run_sync(self._clear_now, names, reason)
+        return await trio.to_thread.run_sync(self._clear_now, names, reason)
 
     def _halt_now(self, reason: str) -> bool:
         with self._locked(required=False):
@@ -269,7 +275,7 @@ class FileHaltChannel:
         )
         return True
 
-    def _clear_now(self, approvers: tuple[str, ...], reason: str) -> None:
+    def _clear_now(self, approvers: tuple[str, ...], reason: str) -> bool:
         with self._locked(required=True):
             state = self.read_state()
             if state.error is not None:
@@ -278,7 +284,7 @@ class FileHaltChannel:
                     "raise the halt again (conclave halt) to rewrite it, then clear"
                 )
             if not state.halted:
-                return
+                return False
             history = [*state.history, HaltRecord("clear", reason, utc_now(), approvers)]
             write_atomically(self.path, _encode(False, None, history, self.path))
         log.warning(
@@ -289,6 +295,7 @@ class FileHaltChannel:
                 "approvers": list(approvers),
             },
         )
+        return True
 
     def _replace_unreadable(self, data: bytes, problem: str) -> None:
         """Write ``data`` over an unreadable entry, keeping that entry aside.
@@ -416,106 +423,16 @@ def _fsync_dir(directory: Path) -> None:
 # ---------------------------------------------------------------- the document
 
 
-def _parse(raw: bytes) -> HaltFileState:
-    """A halt document, strictly: raises on anything that is not one."""
-    doc = json.loads(
-        raw.decode("utf-8"),  # strict: the format is UTF-8, without a BOM
-        object_pairs_hook=_no_duplicate_keys,
-        parse_constant=_no_constant,
-    )
-    if not isinstance(doc, dict):
-        raise _Corrupt(f"top level is {_kind(doc)}, not an object")
-    schema = doc.get("schema", _SCHEMA)
-    if schema != _SCHEMA:
-        raise _Corrupt(f"the schema is not {_SCHEMA!r}")
-    halted = doc.get("halted")
-    if not isinstance(halted, bool):
-        raise _Corrupt(f"'halted' is {_kind(halted)}, not true or false")
-    reason = _opt_text(doc.get("reason"), "'reason'")
-    history_raw = doc.get("history", [])
-    if not isinstance(history_raw, list):
-        raise _Corrupt(f"'history' is {_kind(history_raw)}, not a list")
-    history = tuple(_record(r, i) for i, r in enumerate(history_raw))
-    return HaltFileState(halted, reason if halted else None, history)
-
-
-def _record(raw: object, index: int) -> HaltRecord:
-    where = f"history[{index}]"
-    if not isinstance(raw, dict):
-        raise _Corrupt(f"{where} is {_kind(raw)}, not an object")
-    action = raw.get("action")
-    if action not in ("halt", "clear"):
-        raise _Corrupt(f"{where}.action is not 'halt' or 'clear'")
-    reason = _text(raw.get("reason"), f"{where}.reason")
-    at_text = _text(raw.get("at"), f"{where}.at")
-    try:
-        at = datetime.fromisoformat(at_text)
-    except ValueError:
-        raise _Corrupt(f"{where}.at is not an ISO 8601 timestamp") from None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)  # as the kernel does: naive means UTC
-    approvers = raw.get("approvers", [])
-    if not isinstance(approvers, list):
-        raise _Corrupt(f"{where}.approvers is {_kind(approvers)}, not a list")
-    names = tuple(_text(a, f"{where}.approvers[{i}]") for i, a in enumerate(approvers))
-    return HaltRecord("halt" if action == "halt" else "clear", reason, at, names)
-
-
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise _Corrupt(f"{where} is {_kind(value)}, not a string")
-    try:
-        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\\ud800"); refuse them
-    except UnicodeEncodeError:
-        raise _Corrupt(f"{where} is not valid Unicode text") from None
-    return value
-
-
-def _opt_text(value: object, where: str) -> str | None:
-    return None if value is None else _text(value, where)
-
-
-def _kind(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise _Corrupt("a key appears twice in one object")
-    return doc
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise _Corrupt(f"{name} is not JSON")
-
-
 def _encode(halted: bool, reason: str | None, history: list[HaltRecord], path: Path) -> bytes:
     """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
     (the newest, which this write adds, is always kept)."""
-    records = [
-        {
-            "action": r.action,
-            "reason": r.reason,
-            "at": r.at.isoformat(),
-            "approvers": list(r.approvers),
-        }
-        for r in history
-    ]
     dropped = 0
     while True:
-        doc = {
-            "schema": _SCHEMA,
-            "halted": halted,
-            "reason": reason,
-            "updated_at": utc_now().isoformat(),
-            "history": records[dropped:],
-        }
-        data = (json.dumps(doc, indent=2) + "\n").encode()
-        if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(records) - 1:
+        data = encode_document(halted, reason, history[dropped:], indent=2)
+        if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(history) - 1:
             break
-        dropped += max(1, (len(records) - dropped) // 10)
-        dropped = min(dropped, len(records) - 1)
+        dropped += max(1, (len(history) - dropped) // 10)
+        dropped = min(dropped, len(history) - 1)
     if dropped:
         log.warning(
             "halt file history trimmed to fit",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Final, Literal
@@ -11,7 +10,7 @@ import trio
 
 from kernel._errors import InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, check_sync_hooks, read_halt, wait_for_halt
-from kernel._ports import HaltChecker, HaltNotifier, HaltProbe, HaltWaiter
+from kernel._ports import HaltChecker, HaltControl, HaltNotifier, HaltProbe, HaltWaiter
 from kernel.validate import check_seconds
 
 __all__ = ["DualChannelHaltChecker"]
@@ -225,7 +224,8 @@ class DualChannelHaltChecker:
 
         Returns True if the channels agree afterwards.  Never *clears* a halt: a
         disagreement is resolved towards halted (fail-safe).  A channel is halted through
-        its ``halt(reason)`` method, sync or async; one without it is left as it is.
+        :class:`~kernel.HaltControl` (``ahalt``); one that is not a HaltControl is left
+        as it is.
         """
         answers = await self._read_both(first_halt_wins=False)
         primary, secondary = answers["primary"], answers["secondary"]
@@ -238,15 +238,12 @@ class DualChannelHaltChecker:
             if isinstance(primary, str)
             else (secondary, self.primary, "primary")
         )
-        raise_halt = getattr(lagging, "halt", None)
-        if not callable(raise_halt):
+        if not isinstance(lagging, HaltControl):
             log.warning(
                 "halt channels disagree; lagging channel cannot be halted",
                 extra={"halt_channel": name},
             )
             return False
-        result = raise_halt(f"propagated: {reason}")
-        if inspect.isawaitable(result):
-            await result
+        await lagging.ahalt(f"propagated: {reason}")
         log.warning("halt propagated to lagging channel", extra={"halt_channel": name})
         return await self.check_channels_consistent()

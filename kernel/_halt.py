@@ -6,14 +6,11 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Collection
-from datetime import datetime
-from typing import Literal
 
-import attrs
 import trio
 
 from kernel._errors import HaltClearDeniedError, InvalidRequestError
-from kernel._ports import HaltChecker, HaltWaiter
+from kernel._ports import HaltChecker, HaltRecord, HaltWaiter
 from kernel._types import utc_now
 
 __all__ = [
@@ -30,16 +27,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("kernel.halt")
-
-
-@attrs.frozen(slots=True)
-class HaltRecord:
-    """One entry of a halt channel's history: a halt raised, or a halt cleared."""
-
-    action: Literal["halt", "clear"]
-    reason: str
-    at: datetime
-    approvers: tuple[str, ...] = ()
 
 
 #: The reason reported for a channel that says halted without saying why.
@@ -172,7 +159,8 @@ class HaltSwitch:
     """A sticky, in-process halt: once raised it stays raised until cleared by two people.
 
     Implements :class:`~kernel.HaltChecker` including ``wait_halted``, so a running batch
-    reacts to :meth:`halt` at once rather than on a poll.  The first reason wins;
+    reacts to :meth:`halt` at once rather than on a poll, and :class:`~kernel.HaltControl`
+    (``ahalt``, ``aclear``, ``ahistory``: the synchronous calls, awaitable).  The first reason wins;
     later :meth:`halt` calls return False and change nothing.
 
     :meth:`halt` is synchronous and safe to call from any trio task (including an
@@ -236,19 +224,38 @@ class HaltSwitch:
 
         return unregister
 
-    def clear(self, *, approvers: Collection[str], reason: str) -> None:
-        """Clear the halt (two distinct approvers and a reason); a no-op record if not halted.
+    def clear(self, *, approvers: Collection[str], reason: str) -> bool:
+        """Clear the halt (two distinct approvers and a reason); True if a halt was
+        cleared, False (and no record) if the switch was not halted.
 
         Raises :class:`HaltClearDeniedError` and changes nothing if the approvers or the
         reason do not qualify.  After a clear the switch can be halted again.
         """
         names = check_clear_approvers(approvers, reason)
         if self._reason is None:
-            return
+            return False
         self._reason = None
         self._event = trio.Event()
         self._history.append(HaltRecord("clear", reason, utc_now(), names))
         log.warning("halt cleared", extra={"halt_channel": "switch", "approvers": list(names)})
+        return True
+
+    # HaltControl: the synchronous calls, then a schedule point that cannot be
+    # cancelled (a halt that was asked for happens, and its answer is not lost).
+
+    async def ahalt(self, reason: str) -> bool:
+        raised = self.halt(reason)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return raised
+
+    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool:
+        cleared = self.clear(approvers=approvers, reason=reason)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return cleared
+
+    async def ahistory(self) -> tuple[HaltRecord, ...]:
+        await trio.lowlevel.checkpoint()
+        return self.history
 
     # HaltChecker
     async def is_halted(self) -> bool:

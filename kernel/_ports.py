@@ -6,9 +6,9 @@ importing anything from here but the domain types.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 from uuid import UUID
 
 import attrs
@@ -19,8 +19,10 @@ __all__ = [
     "AgentOrchestratorProtocol",
     "CommitReceipt",
     "HaltChecker",
+    "HaltControl",
     "HaltNotifier",
     "HaltProbe",
+    "HaltRecord",
     "HaltWaiter",
     "LeaseLossNotifier",
     "OutputWitness",
@@ -86,6 +88,45 @@ class HaltNotifier(Protocol):
     """
 
     def on_halt(self, listener: Callable[[str], None]) -> Callable[[], None]: ...
+
+
+@attrs.frozen(slots=True)
+class HaltRecord:
+    """One entry of a halt channel's history: a halt raised, or a halt cleared."""
+
+    action: Literal["halt", "clear"]
+    reason: str
+    at: datetime
+    approvers: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class HaltControl(Protocol):
+    """A halt channel that can be raised, cleared and asked its history, the same way
+    whatever it is (in-process, a file, a server): what an operator's tools use.
+
+    * ``ahalt(reason)`` -- raise the halt; True if this call raised it, False if it was
+      already raised (the first reason is kept).  A blank reason raises
+      :class:`~kernel.InvalidRequestError` and changes nothing; a channel that cannot
+      be written raises (``OSError``, or a :class:`~kernel.ConclaveError`).
+    * ``aclear(approvers=..., reason=...)`` -- clear it (two distinct approvers and a
+      reason, :func:`~kernel.check_clear_approvers`); True if a halt was cleared, False
+      if there was none.  Raises :class:`~kernel.HaltClearDeniedError`, having changed
+      nothing, when the approvers do not qualify or the channel cannot be read or reached
+      (what cannot be read is not cleared).
+    * ``ahistory()`` -- the halts and clears, oldest first; raises a
+      :class:`~kernel.ConclaveError` if it cannot be read at all.
+
+    The names carry an ``a`` because :meth:`HaltSwitch.halt <kernel.HaltSwitch.halt>`
+    and ``clear`` are synchronous (a signal handler, another thread): the sync names
+    stay where they exist.
+    """
+
+    async def ahalt(self, reason: str) -> bool: ...
+
+    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool: ...
+
+    async def ahistory(self) -> tuple[HaltRecord, ...]: ...
 
 
 @runtime_checkable

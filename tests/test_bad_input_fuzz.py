@@ -86,7 +86,7 @@ history_records = st.fixed_dictionaries(
     | st.one_of(
         values,
         st.fixed_dictionaries(
-            {"halted": st.booleans() | values},
+            {"schema": st.just("conclave.halt/1") | values, "halted": st.booleans() | values},
             optional={
                 "reason": st.none() | st.text(max_size=8) | values,
                 "history": st.lists(history_records, max_size=3) | values,

@@ -128,3 +128,26 @@ def test_a_password_in_the_url_never_shows_in_the_cli_output(
     for secret in (SECRET, wrong_password):
         texts = [text for run in runs + refused + gone for text in (run.stdout, run.stderr)]
         assert_never_shown(secret, texts)
+
+
+def test_a_corrupt_halt_key_is_reported_and_repaired_like_a_corrupt_halt_file(url: str) -> None:
+    import coredis
+    import trio
+
+    async def corrupt() -> None:
+        async with coredis.Redis.from_url(url, decode_responses=False) as client:
+            await client.set("conclave:halt", b'{"schema": "conclave.halt/1", "halted": true}')
+
+    trio.run(corrupt)
+    status = conclave("status", "--valkey", url)
+    assert status.returncode == 3
+    assert status.stdout.startswith("HALTED: halt key conclave:halt corrupt, unreadable")
+    assert "`conclave halt --valkey URL` rewrites it as a readable halt" in status.stdout
+    both = ["--approver", "a", "--approver", "b"]
+    clear = conclave("clear", "--valkey", url, *both, "--reason", "r")
+    assert clear.returncode == 2 and "unreadable" in clear.stderr
+    halt = conclave("halt", "--valkey", url, "--reason", "operator rewrites it")
+    assert halt.returncode == 0, halt.stderr
+    assert halt.stdout.startswith("halted: operator rewrites it\n")
+    assert "the unreadable halt key was kept as conclave:halt:corrupt:" in halt.stdout
+    assert conclave("status", "--valkey", url).stdout.startswith("HALTED: operator rewrites it\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pytest
 import trio
 import trio.testing
@@ -12,6 +14,7 @@ from kernel import (
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
     HaltChecker,
+    HaltRecord,
     HaltSwitch,
     InvalidRequestError,
 )
@@ -37,9 +40,24 @@ class Channel:
 
 
 class HaltableChannel(Channel):
-    def halt(self, reason: str) -> bool:
+    """A polled channel that is also a HaltControl."""
+
+    async def ahalt(self, reason: str) -> bool:
         self.state, self.reason = "halted", reason
         return True
+
+    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool:
+        raise AssertionError("a conflict is never resolved by clearing")
+
+    async def ahistory(self) -> tuple[HaltRecord, ...]:
+        return ()
+
+
+class SyncHaltOnly(Channel):
+    """Has a ``halt`` method, but is no HaltControl: not guessed at."""
+
+    def halt(self, reason: str) -> bool:
+        raise AssertionError("resolve_conflict halts a channel through HaltControl only")
 
 
 STATES = ["ok", "halted", "broken"]
@@ -128,6 +146,7 @@ async def test_consistency_and_conflict_resolution() -> None:
     # a lagging channel that cannot be halted stays as it is
     dual2 = DualChannelHaltChecker(Channel(), Channel("halted"))
     assert not await dual2.resolve_conflict()
+    assert not await DualChannelHaltChecker(SyncHaltOnly(), Channel("halted")).resolve_conflict()
     assert not await DualChannelHaltChecker(Channel("broken"), Channel()).resolve_conflict()
 
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from adapters.file_halt import FileHaltChannel
+from adapters.file_halt import FileHaltChannel, HaltFileState
 from kernel import (
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
@@ -76,11 +76,11 @@ async def test_sync_halt_and_clear_like_halt_switch(tmp_path: Path) -> None:
     assert channel.halt("sync halt") is True  # written before it returns, like HaltSwitch.halt
     assert await channel.is_halted()
     assert channel.halt("again") is False  # a plain bool, not an awaitable
-    assert channel.clear(approvers=["a", "b"], reason="ok") is None  # type: ignore[func-returns-value]
+    assert channel.clear(approvers=["a", "b"], reason="ok") is True  # a plain bool too
     assert not await channel.is_halted()
-    channel.clear(approvers=["a", "b"], reason="nothing to clear")
+    assert channel.clear(approvers=["a", "b"], reason="nothing to clear") is False
     assert await channel.ahalt("again") is True
-    assert await channel.aclear(approvers=["a", "b"], reason="ok") is None  # type: ignore[func-returns-value]
+    assert await channel.aclear(approvers=["a", "b"], reason="ok") is True
     assert [r.action for r in channel.history] == ["halt", "clear", "halt", "clear"]
 
 
@@ -113,7 +113,7 @@ async def test_unreadable_path_counts_as_halted(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
 async def test_permission_denied_counts_as_halted(tmp_path: Path) -> None:
     path = tmp_path / "halt.json"
-    path.write_text('{"halted": false}')
+    path.write_text('{"schema": "conclave.halt/1", "halted": false}')
     path.chmod(0)
     assert await FileHaltChannel(path).is_halted()
 
@@ -148,7 +148,7 @@ def test_readers_never_see_a_partial_write(tmp_path: Path) -> None:
 HALT_SCRIPT = """
 import sys, time, trio
 sys.path.insert(0, {root!r})
-from adapters.file_halt import FileHaltChannel
+from adapters.file_halt import FileHaltChannel, HaltFileState
 go = float(sys.argv[2])
 while time.time() < go:
     pass
@@ -270,3 +270,21 @@ def test_a_symlink_at_the_lock_path_is_never_followed(
         assert after[name][0] == data
         assert after[name][1].st_mtime_ns == st.st_mtime_ns
     assert (tmp_path / "halt.json.lock").is_symlink()
+
+
+async def test_ahistory_reads_the_file_in_a_worker_thread_not_on_the_trio_loop(
+    tmp_path: Path,
+) -> None:
+    readers: list[int] = []
+
+    class Watched(FileHaltChannel):
+        def read_state(self) -> HaltFileState:
+            readers.append(threading.get_ident())
+            return super().read_state()
+
+    channel = Watched(tmp_path / "halt.json")
+    await channel.ahalt("recorded")
+    readers.clear()
+    history = await channel.ahistory()
+    assert [(r.action, r.reason) for r in history] == [("halt", "recorded")]
+    assert readers and threading.get_ident() not in readers

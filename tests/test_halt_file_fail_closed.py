@@ -9,18 +9,18 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from adapters.file_halt import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
+from adapters.halt_doc import SCHEMA
 from kernel import DualChannelHaltChecker, HaltClearDeniedError, HaltSwitch
 from tests.test_cli import conclave
+from tests.test_halt_doc import contents, expected_reading
 
 DEEP = b'{"halted": true, "reason": "x", "history": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 DEEP_CLEAR = b'{"halted": false, "pad": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -32,7 +32,7 @@ def _json(doc: Any) -> bytes:
 
 
 def _history(*records: Any) -> bytes:
-    return _json({"halted": False, "reason": None, "history": list(records)})
+    return _json({"schema": SCHEMA, "halted": False, "reason": None, "history": list(records)})
 
 
 # Contents that must read as halted.  Most of them *say* "halted": false: a reader
@@ -61,6 +61,9 @@ CORRUPT_CONTENTS: dict[str, bytes] = {
     "NaN": b'{"halted": false, "x": NaN}',
     "huge integer": b'{"halted": false, "x": ' + b"1" * 5000 + b"}",
     "unknown schema": b'{"schema": "conclave.halt/2", "halted": false}',
+    "no schema": b'{"halted": false, "reason": null}',
+    "halted without a reason": b'{"schema": "conclave.halt/1", "halted": true}',
+    "halted with a blank reason": b'{"schema": "conclave.halt/1", "halted": true, "reason": " "}',
     "history an object": b'{"halted": false, "history": {}}',
     "history item a string": _history("halt"),
     "history item unknown action": _history({**GOOD_RECORD, "action": "resume"}),
@@ -227,81 +230,6 @@ def test_history_is_trimmed_to_stay_readable(
 # ---------------------------------------------------------------- property
 
 
-def _expected(content: bytes) -> str:
-    """The specification, written independently of the reader: "clear" or "halted" for
-    a well-formed document (strict UTF-8 JSON, no NaN, right types at every level), else
-    "corrupt"."""
-
-    def no_constant(name: str) -> None:
-        raise ValueError(name)
-
-    def is_time(value: object) -> bool:
-        try:
-            datetime.fromisoformat(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return False
-        return True
-
-    def good_record(r: object) -> bool:
-        return (
-            isinstance(r, dict)
-            and r.get("action") in ("halt", "clear")
-            and isinstance(r.get("reason"), str)
-            and is_time(r.get("at"))
-            and isinstance(r.get("approvers", []), list)
-            and all(isinstance(a, str) for a in r.get("approvers", []))
-        )
-
-    try:
-        doc = json.loads(content.decode("utf-8"), parse_constant=no_constant)
-    except (ValueError, RecursionError):
-        return "corrupt"
-    if not (
-        isinstance(doc, dict)
-        and isinstance(doc.get("halted"), bool)
-        and doc.get("schema", "conclave.halt/1") == "conclave.halt/1"
-        and (doc.get("reason") is None or isinstance(doc.get("reason"), str))
-        and isinstance(doc.get("history", []), list)
-        and all(good_record(r) for r in doc.get("history", []))
-    ):
-        return "corrupt"
-    return "halted" if doc["halted"] else "clear"
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
-    max_leaves=12,
-)
-records = st.fixed_dictionaries(
-    {},
-    optional={
-        "action": st.sampled_from(["halt", "clear"]) | json_values,
-        "reason": st.text(max_size=6) | json_values,
-        "at": st.just("2026-01-01T00:00:00+00:00") | st.just("2026-01-01T00:00:00") | json_values,
-        "approvers": st.lists(st.text(max_size=4), max_size=3) | json_values,
-    },
-)
-documents = st.fixed_dictionaries(
-    {},
-    optional={
-        "schema": st.just("conclave.halt/1") | json_values,
-        "halted": st.booleans() | json_values,
-        "reason": st.none() | st.text(max_size=6) | json_values,
-        "history": st.lists(records, max_size=3) | json_values,
-        "updated_at": json_values,
-    },
-)
-contents = (
-    st.binary(max_size=300)
-    | json_values.map(lambda v: json.dumps(v).encode())
-    | documents.map(lambda v: json.dumps(v).encode())
-    | documents.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8"))
-    | documents.map(lambda v: json.dumps(v).encode("utf-16"))
-    | documents.map(lambda v: b"\xef\xbb\xbf" + json.dumps(v).encode())
-)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contents)
 def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
@@ -311,7 +239,7 @@ def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
         channel = FileHaltChannel(path)
         state = channel.read_state()  # never raises
         assert isinstance(state, HaltFileState) and isinstance(state.halted, bool)
-        expected = _expected(content)
+        expected = expected_reading(content)
         if expected == "corrupt":
             assert state.halted and state.error is not None and state.history == ()
             # halting over it always works and gives a readable halted file

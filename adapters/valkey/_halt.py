@@ -8,7 +8,8 @@ time it (re)subscribes, after every message, and every ``refresh_interval`` seco
 **Fail-closed.**  This process counts as halted unless it is subscribed *and* the key,
 read since, is a well-formed document that says ``"halted": false``.  A lost connection,
 a missing key (a new server, or one that restarted without its data), a key of another
-type, a value that is too large, not UTF-8, not JSON or of the wrong shape: halted, with
+type, a value that is too large, or not a halt document (:mod:`adapters.halt_doc`, the
+rules the file channel reads by too): halted, with
 a reason that says which, until the key is read again and says otherwise.  A first
 deployment therefore starts halted, and two approvers clear it once
 (``conclave clear --valkey URL ...``); so does a server that lost its data.
@@ -25,6 +26,13 @@ from typing import Any
 import attrs
 import trio
 
+from adapters.halt_doc import (
+    CorruptHaltDocument,
+    encode_document,
+    encode_record,
+    parse_document,
+    parse_record,
+)
 from adapters.urls import redact_url
 from adapters.valkey._connection import (
     BackgroundClient,
@@ -40,15 +48,6 @@ from adapters.valkey._connection import (
     store_call,
     to_int,
 )
-from adapters.valkey._halt_doc import (
-    MAX_HALT_BYTES,
-    MAX_HISTORY,
-    Corrupt,
-    encode_document,
-    encode_record,
-    parse_document,
-    parse_record,
-)
 from adapters.valkey._lua import HALT, HALT_CLEAR, HALT_READ
 from kernel import (
     HaltClearDeniedError,
@@ -61,6 +60,14 @@ from kernel import (
 __all__ = ["HaltChannelState", "ValkeyHaltChannel"]
 
 log = logging.getLogger("adapters.valkey")
+
+#: A halt key larger than this reads as corrupt (halted) without being fetched (the
+#: document only: the history is a list beside it).
+MAX_HALT_BYTES = 64 * 1024
+#: The history keeps this many records, dropping the oldest.
+MAX_HISTORY = 1000
+#: The key's state before the first read: halted, but not known to be unreadable.
+_NOT_READ = "not read yet"
 
 
 @attrs.frozen(slots=True)
@@ -91,7 +98,9 @@ class ValkeyHaltChannel(BackgroundClient):
 
     A :class:`~kernel.HaltChecker` with ``wait_halted`` (:class:`~kernel.HaltWaiter`),
     ``halted_now()`` (:class:`~kernel.HaltProbe`) and ``on_halt`` (:class:`~kernel.
-    HaltNotifier`): the reads answer from this process's last known state, which a
+    HaltNotifier`), and a :class:`~kernel.HaltControl` (``halt``, ``clear`` and
+    ``history`` are ``async``; ``ahalt``, ``aclear``, ``ahistory`` the same): the reads
+    answer from this process's last known state, which a
     background task keeps current (within milliseconds of a change anywhere).
 
     Writing needs the network, so :meth:`halt` and :meth:`clear` are ``async``; the
@@ -134,7 +143,7 @@ class ValkeyHaltChannel(BackgroundClient):
         self.kept_aside: str | None = None
         super().__init__()
         self._listeners: list[Callable[[str], None]] = []
-        self._key_state = _KeyState(True, "not read yet", "not read yet")
+        self._key_state = _KeyState(True, _NOT_READ, _NOT_READ)
         self._connected = False
         self._lost_why = "not connected"
         self._state = HaltChannelState(True, self._unreachable_reason(), False, "not connected")
@@ -235,7 +244,7 @@ class ValkeyHaltChannel(BackgroundClient):
         for item in raw:
             try:
                 records.append(parse_record(item if isinstance(item, bytes) else b""))
-            except Corrupt:
+            except CorruptHaltDocument:
                 log.error("halt history record unreadable; skipped", extra={"halt_key": key})
         return tuple(records)
 
@@ -263,7 +272,7 @@ class ValkeyHaltChannel(BackgroundClient):
             self._events,
             MAX_HISTORY,
             MAX_HALT_BYTES,
-            b"1" if self._key_state.problem not in (None, "no halt record") else b"0",
+            b"1" if self._key_state.problem not in (None, "no halt record", _NOT_READ) else b"0",
         ]
         try:
             done = to_int(
@@ -344,6 +353,12 @@ class ValkeyHaltChannel(BackgroundClient):
         )
         return True
 
+    # HaltControl: the async calls above under the port's names (on this channel the
+    # plain names are async already; HaltSwitch's and the file's are not).
+    ahalt = halt
+    aclear = clear
+    ahistory = history
+
     # ------------------------------------------------------------ the watcher
 
     async def _watch(
@@ -391,7 +406,7 @@ class ValkeyHaltChannel(BackgroundClient):
         read that follows every message."""
         try:
             doc = parse_document(data if isinstance(data, bytes) else str(data).encode())
-        except Corrupt:
+        except CorruptHaltDocument:
             return
         if doc.halted:
             self._set_key_state(_KeyState(True, doc.reason))
@@ -428,7 +443,7 @@ class ValkeyHaltChannel(BackgroundClient):
         else:
             try:
                 doc = parse_document(raw)
-            except Corrupt as exc:
+            except CorruptHaltDocument as exc:
                 problem = str(exc)
             else:
                 return _KeyState(doc.halted, doc.reason)

@@ -258,9 +258,11 @@ end
 #: KEYS: state, history, where to keep an unreadable state, where to keep an unreadable
 #: history.  ARGV: the halted document, its history record, the events channel, the
 #: history's length limit, the largest value read, '1' if the caller last read the state
-#: as unreadable.  Keeps a halt already raised (returns 0); over anything that is not a
-#: halt document (any type, any content; cjson is more lenient than the caller, hence
-#: its flag), keeps that aside and writes the halt (returns 2); else writes the halt
+#: as unreadable.  Keeps a halt already raised (returns 0) unless the caller read it as
+#: unreadable (cjson is more lenient than the caller's codec: a "halted" document it
+#: accepts may be one the caller refuses, and would then be neither halted again nor
+#: cleared); over anything that is not a halt document for either (any type, any
+#: content), keeps that aside and writes the halt (returns 2); else writes the halt
 #: (returns 1).  Publishes the new document.
 HALT = (
     _HALT_HISTORY
@@ -275,7 +277,7 @@ if kind == 'string' and redis.call('STRLEN', state) <= tonumber(ARGV[5]) then
     doc = decoded
   end
 end
-if doc and doc['halted'] == true then return 0 end
+if doc and doc['halted'] == true and ARGV[6] ~= '1' then return 0 end
 local kept = 0
 if kind ~= 'none' and (not doc or ARGV[6] == '1') then
   redis.call('RENAME', state, KEYS[3])

@@ -1,0 +1,170 @@
+"""``conclave halt``, ``clear`` and ``status``: written once, over :class:`kernel.HaltControl`
+(and :class:`kernel.HaltChecker`), for every channel an operator can name: ``--halt-file
+PATH`` or ``--valkey URL``.
+
+What differs between the channels is only how one is opened, and how it says *why* it
+reads as halted when nobody raised a halt (unreadable, no record yet, unreachable): each
+channel's :class:`_Target` says that, and the commands word it the same way for all.
+adapters.valkey (and coredis) is imported only when ``--valkey`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import attrs
+import trio
+
+from adapters._cli_backend import UsageError, importing_extra
+from adapters._cli_display import plain
+from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
+
+if TYPE_CHECKING:
+    from adapters.file_halt import FileHaltChannel
+    from adapters.valkey import ValkeyHaltChannel
+
+__all__ = ["check_halt_file", "clear_command", "halt_command", "status_command"]
+
+EXIT_OK, EXIT_HALTED = 0, 3
+
+#: Why a channel reads as halted when no halt was raised.
+_Problem = Literal["unreadable", "no record", "unreachable"]
+
+
+class _Channel(HaltControl, HaltChecker, Protocol):
+    """What the commands need of a channel: the port, the reads, and where a halt over an
+    unreadable record kept that record (None if it did not)."""
+
+    @property
+    def kept_aside(self) -> object: ...
+
+
+@attrs.frozen(slots=True)
+class _Reading:
+    reason: str | None  # None: not halted
+    problem: _Problem | None = None  # None: a real halt (or not halted)
+
+
+@attrs.frozen(slots=True)
+class _Target:
+    channel: _Channel
+    what: str  # "halt file", "halt key": what the channel keeps the halt in
+    option: str  # how a command names it, for the hints
+    read: Callable[[], Awaitable[_Reading]]
+
+
+async def check_halt_file(args: argparse.Namespace) -> None:
+    """Refuse a ``--halt-file`` whose directory does not exist, unless ``--create`` (for
+    the commands that take it) makes it.  Such a path is most likely mistyped: a halt
+    written there, or a council watching it, would not meet the other side.  A directory
+    that exists but cannot hold the file (a file, say) is the channel's to report: it
+    reads as halted and cannot be written."""
+    create = getattr(args, "create", False)
+    path: Path | None = args.halt_file
+    if path is None:
+        if create:
+            raise UsageError("--create goes with --halt-file (it makes the file's directory)")
+        return
+    directory = path.parent
+    if await trio.to_thread.run_sync(os.path.lexists, directory):
+        return
+    if create:
+        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+        return
+    problem = "does not exist"
+    if args.command in ("halt", "clear"):
+        problem += "; nothing was written"
+    if "create" in args:
+        problem += " (--create makes it)"
+    raise UsageError(f"--halt-file {plain(str(path))}: {plain(str(directory))} {problem}")
+
+
+@asynccontextmanager
+async def _open(args: argparse.Namespace) -> AsyncIterator[_Target]:
+    """The channel the command names, open for the duration of the block."""
+    await check_halt_file(args)
+    if args.valkey is None:
+        from adapters.file_halt import FileHaltChannel
+
+        file = FileHaltChannel(args.halt_file)
+        yield _Target(file, "halt file", "--halt-file PATH", lambda: _read_file(file))
+        return
+    with importing_extra("valkey", "--valkey"):
+        from adapters.valkey import ValkeyHaltChannel
+    async with ValkeyHaltChannel(args.valkey) as valkey:
+        yield _Target(valkey, "halt key", "--valkey URL", lambda: _read_valkey(valkey))
+
+
+async def _read_file(channel: FileHaltChannel) -> _Reading:
+    state = await channel.state()
+    if not state.halted:
+        return _Reading(None)
+    return _Reading(state.reason, "unreadable" if state.error is not None else None)
+
+
+async def _read_valkey(channel: ValkeyHaltChannel) -> _Reading:
+    await trio.lowlevel.checkpoint()
+    state = channel.state  # what the channel read on entering: no further I/O
+    if not state.halted:
+        return _Reading(None)
+    problem: _Problem | None = None
+    if not state.connected:
+        problem = "unreachable"
+    elif state.problem == "no halt record":
+        problem = "no record"
+    elif state.problem is not None:
+        problem = "unreadable"
+    return _Reading(state.reason, problem)
+
+
+async def halt_command(args: argparse.Namespace) -> int:
+    async with _open(args) as target:
+        if await target.channel.ahalt(args.reason):
+            print(f"halted: {plain(args.reason)}")
+            kept = target.channel.kept_aside
+            if kept is not None:
+                print(f"the unreadable {target.what} was kept as {kept}")
+        else:
+            print(f"already halted: {plain(await target.channel.get_halt_reason() or '')}")
+    return EXIT_OK
+
+
+async def clear_command(args: argparse.Namespace) -> int:
+    async with _open(args) as target:
+        cleared = await target.channel.aclear(approvers=args.approver, reason=args.reason)
+    print("cleared" if cleared else "not halted; nothing to clear")
+    return EXIT_OK
+
+
+async def status_command(args: argparse.Namespace) -> int:
+    async with _open(args) as target:
+        reading = await target.read()
+        history: tuple[HaltRecord, ...] = ()
+        if reading.problem != "unreachable":
+            # Lost since the read: the state above is still what the channel read.
+            with contextlib.suppress(ConclaveError):
+                history = await target.channel.ahistory()
+    if reading.reason is None:
+        print("not halted")
+    else:
+        print(f"HALTED: {plain(reading.reason)}")
+        if reading.problem == "no record":
+            print(
+                f"  two approvers clear it: conclave clear {target.option} "
+                "--approver A --approver B --reason TEXT"
+            )
+        elif reading.problem == "unreadable":
+            print(
+                f"  `conclave halt {target.option}` rewrites it as a readable halt; "
+                "then it can be cleared"
+            )
+    for record in history[-5:]:
+        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
+        print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
+    return EXIT_HALTED if reading.reason is not None else EXIT_OK

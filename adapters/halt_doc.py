@@ -1,0 +1,183 @@
+"""The halt document (schema ``conclave.halt/1``): one codec, one rule set, for every
+durable halt channel (the file and the Valkey key).
+
+**Reading is strict.**  A document is exactly what this module writes; anything else is
+:class:`CorruptHaltDocument`, which every channel reads as *halted* (fail-closed):
+
+* UTF-8 JSON (no BOM), an object, no key twice, no ``NaN``/``Infinity``;
+* ``"schema": "conclave.halt/1"`` -- required: a document without it was not written here;
+* ``"halted"``: ``true`` or ``false``;
+* ``"reason"``: null or text; a *halted* document needs a non-blank reason (every writer
+  gives one: a halt without a reason was not written here, and must not become a halt
+  two approvers clear without knowing what it was);
+* ``"history"`` (optional: the file keeps its history here, the Valkey channel in a list
+  beside the key): a list of records;
+* ``"updated_at"`` and any other key: ignored.
+
+A record: ``{"action": "halt" | "clear", "reason": text, "at": ISO 8601 (naive = UTC),
+"approvers": [text, ...]}`` (``approvers`` optional).  Text is valid Unicode (JSON can
+smuggle lone surrogates: refused).
+
+What is too large to read is each channel's own limit (a file carries its history, a key
+does not); so is what a channel does with a corrupt document (keep it aside, refuse to
+clear it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import attrs
+
+from kernel import HaltRecord, utc_now
+
+__all__ = [
+    "SCHEMA",
+    "CorruptHaltDocument",
+    "HaltDocument",
+    "encode_document",
+    "encode_record",
+    "parse_document",
+    "parse_record",
+]
+
+SCHEMA = "conclave.halt/1"
+
+
+class CorruptHaltDocument(ValueError):
+    """The bytes are not a halt document (or record); the text says what is wrong, never
+    what the bytes were."""
+
+
+@attrs.frozen(slots=True)
+class HaltDocument:
+    """A well-formed document: ``reason`` is None exactly when not halted."""
+
+    halted: bool
+    reason: str | None
+    history: tuple[HaltRecord, ...] = ()
+
+
+def parse_document(raw: bytes) -> HaltDocument:
+    """The document in ``raw``; raises :class:`CorruptHaltDocument` on anything else."""
+    doc = _load(raw, "document")
+    if not isinstance(doc, dict):
+        raise CorruptHaltDocument(f"top level is {_kind(doc)}, not an object")
+    if doc.get("schema") != SCHEMA:
+        raise CorruptHaltDocument(f"the schema is not {SCHEMA!r}")
+    halted = doc.get("halted")
+    if not isinstance(halted, bool):
+        raise CorruptHaltDocument(f"'halted' is {_kind(halted)}, not true or false")
+    reason = doc.get("reason")
+    if reason is not None:
+        reason = _text(reason, "'reason'")
+    if halted and (reason is None or not reason.strip()):
+        raise CorruptHaltDocument("halted without a reason")
+    history = doc.get("history", [])
+    if not isinstance(history, list):
+        raise CorruptHaltDocument(f"'history' is {_kind(history)}, not a list")
+    records = tuple(_record(r, f"history[{i}]") for i, r in enumerate(history))
+    return HaltDocument(halted, reason if halted else None, records)
+
+
+def parse_record(raw: bytes) -> HaltRecord:
+    """One history record stored on its own; raises :class:`CorruptHaltDocument`."""
+    return _record(_load(raw, "record"), "a record")
+
+
+def encode_document(
+    halted: bool,
+    reason: str | None,
+    history: Sequence[HaltRecord] | None = None,
+    *,
+    indent: int | None = None,
+) -> bytes:
+    """The document; ``history`` None leaves the key out (it is kept elsewhere)."""
+    doc: dict[str, object] = {
+        "schema": SCHEMA,
+        "halted": halted,
+        "reason": reason if halted else None,
+        "updated_at": utc_now().isoformat(),
+    }
+    if history is not None:
+        doc["history"] = [_record_dict(r) for r in history]
+    text = json.dumps(doc, indent=indent)
+    return (text + "\n" if indent is not None else text).encode()
+
+
+def encode_record(record: HaltRecord) -> bytes:
+    return json.dumps(_record_dict(record)).encode()
+
+
+def _record_dict(record: HaltRecord) -> dict[str, object]:
+    return {
+        "action": record.action,
+        "reason": record.reason,
+        "at": record.at.isoformat(),
+        "approvers": list(record.approvers),
+    }
+
+
+def _load(raw: bytes, what: str) -> object:
+    if not raw.strip():
+        raise CorruptHaltDocument("the value is empty")
+    try:
+        return json.loads(
+            raw.decode("utf-8"),  # strict: UTF-8, without a BOM
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constant,
+        )
+    except CorruptHaltDocument:
+        raise
+    except Exception as exc:
+        # Whatever the parser raised: not UTF-8, not JSON, RecursionError (deep nesting),
+        # int-size limits, MemoryError's kin...  Its type only: its text may quote content.
+        raise CorruptHaltDocument(f"not a JSON {what} ({type(exc).__name__})") from None
+
+
+def _record(raw: object, where: str) -> HaltRecord:
+    if not isinstance(raw, dict):
+        raise CorruptHaltDocument(f"{where} is {_kind(raw)}, not an object")
+    action = raw.get("action")
+    if action not in ("halt", "clear"):
+        raise CorruptHaltDocument(f"{where}.action is not 'halt' or 'clear'")
+    reason = _text(raw.get("reason"), f"{where}.reason")
+    try:
+        at = datetime.fromisoformat(_text(raw.get("at"), f"{where}.at"))
+    except ValueError:
+        raise CorruptHaltDocument(f"{where}.at is not an ISO 8601 timestamp") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)  # as the kernel does: naive means UTC
+    approvers = raw.get("approvers", [])
+    if not isinstance(approvers, list):
+        raise CorruptHaltDocument(f"{where}.approvers is {_kind(approvers)}, not a list")
+    names = tuple(_text(a, f"{where}.approvers[{i}]") for i, a in enumerate(approvers))
+    return HaltRecord("halt" if action == "halt" else "clear", reason, at, names)
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise CorruptHaltDocument(f"{where} is {_kind(value)}, not a string")
+    try:
+        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\\ud800"); refuse them
+    except UnicodeEncodeError:
+        raise CorruptHaltDocument(f"{where} is not valid Unicode text") from None
+    return value
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise CorruptHaltDocument("a key appears twice in one object")
+    return doc
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise CorruptHaltDocument(f"{name} is not JSON")
