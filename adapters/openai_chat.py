@@ -7,9 +7,18 @@ OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
 connection errors, 5xx, and 429 (see below).  Failures it
 does not retry: other 4xx (a bad key, a bad request, an unknown model), malformed
-responses, and a request that cannot be encoded.  Every failure is an
-:class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never the API
-key, the prompt or the content.
+responses, a response over a cap or a redirect (below), and a request that cannot be
+encoded.  Every failure is an :class:`~kernel.AgentInvocationError` naming the agent and
+what went wrong; never the API key, the prompt or the content.
+
+What a server can do is bounded (:mod:`adapters.http_guard`, the HTTP client every
+request goes through): ``timeout_s`` is a wall-clock bound on each attempt, from the
+connection to the last byte; a body over ``max_response_bytes`` (on the wire, or once
+inflated) and an answer over ``max_content_chars`` characters are refused; a redirect is
+refused, never followed.  The whole invocation takes at most ``(max_retries + 1)``
+attempts of ``timeout_s``, the backoffs between them (each at most ``backoff_cap_s``)
+and its turns in the rate-limit budget (below); bound it all with the kernel's
+``agent_timeout``.
 
 Each request carries the agent's id in the ``X-Conclave-Agent`` header, so that proxies
 and servers can attribute it.  HTTP header values are ASCII, and agent ids need not be
@@ -54,6 +63,7 @@ from uuid import uuid4
 
 import openai
 
+from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
 from adapters.provider_budget import (
     EndpointBudget,
     LimitStats,
@@ -69,6 +79,8 @@ from kernel.validate import check_int, check_number
 __all__ = [
     "AGENT_HEADER",
     "DEFAULT_COMPLETION_TOKENS",
+    "DEFAULT_MAX_CONTENT_CHARS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SYSTEM_PROMPT",
     "LimitStats",
     "OpenAIChatOrchestrator",
@@ -93,6 +105,10 @@ AGENT_HEADER = "X-Conclave-Agent"
 
 #: The completion's token estimate for the budget when no ``max_tokens`` is set.
 DEFAULT_COMPLETION_TOKENS = 256
+
+#: The longest answer taken, in characters (1 Mi): ~250k tokens, beyond any model's
+#: output limit; a longer one is a server gone wrong.
+DEFAULT_MAX_CONTENT_CHARS = 1024 * 1024
 
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
@@ -160,7 +176,8 @@ class OpenAIChatOrchestrator:
         roster: per-agent settings.  With a roster, invoking an agent not in it raises
             :class:`~kernel.AgentNotFoundError`; without one, any agent id is served
             with the defaults.
-        timeout_s: per-request timeout (a profile's ``timeout_s`` overrides it).
+        timeout_s: each attempt's wall-clock bound, connection to last byte (a profile's
+            ``timeout_s`` overrides it).
         max_retries: retries after the first attempt for retryable failures.
         system_prompt, temperature, max_tokens: defaults for profiles that leave them unset.
             ``{name}`` and ``{agent_id}`` in the system prompt are filled in.
@@ -172,6 +189,10 @@ class OpenAIChatOrchestrator:
             them the budget follows the server's ``x-ratelimit-*`` headers alone.  Shared:
             the budget of an endpoint and key keeps the strictest limits any
             orchestrator gave it.
+        max_response_bytes: the largest response body taken, on the wire and inflated
+            (default :data:`~adapters.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
+        max_content_chars: the longest answer taken (default
+            :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
     """
 
     def __init__(
@@ -191,6 +212,8 @@ class OpenAIChatOrchestrator:
         retry_after_cap_s: float = 30.0,
         seed: int | None = None,
         limits: ProviderLimits | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
     ) -> None:
         check_base_url(base_url)
         if not isinstance(model, str) or not model.strip():
@@ -227,6 +250,8 @@ class OpenAIChatOrchestrator:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         self._rng = random.Random(None if seed is None else check_int(seed, "seed"))
         self.limits = limits
+        self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
+        self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
@@ -256,6 +281,7 @@ class OpenAIChatOrchestrator:
                         api_key=self._api_key,
                         max_retries=0,
                         timeout=self.timeout_s,
+                        http_client=guarded_client(self.timeout_s, self.max_response_bytes),
                     )
                     self._clients[base_url] = client
         return client
@@ -351,6 +377,8 @@ class OpenAIChatOrchestrator:
                 return False
             raise AgentInvocationError(f"cannot reach {self.base_url}: connect timed out") from None
         except openai.APIConnectionError as exc:
+            if refusal_in(exc) is not None:  # it answered: what it said is the agents' concern
+                return True
             raise AgentInvocationError(
                 f"cannot reach {self.base_url}: {type(exc).__name__}"
             ) from None
@@ -408,38 +436,22 @@ class OpenAIChatOrchestrator:
             ticket = await budget.acquire(tokens)
             waited_s += ticket.waited_s
             self._count(waited_s=ticket.waited_s)
-            throttled = False
             outcome = _Outcome()
             try:
                 completion = await self._attempt(client, request, budget, ticket, outcome)
                 break
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                # APITimeoutError is an APIConnectionError; name which one happened.
-                what = (
-                    "timed out" if isinstance(exc, openai.APITimeoutError) else "connection failed"
-                )
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                # 408 is the server's own request timeout: a timeout, so retried.
-                if status not in (408, 429) and status < 500:
-                    raise AgentInvocationError(
-                        f"{where}: HTTP {status} {server_message(exc, self._api_key)}; not retried"
-                    ) from None
-                what = f"HTTP {status}"
-                throttled = status == 429
-            except UnicodeEncodeError as exc:
-                # Something of ours (a header: the API key?) is not encodable: the request
-                # never left, and no retry will change that.
-                raise AgentInvocationError(
-                    f"{where}: cannot encode the request ({type(exc).__name__} in "
-                    f"{exc.encoding}); not retried"
-                ) from None
-            except (openai.APIResponseValidationError, ValueError) as exc:
-                raise AgentInvocationError(
-                    f"{where}: malformed response ({type(exc).__name__}: invalid JSON)"
-                ) from None
+            except Exception as exc:
+                failure = self._failure(exc, where)
+                if failure is None:
+                    raise
+                what, final = failure
+            # Raised here, out of the except block, so that the error does not keep the
+            # failed attempt alive (its traceback's frames hold up to a body's cap).
+            if final is not None:
+                raise final
+            throttled = what == "HTTP 429"
             if attempts > self.max_retries:
-                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)") from None
+                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)")
             sleep_s = min(self.backoff_cap_s, self._rng.uniform(self.backoff_base_s, sleep_s * 3))
             if throttled:
                 # The whole endpoint waits: for the server's reset if it gave one (done
@@ -462,6 +474,40 @@ class OpenAIChatOrchestrator:
                 await asyncio.sleep(delay_s)
 
         return self._output(agent_id, model, completion, attempts, started, waited_s, where)
+
+    def _failure(
+        self, exc: Exception, where: str
+    ) -> tuple[str, AgentInvocationError | None] | None:
+        """What a failed attempt was (for the retry log and the last error), and the error
+        that ends the invocation at once if it is not worth a retry; None for an error
+        this does not know (it propagates as it is)."""
+        if isinstance(exc, openai.APIConnectionError):  # an APITimeoutError is one too
+            refused = refusal_in(exc)
+            if refused is not None:  # too much, a redirect: the same again next time
+                return "refused", AgentInvocationError(f"{where}: {refused}; not retried")
+            timed_out = isinstance(exc, openai.APITimeoutError)
+            return ("timed out" if timed_out else "connection failed"), None
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            # 408 is the server's own request timeout: a timeout, so retried.
+            if status not in (408, 429) and status < 500:
+                said = server_message(exc, self._api_key)
+                return "", AgentInvocationError(f"{where}: HTTP {status} {said}; not retried")
+            return f"HTTP {status}", None
+        if isinstance(exc, UnicodeEncodeError):
+            # Something of ours (a header: the API key?) is not encodable: the request
+            # never left, and no retry will change that.
+            return "", AgentInvocationError(
+                f"{where}: cannot encode the request ({type(exc).__name__} in "
+                f"{exc.encoding}); not retried"
+            )
+        if isinstance(exc, openai.APIResponseValidationError | ValueError):
+            return "", AgentInvocationError(
+                f"{where}: malformed response ({type(exc).__name__}: invalid JSON)"
+            )
+        if isinstance(exc, RecursionError):
+            return "", AgentInvocationError(f"{where}: malformed response (JSON nested too deeply)")
+        return None
 
     async def _attempt(
         self,
@@ -519,6 +565,11 @@ class OpenAIChatOrchestrator:
             refusal = getattr(message, "refusal", None)
             why = "refused" if refusal else "null content"
             raise AgentInvocationError(f"{where}: malformed response ({why})")
+        if len(content) > self.max_content_chars:
+            raise AgentInvocationError(
+                f"{where}: answer over the {self.max_content_chars}-character cap "
+                "(max_content_chars)"
+            )
         usage = getattr(completion, "usage", None)
         metadata: dict[str, str | int | float] = {
             "model": str(getattr(completion, "model", None) or model),

@@ -1,0 +1,292 @@
+"""The HTTP client the LLM adapters give the openai SDK: it bounds what a server can do.
+
+One wrapping transport (:class:`GuardedTransport`) under an ``httpx2.AsyncClient``
+enforces, per request, whatever the SDK above it does:
+
+- *A wall-clock deadline.*  The request's timeout (the SDK's ``timeout``; the largest of
+  its connect/read/write/pool values) bounds the whole exchange, from waiting for a
+  connection to the last byte of the body, not each read: a server that trickles one
+  byte (or one ``100 Continue``) per read window cannot keep a request open past it.
+  Over the deadline the request raises ``httpx2.ReadTimeout`` (the SDK's
+  ``APITimeoutError``) and its connection is closed.
+- *A cap on the body,* ``max_response_bytes``, counted twice: the
+  bytes on the wire and, for a gzip or deflate body, the bytes it inflates to.  The
+  transport inflates the body itself, never more than the cap plus one byte however
+  dense the input (a bomb costs the cap, not its inflated size), and hands the SDK a
+  plain body.  Over the cap: :class:`ResponseRefusedError`, the connection closed.
+- *No redirects.*  A 3xx is refused (:class:`ResponseRefusedError`, naming the
+  ``Location`` without credentials or query), never followed: following would re-send
+  the prompt and the agent header to whatever origin the server names, past every
+  check ``base_url`` had.
+
+Streaming responses go through the same stream wrapper, so each stream gets the same
+deadline and caps.  The per-request cost is one asyncio timer around the head and one
+per body chunk, and a length sum per chunk; a plain (identity) body is passed through
+as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2
+
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "GuardedTransport",
+    "ResponseRefusedError",
+    "guarded_client",
+    "redact_url",
+    "refusal_in",
+]
+
+#: 8 MiB: a chat answer is kilobytes; the longest models write (~100k tokens) fit with
+#: room to spare, JSON escaping included.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+# The SDK's own connection limits (its DEFAULT_CONNECTION_LIMITS), which a client built
+# here would otherwise lose.
+_CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+
+# What the deadline leaves to the connect timeout (the same value, started a moment
+# later): a connection never set up must still end as a ConnectTimeout, which callers
+# tell apart from a server that connected and then said nothing.
+_CONNECT_GRACE_S = 0.1
+
+_ENCODINGS = ("gzip", "x-gzip", "deflate")
+_ACCEPT_ENCODING = "gzip, deflate"
+
+
+class ResponseRefusedError(httpx2.RemoteProtocolError):
+    """The server sent what this client does not take: too much, a redirect, an
+    encoding it cannot bound.  Not worth a retry; its message says what and why."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a message: credentials and the query shown as ``***``, no fragment."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = f"***@{host}{port}"
+    return urlunsplit(
+        parts._replace(netloc=netloc, query="***" if parts.query else "", fragment="")
+    )
+
+
+def refusal_in(exc: BaseException) -> ResponseRefusedError | None:
+    """The :class:`ResponseRefusedError` behind ``exc`` (the SDK and CrewAI wrap it)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; bounded all the same
+        if seen is None:
+            return None
+        if isinstance(seen, ResponseRefusedError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def guarded_client(
+    timeout_s: float, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+) -> httpx2.AsyncClient:
+    """An ``httpx2.AsyncClient`` for the openai SDK (``http_client=``), every transport
+    of it guarded: the direct one and any proxy one the environment sets up."""
+    limits = max_response_bytes
+    client = httpx2.AsyncClient(
+        transport=GuardedTransport(httpx2.AsyncHTTPTransport(limits=_CONNECTION_LIMITS), limits),
+        timeout=timeout_s,
+        follow_redirects=False,
+    )
+    # Proxies from the environment (HTTPS_PROXY...) get transports of their own, which
+    # httpx keeps in ``_mounts``: a request through one must be bounded all the same.
+    mounts: dict[Any, Any] = getattr(client, "_mounts", {})
+    for pattern, transport in mounts.items():
+        if transport is not None:
+            mounts[pattern] = GuardedTransport(transport, limits)
+    return client
+
+
+class GuardedTransport(httpx2.AsyncBaseTransport):
+    """A transport that bounds another: deadline, body caps, no redirects (module
+    docstring).  It owns the inner transport: closing it closes that."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, max_response_bytes: int) -> None:
+        self._inner = inner
+        self._cap = max_response_bytes
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        # Only what the body reader below can inflate within the cap.
+        request.headers["Accept-Encoding"] = _ACCEPT_ENCODING
+        total_s = _total_timeout(request)
+        loop = asyncio.get_running_loop()
+        deadline = None if total_s is None else loop.time() + total_s
+        try:
+            async with asyncio.timeout_at(
+                None if deadline is None else deadline + _CONNECT_GRACE_S
+            ):
+                response = await self._inner.handle_async_request(request)
+        except TimeoutError:
+            raise _timed_out(request, total_s) from None
+        try:
+            return self._checked(request, response, deadline, total_s)
+        except BaseException:
+            await response.aclose()
+            raise
+
+    def _checked(
+        self,
+        request: httpx2.Request,
+        response: httpx2.Response,
+        deadline: float | None,
+        total_s: float | None,
+    ) -> httpx2.Response:
+        status = response.status_code
+        if 300 <= status < 400:
+            location = redact_url(response.headers.get("Location", "")) or "nowhere"
+            raise ResponseRefusedError(
+                f"HTTP {status} redirect to {location} refused (redirects are not followed: "
+                "point base_url at the server that answers)",
+                request=request,
+            )
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity", *_ENCODINGS):
+            raise ResponseRefusedError(
+                f"Content-Encoding {encoding[:40]!r} refused (this client asks for "
+                f"{_ACCEPT_ENCODING} only)",
+                request=request,
+            )
+        headers = response.headers
+        inflater = None
+        if encoding in _ENCODINGS:
+            inflater = _Inflater(encoding)
+            # The body the SDK sees is the inflated one.
+            headers = httpx2.Headers(
+                [
+                    (k, v)
+                    for k, v in response.headers.multi_items()
+                    if k.lower() not in ("content-encoding", "content-length")
+                ]
+            )
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            status_code=status,
+            headers=headers,
+            stream=_BoundedStream(stream, request, self._cap, inflater, deadline, total_s),
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _BoundedStream(httpx2.AsyncByteStream):
+    """A response body read under the request's deadline and the byte cap."""
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncByteStream,
+        request: httpx2.Request,
+        cap: int,
+        inflater: _Inflater | None,
+        deadline: float | None,
+        total_s: float | None,
+    ) -> None:
+        self._inner = inner
+        self._request = request
+        self._cap = cap
+        self._inflater = inflater
+        self._deadline = deadline
+        self._total_s = total_s
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = aiter(self._inner)
+        wire = inflated = 0
+        cap, inflater, deadline = self._cap, self._inflater, self._deadline
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise _timed_out(self._request, self._total_s) from None
+            wire += len(chunk)
+            if wire > cap:
+                raise self._over_cap("on the wire")
+            if inflater is not None:
+                chunk = inflater.inflate(chunk, cap - inflated)
+                inflated += len(chunk)
+                if inflated > cap:
+                    raise self._over_cap("inflated")
+            if chunk:
+                yield chunk
+        if inflater is not None:
+            rest = inflater.finish()
+            if inflated + len(rest) > cap:
+                raise self._over_cap("inflated")
+            if rest:
+                yield rest
+
+    def _over_cap(self, where: str) -> ResponseRefusedError:
+        return ResponseRefusedError(
+            f"response body over the {self._cap}-byte cap {where} (max_response_bytes)",
+            request=self._request,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Inflater:
+    """gzip or deflate, never more output per call than asked for (plus one byte)."""
+
+    def __init__(self, encoding: str) -> None:
+        self._deflate = encoding == "deflate"
+        self._first = True
+        wbits = zlib.MAX_WBITS if self._deflate else zlib.MAX_WBITS | 16
+        self._zlib = zlib.decompressobj(wbits)
+
+    def inflate(self, data: bytes, room: int) -> bytes:
+        """Inflate ``data``: at most ``room + 1`` bytes, so more than ``room`` means over
+        the cap (zlib keeps the rest of the input unread; it is never inflated)."""
+        try:
+            out = self._zlib.decompress(data, room + 1)
+        except zlib.error as exc:
+            if not (self._deflate and self._first):
+                raise httpx2.DecodingError(f"body is not valid {self._kind()}") from exc
+            # "deflate" is raw deflate on some servers, zlib-wrapped on others.
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._first = False
+            return self.inflate(data, room)
+        self._first = False
+        return out
+
+    def finish(self) -> bytes:
+        try:
+            return self._zlib.flush()
+        except zlib.error as exc:
+            raise httpx2.DecodingError(f"body is not valid {self._kind()}") from exc
+
+    def _kind(self) -> str:
+        return "deflate" if self._deflate else "gzip"
+
+
+def _total_timeout(request: httpx2.Request) -> float | None:
+    """The request's timeout as one wall-clock bound: the largest value it sets."""
+    timeouts = request.extensions.get("timeout") or {}
+    values = [v for v in timeouts.values() if isinstance(v, int | float)]
+    return max(values) if values else None
+
+
+def _timed_out(request: httpx2.Request, total_s: float | None) -> httpx2.ReadTimeout:
+    return httpx2.ReadTimeout(f"no complete response within {total_s:g} s", request=request)
