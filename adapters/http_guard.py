@@ -163,6 +163,12 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
                 f"{_ACCEPT_ENCODING} only)",
                 request=request,
             )
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._cap:
+            raise ResponseRefusedError(
+                f"response body over the {self._cap}-byte cap on the wire (max_response_bytes)",
+                request=request,
+            )
         headers = response.headers
         inflater = None
         if encoding in _ENCODINGS:
@@ -227,6 +233,9 @@ class _BoundedStream(httpx2.AsyncByteStream):
                 chunk = inflater.inflate(chunk, cap - inflated)
                 inflated += len(chunk)
                 if inflated > cap:
+                    # Let go of the bytes first: the error's traceback holds this frame,
+                    # and callers may hold the error for a while.
+                    chunk = b""
                     raise self._over_cap("inflated")
             if chunk:
                 yield chunk

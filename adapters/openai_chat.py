@@ -274,6 +274,9 @@ class OpenAIChatOrchestrator:
             with self._clients_lock:
                 client = self._clients.get(base_url)
                 if client is None:
+                    # Any: openai 2 (the CrewAI environment) types this as httpx's client,
+                    # and takes httpx2's all the same.
+                    http_client: Any = guarded_client(self.timeout_s, self.max_response_bytes)
                     # Retries are ours (decorrelated jitter, Retry-After cap, attempt count
                     # in the output), so the SDK's own are off.
                     client = openai.AsyncOpenAI(
@@ -281,7 +284,7 @@ class OpenAIChatOrchestrator:
                         api_key=self._api_key,
                         max_retries=0,
                         timeout=self.timeout_s,
-                        http_client=guarded_client(self.timeout_s, self.max_response_bytes),
+                        http_client=http_client,
                     )
                     self._clients[base_url] = client
         return client
