@@ -514,7 +514,7 @@ async def _hostile(writer: asyncio.StreamWriter, fault: Fault) -> None:
             writer.write(f"{head}Content-Length: {arg}\r\n\r\n".encode())
             await _pour(writer, arg, b"a" * _CHUNK)
         elif name in ("gzip_bomb", "deflate_bomb"):
-            body = _bomb(name == "gzip_bomb", arg)
+            body = bomb(name == "gzip_bomb", arg)
             encoding = "gzip" if name == "gzip_bomb" else "deflate"
             head += f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)
@@ -555,7 +555,7 @@ async def _pour(writer: asyncio.StreamWriter, size: int | None, chunk: bytes) ->
 
 
 @functools.cache
-def _bomb(gzip: bool, size: int) -> bytes:
+def bomb(gzip: bool, size: int) -> bytes:
     """``size`` zero bytes (a whole number of MiB), compressed (gzip or zlib deflate):
     about 1 KiB per MiB.
 
