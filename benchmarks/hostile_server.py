@@ -1,6 +1,7 @@
 """A hostile LLM server against the OpenAI orchestrator: each mode's outcome, time and memory.
 
     python -m benchmarks.hostile_server [--agents 1 72] [--timeout 2]
+    .venv-crewai/bin/python -m benchmarks.hostile_server --backend crewai
 
 Each mode runs in a fresh interpreter (so its peak RSS is its own): the loopback server of
 tests/fake_openai.py plays the mode against a batch of agents through the bridge; the
@@ -30,7 +31,7 @@ MODES: dict[str, Any] = {
 }
 
 
-def run_mode(fault: Any, agents: int, timeout_s: float) -> dict[str, Any]:
+def run_mode(fault: Any, agents: int, timeout_s: float, backend: str) -> dict[str, Any]:
     """In this process: one batch against ``fault``; what happened."""
     import resource
     import time
@@ -53,9 +54,20 @@ def run_mode(fault: Any, agents: int, timeout_s: float) -> dict[str, Any]:
             return int(statm.read().split()[1]) * resource.getpagesize()
 
     async def batch() -> dict[str, Any]:
-        orchestrator = OpenAIChatOrchestrator(
+        orchestrator: Any = OpenAIChatOrchestrator(
             server.base_url, "fake-model", timeout_s=timeout_s, max_retries=0
         )
+        if backend == "crewai":
+            from adapters.crewai import CrewAIOrchestrator
+            from adapters.roster import Roster
+
+            orchestrator = CrewAIOrchestrator(
+                Roster.default(agents),
+                base_url=server.base_url,
+                model="fake-model",
+                timeout_s=timeout_s,
+                max_retries=0,
+            )
         async with AsyncioOrchestratorBridge(orchestrator) as bridge:
             service = ConcurrentDeliberationService(bridge, HaltSwitch(), AgentPool())
             base = rss()
@@ -88,13 +100,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[1, 72])
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--backend", choices=("openai", "crewai"), default="openai")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: "mode-name|agents"
     args = parser.parse_args()
     if args.one:
         name, agents = args.one.rsplit("|", 1)
-        print(json.dumps(run_mode(MODES[name], int(agents), args.timeout)))
+        print(json.dumps(run_mode(MODES[name], int(agents), args.timeout, args.backend)))
         return
-    print(f"timeout_s = {args.timeout:g}, max_retries = 0\n")
+    print(f"{args.backend}: timeout_s = {args.timeout:g}, max_retries = 0\n")
     print("| mode | agents | outcome (agents) | time s | client CPU s | peak RSS growth MB |")
     print("|---|---|---|---|---|---|")
     for name in MODES:
@@ -108,6 +121,8 @@ def main() -> None:
                     f"{name}|{agents}",
                     "--timeout",
                     str(args.timeout),
+                    "--backend",
+                    args.backend,
                 ],
                 capture_output=True,
                 text=True,
