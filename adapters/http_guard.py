@@ -99,19 +99,20 @@ def guarded_client(
     timeout_s: float, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 ) -> httpx2.AsyncClient:
     """An ``httpx2.AsyncClient`` for the openai SDK (``http_client=``), every transport
-    of it guarded: the direct one and any proxy one the environment sets up."""
-    limits = max_response_bytes
+    of it guarded: the direct one and one per proxy of the environment (``HTTPS_PROXY``
+    and the like, which the SDK's own client honours too)."""
     client = httpx2.AsyncClient(
-        transport=GuardedTransport(httpx2.AsyncHTTPTransport(limits=_CONNECTION_LIMITS), limits),
-        timeout=timeout_s,
-        follow_redirects=False,
+        limits=_CONNECTION_LIMITS, timeout=timeout_s, follow_redirects=False
     )
-    # Proxies from the environment (HTTPS_PROXY...) get transports of their own, which
-    # httpx keeps in ``_mounts``: a request through one must be bounded all the same.
-    mounts: dict[Any, Any] = getattr(client, "_mounts", {})
-    for pattern, transport in mounts.items():
-        if transport is not None:
-            mounts[pattern] = GuardedTransport(transport, limits)
+    # httpx builds the environment's proxy transports only when it builds the direct one
+    # too (a client given a transport ignores the environment), so both are wrapped
+    # after the fact; ``_mounts`` maps a URL pattern to its proxy's transport, or to
+    # None for a host that bypasses the proxies (it then takes ``_transport``).
+    client._transport = GuardedTransport(client._transport, max_response_bytes)
+    client._mounts = {
+        pattern: None if transport is None else GuardedTransport(transport, max_response_bytes)
+        for pattern, transport in client._mounts.items()
+    }
     return client
 
 

@@ -22,7 +22,8 @@ agents' own scripts).  A fault is one of:
     ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
                                surrogate such as ``"\ud800"``)
     ("encoded", encoding)      answer at once, compressed: "gzip", "deflate" (zlib) or
-                               "raw-deflate" (sent as ``deflate``)
+                               "raw-deflate" (sent as ``deflate``); any other name is
+                               only the header (``br``: a body that is not brotli)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
@@ -387,10 +388,13 @@ class FakeOpenAIServer:
             self._send_json(writer, 200, doc)
         elif isinstance(fault, tuple) and fault[0] == "encoded":
             body = json.dumps(_completion(payload, agent, usage)).encode()
-            wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[fault[1]]
-            packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
-            packed = packer.compress(body) + packer.flush()
-            encoding = "gzip" if fault[1] == "gzip" else "deflate"
+            if fault[1] in ("gzip", "deflate", "raw-deflate"):
+                wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[fault[1]]
+                packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+                packed = packer.compress(body) + packer.flush()
+                encoding = "gzip" if fault[1] == "gzip" else "deflate"
+            else:  # an encoding the client did not ask for: the plain body, mislabelled
+                packed, encoding = body, fault[1]
             extra = {**extra, "Content-Encoding": encoding}
             self._send(writer, 200, packed, "application/json", extra)
         elif isinstance(fault, tuple) and fault[0] == "content":

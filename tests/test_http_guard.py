@@ -154,3 +154,29 @@ def test_urls_in_messages_hide_credentials_and_queries() -> None:
     )
     assert redact_url("http://h/v1") == "http://h/v1"
     assert redact_url("http://[::1") == "<unparsable URL>"
+
+
+async def test_an_encoding_the_client_did_not_ask_for_is_refused(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("encoded", "br")
+    result, _ = await run_batch(llm_server, 1)
+    (message,) = messages(result)
+    assert "Content-Encoding 'br' refused (this client asks for gzip, deflate only)" in message
+    assert message.endswith("; not retried")
+
+
+async def test_a_request_through_a_proxy_from_the_environment_is_bounded_too(
+    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx gives each proxy of the environment a transport of its own: guarded too."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{llm_server.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    llm_server.default = ("gzip_bomb", GIB)
+    orchestrator = OpenAIChatOrchestrator("http://llm.invalid/v1", "fake-model", timeout_s=5)
+    with trio.fail_after(20):
+        async with AsyncioOrchestratorBridge(orchestrator) as bridge:
+            result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
+    assert llm_server.attempts["archon-1"] == 1  # it did go through the proxy
+    assert f"{CAP} inflated" in messages(result)[0], messages(result)
