@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from adapters.provider_budget import LimitStats, ProviderLimits
 
 __all__ = [
+    "OpeningHaltWatch",
     "OperatorInterrupt",
     "RateLimitReport",
     "UsageError",
@@ -150,6 +151,38 @@ async def halt_reason_now(checker: HaltChecker) -> str | None:
         return await read_halt(checker, DEFAULT_HALT_READ_TIMEOUT)
     except Exception as exc:
         return f"halt channel unreadable ({type(exc).__name__}); treated as halted"
+
+
+class OpeningHaltWatch:
+    """The halt while the backend opens: a halt on any channel cancels the opening.
+
+    Opening can take long (the reachability probe waits up to --timeout; CrewAI's
+    import takes seconds) and the kernel watches the channels only once the service is
+    open.  Polled every :attr:`POLL_S`, fail-safe as :func:`halt_reason_now`.  Owns the
+    watching only: what a halt then means is the caller's.
+    """
+
+    POLL_S = 0.05
+
+    def __init__(self, checker: HaltChecker, opening: trio.CancelScope) -> None:
+        self.reason: str | None = None  # the halt's, once one was seen
+        self._checker = checker
+        self._opening = opening
+        self._watching = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self._watching:
+            while True:
+                reason = await halt_reason_now(self._checker)
+                if reason is not None:
+                    self.reason = reason
+                    self._opening.cancel()
+                    return
+                await trio.sleep(self.POLL_S)
+
+    def stop(self) -> None:
+        """Stop watching (the service is open): even before :meth:`run` has started."""
+        self._watching.cancel()
 
 
 # ---------------------------------------------------------------- orchestrators

@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 from crewai import Agent, Task
 from crewai.agents.agent_executor import AgentExecutor
@@ -58,6 +58,7 @@ from crewai.utilities.i18n import I18N_DEFAULT
 from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
+from adapters.http_guard import guarded_client, refusal_in
 from adapters.openai_chat import classify_failure
 from adapters.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
@@ -130,32 +131,44 @@ class AgentRun:
         self._api_key = api_key
         self._sleep_s = policy.backoff_base_s
 
-    def retry_delay(self, exc: BaseException) -> float:
-        """Seconds to wait before the next attempt after ``exc``; raises if it is final.
+    def retry_delay(self, exc: BaseException) -> float | AgentInvocationError:
+        """Seconds to wait before the next attempt after ``exc``, or the error that ends
+        the run if it is final (for the caller to raise out of its except block: chained
+        to ``exc``, it would keep the failed response alive).
 
         Classified as the OpenAI orchestrator classifies (:func:`classify_failure`):
         retried are timeouts, connection failures, HTTP 408, a rate-limit 429 (at least
         ``Retry-After``, capped) and 5xx; not retried are other HTTP statuses, a 429 out
-        of quota, malformed responses, anything else CrewAI raises.  The error raised
-        names the agent, never the key or content.
+        of quota, malformed responses, a response the HTTP client refused (over a cap, a
+        redirect), anything else CrewAI raises.  The error names the agent, never the key
+        or content.
         """
+        refused = refusal_in(exc)
+        if refused is not None:
+            return AgentInvocationError(f"{self.where}: {refused}; not retried")
         error = _openai_error(exc)
-        cause = None
+        failure = None
         if isinstance(error, openai.OpenAIError):
-            cause = classify_failure(error, self.where, self._api_key)  # raises if final
-        if cause is None:
+            failure = classify_failure(error, self.where, self._api_key)
+        if failure is None:
             if isinstance(error, openai.APIResponseValidationError) or _is_json_error(exc):
-                raise AgentInvocationError(
+                return AgentInvocationError(
                     f"{self.where}: malformed response (not a chat completion)"
-                ) from None
+                )
+            if isinstance(exc, RecursionError) or isinstance(error, RecursionError):
+                return AgentInvocationError(
+                    f"{self.where}: malformed response (JSON nested too deeply)"
+                )
             described = describe_error(exc).replace(self._api_key, "***")
-            raise AgentInvocationError(f"{self.where}: CrewAI error: {described}") from None
-        what = cause.what
+            return AgentInvocationError(f"{self.where}: CrewAI error: {described}")
+        what, throttled, final = failure
+        if final is not None:
+            return final
         retry_after: float | None = None
-        if cause.throttled and isinstance(error, openai.APIStatusError):
+        if throttled and isinstance(error, openai.APIStatusError):
             retry_after = retry_after_s(error.response.headers)
         if self.attempts > self.policy.max_retries:
-            raise AgentInvocationError(f"{self.where}: {what} after {self.attempts} attempt(s)")
+            return AgentInvocationError(f"{self.where}: {what} after {self.attempts} attempt(s)")
         policy = self.policy
         self._sleep_s = min(
             policy.backoff_cap_s, policy.rng.uniform(policy.backoff_base_s, self._sleep_s * 3)
@@ -248,9 +261,11 @@ class AsyncioAgentExecutor(AgentExecutor):
                     verbose=False,
                 )
             except Exception as exc:
-                delay = run.retry_delay(exc)  # raises when the failure is final
+                delay = run.retry_delay(exc)
             finally:
                 _ACTIVE_RATE_LIMIT_RETRY.reset(outer_retry)
+            if isinstance(delay, AgentInvocationError):
+                raise delay  # out of the except block: see retry_delay
             await asyncio.sleep(delay)
 
     @contextlib.contextmanager
@@ -462,14 +477,15 @@ def warm_up() -> None:
                     value.model_rebuild()
 
 
-def agent_http_client(timeout_s: float) -> httpx.AsyncClient:
-    """One agent's HTTP client (its own connection pool, as CrewAI gives each LLM).
+def agent_http_client(timeout_s: float, max_response_bytes: int) -> httpx2.AsyncClient:
+    """One agent's HTTP client (its own connection pool, as CrewAI gives each LLM): the
+    guarded one (:mod:`adapters.http_guard`), which this environment's SDK takes too.
 
-    Not one pool for all: the pool in the crewai environment's SDK (httpcore 1.x) checks
-    every pooled connection on every request event, so 72 agents on one pool cost ~5x
-    the CPU of 72 small pools (measured: 10.8 against 2.0 ms per agent, keep-alive).
+    Not one pool for all: httpcore's pool checks every pooled connection on every
+    request event, so 72 agents on one pool cost ~5x the CPU of 72 small pools
+    (measured with httpcore 1.x: 10.8 against 2.0 ms per agent, keep-alive).
     """
-    return openai.DefaultAsyncHttpxClient(timeout=timeout_s)
+    return guarded_client(timeout_s, max_response_bytes)
 
 
 # ---------------------------------------------------------------- helpers

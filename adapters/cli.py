@@ -41,6 +41,7 @@ import trio
 
 from adapters import _cli_valkey, transcript
 from adapters._cli_backend import (
+    OpeningHaltWatch,
     OperatorInterrupt,
     RateLimitReport,
     UsageError,
@@ -76,6 +77,10 @@ EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
 MAX_AGENTS = MAX_ROSTER_AGENTS
 #: The backends that call an OpenAI-compatible endpoint (--base-url, --model).
 LLM_BACKENDS = ("openai", "crewai")
+#: Each agent's bound without --timeout: every attempt of the LLM backends' defaults
+#: (4 of 60 s) and the backoffs between them (at most 3 of 8 s) fit, with room to spare.
+#: No agent, whatever its server does, runs for ever.
+DEFAULT_AGENT_TIMEOUT_S = 300.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overflow", choices=("reject", "queue"), default="reject")
     run.add_argument("--sequential", action="store_true", help="one agent at a time, in order")
     run.add_argument(
-        "--timeout", type=_positive_float, default=None, help="per-agent timeout in seconds"
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="per-agent timeout in seconds, which also bounds each LLM request (default: "
+        f"{DEFAULT_AGENT_TIMEOUT_S:g} per agent, 60 per request)",
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
     run.add_argument("--create", action="store_true", help=_CREATE_HELP)
@@ -333,19 +342,22 @@ async def _deliberate(
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
         # Opening can take long (a busy server's reachability probe waits up to
-        # --timeout), and Ctrl-C means "stop now": until the service is open, the halt
-        # cancels the opening, and nothing is left open.
+        # --timeout), and a halt means "stop now": until the service is open, a halt
+        # (Ctrl-C, the halt file, Valkey) cancels the opening, and nothing is left open.
         with trio.CancelScope() as opening:
+            watch = OpeningHaltWatch(checker, opening)
             stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
+            nursery.start_soon(watch.run)
             async with open_service(
                 _orchestrator(args, roster_file, roster, limits),
                 checker,
                 pool,
-                agent_timeout=args.timeout,
+                agent_timeout=agent_timeout(args),
                 witness_db=args.witness_db,
                 metrics_port=args.metrics_port,
             ) as service:
                 stop_watching()  # from here on a halt is the kernel's to handle
+                watch.stop()
                 if not args.quiet:
                     announce(nursery, progress, backend=args.backend)
                 try:
@@ -365,8 +377,8 @@ async def _deliberate(
                     # the batch.
                     result, halted = exc.partial, exc.reason
                 nursery.cancel_scope.cancel()
-        if opening.cancelled_caught:  # Ctrl-C while opening: halted before the start
-            halted = interrupt.switch.reason
+        if opening.cancelled_caught:  # halted while opening: halted before the start
+            halted = interrupt.switch.reason or watch.reason
             nursery.cancel_scope.cancel()
     await cluster.settle()
     interrupted = interrupt.signal_name is not None
@@ -440,6 +452,11 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
             f"({size}), got {args.quorum}"
         )
     return roster_file if roster_file is not None else Roster.default(size)
+
+
+def agent_timeout(args: argparse.Namespace) -> float:
+    """Each agent's bound: ``--timeout``, else :data:`DEFAULT_AGENT_TIMEOUT_S`."""
+    return float(args.timeout) if args.timeout is not None else DEFAULT_AGENT_TIMEOUT_S
 
 
 def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:

@@ -19,6 +19,10 @@ Guarantees:
   (CrewAI's own executor runs its LLM calls with the synchronous client in worker
   threads; why, and what replaces it: that module's docstring).  A halt or a timeout
   cancels the asyncio task and with it the HTTP request; no thread is left running.
+- *A server is bounded* as for the OpenAI orchestrator (:mod:`adapters.http_guard`, every
+  agent's HTTP client): ``timeout_s`` bounds each attempt from connection to last byte,
+  a body over ``max_response_bytes`` (wire or inflated) or an answer over
+  ``max_content_chars`` is refused, a redirect is refused, never followed.
 - *Retries are ours.*  The SDK's retries and CrewAI's whole-task retries are off; one LLM
   call is retried as :class:`~adapters.openai_chat.OpenAIChatOrchestrator` retries:
   timeouts, connection failures, 408, 429 (``Retry-After``, capped) and 5xx, with
@@ -60,7 +64,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
-from adapters.openai_chat import AGENT_HEADER, KEYLESS, encode_agent_header, topic_message
+from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES
+from adapters.openai_chat import (
+    AGENT_HEADER,
+    DEFAULT_MAX_CONTENT_CHARS,
+    KEYLESS,
+    encode_agent_header,
+    topic_message,
+)
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, check_seconds
@@ -145,13 +156,17 @@ class CrewAIOrchestrator:
         model: the model (a profile's ``model`` overrides it).
         api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
             (local servers need none).  Never logged; redacted in ``repr``.
-        timeout_s: per-request timeout (a profile's ``timeout_s`` overrides it).
+        timeout_s: each LLM call's wall-clock bound, connection to last byte (a profile's
+            ``timeout_s`` overrides it).
         max_tokens, temperature: defaults for profiles that leave them unset.
         telemetry: False (the default) turns CrewAI's telemetry off; see the module
             docstring.
         max_retries, backoff_base_s, backoff_cap_s, retry_after_cap_s, seed: our retries
             of one LLM call, as in :class:`~adapters.openai_chat.OpenAIChatOrchestrator`.
         expected_output: the task's expected output (CrewAI puts it in the prompt).
+        max_response_bytes, max_content_chars: the largest response body and the longest
+            answer taken, as in :class:`~adapters.openai_chat.OpenAIChatOrchestrator`
+            (8 MiB, 1 Mi characters).
     """
 
     def __init__(
@@ -171,6 +186,8 @@ class CrewAIOrchestrator:
         retry_after_cap_s: float = 30.0,
         seed: int | None = None,
         expected_output: str = DEFAULT_EXPECTED_OUTPUT,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
     ) -> None:
         if not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
@@ -200,6 +217,8 @@ class CrewAIOrchestrator:
         self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
         self.seed = None if seed is None else check_int(seed, "seed")
         self.expected_output = expected_output
+        self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
+        self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
@@ -259,7 +278,7 @@ class CrewAIOrchestrator:
         model = profile.model or self.model
         base_url = (profile.base_url or self.base_url).rstrip("/")
         timeout_s = profile.timeout_s or self.timeout_s
-        client = crew.agent_http_client(timeout_s)
+        client = crew.agent_http_client(timeout_s, self.max_response_bytes)
         self._clients.append(client)
         temperature = profile.temperature if profile.temperature is not None else self.temperature
         settings: dict[str, Any] = {}
@@ -371,6 +390,11 @@ class CrewAIOrchestrator:
         except Exception as exc:
             described = crew.describe_error(exc).replace(self._api_key, "***")
             raise AgentInvocationError(f"{member.where}: CrewAI error: {described}") from None
+        if len(content) > self.max_content_chars:
+            raise AgentInvocationError(
+                f"{member.where}: answer over the {self.max_content_chars}-character cap "
+                "(max_content_chars)"
+            )
         usage = runner.llm.get_token_usage_summary().delta_since(before)
         metadata: dict[str, str | int | float] = {
             "framework": "crewai",

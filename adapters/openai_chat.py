@@ -8,10 +8,19 @@ Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP
 connection errors, 5xx, and 429 (see below).  Failures it
 does not retry: other 4xx (a bad key, a bad request, an unknown model), a 429 that says
 the account is out of quota (``insufficient_quota``: no wait brings it back), malformed
-responses, and a request that cannot be encoded (:func:`classify_failure`, which the
-CrewAI orchestrator shares).  Every failure is an
-:class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never the API
-key, the prompt or the content.
+responses, a response over a cap or a redirect (below), and a request that cannot be
+encoded (:func:`classify_failure`, which the CrewAI orchestrator shares).  Every failure
+is an :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never
+the API key, the prompt or the content.
+
+What a server can do is bounded (:mod:`adapters.http_guard`, the HTTP client every
+request goes through): ``timeout_s`` is a wall-clock bound on each attempt, from the
+connection to the last byte; a body over ``max_response_bytes`` (on the wire, or once
+inflated) and an answer over ``max_content_chars`` characters are refused; a redirect is
+refused, never followed.  The whole invocation takes at most ``(max_retries + 1)``
+attempts of ``timeout_s``, the backoffs between them (each at most ``backoff_cap_s``)
+and its turns in the rate-limit budget (below); bound it all with the kernel's
+``agent_timeout``.
 
 Each request carries the agent's id in the ``X-Conclave-Agent`` header, so that proxies
 and servers can attribute it.  HTTP header values are ASCII, and agent ids need not be
@@ -57,6 +66,7 @@ from uuid import uuid4
 
 import openai
 
+from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
 from adapters.provider_budget import (
     EndpointBudget,
     LimitStats,
@@ -72,9 +82,11 @@ from kernel.validate import check_int, check_number, utf8_size
 __all__ = [
     "AGENT_HEADER",
     "DEFAULT_COMPLETION_TOKENS",
+    "DEFAULT_MAX_CONTENT_CHARS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_SYSTEM_PROMPT",
     "LimitStats",
-    "RetryCause",
+    "AttemptFailure",
     "classify_failure",
     "OpenAIChatOrchestrator",
     "ProviderLimits",
@@ -99,6 +111,10 @@ AGENT_HEADER = "X-Conclave-Agent"
 
 #: The completion's token estimate for the budget when no ``max_tokens`` is set.
 DEFAULT_COMPLETION_TOKENS = 256
+
+#: The longest answer taken, in characters (1 Mi): ~250k tokens, beyond any model's
+#: output limit; a longer one is a server gone wrong.
+DEFAULT_MAX_CONTENT_CHARS = 1024 * 1024
 
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
@@ -153,38 +169,63 @@ def rate_limited(exc: openai.APIStatusError) -> bool:
     return exc.status_code == 429 and not out_of_quota(exc)
 
 
-class RetryCause(NamedTuple):
-    """A failure worth another attempt: what it was (for the final error message), and
-    whether it was a rate limit (the endpoint then pauses, not just this agent)."""
+class AttemptFailure(NamedTuple):
+    """What one failed attempt was: ``what`` (for the retry log and the last error),
+    whether it was a rate limit (``throttled``: the endpoint then pauses, not just this
+    agent), and ``final``, the error that ends the invocation at once when no retry would
+    help (None: worth another attempt).  The error is returned, not raised, so that the
+    caller raises it outside its ``except`` block: chained to the failed attempt, it would
+    keep that attempt's response (up to a body's cap) alive."""
 
     what: str
     throttled: bool = False
+    final: AgentInvocationError | None = None
 
 
-def classify_failure(exc: openai.OpenAIError, where: str, api_key: str) -> RetryCause | None:
-    """The one retry classification of an openai SDK error, for every orchestrator.
+def classify_failure(exc: BaseException, where: str, api_key: str) -> AttemptFailure | None:
+    """The one classification of a failed chat-completion attempt, for every orchestrator.
 
-    Retried (returned): timeouts, connection failures, HTTP 408, 5xx, and a rate-limit 429.
-    Final (raises :class:`~kernel.AgentInvocationError` naming ``where`` and the status,
-    never the key): every other status, and a 429 out of quota.  None: not an HTTP or
-    transport failure (a malformed response...): the caller decides.
+    Worth another attempt: timeouts, connection failures, HTTP 408, 5xx, and a rate-limit
+    429 (``throttled``).  Final (an error naming ``where`` and the status, never the key):
+    a response the HTTP client refused (over a cap, a redirect: the same again next
+    time), every other status, a 429 out of quota, a request that cannot be encoded, and
+    a malformed response.  None: an error this does not know (the caller decides).
     """
-    if isinstance(exc, openai.APITimeoutError):  # an APIConnectionError: first
-        return RetryCause("timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        return RetryCause("connection failed")
-    if not isinstance(exc, openai.APIStatusError):
-        return None
-    status = exc.status_code
-    said = server_message(exc, api_key)
-    if out_of_quota(exc):
-        raise AgentInvocationError(
-            f"{where}: HTTP {status}: the account is out of quota {said}; not retried"
-        ) from None
-    # 408 is the server's own request timeout: a timeout, so retried.
-    if status not in (408, 429) and status < 500:
-        raise AgentInvocationError(f"{where}: HTTP {status} {said}; not retried") from None
-    return RetryCause(f"HTTP {status}", throttled=status == 429)
+    if isinstance(exc, openai.APIConnectionError):  # an APITimeoutError is one too
+        refused = refusal_in(exc)
+        if refused is not None:
+            return AttemptFailure("refused", final=_final(f"{where}: {refused}"))
+        timed_out = isinstance(exc, openai.APITimeoutError)
+        return AttemptFailure("timed out" if timed_out else "connection failed")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        what = f"HTTP {status}"
+        if out_of_quota(exc):
+            said = server_message(exc, api_key)
+            return AttemptFailure(
+                what, final=_final(f"{where}: {what}: the account is out of quota {said}")
+            )
+        # 408 is the server's own request timeout: a timeout, so retried.
+        if status not in (408, 429) and status < 500:
+            said = server_message(exc, api_key)
+            return AttemptFailure(what, final=_final(f"{where}: {what} {said}"))
+        return AttemptFailure(what, throttled=status == 429)
+    if isinstance(exc, UnicodeEncodeError):  # before ValueError: it is one
+        # Something of ours (a header: the API key?) is not encodable: the request never
+        # left, and no retry will change that.
+        why = f"cannot encode the request ({type(exc).__name__} in {exc.encoding})"
+        return AttemptFailure("unencodable", final=_final(f"{where}: {why}"))
+    if isinstance(exc, openai.APIResponseValidationError | ValueError):
+        why = f"malformed response ({type(exc).__name__}: invalid JSON)"
+        return AttemptFailure("malformed", final=AgentInvocationError(f"{where}: {why}"))
+    if isinstance(exc, RecursionError):
+        why = "malformed response (JSON nested too deeply)"
+        return AttemptFailure("malformed", final=AgentInvocationError(f"{where}: {why}"))
+    return None
+
+
+def _final(message: str) -> AgentInvocationError:
+    return AgentInvocationError(f"{message}; not retried")
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
@@ -218,7 +259,8 @@ class OpenAIChatOrchestrator:
         roster: per-agent settings.  With a roster, invoking an agent not in it raises
             :class:`~kernel.AgentNotFoundError`; without one, any agent id is served
             with the defaults.
-        timeout_s: per-request timeout (a profile's ``timeout_s`` overrides it).
+        timeout_s: each attempt's wall-clock bound, connection to last byte (a profile's
+            ``timeout_s`` overrides it).
         max_retries: retries after the first attempt for retryable failures.
         system_prompt, temperature, max_tokens: defaults for profiles that leave them unset.
             ``{name}`` and ``{agent_id}`` in the system prompt are filled in.
@@ -230,6 +272,10 @@ class OpenAIChatOrchestrator:
             them the budget follows the server's ``x-ratelimit-*`` headers alone.  Shared:
             the budget of an endpoint and key keeps the strictest limits any
             orchestrator gave it.
+        max_response_bytes: the largest response body taken, on the wire and inflated
+            (default :data:`~adapters.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
+        max_content_chars: the longest answer taken (default
+            :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
     """
 
     def __init__(
@@ -249,6 +295,8 @@ class OpenAIChatOrchestrator:
         retry_after_cap_s: float = 30.0,
         seed: int | None = None,
         limits: ProviderLimits | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
     ) -> None:
         check_base_url(base_url)
         if not isinstance(model, str) or not model.strip():
@@ -285,6 +333,8 @@ class OpenAIChatOrchestrator:
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         self._rng = random.Random(None if seed is None else check_int(seed, "seed"))
         self.limits = limits
+        self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
+        self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
@@ -307,6 +357,9 @@ class OpenAIChatOrchestrator:
             with self._clients_lock:
                 client = self._clients.get(base_url)
                 if client is None:
+                    # Any: openai 2 (the CrewAI environment) types this as httpx's client,
+                    # and takes httpx2's all the same.
+                    http_client: Any = guarded_client(self.timeout_s, self.max_response_bytes)
                     # Retries are ours (decorrelated jitter, Retry-After cap, attempt count
                     # in the output), so the SDK's own are off.
                     client = openai.AsyncOpenAI(
@@ -314,6 +367,7 @@ class OpenAIChatOrchestrator:
                         api_key=self._api_key,
                         max_retries=0,
                         timeout=self.timeout_s,
+                        http_client=http_client,
                     )
                     self._clients[base_url] = client
         return client
@@ -409,6 +463,8 @@ class OpenAIChatOrchestrator:
                 return False
             raise AgentInvocationError(f"cannot reach {self.base_url}: connect timed out") from None
         except openai.APIConnectionError as exc:
+            if refusal_in(exc) is not None:  # it answered: what it said is the agents' concern
+                return True
             raise AgentInvocationError(
                 f"cannot reach {self.base_url}: {type(exc).__name__}"
             ) from None
@@ -466,28 +522,21 @@ class OpenAIChatOrchestrator:
             ticket = await budget.acquire(tokens)
             waited_s += ticket.waited_s
             self._count(waited_s=ticket.waited_s)
-            throttled = False
             outcome = _Outcome()
             try:
                 completion = await self._attempt(client, request, budget, ticket, outcome)
                 break
-            except (openai.APIConnectionError, openai.APIStatusError) as exc:
-                cause = classify_failure(exc, where, self._api_key)  # raises if final
-                assert cause is not None  # both kinds are HTTP or transport failures
-                what, throttled = cause
-            except UnicodeEncodeError as exc:
-                # Something of ours (a header: the API key?) is not encodable: the request
-                # never left, and no retry will change that.
-                raise AgentInvocationError(
-                    f"{where}: cannot encode the request ({type(exc).__name__} in "
-                    f"{exc.encoding}); not retried"
-                ) from None
-            except (openai.APIResponseValidationError, ValueError) as exc:
-                raise AgentInvocationError(
-                    f"{where}: malformed response ({type(exc).__name__}: invalid JSON)"
-                ) from None
+            except Exception as exc:
+                failure = classify_failure(exc, where, self._api_key)
+                if failure is None:
+                    raise
+                what, throttled, final = failure
+            # Raised here, out of the except block, so that the error does not keep the
+            # failed attempt alive (its traceback's frames hold up to a body's cap).
+            if final is not None:
+                raise final
             if attempts > self.max_retries:
-                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)") from None
+                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)")
             sleep_s = min(self.backoff_cap_s, self._rng.uniform(self.backoff_base_s, sleep_s * 3))
             if throttled:
                 # The whole endpoint waits: for the server's reset if it gave one (done
@@ -568,6 +617,11 @@ class OpenAIChatOrchestrator:
             refusal = getattr(message, "refusal", None)
             why = "refused" if refusal else "null content"
             raise AgentInvocationError(f"{where}: malformed response ({why})")
+        if len(content) > self.max_content_chars:
+            raise AgentInvocationError(
+                f"{where}: answer over the {self.max_content_chars}-character cap "
+                "(max_content_chars)"
+            )
         usage = getattr(completion, "usage", None)
         metadata: dict[str, str | int | float] = {
             "model": str(getattr(completion, "model", None) or model),

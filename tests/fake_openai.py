@@ -26,8 +26,29 @@ agents' own scripts).  A fault is one of:
     "null_content"             200 with ``"content": null``
     ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
                                surrogate such as ``"\\ud800"``)
+    ("encoded", encoding)      answer at once, compressed: "gzip", "deflate" (zlib) or
+                               "raw-deflate" (sent as ``deflate``); any other name is
+                               only the header (``br``: a body that is not brotli)
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
+
+Hostile faults (a server that tries to hang its client or exhaust its memory; each
+runs until the client goes away, the connection then closed):
+
+    ("trickle", interval_s)    200 headers at once, then the body one byte per interval
+    ("continue_storm", interval_s)
+                               ``100 Continue`` after ``100 Continue``, one per interval
+                               (0: as fast as the socket takes them), never a final answer
+    ("huge_body", size)        200 with a ``size``-byte body (Content-Length), sent as
+                               fast as the client reads it
+    ("gzip_bomb", size)        200 ``Content-Encoding: gzip``: ~1 KiB per MiB on the wire,
+                               ``size`` bytes once inflated
+    ("deflate_bomb", size)     the same as zlib-wrapped deflate
+    "endless_chunked"          200, chunked, chunks for ever
+    "endless_sse"              200 ``text/event-stream``, events for ever (to a request
+                               that did not ask for a stream)
+    ("redirect", location)     307 to ``location`` (which sees a request if followed)
+    ("deep_json", depth)       200 with a JSON body nested ``depth`` arrays deep
 
 ``models_fault``, when set, is the fault for every ``GET .../models`` request (the
 reachability probe) instead of the default; ``None`` (the default) leaves it alone.
@@ -56,10 +77,13 @@ monotonic arrival time, key and status; ``rate_limited`` counts the 429s.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
+import struct
 import threading
 import time
+import zlib
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
@@ -335,6 +359,9 @@ class FakeOpenAIServer:
                 return False
             fault = "ok"
 
+        if _is_hostile(fault):
+            await _hostile(writer, fault)
+            return False
         if fault == "ok":
             self._send_json(writer, 200, _completion(payload, agent, usage), extra)
         elif isinstance(fault, tuple) and fault[0] == "reply":
@@ -382,6 +409,17 @@ class FakeOpenAIServer:
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = None
             self._send_json(writer, 200, doc)
+        elif isinstance(fault, tuple) and fault[0] == "encoded":
+            body = json.dumps(_completion(payload, agent, usage)).encode()
+            if fault[1] in ("gzip", "deflate", "raw-deflate"):
+                wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[fault[1]]
+                packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+                packed = packer.compress(body) + packer.flush()
+                encoding = "gzip" if fault[1] == "gzip" else "deflate"
+            else:  # an encoding the client did not ask for: the plain body, mislabelled
+                packed, encoding = body, fault[1]
+            extra = {**extra, "Content-Encoding": encoding}
+            self._send(writer, 200, packed, "application/json", extra)
         elif isinstance(fault, tuple) and fault[0] == "content":
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = fault[1]
@@ -459,6 +497,110 @@ class FakeOpenAIServer:
         ]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+
+_HOSTILE = frozenset(
+    {
+        "trickle",
+        "continue_storm",
+        "huge_body",
+        "gzip_bomb",
+        "deflate_bomb",
+        "endless_chunked",
+        "endless_sse",
+        "redirect",
+        "deep_json",
+    }
+)
+_CHUNK = 64 * 1024
+
+
+def _is_hostile(fault: Fault) -> bool:
+    name = fault[0] if isinstance(fault, tuple) else fault
+    return isinstance(name, str) and name in _HOSTILE
+
+
+async def _hostile(writer: asyncio.StreamWriter, fault: Fault) -> None:
+    """Play a hostile fault until it is done or the client goes away; the caller then
+    closes the connection (whatever was written is still delivered)."""
+    name, arg = fault if isinstance(fault, tuple) else (fault, None)
+    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    try:
+        if name == "trickle":
+            writer.write(f"{head}Content-Length: 1000000\r\n\r\n".encode())
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(arg)
+        elif name == "continue_storm":
+            while True:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(arg)
+        elif name == "huge_body":
+            writer.write(f"{head}Content-Length: {arg}\r\n\r\n".encode())
+            await _pour(writer, arg, b"a" * _CHUNK)
+        elif name in ("gzip_bomb", "deflate_bomb"):
+            body = bomb(name == "gzip_bomb", arg)
+            encoding = "gzip" if name == "gzip_bomb" else "deflate"
+            head += f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        elif name in ("endless_chunked", "endless_sse"):
+            ctype = "text/event-stream" if name == "endless_sse" else "application/json"
+            writer.write(
+                f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            event = b'data: {"choices": [{"delta": {"content": "aye "}}]}\n\n'
+            data = event * (_CHUNK // len(event)) if name == "endless_sse" else b"[" * _CHUNK
+            chunk = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+            await _pour(writer, None, chunk)
+        elif name == "redirect":
+            writer.write(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {arg}\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+        elif name == "deep_json":
+            body = b'{"id": "x", "choices": ' + b"[" * arg + b"]" * arg + b"}"
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+    except ConnectionError:
+        return
+
+
+async def _pour(writer: asyncio.StreamWriter, size: int | None, chunk: bytes) -> None:
+    """Write ``chunk`` again and again (``size`` bytes of it, or for ever), as fast as the
+    client reads."""
+    sent = 0
+    while size is None or sent < size:
+        part = chunk if size is None else chunk[: size - sent]
+        writer.write(part)
+        sent += len(part)
+        await writer.drain()
+
+
+@functools.cache
+def bomb(gzip: bool, size: int) -> bytes:
+    """``size`` zero bytes (a whole number of MiB), compressed (gzip or zlib deflate):
+    about 1 KiB per MiB.
+
+    Built in well under a second: one MiB of zeros is deflated once, ending in a full
+    flush (which resets the compressor, so every further MiB compresses to the same
+    bytes), and repeated.
+    """
+    mib = 1024 * 1024
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = packer.compress(bytes(mib)) + packer.flush(zlib.Z_FULL_FLUSH)
+    deflated = block * (size // mib) + packer.flush()
+    if not gzip:  # zlib: header, deflate, Adler-32 (of n zeros: a = 1, b = n mod 65521)
+        return b"\x78\xda" + deflated + struct.pack(">HH", size % 65521, 1)
+    crc, zeros = 0, bytes(mib)
+    for _ in range(size // mib):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + deflated + struct.pack("<II", crc, size % 2**32)
 
 
 class RateLimits:

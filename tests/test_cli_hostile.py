@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from adapters.cli import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
 from tests.fake_openai import FakeOpenAIServer
-from tests.test_cli import conclave, deliberating, halt_from_cli
+from tests.test_cli import CONCLAVE, ROOT, conclave, deliberating, halt_from_cli
 
 # ---------------------------------------------------------------- item 7: council size
 
@@ -248,3 +250,82 @@ def test_halt_is_checked_before_reachability(tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "halted before starting: r" in proc.stderr
     assert "cannot reach" not in proc.stderr
+
+
+# ---------------------------------------------------------------- a hostile server
+
+
+@pytest.mark.parametrize(
+    ("fault", "endings"),
+    [
+        # The request's deadline and the agent's are both --timeout: either ends it.
+        (("trickle", 0.5), ("agent exceeded its timeout of 2 s", "timed out after 1 attempt(s)")),
+        (
+            ("gzip_bomb", 2**30),
+            ("over the 8388608-byte cap inflated (max_response_bytes); not retried",),
+        ),
+    ],
+)
+def test_a_hostile_server_fails_each_agent_within_the_timeout(
+    llm_server: FakeOpenAIServer,
+    two_agents: Path,
+    tmp_path: Path,
+    fault: object,
+    endings: tuple[str, ...],
+) -> None:
+    llm_server.default = fault
+    llm_server.models_fault = fault  # the probe too
+    transcript = tmp_path / "run.json"
+    t0 = time.monotonic()
+    proc = conclave(
+        *_openai(llm_server.base_url, "--roster", str(two_agents), "--timeout", "2"),
+        "--quiet",
+        "--json",
+        str(transcript),
+        timeout=60,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    assert "0/2 succeeded, 2 failed" in proc.stdout, proc.stdout
+    # The probe (2 s at most) and the batch (2 s at most), plus interpreter start-up.
+    assert elapsed < 4 + 8
+    doc = json.loads(transcript.read_text())
+    assert all(o["message"].endswith(endings) for o in doc["outcomes"]), doc["outcomes"]
+
+
+def test_a_halt_written_while_the_probe_hangs_stops_it_at_once(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    llm_server.models_fault = ("trickle", 0.5)  # the probe never completes (--timeout 600)
+    halt_file = tmp_path / "halt.json"
+    with subprocess.Popen(
+        [
+            *CONCLAVE,
+            *_openai(llm_server.base_url, "--timeout", "600", "--halt-file", str(halt_file)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            assert llm_server.wait_for(lambda s: s.requests_total >= 1, 30)  # probing
+            halt_from_cli(halt_file, "stop the probe")
+            t_halt = time.monotonic()
+            _, stderr = proc.communicate(timeout=30)
+            stopped_after = time.monotonic() - t_halt
+        finally:
+            proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "halted before starting: stop the probe" in stderr
+    assert stopped_after < 5.0  # polled every 50 ms; the rest is interpreter exit
+    assert llm_server.wait_for(lambda s: s.disconnects >= 1)  # the probe's request closed
+
+
+def test_every_agent_has_a_finite_timeout_by_default() -> None:
+    parser = build_parser()
+    default = agent_timeout(parser.parse_args(["deliberate", "--backend", "openai"]))
+    assert default == DEFAULT_AGENT_TIMEOUT_S == 300.0
+    # Every attempt of the orchestrator's defaults fits: 4 x 60 s, 3 backoffs of <= 8 s.
+    assert default > 4 * 60 + 3 * 8
+    assert agent_timeout(parser.parse_args(["deliberate", "--timeout", "7.5"])) == 7.5

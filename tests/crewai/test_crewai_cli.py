@@ -7,7 +7,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.fake_openai import FakeOpenAIServer
 
@@ -77,3 +80,42 @@ def test_the_crewai_backend_refuses_an_unreachable_server(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "conclave: cannot reach http://127.0.0.1:9/v1: APIConnectionError"
+
+
+@pytest.mark.parametrize(
+    ("fault", "ending"),
+    [
+        (("trickle", 0.5), "timed out after 1 attempt(s)"),
+        (("gzip_bomb", 2**30), "cap inflated (max_response_bytes); not retried"),
+    ],
+)
+def test_a_hostile_server_fails_each_crewai_agent_within_the_timeout(
+    llm_server: FakeOpenAIServer, tmp_path: Path, fault: object, ending: str
+) -> None:
+    llm_server.default = fault  # the probe too: it reads the same fault
+    out = tmp_path / "run.json"
+    t0 = time.monotonic()
+    proc = conclave(
+        "deliberate",
+        "--backend",
+        "crewai",
+        "--roster",
+        str(ARCHONS),
+        "--base-url",
+        llm_server.base_url,
+        "--model",
+        "fake-model",
+        "--timeout",
+        "3",  # the agent's bound and each request's: the request's ends it first
+        "--quiet",
+        "--json",
+        str(out),
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    outcomes = json.loads(out.read_text())["outcomes"]
+    assert len(outcomes) == 6
+    assert all(o["message"].endswith((ending, "exceeded its timeout of 3 s")) for o in outcomes)
+    # The probe and the batch, 3 s at most each, plus crewai's import and set-up.
+    assert elapsed < 6 + 20

@@ -38,7 +38,7 @@ from kernel import (
 )
 from tests.crewai.conftest import threads_running_llm_code
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import client_bytes, expect_halt
+from tests.helpers import PeakRss, client_bytes, expect_halt
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHONS = ROOT / "examples" / "archons-sample.json"
@@ -614,3 +614,88 @@ async def test_agents_on_one_topic_share_its_task_description(
             tracemalloc.stop()
     per_agent = held / n / MAX_TOPIC_BYTES
     assert per_agent < 3.6, f"{per_agent:.2f} x the topic per agent"  # was 4.07
+
+
+# ------------------------------------------------------------------ a hostile server
+
+HOSTILE_TIMEOUT_S = 2.0
+HOSTILE_MARGIN_S = 5.0  # generous: a loaded 2-core machine
+BODY_CAP = "over the 8388608-byte cap"
+
+
+async def run_hostile(server: FakeOpenAIServer, agents: int, **kwargs: Any) -> tuple[Any, float]:
+    """One batch of ``agents`` CrewAI agents; the result and the batch's wall-clock time
+    (building the agents not included); fails, rather than hangs, far past the timeout."""
+    orch = orchestrator(server, agents, **{"timeout_s": HOSTILE_TIMEOUT_S, **kwargs})
+    with trio.fail_after(60):
+        async with AsyncioOrchestratorBridge(orch) as bridge:
+            started = time.monotonic()
+            result = await ConcurrentDeliberationService(bridge).invoke_concurrent(
+                Roster.default(agents).requests(TOPIC)
+            )
+            elapsed = time.monotonic() - started
+    return result, elapsed
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (("trickle", 0.5), "timed out after 1 attempt(s)"),
+        (("continue_storm", 0.002), "timed out after 1 attempt(s)"),
+        (("huge_body", 300 * 2**20), f"{BODY_CAP} on the wire (max_response_bytes); not retried"),
+        (("gzip_bomb", 2**30), f"{BODY_CAP} inflated (max_response_bytes); not retried"),
+        (("deflate_bomb", 2**30), f"{BODY_CAP} inflated (max_response_bytes); not retried"),
+        ("endless_sse", f"{BODY_CAP} on the wire (max_response_bytes); not retried"),
+        (("deep_json", 200_000), "malformed response"),
+    ],
+)
+async def test_a_hostile_server_gives_each_crewai_agent_one_clear_failure_in_time(
+    llm_server: FakeOpenAIServer, fault: Any, expected: str
+) -> None:
+    llm_server.default = fault
+    with PeakRss() as rss:
+        result, elapsed = await run_hostile(llm_server, 1, max_retries=0)
+    (failure,) = result.failures
+    assert failure.message.startswith("agent 'archon-1' (CrewAI, fake-model at ")
+    assert expected in failure.message, failure.message
+    assert elapsed < HOSTILE_TIMEOUT_S + HOSTILE_MARGIN_S
+    assert rss.growth_mb < 150, f"{rss.growth_mb:.0f} MB"
+
+
+async def test_72_crewai_agents_against_a_gzip_bomb_each_fail_alone_in_bounded_memory(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("gzip_bomb", 2**30)
+    timeout_s = 10.0  # 72 CrewAI agents on 2 busy cores: no first attempt may time out
+    with PeakRss() as rss:
+        result, elapsed = await run_hostile(llm_server, 72, timeout_s=timeout_s)
+    assert len(result.failures) == 72
+    assert all(BODY_CAP in f.message for f in result.failures)
+    assert llm_server.requests_total == 72  # refused, not retried
+    assert elapsed < timeout_s + HOSTILE_MARGIN_S, elapsed
+    assert rss.growth_mb < 400, f"{rss.growth_mb:.0f} MB"
+
+
+async def test_a_redirect_is_refused_and_the_other_origin_sees_nothing(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    other = FakeOpenAIServer().start()
+    try:
+        llm_server.default = ("redirect", f"{other.base_url}/chat/completions?k=s3cret")
+        result, _ = await run_hostile(llm_server, 1)
+        assert other.requests_total == 0
+    finally:
+        other.stop()
+    (failure,) = result.failures
+    assert f"HTTP 307 redirect to {other.base_url}/chat/completions?*** refused" in (
+        failure.message
+    ), failure.message
+    assert "s3cret" not in failure.message
+    assert llm_server.attempts["archon-1"] == 1
+
+
+async def test_an_answer_over_the_content_cap_is_refused(llm_server: FakeOpenAIServer) -> None:
+    llm_server.default = ("reply", "a" * 101)
+    result, _ = await run_hostile(llm_server, 1, max_content_chars=100)
+    (failure,) = result.failures
+    assert failure.message.endswith("answer over the 100-character cap (max_content_chars)")
