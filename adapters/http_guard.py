@@ -31,16 +31,16 @@ import asyncio
 import zlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
+
+from adapters.urls import redact_url
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "GuardedTransport",
     "ResponseRefusedError",
     "guarded_client",
-    "redact_url",
     "refusal_in",
 ]
 
@@ -65,22 +65,6 @@ _ACCEPT_ENCODING = "gzip, deflate"
 class ResponseRefusedError(httpx2.RemoteProtocolError):
     """The server sent what this client does not take: too much, a redirect, an
     encoding it cannot bound.  Not worth a retry; its message says what and why."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit for a message: credentials and the query shown as ``***``, no fragment."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if parts.username is not None or parts.password is not None:
-        netloc = f"***@{host}{port}"
-    return urlunsplit(
-        parts._replace(netloc=netloc, query="***" if parts.query else "", fragment="")
-    )
 
 
 def refusal_in(exc: BaseException) -> ResponseRefusedError | None:
