@@ -451,15 +451,15 @@ async def test_metrics_snapshot(autojump_clock: trio.testing.MockClock) -> None:
     with pytest.raises(AgentPoolExhaustedError):
         await service.invoke_concurrent(make_requests(80))
     snap = service.metrics.snapshot()
-    assert snap["batches_total"] == 2
-    assert snap["agent_invocations_total"] == 20
-    assert snap["agent_failure_count"] == 2
-    assert snap["pool_exhaustion_errors"] == 1
-    assert snap["halted_batches"] == 0
-    assert snap["pool_active_count"] == 0
-    assert snap["concurrent_invocation_total_ms"] == pytest.approx(30.0)
-    assert snap["p50_ms"] == pytest.approx(10.0)
-    assert snap["p99_ms"] == pytest.approx(30.0)
+    assert snap.batches_total == 2
+    assert snap.agent_invocations_total == 20
+    assert snap.agent_failure_count == 2
+    assert snap.pool_exhaustion_errors == 1
+    assert snap.halted_batches == 0
+    assert snap.pool_active_count == 0
+    assert snap.concurrent_invocation_total_ms == pytest.approx(30.0)
+    assert snap.p50_ms == pytest.approx(10.0)
+    assert snap.p99_ms == pytest.approx(30.0)
     assert service.get_pool_status().as_dict() == {
         "active_count": 0,
         "available_count": 72,

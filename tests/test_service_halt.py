@@ -48,7 +48,7 @@ async def test_mid_flight_halt_cancels_all_72_at_once(
     assert sorted(orch.cancelled) == sorted(r.agent_id for r in requests)
     assert all(t <= halted_at for _, t in orch.starts)
     assert pool.active_count == 0 and pool.limiter.borrowed_tokens == 0
-    assert service.metrics.snapshot()["halted_batches"] == 1
+    assert service.metrics.snapshot().halted_batches == 1
 
 
 async def test_mid_flight_halt_keeps_outputs_of_finished_agents(
