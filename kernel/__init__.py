@@ -24,9 +24,9 @@ from kernel._halt import (
     check_halt_reason,
     read_halt,
 )
-from kernel._metrics import MetricsSnapshot, ServiceMetrics
+from kernel._metrics import MetricsSnapshot, ServiceMetrics, nearest_rank
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
-from kernel._pool import Admission, AgentPool
+from kernel._pool import Admission, AgentPool, PoolStatistics
 from kernel._ports import (
     AgentOrchestratorProtocol,
     CommitReceipt,
@@ -38,7 +38,7 @@ from kernel._ports import (
     OutputWitness,
     SharedCapacity,
 )
-from kernel._rate import RateLimit
+from kernel._rate import RateLimit, RateLimitStatistics
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
 from kernel._tail import HedgePolicy
 from kernel._types import (
@@ -92,14 +92,17 @@ __all__ = [
     "MetricsSnapshot",
     "Overflow",
     "OutputWitness",
+    "PoolStatistics",
     "PoolStatus",
     "ProgressCallback",
     "RateLimit",
+    "RateLimitStatistics",
     "ServiceMetrics",
     "SharedCapacity",
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",
+    "nearest_rank",
     "read_halt",
     "utc_now",
 ]

@@ -139,6 +139,8 @@ class Batch:
         """Stop the batch if a stop is due (see :meth:`is_stopped`); whether it stopped."""
         if self.cause is not None:
             return True
+        if self.deadline is None and not self.halt.probes:
+            return False  # nothing can be due: asked twice per agent, so answered at once
         due = self._due()
         if due is None:
             return False
@@ -235,9 +237,8 @@ class Batch:
                 outcome = await self._start_leased(index, slot)
         finally:
             self.admission.release(slot)
-        if outcome.__class__ is Cut:  # the batch's stop decides this agent's outcome
+        if isinstance(outcome, Cut):  # the batch's stop decides this agent's outcome
             return
-        assert not isinstance(outcome, Cut)
         # Recorded with no checkpoint since the attempt's stop check: what is recorded as
         # a success was released before any halt.
         start = self.started[index]

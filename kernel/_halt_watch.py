@@ -41,7 +41,9 @@ class HaltWatch:
     other channel is polled every ``poll_interval`` seconds.
     """
 
-    __slots__ = ("_on_halt", "_probe", "_waits", "checker", "poll_interval", "read_timeout")
+    __slots__ = (
+        "_on_halt", "_probe", "_waits", "checker", "poll_interval", "probes", "read_timeout",
+    )  # fmt: skip
 
     def __init__(self, checker: object, poll_interval: object, read_timeout: object) -> None:
         if checker is not None and not isinstance(checker, HaltChecker):
@@ -56,6 +58,8 @@ class HaltWatch:
         self._probe: Callable[[], bool] | None = (
             checker.halted_now if isinstance(checker, HaltProbe) else None
         )
+        #: Whether the channel has a probe (:meth:`probe` can say halted).
+        self.probes = self._probe is not None
         self._on_halt: Callable[[Callable[[str], None]], Callable[[], None]] | None = (
             checker.on_halt if isinstance(checker, HaltNotifier) else None
         )

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
+import attrs
 import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
@@ -13,7 +14,7 @@ from kernel._ports import LeaseLossNotifier, SharedCapacity
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
 from kernel.validate import check_text
 
-__all__ = ["Admission", "AgentPool", "Slot"]
+__all__ = ["Admission", "AgentPool", "PoolStatistics", "Slot"]
 
 log = logging.getLogger("kernel.pool")
 
@@ -63,6 +64,30 @@ def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
     # The common case without a call per id: a non-blank str.
     ids = [a if a.__class__ is str and a.strip() else check_text(a, "agent_id") for a in agent_ids]
     return list(dict.fromkeys(ids))  # de-duplicate, keep order
+
+
+@attrs.frozen(slots=True)
+class PoolStatistics:
+    """An :class:`AgentPool` at one instant (:meth:`AgentPool.statistics`).
+
+    Attributes:
+        max_concurrent: the pool's bound on calls running at once (FR10).
+        active_count: agents holding a slot (each counted once, hedged or not).
+        hedge_calls: extra slots held by hedge calls of agents already active.
+        available_count: slots free now (``max_concurrent`` minus every slot held,
+            including limiter tokens borrowed outside the pool).
+        queued_count: agents claimed by queueing batches, still waiting for a slot.
+        tasks_waiting: tasks waiting in the pool's limiter for a slot now.
+        leases: slots holding a lease of the pool's shared capacity (0 without one).
+    """
+
+    max_concurrent: int
+    active_count: int
+    hedge_calls: int
+    available_count: int
+    queued_count: int
+    tasks_waiting: int
+    leases: int
 
 
 class AgentPool:
@@ -123,6 +148,18 @@ class AgentPool:
         return f"<AgentPool {len(self._active)}/{self._max} active, {len(self._queued)} queued>"
 
     # ------------------------------------------------------------ read side
+
+    def statistics(self) -> PoolStatistics:
+        """What the pool holds now, in one frozen snapshot (no checkpoint)."""
+        return PoolStatistics(
+            max_concurrent=self._max,
+            active_count=len(self._active),
+            hedge_calls=len(self._extra),
+            available_count=int(self.limiter.available_tokens),
+            queued_count=len(self._queued),
+            tasks_waiting=self.limiter.statistics().tasks_waiting,
+            leases=len(self._leased),
+        )
 
     @property
     def max_concurrent(self) -> int:
