@@ -26,7 +26,7 @@ from kernel._halt import (
 )
 from kernel._metrics import MetricsSnapshot, ServiceMetrics, nearest_rank
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
-from kernel._pool import Admission, AgentPool, PoolStatistics
+from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
     CommitReceipt,
@@ -51,6 +51,7 @@ from kernel._types import (
     ConcurrentResult,
     ContextBundle,
     FailureKind,
+    PoolStatistics,
     PoolStatus,
     utc_now,
 )

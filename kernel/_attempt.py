@@ -23,8 +23,8 @@ import trio
 
 from kernel._cancel import cancel_requested, raise_if_requested
 from kernel._metrics import ServiceMetrics
-from kernel._pool import Slot
 from kernel._ports import AgentOrchestratorProtocol, OutputWitness
+from kernel._slot import Slot
 from kernel._tail import race
 from kernel._types import AgentFailure, AgentOutput, AgentRequest, FailureKind, stamp_output
 

@@ -27,9 +27,10 @@ from kernel._cancel import surface
 from kernel._errors import AgentPoolExhaustedError
 from kernel._halt_watch import HaltWatch
 from kernel._metrics import ServiceMetrics
-from kernel._pool import Admission, Slot
+from kernel._pool import Admission
 from kernel._progress import Progress, ProgressCallback
 from kernel._rate import RateLimit
+from kernel._slot import Slot
 from kernel._tail import LatencyWindow, watch_deadline
 from kernel._types import (
     AgentFailure,

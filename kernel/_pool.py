@@ -6,56 +6,17 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
-import attrs
 import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
 from kernel._ports import LeaseLossNotifier, SharedCapacity
-from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
+from kernel._slot import Slot
+from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatistics, PoolStatus
 from kernel.validate import check_text
 
 __all__ = ["Admission", "AgentPool", "PoolStatistics", "Slot"]
 
 log = logging.getLogger("kernel.pool")
-
-
-class Slot:
-    """One borrowed limiter token, held on behalf of one agent.
-
-    Each reservation gets a fresh slot object as its limiter borrower, because a
-    ``CapacityLimiter`` borrower may hold only one token at a time, and so that a stale
-    release (after :meth:`AgentPool.reset`) is recognised and ignored.
-    """
-
-    __slots__ = ("_scope", "agent_id", "extra", "lease", "lost")
-
-    def __init__(self, agent_id: str, *, extra: bool = False, lease: str | None = None) -> None:
-        self.agent_id = agent_id
-        # An extra slot is a second call of an agent that is already active (a hedge):
-        # it holds a limiter token, but the agent is counted active once.
-        self.extra = extra
-        # Its lease in the pool's shared capacity, if it has one.
-        self.lease = lease
-        #: Why its shared lease was lost (see :class:`~kernel.LeaseLossNotifier`), if it was.
-        self.lost: str | None = None
-        self._scope: trio.CancelScope | None = None
-
-    def guard(self) -> trio.CancelScope:
-        """A cancel scope for the work this slot admits: cancelled when its shared lease is
-        lost (at once if it already is)."""
-        scope = self._scope = trio.CancelScope()
-        if self.lost is not None:
-            scope.cancel()
-        return scope
-
-    def _lose(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def __repr__(self) -> str:
-        return f"<slot {self.agent_id!r}>"
 
 
 def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
@@ -64,30 +25,6 @@ def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
     # The common case without a call per id: a non-blank str.
     ids = [a if a.__class__ is str and a.strip() else check_text(a, "agent_id") for a in agent_ids]
     return list(dict.fromkeys(ids))  # de-duplicate, keep order
-
-
-@attrs.frozen(slots=True)
-class PoolStatistics:
-    """An :class:`AgentPool` at one instant (:meth:`AgentPool.statistics`).
-
-    Attributes:
-        max_concurrent: the pool's bound on calls running at once (FR10).
-        active_count: agents holding a slot (each counted once, hedged or not).
-        hedge_calls: extra slots held by hedge calls of agents already active.
-        available_count: slots free now (``max_concurrent`` minus every slot held,
-            including limiter tokens borrowed outside the pool).
-        queued_count: agents claimed by queueing batches, still waiting for a slot.
-        tasks_waiting: tasks waiting in the pool's limiter for a slot now.
-        leases: slots holding a lease of the pool's shared capacity (0 without one).
-    """
-
-    max_concurrent: int
-    active_count: int
-    hedge_calls: int
-    available_count: int
-    queued_count: int
-    tasks_waiting: int
-    leases: int
 
 
 class AgentPool:
@@ -417,7 +354,7 @@ class AgentPool:
                 "shared lease lost; its work is stopped",
                 extra={"agent_id": slot.agent_id, "hedge": slot.extra},
             )
-            slot._lose(why)
+            slot.lose(why)
 
 
 class Admission:

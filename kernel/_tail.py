@@ -20,7 +20,7 @@ import trio
 
 from kernel._errors import InvalidRequestError
 from kernel._metrics import nearest_rank
-from kernel._pool import Slot
+from kernel._slot import Slot
 from kernel.validate import check_int, check_seconds, integer, number
 
 __all__ = [
