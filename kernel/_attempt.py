@@ -139,7 +139,17 @@ class AgentCall:
             # late: either way, a timeout.
             message = f"agent exceeded its timeout of {timeout:g} s"
             return failure(req, FailureKind.TIMEOUT, "", message, start)
-        judged = self._judge(run, index, req, answer, start)
+        if (
+            answer.__class__ is AgentOutput
+            and not run.stop_if_due()
+            and answer.agent_id == req.agent_id
+            and answer.output_id not in run.output_ids
+        ):
+            # The common case, without a call: this agent's own, fresh output.
+            run.output_ids.add(answer.output_id)
+            judged: Attempted = stamp_output(answer, req.request_id, run.batch_id)
+        else:
+            judged = self._judge(run, index, req, answer, start)
         if self._witness is None or judged.__class__ is not AgentOutput:
             return judged
         assert isinstance(judged, AgentOutput)
@@ -165,9 +175,7 @@ class AgentCall:
                 return failure(req, FailureKind.ERROR, "Cancelled", message, start)
             error = answer.exc
             return failure(req, FailureKind.ERROR, type(error).__name__, describe(error), start)
-        # The common case first, without a call: this agent's own output.
-        ok = answer.__class__ is AgentOutput and answer.agent_id == req.agent_id
-        problem = None if ok else invalid(answer, req)
+        problem = invalid(answer, req)
         if isinstance(answer, AgentOutput) and answer.output_id in run.output_ids:
             problem = problem or (
                 f"orchestrator returned output {answer.output_id} for agent "

@@ -64,7 +64,8 @@ class Batch:
     __slots__ = (
         "admission", "batch_id", "call", "cause", "deadline", "done", "halt", "hedge_delay",
         "hedged", "hedges_left", "latencies", "metrics", "mode", "outcomes", "output_ids",
-        "progress", "quorum", "rate_limit", "reason", "requests", "run_scope",
+        "probing", "progress", "quorum", "rate_limit", "reason", "reporting", "requests",
+        "run_scope",
         "started", "succeeded", "timeout", "withheld",
     )  # fmt: skip
 
@@ -107,6 +108,8 @@ class Batch:
         self.reason: str | None = None  # the halt reason
         # Agents whose output arrived after the stop: it is never released.
         self.withheld: set[int] = set()
+        self.reporting = on_progress is not None
+        self.probing = halt.probes  # decided once: asked per agent
         self.progress = Progress(on_progress, self.batch_id, len(requests), mode == "sequential")
 
     # ------------------------------------------------------------ stopping
@@ -121,32 +124,31 @@ class Batch:
         if cause is Stop.HALT:
             self.progress.cancel()  # nothing slow between a halt and the caller
 
-    def _due(self) -> tuple[Stop, str | None] | None:
-        """What stops this batch now, even an instant ago (no checkpoint, no change)."""
-        if self.cause is not None:
-            return self.cause, self.reason
-        halted, reason = self.halt.probe()
-        if halted:
-            return Stop.HALT, reason
-        if self.deadline is not None and trio.current_time() >= self.deadline:
-            return Stop.DEADLINE, None
-        return None
-
     def is_stopped(self) -> bool:
-        """Has this batch stopped, or is a stop due?  Only asks."""
-        return self._due() is not None
+        """Has this batch stopped, or is a stop due (a halt the probe sees, a deadline
+        just passed)?  Only asks: no checkpoint, no change."""
+        return (
+            self.cause is not None
+            or self.halt.probe() is not False
+            or (self.deadline is not None and trio.current_time() >= self.deadline)
+        )
 
     def stop_if_due(self) -> bool:
-        """Stop the batch if a stop is due (see :meth:`is_stopped`); whether it stopped."""
+        """Stop the batch if a stop is due (see :meth:`is_stopped`); whether it stopped.
+
+        Asked twice per agent (before its start, when its call ends): kept to the fewest
+        calls."""
         if self.cause is not None:
             return True
-        if self.deadline is None and not self.halt.probes:
-            return False  # nothing can be due: asked twice per agent, so answered at once
-        due = self._due()
-        if due is None:
-            return False
-        self.stop(*due)
-        return True
+        if self.probing:
+            said = self.halt.probe()
+            if said is not False:
+                self.stop(Stop.HALT, None if said is True else said)
+                return True
+        if self.deadline is not None and trio.current_time() >= self.deadline:
+            self.stop(Stop.DEADLINE)
+            return True
+        return False
 
     def withhold(self, index: int) -> None:
         """Agent ``index``'s output arrived after the stop: it is never released."""
@@ -244,7 +246,7 @@ class Batch:
         # a success was released before any halt.
         start = self.started[index]
         self._record(index, outcome, trio.current_time() if start is None else start)
-        if self.progress.wanted:
+        if self.reporting:
             completed = isinstance(outcome, AgentOutput)
             await self.progress.outcome(self.done, outcome.agent_id, completed)
 

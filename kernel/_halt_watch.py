@@ -24,11 +24,9 @@ __all__ = ["HaltWatch", "Probe"]
 
 log = logging.getLogger("kernel.service")
 
-#: What a probe says: (halted, reason).  A probe that answers True gives no reason (the
-#: channel is read for it later); one that raises gives the failure as the reason.
-Probe = tuple[bool, str | None]
-_CLEAR: Probe = (False, None)
-_HALTED: Probe = (True, None)
+#: What a probe says: False (clear), True (halted; the channel is read for the reason
+#: later), or the reason itself (the probe failed, which is a halt).
+Probe = bool | str
 
 
 class HaltWatch:
@@ -95,11 +93,11 @@ class HaltWatch:
         """Is the channel halted right now?  Synchronous, no checkpoint, no I/O."""
         probe = self._probe
         if probe is None:
-            return _CLEAR
+            return False
         try:
-            return _HALTED if probe() else _CLEAR
+            return bool(probe())
         except Exception as exc:  # a probe that raises is a halt, as a read that raises is
-            return True, failed(exc)
+            return failed(exc)
 
     def listen(self, on_halt: Callable[[str], None]) -> Callable[[], None] | None:
         """Have a channel that can call back call ``on_halt`` from inside its halt();

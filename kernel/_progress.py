@@ -39,10 +39,6 @@ class Progress:
         #: was recorded does not cut its report short.  A halt does (:meth:`cancel`).
         self.reports: trio.Nursery | None = None
 
-    @property
-    def wanted(self) -> bool:
-        return self._callback is not None
-
     def cancel(self) -> None:
         """Cancel the reports still running (a halt: nothing slow before the caller)."""
         if self.reports is not None:
