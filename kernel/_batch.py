@@ -26,6 +26,7 @@ from kernel._attempt import NOT_STARTED, AgentCall, Attempted, Cut, Outcome, fai
 from kernel._cancel import surface
 from kernel._errors import AgentPoolExhaustedError
 from kernel._halt_watch import HaltWatch
+from kernel._halt_watch import failed as halt_failed
 from kernel._metrics import ServiceMetrics
 from kernel._pool import Admission
 from kernel._progress import Progress, ProgressCallback
@@ -64,7 +65,7 @@ class Batch:
     __slots__ = (
         "admission", "batch_id", "call", "cause", "deadline", "done", "halt", "hedge_delay",
         "hedged", "hedges_left", "latencies", "metrics", "mode", "outcomes", "output_ids",
-        "probing", "progress", "quorum", "rate_limit", "reason", "reporting", "requests",
+        "probe", "progress", "quorum", "rate_limit", "reason", "reporting", "requests",
         "run_scope",
         "started", "succeeded", "timeout", "withheld",
     )  # fmt: skip
@@ -109,7 +110,7 @@ class Batch:
         # Agents whose output arrived after the stop: it is never released.
         self.withheld: set[int] = set()
         self.reporting = on_progress is not None
-        self.probing = halt.probes  # decided once: asked per agent
+        self.probe = halt.halted_now  # decided once: asked twice per agent
         self.progress = Progress(on_progress, self.batch_id, len(requests), mode == "sequential")
 
     # ------------------------------------------------------------ stopping
@@ -140,10 +141,17 @@ class Batch:
         calls."""
         if self.cause is not None:
             return True
-        if self.probing:
-            said = self.halt.probe()
-            if said is not False:
-                self.stop(Stop.HALT, None if said is True else said)
+        probe = self.probe
+        if probe is not None:
+            # HaltWatch.probe inlined (a call less, twice per agent); same rule: a probe
+            # that raises is a halt.
+            try:
+                halted = probe()
+            except Exception as exc:
+                self.stop(Stop.HALT, halt_failed(exc))
+                return True
+            if halted:
+                self.stop(Stop.HALT)
                 return True
         if self.deadline is not None and trio.current_time() >= self.deadline:
             self.stop(Stop.DEADLINE)

@@ -40,7 +40,7 @@ class HaltWatch:
     """
 
     __slots__ = (
-        "_on_halt", "_probe", "_waits", "checker", "poll_interval", "probes", "read_timeout",
+        "_on_halt", "_waits", "checker", "halted_now", "poll_interval", "read_timeout",
     )  # fmt: skip
 
     def __init__(self, checker: object, poll_interval: object, read_timeout: object) -> None:
@@ -53,11 +53,10 @@ class HaltWatch:
         self.poll_interval = check_seconds(poll_interval, "halt_poll_interval")
         self.read_timeout = check_seconds(read_timeout, "halt_read_timeout")
         self.checker: HaltChecker | None = checker
-        self._probe: Callable[[], bool] | None = (
+        #: The channel's own probe, if it has one (raw: :meth:`probe` is the fail-safe call).
+        self.halted_now: Callable[[], bool] | None = (
             checker.halted_now if isinstance(checker, HaltProbe) else None
         )
-        #: Whether the channel has a probe (:meth:`probe` can say halted).
-        self.probes = self._probe is not None
         self._on_halt: Callable[[Callable[[str], None]], Callable[[], None]] | None = (
             checker.on_halt if isinstance(checker, HaltNotifier) else None
         )
@@ -91,7 +90,7 @@ class HaltWatch:
 
     def probe(self) -> Probe:
         """Is the channel halted right now?  Synchronous, no checkpoint, no I/O."""
-        probe = self._probe
+        probe = self.halted_now
         if probe is None:
             return False
         try:
