@@ -23,7 +23,7 @@ from kernel._halt import (
     check_halt_reason,
     read_halt,
 )
-from kernel._metrics import MetricsSnapshot, ServiceMetrics
+from kernel._metrics import MetricsSnapshot, ServiceMetrics, nearest_rank
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
@@ -39,7 +39,7 @@ from kernel._ports import (
     OutputWitness,
     SharedCapacity,
 )
-from kernel._rate import RateLimit
+from kernel._rate import RateLimit, RateLimitStatistics
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
 from kernel._tail import HedgePolicy
 from kernel._types import (
@@ -55,6 +55,7 @@ from kernel._types import (
     ConcurrentResult,
     ContextBundle,
     FailureKind,
+    PoolStatistics,
     PoolStatus,
     utc_now,
 )
@@ -100,14 +101,17 @@ __all__ = [
     "MetricsSnapshot",
     "Overflow",
     "OutputWitness",
+    "PoolStatistics",
     "PoolStatus",
     "ProgressCallback",
     "RateLimit",
+    "RateLimitStatistics",
     "ServiceMetrics",
     "SharedCapacity",
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",
+    "nearest_rank",
     "read_halt",
     "utc_now",
 ]

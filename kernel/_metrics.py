@@ -5,15 +5,18 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
+from kernel._errors import InvalidRequestError
 from kernel._frozenmap import FrozenMap
 from kernel._types import ConcurrentResult
+from kernel.validate import check_number
 
-__all__ = ["MetricsSnapshot", "ServiceMetrics"]
+__all__ = ["MetricsSnapshot", "ServiceMetrics", "nearest_rank"]
 
 log = logging.getLogger("kernel.metrics")
 
@@ -22,12 +25,23 @@ log = logging.getLogger("kernel.metrics")
 _LATENCY_WINDOW = 1024
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile; 0.0 for no data."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return sorted_values[rank - 1]
+def nearest_rank(values: Iterable[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (0 < q <= 1): the smallest value
+    with at least a fraction ``q`` of them at or below it, always one of the values.
+
+    The one quantile of the project (metrics, hedging, benchmarks).  ``q`` out of range
+    or no values: :class:`~kernel.InvalidRequestError`.
+    """
+    q = check_number(q, "q", above=0, at_most=1)
+    ordered = sorted(values)
+    if not ordered:
+        raise InvalidRequestError("nearest_rank needs at least one value")
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """0.0 for no data (before the first batch)."""
+    return nearest_rank(ordered, q) if ordered else 0.0
 
 
 def _frozen_counts(counts: Mapping[str, int]) -> FrozenMap[int]:
@@ -65,7 +79,13 @@ class MetricsSnapshot:
         return attrs.asdict(self, value_serializer=_plain)
 
     def __getitem__(self, key: str) -> Any:
-        """``snapshot["p99_ms"]``: the older, mapping form of the snapshot still works."""
+        """``snapshot["p99_ms"]``, the older mapping form: deprecated (read the attribute,
+        or :meth:`as_dict`); kept for one release."""
+        warnings.warn(
+            f"MetricsSnapshot[{key!r}] is deprecated; read snapshot.{key} or as_dict()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if key not in _FIELD_NAMES:
             raise KeyError(key)
         return getattr(self, key)
@@ -165,9 +185,9 @@ class ServiceMetrics:
             pool_active_count=self._pool_active(),
             concurrent_invocation_total_ms=self._last_batch_ms,
             batch_latency_sum_ms=self._latency_sum_ms,
-            p50_ms=_percentile(ordered, 50),
-            p95_ms=_percentile(ordered, 95),
-            p99_ms=_percentile(ordered, 99),
+            p50_ms=_percentile(ordered, 0.50),
+            p95_ms=_percentile(ordered, 0.95),
+            p99_ms=_percentile(ordered, 0.99),
             hedges_launched=self._hedges_launched,
             hedges_won=self._hedges_won,
         )

@@ -10,51 +10,13 @@ import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
 from kernel._ports import LeaseLossNotifier, SharedCapacity
-from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatus
+from kernel._slot import Slot
+from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatistics, PoolStatus
 from kernel.validate import check_text
 
-__all__ = ["Admission", "AgentPool", "Slot"]
+__all__ = ["Admission", "AgentPool", "PoolStatistics", "Slot"]
 
 log = logging.getLogger("kernel.pool")
-
-
-class Slot:
-    """One borrowed limiter token, held on behalf of one agent.
-
-    Each reservation gets a fresh slot object as its limiter borrower, because a
-    ``CapacityLimiter`` borrower may hold only one token at a time, and so that a stale
-    release (after :meth:`AgentPool.reset`) is recognised and ignored.
-    """
-
-    __slots__ = ("_scope", "agent_id", "extra", "lease", "lost")
-
-    def __init__(self, agent_id: str, *, extra: bool = False, lease: str | None = None) -> None:
-        self.agent_id = agent_id
-        # An extra slot is a second call of an agent that is already active (a hedge):
-        # it holds a limiter token, but the agent is counted active once.
-        self.extra = extra
-        # Its lease in the pool's shared capacity, if it has one.
-        self.lease = lease
-        #: Why its shared lease was lost (see :class:`~kernel.LeaseLossNotifier`), if it was.
-        self.lost: str | None = None
-        self._scope: trio.CancelScope | None = None
-
-    def guard(self) -> trio.CancelScope:
-        """A cancel scope for the work this slot admits: cancelled when its shared lease is
-        lost (at once if it already is)."""
-        scope = self._scope = trio.CancelScope()
-        if self.lost is not None:
-            scope.cancel()
-        return scope
-
-    def _lose(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def __repr__(self) -> str:
-        return f"<slot {self.agent_id!r}>"
 
 
 def _check_agent_ids(agent_ids: Iterable[str]) -> list[str]:
@@ -123,6 +85,18 @@ class AgentPool:
         return f"<AgentPool {len(self._active)}/{self._max} active, {len(self._queued)} queued>"
 
     # ------------------------------------------------------------ read side
+
+    def statistics(self) -> PoolStatistics:
+        """What the pool holds now, in one frozen snapshot (no checkpoint)."""
+        return PoolStatistics(
+            max_concurrent=self._max,
+            active_count=len(self._active),
+            hedge_calls=len(self._extra),
+            available_count=int(self.limiter.available_tokens),
+            queued_count=len(self._queued),
+            tasks_waiting=self.limiter.statistics().tasks_waiting,
+            leases=len(self._leased),
+        )
 
     @property
     def max_concurrent(self) -> int:
@@ -380,7 +354,7 @@ class AgentPool:
                 "shared lease lost; its work is stopped",
                 extra={"agent_id": slot.agent_id, "hedge": slot.extra},
             )
-            slot._lose(why)
+            slot.lose(why)
 
 
 class Admission:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import collections
 
+import attrs
 import trio
 
 from kernel.validate import check_int, check_number
 
-__all__ = ["RateLimit"]
+__all__ = ["RateLimit", "RateLimitStatistics"]
 
 
 class _Waiter:
@@ -17,6 +18,24 @@ class _Waiter:
     def __init__(self, cost: float) -> None:
         self.cost = cost
         self.turn = trio.Event()  # set when this waiter reaches the head of the queue
+
+
+@attrs.frozen(slots=True)
+class RateLimitStatistics:
+    """A :class:`RateLimit` at one instant (:meth:`RateLimit.statistics`).
+
+    Attributes:
+        per_second: the refill rate, tokens a second.
+        burst: the bucket's size, in tokens.
+        tokens: the tokens in the bucket now (refilled to this instant inside a trio run;
+            negative while a cost above the burst is being paid off).
+        tasks_waiting: tasks queued for tokens now.
+    """
+
+    per_second: float
+    burst: int
+    tokens: float
+    tasks_waiting: int
 
 
 class RateLimit:
@@ -49,6 +68,25 @@ class RateLimit:
 
     def __repr__(self) -> str:
         return f"<RateLimit {self._rate:g}/s burst={self._burst:g} waiting={len(self._queue)}>"
+
+    def statistics(self) -> RateLimitStatistics:
+        """The bucket now, in one frozen snapshot (changes nothing, no checkpoint)."""
+        return RateLimitStatistics(
+            per_second=self._rate,
+            burst=int(self._burst),
+            tokens=self._tokens_now(),
+            tasks_waiting=len(self._queue),
+        )
+
+    def _tokens_now(self) -> float:
+        """The tokens there would be after a refill now, without refilling."""
+        try:
+            now, run = trio.current_time(), trio.lowlevel.current_trio_token()
+        except RuntimeError:  # outside trio: as of the last refill
+            return self._tokens
+        if self._stamp is None or run is not self._run:
+            return self._tokens
+        return min(self._burst, self._tokens + max(0.0, now - self._stamp) * self._rate)
 
     @property
     def per_second(self) -> float:

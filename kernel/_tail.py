@@ -12,13 +12,28 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import attrs
+import trio
 
 from kernel._errors import InvalidRequestError
+from kernel._metrics import nearest_rank
+from kernel._slot import Slot
 from kernel.validate import check_int, check_seconds, integer, number
 
-__all__ = ["HedgePolicy", "LatencyWindow", "check_deadline", "check_hedge", "check_quorum"]
+__all__ = [
+    "HedgePolicy",
+    "LatencyWindow",
+    "check_deadline",
+    "check_hedge",
+    "check_quorum",
+    "race",
+    "watch_deadline",
+]
+
+T = TypeVar("T")
 
 # Hedging on an observed quantile follows how the service behaves now: a window of the
 # most recent successful agent latencies, like the batch percentiles in the metrics.
@@ -79,8 +94,9 @@ class LatencyWindow(collections.deque[float]):
 
     def quantile(self, q: float) -> float:
         """Nearest-rank quantile (0 < q <= 1) of the window; raises if it is empty."""
-        ordered = sorted(self)
-        return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+        if not self:
+            raise ValueError("no latencies yet")
+        return nearest_rank(sorted(self), q)
 
 
 def check_deadline(value: object) -> float | None:
@@ -105,3 +121,99 @@ def check_hedge(value: object) -> HedgePolicy | None:
             f"hedge must be a HedgePolicy or None, got {type(value).__name__}"
         )
     return value
+
+
+# ---------------------------------------------------------------- mechanism
+
+
+async def watch_deadline(deadline: float, stop: Callable[[], None]) -> None:
+    """Call ``stop`` at ``deadline`` (trio clock), unless cancelled first."""
+    await trio.sleep_until(deadline)
+    stop()
+
+
+async def race(
+    call: Callable[[], Awaitable[T]],
+    wins: Callable[[T], bool],
+    hedge_at: float,
+    take_slot: Callable[[], Awaitable[Slot | None]],
+    release: Callable[[Slot], None],
+    on_hedge_won: Callable[[], None],
+) -> T:
+    """Race ``call`` against one duplicate of it started at ``hedge_at``.
+
+    The first answer that ``wins`` is returned and the other call is cancelled.  A call
+    that fails leaves the other running; if both fail, the first call's answer stands.
+    The duplicate starts only if the first call is still running at ``hedge_at`` and
+    ``take_slot`` gives it a slot (None: it may not start); it runs under the slot's
+    guard (a lost lease drops it) and gives the slot back with ``release``.
+    """
+    state = _Race(call, wins, on_hedge_won)
+    async with trio.open_nursery() as state.nursery:
+        state.nursery.start_soon(state.first)
+        state.nursery.start_soon(state.hedge, hedge_at, take_slot, release)
+    return state.answer()
+
+
+class _Race(Generic[T]):
+    """The state of one hedged call: what each call answered, and who won."""
+
+    __slots__ = ("call", "first_answer", "hedging", "nursery", "on_hedge_won", "winner", "wins")
+
+    def __init__(
+        self,
+        call: Callable[[], Awaitable[T]],
+        wins: Callable[[T], bool],
+        on_won: Callable[[], None],
+    ) -> None:
+        self.call = call
+        self.wins = wins
+        self.on_hedge_won = on_won
+        self.first_answer: tuple[T] | None = None
+        self.winner: tuple[T] | None = None
+        self.hedging = False
+        self.nursery: trio.Nursery | None = None
+
+    def answer(self) -> T:
+        decided = self.winner or self.first_answer
+        assert decided is not None  # the first call always answers unless cancelled
+        return decided[0]
+
+    def finished(self, hedge: bool, answer: T) -> None:
+        if self.winner is not None:
+            return  # decided: an answer in the same round, after it, changes nothing
+        if not hedge:
+            self.first_answer = (answer,)
+        assert self.nursery is not None
+        if self.wins(answer):
+            self.winner = (answer,)
+            if hedge:
+                self.on_hedge_won()
+            self.nursery.cancel_scope.cancel()
+        elif hedge or not self.hedging:
+            self.nursery.cancel_scope.cancel()  # nothing left to wait for
+
+    async def first(self) -> None:
+        self.finished(False, await self.call())
+
+    async def hedge(
+        self,
+        hedge_at: float,
+        take_slot: Callable[[], Awaitable[Slot | None]],
+        release: Callable[[Slot], None],
+    ) -> None:
+        await trio.sleep_until(hedge_at)
+        if self.first_answer is not None:
+            return
+        slot = await take_slot()
+        if slot is None:
+            return
+        self.hedging = True
+        try:
+            with slot.guard():  # a hedge whose lease is lost is dropped
+                answer = await self.call()
+        finally:
+            release(slot)
+            self.hedging = False
+        if slot.lost is None and (self.first_answer is not None or self.wins(answer)):
+            self.finished(True, answer)

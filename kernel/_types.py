@@ -36,6 +36,7 @@ __all__ = [
     "ContextBundle",
     "ConcurrentResult",
     "FailureKind",
+    "PoolStatistics",
     "PoolStatus",
 ]
 
@@ -367,3 +368,27 @@ class AgentStatusInfo:
         default=None,
         validator=attrs.validators.optional(_str),
     )
+
+
+@attrs.frozen(slots=True)
+class PoolStatistics:
+    """An :class:`AgentPool` at one instant (:meth:`AgentPool.statistics`).
+
+    Attributes:
+        max_concurrent: the pool's bound on calls running at once (FR10).
+        active_count: agents holding a slot (each counted once, hedged or not).
+        hedge_calls: extra slots held by hedge calls of agents already active.
+        available_count: slots free now (``max_concurrent`` minus every slot held,
+            including limiter tokens borrowed outside the pool).
+        queued_count: agents claimed by queueing batches, still waiting for a slot.
+        tasks_waiting: tasks waiting in the pool's limiter for a slot now.
+        leases: slots holding a lease of the pool's shared capacity (0 without one).
+    """
+
+    max_concurrent: int
+    active_count: int
+    hedge_calls: int
+    available_count: int
+    queued_count: int
+    tasks_waiting: int
+    leases: int

@@ -89,7 +89,7 @@ async def test_73_agents_refused_naming_fr10_and_invoking_nothing(
     assert "0 active + 73 requested > 72" in str(info.value)
     assert stub.get_invocation_count() == 0
     assert pool.active_count == 0
-    assert service.metrics.snapshot()["pool_exhaustion_errors"] == 1
+    assert service.metrics.snapshot().pool_exhaustion_errors == 1
 
 
 async def test_halted_system_refuses_and_invokes_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -14,6 +15,7 @@ from kernel import (
     AgentPool,
     AgentPoolExhaustedError,
     InvalidRequestError,
+    PoolStatistics,
     PoolStatus,
 )
 
@@ -111,6 +113,37 @@ async def test_admission_queue_mode_claims_and_gives_back_on_exit() -> None:
         del slot  # never released by hand: leaving the block gives it back
     assert pool.active_count == 0 and pool.queued_agents == frozenset()
     assert pool.limiter.borrowed_tokens == 0
+
+
+async def test_statistics_is_a_frozen_snapshot_of_slots_claims_and_waiters() -> None:
+    pool = AgentPool(2)
+    assert pool.statistics() == PoolStatistics(
+        max_concurrent=2,
+        active_count=0,
+        hedge_calls=0,
+        available_count=2,
+        queued_count=0,
+        tasks_waiting=0,
+        leases=0,
+    )
+    async with pool.admit(["a", "b", "c"], queue=True) as admission:
+        await admission.take_slot("a")
+        extra = await admission.take_extra_slot("a")  # a hedge call of an active agent
+        assert extra is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(admission.take_slot, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            assert (stats.active_count, stats.hedge_calls, stats.available_count) == (1, 1, 0)
+            assert (stats.queued_count, stats.tasks_waiting) == (2, 1)
+            # The properties read the same state the snapshot does.
+            assert stats.active_count == pool.active_count
+            assert stats.available_count == pool.available_count
+            admission.release(extra)
+        assert pool.statistics().active_count == 2
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.active_count = 0  # type: ignore[misc]
+    assert pool.statistics().available_count == 2
 
 
 class PoolMachine(RuleBasedStateMachine):

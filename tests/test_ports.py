@@ -1,4 +1,5 @@
-"""The ports' contracts, run against every implementation the project ships.
+"""The ports: what the kernel recognises a part by (runtime-checkable protocols), and
+their contracts, run against every implementation the project ships.
 
 HaltControl: the in-process switch, the file channel and the Valkey channel (on the real
 server of tests/valkey_server.py) raise, clear and tell their history alike.
@@ -15,14 +16,20 @@ import pytest
 import trio
 
 from adapters.file_halt import FileHaltChannel
+from adapters.stub import AgentOrchestratorStub
 from adapters.valkey import ValkeyHaltChannel
 from kernel import (
+    AgentOrchestratorProtocol,
     HaltChecker,
     HaltClearDeniedError,
     HaltControl,
+    HaltNotifier,
+    HaltProbe,
     HaltRecord,
     HaltSwitch,
+    HaltWaiter,
     InvalidRequestError,
+    OutputWitness,
 )
 from tests.valkey_server import ValkeyServer
 
@@ -134,3 +141,23 @@ async def test_the_history_records_each_halt_and_clear_oldest_first(
         ]
         assert all(r.at.tzinfo is not None for r in history)
         assert history[0].at <= history[1].at <= history[2].at
+
+
+class _ReadOnlyChannel:
+    async def is_halted(self) -> bool:
+        return False
+
+    async def get_halt_reason(self) -> str | None:
+        return None
+
+
+def test_a_part_is_recognised_by_what_it_can_do() -> None:
+    switch = HaltSwitch()
+    for port in (HaltChecker, HaltProbe, HaltNotifier, HaltWaiter):
+        assert isinstance(switch, port), port
+    channel = _ReadOnlyChannel()
+    assert isinstance(channel, HaltChecker)
+    # A channel that can only be read is polled: no probe, listener or waiter is assumed.
+    assert not isinstance(channel, HaltProbe | HaltNotifier | HaltWaiter)
+    assert isinstance(AgentOrchestratorStub(), AgentOrchestratorProtocol)
+    assert not isinstance(channel, OutputWitness)

@@ -27,7 +27,6 @@ from kernel import (
     FailureKind,
     InvalidRequestError,
     PoolStatus,
-    SystemHaltedError,
     utc_now,
 )
 
@@ -71,11 +70,6 @@ def test_naive_timestamps_are_taken_as_utc() -> None:
     assert ctx.created_at == naive.replace(tzinfo=UTC)
     out = AgentOutput("a", uuid4(), "x", generated_at=naive)
     assert out.generated_at.tzinfo is UTC
-
-
-def test_invalid_request_error_is_a_value_error() -> None:
-    with pytest.raises(ValueError):
-        AgentRequest("", ContextBundle("t", "c"))
 
 
 def test_agent_request_validation() -> None:
@@ -146,13 +140,6 @@ def test_status_types() -> None:
         AgentStatusInfo("a", "idle")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError):
         PoolStatus(-1, 0, 72)
-
-
-def test_system_halted_error_carries_reason_and_partial() -> None:
-    err = SystemHaltedError("storm", partial=None)
-    assert str(err) == "CT-11: system halted: storm"
-    again = pickle.loads(pickle.dumps(err))
-    assert again.reason == "storm" and again.partial is None
 
 
 def test_stamp_output_equals_evolve() -> None:

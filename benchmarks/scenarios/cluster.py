@@ -16,7 +16,6 @@ without them the scenario adds one row that says so.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import trio
 
 from benchmarks.processes import ROOT
 from benchmarks.results import Results, Row, Settings
-from kernel import AgentPool
+from kernel import AgentPool, nearest_rank
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAIServer
@@ -82,8 +81,7 @@ def cluster(s: Settings, results: Results) -> None:
 
 
 def _pct(samples: list[float], p: int) -> float:
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    return nearest_rank(samples, p / 100)
 
 
 # ---------------------------------------------------------------- admission

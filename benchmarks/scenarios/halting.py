@@ -25,6 +25,7 @@ from kernel import (
     ConcurrentDeliberationService,
     HaltSwitch,
     SystemHaltedError,
+    nearest_rank,
 )
 
 __all__ = ["bridge_halt", "halt"]
@@ -44,7 +45,7 @@ def halt(s: Settings, results: Results) -> None:
             spans = trio.run(_halts_on_the_stub, trials, freeze)
         ms = [(done - halted) * 1e3 for halted, done in spans]
         paused = sum(any(a <= t <= b for t in collections) for a, b in spans)
-        p50, p99 = statistics.median(ms), sorted(ms)[math.ceil(0.99 * len(ms)) - 1]
+        p50, p99 = statistics.median(ms), nearest_rank(ms, 0.99)
         variant = "kernel, app calls gc.freeze()" if freeze else "kernel"
         metric = "halt -> SystemHaltedError"
         note = f"{trials} trials, pool empty every time"

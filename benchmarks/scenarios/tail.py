@@ -17,7 +17,6 @@ waits for its slowest agent) has no virtual clock: it runs in real time, scaled 
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,13 @@ import trio.testing
 from adapters.stub import AgentOrchestratorStub, LatencyModel
 from benchmarks.results import Results, Row, Settings
 from benchmarks.workloads import requests_for
-from kernel import AgentOutput, ConcurrentDeliberationService, ContextBundle, HedgePolicy
+from kernel import (
+    AgentOutput,
+    ConcurrentDeliberationService,
+    ContextBundle,
+    HedgePolicy,
+    nearest_rank,
+)
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAIServer
@@ -54,15 +59,17 @@ def tail(s: Settings, results: Results) -> None:
         f"kernel, quorum={QUORUM}": _virtual(batches, {"quorum": QUORUM}),
         f"kernel, deadline={DEADLINE_S:g} s": _virtual(batches, {"deadline": DEADLINE_S}),
     }
-    plain_p99 = _quantile(runs["kernel"][0], 0.99)
+    plain_p99 = nearest_rank(runs["kernel"][0], 0.99)
     for variant, (times, extra) in runs.items():
-        p99 = _quantile(times, 0.99)
+        p99 = nearest_rank(times, 0.99)
         for q in (0.5, 0.95, 0.99):
             target = ""
             if q == 0.99 and "hedge" in variant:
                 target = f"<= 0.6x plain ({0.6 * plain_p99:.1f} s)"
             results.add(
-                Row(name, variant, f"batch p{round(q * 100)}", "s", [_quantile(times, q)], target)
+                Row(
+                    name, variant, f"batch p{round(q * 100)}", "s", [nearest_rank(times, q)], target
+                )
             )
         note = f"p99 {p99 / plain_p99:.2f}x plain" if variant != "kernel" else ""
         target = "<= 10%" if "hedge" in variant else ""
@@ -123,11 +130,6 @@ async def _reference(batches: int) -> list[float]:
     return times
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
-
-
 HTTP_SCALE = 0.1  # over HTTP, in real time: 800 ms -> 80 ms; a 30 s stall -> 3 s
 
 
@@ -145,11 +147,11 @@ def tail_http(s: Settings, results: Results) -> None:
         hedged = trio.run(_http, server, batches, HedgePolicy(budget=0.1))
     finally:
         server.stop()
-    plain_p99 = _quantile(plain.times, 0.99)
+    plain_p99 = nearest_rank(plain.times, 0.99)
     for variant, run in (("kernel + bridge + openai", plain), ("... + hedge auto p95", hedged)):
         for q in (0.5, 0.99):
             target = "<= 0.6x plain" if q == 0.99 and run is hedged else ""
-            value = _quantile(run.times, q)
+            value = nearest_rank(run.times, q)
             note = f"{value / plain_p99:.2f}x plain" if q == 0.99 and run is hedged else ""
             results.add(Row(name, variant, f"batch p{round(q * 100)}", "s", [value], target, note))
         note = (

@@ -15,6 +15,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    RateLimitStatistics,
 )
 from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 
@@ -70,6 +71,26 @@ async def test_a_cost_above_the_burst_waits_for_a_full_bucket_and_leaves_a_debt(
     times = await _times(RateLimit(1, burst=2), [1.0, 5.0, 1.0])
     # t=0: 1 taken (1 left); 5 waits for a full bucket (t=1), leaving -3; 1 more at t=5.
     assert times == pytest.approx([0.0, 1.0, 5.0])
+
+
+async def test_statistics_shows_the_bucket_refilled_to_now_without_changing_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limit = RateLimit(2, burst=3)
+    assert limit.statistics() == RateLimitStatistics(
+        per_second=2.0, burst=3, tokens=3.0, tasks_waiting=0
+    )
+    await limit.acquire(3)
+    await trio.sleep(0.5)  # one token back
+    assert limit.statistics().tokens == pytest.approx(1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(limit.acquire, 2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = limit.statistics()
+        assert stats.tasks_waiting == 1 == limit.waiting
+    # Asking changed nothing: the waiter got its 2 tokens at t=1.0 s, as without it.
+    assert trio.current_time() == pytest.approx(1.0)
+    assert limit.statistics().tokens == pytest.approx(0.0)
 
 
 async def test_a_waiter_cancelled_while_waiting_consumes_nothing(

@@ -1,0 +1,41 @@
+"""kernel.validate: the boundary checks the kernel and the adapters share."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kernel import InvalidRequestError
+from kernel.validate import check_int, check_number, check_seconds, check_text
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (True, "must be a number"),
+        ("1", "must be a number"),
+        (math.nan, "finite"),
+        (math.inf, "finite"),
+        (0, "must be > 0"),
+        (10**400, "too large"),
+    ],
+)
+def test_bad_numbers_are_refused_with_the_setting_named(value: object, match: str) -> None:
+    with pytest.raises(InvalidRequestError, match=match) as info:
+        check_number(value, "rate", above=0)
+    assert "rate" in str(info.value)
+
+
+def test_good_values_come_back_normalised() -> None:
+    assert check_number(3, "x", at_least=0, at_most=3) == 3.0
+    assert check_number(math.inf, "x", finite=False) == math.inf
+    assert check_seconds(0.5, "timeout") == 0.5
+    assert check_int(4, "n", at_least=1) == 4
+    assert check_text("agent-1", "agent_id") == "agent-1"
+    for bad in (True, 1.5):
+        with pytest.raises(InvalidRequestError):
+            check_int(bad, "n")
+    for blank in ("", "   ", None):
+        with pytest.raises(InvalidRequestError):
+            check_text(blank, "agent_id")
