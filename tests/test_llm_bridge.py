@@ -65,7 +65,9 @@ async def test_72_agents_in_flight_at_once_all_succeed(llm_server: FakeOpenAISer
     llm_server.barrier_size = 72
     context = ContextBundle("budget-7", "Adopt the budget?", {"session": "42"})
     pool = AgentPool()
-    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+    # timeout_s bounds each attempt by the wall clock, and here every attempt waits for
+    # the 72nd to arrive: room for a loaded machine, so that none is retried.
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, timeout_s=60.0)) as bridge:
         service = ConcurrentDeliberationService(bridge, HaltSwitch(), pool)
         result = await service.invoke_concurrent(make_requests(72, context))
     assert result.success_count == 72, result.failures[:3]
