@@ -38,10 +38,10 @@ setup-crewai: $(CSTAMP)
 run: $(STAMP)
 	$(BIN)/conclave deliberate --agents 72 --latency-ms 100
 
-# tests/crewai/ is excluded from the main run by path (tests/conftest.py) and run in
+# tests/adapters/llm/crewai/ is excluded from the main run by path (tests/conftest.py) and run in
 # .venv-crewai: both runs, every time.
 test: test-main $(CSTAMP)
-	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q tests/crewai
+	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q tests/adapters/llm/crewai
 
 # The main suite alone; `.ci/run` runs it once per supported Python, each in a venv of its
 # own: `make test-main PYTHON=/path/to/python3.12 VENV=.venv-3.12`.
@@ -50,7 +50,7 @@ test-main: $(STAMP)
 
 # The modules that import crewai are type-checked in .venv-crewai, against the real crewai
 # (the main environment cannot install it; there they are excluded, see pyproject.toml).
-CREWAI_TYPED := adapters/crewai.py adapters/_crewai_agents.py $(wildcard tests/crewai/*.py)
+CREWAI_TYPED := adapters/llm/crewai.py adapters/llm/_crewai_agents.py $(wildcard tests/adapters/llm/crewai/*.py)
 
 lint: $(STAMP) $(CSTAMP)
 	$(BIN)/ruff check .

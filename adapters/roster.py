@@ -244,7 +244,7 @@ class AgentProfile:
     temperature: float | None = attrs.field(default=None, validator=_opt_temperature)
     max_tokens: int | None = attrs.field(default=None, validator=_opt_count)
     timeout_s: float | None = attrs.field(default=None, validator=_opt_positive)
-    # Who the agent is, for frameworks that build a persona from it (adapters.crewai):
+    # Who the agent is, for frameworks that build a persona from it (adapters.llm.crewai):
     # CrewAI's role, goal and backstory.  Orchestrators that do not use them ignore them.
     role: str | None = attrs.field(default=None, validator=_opt_text)
     goal: str | None = attrs.field(default=None, validator=_opt_text, repr=False)

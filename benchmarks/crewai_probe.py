@@ -4,8 +4,8 @@ cannot be installed beside the main environment's openai 3); prints one JSON rep
     .venv-crewai/bin/python -m benchmarks.crewai_probe --base-url URL [--reps N] [--halts N]
 
 - *CPU per agent*: process CPU time of one 72-agent batch through kernel + bridge, divided
-  by 72, for :class:`~adapters.crewai.CrewAIOrchestrator` and for the plain
-  :class:`~adapters.openai_chat.OpenAIChatOrchestrator`, batches interleaved, same process,
+  by 72, for :class:`~adapters.llm.crewai.CrewAIOrchestrator` and for the plain
+  :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`, batches interleaved, same process,
   same SDK, against the loopback server at ``URL`` (a process of its own, so its CPU is
   not counted); and the bare SDK (72 ``AsyncOpenAI`` clients, one per agent as CrewAI
   has them, ``asyncio.gather``, no kernel, no CrewAI) for the floor.
@@ -27,13 +27,13 @@ from typing import Any
 import openai
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.crewai import CrewAIOrchestrator
-from adapters.openai_chat import AGENT_HEADER, OpenAIChatOrchestrator
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.crewai import CrewAIOrchestrator
+from adapters.llm.openai_chat import AGENT_HEADER, OpenAIChatOrchestrator
 from adapters.roster import Roster
 from benchmarks.workloads import requests_for
 from kernel import AgentPool, ConcurrentDeliberationService, HaltSwitch, SystemHaltedError
-from tests.fake_openai import FakeOpenAIServer
+from tests.support.fake_openai import FakeOpenAIServer
 
 AGENTS = 72
 

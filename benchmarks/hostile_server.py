@@ -4,7 +4,7 @@
     .venv-crewai/bin/python -m benchmarks.hostile_server --backend crewai
 
 Each mode runs in a fresh interpreter (so its peak RSS is its own): the loopback server of
-tests/fake_openai.py plays the mode against a batch of agents through the bridge; the
+tests/support/fake_openai.py plays the mode against a batch of agents through the bridge; the
 row says how every agent ended, the batch's wall time, the client thread's CPU time, and
 the process's peak RSS above its level just before the batch.  Not part of ``make bench``.
 """
@@ -38,11 +38,11 @@ def run_mode(fault: Any, agents: int, timeout_s: float, backend: str) -> dict[st
 
     import trio
 
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
     from kernel import AgentPool, ConcurrentDeliberationService, HaltSwitch
-    from tests.fake_openai import FakeOpenAIServer, bomb
-    from tests.helpers import make_requests
+    from tests.support.fake_openai import FakeOpenAIServer, bomb
+    from tests.support.helpers import make_requests
 
     server = FakeOpenAIServer().start()
     if isinstance(fault, tuple) and fault[0].endswith("_bomb"):
@@ -58,7 +58,7 @@ def run_mode(fault: Any, agents: int, timeout_s: float, backend: str) -> dict[st
             server.base_url, "fake-model", timeout_s=timeout_s, max_retries=0
         )
         if backend == "crewai":
-            from adapters.crewai import CrewAIOrchestrator
+            from adapters.llm.crewai import CrewAIOrchestrator
             from adapters.roster import Roster
 
             orchestrator = CrewAIOrchestrator(

@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextmanager
 def fake_server(*args: str) -> Iterator[str]:
-    """The loopback server (tests/fake_openai.py, ``args`` are its options) for the
+    """The loopback server (tests/support/fake_openai.py, ``args`` are its options) for the
     duration of the block; yields its base URL.
 
     A process of its own so that it does not compete with the client for the GIL (in the
     tests it is a thread).
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", *args],
+        [sys.executable, "-m", "tests.support.fake_openai", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -39,9 +39,9 @@ def fake_server(*args: str) -> Iterator[str]:
 
 
 def loop_stall_probe(*args: str) -> dict[str, Any]:
-    """One run of tests/loop_stall_probe.py in a fresh interpreter: its JSON report."""
+    """One run of tests/support/loop_stall_probe.py in a fresh interpreter: its JSON report."""
     out = subprocess.run(
-        [sys.executable, "-m", "tests.loop_stall_probe", *args],
+        [sys.executable, "-m", "tests.support.loop_stall_probe", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

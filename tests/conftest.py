@@ -12,23 +12,25 @@ import trio
 
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPool, ConcurrentDeliberationService, HaltSwitch
-from tests.fake_openai import FakeOpenAIServer
-from tests.valkey_server import ValkeyServer
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.valkey_server import ValkeyServer
 
-# tests/crewai/ needs crewai, which has an environment of its own (.venv-crewai: crewai
+# tests/adapters/llm/crewai/ needs crewai, which has an environment of its own (.venv-crewai: crewai
 # pins openai<3, this one has openai 3).  `make test` runs this directory there, with
 # CONCLAVE_CREWAI_TESTS=1; every other run leaves it out by path, and says so.
 CREWAI_TESTS = os.environ.get("CONCLAVE_CREWAI_TESTS") == "1"
-collect_ignore = [] if CREWAI_TESTS else ["crewai"]
+collect_ignore = [] if CREWAI_TESTS else ["adapters/llm/crewai"]
 
 
 def pytest_report_header() -> str:
     if CREWAI_TESTS:
-        return "tests/crewai: included (CONCLAVE_CREWAI_TESTS=1)"
+        return "tests/adapters/llm/crewai: included (CONCLAVE_CREWAI_TESTS=1)"
     return CREWAI_LEFT_OUT
 
 
-CREWAI_LEFT_OUT = "tests/crewai: not collected here; `make test` runs them in .venv-crewai"
+CREWAI_LEFT_OUT = (
+    "tests/adapters/llm/crewai: not collected here; `make test` runs them in .venv-crewai"
+)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -15,7 +15,7 @@ from kernel import (
     HaltSwitch,
     SystemHaltedError,
 )
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 
 async def test_72_agents_complete_without_blocking(

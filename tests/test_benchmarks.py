@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.report import README_END, README_START, update_readme
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:

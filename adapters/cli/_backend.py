@@ -44,8 +44,8 @@ from kernel import (
 )
 
 if TYPE_CHECKING:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.provider_budget import LimitStats, ProviderLimits
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.provider_budget import LimitStats, ProviderLimits
 
 __all__ = [
     "OpeningHaltWatch",
@@ -136,7 +136,7 @@ def halt_checker(switch: HaltSwitch, halt_file: Path | None) -> HaltChecker:
     """The run's halt: ``switch`` alone, or with ``halt_file`` (either one halts)."""
     if halt_file is None:
         return switch
-    from adapters.file_halt import FileHaltChannel
+    from adapters.halt.file import FileHaltChannel
 
     return DualChannelHaltChecker(switch, FileHaltChannel(halt_file, poll_interval=0.02))
 
@@ -246,8 +246,8 @@ async def openai_orchestrator(
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     with importing_extra("llm", "--backend openai"):
-        from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-        from adapters.openai_chat import OpenAIChatOrchestrator
+        from adapters.llm.bridge import AsyncioOrchestratorBridge
+        from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
@@ -270,12 +270,12 @@ async def crewai_orchestrator(
     max_tokens: int | None,
     timeout_s: float | None,
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
-    """Each agent of ``roster`` a real CrewAI agent (:mod:`adapters.crewai`, telemetry
+    """Each agent of ``roster`` a real CrewAI agent (:mod:`adapters.llm.crewai`, telemetry
     off) behind the asyncio bridge; entering imports crewai and builds every agent (a
     worker thread, a second or two), then probes the server as the openai backend does."""
     with importing_extra("crewai", "--backend crewai"):
-        from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-        from adapters.crewai import CrewAIOrchestrator
+        from adapters.llm.bridge import AsyncioOrchestratorBridge
+        from adapters.llm.crewai import CrewAIOrchestrator
 
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
     inner = CrewAIOrchestrator(
@@ -328,7 +328,7 @@ async def open_service(
         backend = await stack.enter_async_context(orchestrator)
         witness = None
         if witness_db is not None:
-            from adapters.sqlite_witness import SqliteWitness
+            from adapters.witness.sqlite import SqliteWitness
 
             witness = await stack.enter_async_context(SqliteWitness(witness_db))
         service = ConcurrentDeliberationService(

@@ -17,7 +17,7 @@ import trio
 from kernel import AgentPool, ConcurrentResult, PoolStatus
 
 if TYPE_CHECKING:
-    from adapters.provider_budget import LimitStats
+    from adapters.llm.provider_budget import LimitStats
 
 __all__ = [
     "KeyValueFormatter",

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import attrs
 import trio
 
-from adapters._cli_backend import UsageError, importing_extra
-from adapters._cli_display import plain
+from adapters.cli._backend import UsageError, importing_extra
+from adapters.cli._display import plain
 from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
 
 if TYPE_CHECKING:
-    from adapters.file_halt import FileHaltChannel
+    from adapters.halt.file import FileHaltChannel
     from adapters.valkey import ValkeyHaltChannel
 
 __all__ = ["check_halt_file", "clear_command", "halt_command", "status_command"]
@@ -90,7 +90,7 @@ async def _open(args: argparse.Namespace) -> AsyncIterator[_Target]:
     """The channel the command names, open for the duration of the block."""
     await check_halt_file(args)
     if args.valkey is None:
-        from adapters.file_halt import FileHaltChannel
+        from adapters.halt.file import FileHaltChannel
 
         file = FileHaltChannel(args.halt_file)
         yield _Target(file, "halt file", "--halt-file PATH", lambda: _read_file(file))

@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters._cli_backend import halt_checker, importing_extra
+from adapters.cli._backend import halt_checker, importing_extra
 from kernel import AgentPool, DualChannelHaltChecker, HaltChecker, HaltSwitch
 
 if TYPE_CHECKING:

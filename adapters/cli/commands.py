@@ -39,8 +39,9 @@ from pathlib import Path
 
 import trio
 
-from adapters import _cli_valkey, transcript
-from adapters._cli_backend import (
+from adapters.cli import _valkey as _cli_valkey
+from adapters.cli import transcript
+from adapters.cli._backend import (
     OpeningHaltWatch,
     OperatorInterrupt,
     RateLimitReport,
@@ -52,8 +53,8 @@ from adapters._cli_backend import (
     require_extra,
     stub_orchestrator,
 )
-from adapters._cli_display import Progress, announce, configure_logging, plain, print_summary
-from adapters._cli_halt import check_halt_file, clear_command, halt_command, status_command
+from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
+from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -490,7 +491,7 @@ def _orchestrator(
             max_tokens=args.max_tokens,
             timeout_s=args.timeout,
         )
-    from adapters.provider_budget import ProviderLimits
+    from adapters.llm.provider_budget import ProviderLimits
 
     return openai_orchestrator(
         args.base_url,
@@ -575,7 +576,7 @@ def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
 
 
 async def verify_command(args: argparse.Namespace) -> int:
-    from adapters.sqlite_witness import verify_log
+    from adapters.witness.sqlite import verify_log
 
     # Read-only: refuses (exit 2) anything that is not a witness log, never creates one.
     report = await trio.to_thread.run_sync(verify_log, args.db, args.expected_head)

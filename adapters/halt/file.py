@@ -9,7 +9,7 @@ and ``clear`` write at once, like ``HaltSwitch``'s, and ``ahalt``/``aclear`` wri
 worker thread.
 
 **Fail-closed.**  Only two things read as "not halted": no file at the path, or a
-well-formed document (:mod:`adapters.halt_doc`, the rules the Valkey channel reads by
+well-formed document (:mod:`adapters.halt.document`, the rules the Valkey channel reads by
 too) whose ``halted`` is ``false``.  Anything else at the path -- bytes that are not UTF-8
 JSON, JSON nested too deeply to parse, a wrong type at any level, a missing or unknown
 schema, halted without a reason, a duplicated key, an empty file, a file larger than
@@ -45,7 +45,7 @@ import attrs
 import trio
 
 from adapters._atomic import write_atomically
-from adapters.halt_doc import CorruptHaltDocument, encode_document, parse_document
+from adapters.halt.document import CorruptHaltDocument, encode_document, parse_document
 from kernel import (
     NO_REASON,
     HaltClearDeniedError,
@@ -58,7 +58,7 @@ from kernel.validate import check_seconds
 
 __all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
 
-log = logging.getLogger("adapters.file_halt")
+log = logging.getLogger("adapters.halt.file")
 
 #: A halt file larger than this reads as corrupt (halted).  Writers keep the history
 #: under it by dropping the oldest records (about 20 000 fit).

@@ -1,5 +1,5 @@
 """CrewAI agents whose every LLM call is asyncio: the executor and the LLM that
-:class:`adapters.crewai.CrewAIOrchestrator` builds its agents with.
+:class:`adapters.llm.crewai.CrewAIOrchestrator` builds its agents with.
 
 Imports crewai, so it is imported only by ``CrewAIOrchestrator.prepare()`` (in a worker
 thread, after the telemetry switches are set in the environment), never at start-up.
@@ -26,7 +26,7 @@ the provider), the agent's whole-task retry (``max_retry_limit=0``), and a rate-
 retry wrapped around every ``LLM.acall`` (3 attempts, 1-8 s backoff; it stands aside when
 a retry is already active around the call, which :meth:`AsyncioAgentExecutor._call_llm`
 declares).  :meth:`AgentRun.retry_delay` retries one LLM call the way
-:class:`adapters.openai_chat.OpenAIChatOrchestrator` does.
+:class:`adapters.llm.openai_chat.OpenAIChatOrchestrator` does.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from crewai.utilities.i18n import I18N_DEFAULT
 from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
-from adapters.http_guard import guarded_client, refusal_in
-from adapters.openai_chat import classify_failure
-from adapters.ratelimit_headers import retry_after_s
+from adapters.llm.http_guard import guarded_client, refusal_in
+from adapters.llm.openai_chat import classify_failure
+from adapters.llm.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
 
 __all__ = [
@@ -479,7 +479,7 @@ def warm_up() -> None:
 
 def agent_http_client(timeout_s: float, max_response_bytes: int) -> httpx2.AsyncClient:
     """One agent's HTTP client (its own connection pool, as CrewAI gives each LLM): the
-    guarded one (:mod:`adapters.http_guard`), which this environment's SDK takes too.
+    guarded one (:mod:`adapters.llm.http_guard`), which this environment's SDK takes too.
 
     Not one pool for all: httpcore's pool checks every pooled connection on every
     request event, so 72 agents on one pool cost ~5x the CPU of 72 small pools

@@ -36,7 +36,7 @@ from kernel.validate import check_number
 
 __all__ = ["AsyncioCancelledError", "AsyncioOrchestrator", "AsyncioOrchestratorBridge"]
 
-log = logging.getLogger("adapters.asyncio_bridge")
+log = logging.getLogger("adapters.llm.bridge")
 
 T = TypeVar("T")
 

@@ -15,16 +15,16 @@ pins openai<3; see the Makefile's ``.venv-crewai``).
 Guarantees:
 
 - *Cancellation closes the request.*  Every LLM call is ``LLM.acall`` on ``AsyncOpenAI``
-  on the event loop, through :class:`adapters._crewai_agents.AsyncioAgentExecutor`
+  on the event loop, through :class:`adapters.llm._crewai_agents.AsyncioAgentExecutor`
   (CrewAI's own executor runs its LLM calls with the synchronous client in worker
   threads; why, and what replaces it: that module's docstring).  A halt or a timeout
   cancels the asyncio task and with it the HTTP request; no thread is left running.
-- *A server is bounded* as for the OpenAI orchestrator (:mod:`adapters.http_guard`, every
+- *A server is bounded* as for the OpenAI orchestrator (:mod:`adapters.llm.http_guard`, every
   agent's HTTP client): ``timeout_s`` bounds each attempt from connection to last byte,
   a body over ``max_response_bytes`` (wire or inflated) or an answer over
   ``max_content_chars`` is refused, a redirect is refused, never followed.
 - *Retries are ours.*  The SDK's retries and CrewAI's whole-task retries are off; one LLM
-  call is retried as :class:`~adapters.openai_chat.OpenAIChatOrchestrator` retries:
+  call is retried as :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator` retries:
   timeouts, connection failures, 408, 429 (``Retry-After``, capped) and 5xx, with
   decorrelated jitter.  401/403, other 4xx, malformed responses and CrewAI's own errors
   fail at once.  Every failure is an :class:`~kernel.AgentInvocationError` naming the
@@ -64,8 +64,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
-from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES
-from adapters.openai_chat import (
+from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES
+from adapters.llm.openai_chat import (
     AGENT_HEADER,
     DEFAULT_MAX_CONTENT_CHARS,
     KEYLESS,
@@ -79,7 +79,7 @@ from kernel.validate import check_int, check_number, check_seconds
 if TYPE_CHECKING:
     from crewai import Agent
 
-    from adapters._crewai_agents import AsyncOnlyOpenAI, RetryPolicy
+    from adapters.llm._crewai_agents import AsyncOnlyOpenAI, RetryPolicy
 
 __all__ = ["DEFAULT_EXPECTED_OUTPUT", "TELEMETRY_OFF", "CrewAIOrchestrator", "disable_telemetry"]
 
@@ -162,10 +162,10 @@ class CrewAIOrchestrator:
         telemetry: False (the default) turns CrewAI's telemetry off; see the module
             docstring.
         max_retries, backoff_base_s, backoff_cap_s, retry_after_cap_s, seed: our retries
-            of one LLM call, as in :class:`~adapters.openai_chat.OpenAIChatOrchestrator`.
+            of one LLM call, as in :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`.
         expected_output: the task's expected output (CrewAI puts it in the prompt).
         max_response_bytes, max_content_chars: the largest response body and the longest
-            answer taken, as in :class:`~adapters.openai_chat.OpenAIChatOrchestrator`
+            answer taken, as in :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`
             (8 MiB, 1 Mi characters).
     """
 
@@ -248,7 +248,7 @@ class CrewAIOrchestrator:
                 return
             if not self.telemetry:
                 disable_telemetry()
-            from adapters import _crewai_agents as crew  # imports crewai: seconds
+            from adapters.llm import _crewai_agents as crew  # imports crewai: seconds
 
             policy = crew.RetryPolicy(
                 max_retries=self.max_retries,
@@ -273,7 +273,7 @@ class CrewAIOrchestrator:
             self._members, self._policy = members, policy
 
     def _build_member(self, profile: AgentProfile) -> _Member:
-        from adapters import _crewai_agents as crew
+        from adapters.llm import _crewai_agents as crew
 
         model = profile.model or self.model
         base_url = (profile.base_url or self.base_url).rstrip("/")
@@ -332,10 +332,10 @@ class CrewAIOrchestrator:
 
     async def check_reachable(self, timeout_s: float | None = None) -> bool:
         """Fail fast on a wrong host or port: probe ``GET /models`` once, exactly as
-        :meth:`adapters.openai_chat.OpenAIChatOrchestrator.check_reachable` does (with
+        :meth:`adapters.llm.openai_chat.OpenAIChatOrchestrator.check_reachable` does (with
         this orchestrator's endpoint, key and timeout): :class:`AgentInvocationError`
         if the endpoint cannot be reached, False if it is silent (busy), else True."""
-        from adapters.openai_chat import OpenAIChatOrchestrator
+        from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
         key = None if self._api_key == KEYLESS else self._api_key
         probe = OpenAIChatOrchestrator(
@@ -377,7 +377,7 @@ class CrewAIOrchestrator:
         context: ContextBundle,
         policy: RetryPolicy,
     ) -> AgentOutput:
-        from adapters import _crewai_agents as crew  # imported by prepare(): no I/O here
+        from adapters.llm import _crewai_agents as crew  # imported by prepare(): no I/O here
 
         run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
         task = crew.build_task(runner.agent, topic_message(context), self.expected_output)

@@ -2,7 +2,7 @@
 
 OpenAI, Ollama, vLLM, llama.cpp's server, a LiteLLM proxy: anything that speaks
 ``POST /v1/chat/completions``.  Run it from trio through
-:class:`adapters.asyncio_bridge.AsyncioOrchestratorBridge`.
+:class:`adapters.llm.bridge.AsyncioOrchestratorBridge`.
 
 Failures it retries (with decorrelated-jitter backoff): timeouts (including HTTP 408),
 connection errors, 5xx, and 429 (see below).  Failures it
@@ -13,7 +13,7 @@ encoded (:func:`classify_failure`, which the CrewAI orchestrator shares).  Every
 is an :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never
 the API key, the prompt or the content.
 
-What a server can do is bounded (:mod:`adapters.http_guard`, the HTTP client every
+What a server can do is bounded (:mod:`adapters.llm.http_guard`, the HTTP client every
 request goes through): ``timeout_s`` is a wall-clock bound on each attempt, from the
 connection to the last byte; a body over ``max_response_bytes`` (on the wire, or once
 inflated) and an answer over ``max_content_chars`` characters are refused; a redirect is
@@ -32,7 +32,7 @@ Decode with ``urllib.parse.unquote`` (:func:`decode_agent_header`).
 
 Rate limits: every HTTP attempt, retries included, first takes its turn in the budget
 its endpoint and API key share with every other agent and orchestrator of the process
-(:mod:`adapters.provider_budget`): one request and its estimated tokens (the prompt's
+(:mod:`adapters.llm.provider_budget`): one request and its estimated tokens (the prompt's
 UTF-8 bytes / 4, plus ``max_tokens``, or :data:`DEFAULT_COMPLETION_TOKENS` without it),
 settled with the real ``usage`` after the call.  The budget paces at ``limits=``
 (:class:`ProviderLimits`) and at the server's ``x-ratelimit-*`` headers, and a 429
@@ -42,7 +42,7 @@ of each agent retrying on its own.  The time an agent waited for its turns is it
 output's ``rate_limited_ms``; :meth:`OpenAIChatOrchestrator.limit_stats` sums it up.
 
 Set-up happens when the orchestrator is opened (:meth:`OpenAIChatOrchestrator.aopen`, which
-:class:`~adapters.asyncio_bridge.AsyncioOrchestratorBridge` calls on entry), in a worker
+:class:`~adapters.llm.bridge.AsyncioOrchestratorBridge` calls on entry), in a worker
 thread and without any network call: one HTTP client per distinct ``base_url`` of the
 roster and the default, plus the SDK's lazy imports.  The first batch then does not
 stall the event loop building them.
@@ -66,15 +66,15 @@ from uuid import uuid4
 
 import openai
 
-from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
-from adapters.provider_budget import (
+from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
+from adapters.llm.provider_budget import (
     EndpointBudget,
     LimitStats,
     ProviderLimits,
     Ticket,
     shared_budget,
 )
-from adapters.ratelimit_headers import RateLimitHeaders
+from adapters.llm.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, utf8_size
@@ -96,7 +96,7 @@ __all__ = [
     "topic_message",
 ]
 
-log = logging.getLogger("adapters.openai_chat")
+log = logging.getLogger("adapters.llm.openai_chat")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {name}, one member of a deliberative council. Read the topic and give "
@@ -273,7 +273,7 @@ class OpenAIChatOrchestrator:
             the budget of an endpoint and key keeps the strictest limits any
             orchestrator gave it.
         max_response_bytes: the largest response body taken, on the wire and inflated
-            (default :data:`~adapters.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
+            (default :data:`~adapters.llm.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
         max_content_chars: the longest answer taken (default
             :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
     """

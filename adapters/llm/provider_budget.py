@@ -57,7 +57,7 @@ from collections.abc import Callable
 import attrs
 from attrs.validators import optional
 
-from adapters.ratelimit_headers import LaneHeaders, RateLimitHeaders
+from adapters.llm.ratelimit_headers import LaneHeaders, RateLimitHeaders
 from kernel.validate import integer
 
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
     "shared_budget",
 ]
 
-log = logging.getLogger("adapters.provider_budget")
+log = logging.getLogger("adapters.llm.provider_budget")
 
 #: The share of a limit kept in reserve: lanes pace at 95 % of the limit they know.
 HEADROOM = 0.05

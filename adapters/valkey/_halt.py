@@ -8,7 +8,7 @@ time it (re)subscribes, after every message, and every ``refresh_interval`` seco
 **Fail-closed.**  This process counts as halted unless it is subscribed *and* the key,
 read since, is a well-formed document that says ``"halted": false``.  A lost connection,
 a missing key (a new server, or one that restarted without its data), a key of another
-type, a value that is too large, or not a halt document (:mod:`adapters.halt_doc`, the
+type, a value that is too large, or not a halt document (:mod:`adapters.halt.document`, the
 rules the file channel reads by too): halted, with
 a reason that says which, until the key is read again and says otherwise.  A first
 deployment therefore starts halted, and two approvers clear it once
@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from adapters.halt_doc import (
+from adapters.halt.document import (
     CorruptHaltDocument,
     encode_document,
     encode_record,

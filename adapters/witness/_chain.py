@@ -11,8 +11,8 @@ This module only knows rows: it writes one into an open transaction
 (:func:`insert_row`), reads them back with their SQLite types checked
 (:func:`decoded_rows`), and audits a file (:func:`verify_log`, whose docstring states
 what an audit guarantees).  Transactions and threads belong to
-:mod:`adapters._witness_writer`; opening a log for writing to
-:class:`adapters.sqlite_witness.SqliteWitness`.
+:mod:`adapters.witness._writer`; opening a log for writing to
+:class:`adapters.witness.sqlite.SqliteWitness`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 # One logger for the whole witness (its name is what operators filter on).
-log = logging.getLogger("adapters.sqlite_witness")
+log = logging.getLogger("adapters.witness.sqlite")
 
 GENESIS_HASH = "0" * 64
 

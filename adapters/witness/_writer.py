@@ -11,7 +11,7 @@ writer takes SQLite's write lock in short slices (:data:`BUSY_SLICE_S`), and an 
 is only bound to a transaction once that lock is held, just before its row is inserted:
 that moment is the output's point of no return.  The contract of
 :meth:`GroupCommitter.commit` (which :meth:`SqliteWitness.commit
-<adapters.sqlite_witness.SqliteWitness.commit>` is) -- every output whose commit
+<adapters.witness.sqlite.SqliteWitness.commit>` is) -- every output whose commit
 returned a receipt is in the log, and every output whose commit raised is not, now or
 later:
 
@@ -50,12 +50,12 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from adapters._witness_chain import WitnessError, chain_tip, insert_row, output_fields
+from adapters.witness._chain import WitnessError, chain_tip, insert_row, output_fields
 from kernel import AgentOutput, CommitReceipt, utc_now
 
 __all__ = ["BUSY_SLICE_S", "GroupCommitter", "WitnessStatistics"]
 
-log = logging.getLogger("adapters.sqlite_witness")
+log = logging.getLogger("adapters.witness.sqlite")
 
 #: How long one attempt to take SQLite's write lock waits (seconds).  Between attempts
 #: the writer drops withdrawn outputs and gives up if none is left.
@@ -64,7 +64,7 @@ BUSY_SLICE_S = 0.02
 
 @attrs.frozen(slots=True)
 class WitnessStatistics:
-    """Counters of :class:`~adapters.sqlite_witness.SqliteWitness` (like trio's
+    """Counters of :class:`~adapters.witness.sqlite.SqliteWitness` (like trio's
     ``statistics()``).
 
     ``transactions``: write transactions so far (one per group commit).

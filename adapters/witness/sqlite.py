@@ -8,9 +8,9 @@ viewed what.
 The witness is three modules, one concept each; this one opens a log and holds the
 public API (every public name is importable from here):
 
-* :mod:`adapters._witness_chain`: the row format, the hash chain, and the read-only
+* :mod:`adapters.witness._chain`: the row format, the hash chain, and the read-only
   audit :func:`verify_log` (an audit never writes to what it audits).
-* :mod:`adapters._witness_writer`: group commit on one writer thread, and the point of
+* :mod:`adapters.witness._writer`: group commit on one writer thread, and the point of
   no return that lets a cancelled commit return at once, however locked the database.
 """
 
@@ -29,7 +29,7 @@ from uuid import UUID
 
 import trio
 
-from adapters._witness_chain import (
+from adapters.witness._chain import (
     GENESIS_HASH,
     OUTPUTS_SCHEMA,
     VerifyReport,
@@ -40,9 +40,9 @@ from adapters._witness_chain import (
     recorded_output,
     verify_log,
 )
-from adapters._witness_chain import canonical_record as canonical_record  # public, as before
-from adapters._witness_chain import chain_hash as chain_hash  # public, as before
-from adapters._witness_writer import BUSY_SLICE_S, GroupCommitter, WitnessStatistics
+from adapters.witness._chain import canonical_record as canonical_record  # public, as before
+from adapters.witness._chain import chain_hash as chain_hash  # public, as before
+from adapters.witness._writer import BUSY_SLICE_S, GroupCommitter, WitnessStatistics
 from kernel import AgentOutput, CommitReceipt, InvalidRequestError, utc_now
 from kernel.validate import check_seconds
 
@@ -58,7 +58,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-log = logging.getLogger("adapters.sqlite_witness")
+log = logging.getLogger("adapters.witness.sqlite")
 
 # The files SQLite keeps beside a log, by the path it derives from the log's.
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -251,7 +251,7 @@ class SqliteWitness:
 
         Concurrent commits share transactions (group commit).  What a cancelled, failed
         or locked-out commit does is the point-of-no-return rule, stated in
-        :mod:`adapters._witness_writer`.  Raises :class:`~kernel.InvalidRequestError`
+        :mod:`adapters.witness._writer`.  Raises :class:`~kernel.InvalidRequestError`
         for anything but an :class:`~kernel.AgentOutput`.
         """
         if not isinstance(output, AgentOutput):

@@ -3,7 +3,7 @@
 * Admission per agent, a pool with a shared capacity (adapters.valkey on a loopback
   server) against a local-only pool, in the same run: reject mode takes a batch's 72
   leases in one script call, queue mode one call per agent.
-* Halt propagation across processes: three worker processes (tests/valkey_worker.py)
+* Halt propagation across processes: three worker processes (tests/support/valkey_worker.py)
   each with a 72-agent batch in queue mode on one shared capacity of 72, every request
   open against the loopback OpenAI-compatible server; this process raises the halt;
   time until each worker has seen it, and until every worker's batch has stopped (every
@@ -30,8 +30,8 @@ from benchmarks.results import Results, Row, Settings
 from kernel import AgentPool, nearest_rank
 
 if TYPE_CHECKING:
-    from tests.fake_openai import FakeOpenAIServer
-    from tests.valkey_server import ValkeyServer
+    from tests.support.fake_openai import FakeOpenAIServer
+    from tests.support.valkey_server import ValkeyServer
 
 __all__ = ["cluster"]
 
@@ -39,7 +39,7 @@ AGENTS = 72
 
 
 def cluster(s: Settings, results: Results) -> None:
-    from tests.valkey_server import ValkeyServer, server_binary
+    from tests.support.valkey_server import ValkeyServer, server_binary
 
     try:
         import adapters.valkey  # noqa: F401  # coredis is there
@@ -120,7 +120,7 @@ async def _admission(url: str, name: str, reps: int) -> dict[tuple[str, str], li
 
 
 def _halt_propagation(server: ValkeyServer, trials: int) -> tuple[list[float], list[float]]:
-    from tests.fake_openai import FakeOpenAIServer
+    from tests.support.fake_openai import FakeOpenAIServer
 
     url = server.url
     tag = uuid.uuid4().hex[:8]
@@ -132,7 +132,7 @@ def _halt_propagation(server: ValkeyServer, trials: int) -> tuple[list[float], l
     try:
         # A new halt key reads as halted: the workers wait for the first clear.
         for i in range(3):
-            argv = [sys.executable, "-m", "tests.valkey_worker", "--valkey", url]
+            argv = [sys.executable, "-m", "tests.support.valkey_worker", "--valkey", url]
             argv += ["--base-url", llm.base_url, "--prefix", f"b{i}", "--key", key]
             argv += ["--name", name, "--rounds", str(trials), "--agents", str(AGENTS)]
             workers.append(subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True))

@@ -1,4 +1,4 @@
-"""Real CrewAI agents (adapters.crewai): their CPU cost per agent against the plain OpenAI
+"""Real CrewAI agents (adapters.llm.crewai): their CPU cost per agent against the plain OpenAI
 orchestrator, and how soon a halt closes 72 open CrewAI requests.
 
 crewai lives in .venv-crewai (it pins openai<3), so its half runs there, in a process of
@@ -121,8 +121,8 @@ def crewai(s: Settings, results: Results) -> None:
 
 
 async def _openai_cpu_ms_per_agent(base_url: str, reps: int) -> list[float]:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
     samples = []
     orchestrator = OpenAIChatOrchestrator(base_url, "fake-model", timeout_s=30)

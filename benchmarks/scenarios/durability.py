@@ -14,8 +14,8 @@ from typing import Literal
 import attrs
 import trio
 
-from adapters.sqlite_witness import SqliteWitness
 from adapters.stub import AgentOrchestratorStub
+from adapters.witness.sqlite import SqliteWitness
 from benchmarks.results import Results, Row, Settings
 from benchmarks.timing import ms, timed
 from benchmarks.workloads import requests_for

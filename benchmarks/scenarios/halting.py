@@ -87,8 +87,8 @@ async def _halts_on_the_stub(trials: int, freeze: bool) -> list[Span]:
 
 
 async def _halts_through_the_bridge(base_url: str, trials: int) -> list[Span]:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
     pool = AgentPool()
     spans = []

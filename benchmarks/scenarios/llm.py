@@ -55,7 +55,7 @@ def llm_loopback(s: Settings, results: Results) -> None:
 def first_batch_stall(s: Settings, results: Results) -> None:
     """The longest the trio loop is blocked during the first 72-agent LLM batch of a fresh
     process, against later batches: a 1 ms heartbeat task over loopback, after
-    ``gc.freeze()`` (tests/loop_stall_probe.py, one fresh interpreter per trial).  The
+    ``gc.freeze()`` (tests/support/loop_stall_probe.py, one fresh interpreter per trial).  The
     "lazy" variant skips the orchestrator's ``aopen``: the client is built on the first
     request, on the loop, as before set-up moved to the bridge's entry."""
     trials = 3 if s.quick else 7
@@ -93,14 +93,14 @@ async def _direct_call_us(calls: int) -> float:
 
 
 async def _bridged_call_us(calls: int) -> float:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
 
     async with AsyncioOrchestratorBridge(AsyncioStub(0.0)) as bridge:
         return await _per_call_us(bridge, calls)
 
 
 async def _bridged_batch_us() -> float:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
 
     async with AsyncioOrchestratorBridge(AsyncioStub(0.0)) as bridge:
         service = ConcurrentDeliberationService(bridge, HaltSwitch())
@@ -109,8 +109,8 @@ async def _bridged_batch_us() -> float:
 
 
 async def _kernel_batches(base_url: str, reps: int) -> list[float]:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
     orchestrator = OpenAIChatOrchestrator(base_url, "fake-model", timeout_s=30)
     async with AsyncioOrchestratorBridge(orchestrator) as bridge:

@@ -130,8 +130,8 @@ def _kernel_with_limits(base_url: str) -> tuple[float, int]:
 
 
 async def _kernel_batches(base_url: str, rpm: int | None) -> tuple[float, int]:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator, ProviderLimits
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator, ProviderLimits
 
     limits = ProviderLimits(requests_per_minute=rpm) if rpm else None
     orchestrator = OpenAIChatOrchestrator(

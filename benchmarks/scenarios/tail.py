@@ -36,7 +36,7 @@ from kernel import (
 )
 
 if TYPE_CHECKING:
-    from tests.fake_openai import FakeOpenAIServer
+    from tests.support.fake_openai import FakeOpenAIServer
 
 __all__ = ["tail", "tail_http"]
 
@@ -137,7 +137,7 @@ def tail_http(s: Settings, results: Results) -> None:
     """The same through the bridge and the OpenAI adapter against the loopback server,
     whose answers take the model's latencies (time-scaled): plain against hedged (observed
     p95, budget 0.1); the server counts the losers' closed connections."""
-    from tests.fake_openai import FakeOpenAIServer
+    from tests.support.fake_openai import FakeOpenAIServer
 
     batches = 8 if s.quick else 30
     name = f"tail over HTTP {batches} x {AGENTS}"
@@ -171,8 +171,8 @@ class _HttpRun:
 
 
 async def _http(server: FakeOpenAIServer, batches: int, hedge: HedgePolicy | None) -> _HttpRun:
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.openai_chat import OpenAIChatOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
 
     model = LatencyModel()
     requests = requests_for(AGENTS)

@@ -20,12 +20,12 @@ import pytest
 import trio
 import trio.testing
 
-from adapters._cli_display import KeyValueFormatter, print_summary
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.file_halt import FileHaltChannel
-from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.cli._display import KeyValueFormatter, print_summary
+from adapters.halt.file import FileHaltChannel
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.roster import Roster, RosterError
-from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
+from adapters.witness.sqlite import SqliteWitness, WitnessError, verify_log
 from kernel import (
     AgentFailure,
     AgentOutput,
@@ -40,10 +40,11 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import ScriptedOrchestrator, make_requests
-from tests.test_cli import CONCLAVE, ROOT, conclave, deliberating, halt_from_cli
-from tests.witness_helpers import make_log, run_sql, select
+from tests.support import ROOT
+from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import ScriptedOrchestrator, make_requests
+from tests.support.witness_helpers import make_log, run_sql, select
 
 HUGE = 10**400  # a valid JSON number; no float holds it
 

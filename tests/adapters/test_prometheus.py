@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.prometheus import export_service_metrics, serve_metrics
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentPoolExhaustedError, ConcurrentDeliberationService, InvalidRequestError
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.provisional import urls
 
-from adapters.openai_chat import decode_agent_header, encode_agent_header
+from adapters.llm.openai_chat import decode_agent_header, encode_agent_header
 from adapters.roster import (
     MAX_AGENT_ID_LENGTH,
     MAX_ROSTER_AGENTS,
@@ -29,9 +29,10 @@ from adapters.roster import (
 )
 from adapters.urls import redact_url
 from kernel import AgentNotFoundError, AgentRequest, ContextBundle, InvalidRequestError
-from tests.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
+from tests.support import ROOT
+from tests.support.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
 
-DATA = Path(__file__).parent / "data"
+DATA = ROOT / "tests" / "data"
 
 
 def test_load_toml_with_defaults() -> None:
@@ -337,7 +338,7 @@ def test_any_agent_id_is_refused_at_load_or_round_trips_through_the_header(agent
 
 # ------------------------------------------------------------------ the Archon 72 format
 
-ARCHONS = Path(__file__).parent.parent / "examples" / "archons-sample.json"
+ARCHONS = ROOT / "examples" / "archons-sample.json"
 
 
 def test_the_archon_sample_loads_with_persona_fields() -> None:

@@ -9,7 +9,7 @@ import trio.testing
 
 from adapters.stub import AgentOrchestratorStub
 from kernel import AgentInvocationError, AgentOrchestratorProtocol, AgentStatus, InvalidRequestError
-from tests.helpers import make_context, make_requests
+from tests.support.helpers import make_context, make_requests
 
 
 async def test_stub_output_and_counts(autojump_clock: trio.testing.MockClock) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 
 from adapters.urls import MASK, redact_url
-from tests.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
+from tests.support.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
 
 
 @pytest.mark.parametrize(

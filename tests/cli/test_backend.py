@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from adapters._cli_backend import (
+from adapters.cli._backend import (
     OperatorInterrupt,
     UsageError,
     halt_checker,
@@ -27,11 +27,11 @@ from adapters._cli_backend import (
     open_service,
     stub_orchestrator,
 )
-from adapters.file_halt import FileHaltChannel
-from adapters.sqlite_witness import SqliteWitness
+from adapters.halt.file import FileHaltChannel
 from adapters.stub import AgentOrchestratorStub
+from adapters.witness.sqlite import SqliteWitness
 from kernel import AgentOrchestratorProtocol, AgentPool, HaltSwitch
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 IDS = [f"archon-{i}" for i in range(1, 11)]
 

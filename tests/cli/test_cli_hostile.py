@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.cli import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
-from tests.fake_openai import FakeOpenAIServer
-from tests.test_cli import CONCLAVE, ROOT, conclave, deliberating, halt_from_cli
+from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
+from tests.support import ROOT
+from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
+from tests.support.fake_openai import FakeOpenAIServer
 
 # ---------------------------------------------------------------- item 7: council size
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import conclave
+from tests.support.cli import conclave
 
 
 def test_quorum_and_hedging_are_reported_in_the_summary(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -11,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -19,48 +17,11 @@ import pexpect
 import pytest
 
 from adapters.roster import MAX_ROSTER_BYTES
-from tests.fake_openai import FakeOpenAIServer
-from tests.url_secrets import SECRET, assert_never_shown
-from tests.witness_helpers import run_sql
-
-ROOT = Path(__file__).parent.parent
-CONCLAVE = [sys.executable, "-m", "adapters.cli"]
-
-
-def conclave(
-    *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``conclave *args`` to the end (``env``: the whole environment, if given)."""
-    return subprocess.run(
-        [*CONCLAVE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
-    )
-
-
-@contextlib.contextmanager
-def deliberating(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """``conclave deliberate *args``, once it says it is deliberating.  Inside the block,
-    ``proc.communicate()`` collects its output; on the way out it is killed, whatever
-    happened."""
-    with subprocess.Popen(
-        [*CONCLAVE, "deliberate", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    ) as proc:
-        try:
-            assert proc.stderr is not None
-            line = proc.stderr.readline()
-            assert "deliberating with" in line, line
-            yield proc
-        finally:
-            proc.kill()
-
-
-def halt_from_cli(halt_file: Path, reason: str) -> None:
-    """``conclave halt`` from another process; it must succeed."""
-    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", reason)
-    assert proc.returncode == 0, proc.stderr
+from tests.support import ROOT
+from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.url_secrets import SECRET, assert_never_shown
+from tests.support.witness_helpers import run_sql
 
 
 def test_deliberate_72_agents_prints_summary() -> None:
@@ -364,7 +325,7 @@ def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str
     ``import`` and ``importlib.util.find_spec`` say it is not there)."""
     code = (
         f"import sys; sys.modules[{module!r}] = None; "
-        "from adapters.cli import main; sys.exit(main())"
+        "from adapters.cli.commands import main; sys.exit(main())"
     )
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
@@ -413,7 +374,7 @@ def test_a_broken_install_of_an_extra_is_named_too() -> None:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("crewai") is not None,
-    reason="crewai is installed here: tests/crewai/test_crewai_cli.py runs the backend",
+    reason="crewai is installed here: tests/adapters/llm/crewai/test_crewai_cli.py runs it",
 )
 def test_crewai_backend_without_crewai_exits_2_before_anything_runs(tmp_path: Path) -> None:
     """The main environment has no crewai (it has its own: .venv-crewai)."""

@@ -6,14 +6,12 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
-from tests.valkey_server import ValkeyServer
-
-ROOT = Path(__file__).parent.parent
+from tests.support import ROOT
+from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
+from tests.support.valkey_server import ValkeyServer
 
 
 def conclave(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,8 +24,8 @@ from kernel import (
     SystemHaltedError,
     utc_now,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.hostile_parts import (
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import (
     Instant,
     InstantWitness,
     SlowWitness,

@@ -19,8 +19,8 @@ from kernel import (
     Overflow,
     SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.hostile_parts import (
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import (
     Instant,
     InstantWitness,
     SlowWitness,

@@ -18,7 +18,7 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 
 
 class Channel:

@@ -20,8 +20,8 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.hostile_parts import (
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import (
     TEN_MINUTES,
     ClearChannel,
     GarbageChannel,

@@ -16,8 +16,8 @@ from kernel import (
     DualChannelHaltChecker,
     HaltSwitch,
 )
-from tests.helpers import expect_halt, make_requests
-from tests.hostile_parts import HangingChecker, SwallowsCancel
+from tests.support.helpers import expect_halt, make_requests
+from tests.support.hostile_parts import HangingChecker, SwallowsCancel
 
 # ---------------------------------------------------------------- item 2: stray cancellation
 

@@ -22,8 +22,8 @@ from kernel import (
     SystemHaltedError,
 )
 from kernel.validate import check_number, check_seconds
-from tests.helpers import ScriptedOrchestrator, Step, make_requests
-from tests.hostile_parts import (
+from tests.support.helpers import ScriptedOrchestrator, Step, make_requests
+from tests.support.hostile_parts import (
     GarbageChannel,
     RaisingProbe,
     assert_pool_clean,

@@ -16,7 +16,7 @@ from kernel import (
     ServiceMetrics,
     nearest_rank,
 )
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 
 async def test_metrics_snapshot(autojump_clock: trio.testing.MockClock) -> None:

@@ -2,7 +2,7 @@
 their contracts, run against every implementation the project ships.
 
 HaltControl: the in-process switch, the file channel and the Valkey channel (on the real
-server of tests/valkey_server.py) raise, clear and tell their history alike.
+server of tests/support/valkey_server.py) raise, clear and tell their history alike.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from adapters.file_halt import FileHaltChannel
+from adapters.halt.file import FileHaltChannel
 from adapters.stub import AgentOrchestratorStub
 from adapters.valkey import ValkeyHaltChannel
 from kernel import (
@@ -31,7 +31,7 @@ from kernel import (
     InvalidRequestError,
     OutputWitness,
 )
-from tests.valkey_server import ValkeyServer
+from tests.support.valkey_server import ValkeyServer
 
 Control = HaltControl  # every channel below is also a HaltChecker
 Opener = Callable[[], AbstractAsyncContextManager[HaltControl]]

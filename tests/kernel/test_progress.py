@@ -16,8 +16,8 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.hostile_parts import Instant, SwallowsCancel, assert_pool_clean
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import Instant, SwallowsCancel, assert_pool_clean
 
 
 async def test_progress_reports_each_finish(autojump_clock: trio.testing.MockClock) -> None:

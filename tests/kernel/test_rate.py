@@ -17,7 +17,7 @@ from kernel import (
     RateLimit,
     RateLimitStatistics,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 
 
 async def _times(limit: RateLimit, costs: list[float]) -> list[float]:

@@ -23,8 +23,14 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_context, make_requests
-from tests.hostile_parts import TEN_MINUTES, halt_after
+from tests.support.helpers import (
+    ScriptedOrchestrator,
+    Step,
+    expect_halt,
+    make_context,
+    make_requests,
+)
+from tests.support.hostile_parts import TEN_MINUTES, halt_after
 
 # ------------------------------------------------------------------ outcomes
 

@@ -25,8 +25,8 @@ from kernel import (
     RateLimit,
     SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.test_shared_capacity import ModelCapacity
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.model_capacity import ModelCapacity
 
 
 @dataclass(frozen=True)

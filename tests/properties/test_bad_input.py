@@ -12,7 +12,7 @@ from uuid import uuid4
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.file_halt import FileHaltChannel
+from adapters.halt.file import FileHaltChannel
 from adapters.roster import Roster, RosterError
 from kernel import (
     AgentFailure,

@@ -28,7 +28,7 @@ from kernel import (
     FailureKind,
     HaltSwitch,
 )
-from tests.helpers import (
+from tests.support.helpers import (
     ScriptedOrchestrator,
     Step,
     assert_one_outcome_per_request_in_order,

@@ -29,7 +29,11 @@ from kernel import (
     FailureKind,
     HaltSwitch,
 )
-from tests.helpers import assert_one_outcome_per_request_in_order, make_requests, run_with_halt_at
+from tests.support.helpers import (
+    assert_one_outcome_per_request_in_order,
+    make_requests,
+    run_with_halt_at,
+)
 
 BEHAVIOURS = [
     "ok",

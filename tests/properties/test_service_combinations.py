@@ -39,8 +39,8 @@ from kernel import (
     RateLimit,
     SystemHaltedError,
 )
-from tests.helpers import assert_one_outcome_per_request_in_order, make_requests
-from tests.test_shared_capacity import ModelCapacity
+from tests.support.helpers import assert_one_outcome_per_request_in_order, make_requests
+from tests.support.model_capacity import ModelCapacity
 
 BEHAVIOURS = ["ok", "ok", "ok", "error", "hang", "swallow", "garbage"]
 

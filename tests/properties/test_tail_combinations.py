@@ -31,8 +31,12 @@ from kernel import (
     HedgePolicy,
     RateLimit,
 )
-from tests.helpers import assert_one_outcome_per_request_in_order, make_requests, run_with_halt_at
-from tests.test_shared_capacity import ModelCapacity
+from tests.support.helpers import (
+    assert_one_outcome_per_request_in_order,
+    make_requests,
+    run_with_halt_at,
+)
+from tests.support.model_capacity import ModelCapacity
 
 #: How long an async ``on_progress`` report takes.
 REPORT_MS = 1.0

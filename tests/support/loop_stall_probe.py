@@ -3,9 +3,9 @@
 Run it in a fresh interpreter (the first batch is what pays for lazy imports and client
 set-up)::
 
-    python -m tests.loop_stall_probe [--agents 72] [--batches 5] [--no-freeze]
+    python -m tests.support.loop_stall_probe [--agents 72] [--batches 5] [--no-freeze]
 
-It starts the loopback server (tests/fake_openai.py) in a process of its own, so that the
+It starts the loopback server (tests/support/fake_openai.py) in a process of its own, so that the
 server does not compete with the client for the GIL, then does what an application does:
 import, build an ``OpenAIChatOrchestrator``, enter the ``AsyncioOrchestratorBridge``,
 call ``gc.freeze()`` (the README's advice for latency-sensitive apps), and run batches of
@@ -26,13 +26,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from kernel import (
     AgentOutput,
     AgentRequest,
@@ -40,8 +39,7 @@ from kernel import (
     ContextBundle,
     HaltSwitch,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 class Heartbeat:
@@ -135,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lazy", action="store_true", help="skip aopen (the old behaviour)")
     args = parser.parse_args(argv)
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "tests.support.fake_openai"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None

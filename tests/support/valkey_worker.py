@@ -1,6 +1,6 @@
 """One service replica, for the multi-process tests and the ``cluster`` benchmark.
 
-    python -m tests.valkey_worker --valkey URL --base-url URL [--agents 72] [--prefix w1]
+    python -m tests.support.valkey_worker --valkey URL --base-url URL [--agents 72] [--prefix w1]
         [--overflow queue|reject] [--shared-capacity 72] [--lease-s 30] [--rounds 1]
         [--name conclave] [--key conclave:halt]
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import trio
 
-from adapters._cli_backend import openai_orchestrator
-from adapters._cli_valkey import ValkeyCluster
+from adapters.cli._backend import openai_orchestrator
+from adapters.cli._valkey import ValkeyCluster
 from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
 from kernel import (
     AgentPoolExhaustedError,
@@ -37,7 +37,7 @@ from kernel import (
     HaltSwitch,
     SystemHaltedError,
 )
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 
 def emit(**fields: Any) -> None:

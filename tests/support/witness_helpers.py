@@ -9,7 +9,7 @@ from uuid import uuid4
 
 import trio
 
-from adapters.sqlite_witness import SqliteWitness
+from adapters.witness.sqlite import SqliteWitness
 from kernel import AgentOutput
 
 

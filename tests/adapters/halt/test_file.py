@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from adapters.file_halt import FileHaltChannel, HaltFileState
+from adapters.halt.file import FileHaltChannel, HaltFileState
 from kernel import (
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
@@ -24,7 +24,8 @@ from kernel import (
     HaltWaiter,
     InvalidRequestError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support import ROOT
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 
 
 async def test_missing_file_is_not_halted(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_readers_never_see_a_partial_write(tmp_path: Path) -> None:
 HALT_SCRIPT = """
 import sys, time, trio
 sys.path.insert(0, {root!r})
-from adapters.file_halt import FileHaltChannel, HaltFileState
+from adapters.halt.file import FileHaltChannel, HaltFileState
 go = float(sys.argv[2])
 while time.time() < go:
     pass
@@ -160,7 +161,7 @@ def test_concurrent_halts_from_two_processes(tmp_path: Path) -> None:
     import time
 
     path = tmp_path / "halt.json"
-    script = HALT_SCRIPT.format(root=str(Path(__file__).parent.parent))
+    script = HALT_SCRIPT.format(root=str(ROOT))
     go = str(time.time() + 1.0)  # both start writing at the same instant
     procs = [
         subprocess.Popen(
@@ -255,7 +256,7 @@ def test_a_symlink_at_the_lock_path_is_never_followed(
     channel = FileHaltChannel(path, lock_timeout=0.01)
 
     # A halt is never refused: it is written without the lock, and says why.
-    with caplog.at_level(logging.ERROR, logger="adapters.file_halt"):
+    with caplog.at_level(logging.ERROR, logger="adapters.halt.file"):
         assert channel.halt("storm") is True
     assert channel.read_state().halted
     assert any("symbolic link" in str(r.__dict__.get("problem")) for r in caplog.records)

@@ -16,11 +16,11 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
-from adapters.file_halt import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
-from adapters.halt_doc import SCHEMA
+from adapters.halt.document import SCHEMA
+from adapters.halt.file import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
 from kernel import DualChannelHaltChecker, HaltClearDeniedError, HaltSwitch
-from tests.test_cli import conclave
-from tests.test_halt_doc import contents, expected_reading
+from tests.support.cli import conclave
+from tests.support.halt_documents import contents, expected_reading
 
 DEEP = b'{"halted": true, "reason": "x", "history": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 DEEP_CLEAR = b'{"halted": false, "pad": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -1,6 +1,6 @@
 """Real LLM path: the openai SDK, through the trio-asyncio bridge, against a real server.
 
-The server (tests/fake_openai.py) listens on 127.0.0.1 and injects faults per agent;
+The server (tests/support/fake_openai.py) listens on 127.0.0.1 and injects faults per agent;
 nothing here patches the client.
 """
 
@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +24,9 @@ import trio_asyncio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapters.asyncio_bridge import AsyncioCancelledError, AsyncioOrchestratorBridge, _run
-from adapters.openai_chat import OpenAIChatOrchestrator
-from adapters.provider_budget import shared_budget
+from adapters.llm.bridge import AsyncioCancelledError, AsyncioOrchestratorBridge, _run
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
+from adapters.llm.provider_budget import shared_budget
 from adapters.roster import AgentProfile, Roster, RosterError
 from kernel import (
     AgentInvocationError,
@@ -43,10 +42,10 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import make_requests, time_halt
+from tests.support import ROOT
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import make_requests, time_halt
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST: dict[str, Any] = {"backoff_base_s": 0.001, "backoff_cap_s": 0.005, "timeout_s": 5.0}
 
 
@@ -682,7 +681,15 @@ def test_the_first_batch_builds_nothing_and_imports_nothing_on_the_loop() -> Non
     that tell the two apart are not robust on a loaded 2-core machine.
     """
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.loop_stall_probe", "--agents", "72", "--batches", "2"],
+        [
+            sys.executable,
+            "-m",
+            "tests.support.loop_stall_probe",
+            "--agents",
+            "72",
+            "--batches",
+            "2",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -9,7 +9,7 @@ from uuid import uuid4
 import pytest
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
+from adapters.llm.bridge import AsyncioOrchestratorBridge
 from kernel import (
     AgentOutput,
     ConcurrentDeliberationService,
@@ -18,7 +18,7 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
 )
-from tests.helpers import expect_halt, make_requests
+from tests.support.helpers import expect_halt, make_requests
 
 
 class SlowToUnwind:

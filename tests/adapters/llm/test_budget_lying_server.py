@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.openai_chat import OpenAIChatOrchestrator
-from adapters.provider_budget import EndpointBudget, ProviderLimits, shared_budget
-from adapters.ratelimit_headers import RateLimitHeaders
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
+from adapters.llm.provider_budget import EndpointBudget, ProviderLimits, shared_budget
+from adapters.llm.ratelimit_headers import RateLimitHeaders
 from kernel import ContextBundle
-from tests.fake_openai import FakeOpenAIServer
+from tests.support.fake_openai import FakeOpenAIServer
 
 CAP_S = 30.0
 

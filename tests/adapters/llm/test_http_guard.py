@@ -1,8 +1,8 @@
 """A hostile server cannot hang an agent, exhaust memory, or redirect a prompt elsewhere.
 
-Through the real path: :class:`~adapters.openai_chat.OpenAIChatOrchestrator` (whose
-HTTP client :mod:`adapters.http_guard` builds), the openai SDK and the trio-asyncio
-bridge, against the loopback server's hostile faults (tests/fake_openai.py).  Each
+Through the real path: :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator` (whose
+HTTP client :mod:`adapters.llm.http_guard` builds), the openai SDK and the trio-asyncio
+bridge, against the loopback server's hostile faults (tests/support/fake_openai.py).  Each
 mode must end in one clear failure per agent within ``timeout_s`` plus a margin that
 holds on a loaded machine, with the process's memory growth bounded.
 """
@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.http_guard import DEFAULT_MAX_RESPONSE_BYTES
-from adapters.openai_chat import OpenAIChatOrchestrator
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from kernel import AgentPool, ConcurrentDeliberationService, ConcurrentResult, HaltSwitch
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import PeakRss, make_requests
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import PeakRss, make_requests
 
 TIMEOUT_S = 2.0
 MARGIN_S = 5.0  # generous: a loaded 2-core machine

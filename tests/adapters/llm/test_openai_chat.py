@@ -3,7 +3,7 @@ is built once and shared; an answer too long or too deeply nested is that agent'
 failure, never the caller's crash.
 
 Through the real SDK and the trio-asyncio bridge against the loopback server in
-tests/fake_openai.py; nothing here patches the client.
+tests/support/fake_openai.py; nothing here patches the client.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.openai_chat import DEFAULT_MAX_CONTENT_CHARS, OpenAIChatOrchestrator, topic_message
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import (
+    DEFAULT_MAX_CONTENT_CHARS,
+    OpenAIChatOrchestrator,
+    topic_message,
+)
 from kernel import (
     MAX_TOPIC_BYTES,
     ConcurrentDeliberationService,
@@ -25,8 +29,8 @@ from kernel import (
     ContextBundle,
     InvalidRequestError,
 )
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import client_bytes, make_requests
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import client_bytes, make_requests
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.openai_chat import OpenAIChatOrchestrator, ProviderLimits, estimate_tokens
-from adapters.provider_budget import HEADROOM, EndpointBudget, Ticket, shared_budget
-from adapters.ratelimit_headers import RateLimitHeaders, parse_duration_s, retry_after_s
+from adapters.llm.openai_chat import OpenAIChatOrchestrator, ProviderLimits, estimate_tokens
+from adapters.llm.provider_budget import HEADROOM, EndpointBudget, Ticket, shared_budget
+from adapters.llm.ratelimit_headers import RateLimitHeaders, parse_duration_s, retry_after_s
 from kernel import InvalidRequestError
 
 
@@ -342,7 +342,7 @@ def test_one_budget_per_endpoint_and_key() -> None:
 
 
 def test_the_registry_never_holds_the_key_and_forgets_unused_budgets() -> None:
-    from adapters import provider_budget
+    from adapters.llm import provider_budget
 
     secret = "sk-do-not-keep-me"
     held = shared_budget("http://127.0.0.1:11/v1", secret)

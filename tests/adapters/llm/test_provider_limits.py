@@ -1,5 +1,5 @@
 """Provider rate limits over real HTTP: the openai SDK, through the bridge, against the
-loopback server in rate-limited mode (tests/fake_openai.py; nothing patches the client).
+loopback server in rate-limited mode (tests/support/fake_openai.py; nothing patches the client).
 
 The server's "minute" is a window of W = 1 s (time-scaled), and it enforces its limits
 per API key; each test uses a key of its own, so each gets a budget of its own.
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.openai_chat import OpenAIChatOrchestrator, ProviderLimits
-from adapters.provider_budget import HEADROOM, shared_budget
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import OpenAIChatOrchestrator, ProviderLimits
+from adapters.llm.provider_budget import HEADROOM, shared_budget
 from kernel import (
     AgentOutput,
     AgentPool,
@@ -29,9 +29,9 @@ from kernel import (
     FailureKind,
     HaltSwitch,
 )
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import make_requests, time_halt
-from tests.test_cli import conclave as run_cli
+from tests.support.cli import conclave as run_cli
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import make_requests, time_halt
 
 W = 1.0  # the server's window: its "minute"
 N = 120  # requests per window

@@ -26,9 +26,9 @@ from kernel import (
     InvalidRequestError,
     SharedCapacity,
 )
-from tests.helpers import ScriptedOrchestrator, Step, make_requests
-from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
-from tests.valkey_server import ValkeyServer, free_port
+from tests.support.helpers import ScriptedOrchestrator, Step, make_requests
+from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
+from tests.support.valkey_server import ValkeyServer, free_port
 
 Raw = coredis.Redis[bytes]
 

@@ -1,6 +1,6 @@
 """Several processes, one Valkey server, one loopback OpenAI-compatible server.
 
-Workers are real processes: ``conclave deliberate`` itself, or tests/valkey_worker.py
+Workers are real processes: ``conclave deliberate`` itself, or tests/support/valkey_worker.py
 (wired the same way, but it stays up for several batches and reports timings).  The
 loopback server runs in this process and counts what is in flight; its counters are the
 ground truth for FR10 across processes.  This process is also "a fourth process" that
@@ -26,12 +26,12 @@ import trio
 
 from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
 from kernel import AgentPoolExhaustedError
-from tests.fake_openai import FakeOpenAIServer
-from tests.valkey_server import ValkeyServer
+from tests.support import ROOT
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.valkey_server import ValkeyServer
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parent.parent
 APPROVERS = ["alice", "bob"]
 
 
@@ -92,7 +92,15 @@ def spawn() -> Iterator[Callable[[list[str]], Worker]]:
 
 
 def worker_argv(url: str, base_url: str, prefix: str, **options: object) -> list[str]:
-    argv = [sys.executable, "-m", "tests.valkey_worker", "--valkey", url, "--base-url", base_url]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.support.valkey_worker",
+        "--valkey",
+        url,
+        "--base-url",
+        base_url,
+    ]
     argv += ["--prefix", prefix]
     for option, value in options.items():
         argv += [f"--{option.replace('_', '-')}", str(value)]

@@ -14,7 +14,7 @@ from adapters.valkey._connection import (
     store_call,
 )
 from kernel import InvalidRequestError
-from tests.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
+from tests.support.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
 
 
 @pytest.mark.parametrize(

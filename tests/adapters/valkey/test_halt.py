@@ -33,9 +33,9 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
-from tests.valkey_server import ValkeyServer, free_port
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
+from tests.support.valkey_server import ValkeyServer, free_port
 
 APPROVERS = ["alice", "bob"]
 

@@ -12,7 +12,7 @@ import trio
 
 from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
 from kernel import AgentPoolExhaustedError, InvalidRequestError, SystemHaltedError
-from tests.valkey_server import ValkeyServer
+from tests.support.valkey_server import ValkeyServer
 
 
 def unique() -> str:

@@ -15,13 +15,12 @@ from uuid import uuid4
 import pytest
 import trio
 
-from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from adapters.stub import AgentOrchestratorStub
+from adapters.witness.sqlite import SqliteWitness, WitnessError, verify_log
 from kernel import AgentPool, ConcurrentDeliberationService, FailureKind, OutputWitness
-from tests.helpers import make_requests
-from tests.witness_helpers import make_log, run_sql
-
-ROOT = Path(__file__).parent.parent
+from tests.support import ROOT
+from tests.support.helpers import make_requests
+from tests.support.witness_helpers import make_log, run_sql
 
 
 async def _deliberate(witness: SqliteWitness, n: int = 72, **stub_kwargs: object) -> object:
@@ -153,10 +152,10 @@ async def test_failed_commit_is_a_witness_failure(tmp_path: Path) -> None:
 KILL_SCRIPT = """
 import sys, trio
 sys.path.insert(0, {root!r})
-from adapters.sqlite_witness import SqliteWitness
+from adapters.witness.sqlite import SqliteWitness
 from adapters.stub import AgentOrchestratorStub
 from kernel import ConcurrentDeliberationService
-from tests.helpers import make_requests
+from tests.support.helpers import make_requests
 
 async def main():
     witness = SqliteWitness(sys.argv[1])

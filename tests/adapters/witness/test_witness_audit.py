@@ -11,10 +11,10 @@ from uuid import uuid4
 import pytest
 import trio
 
-from adapters.sqlite_witness import SqliteWitness, VerifyReport, WitnessError, verify_log
+from adapters.witness.sqlite import SqliteWitness, VerifyReport, WitnessError, verify_log
 from kernel import AgentOutput, InvalidRequestError
-from tests.test_cli import conclave
-from tests.witness_helpers import make_log, run_sql
+from tests.support.cli import conclave
+from tests.support.witness_helpers import make_log, run_sql
 
 
 def _fingerprint(path: Path) -> dict[str, tuple[str, int] | None]:

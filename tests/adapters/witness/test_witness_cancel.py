@@ -17,8 +17,8 @@ from uuid import uuid4
 import pytest
 import trio
 
-from adapters.sqlite_witness import SqliteWitness, WitnessError, verify_log
 from adapters.stub import AgentOrchestratorStub
+from adapters.witness.sqlite import SqliteWitness, WitnessError, verify_log
 from kernel import (
     AgentOutput,
     CommitReceipt,
@@ -27,8 +27,8 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
-from tests.helpers import make_requests, time_halt
-from tests.witness_helpers import select
+from tests.support.helpers import make_requests, time_halt
+from tests.support.witness_helpers import select
 
 
 def _output(i: int) -> AgentOutput:

@@ -22,8 +22,8 @@ import pytest
 
 if importlib.util.find_spec("crewai") is None:
     raise RuntimeError(
-        "tests/crewai needs crewai: run them with `make test` (it builds .venv-crewai), "
-        "or install the project's crewai extra"
+        "tests/adapters/llm/crewai needs crewai: run them with `make test` (it builds "
+        ".venv-crewai), or install the project's crewai extra"
     )
 
 #: Off-machine network attempts (event, target), refused by the audit hook.
@@ -55,7 +55,7 @@ def _guard(event: str, args: tuple[Any, ...]) -> None:
         return
     if not _is_local(host):
         OFF_MACHINE.append((event, repr(host)))
-        raise OSError(f"tests/crewai: off-machine network refused ({event} {host!r})")
+        raise OSError(f"tests/adapters/llm/crewai: off-machine network refused ({event} {host!r})")
 
 
 sys.addaudithook(_guard)

@@ -1,4 +1,4 @@
-"""Run by tests/crewai in a fresh interpreter: CrewAI's *default* executor, cancelled
+"""Run by tests/adapters/llm/crewai in a fresh interpreter: CrewAI's *default* executor, cancelled
 mid-request, under plain asyncio; writes a JSON report to OUT (not stdout: CrewAI's
 event-bus threads may still be printing their panels there).
 
@@ -6,7 +6,7 @@ What it shows (crewai 1.15): ``Agent.aexecute_task`` runs its LLM call with the
 synchronous OpenAI client in a worker thread, so cancelling the asyncio task leaves that
 thread in the client and the request open until the client's own timeout.
 
-Usage: python -m tests.crewai.stock_executor_probe OUT
+Usage: python -m tests.adapters.llm.crewai.stock_executor_probe OUT
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.crewai import disable_telemetry
-from tests.fake_openai import FakeOpenAIServer
+from adapters.llm.crewai import disable_telemetry
+from tests.support.fake_openai import FakeOpenAIServer
 
 
 async def cancel_mid_request(server: FakeOpenAIServer) -> dict[str, Any]:
     from crewai import LLM, Agent, Task
 
-    from tests.crewai.conftest import threads_running_llm_code
+    from tests.adapters.llm.crewai.conftest import threads_running_llm_code
 
     llm = LLM(
         model="fake-model",

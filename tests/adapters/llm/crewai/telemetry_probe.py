@@ -1,10 +1,10 @@
-"""Run by tests/crewai in a fresh interpreter: one deliberation with a default
+"""Run by tests/adapters/llm/crewai in a fresh interpreter: one deliberation with a default
 CrewAIOrchestrator against ``base_url``; writes a JSON report to OUT: what CrewAI's
 telemetry did, what reached beyond 127.0.0.1, and which modules the first batch imported
 on the event loop (set-up belongs to the entry).  It prints nothing itself: whatever is on
 its stdout, CrewAI printed.
 
-Usage: python -m tests.crewai.telemetry_probe BASE_URL OUT [--telemetry]
+Usage: python -m tests.adapters.llm.crewai.telemetry_probe BASE_URL OUT [--telemetry]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def main(base_url: str, out: Path, telemetry: bool) -> None:
     sys.addaudithook(_guard)
     import trio
 
-    from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-    from adapters.crewai import TELEMETRY_OFF, CrewAIOrchestrator
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.crewai import TELEMETRY_OFF, CrewAIOrchestrator
     from adapters.roster import Roster
     from kernel import ConcurrentDeliberationService, ContextBundle
 

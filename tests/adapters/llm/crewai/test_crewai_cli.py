@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_openai import FakeOpenAIServer
+from tests.support import ROOT
+from tests.support.fake_openai import FakeOpenAIServer
 
-ROOT = Path(__file__).resolve().parents[2]
 ARCHONS = ROOT / "examples" / "archons-sample.json"
 
 

@@ -1,7 +1,7 @@
 """Real CrewAI agents through the trio-asyncio bridge against the loopback server.
 
 Nothing here mocks crewai or the openai client: every agent is a crewai ``Agent`` running
-a crewai ``Task``, every request crosses real HTTP to tests/fake_openai.py, which injects
+a crewai ``Task``, every request crosses real HTTP to tests/support/fake_openai.py, which injects
 the faults and counts what is in flight and who went away.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import trio
 
-from adapters.asyncio_bridge import AsyncioOrchestratorBridge
-from adapters.crewai import TELEMETRY_OFF, CrewAIOrchestrator
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.crewai import TELEMETRY_OFF, CrewAIOrchestrator
 from adapters.roster import AgentProfile, Roster
 from kernel import (
     MAX_TOPIC_BYTES,
@@ -36,11 +36,11 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
 )
-from tests.crewai.conftest import threads_running_llm_code
-from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import PeakRss, client_bytes, expect_halt
+from tests.adapters.llm.crewai.conftest import threads_running_llm_code
+from tests.support import ROOT
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import PeakRss, client_bytes, expect_halt
 
-ROOT = Path(__file__).resolve().parents[2]
 ARCHONS = ROOT / "examples" / "archons-sample.json"
 FAST: dict[str, Any] = {"backoff_base_s": 0.001, "backoff_cap_s": 0.005, "timeout_s": 5.0}
 TOPIC = ContextBundle("budget-7", "Adopt the budget?", {"session": "42"})
@@ -499,11 +499,19 @@ async def test_telemetry_true_leaves_crewai_as_it_is(
 def run_probe(
     server: FakeOpenAIServer, out: Path, *flags: str
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """tests/crewai/telemetry_probe.py in a fresh interpreter without CrewAI's switches."""
+    """telemetry_probe.py (beside this module) in a fresh interpreter without CrewAI's
+    switches."""
     env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
     env.pop("CONCLAVE_CREWAI_TESTS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.crewai.telemetry_probe", server.base_url, str(out), *flags],
+        [
+            sys.executable,
+            "-m",
+            "tests.adapters.llm.crewai.telemetry_probe",
+            server.base_url,
+            str(out),
+            *flags,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -553,12 +561,12 @@ def test_crewais_stock_executor_leaves_the_request_open_in_a_thread(tmp_path: Pa
     cancelling the agent's asyncio task returns while a worker thread is still in the
     synchronous client and the request is still open, until the client's own timeout.
 
-    In a fresh interpreter (tests/crewai/stock_executor_probe.py): CrewAI's flow machinery
-    starts event-bus threads that would outlive the test.
+    In a fresh interpreter (stock_executor_probe.py, beside this module): CrewAI's flow
+    machinery starts event-bus threads that would outlive the test.
     """
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.crewai.stock_executor_probe", str(out)],
+        [sys.executable, "-m", "tests.adapters.llm.crewai.stock_executor_probe", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -576,7 +584,7 @@ def test_crewais_stock_executor_leaves_the_request_open_in_a_thread(tmp_path: Pa
 def test_a_crewai_validation_error_is_described_without_its_input() -> None:
     from pydantic import BaseModel, ValidationError
 
-    from adapters._crewai_agents import describe_error
+    from adapters.llm._crewai_agents import describe_error
 
     class Vote(BaseModel):
         count: int

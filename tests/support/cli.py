@@ -1,0 +1,49 @@
+"""The ``conclave`` command as a user runs it: a subprocess in the repository root."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from tests.support import ROOT
+
+CONCLAVE = [sys.executable, "-m", "adapters.cli"]
+
+
+def conclave(
+    *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``conclave *args`` to the end (``env``: the whole environment, if given)."""
+    return subprocess.run(
+        [*CONCLAVE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+
+
+@contextlib.contextmanager
+def deliberating(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``conclave deliberate *args``, once it says it is deliberating.  Inside the block,
+    ``proc.communicate()`` collects its output; on the way out it is killed, whatever
+    happened."""
+    with subprocess.Popen(
+        [*CONCLAVE, "deliberate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert "deliberating with" in line, line
+            yield proc
+        finally:
+            proc.kill()
+
+
+def halt_from_cli(halt_file: Path, reason: str) -> None:
+    """``conclave halt`` from another process; it must succeed."""
+    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", reason)
+    assert proc.returncode == 0, proc.stderr
