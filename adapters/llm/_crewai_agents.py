@@ -36,7 +36,6 @@ import contextlib
 import importlib
 import logging
 import os
-import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -59,7 +58,13 @@ from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from adapters.llm.http_guard import guarded_client, refusal_in
-from adapters.llm.openai_chat import classify_failure
+from adapters.llm.policy import (
+    MAX_QUOTED_CHARS,
+    Backoff,
+    RetryPolicy,
+    classify_failure,
+    malformed,
+)
 from adapters.llm.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
 
@@ -68,7 +73,6 @@ __all__ = [
     "CouncilAgent",
     "AsyncOnlyOpenAI",
     "AsyncioAgentExecutor",
-    "RetryPolicy",
     "UsageMetrics",
     "build_agent",
     "describe_error",
@@ -80,8 +84,6 @@ __all__ = [
     "agent_http_client",
     "warm_up",
 ]
-
-_MAX_SERVER_MESSAGE = 200
 
 
 class AsyncOnlyOpenAI(OpenAICompletion):
@@ -101,25 +103,6 @@ class AsyncOnlyOpenAI(OpenAICompletion):
         )
 
 
-class RetryPolicy:
-    """When to retry one LLM call, and after how long (decorrelated jitter)."""
-
-    def __init__(
-        self,
-        *,
-        max_retries: int,
-        backoff_base_s: float,
-        backoff_cap_s: float,
-        retry_after_cap_s: float,
-        seed: int | None,
-    ) -> None:
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.retry_after_cap_s = retry_after_cap_s
-        self.rng = random.Random(seed)
-
-
 class AgentRun:
     """One invocation of one agent: what names it in errors, and its attempts so far."""
 
@@ -129,7 +112,7 @@ class AgentRun:
         self.policy = policy
         self.attempts = 0
         self._api_key = api_key
-        self._sleep_s = policy.backoff_base_s
+        self._backoff: Backoff = policy.backoff()
 
     def retry_delay(self, exc: BaseException) -> float | AgentInvocationError:
         """Seconds to wait before the next attempt after ``exc``, or the error that ends
@@ -152,13 +135,9 @@ class AgentRun:
             failure = classify_failure(error, self.where, self._api_key)
         if failure is None:
             if isinstance(error, openai.APIResponseValidationError) or _is_json_error(exc):
-                return AgentInvocationError(
-                    f"{self.where}: malformed response (not a chat completion)"
-                )
+                return malformed(self.where, "not a chat completion")
             if isinstance(exc, RecursionError) or isinstance(error, RecursionError):
-                return AgentInvocationError(
-                    f"{self.where}: malformed response (JSON nested too deeply)"
-                )
+                return malformed(self.where, "JSON nested too deeply")
             described = describe_error(exc).replace(self._api_key, "***")
             return AgentInvocationError(f"{self.where}: CrewAI error: {described}")
         what, throttled, final = failure
@@ -167,15 +146,12 @@ class AgentRun:
         retry_after: float | None = None
         if throttled and isinstance(error, openai.APIStatusError):
             retry_after = retry_after_s(error.response.headers)
-        if self.attempts > self.policy.max_retries:
-            return AgentInvocationError(f"{self.where}: {what} after {self.attempts} attempt(s)")
-        policy = self.policy
-        self._sleep_s = min(
-            policy.backoff_cap_s, policy.rng.uniform(policy.backoff_base_s, self._sleep_s * 3)
-        )
-        if retry_after is not None:
-            self._sleep_s = min(max(self._sleep_s, retry_after), policy.retry_after_cap_s)
-        return self._sleep_s
+        if self.policy.exhausted(self.attempts):
+            return self.policy.gave_up(self.where, what, self.attempts)
+        sleep_s = self._backoff.next_s()
+        if throttled:
+            return self.policy.throttled_wait_s(sleep_s, retry_after)
+        return sleep_s
 
 
 class AsyncioAgentExecutor(AgentExecutor):
@@ -527,5 +503,5 @@ def describe_error(exc: BaseException) -> str:
     (pydantic quotes the input, which may be a prompt or an answer)."""
     if isinstance(exc, ValidationError):
         return f"{type(exc).__name__} ({exc.error_count()} error(s))"
-    text = " ".join(str(exc).split())[:_MAX_SERVER_MESSAGE]
+    text = " ".join(str(exc).split())[:MAX_QUOTED_CHARS]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

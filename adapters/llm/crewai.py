@@ -65,21 +65,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
 from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES
-from adapters.llm.openai_chat import (
-    AGENT_HEADER,
-    DEFAULT_MAX_CONTENT_CHARS,
+from adapters.llm.openai_chat import AGENT_HEADER, DEFAULT_MAX_CONTENT_CHARS, encode_agent_header
+from adapters.llm.policy import (
     KEYLESS,
-    encode_agent_header,
+    RetryPolicy,
+    describe_agent,
+    over_content_cap,
+    system_prompt_for,
     topic_message,
 )
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
-from kernel.validate import check_int, check_number, check_seconds
+from kernel.validate import check_int, check_seconds
 
 if TYPE_CHECKING:
     from crewai import Agent
 
-    from adapters.llm._crewai_agents import AsyncOnlyOpenAI, RetryPolicy
+    from adapters.llm._crewai_agents import AsyncOnlyOpenAI
 
 __all__ = ["DEFAULT_EXPECTED_OUTPUT", "TELEMETRY_OFF", "CrewAIOrchestrator", "disable_telemetry"]
 
@@ -211,11 +213,18 @@ class CrewAIOrchestrator:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.telemetry = telemetry
-        self.max_retries = check_int(max_retries, "max_retries", at_least=0)
-        self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
-        self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
-        self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
-        self.seed = None if seed is None else check_int(seed, "seed")
+        self._retry = RetryPolicy(
+            max_retries=max_retries,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+            retry_after_cap_s=retry_after_cap_s,
+            seed=seed,
+        )
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.retry_after_cap_s = retry_after_cap_s
+        self.seed = seed
         self.expected_output = expected_output
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
@@ -250,13 +259,7 @@ class CrewAIOrchestrator:
                 disable_telemetry()
             from adapters.llm import _crewai_agents as crew  # imports crewai: seconds
 
-            policy = crew.RetryPolicy(
-                max_retries=self.max_retries,
-                backoff_base_s=self.backoff_base_s,
-                backoff_cap_s=self.backoff_cap_s,
-                retry_after_cap_s=self.retry_after_cap_s,
-                seed=self.seed,
-            )
+            policy = self._retry
             quiet = contextlib.ExitStack()  # first: nothing of CrewAI's is heard from here on
             try:
                 quiet.enter_context(crew.quiet_root_logger())
@@ -287,6 +290,9 @@ class CrewAIOrchestrator:
         if profile.max_tokens or self.max_tokens:
             settings["max_tokens"] = profile.max_tokens or self.max_tokens
         role = profile.role or profile.name
+        system_prompt = profile.system_prompt and system_prompt_for(
+            profile.system_prompt, agent_id=profile.agent_id, name=profile.name
+        )
 
         def runner() -> _Runner:
             llm = crew.AsyncOnlyOpenAI(
@@ -305,12 +311,12 @@ class CrewAIOrchestrator:
                 role=role,
                 goal=profile.goal or _DEFAULT_GOAL,
                 backstory=profile.backstory or _DEFAULT_BACKSTORY,
-                system_prompt=profile.system_prompt,
+                system_prompt=system_prompt,
                 llm=llm,
             )
             return _Runner(agent, llm)
 
-        where = f"agent {profile.agent_id!r} (CrewAI, {model} at {base_url})"
+        where = describe_agent(profile.agent_id, model, base_url, framework="CrewAI")
         runners = [runner() for _ in range(_RUNNERS_PER_MEMBER)]
         return _Member(runners, model, where, role)
 
@@ -391,10 +397,7 @@ class CrewAIOrchestrator:
             described = crew.describe_error(exc).replace(self._api_key, "***")
             raise AgentInvocationError(f"{member.where}: CrewAI error: {described}") from None
         if len(content) > self.max_content_chars:
-            raise AgentInvocationError(
-                f"{member.where}: answer over the {self.max_content_chars}-character cap "
-                "(max_content_chars)"
-            )
+            raise over_content_cap(member.where, self.max_content_chars)
         usage = runner.llm.get_token_usage_summary().delta_since(before)
         metadata: dict[str, str | int | float] = {
             "framework": "crewai",

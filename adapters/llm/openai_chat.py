@@ -9,7 +9,8 @@ connection errors, 5xx, and 429 (see below).  Failures it
 does not retry: other 4xx (a bad key, a bad request, an unknown model), a 429 that says
 the account is out of quota (``insufficient_quota``: no wait brings it back), malformed
 responses, a response over a cap or a redirect (below), and a request that cannot be
-encoded (:func:`classify_failure`, which the CrewAI orchestrator shares).  Every failure
+encoded (:mod:`adapters.llm.policy`, the LLM-call policy the CrewAI orchestrator
+shares).  Every failure
 is an :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never
 the API key, the prompt or the content.
 
@@ -56,17 +57,28 @@ import importlib
 import logging
 import math
 import os
-import random
 import threading
 import time
-import weakref
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote, unquote
 from uuid import uuid4
 
 import openai
 
 from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
+from adapters.llm.policy import (
+    DEFAULT_SYSTEM_PROMPT,
+    KEYLESS,
+    AttemptFailure,
+    RetryPolicy,
+    classify_failure,
+    describe_agent,
+    malformed,
+    over_content_cap,
+    rate_limited,
+    system_prompt_for,
+    topic_message,
+)
 from adapters.llm.provider_budget import (
     EndpointBudget,
     LimitStats,
@@ -98,13 +110,6 @@ __all__ = [
 
 log = logging.getLogger("adapters.llm.openai_chat")
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are {name}, one member of a deliberative council. Read the topic and give "
-    "your position on it in a few sentences: what you recommend and why."
-)
-#: The key sent when there is none: local servers (Ollama, llama.cpp) ignore it.
-KEYLESS = "sk-no-key-required"  # local servers (Ollama, llama.cpp) ignore the key
-_MAX_SERVER_MESSAGE = 200
 
 #: The request header that names the agent (its value: :func:`encode_agent_header`).
 AGENT_HEADER = "X-Conclave-Agent"
@@ -135,97 +140,6 @@ def encode_agent_header(agent_id: str) -> str:
 def decode_agent_header(value: str) -> str:
     """The agent id an ``X-Conclave-Agent`` value carries (inverse of the encoding)."""
     return unquote(value, encoding="utf-8", errors="strict")
-
-
-def server_message(exc: openai.APIStatusError, api_key: str) -> str:
-    """What a server said in an error answer, fit for an error message: short, in
-    parentheses, and never the key (providers echo part of it, in auth errors above all)."""
-    if exc.status_code in (401, 403):
-        return "(authentication failed: check the API key)"
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body)
-    text = error.get("message") if isinstance(error, dict) else None
-    text = str(text or exc.response.reason_phrase or "")
-    if api_key and api_key != KEYLESS:
-        text = text.replace(api_key, "***")
-    return f"({text[:_MAX_SERVER_MESSAGE]})" if text else ""
-
-
-def out_of_quota(exc: openai.APIStatusError) -> bool:
-    """Whether an error answer says the account is out of quota: OpenAI answers HTTP 429
-    with the error code (and type) ``insufficient_quota``, which is not a rate limit."""
-    if exc.status_code != 429:
-        return False
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body)  # the SDK unwraps "error"; a proxy may not
-    fields = [exc.code, getattr(exc, "type", None)]
-    if isinstance(error, dict):
-        fields += [error.get("code"), error.get("type")]
-    return "insufficient_quota" in fields
-
-
-def rate_limited(exc: openai.APIStatusError) -> bool:
-    """Whether an error answer is a rate limit: a 429 that is not an exhausted quota."""
-    return exc.status_code == 429 and not out_of_quota(exc)
-
-
-class AttemptFailure(NamedTuple):
-    """What one failed attempt was: ``what`` (for the retry log and the last error),
-    whether it was a rate limit (``throttled``: the endpoint then pauses, not just this
-    agent), and ``final``, the error that ends the invocation at once when no retry would
-    help (None: worth another attempt).  The error is returned, not raised, so that the
-    caller raises it outside its ``except`` block: chained to the failed attempt, it would
-    keep that attempt's response (up to a body's cap) alive."""
-
-    what: str
-    throttled: bool = False
-    final: AgentInvocationError | None = None
-
-
-def classify_failure(exc: BaseException, where: str, api_key: str) -> AttemptFailure | None:
-    """The one classification of a failed chat-completion attempt, for every orchestrator.
-
-    Worth another attempt: timeouts, connection failures, HTTP 408, 5xx, and a rate-limit
-    429 (``throttled``).  Final (an error naming ``where`` and the status, never the key):
-    a response the HTTP client refused (over a cap, a redirect: the same again next
-    time), every other status, a 429 out of quota, a request that cannot be encoded, and
-    a malformed response.  None: an error this does not know (the caller decides).
-    """
-    if isinstance(exc, openai.APIConnectionError):  # an APITimeoutError is one too
-        refused = refusal_in(exc)
-        if refused is not None:
-            return AttemptFailure("refused", final=_final(f"{where}: {refused}"))
-        timed_out = isinstance(exc, openai.APITimeoutError)
-        return AttemptFailure("timed out" if timed_out else "connection failed")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        what = f"HTTP {status}"
-        if out_of_quota(exc):
-            said = server_message(exc, api_key)
-            return AttemptFailure(
-                what, final=_final(f"{where}: {what}: the account is out of quota {said}")
-            )
-        # 408 is the server's own request timeout: a timeout, so retried.
-        if status not in (408, 429) and status < 500:
-            said = server_message(exc, api_key)
-            return AttemptFailure(what, final=_final(f"{where}: {what} {said}"))
-        return AttemptFailure(what, throttled=status == 429)
-    if isinstance(exc, UnicodeEncodeError):  # before ValueError: it is one
-        # Something of ours (a header: the API key?) is not encodable: the request never
-        # left, and no retry will change that.
-        why = f"cannot encode the request ({type(exc).__name__} in {exc.encoding})"
-        return AttemptFailure("unencodable", final=_final(f"{where}: {why}"))
-    if isinstance(exc, openai.APIResponseValidationError | ValueError):
-        why = f"malformed response ({type(exc).__name__}: invalid JSON)"
-        return AttemptFailure("malformed", final=AgentInvocationError(f"{where}: {why}"))
-    if isinstance(exc, RecursionError):
-        why = "malformed response (JSON nested too deeply)"
-        return AttemptFailure("malformed", final=AgentInvocationError(f"{where}: {why}"))
-    return None
-
-
-def _final(message: str) -> AgentInvocationError:
-    return AgentInvocationError(f"{message}; not retried")
 
 
 def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> int:
@@ -303,8 +217,6 @@ class OpenAIChatOrchestrator:
             raise InvalidRequestError("model must be a non-empty string")
         if roster is not None and not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidRequestError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise InvalidRequestError("api_key must be a non-empty string or None")
         if limits is not None and not isinstance(limits, ProviderLimits):
@@ -323,15 +235,21 @@ class OpenAIChatOrchestrator:
         self.model = model
         self.roster = roster
         self.timeout_s = check_number(timeout_s, "timeout_s", above=0)
+        self._retry = RetryPolicy(
+            max_retries=max_retries,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+            retry_after_cap_s=retry_after_cap_s,
+            seed=seed,
+        )
         self.max_retries = max_retries
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.backoff_base_s = check_number(backoff_base_s, "backoff_base_s", at_least=0)
-        self.backoff_cap_s = check_number(backoff_cap_s, "backoff_cap_s", at_least=0)
-        self.retry_after_cap_s = check_number(retry_after_cap_s, "retry_after_cap_s", at_least=0)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.retry_after_cap_s = retry_after_cap_s
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
-        self._rng = random.Random(None if seed is None else check_int(seed, "seed"))
         self.limits = limits
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
@@ -486,11 +404,8 @@ class OpenAIChatOrchestrator:
         timeout_s = profile.timeout_s or self.timeout_s
         temperature = profile.temperature if profile.temperature is not None else self.temperature
         max_tokens = profile.max_tokens or self.max_tokens
-        # Plain replacement, not str.format: a prompt may hold braces of its own (JSON).
-        system = (
-            (profile.system_prompt or self.system_prompt)
-            .replace("{name}", profile.name)
-            .replace("{agent_id}", agent_id)
+        system = system_prompt_for(
+            profile.system_prompt or self.system_prompt, agent_id=agent_id, name=profile.name
         )
         request: dict[str, Any] = {
             "model": model,
@@ -511,11 +426,11 @@ class OpenAIChatOrchestrator:
         client = self._client(base_url)
         budget = self._budget(base_url)
         tokens = estimate_tokens(request["messages"], max_tokens)
-        where = f"agent {agent_id!r} ({model} at {base_url})"
+        where = describe_agent(agent_id, model, base_url)
         started = time.perf_counter()
         attempts = 0
         waited_s = 0.0
-        sleep_s = self.backoff_base_s
+        backoff = self._retry.backoff()
         while True:
             attempts += 1
             # Every attempt, retries included, waits for its turn in the shared budget.
@@ -535,14 +450,14 @@ class OpenAIChatOrchestrator:
             # failed attempt alive (its traceback's frames hold up to a body's cap).
             if final is not None:
                 raise final
-            if attempts > self.max_retries:
-                raise AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)")
-            sleep_s = min(self.backoff_cap_s, self._rng.uniform(self.backoff_base_s, sleep_s * 3))
+            if self._retry.exhausted(attempts):
+                raise self._retry.gave_up(where, what, attempts)
+            sleep_s = backoff.next_s()
             if throttled:
                 # The whole endpoint waits: for the server's reset if it gave one (done
                 # by the budget), else for our backoff.  Our next turn comes after it.
                 if not outcome.paused:
-                    budget.pause(min(sleep_s, self.retry_after_cap_s))
+                    budget.pause(self._retry.throttled_wait_s(sleep_s, None))
                 delay_s = 0.0
             else:
                 delay_s = sleep_s
@@ -608,20 +523,17 @@ class OpenAIChatOrchestrator:
     ) -> AgentOutput:
         choices = getattr(completion, "choices", None)
         if not isinstance(choices, list):
-            raise AgentInvocationError(f"{where}: malformed response (not a chat completion)")
+            raise malformed(where, "not a chat completion")
         if not choices:
-            raise AgentInvocationError(f"{where}: malformed response (no choices)")
+            raise malformed(where, "no choices")
         message = getattr(choices[0], "message", None)
         content = getattr(message, "content", None)
         if not isinstance(content, str):
             refusal = getattr(message, "refusal", None)
             why = "refused" if refusal else "null content"
-            raise AgentInvocationError(f"{where}: malformed response ({why})")
+            raise malformed(where, why)
         if len(content) > self.max_content_chars:
-            raise AgentInvocationError(
-                f"{where}: answer over the {self.max_content_chars}-character cap "
-                "(max_content_chars)"
-            )
+            raise over_content_cap(where, self.max_content_chars)
         usage = getattr(completion, "usage", None)
         metadata: dict[str, str | int | float] = {
             "model": str(getattr(completion, "model", None) or model),
@@ -657,41 +569,3 @@ def _never_connected(exc: BaseException) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
-
-
-# Each topic's message, built on its first agent's request and shared by every later one
-# (of any orchestrator) while the topic lives: a topic may be 1 MiB, and one copy per
-# agent was 72 of them.
-_topic_messages: weakref.WeakKeyDictionary[ContextBundle, str] = weakref.WeakKeyDictionary()
-_topic_messages_lock = threading.Lock()
-
-
-def topic_message(context: ContextBundle) -> str:
-    """What an agent is asked: the topic, then its metadata as a short list::
-
-        Topic motion-7:
-
-        Adopt the budget?
-
-        Context:
-        - session: 42
-
-    Built once per topic (per equal :class:`~kernel.ContextBundle`) and shared.
-    """
-    try:
-        with _topic_messages_lock:
-            message = _topic_messages.get(context)
-            if message is None:
-                message = _topic_message(context)
-                _topic_messages[context] = message
-            return message
-    except TypeError:  # a subclass that cannot be hashed or weakly referenced: not shared
-        return _topic_message(context)
-
-
-def _topic_message(context: ContextBundle) -> str:
-    message = f"Topic {context.topic_id}:\n\n{context.topic_content}"
-    if context.metadata:
-        lines = (f"- {key}: {value}" for key, value in sorted(context.metadata.items()))
-        message += "\n\nContext:\n" + "\n".join(lines)
-    return message

@@ -30,6 +30,7 @@ from adapters.roster import (
 from adapters.urls import redact_url
 from kernel import AgentNotFoundError, AgentRequest, ContextBundle, InvalidRequestError
 from tests.support import ROOT
+from tests.support.hostile_parts import HUGE
 from tests.support.url_secrets import SECRET_LETTERS, SecretURL, urls_with_a_secret
 
 DATA = ROOT / "tests" / "data"
@@ -321,7 +322,7 @@ def test_error_messages_stay_short_whatever_the_value() -> None:
 def test_any_agent_id_is_refused_at_load_or_round_trips_through_the_header(agent_id: str) -> None:
     """Every id either fails to load (RosterError) or can be carried by the header.
 
-    The end-to-end half (the real SDK and server) is in tests/test_llm_bridge.py.
+    The end-to-end half (the real SDK and server) is in tests/adapters/llm/test_bridge.py.
     """
     try:
         roster = Roster.from_dict({"agents": [{"agent_id": agent_id}]})
@@ -458,3 +459,10 @@ def test_more_agents_than_the_limit_are_refused_before_any_is_built(key: str) ->
 
 def test_a_roster_of_exactly_the_agent_limit_loads() -> None:
     assert len(Roster.default(MAX_ROSTER_AGENTS)) == MAX_ROSTER_AGENTS
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "max_tokens"])
+def test_a_roster_number_too_large_for_a_float_is_a_roster_error(field: str) -> None:
+    """Guards against: ``OverflowError`` out of ``Roster.from_dict`` / ``Roster.load``."""
+    with pytest.raises(RosterError, match=f"field '{field}'"):
+        Roster.from_dict({"agents": [{"agent_id": "a", field: HUGE}]})

@@ -7,19 +7,23 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pexpect
 import pytest
 
+from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.hostile_parts import HUGE
 from tests.support.url_secrets import SECRET, assert_never_shown
 from tests.support.witness_helpers import run_sql
 
@@ -33,47 +37,6 @@ def test_deliberate_72_agents_prints_summary() -> None:
     assert re.search(r"failed\s+0\b", out)
     assert "ideal 20.0 ms" in out
     assert re.search(r"pool after\s+0 active, 72/72 free", out)
-
-
-def test_failures_exit_1_and_transcript_schema(tmp_path: Path) -> None:
-    transcript = tmp_path / "run.json"
-    proc = conclave(
-        "deliberate",
-        "--latency-ms",
-        "5",
-        "--fail-rate",
-        "0.25",
-        "--seed",
-        "3",
-        "--json",
-        str(transcript),
-        "--include-content",
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert re.search(r"failed\s+18 \(error 18\)", proc.stdout)
-    doc = json.loads(transcript.read_text())
-    assert doc["schema"] == "conclave.transcript/1"
-    assert doc["status"] == "completed" and doc["halt_reason"] is None
-    assert doc["counts"] == {"total": 72, "succeeded": 54, "failed": 18, "by_kind": {"error": 18}}
-    assert doc["pool_after"] == {"active_count": 0, "available_count": 72, "max_concurrent": 72}
-    outcomes = doc["outcomes"]
-    assert [o["agent_id"] for o in outcomes] == [f"archon-{i}" for i in range(1, 73)]
-    for o in outcomes:
-        assert o["status"] in ("completed", "failed") and o["request_id"]
-        if o["status"] == "completed":
-            assert len(o["content_hash"]) == 64 and o["content"].startswith("[DEV MODE]")
-            assert o["output_id"] and o["generated_at"]
-        else:
-            assert o["kind"] == "error" and o["error_type"] and o["message"]
-            assert o["elapsed_ms"] >= 0
-    assert len(doc["topic"]["content_sha256"]) == 64
-
-
-def test_transcript_holds_hashes_not_content_by_default(tmp_path: Path) -> None:
-    transcript = tmp_path / "run.json"
-    proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--json", str(transcript))
-    assert proc.returncode == 0
-    assert "[DEV MODE]" not in transcript.read_text()
 
 
 def test_oversize_batch_is_refused_with_fr10() -> None:
@@ -130,73 +93,6 @@ def test_a_roster_file_over_the_size_cap_is_a_usage_error_naming_the_cap(tmp_pat
         f"conclave: {roster}: roster file of 25,600,001 bytes; "
         "at most 25,600,000 (100,000 agents x 256)\n"
     )
-
-
-def test_halt_clear_status_commands(tmp_path: Path) -> None:
-    halt_file = tmp_path / "halt.json"
-    assert conclave("status", "--halt-file", str(halt_file)).stdout.startswith("not halted")
-    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", "quorum lost")
-    assert proc.returncode == 0 and "halted: quorum lost" in proc.stdout
-    proc = conclave("halt", "--halt-file", str(halt_file), "--reason", "again")
-    assert "already halted: quorum lost" in proc.stdout
-    status = conclave("status", "--halt-file", str(halt_file))
-    assert status.returncode == 3 and status.stdout.startswith("HALTED: quorum lost")
-    # a halted system refuses to start
-    proc = conclave("deliberate", "--halt-file", str(halt_file), "--latency-ms", "1")
-    assert proc.returncode == 3 and "halted before starting: quorum lost" in proc.stderr
-    proc = conclave(
-        "clear",
-        "--halt-file",
-        str(halt_file),
-        "--approver",
-        "alice",
-        "--approver",
-        "bob",
-        "--reason",
-        "quorum restored",
-    )
-    assert proc.returncode == 0 and "cleared" in proc.stdout
-    status = conclave("status", "--halt-file", str(halt_file))
-    assert status.returncode == 0
-    assert "clear by alice, bob: quorum restored" in status.stdout
-
-
-def test_a_halt_file_whose_directory_does_not_exist_is_refused_unless_created(
-    tmp_path: Path,
-) -> None:
-    """A mistyped --halt-file would be a halt nobody watches (or a council watching a
-    file nobody writes): every command refuses it, exit 2, creating nothing; halt and
-    deliberate make the directory with --create."""
-    typo = tmp_path / "typo" / "x" / "halt.json"
-    both = ["--approver", "alice", "--approver", "bob"]
-    refused = {
-        "halt": conclave("halt", "--halt-file", str(typo), "--reason", "r"),
-        "clear": conclave("clear", "--halt-file", str(typo), *both, "--reason", "r"),
-        "status": conclave("status", "--halt-file", str(typo)),
-        "deliberate": conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1"),
-    }
-    for command, proc in refused.items():
-        assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout)
-        assert proc.stderr.startswith(f"conclave: --halt-file {typo}: {typo.parent} does not ")
-        assert len(proc.stderr.splitlines()) == 1
-        assert ("--create makes it" in proc.stderr) == (command in ("halt", "deliberate"))
-    assert not (tmp_path / "typo").exists()
-
-    created = conclave("halt", "--halt-file", str(typo), "--create", "--reason", "audit")
-    assert created.returncode == 0 and created.stdout == "halted: audit\n"
-    run = conclave("deliberate", "--halt-file", str(typo), "--latency-ms", "1", "--quiet")
-    assert run.returncode == 3 and "halted before starting: audit" in run.stderr
-    watched = tmp_path / "new" / "halt.json"
-    run = conclave("deliberate", "--halt-file", str(watched), "--create", "--agents", "2")
-    assert run.returncode == 0 and watched.parent.is_dir() and not watched.exists()
-
-    not_a_directory = tmp_path / "file"  # it exists: the channel's to report (halted)
-    not_a_directory.write_text("")
-    proc = conclave("halt", "--halt-file", str(not_a_directory / "h"), "--create", "--reason", "r")
-    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    assert not_a_directory.read_text() == ""
-    proc = conclave("halt", "--valkey", "redis://127.0.0.1:1", "--create", "--reason", "r")
-    assert proc.returncode == 2 and "--create goes with --halt-file" in proc.stderr
 
 
 def test_halt_from_another_process_stops_a_running_deliberation(tmp_path: Path) -> None:
@@ -441,3 +337,357 @@ def test_log_level_shows_structured_logs_without_content() -> None:
     assert all("failure_kind=error" in line and "batch_id=" in line for line in failed)
     assert "batch finished" in proc.stderr
     assert "deliberated in" not in proc.stderr  # the stub's answers never reach the logs
+
+
+def test_the_cli_refuses_such_a_roster_in_one_line(tmp_path: Path) -> None:
+    """Guards against: a traceback (``OverflowError``), exit 1."""
+    roster = tmp_path / "big.json"
+    roster.write_text(json.dumps({"agents": [{"agent_id": "a", "timeout_s": HUGE}]}))
+    proc = conclave("deliberate", "--roster", str(roster), "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert "field 'timeout_s'" in proc.stderr and proc.stdout == ""
+
+
+def test_a_quorum_larger_than_the_council_is_refused_before_anything_is_opened(
+    tmp_path: Path,
+) -> None:
+    """Guards against: refused by the kernel only after the run had started: "deliberating with 5
+    agents" printed, the witness log created (and, with --backend openai, the server
+    probed), the error not naming the flag."""
+    witness = tmp_path / "w.db"
+    proc = conclave(
+        "deliberate", "--agents", "5", "--quorum", "6", "--latency-ms", "1",
+        "--witness-db", str(witness),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "conclave: --quorum 6: quorum must be between 1 and the batch size (5), got 6"
+    ]
+    assert proc.stdout == ""
+    assert not witness.exists()
+
+
+def test_ctrl_c_while_a_busy_server_is_probed_stops_at_once(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    """Guards against: the first Ctrl-C was only a halt for the batch to come, so the CLI sat out
+    the reachability probe (up to --timeout, 60 s by default: measured 20.4 s with --timeout 20),
+    said it was "deliberating", and only then stopped."""
+    llm_server.models_fault = "hang"
+    proc = subprocess.Popen(
+        [
+            *CONCLAVE, "deliberate", "--backend", "openai", "--base-url", llm_server.base_url,
+            "--model", "m", "--timeout", "60", "--agents", "2",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert llm_server.wait_for(lambda s: s.requests_total >= 1, 30)  # the probe is out
+        proc.send_signal(signal.SIGINT)
+        t_signal = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        stopped_after = time.monotonic() - t_signal
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stdout == ""
+    assert stderr.splitlines() == ["conclave: halted before starting: operator interrupt (SIGINT)"]
+    assert stopped_after < 10.0  # interpreter exit; before: the whole --timeout
+    assert llm_server.wait_for(lambda s: s.disconnects >= 1, 10)  # the probe was closed
+
+
+def test_the_cli_reports_such_answers_instead_of_crashing(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """Guards against: a ``UnicodeEncodeError`` traceback after the run (exit 1): no summary, no
+    transcript."""
+    llm_server.default = ("content", "bad \ud800 answer")
+    transcript = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url, "--model", "m",
+        "--agents", "2", "--json", str(transcript), "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "0/2 succeeded, 2 failed (error 2)" in proc.stdout
+    assert json.loads(transcript.read_text())["status"] == "completed"
+
+
+# -------------------------------------- council size, a busy or dead server, a halt already raised
+
+
+def test_absurd_agent_count_is_refused_at_once_with_fr10() -> None:
+    t0 = time.monotonic()
+    proc = conclave("deliberate", "--agents", "99999999999999999999", timeout=30)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "conclave: FR10: agent pool exhausted: 0 active + 99999999999999999999 requested > 72\n"
+    )
+    assert proc.stdout == ""
+    assert elapsed < 5.0  # interpreter start only; before: never returned
+
+
+def test_a_million_agents_is_refused_before_anything_is_built() -> None:
+    t0 = time.monotonic()
+    proc = conclave("deliberate", "--agents", "1000000", timeout=30)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2
+    assert "FR10: agent pool exhausted: 0 active + 1000000 requested > 72" in proc.stderr
+    assert elapsed < 5.0  # before: ~10 s and 555 MB building the council first
+
+
+@pytest.mark.parametrize("extra", [["--overflow", "queue"], ["--sequential"]])
+def test_unbounded_modes_cap_the_council(extra: list[str]) -> None:
+    proc = conclave("deliberate", "--agents", "99999999999999999999", *extra, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "conclave: --agents 99999999999999999999: at most 100000 agents in one run\n"
+    )
+
+
+def test_the_cap_holds_even_when_the_capacity_is_larger() -> None:
+    proc = conclave("deliberate", "--agents", "200000", "--capacity", "300000", timeout=30)
+    assert proc.returncode == 2
+    assert "at most 100000 agents in one run" in proc.stderr
+
+
+def test_oversize_roster_is_refused_before_the_server_is_probed(tmp_path: Path) -> None:
+    roster = tmp_path / "council.json"
+    agents = [{"agent_id": f"a{i}"} for i in range(5)]
+    roster.write_text(json.dumps({"agents": agents}))
+    proc = conclave(
+        "deliberate",
+        "--roster",
+        str(roster),
+        "--capacity",
+        "4",
+        "--backend",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",  # nothing listens: a probe would say "cannot reach"
+        "--model",
+        "m",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "conclave: FR10: agent pool exhausted: 0 active + 5 requested > 4\n"
+
+
+def test_a_halt_is_still_checked_before_the_council_size(tmp_path: Path) -> None:
+    """The kernel's order: a halted system refuses everything, even an oversize batch."""
+    halt_file = tmp_path / "halt.json"
+    halt_from_cli(halt_file, "r")
+    proc = conclave("deliberate", "--agents", "73", "--halt-file", str(halt_file))
+    assert proc.returncode == 3 and "halted before starting: r" in proc.stderr
+
+
+# ---------------------------------------------------------------- a busy or dead server
+
+
+def _openai(base_url: str, *args: str) -> list[str]:
+    return ["deliberate", "--backend", "openai", "--base-url", base_url, "--model", "m", *args]
+
+
+@pytest.fixture
+def two_agents(tmp_path: Path) -> Path:
+    roster = tmp_path / "council.toml"
+    roster.write_text('[[agents]]\nagent_id = "alpha"\n[[agents]]\nagent_id = "beta"\n')
+    return roster
+
+
+def test_busy_server_is_not_unreachable(llm_server: FakeOpenAIServer, two_agents: Path) -> None:
+    """llama.cpp answers /v1/models only between generations: silence there is "busy"."""
+    llm_server.models_fault = "hang"
+    t0 = time.monotonic()
+    proc = conclave(*_openai(llm_server.base_url, "--roster", str(two_agents), "--timeout", "1"))
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"succeeded\s+2\b", proc.stdout)
+    busy = [line for line in proc.stderr.splitlines() if "busy" in line]
+    assert busy == [
+        f"conclave: warning: {llm_server.base_url} did not answer within 1 s; "
+        "assuming it is busy and going on"
+    ]
+    assert llm_server.attempts["alpha"] == llm_server.attempts["beta"] == 1
+    # The probe waited --timeout (1 s), not a fixed 5 s.
+    assert elapsed < 4.5
+
+
+@pytest.mark.slow
+def test_probe_waits_as_long_as_timeout_allows(
+    llm_server: FakeOpenAIServer, two_agents: Path
+) -> None:
+    """A /models answer after 5.5 s is an answer when --timeout allows 30 s: no warning."""
+    llm_server.models_fault = ("latency", 5.5)
+    proc = conclave(
+        *_openai(llm_server.base_url, "--roster", str(two_agents), "--timeout", "30", "--quiet")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "busy" not in proc.stderr
+    assert llm_server.answered == 3  # the probe and both agents
+
+
+def test_refused_connection_is_unreachable() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = conclave(*_openai(f"http://127.0.0.1:{port}/v1"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"conclave: cannot reach http://127.0.0.1:{port}/v1")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A listening port whose accept queue is full: new connections are never set up."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        filler = socket.create_connection(("127.0.0.1", port))
+        try:
+            yield port
+        finally:
+            filler.close()
+
+
+def test_connection_never_set_up_is_unreachable(full_backlog: int) -> None:
+    """A timeout while connecting is "no route", not "busy": a busy server still connects."""
+    url = f"http://127.0.0.1:{full_backlog}/v1"
+    proc = conclave(*_openai(url, "--timeout", "1"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"conclave: cannot reach {url}")
+
+
+def test_halt_is_checked_before_reachability(tmp_path: Path) -> None:
+    halt_file = tmp_path / "halt.json"
+    halt_from_cli(halt_file, "r")
+    proc = conclave(*_openai("http://127.0.0.1:9/v1", "--halt-file", str(halt_file)))
+    assert proc.returncode == 3, proc.stderr
+    assert "halted before starting: r" in proc.stderr
+    assert "cannot reach" not in proc.stderr
+
+
+# ---------------------------------------------------------------- a hostile server
+
+
+@pytest.mark.parametrize(
+    ("fault", "endings"),
+    [
+        # The request's deadline and the agent's are both --timeout: either ends it.
+        (("trickle", 0.5), ("agent exceeded its timeout of 2 s", "timed out after 1 attempt(s)")),
+        (
+            ("gzip_bomb", 2**30),
+            ("over the 8388608-byte cap inflated (max_response_bytes); not retried",),
+        ),
+    ],
+)
+def test_a_hostile_server_fails_each_agent_within_the_timeout(
+    llm_server: FakeOpenAIServer,
+    two_agents: Path,
+    tmp_path: Path,
+    fault: object,
+    endings: tuple[str, ...],
+) -> None:
+    llm_server.default = fault
+    llm_server.models_fault = fault  # the probe too
+    transcript = tmp_path / "run.json"
+    t0 = time.monotonic()
+    proc = conclave(
+        *_openai(llm_server.base_url, "--roster", str(two_agents), "--timeout", "2"),
+        "--quiet",
+        "--json",
+        str(transcript),
+        timeout=60,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    assert "0/2 succeeded, 2 failed" in proc.stdout, proc.stdout
+    # The probe (2 s at most) and the batch (2 s at most), plus interpreter start-up.
+    assert elapsed < 4 + 8
+    doc = json.loads(transcript.read_text())
+    assert all(o["message"].endswith(endings) for o in doc["outcomes"]), doc["outcomes"]
+
+
+def test_a_halt_written_while_the_probe_hangs_stops_it_at_once(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    llm_server.models_fault = ("trickle", 0.5)  # the probe never completes (--timeout 600)
+    halt_file = tmp_path / "halt.json"
+    with subprocess.Popen(
+        [
+            *CONCLAVE,
+            *_openai(llm_server.base_url, "--timeout", "600", "--halt-file", str(halt_file)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            assert llm_server.wait_for(lambda s: s.requests_total >= 1, 30)  # probing
+            halt_from_cli(halt_file, "stop the probe")
+            t_halt = time.monotonic()
+            _, stderr = proc.communicate(timeout=30)
+            stopped_after = time.monotonic() - t_halt
+        finally:
+            proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "halted before starting: stop the probe" in stderr
+    assert stopped_after < 5.0  # polled every 50 ms; the rest is interpreter exit
+    assert llm_server.wait_for(lambda s: s.disconnects >= 1)  # the probe's request closed
+
+
+def test_every_agent_has_a_finite_timeout_by_default() -> None:
+    parser = build_parser()
+    default = agent_timeout(parser.parse_args(["deliberate", "--backend", "openai"]))
+    assert default == DEFAULT_AGENT_TIMEOUT_S == 300.0
+    # Every attempt of the orchestrator's defaults fits: 4 x 60 s, 3 backoffs of <= 8 s.
+    assert default > 4 * 60 + 3 * 8
+    assert agent_timeout(parser.parse_args(["deliberate", "--timeout", "7.5"])) == 7.5
+
+
+# ----------------------------------------------- tail control: --deadline, --quorum, --hedge-after
+
+
+def test_quorum_and_hedging_are_reported_in_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    proc = conclave(
+        "deliberate",
+        "--latency-profile", "lognormal", "--latency-ms", "20", "--seed", "3",
+        "--hedge-after", "0.05", "--quorum", "60", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # the 12 cancelled were not needed
+    assert "succeeded   60" in proc.stdout
+    assert "cancelled   12 not needed (quorum reached)" in proc.stdout
+    assert "agents got a duplicate call" in proc.stdout
+    outcomes = json.loads(out.read_text())["outcomes"]
+    assert sum(o.get("kind") == "cancelled" for o in outcomes) == 12
+
+
+def test_deadline_turns_stragglers_into_timeouts() -> None:
+    proc = conclave(
+        "deliberate", "--latency-ms", "500", "--jitter-ms", "0", "--agents", "5",
+        "--deadline", "0.1", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "0/5 succeeded, 5 failed (timeout 5)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sequential", "--quorum", "2"], "--sequential and --quorum do not mix"),
+        (["--sequential", "--hedge-after", "1"], "--sequential and --hedge-after do not mix"),
+        (["--quorum", "100"], "quorum must be between 1 and the batch size (72), got 100"),
+        (["--hedge-after", "soon"], "--hedge-after"),
+        (["--deadline", "0"], "--deadline"),
+        (["--latency-profile", "pareto"], "--latency-profile"),
+        (["--hedge-budget", "2"], "--hedge-budget"),
+    ],
+)
+def test_bad_tail_flags_are_one_line_and_exit_2(flags: list[str], message: str) -> None:
+    proc = conclave("deliberate", "--quiet", *flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

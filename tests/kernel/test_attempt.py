@@ -320,7 +320,7 @@ class ConvertsCancel:
 async def test_agents_cut_by_a_halt_are_halted_even_if_they_turn_it_into_an_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Was: the cut agents were ``ERROR``s, reported to ``on_progress`` as "failed" after
+    """Guards against: the cut agents were ``ERROR``s, reported to ``on_progress`` as "failed" after
     the halt, and since every request then had an outcome the halted batch *returned
     normally*: no ``SystemHaltedError``.  (A timeout already kept its meaning.)"""
     switch = HaltSwitch()
@@ -353,7 +353,7 @@ async def test_agents_cut_by_a_quorum_or_deadline_keep_that_meaning_if_they_rais
     kind: FailureKind,
     message: str,
 ) -> None:
-    """Was: ``ERROR`` ("connection aborted") instead of ``CANCELLED`` / ``TIMEOUT``."""
+    """Guards against: ``ERROR`` ("connection aborted") instead of ``CANCELLED`` / ``TIMEOUT``."""
     service = ConcurrentDeliberationService(ConvertsCancel())
     result = await service.invoke_concurrent(make_requests(4), **tail)
     assert result.success_count == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import pytest
 import trio
@@ -17,8 +18,17 @@ from kernel import (
     HaltRecord,
     HaltSwitch,
     InvalidRequestError,
+    SystemHaltedError,
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import (
+    GarbageChannel,
+    HangingChecker,
+    RaisingProbe,
+    SwallowsCancel,
+    assert_pool_clean,
+    raised_with_halt_at,
+)
 
 
 class Channel:
@@ -173,3 +183,93 @@ async def test_service_halts_on_the_secondary_channel(
     assert err.reason == "channel halt"
     assert err.partial is not None and err.partial.failure_count == 72
     assert trio.current_time() <= 1.05 + 1e-9
+
+
+async def test_a_halted_channel_with_a_reason_that_is_not_text_still_halts_a_dual_checker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Guards against: the dual checker only counted ``str`` reasons as halted, so a channel saying
+    halted with ``b"maintenance"`` read as clear: the batch started and its agents ran."""
+    garbage: Any = GarbageChannel(True, b"maintenance")
+    dual = DualChannelHaltChecker(HaltSwitch(), garbage)
+    assert await dual.is_halted()
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, dual)
+    with pytest.raises(SystemHaltedError) as caught:
+        await service.invoke_concurrent(make_requests(3))
+    assert caught.value.partial is None and orchestrator.invoked == []
+    assert isinstance(caught.value.reason, str) and caught.value.reason.strip()
+
+
+async def test_a_dual_checker_lets_the_reads_decide_when_one_channels_probe_raises(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Guards against: the probe's ``OSError`` escaped the batch.  In a dual checker a channel that
+    raises lets the other decide, so a broken probe is "not known", and the reads (both
+    clear here) decide; the switch still halts the batch at once."""
+    switch = HaltSwitch()
+    dual = DualChannelHaltChecker(switch, RaisingProbe())
+    orchestrator = ScriptedOrchestrator(default=Step(1.0))
+    service = ConcurrentDeliberationService(orchestrator, dual)
+    result = await service.invoke_concurrent(make_requests(3))
+    assert result.success_count == 3
+    assert dual.read_errors["secondary"] > 0
+
+    call = service.invoke_concurrent(make_requests(3, prefix="b"))
+    raised = await raised_with_halt_at(0.5, switch, call)
+    assert isinstance(raised, SystemHaltedError) and raised.reason == "operator"
+    assert_pool_clean(service)
+
+
+async def test_dual_checker_halts_on_either_channel_without_waiting_for_a_hung_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    switch.halt("switch says stop")
+    for dual in (
+        DualChannelHaltChecker(switch, HangingChecker()),
+        DualChannelHaltChecker(HangingChecker(), switch),
+    ):
+        t0 = trio.current_time()
+        assert await dual.get_halt_reason() == "switch says stop"
+        assert trio.current_time() == t0  # not a moment spent on the hung channel
+
+
+async def test_dual_switch_halt_stops_a_batch_while_the_other_channel_hangs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    dual = DualChannelHaltChecker(switch, HangingChecker(answers=1), read_timeout=30.0)
+    service = ConcurrentDeliberationService(SwallowsCancel(latency=60.0), dual)
+
+    async def trigger() -> None:
+        await trio.sleep(0.5)
+        switch.halt("operator stop")
+
+    t0 = trio.current_time()
+    exc = await expect_halt(lambda: service.invoke_concurrent(make_requests(72)), trigger)
+    assert exc.reason == "operator stop"
+    assert trio.current_time() - t0 == pytest.approx(0.5)
+
+
+async def test_dual_both_clear_is_clear_and_a_hung_channel_is_halted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    assert not await DualChannelHaltChecker(HaltSwitch(), HaltSwitch()).is_halted()
+    dual = DualChannelHaltChecker(HaltSwitch(), HangingChecker(), read_timeout=1.0)
+    assert (
+        await dual.get_halt_reason() == "halt channel did not answer within 1 s; treated as halted"
+    )
+
+
+def test_dual_checker_forwards_listeners_to_every_channel_that_has_them() -> None:
+    first, second = HaltSwitch(), HaltSwitch()
+    dual = DualChannelHaltChecker(first, HangingChecker())
+    heard: list[str] = []
+    unregister = dual.on_halt(heard.append)
+    first.halt("one")
+    unregister()
+    second.halt("not listened to")
+    assert heard == ["one"]
+    both = DualChannelHaltChecker(HaltSwitch(), second)
+    assert both.on_halt(heard.append) is not None

@@ -4,7 +4,13 @@ import pytest
 import trio
 import trio.testing
 
-from kernel import HaltChecker, HaltClearDeniedError, HaltSwitch, HaltWaiter, InvalidRequestError
+from kernel import (
+    HaltChecker,
+    HaltClearDeniedError,
+    HaltSwitch,
+    HaltWaiter,
+    InvalidRequestError,
+)
 
 
 async def test_halt_is_sticky_and_first_reason_wins() -> None:
@@ -88,3 +94,20 @@ def test_halt_needs_a_reason() -> None:
     with pytest.raises(InvalidRequestError):
         switch.halt(None)  # type: ignore[arg-type]
     assert not switch.halted
+
+
+def test_switch_calls_listeners_inside_halt_and_survives_a_broken_one() -> None:
+    switch = HaltSwitch()
+    heard: list[str] = []
+
+    def broken(reason: str) -> None:
+        raise RuntimeError("listener broke")
+
+    switch.on_halt(broken)
+    unregister = switch.on_halt(heard.append)
+    assert switch.halt("now") and heard == ["now"]
+    switch.clear(approvers=["a", "b"], reason="resume")
+    unregister()
+    unregister()  # twice is harmless
+    switch.halt("again")
+    assert heard == ["now"]

@@ -144,7 +144,7 @@ def test_halt_read_timeout_is_validated() -> None:
 async def test_a_channel_whose_is_halted_is_not_a_bool_counts_as_halted(
     autojump_clock: trio.testing.MockClock, answer: object
 ) -> None:
-    """Was: a falsy non-bool (a forgotten ``return``: None) read as "not halted"."""
+    """Guards against: a falsy non-bool (a forgotten ``return``: None) read as "not halted"."""
     orchestrator = ScriptedOrchestrator(default=Step(1.0))
     garbage: Any = GarbageChannel(answer)
     service = ConcurrentDeliberationService(orchestrator, garbage)
@@ -175,7 +175,7 @@ class StrayCancelChannel:
 async def test_a_stray_cancelled_from_the_halt_read_at_batch_start_is_a_halt(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Was: the bare ``trio.Cancelled`` escaped ``invoke_concurrent`` (no outcome, no
+    """Guards against: the bare ``trio.Cancelled`` escaped ``invoke_concurrent`` (no outcome, no
     halt), though a channel that raises counts as halted."""
     orchestrator = ScriptedOrchestrator(default=Step(1.0))
     service = ConcurrentDeliberationService(orchestrator, StrayCancelChannel(0))
@@ -189,7 +189,7 @@ async def test_a_stray_cancelled_from_the_halt_read_at_batch_start_is_a_halt(
 async def test_a_stray_cancelled_from_the_halt_watcher_halts_the_batch(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Was: the watcher's stray Cancelled cancelled every agent and the batch *returned*
+    """Guards against: the watcher's stray Cancelled cancelled every agent and the batch *returned*
     normally, each agent ``CANCELLED`` "not needed: quorum of None reached" (no quorum
     was asked for): a misbehaving halt channel read as a finished batch."""
     orchestrator = ScriptedOrchestrator(default=Step(1.0))
@@ -214,7 +214,7 @@ class RaisingNotifier(ClearChannel):
 async def test_a_channel_whose_probe_or_listener_raises_halts_instead_of_crashing(
     autojump_clock: trio.testing.MockClock, channel: type
 ) -> None:
-    """Was: the ``OSError`` escaped ``invoke_concurrent``, no outcome, no halt; a channel
+    """Guards against: the ``OSError`` escaped ``invoke_concurrent``, no outcome, no halt; a channel
     that raises counts as halted (CT-11: any doubt is a halt)."""
     orchestrator = ScriptedOrchestrator(default=Step(1.0))
     service = ConcurrentDeliberationService(orchestrator, channel())
@@ -249,7 +249,7 @@ class AsyncNotifier(ClearChannel):
 def test_a_channel_with_an_async_probe_or_listener_is_refused_when_wired(
     channel: type, method: str
 ) -> None:
-    """Was: accepted; an async ``halted_now`` then halted *every* batch with "halted (no
+    """Guards against: accepted; an async ``halted_now`` then halted *every* batch with "halted (no
     reason given)" (a coroutine is truthy) and leaked an un-awaited coroutine; an async
     ``on_halt`` never listened.  The protocols say synchronous: refuse it at once."""
     orchestrator = ScriptedOrchestrator()
@@ -272,7 +272,7 @@ class HaltedWithoutReason:
 async def test_a_channel_that_says_halted_but_cannot_say_why_is_halted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Was: the failed reason read turned the whole read into a failure, and in a dual
+    """Guards against: the failed reason read turned the whole read into a failure, and in a dual
     checker a failed read "lets the other channel decide": the halt was lost, and the
     batch ran to completion."""
     dual = DualChannelHaltChecker(HaltSwitch(), HaltedWithoutReason())

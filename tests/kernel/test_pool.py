@@ -1,6 +1,9 @@
-"""AgentPool: atomic admission, the limiter it shares, and a model-based stateful test."""
+"""AgentPool: atomic admission, the limiter it shares, a model-based stateful test, and
+a SharedCapacity (FR10 across processes, against the in-memory model of the contract)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import attrs
 import pytest
@@ -14,10 +17,18 @@ from kernel import (
     AgentBusyError,
     AgentPool,
     AgentPoolExhaustedError,
+    ConcurrentDeliberationService,
+    FailureKind,
+    HaltSwitch,
+    HedgePolicy,
     InvalidRequestError,
+    LeaseLossNotifier,
     PoolStatistics,
     PoolStatus,
+    SharedCapacity,
 )
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.model_capacity import ModelCapacity
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "72", True, None])
@@ -208,3 +219,233 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# ---------------------------------------- with a shared capacity (FR10 across processes)
+
+
+def test_the_model_is_a_shared_capacity_and_bad_ones_are_refused() -> None:
+    assert isinstance(ModelCapacity(3), SharedCapacity)
+    assert isinstance(ModelCapacity(3), LeaseLossNotifier)
+    with pytest.raises(InvalidRequestError, match="SharedCapacity"):
+        AgentPool(5, shared=object())  # type: ignore[arg-type]
+
+
+async def test_reject_mode_is_all_or_nothing_across_pools(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(5)
+    first, second = AgentPool(5, shared=shared), AgentPool(5, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    one = ConcurrentDeliberationService(orch, pool=first)
+    two = ConcurrentDeliberationService(orch, pool=second)
+    result: list[object] = []
+
+    async def run_first() -> None:
+        result.append(await one.invoke_concurrent(make_requests(3, prefix="a")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.status().as_dict() == {
+            "active_count": 3,
+            "available_count": 2,
+            "max_concurrent": 5,
+            "shared_capacity": 5,
+            "shared_in_use": 3,
+        }
+        # Locally the second pool is empty; the cluster has 2 left: 3 are refused whole.
+        with pytest.raises(AgentPoolExhaustedError, match="shared capacity exhausted"):
+            await two.invoke_concurrent(make_requests(3, prefix="b"))
+        assert second.active_count == 0 and second.available_count == 5
+        assert len(shared.held) == 3
+        assert [a for a in orch.invoked if a.startswith("b")] == []
+        assert two.metrics.snapshot().pool_exhaustion_errors == 1
+    assert shared.held == set() and shared.max_held == 3
+
+
+async def test_queue_mode_drains_everything_fifo_within_the_shared_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(4)
+    pools = [AgentPool(72, shared=shared) for _ in range(3)]
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    results = []
+
+    async def run(i: int) -> None:
+        service = ConcurrentDeliberationService(orch, pool=pools[i])
+        results.append(
+            await service.invoke_concurrent(make_requests(6, prefix=f"p{i}"), overflow="queue")
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(run, i)
+    assert [r.success_count for r in results] == [6, 6, 6]
+    assert orch.max_in_flight == 4 and shared.max_held == 4
+    assert shared.held == set() and not shared.waiting
+    assert all(p.active_count == 0 and p.available_count == 72 for p in pools)
+
+
+async def test_an_unreachable_shared_capacity_refuses_admission_and_takes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(72)
+    shared.down = True
+    pool = AgentPool(shared=shared)
+    orch = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    for overflow in ("reject", "queue"):
+        with pytest.raises(AgentPoolExhaustedError, match="unreachable"):
+            await service.invoke_concurrent(make_requests(3), overflow=overflow)
+        assert pool.active_count == 0 and pool.available_count == 72
+        assert not pool.queued_agents
+    assert orch.invoked == []
+    assert pool.status().shared_in_use is None
+
+
+async def test_sync_admission_is_refused_on_a_shared_pool() -> None:
+    pool = AgentPool(shared=ModelCapacity(72))
+    with pytest.raises(InvalidRequestError, match=r"async with pool\.admit"):
+        pool.acquire("a")
+    with pytest.raises(InvalidRequestError, match=r"async with pool\.admit"):
+        pool.try_acquire_batch(["a", "b"])
+    assert pool.active_count == 0
+
+
+async def test_a_halt_while_queued_for_the_cluster_gives_everything_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(2)
+    switch = HaltSwitch()
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, switch, pool)
+
+    async def trigger() -> None:
+        await trio.sleep(1.0)
+        assert len(shared.waiting) == 1  # the feeder waits for the cluster, FIFO
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(5), overflow="queue"), trigger
+    )
+    assert exc.partial is not None and exc.partial.total_count == 5
+    assert shared.held == set() and not shared.waiting
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_hedges_take_a_shared_lease_or_none(autojump_clock: trio.testing.MockClock) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    result = await service.invoke_concurrent(
+        make_requests(2), hedge=HedgePolicy(delay=1.0, budget=1.0)
+    )
+    # Locally there is room for 70 more calls; the cluster has one: one hedge.
+    assert len(result.hedged_agents) == 1 and shared.max_held == 3
+    assert shared.held == set() and pool.available_count == 72
+
+
+async def test_a_shared_capacity_lost_mid_batch_fails_the_unstarted_and_keeps_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(2)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_the_server() -> None:
+        await trio.sleep(1.5)  # two agents done, two running, the fifth queued for a lease
+        shared.down = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_the_server)
+        result = await service.invoke_concurrent(make_requests(6), overflow="queue")
+    # The fifth was already waiting in the queue and got its lease; the sixth asks a server
+    # that is gone.
+    assert result.success_count == 5 and result.total_count == 6
+    assert [f.agent_id for f in result.failures] == ["archon-6"]
+    assert all(
+        "unreachable" in f.message and f.message.startswith("not started") for f in result.failures
+    )
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_a_lost_lease_stops_its_agent_with_an_error_and_the_rest_run_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_one() -> None:
+        await trio.sleep(1.0)
+        assert len(shared.listeners) == 1  # the pool listens while it holds leases
+        shared.lose(shared.taken[1])  # archon-2's (reject mode takes them in order)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_one)
+        result = await service.invoke_concurrent(make_requests(3))
+    # Exactly one outcome each: the agent on the lost lease stopped at once, with the reason.
+    assert result.total_count == 3 and result.success_count == 2
+    [failure] = result.failures
+    assert failure.agent_id == "archon-2" and failure.kind is FailureKind.ERROR
+    assert failure.message == "shared capacity lease lost: not renewed within lease_s"
+    assert failure.elapsed_ms == pytest.approx(1000.0)
+    assert orch.cancelled == ["archon-2"]
+    assert pool.active_count == 0 and pool.available_count == 72 and shared.held == set()
+    assert shared.listeners == []  # and stops listening once it holds none
+
+
+async def test_a_lost_lease_before_its_agent_starts_fails_it_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    requests = make_requests(2)
+    async with pool.admit([r.agent_id for r in requests]) as admission:
+        assert admission.slots[0].lease is not None
+        shared.lose(admission.slots[0].lease)
+        assert admission.slots[0].lost == "not renewed within lease_s"
+    # The service's own path: the agent on a lease lost before it starts is never invoked.
+
+    class LosingFirst(ModelCapacity):
+        async def reserve(self, leases: Sequence[str]) -> None:
+            await super().reserve(leases)
+            self.lose(leases[0])
+
+    losing = LosingFirst(3)
+    service = ConcurrentDeliberationService(orch, pool=AgentPool(72, shared=losing))
+    result = await service.invoke_concurrent(requests)
+    assert result.success_count == 1 and orch.invoked == ["archon-2"]
+    [failure] = result.failures
+    assert failure.message == "not started: shared capacity lease lost: not renewed within lease_s"
+    assert losing.held == set() and losing.listeners == []
+
+
+async def test_a_hedge_whose_lease_is_lost_is_dropped_and_the_first_call_stands(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+
+    async def lose_the_hedge() -> None:
+        await trio.sleep(2.0)  # the hedge started at 1.0
+        assert len(shared.taken) == 2
+        shared.lose(shared.taken[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lose_the_hedge)
+        result = await service.invoke_concurrent(
+            make_requests(1), hedge=HedgePolicy(delay=1.0, budget=1.0)
+        )
+    assert result.success_count == 1 and result.outputs[0].agent_id == "archon-1"
+    assert result.total_ms == pytest.approx(10_000.0)  # the first call's own answer
+    assert shared.held == set() and pool.available_count == 72 and shared.listeners == []

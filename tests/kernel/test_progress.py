@@ -128,8 +128,8 @@ class _AsyncGenCall:
 async def test_an_on_progress_that_would_never_run_is_refused(
     autojump_clock: trio.testing.MockClock, on_progress: Any
 ) -> None:
-    """Was: accepted, and silently never run (its call only builds a generator): the
-    case issue 9 fixed for ``async def``, one ``yield`` away."""
+    """Guards against: accepted, and silently never run (its call only builds a
+    generator): the ``async def`` case, one ``yield`` away."""
     orchestrator = ScriptedOrchestrator()
     service = ConcurrentDeliberationService(orchestrator)
     with pytest.raises(InvalidRequestError, match="on_progress"):

@@ -30,7 +30,12 @@ from tests.support.helpers import (
     make_context,
     make_requests,
 )
-from tests.support.hostile_parts import TEN_MINUTES, halt_after
+from tests.support.hostile_parts import (
+    HUGE,
+    TEN_MINUTES,
+    assert_pool_clean,
+    halt_after,
+)
 
 # ------------------------------------------------------------------ outcomes
 
@@ -239,3 +244,25 @@ async def test_clear_lets_the_service_run_again(
     halt.clear(approvers={"alice", "bob"}, reason="maintenance done")
     result = await service.invoke_concurrent(make_requests(1))
     assert isinstance(result.outputs[0], AgentOutput)
+
+
+@pytest.mark.parametrize(
+    ("tail", "name"),
+    [
+        ({"deadline": HUGE}, "deadline"),
+        ({"quorum": 10**5000}, "quorum"),  # past Python's int-to-text limit
+        ({"quorum": -(10**5000)}, "quorum"),
+        ({"agent_timeout": -(10**5000)}, "agent_timeout"),
+    ],
+)
+async def test_huge_ints_for_a_batch_are_refused_before_anything_runs(
+    autojump_clock: trio.testing.MockClock, tail: dict[str, Any], name: str
+) -> None:
+    """Guards against: ``OverflowError``, or ``ValueError: Exceeds the limit (4300 digits) for
+    integer string conversion`` from formatting the error message itself."""
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orchestrator)
+    with pytest.raises(InvalidRequestError, match=name):
+        await service.invoke_concurrent(make_requests(2), **tail)
+    assert orchestrator.invoked == []
+    assert_pool_clean(service)

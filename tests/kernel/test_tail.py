@@ -1,4 +1,4 @@
-"""Tail control on the virtual clock: batch deadline, quorum and hedged calls (issue 11)."""
+"""Tail control on the virtual clock: batch deadline, quorum and hedged calls."""
 
 from __future__ import annotations
 
@@ -567,3 +567,39 @@ async def test_observed_delay_waits_for_enough_samples_then_uses_the_quantile(
     result = await service.invoke_concurrent(make_requests(2, prefix="c"), hedge=policy)
     assert result.hedged_agents == ("c-1",)
     assert trio.current_time() - t0 == pytest.approx(1.5)
+
+
+class HedgeAnswersInTheSameRound:
+    """Each agent's first call answers at t=10 and, just before returning, releases its
+    hedge, which then answers without another checkpoint: both calls finish in the same
+    scheduling round, the first call first."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.first_done: dict[str, trio.Event] = {}
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        call = self.calls.get(agent_id, 0)
+        self.calls[agent_id] = call + 1
+        done = self.first_done.setdefault(agent_id, trio.Event())
+        if call == 0:
+            await trio.sleep(10.0)
+            done.set()
+        else:
+            await done.wait()
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content=f"call {call}")
+
+
+async def test_hedges_won_counts_only_hedges_whose_answer_is_the_agents(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Guards against: a hedge that answered in the same round as the first call, after it, was
+    counted as won although the first call's output was the one released."""
+    service = ConcurrentDeliberationService(HedgeAnswersInTheSameRound())
+    hedge = HedgePolicy(delay=5.0, budget=1.0)
+    result = await service.invoke_concurrent(make_requests(3), hedge=hedge)
+    assert [o.content for o in result.outputs] == ["call 0"] * 3
+    assert len(result.hedged_agents) == 3
+    snapshot = service.metrics.snapshot()
+    assert snapshot.hedges_launched == 3
+    assert snapshot.hedges_won == 0

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
-from kernel import InvalidRequestError
+from kernel import (
+    ConcurrentDeliberationService,
+    DualChannelHaltChecker,
+    HaltSwitch,
+    HedgePolicy,
+    InvalidRequestError,
+)
 from kernel.validate import check_int, check_number, check_seconds, check_text
+from tests.support.helpers import ScriptedOrchestrator
+from tests.support.hostile_parts import HUGE
 
 
 @pytest.mark.parametrize(
@@ -39,3 +48,23 @@ def test_good_values_come_back_normalised() -> None:
     for blank in ("", "   ", None):
         with pytest.raises(InvalidRequestError):
             check_text(blank, "agent_id")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: check_number(HUGE, "x"),
+        lambda: check_seconds(HUGE, "x"),
+        lambda: HedgePolicy(delay=HUGE),
+        lambda: HedgePolicy(budget=HUGE),
+        lambda: HedgePolicy(quantile=-HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), agent_timeout=HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), halt_read_timeout=HUGE),
+        lambda: ConcurrentDeliberationService(ScriptedOrchestrator(), deadline=HUGE),
+        lambda: DualChannelHaltChecker(HaltSwitch(), HaltSwitch(), read_timeout=HUGE),
+    ],
+)
+def test_an_int_too_large_for_a_float_is_invalid_input(build: Callable[[], object]) -> None:
+    """Guards against: ``OverflowError: int too large to convert to float`` out of every check."""
+    with pytest.raises(InvalidRequestError, match="too large"):
+        build()

@@ -18,6 +18,9 @@ from kernel import (
     HaltSwitch,
 )
 
+#: A valid Python int (and JSON number) that no float can hold.
+HUGE = 10**400
+
 
 def output_of(agent_id: str) -> AgentOutput:
     return AgentOutput(agent_id=agent_id, request_id=uuid4(), content=f"{agent_id} answers")

@@ -17,9 +17,10 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
-__all__ = ["ValkeyServer", "free_port", "server_binary"]
+__all__ = ["ValkeyServer", "free_port", "server_binary", "unique_name"]
 
 
 def server_binary() -> Path | None:
@@ -182,3 +183,8 @@ class ValkeyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unique_name() -> str:
+    """A key or capacity name no other test uses."""
+    return f"test-{uuid.uuid4().hex}"

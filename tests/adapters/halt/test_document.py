@@ -1,8 +1,8 @@
 """The halt document: one codec, one rule set, for the file and the Valkey channel alike.
 
-The specification here (:func:`expected_reading`) is written independently of the codec;
-the property runs it against the codec directly, and tests/test_halt_file_fail_closed.py
-runs it against the file channel (which reads every byte through the codec).
+The specification (:func:`tests.support.halt_documents.expected_reading`) is written
+independently of the codec; the property runs it against the codec directly, and
+test_file.py runs it against the file channel (which reads every byte through the codec).
 """
 
 from __future__ import annotations

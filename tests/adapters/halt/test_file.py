@@ -1,21 +1,30 @@
-"""FileHaltChannel: durable, atomic, sticky, fail-safe, cross-process."""
+"""FileHaltChannel: durable, atomic, sticky, fail-safe, cross-process; bounded on a hung
+filesystem; fail-closed (every corrupt shape reads halted, never clear, never an
+exception; ``halt`` can always rewrite it; ``clear`` refuses what it cannot read)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
+from hypothesis import HealthCheck, given, settings
 
-from adapters.halt.file import FileHaltChannel, HaltFileState
+from adapters.halt.file import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
 from kernel import (
     ConcurrentDeliberationService,
     DualChannelHaltChecker,
@@ -23,8 +32,17 @@ from kernel import (
     HaltSwitch,
     HaltWaiter,
     InvalidRequestError,
+    SystemHaltedError,
 )
 from tests.support import ROOT
+from tests.support.cli import conclave
+from tests.support.corrupt_halt_files import (
+    DEEP_CLEAR,
+    GOOD_RECORD,
+    SHAPES,
+    snapshot,
+)
+from tests.support.halt_documents import contents, expected_reading
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 
 
@@ -158,7 +176,6 @@ print(trio.run(FileHaltChannel(sys.argv[1]).ahalt, sys.argv[3]))
 
 
 def test_concurrent_halts_from_two_processes(tmp_path: Path) -> None:
-    import time
 
     path = tmp_path / "halt.json"
     script = HALT_SCRIPT.format(root=str(ROOT))
@@ -289,3 +306,243 @@ async def test_ahistory_reads_the_file_in_a_worker_thread_not_on_the_trio_loop(
     history = await channel.ahistory()
     assert [(r.action, r.reason) for r in history] == [("halt", "recorded")]
     assert readers and threading.get_ident() not in readers
+
+
+class HungFileChannel(FileHaltChannel):
+    """A halt file on a filesystem that stopped answering (a hard NFS mount, a stuck FUSE
+    daemon): its reads block until ``gate`` opens."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    def _read_bytes(self) -> bytes | None:
+        self.gate.wait()
+        return super()._read_bytes()
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Opened by the test's end at the latest; a safety net, not a synchronisation."""
+    event = threading.Event()
+    timer = threading.Timer(30.0, event.set)
+    timer.start()
+    yield event
+    event.set()
+    timer.cancel()
+
+
+async def test_a_hung_halt_file_read_is_bounded_by_the_read_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, gate: threading.Event
+) -> None:
+    """Guards against: the read ran in a worker thread trio could not abandon, so
+    ``halt_read_timeout`` could not end it: the batch waited for the filesystem (then ran, the file
+    being clear), and so did a dual checker however fast its other channel answered."""
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(
+        orchestrator, HungFileChannel(tmp_path / "halt.json", gate), halt_read_timeout=0.5
+    )
+    with pytest.raises(SystemHaltedError, match=r"did not answer within 0\.5 s"):
+        await service.invoke_concurrent(make_requests(2))
+    assert not gate.is_set() and orchestrator.invoked == []
+
+    dual = DualChannelHaltChecker(
+        HaltSwitch(), HungFileChannel(tmp_path / "halt.json", gate), read_timeout=0.5
+    )
+    assert await dual.is_halted()
+    assert not gate.is_set()
+
+
+# --------------------------------------------------- fail-closed: every corrupt shape reads halted
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+async def test_corrupt_shape_reads_halted_and_halt_rewrites_it(
+    tmp_path: Path, shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "halt.json"
+    SHAPES[shape](path)
+    channel = FileHaltChannel(path, lock_timeout=0.5)
+
+    state = channel.read_state()
+    assert state.halted and state.error is not None
+    assert state.reason is not None and "treated as halted" in state.reason
+    assert "corrupt halt file" in state.reason or "cannot read" in state.reason
+    assert state.history == ()
+    assert await channel.is_halted()
+    assert await channel.get_halt_reason() == state.reason
+    # Through the dual checker as the CLI wires it: halted, not "the other channel decides".
+    dual = DualChannelHaltChecker(HaltSwitch(), channel)
+    assert await dual.is_halted()
+    assert dual.read_errors == {"primary": 0, "secondary": 0}
+    with trio.fail_after(5):
+        assert (await dual.wait_halted()) == state.reason
+
+    # Clearing what cannot be read is refused, and changes nothing.
+    before = snapshot(path)
+    with pytest.raises(HaltClearDeniedError, match=r"unreadable.*conclave halt"):
+        channel.clear(approvers=["alice", "bob"], reason="looks fine to me")
+    with pytest.raises(HaltClearDeniedError):
+        await channel.aclear(approvers=["alice", "bob"], reason="looks fine to me")
+    assert snapshot(path) == before
+
+    # Halting rewrites it into a readable halted file and keeps the old entry aside.
+    assert channel.halt("operator confirms") is True
+    good = channel.read_state()
+    assert good == HaltFileState(True, "operator confirms", good.history, None)
+    assert [(r.action, r.reason) for r in good.history] == [("halt", "operator confirms")]
+    assert channel.kept_aside is not None
+    assert channel.kept_aside.name.startswith("halt.json.corrupt-")
+    if before[0]:
+        assert channel.kept_aside.read_bytes() == before[1]  # the evidence is intact
+    assert channel.kept_aside.is_symlink() or channel.kept_aside.exists()
+    assert any("replaced" in r.message for r in caplog.records)
+    # ...and now it can be cleared like any halt.
+    await channel.aclear(approvers=["alice", "bob"], reason="file repaired")
+    assert not await channel.is_halted()
+
+
+async def test_corrupt_file_is_logged_once_per_problem_not_per_poll(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "halt.json"
+    path.write_bytes(DEEP_CLEAR)
+    channel = FileHaltChannel(path)
+    for _ in range(3):
+        assert await channel.is_halted()
+    path.write_bytes(b"[]")
+    assert await channel.is_halted()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    for record in errors:  # the problem is named; the content is not logged
+        assert "RecursionError" in record.problem or "list" in record.problem  # type: ignore[attr-defined]
+
+
+def test_a_halt_waits_for_a_stuck_lock_holder_only_so_long_and_clear_refuses(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = FileHaltChannel(path, lock_timeout=0.1)
+    assert channel.halt("first") is True
+    lock_path = tmp_path / "halt.json.lock"
+    with open(lock_path, "a+b") as holder:  # another process, stuck while holding the lock
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(HaltClearDeniedError, match="held for more than"):
+            channel.clear(approvers=["a", "b"], reason="fixed")
+        assert channel.read_state().halted
+        # A halt over a corrupt file still goes through.
+        path.write_bytes(b"garbage")
+        assert channel.halt("stuck lock or not") is True
+    assert channel.read_state().reason == "stuck lock or not"
+
+
+def test_lock_file_that_cannot_be_opened_does_not_stop_a_halt(tmp_path: Path) -> None:
+    path = tmp_path / "halt.json"
+    (tmp_path / "halt.json.lock").mkdir()  # open() of the lock fails
+    channel = FileHaltChannel(path)
+    assert channel.halt("no lock needed to stop") is True
+    assert channel.read_state().reason == "no lock needed to stop"
+    with pytest.raises(HaltClearDeniedError, match="cannot open"):
+        channel.clear(approvers=["a", "b"], reason="fixed")
+    assert channel.read_state().halted
+
+
+def test_history_is_trimmed_to_stay_readable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "halt.json"
+    record = {**GOOD_RECORD, "reason": "r" * 1000, "approvers": []}
+
+    def doc(n: int) -> bytes:
+        body = {"schema": "conclave.halt/1", "halted": False, "reason": None}
+        return (json.dumps({**body, "history": [record] * n}, indent=2) + "\n").encode()
+
+    per_record = len(doc(2)) - len(doc(1))
+    n = (MAX_HALT_FILE_BYTES - len(doc(0))) // per_record
+    path.write_bytes(doc(n))  # just under the limit: readable
+    assert MAX_HALT_FILE_BYTES - per_record < len(doc(n)) <= MAX_HALT_FILE_BYTES
+    channel = FileHaltChannel(path)
+    assert channel.read_state().error is None
+    one_more = "one more " + "m" * 1000
+    assert channel.halt(one_more) is True  # one more record would not fit
+    state = channel.read_state()
+    assert state.error is None and state.reason == one_more
+    assert path.stat().st_size <= MAX_HALT_FILE_BYTES
+    assert state.history[-1].reason == one_more
+    assert n // 2 < len(state.history) <= n  # the oldest were dropped, not everything
+    assert any(r.message == "halt file history trimmed to fit" for r in caplog.records)
+
+
+# ---------------------------------------------------------------- property
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contents)
+def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "halt.json"
+        path.write_bytes(content)
+        channel = FileHaltChannel(path)
+        state = channel.read_state()  # never raises
+        assert isinstance(state, HaltFileState) and isinstance(state.halted, bool)
+        expected = expected_reading(content)
+        if expected == "corrupt":
+            assert state.halted and state.error is not None and state.history == ()
+            # halting over it always works and gives a readable halted file
+            assert channel.halt("fuzz") is True
+            assert channel.read_state() == HaltFileState(
+                True, "fuzz", channel.read_state().history, None
+            )
+        else:  # a well-formed document is read as it says, never as corrupt
+            assert state.error is None
+            assert state.halted == (expected == "halted")
+            assert state.halted or state.reason is None
+        for record in state.history:
+            assert record.action in ("halt", "clear") and isinstance(record.reason, str)
+            assert record.at.tzinfo is not None
+            assert all(isinstance(a, str) for a in record.approvers)
+
+
+# ---------------------------------------------------------------- the CLI on a corrupt file
+
+
+async def test_a_path_that_cannot_be_opened_reads_halted(tmp_path: Path) -> None:
+    """The OSError path of reading (as root, permissions cannot deny a read; a parent
+    that is a file can): halted, and a halt that cannot be written says why."""
+    (tmp_path / "not-a-dir").write_text("x")
+    path = tmp_path / "not-a-dir" / "halt.json"
+    channel = FileHaltChannel(path)
+    state = channel.read_state()
+    assert state.halted and state.error is not None and "cannot read" in state.error
+    assert await channel.is_halted()
+    with pytest.raises(OSError):
+        channel.halt("cannot be written here")
+    proc = conclave("halt", "--halt-file", str(path), "--reason", "r")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("conclave: ") and "Traceback" not in proc.stderr
+    status = conclave("status", "--halt-file", str(path))
+    assert status.returncode == 3 and "cannot read" in status.stdout
+
+
+def test_a_file_renamed_in_between_open_and_look_is_read_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's atomic rename can land after our open() found nothing and before
+    we look at what is there: that is a fresh file, not a dangling symlink."""
+    path = tmp_path / "halt.json"
+    writer = FileHaltChannel(tmp_path / "staging.json")
+    writer.halt("from elsewhere")
+    real_open = os.open
+    calls = 0
+
+    def racing_open(target: Any, flags: int, *args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1 and Path(target) == path:
+            os.rename(tmp_path / "staging.json", path)  # lands right after our miss
+            raise FileNotFoundError(target)
+        return real_open(target, flags, *args)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    state = FileHaltChannel(path).read_state()
+    assert state.halted and state.reason == "from elsewhere"

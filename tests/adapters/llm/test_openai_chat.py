@@ -15,22 +15,24 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import (
     DEFAULT_MAX_CONTENT_CHARS,
     OpenAIChatOrchestrator,
-    topic_message,
 )
 from kernel import (
     MAX_TOPIC_BYTES,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
+    FailureKind,
     InvalidRequestError,
 )
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import client_bytes, make_requests
+from tests.support.hostile_parts import HUGE
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -100,15 +102,6 @@ async def test_the_orchestrator_keeps_no_topic_alive_after_its_agents(
         assert gone() is None
 
 
-def test_a_topic_that_cannot_be_shared_still_gets_its_message() -> None:
-    class Unhashable(ContextBundle):
-        __hash__ = None  # type: ignore[assignment]
-
-    assert topic_message(Unhashable("t", "the text", {"k": "v"})) == (
-        "Topic t:\n\nthe text\n\nContext:\n- k: v"
-    )
-
-
 async def run_one(server: FakeOpenAIServer, **settings: object) -> ConcurrentResult:
     orchestrator = OpenAIChatOrchestrator(server.base_url, "fake-model", timeout_s=5, **settings)  # type: ignore[arg-type]
     async with AsyncioOrchestratorBridge(orchestrator) as bridge:
@@ -159,3 +152,28 @@ async def test_the_default_caps_take_a_long_answer_and_a_raised_byte_cap_takes_m
 def test_a_cap_that_is_not_a_positive_int_is_refused(name: str, value: object) -> None:
     with pytest.raises(InvalidRequestError, match=name):
         OpenAIChatOrchestrator("http://127.0.0.1:1/v1", "m", **{name: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "setting", ["timeout_s", "backoff_base_s", "backoff_cap_s", "retry_after_cap_s"]
+)
+def test_an_orchestrator_setting_too_large_for_a_float_is_invalid(setting: str) -> None:
+    """Guards against: ``OverflowError`` out of the constructor."""
+    settings: dict[str, Any] = {setting: HUGE}
+    with pytest.raises(InvalidRequestError, match=setting):
+        OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m", **settings)
+
+
+async def test_an_answer_holding_a_lone_surrogate_is_that_agents_failure(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    """Guards against: released as an output whose ``content_hash`` raised ``UnicodeEncodeError``
+    (JSON can carry ``"\\ud800"``; the SDK does not refuse it)."""
+    llm_server.default = ("content", "bad \ud800 answer")
+    inner = OpenAIChatOrchestrator(llm_server.base_url, "m", timeout_s=5.0)
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        result = await service.invoke_concurrent(make_requests(2))
+    assert result.success_count == 0
+    assert {f.kind for f in result.failures} == {FailureKind.ERROR}
+    assert all("Unicode" in f.message for f in result.failures)

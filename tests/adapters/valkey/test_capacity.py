@@ -1,5 +1,6 @@
 """ValkeyCapacity against a real server: the Lua scripts' edge cases, then the
-SharedCapacity contract (as tests/test_shared_capacity.py's in-memory model has it) with
+SharedCapacity contract (as
+tests/support/model_capacity.py's in-memory model has it) with
 several instances standing for several processes, then AgentPool on top.
 """
 
@@ -25,10 +26,11 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
     SharedCapacity,
+    SystemHaltedError,
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, make_requests
 from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
-from tests.support.valkey_server import ValkeyServer, free_port
+from tests.support.valkey_server import ValkeyServer, free_port, unique_name
 
 Raw = coredis.Redis[bytes]
 
@@ -679,3 +681,82 @@ async def test_pools_in_queue_mode_drain_everything_within_the_shared_bound(
         assert [r.success_count for r in results] == [8, 8, 8]
         assert orch.max_in_flight == 4
         assert all(c.held == frozenset() and c.waiting == frozenset() for c in shared)
+
+
+async def test_an_error_in_the_body_of_the_capacity_comes_out_as_itself(
+    valkey_server: ValkeyServer,
+) -> None:
+    # README: "async with ValkeyCapacity(url) as shared: ... deliberate": a halt raised in
+    # there must be catchable as SystemHaltedError, as with SqliteWitness, not as an
+    # ExceptionGroup from the capacity's own background nursery.
+    with pytest.raises(SystemHaltedError):
+        async with ValkeyCapacity(valkey_server.url, name=unique_name()):
+            raise SystemHaltedError("halted")
+
+
+@pytest.mark.parametrize("lease_s", [1e306, 86_400.5, 1e20])
+def test_a_lease_beyond_a_day_is_refused_when_made_not_at_the_first_acquire(
+    lease_s: float,
+) -> None:
+    # 1e306 s used to be accepted, then every acquire failed with OverflowError (its
+    # milliseconds are infinite); a lease of years would keep a dead process's slots.
+    with pytest.raises(InvalidRequestError, match="lease_s"):
+        ValkeyCapacity("redis://127.0.0.1:1", lease_s=lease_s)
+    assert ValkeyCapacity("redis://127.0.0.1:1", lease_s=86_400).lease_s == 86_400
+
+
+async def test_reserving_a_lease_already_held_is_refused_like_acquiring_it(
+    valkey_server: ValkeyServer,
+) -> None:
+    # It used to be accepted and counted once on the server: the caller then believed
+    # it held two slots, and one release gave both back.
+    name = unique_name()
+    valkey_server.seed_capacity(name)
+    async with ValkeyCapacity(valkey_server.url, name=name, capacity=3) as capacity:
+        await capacity.reserve(["a"])
+        await capacity.acquire("b")
+        for leases in (["a"], ["b", "c"]):
+            with pytest.raises(InvalidRequestError, match="already held"):
+                await capacity.reserve(leases)
+        await capacity.flush()
+        assert capacity.held == {"a", "b"}
+        assert capacity.in_use() == 2
+
+
+@pytest.mark.parametrize(("suffix", "shape"), [("leases", "list"), ("ticket", "hash")])
+async def test_a_capacity_key_of_the_wrong_type_is_reported_corrupt_not_unreachable(
+    valkey_server: ValkeyServer, suffix: str, shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique_name()
+    key = f"{name}:{suffix}"
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        if shape == "list":
+            await client.rpush(key, [b"not a lease"])
+        else:
+            await client.hset(key, {"not": "a counter"})
+        with caplog.at_level(logging.ERROR, logger="adapters.valkey"):
+            async with ValkeyCapacity(valkey_server.url, name=name, lease_s=0.5) as capacity:
+                with pytest.raises(AgentPoolExhaustedError) as refused:
+                    await capacity.reserve(["a"])
+                # Set aside at the first call (entering); then the books start again.
+                assert "recovering" in str(refused.value)
+                assert "unreachable" not in str(refused.value)
+                assert await client.type(f"{key}:corrupt") == shape.encode()
+                with trio.fail_after(5):
+                    await capacity.acquire("b")  # admitted once the grace is over
+        assert "corrupt keys set aside" in caplog.text
+        assert f"{key}={shape}" in str([r.__dict__.get("corrupt_keys") for r in caplog.records])
+
+
+async def test_a_capacity_record_of_the_wrong_type_is_set_aside_and_logged_as_corrupt(
+    valkey_server: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique_name()
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        await client.rpush(f"{name}:capacity", [b"72"])
+        with caplog.at_level(logging.ERROR, logger="adapters.valkey"):
+            async with ValkeyCapacity(valkey_server.url, name=name, capacity=3):
+                pass
+        assert await client.get(f"{name}:capacity") == b"3"
+        assert await client.type(f"{name}:capacity:corrupt") == b"list"
+    assert "corrupt key set aside" in caplog.text and "unreachable" not in caplog.text

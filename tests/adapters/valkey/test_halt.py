@@ -1,7 +1,7 @@
 """ValkeyHaltChannel against a real server: durable, instant, fail-closed, two approvers.
 
 Two channels on one key stand for two processes here (each has its own connection and
-subscription); tests/test_valkey_cluster.py does it with real processes.
+subscription); test_cluster.py does it with real processes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kernel import (
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
-from tests.support.valkey_server import ValkeyServer, free_port
+from tests.support.valkey_server import ValkeyServer, free_port, unique_name
 
 APPROVERS = ["alice", "bob"]
 
@@ -336,3 +336,28 @@ async def test_a_batch_stops_when_another_process_halts(
         assert exc.reason == "stop everything"
         assert exc.partial is not None and exc.partial.success_count == 0
         assert len(orch.cancelled) == 72 and not switch.halted
+
+
+async def test_an_error_in_the_body_of_the_halt_channel_comes_out_as_itself(
+    valkey_server: ValkeyServer,
+) -> None:
+    with pytest.raises(SystemHaltedError):
+        async with ValkeyHaltChannel(valkey_server.url, key=unique_name()):
+            raise SystemHaltedError("halted")
+
+
+@pytest.mark.parametrize("shape", ["list", "hash"])
+async def test_a_halt_key_of_the_wrong_type_is_a_halt_that_says_corrupt(
+    valkey_server: ValkeyServer, shape: str
+) -> None:
+    key = unique_name()
+    async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as client:
+        if shape == "list":
+            await client.rpush(key, [b"false"])
+        else:
+            await client.hset(key, {"halted": "false"})
+        async with ValkeyHaltChannel(valkey_server.url, key=key) as channel:
+            with trio.fail_after(5):
+                reason = await channel.wait_halted()
+    assert f"halt key {key} corrupt" in reason and f"it is a {shape}" in reason
+    assert "unreachable" not in reason

@@ -14,11 +14,20 @@ from uuid import uuid4
 
 import pytest
 import trio
+import trio.testing
 
 from adapters.stub import AgentOrchestratorStub
 from adapters.witness.sqlite import SqliteWitness, WitnessError, verify_log
-from kernel import AgentPool, ConcurrentDeliberationService, FailureKind, OutputWitness
+from kernel import (
+    AgentOutput,
+    AgentPool,
+    ConcurrentDeliberationService,
+    FailureKind,
+    InvalidRequestError,
+    OutputWitness,
+)
 from tests.support import ROOT
+from tests.support.cli import conclave
 from tests.support.helpers import make_requests
 from tests.support.witness_helpers import make_log, run_sql
 
@@ -266,3 +275,61 @@ def test_a_symlink_at_the_log_or_its_side_files_is_refused_and_nothing_is_writte
         assert after[name][0] == data
         assert (after[name][1].st_mode, after[name][1].st_mtime_ns) == (st.st_mode, st.st_mtime_ns)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["elsewhere", f"w.db{at}"])
+
+
+def test_an_in_memory_witness_is_refused_when_opened() -> None:
+    """Guards against: accepted; its reader and writer connections are two separate in-memory
+    databases, so every commit failed ("no such table": every agent a WITNESS failure,
+    ``conclave deliberate --witness-db :memory:`` exit 1) and nothing was ever kept."""
+    with pytest.raises(InvalidRequestError, match="memory"):
+        SqliteWitness(":memory:")
+    proc = conclave("deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", ":memory:")
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and "memory" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["CREATE TABLE users (name TEXT)", "CREATE TABLE outputs (id INTEGER, x TEXT)"],
+)
+def test_the_witness_refuses_a_database_that_is_not_a_witness_log_and_changes_nothing(
+    tmp_path: Path, schema: str
+) -> None:
+    """Guards against: ``--witness-db app.db`` (a slip of the finger) added the witness's tables to
+    the application's database and switched it to WAL; with a different ``outputs`` table
+    every agent became a ``WITNESS`` failure (exit 1) instead of one clear refusal."""
+    db_path = tmp_path / "app.db"
+    run_sql(db_path, schema)
+    before = db_path.read_bytes()
+    with pytest.raises(WitnessError, match="not a witness log"):
+        SqliteWitness(db_path)
+    proc = conclave(
+        "deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(db_path)
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and "not a witness log" in proc.stderr
+    assert db_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, no -shm
+
+
+async def test_the_witness_still_opens_a_new_file_an_empty_file_and_its_own_log(
+    tmp_path: Path,
+) -> None:
+    for name in ("new.db", "empty.db"):
+        path = tmp_path / name
+        if name == "empty.db":
+            path.touch()
+        for _ in range(2):  # made, then reopened as a witness log
+            async with SqliteWitness(path) as witness:
+                await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
+        assert verify_log(path).records == 2
+
+
+async def test_the_witness_opens_an_sqlite_file_with_nothing_in_it_yet(tmp_path: Path) -> None:
+    """(Another process may have created the file and not yet its tables.)"""
+    path = tmp_path / "fresh.db"
+    run_sql(path, "PRAGMA journal_mode=WAL")
+    assert path.stat().st_size > 0
+    async with SqliteWitness(path) as witness:
+        await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
+    assert verify_log(path).records == 1

@@ -303,6 +303,22 @@ async def test_archon_roster_agents_speak_as_their_profiles(llm_server: FakeOpen
     assert roles["archon-orlen"] == "Warden of the Archive"
 
 
+async def test_a_system_prompt_names_its_agent_as_the_openai_orchestrator_does(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    template = 'You are {name} ({agent_id}). Answer as {"vote": "..."}.'
+    roster = Roster(
+        [AgentProfile("a-1", display_name="Skeptic", system_prompt=template, role="skeptic")]
+    )
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, roster)) as bridge:
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(
+            roster.requests(TOPIC)
+        )
+    assert result.success_count == 1, result.failures
+    system = llm_server.bodies[0]["messages"][0]["content"]
+    assert system.startswith('You are Skeptic (a-1). Answer as {"vote": "..."}.\n\n')
+
+
 async def test_the_final_answer_is_what_crewai_parses_out(llm_server: FakeOpenAIServer) -> None:
     llm_server.script("archon-1", ("reply", "Thought: weigh it.\nFinal Answer: Aye, fund it."))
     # a tool call from an agent with no tools: asked once more for its final answer

@@ -249,7 +249,7 @@ async def test_random_cancellations_log_equals_receipts(tmp_path: Path, seed: in
 
 
 async def test_a_halt_is_not_delayed_by_a_locked_witness(tmp_path: Path) -> None:
-    """Issue 9 item 3: a halt during a 72-agent batch whose witness is locked."""
+    """A halt during a 72-agent batch whose witness is locked."""
     path = tmp_path / "w.db"
     switch = HaltSwitch()
     async with SqliteWitness(path) as witness:
@@ -272,8 +272,8 @@ async def test_a_halt_is_not_delayed_by_a_locked_witness(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("seed", range(6))
 async def test_halt_at_a_random_moment_log_equals_released(tmp_path: Path, seed: int) -> None:
-    """Issue 9 item 3, second half: after a halt during commits, the log holds exactly
-    the outputs the caller was given (before: 31 in the log, 25 given)."""
+    """After a halt during commits, the log holds exactly the outputs the caller was
+    given (guards against: 31 in the log, 25 given)."""
     rng = random.Random(seed)
     path = tmp_path / "w.db"
     switch = HaltSwitch()

@@ -10,11 +10,15 @@ from uuid import uuid4
 
 import pytest
 import trio
+import trio.testing
 
 from adapters.witness.sqlite import SqliteWitness, VerifyReport, WitnessError, verify_log
-from kernel import AgentOutput, InvalidRequestError
+from kernel import (
+    AgentOutput,
+    InvalidRequestError,
+)
 from tests.support.cli import conclave
-from tests.support.witness_helpers import make_log, run_sql
+from tests.support.witness_helpers import make_log, run_sql, select
 
 
 def _fingerprint(path: Path) -> dict[str, tuple[str, int] | None]:
@@ -204,3 +208,20 @@ def test_a_malformed_expected_head_is_bad_input(tmp_path: Path, head: str) -> No
         verify_log(path, expected_head=head)
     proc = conclave("verify", str(path), "--expected-head", head)
     assert proc.returncode == 2 and "expected_head" in proc.stderr
+
+
+def test_verify_refuses_a_view_named_outputs(tmp_path: Path) -> None:
+    """Guards against: "ok: 0 records, chain intact" (exit 0) for a database whose ``outputs`` is a
+    view with the witness's column names: an audit must fail on what is not a log."""
+    make_log(tmp_path / "real.db", 1)
+    columns = [row[1] for row in select(tmp_path / "real.db", "PRAGMA table_info(outputs)")]
+    db_path = tmp_path / "view.db"
+    nulls = ", ".join(f"NULL AS {c}" for c in columns)
+    run_sql(db_path, f"CREATE VIEW outputs AS SELECT {nulls} WHERE 0")
+    before = db_path.read_bytes()
+    with pytest.raises(WitnessError, match="not a witness log"):
+        verify_log(db_path)
+    proc = conclave("verify", str(db_path))
+    assert proc.returncode == 2, proc.stdout
+    assert "not a witness log" in proc.stderr and "Traceback" not in proc.stderr
+    assert db_path.read_bytes() == before
