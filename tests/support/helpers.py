@@ -14,6 +14,7 @@ from uuid import uuid4
 import trio
 import trio.testing
 
+from adapters.llm.ratelimit_headers import RateLimitHeaders
 from kernel import (
     AgentOutput,
     AgentRequest,
@@ -231,3 +232,9 @@ class PeakRss:
 def _rss_bytes() -> int:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def rate_limit_report(**headers: str) -> RateLimitHeaders:
+    """Rate-limit headers as a response would carry them (``x_ratelimit_limit_requests=``
+    for ``x-ratelimit-limit-requests``), parsed."""
+    return RateLimitHeaders.parse({k.replace("_", "-"): v for k, v in headers.items()})

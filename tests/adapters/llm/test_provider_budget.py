@@ -34,7 +34,7 @@ from adapters.llm.provider_budget import (
     Ticket,
     shared_budget,
 )
-from adapters.llm.ratelimit_headers import RateLimitHeaders, parse_duration_s, retry_after_s
+from adapters.llm.ratelimit_headers import RateLimitHeaders
 from kernel import (
     AgentOutput,
     AgentPool,
@@ -48,6 +48,7 @@ from kernel import (
 from tests.support.cli import conclave as run_cli
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import make_requests, time_halt
+from tests.support.helpers import rate_limit_report as report
 
 
 class Clock:
@@ -71,10 +72,6 @@ def send(b: EndpointBudget, clock: Clock, ticket: Ticket) -> None:
     assert b.try_send(ticket) == 0
 
 
-def report(**headers: str) -> RateLimitHeaders:
-    return RateLimitHeaders.parse({k.replace("_", "-"): v for k, v in headers.items()})
-
-
 PACE = 1 - HEADROOM
 
 
@@ -96,93 +93,6 @@ def test_provider_limits_may_leave_either_unset() -> None:
 def test_the_orchestrator_refuses_limits_that_are_not_provider_limits() -> None:
     with pytest.raises(InvalidRequestError, match="limits must be a ProviderLimits"):
         OpenAIChatOrchestrator("http://127.0.0.1:1/v1", "m", limits={"rpm": 60})  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------- headers
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("1s", 1.0),
-        ("6m0s", 360.0),
-        ("20ms", 0.02),
-        ("1h2m3.5s", 3723.5),
-        ("1.5s", 1.5),
-        ("500us", 0.0005),
-        ("0s", 0.0),
-        ("2", 2.0),
-        ("0.25", 0.25),
-        (" 7ms ", 0.007),
-    ],
-)
-def test_durations_are_read_as_go_writes_them(text: str, seconds: float) -> None:
-    assert parse_duration_s(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(
-    "text", [None, "", "s", "1x", "-1s", "1s2", "ms", "nan", "inf", "1 s", "1s-2s", "9" * 80]
-)
-def test_what_is_not_a_duration_is_absent(text: str | None) -> None:
-    assert parse_duration_s(text) is None
-
-
-def test_retry_after_prefers_milliseconds_then_seconds_then_a_date() -> None:
-    assert retry_after_s({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
-    assert retry_after_s({"retry-after": "3"}) == 3.0
-    now = 1_700_000_000.0
-    date = "Tue, 14 Nov 2023 22:13:40 GMT"  # now + 20 s
-    assert retry_after_s({"retry-after": date}, now=now) == pytest.approx(20.0)
-    assert retry_after_s({"retry-after": date}, now=now + 60) == 0.0  # past: at once
-    for junk in ("soon", "-5", "nan", "Tue, 14 Nov 2023 22:13:40"):  # no zone: not HTTP
-        assert retry_after_s({"retry-after": junk}, now=now) is None
-    assert retry_after_s({}) is None
-
-
-_HEADER_NAMES = [
-    f"x-ratelimit-{kind}-{lane}"
-    for kind in ("limit", "remaining", "reset")
-    for lane in ("requests", "tokens")
-] + ["retry-after", "retry-after-ms"]
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(_HEADER_NAMES), st.text(max_size=80)))
-def test_no_header_value_breaks_the_parser(headers: dict[str, str]) -> None:
-    parsed = RateLimitHeaders.parse(headers)
-    for lane in (parsed.requests, parsed.tokens):
-        for value in (lane.limit_per_minute, lane.remaining, lane.reset_s):
-            assert value is None or (math.isfinite(value) and value >= 0)
-        assert lane.limit_per_minute != 0
-    pause = parsed.reset_after_429_s()
-    assert pause is None or (math.isfinite(pause) and pause >= 0)
-
-
-def test_openai_headers_are_read_per_lane() -> None:
-    parsed = report(
-        x_ratelimit_limit_requests="500",
-        x_ratelimit_remaining_requests="0",
-        x_ratelimit_reset_requests="120ms",
-        x_ratelimit_limit_tokens="30000",
-        x_ratelimit_remaining_tokens="29000",
-        x_ratelimit_reset_tokens="2s",
-    )
-    assert parsed.requests.limit_per_minute == 500
-    assert parsed.requests.exhausted and not parsed.tokens.exhausted
-    assert parsed.tokens.reset_s == 2.0
-    # No Retry-After: the reset of the lane that ran out, not the longer other one.
-    assert parsed.reset_after_429_s() == pytest.approx(0.12)
-    assert report(retry_after="4", x_ratelimit_reset_tokens="9s").reset_after_429_s() == 4.0
-    assert report(x_ratelimit_reset_tokens="9s").reset_after_429_s() == 9.0
-    assert not RateLimitHeaders.parse({"content-type": "application/json"}).present
-    assert RateLimitHeaders.parse(None).reset_after_429_s() is None
-
-
-def test_a_limit_of_zero_or_junk_is_ignored_not_obeyed() -> None:
-    parsed = report(x_ratelimit_limit_requests="0", x_ratelimit_remaining_tokens="lots")
-    assert parsed.requests.limit_per_minute is None
-    assert parsed.tokens.remaining is None
-    assert not parsed.present
 
 
 def test_the_token_estimate_is_prompt_bytes_over_4_plus_the_completion() -> None:

@@ -723,3 +723,18 @@ async def test_an_answer_over_the_content_cap_is_refused(llm_server: FakeOpenAIS
     result, _ = await run_hostile(llm_server, 1, max_content_chars=100)
     (failure,) = result.failures
     assert failure.message.endswith("answer over the 100-character cap (max_content_chars)")
+
+
+def test_the_contract_path_adapters_crewai_re_exports_the_module_without_a_warning() -> None:
+    import importlib
+    import sys
+    import warnings
+
+    import adapters.llm.crewai as new
+
+    sys.modules.pop("adapters.crewai", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = importlib.import_module("adapters.crewai")
+    assert old.CrewAIOrchestrator is new.CrewAIOrchestrator
+    assert old.__all__ == new.__all__
