@@ -57,6 +57,9 @@ _CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connectio
 # tell apart from a server that connected and then said nothing.
 _CONNECT_GRACE_S = 0.1
 
+# The most of a redirect's Location a refusal quotes (after redaction).
+_LOCATION_SHOWN = 200
+
 _T = TypeVar("_T")
 _ENCODINGS = ("gzip", "x-gzip", "deflate")
 _ACCEPT_ENCODING = "gzip, deflate"
@@ -134,6 +137,8 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         status = response.status_code
         if 300 <= status < 400:
             location = redact_url(response.headers.get("Location", "")) or "nowhere"
+            if len(location) > _LOCATION_SHOWN:  # a header may be ~100 KB: keep one line
+                location = location[: _LOCATION_SHOWN - 3] + "..."
             raise ResponseRefusedError(
                 f"HTTP {status} redirect to {location} refused (redirects are not followed: "
                 "point base_url at the server that answers)",

@@ -191,3 +191,13 @@ async def test_bytes_after_the_end_of_a_compressed_body_are_refused_not_ignored(
     result, _ = await run_batch(llm_server, 1, max_retries=0)
     (message,) = messages(result)
     assert f"data after the end of the {encoding} body" in message, message
+
+
+async def test_a_redirect_to_a_huge_location_is_named_in_a_short_message(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("redirect", "http://elsewhere.test/" + "a" * 60_000)
+    result, _ = await run_batch(llm_server, 1)
+    (message,) = messages(result)
+    assert "HTTP 307 redirect to http://elsewhere.test/aaa" in message, message[:300]
+    assert len(message) < 1_000, len(message)
