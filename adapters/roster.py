@@ -117,7 +117,11 @@ def _read_capped(path: Path) -> bytes:
     limit = (
         f"at most {MAX_ROSTER_BYTES:,} ({MAX_ROSTER_AGENTS:,} agents x {ROSTER_BYTES_PER_AGENT})"
     )
-    with path.open("rb") as f:
+    # Opened without blocking, then read blocking: a FIFO nobody writes to would
+    # otherwise hang the open itself; this way it reads as empty (and is refused).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_ROSTER_BYTES:
             raise RosterError(f"{path}: roster file of {size:,} bytes; {limit}")

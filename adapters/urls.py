@@ -52,6 +52,8 @@ SECRET_NAME_PARTS = (
 
 _SCHEME_AND_SLASHES = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _PARAM = re.compile(r"[^&;]+")
+# What urllib.parse deletes from anywhere in a URL before parsing it.
+_DELETED_BY_PARSERS = str.maketrans("", "", "\t\r\n")
 
 
 def redact_url(url: str) -> str:
@@ -99,5 +101,5 @@ def _secret_query_values(url: str) -> list[tuple[int, int]]:
 
 
 def _looks_secret(name: str) -> bool:
-    decoded = unquote_plus(name).lower()
+    decoded = unquote_plus(name.translate(_DELETED_BY_PARSERS)).lower()
     return any(part in decoded for part in SECRET_NAME_PARTS)

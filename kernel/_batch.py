@@ -122,8 +122,10 @@ class Batch:
         if cause is Stop.HALT and self.cause is Stop.HALT and self.reason is None:
             self.reason = reason
         self.run_scope.cancel()
-        if cause is Stop.HALT:
-            self.progress.cancel()  # nothing slow between a halt and the caller
+        if cause is not Stop.QUORUM:
+            # Nothing slow between a halt and the caller, nor past the batch's deadline:
+            # async reports still running are cut (their callback was called).
+            self.progress.cancel()
 
     def is_stopped(self) -> bool:
         """Has this batch stopped, or is a stop due (a halt the probe sees, a deadline
@@ -186,6 +188,9 @@ class Batch:
                 with self.run_scope:
                     await self._schedule(admission)
                 watchers.cancel_scope.cancel()
+                if self.deadline is not None:
+                    # The run is over; reports still running end by the deadline too.
+                    self.progress.reports.cancel_scope.deadline = self.deadline
         except BaseExceptionGroup as group:
             raise surface(group) from None
         finally:

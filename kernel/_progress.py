@@ -35,12 +35,13 @@ class Progress:
         # Sequential mode: an outcome's report is done before the next turn starts.
         self._in_turn = in_turn
         #: Where async reports of outcomes run (set by the batch): outside the scope its
-        #: agents run in, so that a quorum or a deadline reached right after an outcome
-        #: was recorded does not cut its report short.  A halt does (:meth:`cancel`).
+        #: agents run in, so that a quorum reached right after an outcome was recorded
+        #: does not cut its report short.  A halt and the batch's deadline do
+        #: (:meth:`cancel`): nothing slow between them and the caller.
         self.reports: trio.Nursery | None = None
 
     def cancel(self) -> None:
-        """Cancel the reports still running (a halt: nothing slow before the caller)."""
+        """Cancel the reports still running (a halt, the deadline)."""
         if self.reports is not None:
             self.reports.cancel_scope.cancel()
 

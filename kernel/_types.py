@@ -84,6 +84,13 @@ def _unicode(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         ) from None
 
 
+def _plain_str(value: Any) -> Any:
+    """A str subclass as a plain str (anything else unchanged): a subclass can override
+    ``__len__``, ``isascii`` or ``encode`` to pass a size check with more than it says,
+    and would then carry its own methods into every agent's request."""
+    return str.__str__(value) if isinstance(value, str) and value.__class__ is not str else value
+
+
 def _topic(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     _str(_inst, attr, value)
     check_utf8_size(cast(str, value), attr.name, MAX_TOPIC_BYTES, what="MAX_TOPIC_BYTES")
@@ -145,21 +152,26 @@ def _to_tuple(value: object) -> tuple[object, ...]:
 
 
 def _str_map(value: object) -> FrozenMap[str]:
-    """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata), within its size limits."""
+    """Freeze a ``Mapping[str, str]`` (ContextBundle.metadata), within its size limits.
+
+    The mapping is read once, into the copy that is kept: what was checked is what is
+    held, however the caller's mapping answers a second read (or its ``len``).
+    """
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
     entries = len(value)  # before reading any: a huge mapping is refused cheaply
     if entries > MAX_METADATA_ENTRIES:
-        raise InvalidRequestError(
-            f"metadata must have at most {MAX_METADATA_ENTRIES:,} entries "
-            f"(MAX_METADATA_ENTRIES), got {entries:,}"
-        )
+        raise _too_many_entries(f"{entries:,}")
+    copy: dict[str, str] = {}
     size = 0
-    for key, val in value.items():
+    for read, (key, val) in enumerate(value.items(), 1):
+        if read > MAX_METADATA_ENTRIES:  # its len() said otherwise
+            raise _too_many_entries(f"more than {MAX_METADATA_ENTRIES:,}")
         if not isinstance(key, str) or not isinstance(val, str):
             raise InvalidRequestError(
                 f"metadata must map str to str, got {type(key).__name__} -> {type(val).__name__}"
             )
+        key, val = _plain_str(key), _plain_str(val)
         size += utf8_size(key, beyond=MAX_METADATA_BYTES) + utf8_size(
             val, beyond=MAX_METADATA_BYTES
         )
@@ -168,7 +180,15 @@ def _str_map(value: object) -> FrozenMap[str]:
                 f"metadata must be at most {MAX_METADATA_BYTES:,} bytes of UTF-8 "
                 "(MAX_METADATA_BYTES; keys and values together)"
             )
-    return value if isinstance(value, FrozenMap) else FrozenMap(value)
+        copy[key] = val
+    return FrozenMap(copy)
+
+
+def _too_many_entries(got: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"metadata must have at most {MAX_METADATA_ENTRIES:,} entries (MAX_METADATA_ENTRIES), "
+        f"got {got}"
+    )
 
 
 def _scalar_map(value: object) -> FrozenMap[str | int | float]:
@@ -197,7 +217,7 @@ class ContextBundle:
     """
 
     topic_id: str = attrs.field(validator=text())
-    topic_content: str = attrs.field(validator=_topic, repr=False)
+    topic_content: str = attrs.field(converter=_plain_str, validator=_topic, repr=False)
     metadata: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_str_map)
     bundle_id: UUID = attrs.field(factory=uuid4, validator=_uuid)
     created_at: datetime = attrs.field(

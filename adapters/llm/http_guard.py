@@ -57,6 +57,9 @@ _CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connectio
 # tell apart from a server that connected and then said nothing.
 _CONNECT_GRACE_S = 0.1
 
+# The most of a redirect's Location a refusal quotes (after redaction).
+_LOCATION_SHOWN = 200
+
 _T = TypeVar("_T")
 _ENCODINGS = ("gzip", "x-gzip", "deflate")
 _ACCEPT_ENCODING = "gzip, deflate"
@@ -134,6 +137,8 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         status = response.status_code
         if 300 <= status < 400:
             location = redact_url(response.headers.get("Location", "")) or "nowhere"
+            if len(location) > _LOCATION_SHOWN:  # a header may be ~100 KB: keep one line
+                location = location[: _LOCATION_SHOWN - 3] + "..."
             raise ResponseRefusedError(
                 f"HTTP {status} redirect to {location} refused (redirects are not followed: "
                 "point base_url at the server that answers)",
@@ -154,7 +159,7 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
             )
         inflater = None
         if encoding in _ENCODINGS:
-            inflater = _Inflater(encoding)
+            inflater = _Inflater(encoding, request)
             # The SDK sees the inflated body, as plain.
             del response.headers["Content-Encoding"]
             response.headers.pop("Content-Length", None)
@@ -289,7 +294,8 @@ class _Deadline:
 class _Inflater:
     """gzip or deflate, never more output per call than asked for (plus one byte)."""
 
-    def __init__(self, encoding: str) -> None:
+    def __init__(self, encoding: str, request: httpx2.Request) -> None:
+        self._request = request
         self._deflate = encoding == "deflate"
         self._first = True
         wbits = zlib.MAX_WBITS if self._deflate else zlib.MAX_WBITS | 16
@@ -297,7 +303,25 @@ class _Inflater:
 
     def inflate(self, data: bytes, room: int) -> bytes:
         """Inflate ``data``: at most ``room + 1`` bytes, so more than ``room`` means over
-        the cap (zlib keeps the rest of the input unread; it is never inflated)."""
+        the cap (zlib keeps the rest of the input unread; it is never inflated).
+
+        Past the end of a stream zlib sets bytes aside unread: another gzip member is
+        inflated in turn (RFC 1952: a body may be several); anything else is refused,
+        never silently dropped (the answer would not be the body the server sent)."""
+        parts = [self._inflate(data, room)]
+        size = len(parts[0])
+        while self._zlib.eof and self._zlib.unused_data and size <= room:
+            rest = self._zlib.unused_data
+            if self._deflate or (len(rest) >= 2 and rest[:2] != b"\x1f\x8b"):
+                raise self._trailing()
+            if len(rest) < 2:
+                break  # the next chunk says whether a member begins
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            parts.append(self._inflate(rest, room - size))
+            size += len(parts[-1])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _inflate(self, data: bytes, room: int) -> bytes:
         try:
             out = self._zlib.decompress(data, room + 1)
         except zlib.error as exc:
@@ -306,15 +330,22 @@ class _Inflater:
             # "deflate" is raw deflate on some servers, zlib-wrapped on others.
             self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
             self._first = False
-            return self.inflate(data, room)
+            return self._inflate(data, room)
         self._first = False
         return out
 
     def finish(self) -> bytes:
+        if self._zlib.eof and self._zlib.unused_data:  # a byte of no member, at the end
+            raise self._trailing()
         try:
             return self._zlib.flush()
         except zlib.error as exc:
             raise httpx2.DecodingError(f"body is not valid {self._kind()}") from exc
+
+    def _trailing(self) -> ResponseRefusedError:
+        return ResponseRefusedError(
+            f"data after the end of the {self._kind()} body", request=self._request
+        )
 
     def _kind(self) -> str:
         return "deflate" if self._deflate else "gzip"

@@ -563,8 +563,13 @@ class EndpointBudget:
             while self._served and self._served[0][0] <= now - _WINDOW_S:
                 self._served.popleft()
             pause = None
+            doubted_before = self.requests.advertised, self.tokens.advertised
+            report = self._believable(report)
+            changed = changed or doubted_before != (
+                self.requests.advertised,
+                self.tokens.advertised,
+            )
             if report is not None and report.present:
-                report = self._believable(report)
                 after_requests, after_tokens = self._sent_after(ticket)
                 sent = ticket.sent_at
                 self.requests.sync(report.requests, now, sent, 1.0, after_requests, max_pause_s)
@@ -583,29 +588,51 @@ class EndpointBudget:
             self._log_pause(pause)
         return pause
 
-    def _believable(self, report: RateLimitHeaders) -> RateLimitHeaders:
+    def _believable(self, report: RateLimitHeaders | None) -> RateLimitHeaders | None:
         """``report`` without an advertised limit far below what the endpoint served in
         the last minute (a server that says "1 token a minute" after serving thousands is
-        not believed); logged once per lane."""
+        not believed); logged once per lane.  A limit believed from an earlier report
+        (before enough was served to doubt it) is dropped by the same rule, whether or
+        not this report repeats it: else one early lie would pace the lane for good."""
         served_requests = float(len(self._served))
         served_tokens = sum(tokens for _, tokens in self._served)
-        lanes = {"requests": report.requests, "tokens": report.tokens}
-        for name, served in (("requests", served_requests), ("tokens", served_tokens)):
-            limit = lanes[name].limit_per_minute
-            if limit is not None and limit * _SERVED_SLACK < served:
-                lanes[name] = attrs.evolve(lanes[name], limit_per_minute=None)
-                if name not in self._doubted:
-                    self._doubted.add(name)
-                    log.warning(
-                        "advertised rate limit not believed: below what the endpoint served",
-                        extra={
-                            "base_url": self.name,
-                            "lane": name,
-                            "limit_per_minute": limit,
-                            "served_last_minute": served,
-                        },
-                    )
-        return attrs.evolve(report, requests=lanes["requests"], tokens=lanes["tokens"])
+        reported = {
+            "requests": None if report is None else report.requests,
+            "tokens": None if report is None else report.tokens,
+        }
+        for name, lane, served in (
+            ("requests", self.requests, served_requests),
+            ("tokens", self.tokens, served_tokens),
+        ):
+            said = reported[name]
+            limit = None if said is None else said.limit_per_minute
+            doubted = limit is not None and limit * _SERVED_SLACK < served
+            if doubted:
+                assert said is not None
+                reported[name] = attrs.evolve(said, limit_per_minute=None)
+            if lane.advertised is not None and lane.advertised * 60.0 * _SERVED_SLACK < served:
+                limit = lane.advertised * 60.0 if limit is None else limit
+                lane.advertised = None
+                # The pacing it caused goes too (the caller's own limit keeps its own).
+                lane.tat = lane.own_tat
+                lane.rebound()
+                doubted = True
+            if doubted and name not in self._doubted:
+                self._doubted.add(name)
+                log.warning(
+                    "advertised rate limit not believed: below what the endpoint served",
+                    extra={
+                        "base_url": self.name,
+                        "lane": name,
+                        "limit_per_minute": limit,
+                        "served_last_minute": served,
+                    },
+                )
+        if report is None:
+            return None
+        requests, tokens = reported["requests"], reported["tokens"]
+        assert requests is not None and tokens is not None
+        return attrs.evolve(report, requests=requests, tokens=tokens)
 
     def pause(self, seconds: float) -> None:
         """Pause the whole endpoint for ``seconds`` from now (a 429 that said nothing of

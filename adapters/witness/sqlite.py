@@ -86,6 +86,7 @@ def _claim_file(path: Path) -> tuple[int, int] | None:
     (an operator may have opened it to a group of auditors); a log that others can read
     is logged as a warning.
     """
+    _check_directory(path)
     for suffix in ("", *_SIDE_FILES):
         side = Path(f"{path}{suffix}")
         if side.is_symlink():
@@ -118,6 +119,29 @@ def _claim_file(path: Path) -> tuple[int, int] | None:
             extra={"witness_path": str(path), "mode": oct(stat.S_IMODE(st.st_mode))},
         )
     return st.st_dev, st.st_ino
+
+
+def _check_directory(path: Path) -> None:
+    """Refuse a log in a directory others can write to, unless it is sticky.
+
+    The checks here and SQLite's open are two steps by name: whoever can rename entries
+    in the directory can swap a link in between, and SQLite (which follows a link at
+    the log's own path) would create or convert the link's target before the swap is
+    seen.  In a sticky directory (like /tmp) others cannot rename or remove what this
+    process created, and the kernel's protected_symlinks keeps their links from being
+    followed.
+    """
+    directory = path.parent
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return  # the open reports it
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise WitnessError(
+            f"{directory}: writable by other users (mode {stat.S_IMODE(st.st_mode):o}) and not "
+            "sticky: anyone there could swap the witness log for a link while it is opened; "
+            "keep it in a directory only its owner can write"
+        )
 
 
 def _check_still(path: Path, identity: tuple[int, int] | None) -> None:

@@ -7,6 +7,8 @@ log lines, endpoints that are not http(s) URLs.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -466,3 +468,26 @@ def test_a_roster_number_too_large_for_a_float_is_a_roster_error(field: str) -> 
     """Guards against: ``OverflowError`` out of ``Roster.from_dict`` / ``Roster.load``."""
     with pytest.raises(RosterError, match=f"field '{field}'"):
         Roster.from_dict({"agents": [{"agent_id": "a", field: HUGE}]})
+
+
+def test_a_fifo_nobody_writes_to_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "council.toml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            Roster.load(fifo)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # unblock the open so the thread can end, then fail
+        with open(fifo, "wb"):
+            pass
+        worker.join(5)
+        raise AssertionError("Roster.load waited on a FIFO nobody writes to")
+    assert len(outcome) == 1 and isinstance(outcome[0], RosterError), outcome

@@ -61,3 +61,17 @@ def test_a_raw_secret_with_url_delimiters_shows_none_of_its_letters(case: Secret
     shown = redact_url(case.url)
     assert not set(shown) & set(SECRET_LETTERS), (case.url, shown)
     assert MASK in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix:///run/valkey.sock?p\tassword=s3cret",
+        "redis://h:6379/0?passwor\nd=s3cret",
+        "redis://h/0?db=0&u\rsername=admin&p\t\nwd=s3cret",
+    ],
+)
+def test_a_tab_or_newline_inside_a_secret_name_still_hides_its_value(url: str) -> None:
+    """URL parsers (urllib, so coredis) delete tabs and newlines before reading a URL:
+    ``p<TAB>assword=`` is read as ``password=`` and must be hidden as one."""
+    assert "s3cret" not in redact_url(url)

@@ -603,3 +603,27 @@ async def test_hedges_won_counts_only_hedges_whose_answer_is_the_agents(
     snapshot = service.metrics.snapshot()
     assert snapshot.hedges_launched == 3
     assert snapshot.hedges_won == 0
+
+
+async def test_a_slow_async_report_does_not_hold_the_batch_past_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    plan = {"archon-1": Step(latency=1.0)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, default=Step(5.0)))
+    reports = Reports(pause=3600.0)  # a display that hangs for an hour
+    result = await service.invoke_concurrent(make_requests(3), deadline=2.0, on_progress=reports)
+    assert trio.current_time() == pytest.approx(2.0)  # the deadline, not an hour later
+    assert [o.agent_id for o in result.outputs] == ["archon-1"]
+    assert {f.kind for f in result.failures} == {FailureKind.TIMEOUT}
+    assert reports.begun_completed() == {"archon-1"} and reports.seen == []
+
+
+async def test_a_report_still_running_when_the_batch_ends_is_cut_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(default=Step(1.0)))
+    reports = Reports(pause=3600.0)
+    result = await service.invoke_concurrent(make_requests(2), deadline=5.0, on_progress=reports)
+    assert trio.current_time() == pytest.approx(5.0)  # every agent done at 1 s; cut at 5 s
+    assert result.success_count == 2
+    assert reports.begun_completed() == {"archon-1", "archon-2"} and reports.seen == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 import tracemalloc
 from collections.abc import Iterator, Mapping
@@ -218,3 +219,90 @@ def test_metadata_with_too_many_entries_is_refused_before_it_is_read() -> None:
         ContextBundle("t", "c", many)
     del many["0"]
     assert len(ContextBundle("t", "c", many).metadata) == MAX_METADATA_ENTRIES
+
+
+class _Small(str):
+    """A str that says it is one ASCII character, whatever it holds."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 1
+
+    def isascii(self) -> bool:
+        return True
+
+    def encode(self, *_args: object, **_kwargs: object) -> bytes:
+        return b"x"
+
+
+def test_a_topic_that_lies_about_its_size_is_measured_by_what_it_holds() -> None:
+    with pytest.raises(InvalidRequestError, match="topic_content"):
+        ContextBundle("t", _Small("a" * (MAX_TOPIC_BYTES + 1)))
+    kept = ContextBundle("t", _Small("fits")).topic_content
+    assert type(kept) is str and kept == "fits"  # a plain str: no method of the caller's left
+
+
+def test_metadata_that_lies_about_its_size_is_measured_by_what_it_holds() -> None:
+    with pytest.raises(InvalidRequestError, match="metadata"):
+        ContextBundle("t", "c", {"k": _Small("v" * (MAX_METADATA_BYTES + 1))})
+    with pytest.raises(InvalidRequestError, match="metadata"):
+        ContextBundle("t", "c", {_Small("k" * (MAX_METADATA_BYTES + 1)): "v"})
+    kept = ContextBundle("t", "c", {_Small("k"): _Small("v")}).metadata
+    assert [(type(k), type(v)) for k, v in kept.items()] == [(str, str)]
+
+
+def test_metadata_is_kept_as_it_was_checked_by_a_mapping_that_changes_when_read_again() -> None:
+    class Shifty(Mapping[str, str]):
+        """Small the first time it is read, huge every time after."""
+
+        reads = 0
+
+        def __len__(self) -> int:
+            return 1
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(["k"])
+
+        def __getitem__(self, key: str) -> str:
+            Shifty.reads += 1
+            return "v" if Shifty.reads == 1 else "v" * (8 * MAX_METADATA_BYTES)
+
+    try:
+        kept = ContextBundle("t", "c", Shifty()).metadata
+    except InvalidRequestError:
+        return  # refused: as good
+    assert dict(kept) == {"k": "v"}
+
+
+def test_metadata_whose_length_lies_is_refused_past_the_entry_limit() -> None:
+    class Lying(Mapping[str, str]):
+        """Says it has one entry; yields the same empty key (no bytes) over and over."""
+
+        def __len__(self) -> int:
+            return 1
+
+        def __iter__(self) -> Iterator[str]:
+            return itertools.repeat("", 10**6)  # for ever, as far as a check can tell
+
+        def __getitem__(self, key: str) -> str:
+            return ""
+
+    with pytest.raises(InvalidRequestError, match=r"at most 1,024 entries"):
+        ContextBundle("t", "c", Lying())
+
+
+def test_a_frozen_map_subclass_as_metadata_is_kept_as_a_plain_frozen_map() -> None:
+    from kernel._frozenmap import FrozenMap
+
+    class Sub(FrozenMap[str]):
+        __slots__ = ()
+
+        def __getitem__(self, key: str) -> str:
+            return "v" * (8 * MAX_METADATA_BYTES)
+
+    try:
+        kept = ContextBundle("t", "c", Sub({"k": "v"})).metadata
+    except InvalidRequestError:
+        return  # refused: as good
+    assert type(kept) is FrozenMap and kept["k"] == "v"

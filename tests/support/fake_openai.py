@@ -28,7 +28,9 @@ agents' own scripts).  A fault is one of:
                                surrogate such as ``"\\ud800"``)
     ("encoded", encoding)      answer at once, compressed: "gzip", "deflate" (zlib) or
                                "raw-deflate" (sent as ``deflate``); any other name is
-                               only the header (``br``: a body that is not brotli)
+                               only the header (``br``: a body that is not brotli);
+                               "gzip-members": two gzip members; "gzip-trailing" or
+                               "deflate-trailing": the stream, then bytes after its end
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
@@ -78,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import json
 import math
 import struct
@@ -416,6 +419,14 @@ class FakeOpenAIServer:
                 packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
                 packed = packer.compress(body) + packer.flush()
                 encoding = "gzip" if fault[1] == "gzip" else "deflate"
+            elif fault[1] == "gzip-members":  # two gzip members, one after the other
+                half = len(body) // 2
+                packed, encoding = gzip.compress(body[:half]) + gzip.compress(body[half:]), "gzip"
+            elif fault[1] in ("gzip-trailing", "deflate-trailing"):  # then bytes of no stream
+                encoding = fault[1].partition("-")[0]
+                packed = (gzip.compress(body) if encoding == "gzip" else zlib.compress(body)) + (
+                    b"\x00" * 64
+                )
             else:  # an encoding the client did not ask for: the plain body, mislabelled
                 packed, encoding = body, fault[1]
             extra = {**extra, "Content-Encoding": encoding}

@@ -172,3 +172,32 @@ async def test_a_request_through_a_proxy_from_the_environment_is_bounded_too(
             result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
     assert llm_server.attempts["archon-1"] == 1  # it did go through the proxy
     assert f"{CAP} inflated" in messages(result)[0], messages(result)
+
+
+async def test_an_answer_in_several_gzip_members_is_inflated_whole(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("encoded", "gzip-members")
+    result, _ = await run_batch(llm_server, 1)
+    assert result.success_count == 1, messages(result)
+    assert result.outputs[0].content.startswith("archon-1 votes aye")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_bytes_after_the_end_of_a_compressed_body_are_refused_not_ignored(
+    llm_server: FakeOpenAIServer, encoding: str
+) -> None:
+    llm_server.default = ("encoded", f"{encoding}-trailing")
+    result, _ = await run_batch(llm_server, 1, max_retries=0)
+    (message,) = messages(result)
+    assert f"data after the end of the {encoding} body" in message, message
+
+
+async def test_a_redirect_to_a_huge_location_is_named_in_a_short_message(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("redirect", "http://elsewhere.test/" + "a" * 60_000)
+    result, _ = await run_batch(llm_server, 1)
+    (message,) = messages(result)
+    assert "HTTP 307 redirect to http://elsewhere.test/aaa" in message, message[:300]
+    assert len(message) < 1_000, len(message)

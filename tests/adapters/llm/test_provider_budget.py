@@ -306,6 +306,36 @@ def test_orchestrators_of_one_endpoint_and_key_share_the_strictest_limits() -> N
 # ------------------------------------------- a server that lies in its rate-limit headers or usage
 
 
+def test_a_limit_believed_once_is_dropped_when_what_was_served_proves_it_a_lie() -> None:
+    # The first answer's "1 a minute" is believed (nothing served yet to doubt it); the
+    # answers to the nine already sent repeat it after ten were served within the
+    # minute: the lie is then doubted, and the limit believed before must go with it.
+    b, clock = budget()
+    sent = [b.reserve(100.0) for _ in range(10)]
+    for ticket in sent:
+        send(b, clock, ticket)
+    lie = report(x_ratelimit_limit_requests="1", x_ratelimit_limit_tokens="10")
+    b.finish(sent[0], lie, used_tokens=100, max_pause_s=30)
+    assert b.requests.rate == pytest.approx(1 / 60)
+    for ticket in sent[1:]:
+        b.finish(ticket, lie, used_tokens=100, max_pause_s=30)
+    assert (b.requests.rate, b.tokens.rate) == (None, None)
+    assert b.next_turn(100.0) == clock.now
+
+
+def test_a_lie_dropped_leaves_only_the_callers_own_pace() -> None:
+    b, clock = budget(requests_per_minute=600)
+    sent = [b.reserve(1.0) for _ in range(10)]
+    for ticket in sent:
+        send(b, clock, ticket)
+    lie = report(x_ratelimit_limit_requests="1")
+    b.finish(sent[0], lie, max_pause_s=30)
+    for ticket in sent[1:]:
+        b.finish(ticket, lie, max_pause_s=30)
+    # Ten sent at 600 a minute (95 %): the next ones go when our own pace says.
+    assert [b.reserve(1.0).at for _ in range(2)] == pytest.approx([10 / 9.5, 11 / 9.5])
+
+
 CAP_S = 30.0
 
 

@@ -333,3 +333,27 @@ async def test_the_witness_opens_an_sqlite_file_with_nothing_in_it_yet(tmp_path:
     async with SqliteWitness(path) as witness:
         await witness.commit(AgentOutput(agent_id="a", request_id=uuid4(), content="x"))
     assert verify_log(path).records == 1
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o757])
+def test_a_log_in_a_directory_others_can_rewrite_is_refused_and_nothing_is_created(
+    tmp_path: Path, mode: int
+) -> None:
+    """Anyone who can rename in the directory can swap the log for a link between the
+    check and SQLite's open: SQLite would create or convert the link's target."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(WitnessError, match=r"shared: writable by other users .* not sticky"):
+        SqliteWitness(shared / "w.db")
+    assert list(shared.iterdir()) == []
+
+
+async def test_a_log_in_a_sticky_shared_directory_is_opened(tmp_path: Path) -> None:
+    """Sticky (like /tmp): others cannot rename or remove what this process created."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    async with SqliteWitness(shared / "w.db") as witness:
+        await _deliberate(witness, 1)
+    assert _mode(shared / "w.db") == 0o600
