@@ -131,6 +131,40 @@ def _read_capped(path: Path) -> bytes:
     return raw
 
 
+def _checked_defaults(defaults: object, source: str) -> Mapping[str, Any]:
+    """A roster's ``defaults`` table, checked once, so that an error says "defaults", not
+    the first agent."""
+    if not isinstance(defaults, Mapping):
+        raise RosterError(f"{source}: 'defaults' must be a table")
+    bad = set(defaults) - _DEFAULT_FIELDS
+    if bad:
+        raise RosterError(f"{source}: defaults: unknown field(s): {_names(bad)}")
+    try:
+        AgentProfile(agent_id="defaults", **defaults)
+    except InvalidRequestError as exc:
+        raise RosterError(f"{source}: defaults: {exc}") from None
+    return defaults
+
+
+def _agent_profile(entry: object, i: int, defaults: Mapping[str, Any], source: str) -> AgentProfile:
+    """The ``agents[i]`` entry over the defaults; errors name the agent by its id if valid."""
+    where = f"agents[{i}]"
+    if not isinstance(entry, Mapping):
+        raise RosterError(f"{source}: {where}: expected a table")
+    if _agent_id_problem(entry.get("agent_id")) is None:
+        # Only a valid id names the agent; an invalid one is shown quoted, later.
+        where = f"agent {entry['agent_id']!r}"
+    unknown_fields = set(entry) - _PROFILE_FIELDS
+    if unknown_fields:
+        raise RosterError(f"{source}: {where}: unknown field(s): {_names(unknown_fields)}")
+    try:
+        return AgentProfile(**{**defaults, **entry})
+    except TypeError as exc:  # agent_id missing
+        raise RosterError(f"{source}: {where}: {exc}") from None
+    except InvalidRequestError as exc:
+        raise RosterError(f"{source}: {where}: {exc}") from None
+
+
 def _check_count(agents: int, source: str) -> None:
     """Refuse more than :data:`MAX_ROSTER_AGENTS` agents before any profile is built."""
     if agents > MAX_ROSTER_AGENTS:
@@ -348,38 +382,12 @@ class Roster:
         unknown = set(data) - {"agents", "defaults"}
         if unknown:
             raise RosterError(f"{source}: unknown top-level field(s): {_names(unknown)}")
-        defaults = data.get("defaults", {})
-        if not isinstance(defaults, Mapping):
-            raise RosterError(f"{source}: 'defaults' must be a table")
-        bad = set(defaults) - _DEFAULT_FIELDS
-        if bad:
-            raise RosterError(f"{source}: defaults: unknown field(s): {_names(bad)}")
-        try:  # checked once, so that an error says "defaults", not the first agent
-            AgentProfile(agent_id="defaults", **defaults)
-        except InvalidRequestError as exc:
-            raise RosterError(f"{source}: defaults: {exc}") from None
+        defaults = _checked_defaults(data.get("defaults", {}), source)
         agents = data.get("agents")
         if not isinstance(agents, list):
             raise RosterError(f"{source}: 'agents' must be a list of agent tables")
         _check_count(len(agents), source)
-        profiles = []
-        for i, entry in enumerate(agents):
-            where = f"agents[{i}]"
-            if not isinstance(entry, Mapping):
-                raise RosterError(f"{source}: {where}: expected a table")
-            if _agent_id_problem(entry.get("agent_id")) is None:
-                # Only a valid id names the agent; an invalid one is shown quoted, later.
-                where = f"agent {entry['agent_id']!r}"
-            unknown_fields = set(entry) - _PROFILE_FIELDS
-            if unknown_fields:
-                raise RosterError(f"{source}: {where}: unknown field(s): {_names(unknown_fields)}")
-            merged = {**defaults, **entry}
-            try:
-                profiles.append(AgentProfile(**merged))
-            except TypeError as exc:  # agent_id missing
-                raise RosterError(f"{source}: {where}: {exc}") from None
-            except InvalidRequestError as exc:
-                raise RosterError(f"{source}: {where}: {exc}") from None
+        profiles = [_agent_profile(entry, i, defaults, source) for i, entry in enumerate(agents)]
         return cls(profiles, source=source)
 
     @classmethod

@@ -139,8 +139,40 @@ _CREATE_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
     d = sub.add_parser("deliberate", help="run one deliberation and print a summary")
+    _council_and_run_options(d)
+    _cluster_and_tail_options(d)
+    _backend_options(d)
+    _output_options(d)
+    v = sub.add_parser("verify", help="verify a witness log's hash chain")
+    v.add_argument("db", type=Path, help="the SQLite witness log")
+    v.add_argument("--expected-head", help="a chain hash the log must contain (from a receipt)")
+
+    for name, text in (
+        ("halt", "raise the halt in a halt file"),
+        ("clear", "clear the halt (two approvers)"),
+        ("status", "show a halt file's state"),
+    ):
+        p = sub.add_parser(name, help=text)
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--halt-file", type=Path)
+        where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
+        if name == "halt":
+            p.add_argument("--create", action="store_true", help=_CREATE_HELP)
+        if name in ("halt", "clear"):
+            p.add_argument("--reason", required=True)
+        if name == "clear":
+            p.add_argument(
+                "--approver",
+                action="append",
+                default=[],
+                required=True,
+                help="repeat: at least two distinct approvers",
+            )
+    return parser
+
+
+def _council_and_run_options(d: argparse.ArgumentParser) -> None:
     who = d.add_argument_group("council")
     who.add_argument(
         "--agents",
@@ -176,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--halt-file", type=Path, help="durable halt channel to obey")
     run.add_argument("--create", action="store_true", help=_CREATE_HELP)
+
+
+def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
     cluster = d.add_argument_group("several processes (a Valkey or Redis server they share)")
     cluster.add_argument(
         "--valkey",
@@ -217,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="at most ceil(F x agents) hedged agents per batch (default 0.1)",
     )
+
+
+def _backend_options(d: argparse.ArgumentParser) -> None:
     stub = d.add_argument_group("stub backend")
     stub.add_argument("--latency-ms", type=_non_negative_float, default=100.0)
     stub.add_argument("--jitter-ms", type=_non_negative_float, default=0.0)
@@ -242,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument(
         "--tpm", type=_positive_int, default=None, help="the provider's tokens per minute"
     )
+
+
+def _output_options(d: argparse.ArgumentParser) -> None:
     out = d.add_argument_group("output")
     out.add_argument(
         "--json",
@@ -280,33 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT while running",
     )
-
-    v = sub.add_parser("verify", help="verify a witness log's hash chain")
-    v.add_argument("db", type=Path, help="the SQLite witness log")
-    v.add_argument("--expected-head", help="a chain hash the log must contain (from a receipt)")
-
-    for name, text in (
-        ("halt", "raise the halt in a halt file"),
-        ("clear", "clear the halt (two approvers)"),
-        ("status", "show a halt file's state"),
-    ):
-        p = sub.add_parser(name, help=text)
-        where = p.add_mutually_exclusive_group(required=True)
-        where.add_argument("--halt-file", type=Path)
-        where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
-        if name == "halt":
-            p.add_argument("--create", action="store_true", help=_CREATE_HELP)
-        if name in ("halt", "clear"):
-            p.add_argument("--reason", required=True)
-        if name == "clear":
-            p.add_argument(
-                "--approver",
-                action="append",
-                default=[],
-                required=True,
-                help="repeat: at least two distinct approvers",
-            )
-    return parser
 
 
 # ---------------------------------------------------------------- deliberate

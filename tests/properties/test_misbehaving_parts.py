@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from kernel import (
     AgentOutput,
     AgentPool,
+    AgentRequest,
     CommitReceipt,
     ConcurrentDeliberationService,
     ConcurrentResult,
@@ -160,6 +161,26 @@ class Ledger:
         )
 
 
+def assert_misbehaviour_named(
+    requests: list[AgentRequest], scenario: Scenario, result: ConcurrentResult, halted: bool
+) -> None:
+    """Misbehaviour is named, never silent; HALTED only when halted."""
+    kinds = {f.agent_id: f.kind for f in result.failures}
+    for req, agent in zip(requests, scenario.agents, strict=True):
+        kind = kinds.get(req.agent_id)
+        if kind is FailureKind.HALTED:
+            assert halted
+        elif agent.behaviour in ("garbage", "wrong_agent"):
+            assert kind in (FailureKind.INVALID_OUTPUT, FailureKind.TIMEOUT)
+        elif agent.behaviour in ("error", "stray_cancel"):
+            assert kind in (FailureKind.ERROR, FailureKind.TIMEOUT)
+        elif agent.behaviour == "hang":
+            assert kind is FailureKind.TIMEOUT
+        elif agent.behaviour == "halts":
+            # It raised the halt before returning: its own output is never released.
+            assert kind is not None
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_promises_hold_with_hostile_orchestrators_and_random_halts(scenario: Scenario) -> None:
@@ -209,20 +230,6 @@ def test_promises_hold_with_hostile_orchestrators_and_random_halts(scenario: Sce
     assert pool.active_count == 0 and pool.limiter.borrowed_tokens == 0
     assert not pool.queued_agents
 
-    # Misbehaviour is named, never silent; HALTED only when halted.
-    kinds = {f.agent_id: f.kind for f in result.failures}
-    for req, agent in zip(requests, scenario.agents, strict=True):
-        kind = kinds.get(req.agent_id)
-        if kind is FailureKind.HALTED:
-            assert halted
-        elif agent.behaviour in ("garbage", "wrong_agent"):
-            assert kind in (FailureKind.INVALID_OUTPUT, FailureKind.TIMEOUT)
-        elif agent.behaviour in ("error", "stray_cancel"):
-            assert kind in (FailureKind.ERROR, FailureKind.TIMEOUT)
-        elif agent.behaviour == "hang":
-            assert kind is FailureKind.TIMEOUT
-        elif agent.behaviour == "halts":
-            # It raised the halt before returning: its own output is never released.
-            assert kind is not None
+    assert_misbehaviour_named(requests, scenario, result, halted)
     if halted:
         assert switch.halted
