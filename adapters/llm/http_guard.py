@@ -15,9 +15,9 @@ enforces, per request, whatever the SDK above it does:
   dense the input (a bomb costs the cap, not its inflated size), and hands the SDK a
   plain body.  Over the cap: :class:`ResponseRefusedError`, the connection closed.
 - *No redirects.*  A 3xx is refused (:class:`ResponseRefusedError`, naming the
-  ``Location`` without credentials or query), never followed: following would re-send
-  the prompt and the agent header to whatever origin the server names, past every
-  check ``base_url`` had.
+  ``Location`` as :func:`adapters.urls.redact_url` shows a URL), never followed: following
+  would re-send the prompt and the agent header to whatever origin the server names,
+  past every check ``base_url`` had.
 
 Streaming responses go through the same stream wrapper, so each stream gets the same
 deadline and caps.  The per-request cost is one asyncio timer and a length sum per chunk

@@ -705,13 +705,13 @@ async def test_a_redirect_is_refused_and_the_other_origin_sees_nothing(
 ) -> None:
     other = FakeOpenAIServer().start()
     try:
-        llm_server.default = ("redirect", f"{other.base_url}/chat/completions?k=s3cret")
+        llm_server.default = ("redirect", f"{other.base_url}/chat/completions?sig=s3cret")
         result, _ = await run_hostile(llm_server, 1)
         assert other.requests_total == 0
     finally:
         other.stop()
     (failure,) = result.failures
-    assert f"HTTP 307 redirect to {other.base_url}/chat/completions?*** refused" in (
+    assert f"HTTP 307 redirect to {other.base_url}/chat/completions?sig=*** refused" in (
         failure.message
     ), failure.message
     assert "s3cret" not in failure.message
