@@ -136,7 +136,8 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         status = response.status_code
         if 300 <= status < 400:
-            location = redact_url(response.headers.get("Location", "")) or "nowhere"
+            location = response.headers.get("Location", "")
+            location = redact_url(location, every_query_value=True) or "nowhere"
             if len(location) > _LOCATION_SHOWN:  # a header may be ~100 KB: keep one line
                 location = location[: _LOCATION_SHOWN - 3] + "..."
             raise ResponseRefusedError(
