@@ -873,7 +873,9 @@ class OpenAIChatOrchestrator:
             raise AgentInvocationError(f"{where}: malformed response (not a chat completion)")
         if not choices:
             raise AgentInvocationError(f"{where}: malformed response (no choices)")
-        choice = choices[0] if isinstance(choices[0], dict) else {}
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise AgentInvocationError(f"{where}: malformed response (not a chat completion)")
         message = choice.get("message")
         message = message if isinstance(message, dict) else {}
         content = message.get("content")

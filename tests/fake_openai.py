@@ -35,7 +35,7 @@ agents' own scripts).  A fault is one of:
 Streaming: a request with ``"stream": true`` gets each answer above as server-sent
 events (``text/event-stream``): a role chunk, the content in word chunks, a finish chunk,
 a usage chunk if it asked for one (``stream_options.include_usage``), then ``[DONE]``.
-Broken streams, after ``n`` content chunks:
+Broken streams, after a role chunk and ``n`` content chunks (``n`` = 0: no chunk at all):
 
     ("stream_reset", n)        the connection reset (no terminating chunk)
     ("stream_error", n)        an error event (``data: {"error": ...}``), then [DONE]
@@ -535,7 +535,8 @@ class FakeOpenAIServer:
         words = b"".join(
             _sse_event(_delta(payload, agent, {"content": f"word{i} "})) for i in range(n)
         )
-        writer.write(_chunked_head(_SSE) + _chunk_frame(head + words))
+        # n = 0: not even the role chunk (a stream that breaks before anything came).
+        writer.write(_chunked_head(_SSE) + (_chunk_frame(head + words) if n else b""))
         await writer.drain()
         if name == "stream_reset":
             writer.transport.abort()
