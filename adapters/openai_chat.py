@@ -902,12 +902,13 @@ class _Outcome:
 
 async def _whole_body(response: httpx2.Response) -> bytes:
     """A response's body, its transport errors the SDK's (as the SDK reads a body)."""
+    request: Any = response.request  # openai 2 (CrewAI's) types it as httpx's
     try:
         return await response.aread()
     except httpx2.TimeoutException as exc:
-        raise openai.APITimeoutError(request=response.request) from exc
+        raise openai.APITimeoutError(request=request) from exc
     except httpx2.RequestError as exc:
-        raise openai.APIConnectionError(request=response.request) from exc
+        raise openai.APIConnectionError(request=request) from exc
 
 
 def _never_connected(exc: BaseException) -> bool:
