@@ -930,6 +930,11 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--hang", action="store_true", help="never answer")
     parser.add_argument(
+        "--generate",
+        metavar="TOKENS:RATE",
+        help='generation mode: e.g. 256:512 (256 tokens at 512 a second; see "generate")',
+    )
+    parser.add_argument(
         "--rate-limit",
         metavar="REQUESTS:TOKENS:WINDOW_S",
         help="rate-limited mode: e.g. 120:100000:1 (120 requests, 100000 tokens per 1 s)",
@@ -939,6 +944,9 @@ def main() -> None:
     server.default = ("latency", args.latency) if args.latency else "ok"
     if args.hang:
         server.default = "hang"
+    if args.generate:
+        tokens, rate = args.generate.split(":")
+        server.default = ("generate", int(tokens), float(rate))
     server.start()
     if args.rate_limit:
         requests, tokens, window = args.rate_limit.split(":")

@@ -217,7 +217,7 @@ async def test_a_call_streams_and_reports_usage_and_first_token_latency(
     assert meta["usage"] == "reported" and meta["completion_tokens"] == 40
     assert meta["finish_reason"] == "stop"
     # The first token came as soon as it was generated, the answer at the end.
-    assert 0 < meta["first_token_ms"] <= float(meta["latency_ms"]) - 200.0
+    assert 0 < float(meta["first_token_ms"]) <= float(meta["latency_ms"]) - 200.0
 
 
 async def test_stream_false_sends_a_plain_request_and_reads_a_plain_answer(
@@ -228,7 +228,7 @@ async def test_stream_false_sends_a_plain_request_and_reads_a_plain_answer(
     assert "stream" not in llm_server.bodies[0]
     assert output.content.startswith("archon-1 votes aye")
     assert output.metadata["usage"] == "reported"
-    assert output.metadata["first_token_ms"] <= output.metadata["latency_ms"]
+    assert float(output.metadata["first_token_ms"]) <= float(output.metadata["latency_ms"])
 
 
 async def test_a_server_that_sends_no_usage_gets_an_estimate_marked_as_such(
