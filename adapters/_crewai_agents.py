@@ -82,6 +82,8 @@ __all__ = [
 ]
 
 _MAX_SERVER_MESSAGE = 200
+# How CrewAI's LLM step says that an LLM call answered nothing (crewai 1.15).
+_EMPTY_ANSWER = "Invalid response from LLM call - None or empty"
 
 
 class AsyncOnlyOpenAI(OpenAICompletion):
@@ -155,6 +157,10 @@ class AgentRun:
                 return AgentInvocationError(
                     f"{self.where}: malformed response (not a chat completion)"
                 )
+            if isinstance(exc, ValueError) and _EMPTY_ANSWER in str(exc):
+                # CrewAI's words for a stream that brought no content (a server that
+                # answered a stream request with no events at all, a JSON body).
+                return AgentInvocationError(f"{self.where}: malformed response (no content)")
             if isinstance(exc, RecursionError) or isinstance(error, RecursionError):
                 return AgentInvocationError(
                     f"{self.where}: malformed response (JSON nested too deeply)"
@@ -500,13 +506,22 @@ def _prepend_system_prompt(messages: list[Any], system_prompt: str) -> None:
 
 
 def _openai_error(exc: BaseException) -> BaseException:
-    """The openai SDK error under what CrewAI raised (it wraps some), else ``exc``."""
+    """The openai SDK error under what CrewAI raised (it wraps some), else ``exc``.
+
+    A transport error raised while a stream is read (the SDK's streams of openai 2 do not
+    wrap them) stands for the SDK error it would have been: a timeout, or a connection
+    failure (a reset, a stream cut short)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; bounded all the same
         if seen is None:
             break
         if isinstance(seen, openai.OpenAIError):
             return seen
+        if isinstance(seen, httpx2.TransportError):
+            request: Any = seen.request  # openai 2 types it as httpx's; it takes httpx2's
+            if isinstance(seen, httpx2.TimeoutException):
+                return openai.APITimeoutError(request=request)
+            return openai.APIConnectionError(request=request)
         seen = seen.__cause__ or seen.__context__
     return exc
 
