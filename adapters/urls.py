@@ -56,11 +56,16 @@ _PARAM = re.compile(r"[^&;]+")
 _DELETED_BY_PARSERS = str.maketrans("", "", "\t\r\n")
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its userinfo, secret-named query values and fragment shown as ``***``."""
+def redact_url(url: str, *, every_query_value: bool = False) -> str:
+    """``url`` with its userinfo, secret-named query values and fragment shown as ``***``.
+
+    ``every_query_value=True`` hides every query value, whatever its name: for a URL that
+    came from elsewhere (a server's redirect ``Location``), whose names say nothing.
+    """
     shown: list[str] = []
     rest = 0  # where the text not yet copied or hidden starts
-    for start, stop in sorted(_userinfo(url) + _secret_query_values(url) + _fragment(url)):
+    hidden = _userinfo(url) + _secret_query_values(url, every_query_value) + _fragment(url)
+    for start, stop in sorted(hidden):
         if shown and start <= rest:  # overlaps or touches the run just hidden
             rest = max(rest, stop)
             continue
@@ -85,7 +90,7 @@ def _fragment(url: str) -> list[tuple[int, int]]:
     return [(hash_at + 1, len(url))] if 0 <= hash_at < len(url) - 1 else []
 
 
-def _secret_query_values(url: str) -> list[tuple[int, int]]:
+def _secret_query_values(url: str, every: bool = False) -> list[tuple[int, int]]:
     hash_at = url.find("#")
     end = hash_at if hash_at >= 0 else len(url)
     query_at = url.find("?", 0, end)
@@ -94,7 +99,7 @@ def _secret_query_values(url: str) -> list[tuple[int, int]]:
     spans = []
     for param in _PARAM.finditer(url, query_at + 1, end):
         name, equals, value = param.group().partition("=")
-        if equals and value and _looks_secret(name):
+        if equals and value and (every or _looks_secret(name)):
             start = param.start() + len(name) + 1
             spans.append((start, param.end()))
     return spans

@@ -66,3 +66,7 @@ done
 time "$CONCLAVE" deliberate --backend "$BACKEND" --base-url "$BASE_URL" --model smollm2 \
   "${COUNCIL[@]}" --max-tokens "$MAX_TOKENS" --timeout 900 --show 2 \
   --topic "Should the council meet weekly or monthly? Answer in one sentence."
+
+# The server's work after a halt (72 agents, long answers, halted 2 s in): how long it
+# stays busy with the abandoned generations, not streamed against streamed.
+.venv/bin/python -m scripts.e2e_halt_measure --base-url "$BASE_URL" --model smollm2 --agents "$AGENTS"

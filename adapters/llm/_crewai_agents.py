@@ -64,6 +64,7 @@ from adapters.llm.policy import (
     RetryPolicy,
     classify_failure,
     malformed,
+    not_retried,
 )
 from adapters.llm.ratelimit_headers import retry_after_s
 from kernel import AgentInvocationError
@@ -84,6 +85,9 @@ __all__ = [
     "agent_http_client",
     "warm_up",
 ]
+
+# How CrewAI's LLM step says that an LLM call answered nothing (crewai 1.15).
+_EMPTY_ANSWER = "Invalid response from LLM call - None or empty"
 
 
 class AsyncOnlyOpenAI(OpenAICompletion):
@@ -128,7 +132,7 @@ class AgentRun:
         """
         refused = refusal_in(exc)
         if refused is not None:
-            return AgentInvocationError(f"{self.where}: {refused}; not retried")
+            return not_retried(f"{self.where}: {refused}")
         error = _openai_error(exc)
         failure = None
         if isinstance(error, openai.OpenAIError):
@@ -136,6 +140,10 @@ class AgentRun:
         if failure is None:
             if isinstance(error, openai.APIResponseValidationError) or _is_json_error(exc):
                 return malformed(self.where, "not a chat completion")
+            if isinstance(exc, ValueError) and _EMPTY_ANSWER in str(exc):
+                # CrewAI's words for a stream that brought no content (a server that
+                # answered a stream request with no events at all, a JSON body).
+                return malformed(self.where, "no content")
             if isinstance(exc, RecursionError) or isinstance(error, RecursionError):
                 return malformed(self.where, "JSON nested too deeply")
             described = describe_error(exc).replace(self._api_key, "***")
@@ -476,13 +484,22 @@ def _prepend_system_prompt(messages: list[Any], system_prompt: str) -> None:
 
 
 def _openai_error(exc: BaseException) -> BaseException:
-    """The openai SDK error under what CrewAI raised (it wraps some), else ``exc``."""
+    """The openai SDK error under what CrewAI raised (it wraps some), else ``exc``.
+
+    A transport error raised while a stream is read (the SDK's streams of openai 2 do not
+    wrap them) stands for the SDK error it would have been: a timeout, or a connection
+    failure (a reset, a stream cut short)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; bounded all the same
         if seen is None:
             break
         if isinstance(seen, openai.OpenAIError):
             return seen
+        if isinstance(seen, httpx2.TransportError):
+            request: Any = seen.request  # openai 2 types it as httpx's; it takes httpx2's
+            if isinstance(seen, httpx2.TimeoutException):
+                return openai.APITimeoutError(request=request)
+            return openai.APIConnectionError(request=request)
         seen = seen.__cause__ or seen.__context__
     return exc
 

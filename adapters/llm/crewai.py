@@ -19,6 +19,13 @@ Guarantees:
   (CrewAI's own executor runs its LLM calls with the synchronous client in worker
   threads; why, and what replaces it: that module's docstring).  A halt or a timeout
   cancels the asyncio task and with it the HTTP request; no thread is left running.
+- *A halt stops the generation.*  Every LLM call streams (CrewAI's own streaming of its
+  native provider, usage in the last chunk), so the server sees its client go away and
+  stops generating; ``stream=False`` for a server that cannot stream (it then generates
+  to ``max_tokens`` after a halt).  A stream that ends without ``[DONE]`` fails in the
+  HTTP guard, never a truncated answer; CrewAI reads the stream with the SDK, so a stream
+  broken after some content is retried as a connection failure (the OpenAI orchestrator's
+  own reader does not retry it).
 - *A server is bounded* as for the OpenAI orchestrator (:mod:`adapters.llm.http_guard`, every
   agent's HTTP client): ``timeout_s`` bounds each attempt from connection to last byte,
   a body over ``max_response_bytes`` (wire or inflated) or an answer over
@@ -169,6 +176,9 @@ class CrewAIOrchestrator:
         max_response_bytes, max_content_chars: the largest response body and the longest
             answer taken, as in :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`
             (8 MiB, 1 Mi characters).
+        stream: stream every LLM call (the default), so that a halt stops the server's
+            generation; False for a server that cannot stream (it then generates on
+            after a halt).
     """
 
     def __init__(
@@ -190,6 +200,7 @@ class CrewAIOrchestrator:
         expected_output: str = DEFAULT_EXPECTED_OUTPUT,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
+        stream: bool = True,
     ) -> None:
         if not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
@@ -200,6 +211,8 @@ class CrewAIOrchestrator:
             raise InvalidRequestError("api_key must be a non-empty string or None")
         if not isinstance(telemetry, bool):
             raise InvalidRequestError(f"telemetry must be True or False, got {telemetry!r}")
+        if not isinstance(stream, bool):
+            raise InvalidRequestError(f"stream must be True or False, got {stream!r}")
         if not isinstance(expected_output, str) or not expected_output.strip():
             raise InvalidRequestError("expected_output must be a non-empty string")
         # Validate the defaults the way a roster entry is validated.
@@ -228,6 +241,7 @@ class CrewAIOrchestrator:
         self.expected_output = expected_output
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
+        self.stream = stream
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
@@ -305,6 +319,9 @@ class CrewAIOrchestrator:
                 timeout=timeout_s,
                 default_headers={AGENT_HEADER: encode_agent_header(profile.agent_id)},
                 client_params={"http_client": client},  # the member's runners share a pool
+                # Streamed (with usage in the last chunk): closing the stream stops the
+                # server's generation; a stream cut short fails in the HTTP guard.
+                stream=self.stream,
                 **settings,
             )
             agent = crew.build_agent(

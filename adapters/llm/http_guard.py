@@ -20,9 +20,12 @@ enforces, per request, whatever the SDK above it does:
   past every check ``base_url`` had.
 
 Streaming responses go through the same stream wrapper, so each stream gets the same
-deadline and caps.  The per-request cost is one asyncio timer and a length sum per chunk
-(~30 us of CPU a call, against ~1.2 ms for the SDK itself); a plain (identity) body is
-passed through as it arrives.
+deadline and caps (a stream that stalls runs into the deadline: a timeout).  A stream of
+server-sent events (``text/event-stream``) that ends without its ``data: [DONE]`` raises
+:class:`IncompleteStreamError`: a truncated stream is never a whole answer, whichever
+reader (the SDK's, CrewAI's, ours) sits above.  The per-request cost is one asyncio timer
+and a length sum per chunk (~30 us of CPU a call, against ~1.2 ms for the SDK itself); a
+plain (identity) body is passed through as it arrives.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from adapters.urls import redact_url
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "GuardedTransport",
+    "IncompleteStreamError",
     "ResponseRefusedError",
     "guarded_client",
     "refusal_in",
@@ -68,6 +72,11 @@ _ACCEPT_ENCODING = "gzip, deflate"
 class ResponseRefusedError(httpx2.RemoteProtocolError):
     """The server sent what this client does not take: too much, a redirect, an
     encoding it cannot bound.  Not worth a retry; its message says what and why."""
+
+
+class IncompleteStreamError(httpx2.RemoteProtocolError):
+    """An event stream that ended without ``data: [DONE]``: the connection failed, the
+    answer is cut short."""
 
 
 def refusal_in(exc: BaseException) -> ResponseRefusedError | None:
@@ -136,7 +145,8 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
     ) -> httpx2.Response:
         status = response.status_code
         if 300 <= status < 400:
-            location = redact_url(response.headers.get("Location", "")) or "nowhere"
+            location = response.headers.get("Location", "")
+            location = redact_url(location, every_query_value=True) or "nowhere"
             if len(location) > _LOCATION_SHOWN:  # a header may be ~100 KB: keep one line
                 location = location[: _LOCATION_SHOWN - 3] + "..."
             raise ResponseRefusedError(
@@ -165,8 +175,9 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
             response.headers.pop("Content-Length", None)
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
+        events = response.headers.get("Content-Type", "").startswith("text/event-stream")
         # The same response, its body read through the bounds (no copy of the response).
-        response.stream = _BoundedStream(stream, request, self._cap, inflater, deadline)
+        response.stream = _BoundedStream(stream, request, self._cap, inflater, deadline, events)
         return response
 
     async def aclose(self) -> None:
@@ -183,7 +194,9 @@ class _BoundedStream(httpx2.AsyncByteStream):
         cap: int,
         inflater: _Inflater | None,
         deadline: _Deadline,
+        events: bool,
     ) -> None:
+        self._events = events
         self._inner = inner
         self._request = request
         self._cap = cap
@@ -194,6 +207,7 @@ class _BoundedStream(httpx2.AsyncByteStream):
         chunks = aiter(self._inner)
         wire = inflated = 0
         cap, inflater, deadline = self._cap, self._inflater, self._deadline
+        tail = b"" if self._events else None  # the last bytes of an event stream
         while True:
             try:
                 chunk = await deadline.wait(anext(chunks))
@@ -211,13 +225,27 @@ class _BoundedStream(httpx2.AsyncByteStream):
                     chunk = b""
                     raise self._over_cap("inflated")
             if chunk:
+                if tail is not None:
+                    tail = (tail + chunk[-16:])[-16:]
                 yield chunk
-        if inflater is not None:
-            rest = inflater.finish()
-            if inflated + len(rest) > cap:
-                raise self._over_cap("inflated")
-            if rest:
-                yield rest
+        rest = self._rest(inflated)
+        if rest:
+            if tail is not None:
+                tail = (tail + rest[-16:])[-16:]
+            yield rest
+        if tail is not None and not tail.rstrip().endswith(b"[DONE]"):
+            raise IncompleteStreamError(
+                "the event stream ended without [DONE]", request=self._request
+            )
+
+    def _rest(self, inflated: int) -> bytes:
+        """What the inflater still holds at the end of the body (within the cap)."""
+        if self._inflater is None:
+            return b""
+        rest = self._inflater.finish()
+        if inflated + len(rest) > self._cap:
+            raise self._over_cap("inflated")
+        return rest
 
     def _over_cap(self, where: str) -> ResponseRefusedError:
         return ResponseRefusedError(

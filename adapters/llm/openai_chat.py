@@ -42,6 +42,23 @@ headers; at most ``retry_after_cap_s``; without either, this agent's backoff), i
 of each agent retrying on its own.  The time an agent waited for its turns is its
 output's ``rate_limited_ms``; :meth:`OpenAIChatOrchestrator.limit_stats` sums it up.
 
+Streaming (the default): every call is a streamed chat completion (``stream=True``,
+``stream_options={"include_usage": true}``), its content assembled from the deltas.  A
+halt, a timeout, a deadline, a quorum cut or a lost hedge cancels the call, which closes
+the stream, and a server that streams (llama.cpp, vLLM, OpenAI) stops generating when its
+client goes away.  ``stream=False`` sends plain requests, for servers that cannot stream;
+its cost: a server that does not stream never sees its client go away and generates to
+``max_tokens`` after a halt (llama.cpp's server kept its slot busy for 28 s), and a paid
+provider bills for it.  A stream counts as an answer only when it ends with ``[DONE]``:
+one that breaks first (connection reset, a server error event, a malformed chunk, the body
+ending without ``[DONE]``, a cap, the attempt's deadline) is a failure, retried as any
+other only while nothing had been received; once a chunk has come, it is final (a retry
+would pay for the generation again).  Metadata: ``first_token_ms`` (invocation start to
+the first content of the answer; for ``stream=False`` the whole answer) and
+``latency_ms`` (to its end); ``usage`` is ``"reported"`` or ``"estimated"`` (a server
+that sent no usage: the prompt's estimate and the content's UTF-8 bytes / 4, which also
+settle the rate-limit budget).
+
 Set-up happens when the orchestrator is opened (:meth:`OpenAIChatOrchestrator.aopen`, which
 :class:`~adapters.llm.bridge.AsyncioOrchestratorBridge` calls on entry), in a worker
 thread and without any network call: one HTTP client per distinct ``base_url`` of the
@@ -54,26 +71,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote
 from uuid import uuid4
 
+import httpx2
 import openai
 
 from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
 from adapters.llm.policy import (
     DEFAULT_SYSTEM_PROMPT,
     KEYLESS,
+    MAX_QUOTED_CHARS,
     AttemptFailure,
     RetryPolicy,
+    StreamFailedError,
     classify_failure,
     describe_agent,
     malformed,
+    not_retried,
     over_content_cap,
     rate_limited,
     system_prompt_for,
@@ -99,6 +122,7 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "LimitStats",
     "AttemptFailure",
+    "StreamFailedError",
     "classify_failure",
     "OpenAIChatOrchestrator",
     "ProviderLimits",
@@ -152,13 +176,207 @@ def estimate_tokens(messages: list[dict[str, str]], max_tokens: int | None) -> i
     return math.ceil(size / 4) + 4 * len(messages) + 3 + completion
 
 
-def _used_tokens(completion: Any) -> float | None:
-    """The tokens a completion really used (its ``usage``), None if it does not say."""
-    usage = getattr(completion, "usage", None)
-    total = getattr(usage, "total_tokens", None)
-    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
-        return float(total)
+def _count_of(value: Any) -> int | None:
+    """A token count as a server reports it: an int >= 0, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     return None
+
+
+class _Answer:
+    """One answer (streamed or not): its content and what came with it."""
+
+    __slots__ = (
+        "completion_tokens",
+        "content",
+        "estimated",
+        "finish_reason",
+        "first_token_at",
+        "model",
+        "prompt_tokens",
+        "total_tokens",
+    )
+
+    def __init__(self, content: str, model: str) -> None:
+        self.content = content
+        self.model = model
+        self.finish_reason = ""
+        self.first_token_at = time.perf_counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.total_tokens: int | None = None  # None: the server did not say
+        self.estimated = False
+
+    def set_usage(self, usage: Any) -> None:
+        """Take a ``usage`` object or dict (either as the server sent it)."""
+        names = ("total_tokens", "prompt_tokens", "completion_tokens")
+        fields = usage if isinstance(usage, dict) else {n: getattr(usage, n, None) for n in names}
+        self.total_tokens = _count_of(fields.get("total_tokens"))
+        self.prompt_tokens = _count_of(fields.get("prompt_tokens")) or 0
+        self.completion_tokens = _count_of(fields.get("completion_tokens")) or 0
+
+    def settle(self, messages: list[dict[str, str]]) -> float:
+        """The tokens this answer used: as reported, else estimated (and marked so)."""
+        if self.total_tokens is None:
+            self.estimated = True
+            self.prompt_tokens = estimate_tokens(messages, 0)
+            self.completion_tokens = math.ceil(utf8_size(self.content) / 4)
+            return float(self.prompt_tokens + self.completion_tokens)
+        return float(self.total_tokens)
+
+
+class _StreamReader:
+    """Reads one streamed chat completion (server-sent events) into an :class:`_Answer`.
+
+    Per chunk: a split on newlines, one ``json.loads`` and a few dict look-ups (no SDK
+    model per chunk).  Any way the stream can go wrong is a :class:`StreamFailedError`:
+    worth another attempt (as the same failure without a stream would be) only while
+    nothing has been received; after that, final.
+    """
+
+    __slots__ = (
+        "_api_key",
+        "_cap",
+        "_chunks",
+        "_event",
+        "_pieces",
+        "_size",
+        "_where",
+        "answer",
+        "choices",
+        "done",
+    )
+
+    def __init__(self, max_content_chars: int, where: str, api_key: str) -> None:
+        self._cap = max_content_chars
+        self._where = where
+        self._api_key = api_key
+        self._pieces: list[str] = []  # every content delta (None: none yet)
+        self._size = 0
+        self._chunks = 0  # chunks received (the retry rule's "something came")
+        self._event = ""
+        self.answer = _Answer("", "")
+        self.answer.first_token_at = 0.0
+        self.choices = False  # whether any chunk had a choice
+        self.done = False
+
+    async def read(self, response: httpx2.Response) -> _Answer:
+        failure: AttemptFailure | None = None
+        try:
+            await self._consume(response.aiter_bytes())
+        except httpx2.RequestError as exc:
+            failure = self._broken(exc)
+        if failure is not None:  # raised out of the except block (see AttemptFailure)
+            raise StreamFailedError(failure)
+        if not self.done:
+            raise StreamFailedError(self._failed("the stream ended without [DONE]"))
+        if not self.choices:
+            raise StreamFailedError(self._malformed("no choices"))
+        if self._size == 0 and not self._pieces:
+            raise StreamFailedError(self._malformed("null content"))
+        answer = self.answer
+        answer.content = "".join(self._pieces)
+        if not answer.first_token_at:  # an empty answer: it came whole at the end
+            answer.first_token_at = time.perf_counter()
+        return answer
+
+    async def _consume(self, body: AsyncIterator[bytes]) -> None:
+        rest = b""
+        data: list[bytes] = []
+        async for block in body:
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    data.append(value[1:] if value.startswith(b" ") else value)
+                elif not line:  # the end of an event
+                    if data:
+                        self._take(b"\n".join(data))
+                        data.clear()
+                        if self.done:
+                            return
+                    self._event = ""
+                elif line.startswith(b"event:"):
+                    self._event = line[6:].strip().decode("utf-8", "replace")
+
+    def _take(self, data: bytes) -> None:
+        """One event's data: a chunk, an error, or ``[DONE]``."""
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except (ValueError, RecursionError):
+            raise StreamFailedError(self._malformed("a chunk that is not JSON")) from None
+        if not isinstance(chunk, dict):
+            raise StreamFailedError(self._malformed("a chunk that is not an object"))
+        if chunk.get("error") or self._event == "error":
+            raise StreamFailedError(self._error_event(chunk.get("error")))
+        self._chunks += 1
+        answer = self.answer
+        choices = chunk.get("choices")
+        if choices:
+            self._delta(choices)
+        elif choices is not None and not isinstance(choices, list):
+            raise StreamFailedError(self._malformed("a chunk that is not a chat delta"))
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            answer.set_usage(usage)
+        model = chunk.get("model")
+        if isinstance(model, str) and not answer.model:
+            answer.model = model
+
+    def _delta(self, choices: Any) -> None:
+        """The first choice's delta: content appended (within the cap), its finish."""
+        choice = choices[0] if isinstance(choices, list) else None
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise StreamFailedError(self._malformed("a chunk that is not a chat delta"))
+        assert isinstance(choice, dict)
+        self.choices = True
+        content = delta.get("content")
+        if isinstance(content, str):
+            if content and not self.answer.first_token_at:
+                self.answer.first_token_at = time.perf_counter()
+            self._pieces.append(content)
+            self._size += len(content)
+            if self._size > self._cap:
+                over = over_content_cap(self._where, self._cap)
+                raise StreamFailedError(AttemptFailure("over cap", final=over))
+        elif delta.get("refusal"):
+            raise StreamFailedError(self._malformed("refused"))
+        finish = choice.get("finish_reason")
+        if finish:
+            self.answer.finish_reason = str(finish)
+
+    def _failed(self, what: str) -> AttemptFailure:
+        """A stream that broke: worth another attempt only if nothing had come."""
+        if not self._chunks:
+            return AttemptFailure(what)
+        return AttemptFailure(
+            what, final=not_retried(f"{self._where}: {what} after {self._chunks} chunk(s)")
+        )
+
+    def _broken(self, exc: httpx2.RequestError) -> AttemptFailure:
+        refused = refusal_in(exc)
+        if refused is not None:
+            return AttemptFailure("refused", final=not_retried(f"{self._where}: {refused}"))
+        if isinstance(exc, httpx2.TimeoutException):
+            return self._failed("the stream timed out")
+        return self._failed(f"the stream broke ({type(exc).__name__})")
+
+    def _error_event(self, error: Any) -> AttemptFailure:
+        message = str(error.get("message") or "") if isinstance(error, dict) else ""
+        if self._api_key != KEYLESS:  # providers echo part of a key in their errors
+            message = message.replace(self._api_key, "***")
+        said = f" ({message[:MAX_QUOTED_CHARS]})" if message else ""
+        return self._failed(f"the server sent an error event{said}")
+
+    def _malformed(self, why: str) -> AttemptFailure:
+        return AttemptFailure("malformed", final=malformed(self._where, why))
 
 
 class OpenAIChatOrchestrator:
@@ -190,6 +408,8 @@ class OpenAIChatOrchestrator:
             (default :data:`~adapters.llm.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
         max_content_chars: the longest answer taken (default
             :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
+        stream: stream every call (the default).  False for a server that cannot
+            stream; it then generates on after a halt (module docstring).
     """
 
     def __init__(
@@ -211,12 +431,15 @@ class OpenAIChatOrchestrator:
         limits: ProviderLimits | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
+        stream: bool = True,
     ) -> None:
         check_base_url(base_url)
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model must be a non-empty string")
         if roster is not None and not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
+        if not isinstance(stream, bool):
+            raise InvalidRequestError(f"stream must be a bool, got {type(stream).__name__}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise InvalidRequestError("api_key must be a non-empty string or None")
         if limits is not None and not isinstance(limits, ProviderLimits):
@@ -253,6 +476,7 @@ class OpenAIChatOrchestrator:
         self.limits = limits
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
+        self.stream = stream
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
@@ -397,11 +621,14 @@ class OpenAIChatOrchestrator:
             return self.roster.get(agent_id)
         return AgentProfile(agent_id=agent_id)
 
-    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+    def _request(
+        self, agent_id: str, context: ContextBundle
+    ) -> tuple[dict[str, Any], str, str, int | None]:
+        """The chat-completion request for one agent, with its model, base URL and
+        ``max_tokens`` (profile first, then the orchestrator's defaults)."""
         profile = self._profile(agent_id)
         model = profile.model or self.model
         base_url = (profile.base_url or self.base_url).rstrip("/")
-        timeout_s = profile.timeout_s or self.timeout_s
         temperature = profile.temperature if profile.temperature is not None else self.temperature
         max_tokens = profile.max_tokens or self.max_tokens
         system = system_prompt_for(
@@ -413,7 +640,7 @@ class OpenAIChatOrchestrator:
                 {"role": "system", "content": system},
                 {"role": "user", "content": topic_message(context)},
             ],
-            "timeout": timeout_s,
+            "timeout": profile.timeout_s or self.timeout_s,
             # Lets proxies and test servers attribute a request to an agent.  Encoded:
             # header values are ASCII, agent ids need not be (see the module docstring).
             "extra_headers": {AGENT_HEADER: encode_agent_header(agent_id)},
@@ -422,7 +649,13 @@ class OpenAIChatOrchestrator:
             request["temperature"] = temperature
         if max_tokens is not None:
             request["max_tokens"] = max_tokens
+        if self.stream:
+            request["stream"] = True
+            request["stream_options"] = {"include_usage": True}
+        return request, model, base_url, max_tokens
 
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        request, model, base_url, max_tokens = self._request(agent_id, context)
         client = self._client(base_url)
         budget = self._budget(base_url)
         tokens = estimate_tokens(request["messages"], max_tokens)
@@ -439,7 +672,7 @@ class OpenAIChatOrchestrator:
             self._count(waited_s=ticket.waited_s)
             outcome = _Outcome()
             try:
-                completion = await self._attempt(client, request, budget, ticket, outcome)
+                answer = await self._attempt(client, request, budget, ticket, outcome, where)
                 break
             except Exception as exc:
                 failure = classify_failure(exc, where, self._api_key)
@@ -473,7 +706,20 @@ class OpenAIChatOrchestrator:
             if delay_s:
                 await asyncio.sleep(delay_s)
 
-        return self._output(agent_id, model, completion, attempts, started, waited_s, where)
+        metadata: dict[str, str | int | float] = {
+            "model": answer.model or model,
+            "finish_reason": answer.finish_reason,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "usage": "estimated" if answer.estimated else "reported",
+            "attempts": attempts,
+            "first_token_ms": round((answer.first_token_at - started) * 1000.0, 3),
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "rate_limited_ms": round(waited_s * 1000.0, 3),
+        }
+        return AgentOutput(
+            agent_id=agent_id, request_id=uuid4(), content=answer.content, metadata=metadata
+        )
 
     async def _attempt(
         self,
@@ -482,18 +728,30 @@ class OpenAIChatOrchestrator:
         budget: EndpointBudget,
         ticket: Ticket,
         outcome: _Outcome,
-    ) -> Any:
+        where: str,
+    ) -> _Answer:
         """One HTTP attempt, its outcome reported to the budget whatever it is (an
         answer, an error status, no answer at all, a cancellation)."""
         report: RateLimitHeaders | None = None
         used: float | None = None
         throttled = False
         try:
-            raw = await client.chat.completions.with_raw_response.create(**request)
-            report = RateLimitHeaders.parse(raw.headers)
-            completion = raw.parse()
-            used = _used_tokens(completion)
-            return completion
+            if self.stream:
+                completions = client.chat.completions.with_streaming_response
+                async with completions.create(**request) as response:
+                    report = RateLimitHeaders.parse(response.headers)
+                    http = response.http_response
+                    if http.headers.get("content-type", "").startswith("text/event-stream"):
+                        reader = _StreamReader(self.max_content_chars, where, self._api_key)
+                        answer = await reader.read(http)
+                    else:  # a server that does not stream answers whole: taken as such
+                        answer = self._answer(await _whole_body(http), where)
+            else:
+                raw = await client.chat.completions.with_raw_response.create(**request)
+                report = RateLimitHeaders.parse(raw.headers)
+                answer = self._answer(raw.http_response.content, where)
+            used = answer.settle(request["messages"])
+            return answer
         except openai.APIStatusError as exc:
             report = RateLimitHeaders.parse(exc.response.headers)
             # An exhausted quota is no rate limit: it neither pauses nor counts as one.
@@ -511,42 +769,33 @@ class OpenAIChatOrchestrator:
             )
             outcome.paused = pause is not None
 
-    def _output(
-        self,
-        agent_id: str,
-        model: str,
-        completion: Any,
-        attempts: int,
-        started: float,
-        waited_s: float,
-        where: str,
-    ) -> AgentOutput:
-        choices = getattr(completion, "choices", None)
+    def _answer(self, body: bytes, where: str) -> _Answer:
+        """What a whole (not streamed) chat completion answered, or why it is malformed.
+
+        Read with ``json.loads``, not the SDK's models: the same checks for a fraction of
+        the CPU."""
+        doc = json.loads(body)  # ValueError, RecursionError: classify_failure's malformed
+        choices = doc.get("choices") if isinstance(doc, dict) else None
         if not isinstance(choices, list):
             raise malformed(where, "not a chat completion")
         if not choices:
             raise malformed(where, "no choices")
-        message = getattr(choices[0], "message", None)
-        content = getattr(message, "content", None)
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise malformed(where, "not a chat completion")
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
+        content = message.get("content")
         if not isinstance(content, str):
-            refusal = getattr(message, "refusal", None)
-            why = "refused" if refusal else "null content"
+            why = "refused" if message.get("refusal") else "null content"
             raise malformed(where, why)
         if len(content) > self.max_content_chars:
             raise over_content_cap(where, self.max_content_chars)
-        usage = getattr(completion, "usage", None)
-        metadata: dict[str, str | int | float] = {
-            "model": str(getattr(completion, "model", None) or model),
-            "finish_reason": str(choices[0].finish_reason or ""),
-            "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
-            "attempts": attempts,
-            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
-            "rate_limited_ms": round(waited_s * 1000.0, 3),
-        }
-        return AgentOutput(
-            agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata
-        )
+        model = doc.get("model")
+        answer = _Answer(content, model if isinstance(model, str) else "")
+        answer.finish_reason = str(choice.get("finish_reason") or "")
+        answer.set_usage(doc.get("usage"))
+        return answer
 
 
 class _Outcome:
@@ -556,6 +805,17 @@ class _Outcome:
 
     def __init__(self) -> None:
         self.paused = False  # a 429 whose reset already paused the endpoint
+
+
+async def _whole_body(response: httpx2.Response) -> bytes:
+    """A response's body, its transport errors the SDK's (as the SDK reads a body)."""
+    request: Any = response.request  # openai 2 (CrewAI's) types it as httpx's
+    try:
+        return await response.aread()
+    except httpx2.TimeoutException as exc:
+        raise openai.APITimeoutError(request=request) from exc
+    except httpx2.RequestError as exc:
+        raise openai.APIConnectionError(request=request) from exc
 
 
 def _never_connected(exc: BaseException) -> bool:

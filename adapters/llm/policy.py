@@ -30,9 +30,11 @@ __all__ = [
     "AttemptFailure",
     "Backoff",
     "RetryPolicy",
+    "StreamFailedError",
     "classify_failure",
     "describe_agent",
     "malformed",
+    "not_retried",
     "out_of_quota",
     "over_content_cap",
     "rate_limited",
@@ -119,7 +121,8 @@ def over_content_cap(where: str, cap: int) -> AgentInvocationError:
     return AgentInvocationError(f"{where}: answer over the {cap}-character cap (max_content_chars)")
 
 
-def _final(message: str) -> AgentInvocationError:
+def not_retried(message: str) -> AgentInvocationError:
+    """A failure no retry would help (the same again next time)."""
     return AgentInvocationError(f"{message}; not retried")
 
 
@@ -171,6 +174,15 @@ class AttemptFailure(NamedTuple):
     final: AgentInvocationError | None = None
 
 
+class StreamFailedError(Exception):
+    """A streamed answer that went wrong; ``failure`` says how (:func:`classify_failure`
+    answers it as is)."""
+
+    def __init__(self, failure: AttemptFailure) -> None:
+        super().__init__(failure.what)
+        self.failure = failure
+
+
 def classify_failure(exc: BaseException, where: str, api_key: str) -> AttemptFailure | None:
     """The one classification of a failed chat-completion attempt, for every orchestrator.
 
@@ -180,10 +192,12 @@ def classify_failure(exc: BaseException, where: str, api_key: str) -> AttemptFai
     time), every other status, a 429 out of quota, a request that cannot be encoded, and
     a malformed response.  None: an error this does not know (the caller decides).
     """
+    if isinstance(exc, StreamFailedError):
+        return exc.failure
     if isinstance(exc, openai.APIConnectionError):  # an APITimeoutError is one too
         refused = refusal_in(exc)
         if refused is not None:
-            return AttemptFailure("refused", final=_final(f"{where}: {refused}"))
+            return AttemptFailure("refused", final=not_retried(f"{where}: {refused}"))
         timed_out = isinstance(exc, openai.APITimeoutError)
         return AttemptFailure("timed out" if timed_out else "connection failed")
     if isinstance(exc, openai.APIStatusError):
@@ -192,7 +206,7 @@ def classify_failure(exc: BaseException, where: str, api_key: str) -> AttemptFai
         # Something of ours (a header: the API key?) is not encodable: the request never
         # left, and no retry will change that.
         why = f"cannot encode the request ({type(exc).__name__} in {exc.encoding})"
-        return AttemptFailure("unencodable", final=_final(f"{where}: {why}"))
+        return AttemptFailure("unencodable", final=not_retried(f"{where}: {why}"))
     if isinstance(exc, openai.APIResponseValidationError | ValueError):
         why = f"{type(exc).__name__}: invalid JSON"
         return AttemptFailure("malformed", final=malformed(where, why))
@@ -207,12 +221,12 @@ def _status_failure(exc: openai.APIStatusError, where: str, api_key: str) -> Att
     if out_of_quota(exc):
         said = server_message(exc, api_key)
         return AttemptFailure(
-            what, final=_final(f"{where}: {what}: the account is out of quota {said}")
+            what, final=not_retried(f"{where}: {what}: the account is out of quota {said}")
         )
     # 408 is the server's own request timeout: a timeout, so retried.
     if status not in (408, 429) and status < 500:
         said = server_message(exc, api_key)
-        return AttemptFailure(what, final=_final(f"{where}: {what} {said}"))
+        return AttemptFailure(what, final=not_retried(f"{where}: {what} {said}"))
     return AttemptFailure(what, throttled=status == 429)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 
 import trio
 
@@ -21,7 +22,10 @@ from benchmarks.timing import over, timed
 from benchmarks.workloads import ServiceBatch, requests_for
 from kernel import AgentOrchestratorProtocol, ConcurrentDeliberationService, HaltSwitch
 
-__all__ = ["bridge", "first_batch_stall", "llm_loopback"]
+__all__ = ["bridge", "first_batch_stall", "llm_loopback", "llm_stream"]
+
+#: The streaming scenario's answer: 256 completion tokens, one chunk each, at 512 a second.
+STREAM_TOKENS, STREAM_RATE = 256, 512.0
 
 
 def bridge(s: Settings, results: Results) -> None:
@@ -80,6 +84,60 @@ def first_batch_stall(s: Settings, results: Results) -> None:
             results.add(
                 Row(name, variant, f"{metric}, entering the bridge", "ms", entry, note=note)
             )
+
+
+def llm_stream(s: Settings, results: Results) -> None:
+    """CPU per agent of a 72-agent batch whose answers are 256 tokens, streamed (one chunk
+    a token, as servers send them) against not streamed, through kernel + bridge +
+    openai; and the longest the trio loop was blocked meanwhile (a 1 ms heartbeat).  The
+    server generates each answer at 512 tokens a second, in a process of its own."""
+    reps = max(3, s.reps)
+    name = f"llm-stream 72 x {STREAM_TOKENS} tokens"
+    cpu: dict[bool, list[float]] = {}
+    with fake_server("--generate", f"{STREAM_TOKENS}:{STREAM_RATE:g}") as base_url:
+        for stream in (False, True):
+            runs = trio.run(_stream_batches, base_url, stream, reps)
+            cpu[stream] = [c for c, _ in runs]
+            variant = "streamed (default)" if stream else "stream=False"
+            results.add(Row(name, variant, "CPU per agent", "ms", cpu[stream]))
+            gaps = [g for _, g in runs]
+            target = "< 40 ms" if stream else ""
+            results.add(Row(name, variant, "max heartbeat gap", "ms", gaps, target))
+    ratio = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
+    results.add(Row(name, "streamed / stream=False", "CPU per agent", "x", ratio, "<= 1.3x"))
+
+
+async def _stream_batches(base_url: str, stream: bool, reps: int) -> list[tuple[float, float]]:
+    """(CPU ms per agent, max heartbeat gap ms) for each of ``reps`` batches of 72."""
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
+
+    orchestrator = OpenAIChatOrchestrator(base_url, "fake-model", timeout_s=60, stream=stream)
+    runs: list[tuple[float, float]] = []
+    async with AsyncioOrchestratorBridge(orchestrator) as bridge:
+        service = ConcurrentDeliberationService(bridge, HaltSwitch())
+        batch = ServiceBatch(service, 72)
+        await batch()  # warm-up: connections, first-call imports
+        for _ in range(reps):
+            gap = [0.0]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_heartbeat, gap)
+                cpu = time.process_time()
+                await batch()
+                cpu = time.process_time() - cpu
+                nursery.cancel_scope.cancel()
+            runs.append((cpu / 72 * 1000.0, gap[0] * 1000.0))
+    return runs
+
+
+async def _heartbeat(gap: list[float]) -> None:
+    """Wake every millisecond; keep the longest time between two wake-ups in ``gap``."""
+    last = time.perf_counter()
+    while True:
+        await trio.sleep(0.001)
+        now = time.perf_counter()
+        gap[0] = max(gap[0], now - last)
+        last = now
 
 
 async def _per_call_us(orchestrator: AgentOrchestratorProtocol, calls: int) -> float:

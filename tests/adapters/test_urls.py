@@ -75,3 +75,9 @@ def test_a_tab_or_newline_inside_a_secret_name_still_hides_its_value(url: str) -
     """URL parsers (urllib, so coredis) delete tabs and newlines before reading a URL:
     ``p<TAB>assword=`` is read as ``password=`` and must be hidden as one."""
     assert "s3cret" not in redact_url(url)
+
+
+def test_every_query_value_can_be_hidden_for_a_url_from_elsewhere() -> None:
+    url = "https://u:p@h.example/v1?q=s3cret&key=k#frag"
+    assert redact_url(url) == "https://***@h.example/v1?q=s3cret&key=***#***"
+    assert redact_url(url, every_query_value=True) == "https://***@h.example/v1?q=***&key=***#***"

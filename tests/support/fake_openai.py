@@ -34,6 +34,26 @@ agents' own scripts).  A fault is one of:
     "drop"                     close the connection without answering
     "hang"                     never answer (until the client goes away)
 
+Streaming: a request with ``"stream": true`` gets each answer above as server-sent
+events (``text/event-stream``): a role chunk, the content in word chunks, a finish chunk,
+a usage chunk if it asked for one (``stream_options.include_usage``), then ``[DONE]``.
+Broken streams, after a role chunk and ``n`` content chunks (``n`` = 0: no chunk at all):
+
+    ("stream_reset", n)        the connection reset (no terminating chunk)
+    ("stream_error", n)        an error event (``data: {"error": ...}``), then [DONE]
+    ("stream_malformed", n)    a chunk that is not JSON
+    ("stream_no_done", n)      finish and usage chunks, then the body ends without [DONE]
+    ("stream_stall", n)        nothing more (until the client goes away)
+    ("stream_no_usage", n)     a whole stream without a usage chunk
+
+Generation (as llama.cpp's server generates): ``("generate", tokens, rate)`` produces
+``tokens`` tokens at ``rate`` per second.  A streaming request gets each token as it is
+generated (chunked), and generation stops at the first token after the client went away;
+a non-streaming request gets the whole answer at the end, and generation goes on to the
+last token whether or not anyone is still there.  ``generations`` records per request
+(:class:`Generation`) how many tokens were generated, and how many of them after the
+client went away; ``generating`` counts the generations still running.
+
 Hostile faults (a server that tries to hang its client or exhaust its memory; each
 runs until the client goes away, the connection then closed):
 
@@ -79,6 +99,7 @@ monotonic arrival time, key and status; ``rate_limited`` counts the 429s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gzip
 import json
@@ -126,6 +147,8 @@ class FakeOpenAIServer:
         self.arrivals: list[tuple[float, str, int]] = []
         self.arrived: list[tuple[float, str]] = []
         self.rate_limited = 0
+        self.generations: list[Generation] = []
+        self.generating = 0
         self._windows: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,6 +244,8 @@ class FakeOpenAIServer:
             self.arrivals.clear()
             self.arrived.clear()
             self.rate_limited = 0
+            self.generations.clear()
+            self.generating = 0
             self._windows.clear()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._new_barrier)
@@ -365,12 +390,16 @@ class FakeOpenAIServer:
         if _is_hostile(fault):
             await _hostile(writer, fault)
             return False
+        if isinstance(fault, tuple) and fault[0] == "generate":
+            return await self._generate(reader, writer, payload, agent, fault[1], fault[2])
+        if isinstance(fault, tuple) and fault[0] in _BROKEN_STREAMS:
+            return await self._broken_stream(reader, writer, payload, agent, fault)
         if fault == "ok":
-            self._send_json(writer, 200, _completion(payload, agent, usage), extra)
+            self._send_answer(writer, _completion(payload, agent, usage), payload, extra)
         elif isinstance(fault, tuple) and fault[0] == "reply":
             doc = _completion(payload, agent, usage)
             doc["choices"][0]["message"]["content"] = fault[1]
-            self._send_json(writer, 200, doc, extra)
+            self._send_answer(writer, doc, payload, extra)
         elif fault == "rate_limited":
             error = _error("Rate limit reached (fake server)", "rate_limit_exceeded")
             self._send_json(writer, 429, error, extra)
@@ -398,22 +427,25 @@ class FakeOpenAIServer:
                     "completion_tokens": 0,
                     "total_tokens": total,
                 }
-            self._send_json(writer, 200, doc, {**extra, **headers})
+            self._send_answer(writer, doc, payload, {**extra, **headers})
         elif isinstance(fault, int):
             error = _error(f"injected {fault}", "server_error")
             self._send_json(writer, fault, error, extra)
         elif fault == "malformed_json":
-            self._send(writer, 200, b'{"id": "x", "choices": [', "application/json")
+            if _streams(payload):
+                self._send(writer, 200, b'data: {"id": "x", "choices": [\n\n', _SSE)
+            else:
+                self._send(writer, 200, b'{"id": "x", "choices": [', "application/json")
         elif fault == "empty_choices":
             doc = _completion(payload, agent)
             doc["choices"] = []
-            self._send_json(writer, 200, doc)
+            self._send_answer(writer, doc, payload)
         elif fault == "null_content":
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = None
-            self._send_json(writer, 200, doc)
+            self._send_answer(writer, doc, payload)
         elif isinstance(fault, tuple) and fault[0] == "encoded":
-            body = json.dumps(_completion(payload, agent, usage)).encode()
+            body, ctype = _body(_completion(payload, agent, usage), payload)
             if fault[1] in ("gzip", "deflate", "raw-deflate"):
                 wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[fault[1]]
                 packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
@@ -430,13 +462,109 @@ class FakeOpenAIServer:
             else:  # an encoding the client did not ask for: the plain body, mislabelled
                 packed, encoding = body, fault[1]
             extra = {**extra, "Content-Encoding": encoding}
-            self._send(writer, 200, packed, "application/json", extra)
+            self._send(writer, 200, packed, ctype, extra)
         elif isinstance(fault, tuple) and fault[0] == "content":
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = fault[1]
-            self._send_json(writer, 200, doc)  # json.dumps escapes a lone surrogate
+            self._send_answer(writer, doc, payload)  # json.dumps escapes a lone surrogate
         else:
             raise ValueError(f"unknown fault {fault!r}")
+        await writer.drain()
+        return True
+
+    async def _generate(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        payload: dict[str, Any],
+        agent: str,
+        tokens: int,
+        rate: float,
+    ) -> bool:
+        """Generate ``tokens`` tokens at ``rate`` a second (module docstring): streamed
+        as they come, or answered at the end; True if the client got the whole answer."""
+        streaming = _streams(payload)
+        record = Generation(agent, streaming)
+        gone = asyncio.ensure_future(reader.read(1))  # b"" (or an error): the client left
+
+        def left(_: asyncio.Future[bytes]) -> None:
+            record.gone_at = record.generated
+
+        gone.add_done_callback(left)
+        with self._cond:
+            self.generations.append(record)
+            self.generating += 1
+        loop = asyncio.get_running_loop()
+        chunk = _chunk_frame(_sse_event(_delta(payload, agent, {"content": "aye "})))
+        due = loop.time()
+        try:
+            if streaming:
+                writer.write(_chunked_head(_SSE))
+            for _ in range(tokens):
+                if streaming and gone.done():
+                    break  # a streaming server notices the closed socket and stops
+                due += 1.0 / rate
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                record.generated += 1
+                if streaming and not gone.done():
+                    writer.write(chunk)
+                    await writer.drain()
+            if gone.done():
+                return False
+            doc = _completion(payload, agent, (11, tokens))
+            doc["choices"][0]["message"]["content"] = "aye " * tokens
+            if streaming:
+                writer.write(_chunk_frame(_sse_tail(doc, payload)) + b"0\r\n\r\n")
+            else:
+                self._send_json(writer, 200, doc)
+            await writer.drain()
+            return True
+        except ConnectionError:
+            return False
+        finally:
+            gone.remove_done_callback(left)
+            if not gone.done():
+                gone.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await gone
+            with self._cond:
+                self.generating -= 1
+                self._cond.notify_all()
+
+    async def _broken_stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        payload: dict[str, Any],
+        agent: str,
+        fault: Fault,
+    ) -> bool:
+        """A stream that goes wrong after ``n`` content chunks (module docstring)."""
+        name, n = fault
+        doc = _completion(payload, agent)
+        head = _sse_event(_delta(payload, agent, {"role": "assistant", "content": ""}))
+        words = b"".join(
+            _sse_event(_delta(payload, agent, {"content": f"word{i} "})) for i in range(n)
+        )
+        # n = 0: not even the role chunk (a stream that breaks before anything came).
+        writer.write(_chunked_head(_SSE) + (_chunk_frame(head + words) if n else b""))
+        await writer.drain()
+        if name == "stream_reset":
+            writer.transport.abort()
+            return False
+        if name == "stream_stall":
+            await self._hold(reader, None)
+            return False
+        if name == "stream_error":
+            error = _error("the model crashed (injected)", "server_error")
+            rest = _sse_event(error) + b"data: [DONE]\n\n"
+        elif name == "stream_malformed":
+            rest = b'data: {"id": "x", "choices": [{"delta": \n\n'
+        elif name == "stream_no_done":
+            rest = _sse_tail(doc, payload).removesuffix(b"data: [DONE]\n\n")
+        else:  # stream_no_usage
+            rest = _sse_tail(doc, {})
+        writer.write(_chunk_frame(rest) + b"0\r\n\r\n")
         await writer.drain()
         return True
 
@@ -483,6 +611,17 @@ class FakeOpenAIServer:
         }
         return admitted, extra
 
+    def _send_answer(
+        self,
+        writer: asyncio.StreamWriter,
+        doc: dict[str, Any],
+        payload: dict[str, Any],
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        """A 200 answer: ``doc`` as JSON, or as a stream if the request asked for one."""
+        body, ctype = _body(doc, payload)
+        self._send(writer, 200, body, ctype, extra)
+
     def _send_json(
         self,
         writer: asyncio.StreamWriter,
@@ -508,6 +647,109 @@ class FakeOpenAIServer:
         ]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+
+class Generation:
+    """One generation's record: ``generated`` tokens in all, ``gone_at`` how many had been
+    generated when the client went away (None: it stayed)."""
+
+    __slots__ = ("agent", "generated", "gone_at", "streaming")
+
+    def __init__(self, agent: str, streaming: bool) -> None:
+        self.agent = agent
+        self.streaming = streaming
+        self.generated = 0
+        self.gone_at: int | None = None
+
+    @property
+    def after_gone(self) -> int:
+        """Tokens generated after the client went away."""
+        return 0 if self.gone_at is None else self.generated - self.gone_at
+
+
+_SSE = "text/event-stream"
+_BROKEN_STREAMS = frozenset(
+    {
+        "stream_reset",
+        "stream_error",
+        "stream_malformed",
+        "stream_no_done",
+        "stream_stall",
+        "stream_no_usage",
+    }
+)
+
+
+def _streams(payload: dict[str, Any]) -> bool:
+    return payload.get("stream") is True
+
+
+def _body(doc: dict[str, Any], payload: dict[str, Any]) -> tuple[bytes, str]:
+    """A completion's body and content type: JSON, or events if the request streams."""
+    if not _streams(payload):
+        return json.dumps(doc).encode(), "application/json"
+    choices = doc.get("choices") or []
+    message = choices[0]["message"] if choices else {}
+    content = message.get("content")
+    head = {"role": "assistant", "content": "" if content is not None else None}
+    events = [_sse_event(_chunk_of(doc, [_choice(head)] if choices else []))]
+    if isinstance(content, str):
+        events += [
+            _sse_event(_chunk_of(doc, [_choice({"content": word})])) for word in _words(content)
+        ]
+    return b"".join(events) + _sse_tail(doc, payload), _SSE
+
+
+def _sse_tail(doc: dict[str, Any], payload: dict[str, Any]) -> bytes:
+    """A stream's end: the finish chunk, the usage chunk if asked for, ``[DONE]``."""
+    choices = doc.get("choices") or []
+    tail = b""
+    if choices:
+        finish = _choice({}, choices[0].get("finish_reason") or "stop")
+        tail += _sse_event(_chunk_of(doc, [finish]))
+    options = payload.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        tail += _sse_event({**_chunk_of(doc, []), "usage": doc.get("usage")})
+    return tail + b"data: [DONE]\n\n"
+
+
+def _words(content: str) -> list[str]:
+    """``content`` in pieces of a word and its trailing space (joined: ``content``)."""
+    pieces = content.split(" ")
+    return [p + " " for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
+def _chunk_of(doc: dict[str, Any], choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": doc.get("id", "chatcmpl-x"),
+        "object": "chat.completion.chunk",
+        "created": doc.get("created", 0),
+        "model": doc.get("model", "fake-model"),
+        "choices": choices,
+    }
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
+
+def _delta(payload: dict[str, Any], agent: str, delta: dict[str, Any]) -> dict[str, Any]:
+    return _chunk_of(_completion(payload, agent), [_choice(delta)])
+
+
+def _sse_event(doc: Any) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def _chunked_head(ctype: str) -> bytes:
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode()
+
+
+def _chunk_frame(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
 _HOSTILE = frozenset(
@@ -699,6 +941,11 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--hang", action="store_true", help="never answer")
     parser.add_argument(
+        "--generate",
+        metavar="TOKENS:RATE",
+        help='generation mode: e.g. 256:512 (256 tokens at 512 a second; see "generate")',
+    )
+    parser.add_argument(
         "--rate-limit",
         metavar="REQUESTS:TOKENS:WINDOW_S",
         help="rate-limited mode: e.g. 120:100000:1 (120 requests, 100000 tokens per 1 s)",
@@ -708,6 +955,9 @@ def main() -> None:
     server.default = ("latency", args.latency) if args.latency else "ok"
     if args.hang:
         server.default = "hang"
+    if args.generate:
+        tokens, rate = args.generate.split(":")
+        server.default = ("generate", int(tokens), float(rate))
     server.start()
     if args.rate_limit:
         requests, tokens, window = args.rate_limit.split(":")

@@ -127,11 +127,11 @@ async def test_72_trickled_agents_all_time_out_at_timeout_s(llm_server: FakeOpen
 async def test_a_redirect_is_refused_naming_its_location_and_never_followed(
     llm_server: FakeOpenAIServer, other_server: FakeOpenAIServer
 ) -> None:
-    elsewhere = f"http://user:pw@127.0.0.1:{other_server.port}/v1/chat/completions?sig=s3cret"
+    elsewhere = f"http://user:pw@127.0.0.1:{other_server.port}/v1/chat/completions?q=s3cret"
     llm_server.default = ("redirect", elsewhere)
     result, _ = await run_batch(llm_server, 1)
     (message,) = messages(result)
-    shown = f"http://***@127.0.0.1:{other_server.port}/v1/chat/completions?sig=***"
+    shown = f"http://***@127.0.0.1:{other_server.port}/v1/chat/completions?q=***"
     assert f"HTTP 307 redirect to {shown} refused" in message, message
     assert "not retried" in message
     assert "s3cret" not in message and "pw@" not in message

@@ -1,6 +1,7 @@
 """The OpenAI orchestrator's requests and what it takes from an answer: a topic's message
 is built once and shared; an answer too long or too deeply nested is that agent's clear
-failure, never the caller's crash.
+failure, never the caller's crash; every call streams, a halt stops the server's
+generation, and a broken stream is a failure, never a truncated answer.
 
 Through the real SDK and the trio-asyncio bridge against the loopback server in
 tests/support/fake_openai.py; nothing here patches the client.
@@ -9,6 +10,7 @@ tests/support/fake_openai.py; nothing here patches the client.
 from __future__ import annotations
 
 import gc
+import re
 import tracemalloc
 import weakref
 from typing import Any
@@ -24,14 +26,17 @@ from adapters.llm.openai_chat import (
 )
 from kernel import (
     MAX_TOPIC_BYTES,
+    AgentInvocationError,
+    AgentPool,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
     FailureKind,
+    HaltSwitch,
     InvalidRequestError,
 )
 from tests.support.fake_openai import FakeOpenAIServer
-from tests.support.helpers import client_bytes, make_requests
+from tests.support.helpers import client_bytes, make_context, make_requests, time_halt
 from tests.support.hostile_parts import HUGE
 
 
@@ -177,3 +182,142 @@ async def test_an_answer_holding_a_lone_surrogate_is_that_agents_failure(
     assert result.success_count == 0
     assert {f.kind for f in result.failures} == {FailureKind.ERROR}
     assert all("Unicode" in f.message for f in result.failures)
+
+
+# ------------------------------------------------------------ streaming
+
+
+async def halt_72_generating(server: FakeOpenAIServer, *, stream: bool) -> list[int]:
+    """Halt 72 agents while the server generates for each (200 tokens at 100 a second),
+    once all 72 are generating; the tokens generated after each client went away."""
+    server.default = ("generate", 200, 100.0)
+    halt = HaltSwitch()
+    pool = AgentPool()
+    settings = {"timeout_s": 600.0, "stream": stream}
+    async with AsyncioOrchestratorBridge(orchestrator(server, **settings)) as bridge:
+        service = ConcurrentDeliberationService(bridge, halt, pool)
+        err, _ = await time_halt(
+            lambda: service.invoke_concurrent(make_requests(72)),
+            halt,
+            lambda: wait_server(server, lambda s: s.generating == 72),
+        )
+    assert err.partial is not None
+    assert {f.kind for f in err.partial.failures} == {FailureKind.HALTED}
+    await wait_server(server, lambda s: s.generating == 0)
+    assert all(g.streaming is stream for g in server.generations)
+    return [g.after_gone for g in server.generations]
+
+
+async def test_a_halt_with_72_streams_open_stops_the_servers_generation(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    after = await halt_72_generating(llm_server, stream=True)
+    # The server notices each closed stream at its next token at the latest.
+    assert max(after) <= 2, after
+
+
+async def test_without_streaming_the_server_generates_on_after_a_halt(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    # What stream=False costs: the server never sees the client go away and generates to
+    # max_tokens.  All 72 were halted well before their 2 s of generation were over.
+    after = await halt_72_generating(llm_server, stream=False)
+    assert sum(after) > 72 * 50, sum(after)
+
+
+async def test_a_call_streams_and_reports_usage_and_first_token_latency(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("generate", 40, 100.0)  # 0.4 s of generation
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    body = llm_server.bodies[0]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert output.content == "aye " * 40
+    meta = output.metadata
+    assert meta["usage"] == "reported" and meta["completion_tokens"] == 40
+    assert meta["finish_reason"] == "stop"
+    # The first token came as soon as it was generated, the answer at the end.
+    assert 0 < float(meta["first_token_ms"]) <= float(meta["latency_ms"]) - 200.0
+
+
+async def test_stream_false_sends_a_plain_request_and_reads_a_plain_answer(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, stream=False)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert "stream" not in llm_server.bodies[0]
+    assert output.content.startswith("archon-1 votes aye")
+    assert output.metadata["usage"] == "reported"
+    assert float(output.metadata["first_token_ms"]) <= float(output.metadata["latency_ms"])
+
+
+async def test_a_server_that_sends_no_usage_gets_an_estimate_marked_as_such(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("stream_no_usage", 8)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert output.content.startswith("word0 word1 ")
+    assert output.metadata["usage"] == "estimated"
+    # 8 words of 6 bytes = 48 bytes: 12 tokens; the prompt's estimate is not zero.
+    assert output.metadata["completion_tokens"] == 12
+    assert int(output.metadata["prompt_tokens"]) > 0
+
+
+async def test_a_server_that_answers_a_stream_request_whole_is_read_whole(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    # The hostile deep_json answer is plain JSON: the stream request is answered whole,
+    # and judged as a whole answer is (here: malformed, as without streaming).
+    llm_server.default = ("deep_json", 50)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        with pytest.raises(AgentInvocationError, match="malformed response"):
+            await bridge.invoke("archon-1", make_context())
+
+
+# Each way a stream can break -> the outcome: (fault, then what the server answers next,
+# the error's words, the attempts the server saw).  Once a chunk came, the failure is
+# final (a retry would pay for the generation again); before, it is retried.
+BROKEN_STREAMS = [
+    (
+        ("stream_reset", 3),
+        "the stream broke (RemoteProtocolError) after 4 chunk(s); not retried",
+        1,
+    ),
+    (("stream_error", 3), "error event (the model crashed (injected)) after 4 chunk(s)", 1),
+    (("stream_malformed", 3), "malformed response (a chunk that is not JSON)", 1),
+    (("stream_no_done", 3), "the stream broke (IncompleteStreamError) after 6 chunk(s)", 1),
+    (("stream_stall", 3), "the stream timed out after 4 chunk(s); not retried", 1),
+    ("endless_sse", "over the 65536-byte cap on the wire", 1),
+    (("stream_reset", 0), None, 2),
+    (("stream_error", 0), None, 2),
+    (("stream_stall", 0), None, 2),
+]
+
+
+@pytest.mark.parametrize(("fault", "error", "attempts"), BROKEN_STREAMS)
+async def test_a_broken_stream_is_a_failure_never_a_truncated_answer(
+    llm_server: FakeOpenAIServer, fault: Any, error: str | None, attempts: int
+) -> None:
+    llm_server.script("archon-1", fault, "ok")
+    settings = {
+        "max_retries": 1,
+        "backoff_base_s": 0.0,
+        "timeout_s": 1.0,
+        "max_response_bytes": 64 * 1024,
+    }
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, **settings)) as bridge:
+        if error is None:  # nothing had come: retried, and the retry's answer taken
+            output = await bridge.invoke("archon-1", make_context())
+            assert output.content.startswith("archon-1 votes aye")
+            assert output.metadata["attempts"] == 2
+        else:
+            with pytest.raises(AgentInvocationError, match=re.escape(error)):
+                await bridge.invoke("archon-1", make_context())
+    assert llm_server.attempts["archon-1"] == attempts
+
+
+def test_stream_that_is_not_a_bool_is_refused(llm_server: FakeOpenAIServer) -> None:
+    with pytest.raises(InvalidRequestError, match="stream must be a bool"):
+        orchestrator(llm_server, stream=1)
