@@ -137,6 +137,7 @@ class FakeOpenAIServer:
         self.requests_total = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self._epoch = 0  # reset() starts a new one: requests of an earlier one don't count
         self.disconnects = 0
         self.dropped = 0
         self.answered = 0
@@ -230,6 +231,7 @@ class FakeOpenAIServer:
 
     def reset(self) -> None:
         with self._cond:
+            self._epoch += 1
             self.default = "ok"
             self.models_fault = None
             self.scripts.clear()
@@ -328,6 +330,7 @@ class FakeOpenAIServer:
                     fault = "rate_limited"
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            epoch = self._epoch
             self._cond.notify_all()
         answered = False
         try:
@@ -335,14 +338,21 @@ class FakeOpenAIServer:
             return answered
         finally:
             with self._cond:
-                self.in_flight -= 1
-                if answered:
-                    self.answered += 1
-                elif fault == "drop":
-                    self.dropped += 1
-                else:
-                    self.disconnects += 1
-                self._cond.notify_all()
+                # A request of an earlier test that ends after reset() must not count in
+                # this one's (in flight would drift below zero, and a barrier of N would
+                # then need N + drift requests).
+                if epoch == self._epoch:
+                    self._count_end(answered, fault)
+
+    def _count_end(self, answered: bool, fault: Fault) -> None:
+        self.in_flight -= 1
+        if answered:
+            self.answered += 1
+        elif fault == "drop":
+            self.dropped += 1
+        else:
+            self.disconnects += 1
+        self._cond.notify_all()
 
     async def _hold(self, reader: asyncio.StreamReader, waiter: asyncio.Future[Any] | None) -> bool:
         """Wait for ``waiter`` while watching for the client to go away; False if it did."""
