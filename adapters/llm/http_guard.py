@@ -207,12 +207,28 @@ class _BoundedStream(httpx2.AsyncByteStream):
         chunks = aiter(self._inner)
         wire = inflated = 0
         cap, inflater, deadline = self._cap, self._inflater, self._deadline
-        tail = b"" if self._events else None  # the last bytes of an event stream
+        # The end of the body (an event stream's must be its [DONE]): the last chunk of
+        # 16 bytes or more, with the shorter ones after it appended (no copy per chunk).
+        tail = b""
         while True:
+            # ``deadline.wait`` inlined: a body is read a chunk (a token) at a time, and
+            # a coroutine per chunk was most of this reader's cost.
+            if deadline._expired:
+                raise deadline._timed_out()
+            task = asyncio.current_task()  # each time: a caller may read from any task
+            assert task is not None
+            depth = task.cancelling()
+            deadline._waiter = task
             try:
-                chunk = await deadline.wait(anext(chunks))
+                chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
+            except asyncio.CancelledError:
+                if deadline.timed_out(task, depth):
+                    raise deadline._timed_out() from None
+                raise
+            finally:
+                deadline._waiter = None
             wire += len(chunk)
             if wire > cap:
                 raise self._over_cap("on the wire")
@@ -225,15 +241,17 @@ class _BoundedStream(httpx2.AsyncByteStream):
                     chunk = b""
                     raise self._over_cap("inflated")
             if chunk:
-                if tail is not None:
-                    tail = (tail + chunk[-16:])[-16:]
+                tail = chunk if len(chunk) >= 16 else tail[-16:] + chunk
                 yield chunk
         rest = self._rest(inflated)
         if rest:
-            if tail is not None:
-                tail = (tail + rest[-16:])[-16:]
             yield rest
-        if tail is not None and not tail.rstrip().endswith(b"[DONE]"):
+        if self._events:
+            self._check_done(tail[-16:] + rest)
+
+    def _check_done(self, tail: bytes) -> None:
+        """An event stream whose last bytes are ``tail`` must end with ``[DONE]``."""
+        if not tail[-16:].rstrip().endswith(b"[DONE]"):
             raise IncompleteStreamError(
                 "the event stream ended without [DONE]", request=self._request
             )
@@ -260,21 +278,21 @@ class _BoundedStream(httpx2.AsyncByteStream):
 
 class _Deadline:
     """One request's wall-clock deadline, as one timer: at the deadline it cancels the
-    task waiting in :meth:`wait`, which turns that into ``httpx2.ReadTimeout``.
+    task waiting in :meth:`wait` (or in the body reader, which inlines it), which turns
+    that into ``httpx2.ReadTimeout``.
 
     One timer for the head and every chunk, not a timeout scope each (a scope costs a
     timer of its own).  The timer fires :data:`_CONNECT_GRACE_S` after the connect timeout
     would, so that a connection never set up stays a ``ConnectTimeout``.
     """
 
-    __slots__ = ("_cancel_depth", "_expired", "_handle", "_request", "_total_s", "_waiter")
+    __slots__ = ("_expired", "_handle", "_request", "_total_s", "_waiter")
 
     def __init__(self, request: httpx2.Request, total_s: float | None) -> None:
         self._request = request
         self._total_s = total_s
         self._expired = False
         self._waiter: asyncio.Task[Any] | None = None
-        self._cancel_depth = 0
         self._handle: asyncio.TimerHandle | None = None
         if total_s is not None:
             loop = asyncio.get_running_loop()
@@ -294,17 +312,22 @@ class _Deadline:
             raise self._timed_out()
         task = asyncio.current_task()
         assert task is not None
-        self._cancel_depth = task.cancelling()
+        depth = task.cancelling()
         self._waiter = task
         try:
             return await step
         except asyncio.CancelledError:
-            # Ours only if nobody else cancelled the task too (a halt stays a halt).
-            if self.expired() and task.uncancel() <= self._cancel_depth:
+            if self.timed_out(task, depth):
                 raise self._timed_out() from None
             raise
         finally:
             self._waiter = None
+
+    def timed_out(self, task: asyncio.Task[Any], depth: int) -> bool:
+        """Whether the cancellation ``task`` (cancelled ``depth`` times before it
+        waited) is in is the deadline's, and so taken back: only if nobody else cancelled
+        it too (a halt stays a halt)."""
+        return self._expired and task.uncancel() <= depth
 
     def expired(self) -> bool:
         return self._expired

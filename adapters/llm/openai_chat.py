@@ -225,6 +225,9 @@ class _Answer:
         return float(self.total_tokens)
 
 
+_JSON_DECODER = json.JSONDecoder()
+
+
 class _StreamReader:
     """Reads one streamed chat completion (server-sent events) into an :class:`_Answer`.
 
@@ -308,7 +311,7 @@ class _StreamReader:
             self.done = True
             return
         try:
-            chunk = json.loads(data)
+            chunk = self._json(data)
         except (ValueError, RecursionError):
             raise StreamFailedError(self._malformed("a chunk that is not JSON")) from None
         if not isinstance(chunk, dict):
@@ -325,9 +328,26 @@ class _StreamReader:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             answer.set_usage(usage)
-        model = chunk.get("model")
-        if isinstance(model, str) and not answer.model:
-            answer.model = model
+        if not answer.model:
+            model = chunk.get("model")
+            if isinstance(model, str):
+                answer.model = model
+
+    @staticmethod
+    def _json(data: bytes) -> Any:
+        """``json.loads(data)``, in half the time for what a chunk is: an object, UTF-8.
+
+        ``json.loads`` of bytes first guesses their encoding and skips whitespace with two
+        regular expressions, a third of its time on a small chunk; an object has no
+        whitespace before it, and UTF-8 is what ``json.loads`` guesses for it (no BOM, no
+        NUL bytes: it starts ``{"``).  Anything else is left to ``json.loads``."""
+        if data[:2] != b'{"':
+            return json.loads(data)
+        text = data.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
+        doc, end = _JSON_DECODER.raw_decode(text)
+        if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
+            raise ValueError("extra data after the JSON object")
+        return doc
 
     def _delta(self, choices: Any) -> None:
         """The first choice's delta: content appended (within the cap), its finish."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -90,7 +92,9 @@ def llm_stream(s: Settings, results: Results) -> None:
     """CPU per agent of a 72-agent batch whose answers are 256 tokens, streamed (one chunk
     a token, as servers send them) against not streamed, through kernel + bridge +
     openai; and the longest the trio loop was blocked meanwhile (a 1 ms heartbeat).  The
-    server generates each answer at 512 tokens a second, in a process of its own."""
+    server generates each answer at 512 tokens a second, in a process of its own.  For
+    reference, on the same server, streamed and not: the plain SDK (its own default
+    client, no kernel, no bridge) and httpx2 alone, the floor of the HTTP stack."""
     reps = max(3, s.reps)
     name = f"llm-stream 72 x {STREAM_TOKENS} tokens"
     cpu: dict[bool, list[float]] = {}
@@ -103,6 +107,18 @@ def llm_stream(s: Settings, results: Results) -> None:
             gaps = [g for _, g in runs]
             target = "< 40 ms" if stream else ""
             results.add(Row(name, variant, "max heartbeat gap", "ms", gaps, target))
+        # The references, under asyncio.gather against the same server, no kernel and no
+        # bridge: the plain SDK (its own default client, a model object per chunk), and
+        # httpx2 alone (the SDK's HTTP client, the body read to its end, not parsed): the
+        # floor of the HTTP stack.
+        for stream in (False, True):
+            how = "streamed" if stream else "stream=False"
+            sdk = asyncio.run(_sdk_stream_batches(base_url, stream, reps))
+            note = "plain SDK, no kernel"
+            results.add(Row(name, f"plain SDK, {how}", "CPU per agent", "ms", sdk, note=note))
+            raw = asyncio.run(_httpx_stream_batches(base_url, stream, reps))
+            note = "the HTTP stack's floor: body read, not parsed"
+            results.add(Row(name, f"httpx2 alone, {how}", "CPU per agent", "ms", raw, note=note))
     ratio = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
     results.add(Row(name, "streamed / stream=False", "CPU per agent", "x", ratio, "<= 1.3x"))
 
@@ -127,6 +143,78 @@ async def _stream_batches(base_url: str, stream: bool, reps: int) -> list[tuple[
                 cpu = time.process_time() - cpu
                 nursery.cancel_scope.cancel()
             runs.append((cpu / 72 * 1000.0, gap[0] * 1000.0))
+    return runs
+
+
+async def _sdk_stream_batches(base_url: str, stream: bool, reps: int) -> list[float]:
+    """CPU ms per agent for each of ``reps`` batches of 72 through the plain SDK: a
+    streamed call iterated to its end (usage in the last chunk), or a whole one."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
+    messages: Any = [{"role": "user", "content": "motion"}]
+
+    async def one(i: int) -> None:
+        headers = {"X-Conclave-Agent": f"archon-{i}"}
+        if not stream:
+            await client.chat.completions.create(
+                model="fake-model", messages=messages, extra_headers=headers
+            )
+            return
+        chunks = await client.chat.completions.create(
+            model="fake-model",
+            messages=messages,
+            extra_headers=headers,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for _ in chunks:
+            pass
+
+    try:
+        return await _asyncio_cpu_per_agent(one, reps)
+    finally:
+        await client.close()
+
+
+async def _httpx_stream_batches(base_url: str, stream: bool, reps: int) -> list[float]:
+    """CPU ms per agent for each of ``reps`` batches of 72 through httpx2 alone (the SDK's
+    HTTP client, with the SDK's connection limits): the request the SDK sends, the body
+    read to its end and not parsed."""
+    import httpx2
+
+    body: dict[str, Any] = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "motion"}],
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx2.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            headers = {"X-Conclave-Agent": f"archon-{i}"}
+            url = f"{base_url}/chat/completions"
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        return await _asyncio_cpu_per_agent(one, reps)
+
+
+async def _asyncio_cpu_per_agent(one: Callable[[int], Awaitable[None]], reps: int) -> list[float]:
+    """CPU ms per agent for each of ``reps`` batches of ``one(0)`` ... ``one(71)`` under
+    ``asyncio.gather``, after a batch to warm up (connections, first-call imports)."""
+
+    async def batch() -> None:
+        await asyncio.gather(*(one(i) for i in range(72)))
+
+    await batch()
+    runs: list[float] = []
+    for _ in range(reps):
+        cpu = time.process_time()
+        await batch()
+        runs.append((time.process_time() - cpu) / 72 * 1000.0)
     return runs
 
 

@@ -45,6 +45,8 @@ Broken streams, after a role chunk and ``n`` content chunks (``n`` = 0: no chunk
     ("stream_no_done", n)      finish and usage chunks, then the body ends without [DONE]
     ("stream_stall", n)        nothing more (until the client goes away)
     ("stream_no_usage", n)     a whole stream without a usage chunk
+    ("stream_event", data)     one content chunk, an event whose data is ``data`` (bytes,
+                               verbatim), then the stream's end as usual
 
 Generation (as llama.cpp's server generates): ``("generate", tokens, rate)`` produces
 ``tokens`` tokens at ``rate`` per second.  A streaming request gets each token as it is
@@ -550,7 +552,8 @@ class FakeOpenAIServer:
         fault: Fault,
     ) -> bool:
         """A stream that goes wrong after ``n`` content chunks (module docstring)."""
-        name, n = fault
+        name, arg = fault
+        n = 1 if name == "stream_event" else arg
         doc = _completion(payload, agent)
         head = _sse_event(_delta(payload, agent, {"role": "assistant", "content": ""}))
         words = b"".join(
@@ -572,6 +575,8 @@ class FakeOpenAIServer:
             rest = b'data: {"id": "x", "choices": [{"delta": \n\n'
         elif name == "stream_no_done":
             rest = _sse_tail(doc, payload).removesuffix(b"data: [DONE]\n\n")
+        elif name == "stream_event":
+            rest = b"data: " + arg + b"\n\n" + _sse_tail(doc, payload)
         else:  # stream_no_usage
             rest = _sse_tail(doc, {})
         writer.write(_chunk_frame(rest) + b"0\r\n\r\n")
@@ -686,6 +691,7 @@ _BROKEN_STREAMS = frozenset(
         "stream_no_done",
         "stream_stall",
         "stream_no_usage",
+        "stream_event",
     }
 )
 

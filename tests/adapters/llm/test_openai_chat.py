@@ -318,6 +318,33 @@ async def test_a_broken_stream_is_a_failure_never_a_truncated_answer(
     assert llm_server.attempts["archon-1"] == attempts
 
 
+@pytest.mark.parametrize(
+    ("data", "content"),
+    [
+        (b'{"choices": [{"delta": {"content": "x"}}]}', "word0 x"),
+        (b'{"choices": [{"delta": {"content": "x"}}]} \t ', "word0 x"),
+        (b'{"choices": [{"delta": {"content": "x"}}]} x', None),
+        (b'{"choices": [{"delta": {"content": "x"}}]}{}', None),
+        (b'{"choices": [{"delta": {"content": "\xff"}}]}', None),
+        (b' {"choices": [{"delta": {"content": "x"}}]}', "word0 x"),
+        (b"[]", None),
+    ],
+)
+async def test_a_chunk_is_taken_only_when_it_is_exactly_one_json_object(
+    llm_server: FakeOpenAIServer, data: bytes, content: str | None
+) -> None:
+    # JSON's whitespace around the object is allowed; anything else after it, a second
+    # object, bytes that are not UTF-8 or a value that is not an object are malformed.
+    llm_server.script("archon-1", ("stream_event", data))
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, max_retries=0)) as bridge:
+        if content is None:
+            with pytest.raises(AgentInvocationError, match=r"malformed response \(a chunk"):
+                await bridge.invoke("archon-1", make_context())
+        else:
+            output = await bridge.invoke("archon-1", make_context())
+            assert output.content == content
+
+
 def test_stream_that_is_not_a_bool_is_refused(llm_server: FakeOpenAIServer) -> None:
     with pytest.raises(InvalidRequestError, match="stream must be a bool"):
         orchestrator(llm_server, stream=1)
