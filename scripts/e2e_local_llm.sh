@@ -45,8 +45,11 @@ PORT=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1
 BASE_URL="http://127.0.0.1:$PORT/v1"
 
 echo "e2e: serving $(basename "$MODEL") at $BASE_URL"
+# --interrupt_requests False: by default this server cuts a stream short (a [DONE] with no
+# finish_reason) whenever another request comes in; with 72 agents streaming, only the last
+# would finish.  The orchestrator refuses such a cut-short answer (never released).
 "$E2E/bin/python" -m llama_cpp.server --model "$MODEL" --model_alias smollm2 \
-  --host 127.0.0.1 --port "$PORT" --n_ctx 4096 > .e2e/server.log 2>&1 &
+  --host 127.0.0.1 --port "$PORT" --n_ctx 4096 --interrupt_requests False > .e2e/server.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 

@@ -277,6 +277,11 @@ class _StreamReader:
             raise StreamFailedError(self._malformed("no choices"))
         if self._size == 0 and not self._pieces:
             raise StreamFailedError(self._malformed("null content"))
+        if not self.answer.finish_reason:
+            # [DONE] without a finish_reason: the server cut the answer short (llama-cpp-
+            # python's server does so to a stream when another request comes in).  Never
+            # a truncated answer released; nothing was, so another attempt is safe.
+            raise StreamFailedError(AttemptFailure("the stream was cut short (no finish_reason)"))
         answer = self.answer
         answer.content = "".join(self._pieces)
         if not answer.first_token_at:  # an empty answer: it came whole at the end

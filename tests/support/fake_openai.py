@@ -45,6 +45,8 @@ Broken streams, after a role chunk and ``n`` content chunks (``n`` = 0: no chunk
     ("stream_no_done", n)      finish and usage chunks, then the body ends without [DONE]
     ("stream_stall", n)        nothing more (until the client goes away)
     ("stream_no_usage", n)     a whole stream without a usage chunk
+    ("stream_cut_short", n)    then [DONE] with no finish_reason: what llama-cpp-python's
+                               server sends when a new request interrupts a stream
     ("stream_event", data)     one content chunk, an event whose data is ``data`` (bytes,
                                verbatim), then the stream's end as usual
 
@@ -577,6 +579,8 @@ class FakeOpenAIServer:
             rest = _sse_tail(doc, payload).removesuffix(b"data: [DONE]\n\n")
         elif name == "stream_event":
             rest = b"data: " + arg + b"\n\n" + _sse_tail(doc, payload)
+        elif name == "stream_cut_short":
+            rest = b"data: [DONE]\n\n"
         else:  # stream_no_usage
             rest = _sse_tail(doc, {})
         writer.write(_chunk_frame(rest) + b"0\r\n\r\n")
@@ -691,6 +695,7 @@ _BROKEN_STREAMS = frozenset(
         "stream_no_done",
         "stream_stall",
         "stream_no_usage",
+        "stream_cut_short",
         "stream_event",
     }
 )

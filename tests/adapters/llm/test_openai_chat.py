@@ -290,7 +290,9 @@ BROKEN_STREAMS = [
     (("stream_no_done", 3), "the stream broke (IncompleteStreamError) after 6 chunk(s)", 1),
     (("stream_stall", 3), "the stream timed out after 4 chunk(s); not retried", 1),
     ("endless_sse", "over the 65536-byte cap on the wire", 1),
+    (("stream_cut_short", 3), None, 2),  # cut short: the truncated answer never taken
     (("stream_reset", 0), None, 2),
+    (("stream_cut_short", 0), "malformed response (no choices)", 1),
     (("stream_error", 0), None, 2),
     (("stream_stall", 0), None, 2),
 ]
