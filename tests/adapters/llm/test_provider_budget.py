@@ -626,7 +626,9 @@ async def test_without_limits_the_headers_and_the_shared_pause_keep_429s_rare(
     results = await run_batches(orch, 3)
 
     assert [r.success_count for r in results] == [72, 72, 72]  # every agent succeeds
-    assert llm_server.rate_limited <= 5  # a handful, not a storm
+    # A handful, not a storm: agents retrying alone meet 24-48 (the rate-limited benchmark);
+    # timing on a loaded machine moves the handful, so the bound leaves it room.
+    assert llm_server.rate_limited <= 12
     # The server admitted no more than its limit in any window (how close to it the
     # pacing runs is the rate-limited benchmark's business).
     assert busiest_window(admitted(llm_server)) <= N
