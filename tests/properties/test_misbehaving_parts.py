@@ -23,7 +23,6 @@ from kernel import (
     AgentOutput,
     AgentPool,
     AgentRequest,
-    CommitReceipt,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
@@ -35,6 +34,7 @@ from tests.support.helpers import (
     make_requests,
     run_with_halt_at,
 )
+from tests.support.hostile_parts import Ledger
 
 BEHAVIOURS = [
     "ok",
@@ -141,24 +141,6 @@ class Hostile:
             case "halts":
                 self.switch.halt("an agent raised the halt")
         return output
-
-
-class Ledger:
-    """A witness whose commits take ``commit_ms``; cancelled before the end, it writes nothing."""
-
-    def __init__(self, commit_ms: int) -> None:
-        self.commit_s = commit_ms / 1000.0
-        self.log: list[AgentOutput] = []
-
-    async def commit(self, output: AgentOutput) -> CommitReceipt:
-        await trio.sleep(self.commit_s)
-        # The contract: cancelled before the write, never write.  (A sleep that ended
-        # in the same scheduler pass as the cancel does not raise it: ask.)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.log.append(output)
-        return CommitReceipt(
-            output.output_id, output.content_hash, len(self.log), "h", output.generated_at
-        )
 
 
 def assert_misbehaviour_named(

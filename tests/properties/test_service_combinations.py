@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from kernel import (
     AgentOutput,
     AgentPool,
-    CommitReceipt,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
@@ -40,6 +39,7 @@ from kernel import (
     SystemHaltedError,
 )
 from tests.support.helpers import assert_one_outcome_per_request_in_order, make_requests
+from tests.support.hostile_parts import Ledger
 from tests.support.model_capacity import ModelCapacity
 
 BEHAVIOURS = ["ok", "ok", "ok", "error", "hang", "swallow", "garbage"]
@@ -157,22 +157,6 @@ class Orchestrator:
         finally:
             self.in_flight -= 1
             self.cluster.in_flight -= 1
-
-
-class Ledger:
-    """A witness whose commits take ``commit_ms``; cancelled before the end, it writes nothing."""
-
-    def __init__(self, commit_ms: int) -> None:
-        self.commit_s = commit_ms / 1000.0
-        self.log: list[AgentOutput] = []
-
-    async def commit(self, output: AgentOutput) -> CommitReceipt:
-        await trio.sleep(self.commit_s)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.log.append(output)
-        return CommitReceipt(
-            output.output_id, output.content_hash, len(self.log), "h", output.generated_at
-        )
 
 
 @dataclass

@@ -72,6 +72,24 @@ class SlowWitness:
         )
 
 
+class Ledger:
+    """A witness whose commits take ``commit_ms``; cancelled before the end, it writes
+    nothing.  Unlike :class:`SlowWitness` it asks whether it was cancelled after its sleep:
+    a sleep that ended in the same scheduler pass as the cancel does not raise it."""
+
+    def __init__(self, commit_ms: int) -> None:
+        self.commit_s = commit_ms / 1000.0
+        self.log: list[AgentOutput] = []
+
+    async def commit(self, output: AgentOutput) -> CommitReceipt:
+        await trio.sleep(self.commit_s)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.log.append(output)
+        return CommitReceipt(
+            output.output_id, output.content_hash, len(self.log), "h", output.generated_at
+        )
+
+
 class InstantWitness(SlowWitness):
     """Commits at once, without a checkpoint."""
 
