@@ -76,6 +76,7 @@ from adapters.llm.openai_chat import AGENT_HEADER, DEFAULT_MAX_CONTENT_CHARS, en
 from adapters.llm.policy import (
     KEYLESS,
     RetryPolicy,
+    RetrySettings,
     describe_agent,
     over_content_cap,
     system_prompt_for,
@@ -155,7 +156,7 @@ class _Member:
         self.role = role
 
 
-class CrewAIOrchestrator:
+class CrewAIOrchestrator(RetrySettings):
     """Each agent of ``roster`` a real CrewAI agent; an asyncio orchestrator.
 
     Args:
@@ -233,10 +234,6 @@ class CrewAIOrchestrator:
             retry_after_cap_s=retry_after_cap_s,
             seed=seed,
         )
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.retry_after_cap_s = retry_after_cap_s
         self.seed = seed
         self.expected_output = expected_output
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)

@@ -92,6 +92,7 @@ from adapters.llm.policy import (
     MAX_QUOTED_CHARS,
     AttemptFailure,
     RetryPolicy,
+    RetrySettings,
     StreamFailedError,
     classify_failure,
     describe_agent,
@@ -404,7 +405,7 @@ class _StreamReader:
         return AttemptFailure("malformed", final=malformed(self._where, why))
 
 
-class OpenAIChatOrchestrator:
+class OpenAIChatOrchestrator(RetrySettings):
     """One chat completion per agent invocation, settings per agent from a :class:`Roster`.
 
     Args:
@@ -490,13 +491,9 @@ class OpenAIChatOrchestrator:
             retry_after_cap_s=retry_after_cap_s,
             seed=seed,
         )
-        self.max_retries = max_retries
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.retry_after_cap_s = retry_after_cap_s
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
         self.limits = limits
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)

@@ -30,6 +30,7 @@ __all__ = [
     "AttemptFailure",
     "Backoff",
     "RetryPolicy",
+    "RetrySettings",
     "StreamFailedError",
     "classify_failure",
     "describe_agent",
@@ -280,6 +281,29 @@ class RetryPolicy:
     def gave_up(where: str, what: str, attempts: int) -> AgentInvocationError:
         """The error of an invocation whose every attempt failed (``what``: the last)."""
         return AgentInvocationError(f"{where}: {what} after {attempts} attempt(s)")
+
+
+class RetrySettings:
+    """An orchestrator's retry settings, read from its :class:`RetryPolicy` (``_retry``)
+    rather than kept twice."""
+
+    _retry: RetryPolicy
+
+    @property
+    def max_retries(self) -> int:
+        return int(self._retry.max_retries)
+
+    @property
+    def backoff_base_s(self) -> float:
+        return float(self._retry.backoff_base_s)
+
+    @property
+    def backoff_cap_s(self) -> float:
+        return float(self._retry.backoff_cap_s)
+
+    @property
+    def retry_after_cap_s(self) -> float:
+        return float(self._retry.retry_after_cap_s)
 
 
 class Backoff:
