@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Final, Protocol
 from uuid import UUID
 
@@ -23,6 +23,8 @@ import trio
 
 from kernel._cancel import cancel_requested, raise_if_requested
 from kernel._metrics import ServiceMetrics
+from kernel._observe import BatchEvents
+from kernel._outcome_errors import AgentInvocationError
 from kernel._ports import AgentOrchestratorProtocol, OutputWitness
 from kernel._slot import Slot
 from kernel._tail import race
@@ -86,6 +88,8 @@ class Run(Protocol):
     def hedge_delay(self) -> float | None: ...
     @property
     def output_ids(self) -> set[UUID]: ...
+    @property
+    def events(self) -> BatchEvents | None: ...
 
     def stop_if_due(self) -> bool: ...
     def withhold(self, index: int) -> None: ...
@@ -131,6 +135,8 @@ class AgentCall:
                     answer = await call
         except Exception as raised:
             answer = Raised(raised)
+            if run.events is not None:
+                run.events.call_failed(index, raised)
         except trio.Cancelled as exc:
             raise_if_requested(exc)
             answer = Raised(None)  # a Cancelled nobody asked for
@@ -223,14 +229,56 @@ class AgentCall:
 
     async def _hedged(self, run: Run, index: int, req: AgentRequest, hedge_at: float) -> Answer:
         """The agent's call raced against one duplicate started at ``hedge_at``."""
+        events = run.events
+        if events is None:
+            return await race(
+                functools.partial(self.invoke, req),
+                functools.partial(_wins, req=req),
+                hedge_at,
+                functools.partial(run.take_hedge_slot, index),
+                run.release,
+                self._metrics.record_hedge_won,
+            )
         return await race(
-            functools.partial(self.invoke, req),
+            functools.partial(self._first_observed, events, index, req),
             functools.partial(_wins, req=req),
             hedge_at,
             functools.partial(run.take_hedge_slot, index),
             run.release,
-            self._metrics.record_hedge_won,
+            functools.partial(self._hedge_won, events, index),
+            functools.partial(self._hedge_observed, events, req),
         )
+
+    async def _first_observed(self, events: BatchEvents, index: int, req: AgentRequest) -> Answer:
+        """The agent's own call in a race, what it raised kept for its end event."""
+        answer = await self.invoke(req)
+        if isinstance(answer, Raised) and answer.exc is not None:
+            events.call_failed(index, answer.exc)
+        return answer
+
+    def _hedge_won(self, events: BatchEvents, index: int) -> None:
+        self._metrics.record_hedge_won()
+        events.hedge_won(index)
+
+    async def _hedge_observed(self, events: BatchEvents, req: AgentRequest) -> Answer:
+        """A duplicate call, its end told to the observers however it ends."""
+        start = trio.current_time()
+        outcome = "cancelled"
+        metadata: Mapping[str, str | int | float] | None = None
+        try:
+            answer = await self.invoke(req)
+            if isinstance(answer, Raised):
+                outcome = "error"
+                exc = answer.exc
+                metadata = exc.metadata if isinstance(exc, AgentInvocationError) else None
+            elif isinstance(answer, AgentOutput) and invalid(answer, req) is None:
+                outcome, metadata = "ok", answer.metadata
+            else:
+                outcome = "error"
+            return answer
+        finally:
+            duration = trio.current_time() - start
+            events.hedge_ended(req.agent_id, req.request_id, outcome, duration, metadata)
 
 
 def _wins(answer: Answer, *, req: AgentRequest) -> bool:

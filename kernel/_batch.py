@@ -28,6 +28,7 @@ from kernel._errors import AgentPoolExhaustedError
 from kernel._halt_watch import HaltWatch
 from kernel._halt_watch import failed as halt_failed
 from kernel._metrics import ServiceMetrics
+from kernel._observe import BatchEvents
 from kernel._pool import Admission
 from kernel._progress import Progress, ProgressCallback
 from kernel._rate import RateLimit
@@ -63,7 +64,8 @@ class Batch:
     """One running batch: its requests, their outcomes so far, and how it stops."""
 
     __slots__ = (
-        "admission", "batch_id", "call", "cause", "deadline", "done", "halt", "hedge_delay",
+        "admission", "batch_id", "call", "cause", "deadline", "done", "events", "halt",
+        "hedge_delay",
         "hedged", "hedges_left", "latencies", "metrics", "mode", "outcomes", "output_ids",
         "probe", "progress", "quorum", "rate_limit", "reason", "reporting", "requests",
         "run_scope",
@@ -112,6 +114,8 @@ class Batch:
         self.reporting = on_progress is not None
         self.probe = halt.halted_now  # decided once: asked twice per agent
         self.progress = Progress(on_progress, self.batch_id, len(requests), mode == "sequential")
+        # Decided once: a service without observers builds no event at all.
+        self.events = BatchEvents(metrics.observers, self.batch_id) if metrics.observers else None
 
     # ------------------------------------------------------------ stopping
 
@@ -119,6 +123,8 @@ class Batch:
         """Stop everything: the first cause wins (a halt's reason may come later)."""
         if self.cause is None:
             self.cause = cause
+            if self.events is not None:
+                self.events.stopping(cause.value, reason, trio.current_time())
         if cause is Stop.HALT and self.cause is Stop.HALT and self.reason is None:
             self.reason = reason
         self.run_scope.cancel()
@@ -169,6 +175,8 @@ class Batch:
     async def run(self, admission: Admission) -> None:
         """Run the batch's agents in one nursery, under a scope a stop cancels."""
         self.admission = admission
+        if self.events is not None:
+            self.events.started(len(self.requests), self.mode)
         # A channel that can call back stops the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
         stop_listening = self.halt.listen(functools.partial(self.stop, Stop.HALT))
@@ -242,7 +250,10 @@ class Batch:
                 return
             await self.progress.starting(self.done, req.agent_id)
             slot = await admission.take_slot(req.agent_id)
-            await self._run_agent(index, slot)
+            # Each agent in a task of its own, as in the other modes: what its call sets
+            # in its context (an observer's current span) ends with it.
+            async with trio.open_nursery() as turn:
+                turn.start_soon(self._run_agent, index, slot)
 
     async def _run_agent(self, index: int, slot: Slot) -> None:
         assert self.admission is not None
@@ -267,14 +278,28 @@ class Batch:
         """Start one agent (unless the batch stopped) and run its attempt."""
         if self.stop_if_due():  # nothing starts after a halt, deadline or quorum
             return NOT_STARTED
+        req = self.requests[index]
         if self.rate_limit is not None:
-            await self.rate_limit.acquire()
+            await self._wait_for_rate(req.agent_id)
             if self.stop_if_due():
                 return NOT_STARTED
         start = trio.current_time()
         self.started[index] = start
         self.metrics.record_started()
-        return await self.call.attempt(self, index, self.requests[index], start)
+        if self.events is not None:
+            self.events.agent_started(req.agent_id, req.request_id)
+        return await self.call.attempt(self, index, req, start)
+
+    async def _wait_for_rate(self, agent_id: str) -> None:
+        assert self.rate_limit is not None
+        if self.events is None:
+            await self.rate_limit.acquire()
+            return
+        began = trio.current_time()
+        try:
+            await self.rate_limit.acquire()
+        finally:  # a wait a stop cut short was waited all the same
+            self.events.rate_limit_waited(agent_id, trio.current_time() - began)
 
     async def _start_leased(self, index: int, slot: Slot) -> Attempted:
         """:meth:`_start` on a shared lease: if the lease is lost, the agent is cancelled
@@ -309,7 +334,7 @@ class Batch:
         try:
             slot = await admission.take_extra_slot(self.requests[index].agent_id)
             if slot is not None and self.rate_limit is not None:
-                await self.rate_limit.acquire()
+                await self._wait_for_rate(self.requests[index].agent_id)
         except BaseException:
             self._give_back_hedge(slot)
             raise
@@ -318,6 +343,9 @@ class Batch:
             return None
         self.hedged.add(index)
         self.metrics.record_hedge_launched()
+        if self.events is not None:
+            req = self.requests[index]
+            self.events.hedge_started(req.agent_id, req.request_id)
         return slot
 
     def _give_back_hedge(self, slot: Slot | None) -> None:
@@ -332,6 +360,8 @@ class Batch:
     def _record(self, index: int, outcome: Outcome, start: float) -> None:
         self.outcomes[index] = outcome
         self.done += 1
+        if self.events is not None and self.started[index] is not None:
+            self._ended(index, outcome, trio.current_time())
         if isinstance(outcome, AgentOutput):
             if self.latencies is not None:
                 self.latencies.append(trio.current_time() - start)
@@ -365,7 +395,9 @@ class Batch:
         if self.done < len(self.requests):
             for i, outcome in enumerate(self.outcomes):
                 if outcome is None:
-                    self.outcomes[i] = self._unfinished(i, now)
+                    cut = self.outcomes[i] = self._unfinished(i, now)
+                    if self.events is not None and self.started[i] is not None:
+                        self._ended(i, cut, now)
         outputs = tuple(o for o in self.outcomes if isinstance(o, AgentOutput))
         failures = tuple(o for o in self.outcomes if isinstance(o, AgentFailure))
         result = ConcurrentResult(
@@ -378,6 +410,9 @@ class Batch:
             hedged_agents=tuple(self.requests[i].agent_id for i in sorted(self.hedged)),
         )
         self.metrics.record_result(result, halted=self.halted)
+        if self.events is not None and self.admission is not None:
+            cause = None if self.cause is None else self.cause.value
+            self.events.ended(result, self.halted, cause, now)
         log.info(
             "batch finished",
             extra={
@@ -390,6 +425,21 @@ class Batch:
             },
         )
         return result
+
+    def _ended(self, index: int, outcome: Outcome, now: float) -> None:
+        """Tell the observers agent ``index`` (started) has its outcome."""
+        assert self.events is not None
+        req, start = self.requests[index], self.started[index]
+        duration = 0.0 if start is None else now - start
+        if isinstance(outcome, AgentOutput):
+            self.events.agent_ended(
+                index, req.agent_id, req.request_id, "ok", duration, "", outcome.metadata
+            )
+        else:
+            self.events.agent_ended(
+                index, req.agent_id, req.request_id, outcome.kind.value, duration,
+                outcome.error_type,
+            )  # fmt: skip
 
     def _unfinished(self, i: int, now: float) -> AgentFailure:
         req, started = self.requests[i], self.started[i]

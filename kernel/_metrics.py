@@ -13,6 +13,7 @@ import attrs
 
 from kernel._errors import InvalidRequestError
 from kernel._frozenmap import FrozenMap
+from kernel._observe import KernelObserver, Observers
 from kernel._types import ConcurrentResult
 from kernel.validate import check_number
 
@@ -102,8 +103,9 @@ class ServiceMetrics:
     """Counters of one service, recorded as its batches run (single trio thread).
 
     The service records through the ``record_*`` methods; readers take a
-    :class:`MetricsSnapshot` with :meth:`snapshot`, or subscribe to batch latencies with
-    :meth:`add_batch_observer`.
+    :class:`MetricsSnapshot` with :meth:`snapshot`, subscribe to batch latencies with
+    :meth:`add_batch_observer`, or to every event of every batch (metrics, traces) with
+    :meth:`add_observer`.
     """
 
     def __init__(self, pool_active: Callable[[], int]) -> None:
@@ -121,6 +123,23 @@ class ServiceMetrics:
         self._batch_observers: list[Callable[[float], object]] = []
         self._hedges_launched = 0
         self._hedges_won = 0
+        #: The observers of the service's batches (:mod:`kernel._observe`).
+        self.observers = Observers()
+
+    def add_observer(self, observer: KernelObserver) -> None:
+        """Deliver every event of every batch to ``observer.observe(event)`` (see
+        :class:`~kernel.KernelObserver`): batch and agent starts and ends, hedges, stops,
+        rate-limit waits.  An observer that raises or is slow is logged; the batch goes on
+        unchanged.  Without observers, no event is built."""
+        if not isinstance(observer, KernelObserver):
+            raise InvalidRequestError(
+                f"observer must have an observe(event) method, got {type(observer).__name__}"
+            )
+        self.observers.add(observer)
+
+    def remove_observer(self, observer: KernelObserver) -> None:
+        """Stop delivering events to ``observer`` (no error if it was not added)."""
+        self.observers.remove(observer)
 
     def add_batch_observer(self, observer: Callable[[float], object]) -> None:
         """Call ``observer(total_ms)`` after every batch (e.g. an exporter's histogram).

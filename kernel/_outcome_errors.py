@@ -6,8 +6,11 @@ own validation raises the plain errors: keeping them apart keeps the imports a t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kernel._errors import ConclaveError
-from kernel._types import AgentFailure, ConcurrentResult
+from kernel._frozenmap import FrozenMap
+from kernel._types import AgentFailure, ConcurrentResult, scalar_map
 
 __all__ = ["AgentInvocationError", "SystemHaltedError"]
 
@@ -37,11 +40,34 @@ class AgentInvocationError(ConclaveError):
     Orchestrators raise it (with ``failure=None``) to say why an invocation failed;
     :meth:`ConcurrentDeliberationService.invoke_single` raises it with the
     :class:`~kernel.AgentFailure` that describes the outcome.
+
+    ``metadata``: what the failed call reports about itself, as an output's metadata
+    would (model, HTTP statuses, time waited on a rate limit; never content).  The
+    service's observers see it (:class:`~kernel.AgentEnded`); an orchestrator may set
+    it after construction, before raising.  Checked as an output's: a mapping of str to
+    str | int | float, else :class:`~kernel.InvalidRequestError`.
     """
 
-    def __init__(self, message: str, failure: AgentFailure | None = None) -> None:
+    _metadata: FrozenMap[str | int | float]
+
+    def __init__(
+        self,
+        message: str,
+        failure: AgentFailure | None = None,
+        *,
+        metadata: Mapping[str, str | int | float] | None = None,
+    ) -> None:
         self.failure = failure
+        self.metadata = FrozenMap() if metadata is None else metadata
         super().__init__(message)
+
+    @property
+    def metadata(self) -> FrozenMap[str | int | float]:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: Mapping[str, str | int | float]) -> None:
+        self._metadata = scalar_map(value)
 
     def __reduce__(self) -> tuple[type[AgentInvocationError], tuple[str, AgentFailure | None]]:
         return (type(self), (str(self), self.failure))

@@ -26,6 +26,7 @@ from kernel._errors import AgentPoolExhaustedError, InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON
 from kernel._halt_watch import HaltWatch
 from kernel._metrics import ServiceMetrics
+from kernel._observe import BatchRefused
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
@@ -252,6 +253,8 @@ class ConcurrentDeliberationService:
         reason = await self._halt.read()
         if reason is not None:
             self.metrics.record_halted()
+            if self.metrics.observers:
+                self.metrics.observers.emit(BatchRefused("halted", reason))
             log.warning("batch refused: system halted", extra={"mode": mode})
             raise SystemHaltedError(reason)
         # 2. Validate: bad input changes nothing.
@@ -323,6 +326,8 @@ class ConcurrentDeliberationService:
             await admission.reserve_shared()  # a cluster-wide capacity, if the pool has one
         except AgentPoolExhaustedError as exc:
             self.metrics.record_refused()
+            if self.metrics.observers:
+                self.metrics.observers.emit(BatchRefused("capacity", str(exc)))
             log.warning(
                 "batch refused",
                 extra={"reason": str(exc), "batch_size": len(ids), "mode": batch.mode},

@@ -139,6 +139,7 @@ async def race(
     take_slot: Callable[[], Awaitable[Slot | None]],
     release: Callable[[Slot], None],
     on_hedge_won: Callable[[], None],
+    hedge_call: Callable[[], Awaitable[T]] | None = None,
 ) -> T:
     """Race ``call`` against one duplicate of it started at ``hedge_at``.
 
@@ -146,9 +147,10 @@ async def race(
     that fails leaves the other running; if both fail, the first call's answer stands.
     The duplicate starts only if the first call is still running at ``hedge_at`` and
     ``take_slot`` gives it a slot (None: it may not start); it runs under the slot's
-    guard (a lost lease drops it) and gives the slot back with ``release``.
+    guard (a lost lease drops it) and gives the slot back with ``release``.  The
+    duplicate is ``hedge_call`` if given (the same call, observed), else ``call``.
     """
-    state = _Race(call, wins, on_hedge_won)
+    state = _Race(call, wins, on_hedge_won, hedge_call or call)
     async with trio.open_nursery() as state.nursery:
         state.nursery.start_soon(state.first)
         state.nursery.start_soon(state.hedge, hedge_at, take_slot, release)
@@ -158,15 +160,20 @@ async def race(
 class _Race(Generic[T]):
     """The state of one hedged call: what each call answered, and who won."""
 
-    __slots__ = ("call", "first_answer", "hedging", "nursery", "on_hedge_won", "winner", "wins")
+    __slots__ = (
+        "call", "duplicate", "first_answer", "hedging", "nursery", "on_hedge_won", "winner",
+        "wins",
+    )  # fmt: skip
 
     def __init__(
         self,
         call: Callable[[], Awaitable[T]],
         wins: Callable[[T], bool],
         on_won: Callable[[], None],
+        duplicate: Callable[[], Awaitable[T]],
     ) -> None:
         self.call = call
+        self.duplicate = duplicate
         self.wins = wins
         self.on_hedge_won = on_won
         self.first_answer: tuple[T] | None = None
@@ -211,7 +218,7 @@ class _Race(Generic[T]):
         self.hedging = True
         try:
             with slot.guard():  # a hedge whose lease is lost is dropped
-                answer = await self.call()
+                answer = await self.duplicate()
         finally:
             release(slot)
             self.hedging = False

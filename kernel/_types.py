@@ -23,6 +23,7 @@ from kernel._frozenmap import FrozenMap
 from kernel.validate import check_utf8_size, integer, number, text, utf8_size
 
 __all__ = [
+    "scalar_map",
     "MAX_CONCURRENT_AGENTS",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_ENTRIES",
@@ -191,7 +192,7 @@ def _too_many_entries(got: str) -> InvalidRequestError:
     )
 
 
-def _scalar_map(value: object) -> FrozenMap[str | int | float]:
+def scalar_map(value: object) -> FrozenMap[str | int | float]:
     """Freeze a ``Mapping[str, str | int | float]`` (AgentOutput.metadata)."""
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"metadata must be a mapping, got {type(value).__name__}")
@@ -254,9 +255,7 @@ class AgentOutput:
         factory=utc_now, converter=_as_utc, validator=_aware_datetime
     )
     batch_id: UUID | None = attrs.field(default=None, validator=_optional_uuid)
-    metadata: Mapping[str, str | int | float] = attrs.field(
-        factory=FrozenMap, converter=_scalar_map
-    )
+    metadata: Mapping[str, str | int | float] = attrs.field(factory=FrozenMap, converter=scalar_map)
 
     @property
     def content_hash(self) -> str:
