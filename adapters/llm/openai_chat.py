@@ -12,7 +12,9 @@ responses, a response over a cap or a redirect (below), and a request that canno
 encoded (:mod:`adapters.llm.policy`, the LLM-call policy the CrewAI orchestrator
 shares).  Every failure
 is an :class:`~kernel.AgentInvocationError` naming the agent and what went wrong; never
-the API key, the prompt or the content.
+the API key, the prompt or the content.  Its ``metadata`` says what the call was, for
+metrics and traces: ``model``, ``attempts``, ``http_status``/``http_statuses`` (below),
+``latency_ms`` and ``rate_limited_ms``.
 
 What a server can do is bounded (:mod:`adapters.llm.http_guard`, the HTTP client every
 request goes through): ``timeout_s`` is a wall-clock bound on each attempt, from the
@@ -54,8 +56,10 @@ one that breaks first (connection reset, a server error event, a malformed chunk
 ending without ``[DONE]``, a cap, the attempt's deadline) is a failure, retried as any
 other only while nothing had been received; once a chunk has come, it is final (a retry
 would pay for the generation again).  Metadata: ``first_token_ms`` (invocation start to
-the first content of the answer; for ``stream=False`` the whole answer) and
-``latency_ms`` (to its end); ``usage`` is ``"reported"`` or ``"estimated"`` (a server
+the first content of the answer; for ``stream=False`` the whole answer),
+``latency_ms`` (to its end), ``http_status`` and ``http_statuses`` (every attempt's
+HTTP status, space-separated, ``"error"`` for an attempt without an answer: ``"429
+200"``); ``usage`` is ``"reported"`` or ``"estimated"`` (a server
 that sent no usage: the prompt's estimate and the content's UTF-8 bytes / 4, which also
 settle the rate-limit budget).
 
@@ -111,6 +115,7 @@ from adapters.llm.provider_budget import (
     shared_budget,
 )
 from adapters.llm.ratelimit_headers import RateLimitHeaders
+from adapters.llm.trace_headers import add_trace_headers
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, utf8_size
@@ -656,6 +661,8 @@ class OpenAIChatOrchestrator(RetrySettings):
         system = system_prompt_for(
             profile.system_prompt or self.system_prompt, agent_id=agent_id, name=profile.name
         )
+        headers = {AGENT_HEADER: encode_agent_header(agent_id)}
+        add_trace_headers(headers)  # the agent's span, when the process traces
         request: dict[str, Any] = {
             "model": model,
             "messages": [
@@ -665,7 +672,7 @@ class OpenAIChatOrchestrator(RetrySettings):
             "timeout": profile.timeout_s or self.timeout_s,
             # Lets proxies and test servers attribute a request to an agent.  Encoded:
             # header values are ASCII, agent ids need not be (see the module docstring).
-            "extra_headers": {AGENT_HEADER: encode_agent_header(agent_id)},
+            "extra_headers": headers,
         }
         if temperature is not None:
             request["temperature"] = temperature
@@ -685,6 +692,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         started = time.perf_counter()
         attempts = 0
         waited_s = 0.0
+        statuses: list[str] = []  # each attempt's HTTP status, or "error" (no answer)
         backoff = self._retry.backoff()
         while True:
             attempts += 1
@@ -695,18 +703,28 @@ class OpenAIChatOrchestrator(RetrySettings):
             outcome = _Outcome()
             try:
                 answer = await self._attempt(client, request, budget, ticket, outcome, where)
+                statuses.append(outcome.status)
                 break
             except Exception as exc:
+                statuses.append(outcome.status)
                 failure = classify_failure(exc, where, self._api_key)
                 if failure is None:
                     raise
                 what, throttled, final = failure
             # Raised here, out of the except block, so that the error does not keep the
             # failed attempt alive (its traceback's frames hold up to a body's cap).
+            if final is None and self._retry.exhausted(attempts):
+                final = self._retry.gave_up(where, what, attempts)
             if final is not None:
+                final.metadata = {
+                    "model": model,
+                    "attempts": attempts,
+                    "http_status": statuses[-1],
+                    "http_statuses": " ".join(statuses),
+                    "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+                    "rate_limited_ms": round(waited_s * 1000.0, 3),
+                }
                 raise final
-            if self._retry.exhausted(attempts):
-                raise self._retry.gave_up(where, what, attempts)
             sleep_s = backoff.next_s()
             if throttled:
                 # The whole endpoint waits: for the server's reset if it gave one (done
@@ -735,6 +753,8 @@ class OpenAIChatOrchestrator(RetrySettings):
             "completion_tokens": answer.completion_tokens,
             "usage": "estimated" if answer.estimated else "reported",
             "attempts": attempts,
+            "http_status": statuses[-1],
+            "http_statuses": " ".join(statuses),
             "first_token_ms": round((answer.first_token_at - started) * 1000.0, 3),
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
             "rate_limited_ms": round(waited_s * 1000.0, 3),
@@ -763,6 +783,7 @@ class OpenAIChatOrchestrator(RetrySettings):
                 async with completions.create(**request) as response:
                     report = RateLimitHeaders.parse(response.headers)
                     http = response.http_response
+                    outcome.status = str(http.status_code)
                     if http.headers.get("content-type", "").startswith("text/event-stream"):
                         reader = _StreamReader(self.max_content_chars, where, self._api_key)
                         answer = await reader.read(http)
@@ -770,11 +791,13 @@ class OpenAIChatOrchestrator(RetrySettings):
                         answer = self._answer(await _whole_body(http), where)
             else:
                 raw = await client.chat.completions.with_raw_response.create(**request)
+                outcome.status = str(raw.http_response.status_code)
                 report = RateLimitHeaders.parse(raw.headers)
                 answer = self._answer(raw.http_response.content, where)
             used = answer.settle(request["messages"])
             return answer
         except openai.APIStatusError as exc:
+            outcome.status = str(exc.status_code)
             report = RateLimitHeaders.parse(exc.response.headers)
             # An exhausted quota is no rate limit: it neither pauses nor counts as one.
             throttled = rate_limited(exc)
@@ -823,10 +846,11 @@ class OpenAIChatOrchestrator(RetrySettings):
 class _Outcome:
     """What an attempt tells its retry loop besides its result or error."""
 
-    __slots__ = ("paused",)
+    __slots__ = ("paused", "status")
 
     def __init__(self) -> None:
         self.paused = False  # a 429 whose reset already paused the endpoint
+        self.status = "error"  # the HTTP status once one came; "error": no answer at all
 
 
 async def _whole_body(response: httpx2.Response) -> bytes:

@@ -350,3 +350,33 @@ async def test_a_chunk_is_taken_only_when_it_is_exactly_one_json_object(
 def test_stream_that_is_not_a_bool_is_refused(llm_server: FakeOpenAIServer) -> None:
     with pytest.raises(InvalidRequestError, match="stream must be a bool"):
         orchestrator(llm_server, stream=1)
+
+
+async def test_an_answer_says_each_attempts_http_status_and_its_model(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.script("archon-1", ("429", 0), 503)
+    orch = orchestrator(llm_server, max_retries=3, backoff_base_s=0.001, backoff_cap_s=0.01)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert output.metadata["http_statuses"] == "429 503 200"
+    assert output.metadata["http_status"] == "200"
+    assert output.metadata["model"] == "fake-model"
+
+
+async def test_a_failed_call_says_what_it_was_in_its_errors_metadata(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.script("archon-1", 503, "drop")
+    llm_server.script("archon-2", 401)
+    orch = orchestrator(llm_server, max_retries=1, backoff_base_s=0.001, backoff_cap_s=0.01)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        with pytest.raises(AgentInvocationError) as gave_up:
+            await bridge.invoke("archon-1", make_context())
+        with pytest.raises(AgentInvocationError) as refused:
+            await bridge.invoke("archon-2", make_context())
+    assert gave_up.value.metadata["http_statuses"] == "503 error"
+    assert gave_up.value.metadata["http_status"] == "error"
+    assert gave_up.value.metadata["attempts"] == 2
+    assert gave_up.value.metadata["model"] == "fake-model"
+    assert refused.value.metadata["http_statuses"] == "401"
