@@ -51,7 +51,7 @@ run, the LLM ones from what the adapters report in their outputs' and errors' me
 ``rate_limited_ms``: :mod:`adapters.llm.openai_chat`).  A call a hedge answered for is
 counted once, from the call that answered.  ``conclave_halted`` asks the halt channel's
 synchronous probe at scrape time when it has one (:class:`~kernel.HaltProbe`), else it
-is the state the last batch saw.
+is the state the last batch (or refused call) saw.
 """
 
 from __future__ import annotations
@@ -172,14 +172,15 @@ class ServiceCollector(Collector):
                 )
 
     def _halted(self) -> int:
-        probe = getattr(self.service.halt_checker, "halted_now", None)  # a HaltProbe's
+        # A channel that can answer without I/O (a HaltProbe: the in-process switch, the
+        # Valkey channel's subscription) is asked now: a clear shows at the next scrape.
+        # One that cannot (a file) is what the last batch saw.
+        probe = getattr(self.service.halt_checker, "halted_now", None)
         if callable(probe):
             try:
-                if probe():
-                    return 1
+                return 1 if probe() else 0
             except Exception:  # a probe that cannot answer: halted, as the kernel reads it
                 return 1
-            # False may only mean "not known without I/O": the last batch may know more.
         return 1 if self.observer is not None and self.observer.halted else 0
 
 

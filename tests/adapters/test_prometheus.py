@@ -1,4 +1,5 @@
-"""The Prometheus endpoint, scraped over HTTP after batches with failures."""
+"""The Prometheus endpoint, scraped over HTTP: after batches with failures, 429s from a real
+endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 
 from __future__ import annotations
 
@@ -10,13 +11,28 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.prometheus import export_service_metrics, serve_metrics
 from adapters.stub import AgentOrchestratorStub
-from kernel import AgentPoolExhaustedError, ConcurrentDeliberationService, InvalidRequestError
-from tests.support.helpers import make_requests
+from kernel import (
+    AgentPool,
+    AgentPoolExhaustedError,
+    ConcurrentDeliberationService,
+    HaltSwitch,
+    HedgePolicy,
+    InvalidRequestError,
+    RateLimit,
+)
+from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.hostile_parts import halt_after
+from tests.support.model_capacity import ModelCapacity
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {
@@ -24,6 +40,26 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+class Endpoint:
+    """A service's registry served on a free loopback port, scraped over real HTTP."""
+
+    def __init__(self, service: ConcurrentDeliberationService) -> None:
+        self.registry = CollectorRegistry()
+        export_service_metrics(service, self.registry)
+        self.server, _thread = serve_metrics(0, registry=self.registry)
+
+    async def scrape(self) -> Samples:
+        return await trio.to_thread.run_sync(_scrape, self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _value(m: Samples, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_endpoint_shows_the_right_values_after_a_batch_with_failures() -> None:
@@ -71,3 +107,176 @@ def test_bad_arguments() -> None:
         export_service_metrics(object(), CollectorRegistry())  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError):
         serve_metrics(70000)
+
+
+async def test_agent_durations_and_failures_per_batch_are_scraped() -> None:
+    plan = {"archon-1": Step(0.0, "error"), "archon-2": Step(0.0, "error")}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, Step(0.01)))
+    endpoint = Endpoint(service)
+    try:
+        await service.invoke_concurrent(make_requests(6))
+        await service.invoke_concurrent(make_requests(3, prefix="other"))
+        m = await endpoint.scrape()
+    finally:
+        endpoint.close()
+    assert _value(m, "conclave_agent_duration_seconds_count", outcome="ok") == 7
+    assert _value(m, "conclave_agent_duration_seconds_count", outcome="error") == 2
+    assert _value(m, "conclave_batch_failures_count") == 2
+    assert _value(m, "conclave_batch_failures_sum") == 2
+    assert _value(m, "conclave_batch_failures_bucket", le="0.0") == 1  # the clean batch
+    assert _value(m, "conclave_batch_failures_bucket", le="1.0") == 1
+    assert _value(m, "conclave_batch_failures_bucket", le="2.0") == 2
+    assert _value(m, "conclave_halted") == 0
+
+
+async def test_llm_requests_by_status_and_tokens_come_from_the_adapters_metadata(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.script("archon-1", ("429", 0))  # then the default: an answer
+    llm_server.script("archon-2", 401)
+    orchestrator = OpenAIChatOrchestrator(
+        llm_server.base_url, "fake-model", max_retries=2, backoff_base_s=0.001, seed=1
+    )
+    async with AsyncioOrchestratorBridge(orchestrator) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        endpoint = Endpoint(service)
+        try:
+            result = await service.invoke_concurrent(make_requests(4))
+            m = await endpoint.scrape()
+        finally:
+            endpoint.close()
+    assert result.failed_agents == ("archon-2",)
+    requests = {
+        labels: value
+        for (name, labels), value in m.items()
+        if name == "conclave_llm_requests_total"
+    }
+    assert requests == {
+        (("model", "fake-model"), ("status", "200")): 3,
+        (("model", "fake-model"), ("status", "401")): 1,
+        (("model", "fake-model"), ("status", "429")): 1,
+    }
+    for direction, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        expected = sum(int(o.metadata[key]) for o in result.outputs)
+        assert expected > 0
+        scraped = _value(m, "conclave_llm_tokens_total", model="fake-model", direction=direction)
+        assert scraped == expected
+
+
+async def test_the_halted_gauge_follows_the_halt_and_halt_to_stop_is_observed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(default=Step(5.0)), switch)
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("conclave_halted") == 0
+    await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(5)), lambda: halt_after(switch, 1.0)
+    )
+    assert value("conclave_halted") == 1
+    assert value("conclave_halt_stop_seconds_count") == 1
+    assert value("conclave_halt_stop_seconds_bucket", {"le": "0.001"}) == 1  # at once
+    assert value("conclave_agent_duration_seconds_count", {"outcome": "halted"}) == 5
+    switch.clear(approvers=("alice", "bob"), reason="all clear")
+    assert value("conclave_halted") == 0
+
+
+async def test_the_halted_gauge_without_a_probe_is_what_the_last_batch_saw(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class NoProbe:  # a channel that can only be read (as a file or remote channel is)
+        def __init__(self) -> None:
+            self.reason: str | None = None
+
+        async def is_halted(self) -> bool:
+            return self.reason is not None
+
+        async def get_halt_reason(self) -> str | None:
+            return self.reason
+
+    channel = NoProbe()
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(), channel)
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    channel.reason = "stop"
+    with pytest.raises(Exception, match="halted"):
+        await service.invoke_concurrent(make_requests(1))
+    assert registry.get_sample_value("conclave_halted") == 1
+    channel.reason = None
+    await service.invoke_concurrent(make_requests(1))
+    assert registry.get_sample_value("conclave_halted") == 0
+
+
+async def test_a_hedged_agents_call_is_counted_once_from_the_call_that_answered(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.script("archon-1", "hang")  # its first call never answers; the hedge does
+    orchestrator = OpenAIChatOrchestrator(llm_server.base_url, "fake-model", max_retries=0)
+    async with AsyncioOrchestratorBridge(orchestrator) as bridge:
+        service = ConcurrentDeliberationService(bridge)
+        endpoint = Endpoint(service)
+        try:
+            result = await service.invoke_concurrent(
+                make_requests(2), hedge=HedgePolicy(delay=0.3, budget=0.5)
+            )
+            m = await endpoint.scrape()
+        finally:
+            endpoint.close()
+    assert result.success_count == 2 and "archon-1" in result.hedged_agents
+    assert _value(m, "conclave_hedges_launched_total") >= 1
+    assert _value(m, "conclave_hedges_won_total") >= 1
+    assert _value(m, "conclave_llm_requests_total", model="fake-model", status="200") == 2
+    assert _value(m, "conclave_agent_duration_seconds_count", outcome="ok") == 2
+
+
+async def test_rate_limit_waits_are_counted_in_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(), rate_limit=RateLimit(per_second=4, burst=1)
+    )
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(4))
+    waited = registry.get_sample_value("conclave_rate_limit_wait_seconds_total")
+    assert waited == pytest.approx(0.25 + 0.5 + 0.75)
+
+
+async def test_shared_capacity_gauges_appear_only_with_a_shared_capacity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = ModelCapacity(10)
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(default=Step(1.0)), pool=AgentPool(8, shared=shared)
+    )
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    assert registry.get_sample_value("conclave_shared_capacity_limit") == 10
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.invoke_concurrent, make_requests(6))
+        await trio.sleep(0.5)
+        assert registry.get_sample_value("conclave_shared_capacity_in_flight") == 6
+    assert registry.get_sample_value("conclave_shared_capacity_in_flight") == 0
+    plain = CollectorRegistry()
+    export_service_metrics(ConcurrentDeliberationService(ScriptedOrchestrator()), plain)
+    assert plain.get_sample_value("conclave_shared_capacity_limit") is None
+    assert plain.get_sample_value("conclave_shared_capacity_in_flight") is None
+
+
+def test_a_bad_namespace_or_a_name_clash_registers_nothing() -> None:
+    registry = CollectorRegistry()
+    service = ConcurrentDeliberationService(ScriptedOrchestrator())
+    for bad in ("con-clave", "", "9lives", "name space"):
+        with pytest.raises(InvalidRequestError, match="namespace"):
+            export_service_metrics(service, registry, namespace=bad)
+    assert list(registry.collect()) == []
+    export_service_metrics(service, registry)
+    before = sorted(f.name for f in registry.collect())
+    with pytest.raises(InvalidRequestError, match="registry"):
+        export_service_metrics(ConcurrentDeliberationService(ScriptedOrchestrator()), registry)
+    assert sorted(f.name for f in registry.collect()) == before
