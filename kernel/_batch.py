@@ -287,7 +287,7 @@ class Batch:
         self.started[index] = start
         self.metrics.record_started()
         if self.events is not None:
-            self.events.agent_started(req.agent_id, req.request_id)
+            self.events.agent_started(req.agent_id, req.request_id, req.context)
         return await self.call.attempt(self, index, req, start)
 
     async def _wait_for_rate(self, agent_id: str) -> None:
@@ -433,7 +433,7 @@ class Batch:
         duration = 0.0 if start is None else now - start
         if isinstance(outcome, AgentOutput):
             self.events.agent_ended(
-                index, req.agent_id, req.request_id, "ok", duration, "", outcome.metadata
+                index, req.agent_id, req.request_id, "ok", duration, "", outcome
             )
         else:
             self.events.agent_ended(

@@ -25,7 +25,7 @@ import attrs
 
 from kernel._frozenmap import FrozenMap
 from kernel._outcome_errors import AgentInvocationError
-from kernel._types import ConcurrentResult
+from kernel._types import AgentOutput, ConcurrentResult, ContextBundle
 
 __all__ = [
     "AgentEnded",
@@ -98,11 +98,13 @@ class BatchEnded:
 class AgentStarted:
     """An agent's call starts.  Delivered in the trio task that makes the call, just
     before it, and that task makes no other agent's call: an observer may set context
-    variables there (a current span) for the orchestrator to read."""
+    variables there (a current span) for the orchestrator to read.  ``context``: what
+    the agent is asked (content: an observer records it only if told to)."""
 
     batch_id: UUID
     agent_id: str
     request_id: UUID
+    context: ContextBundle | None = None
 
 
 @attrs.frozen(slots=True)
@@ -113,7 +115,8 @@ class AgentEnded:
     from its start.  ``metadata`` is what the agent's own call reported: its output's
     metadata, or the ``metadata`` of the :class:`~kernel.AgentInvocationError` it raised
     (empty otherwise, and when a hedge answered for it: the :class:`HedgeEnded` holds
-    that).  ``hedge_won``: its duplicate call answered first.
+    that).  ``hedge_won``: its duplicate call answered first.  ``output``: the output
+    released (content: an observer records it only if told to).
     """
 
     batch_id: UUID
@@ -124,6 +127,7 @@ class AgentEnded:
     error_type: str = ""
     metadata: Mapping[str, str | int | float] = _NO_METADATA
     hedge_won: bool = False
+    output: AgentOutput | None = None
 
 
 @attrs.frozen(slots=True)
@@ -250,8 +254,8 @@ class BatchEvents:
         halt_stop_s = None if seen is None else max(now - seen, 0.0)
         self._observers.emit(BatchEnded(self.batch_id, result, halted, stop, halt_stop_s))
 
-    def agent_started(self, agent_id: str, request_id: UUID) -> None:
-        self._observers.emit(AgentStarted(self.batch_id, agent_id, request_id))
+    def agent_started(self, agent_id: str, request_id: UUID, context: ContextBundle) -> None:
+        self._observers.emit(AgentStarted(self.batch_id, agent_id, request_id, context))
 
     def call_failed(self, index: int, exc: BaseException) -> None:
         """Agent ``index``'s own call raised ``exc``: keep what it reports about itself."""
@@ -270,13 +274,13 @@ class BatchEvents:
         outcome: str,
         duration_s: float,
         error_type: str = "",
-        output_metadata: Mapping[str, str | int | float] | None = None,
+        output: AgentOutput | None = None,
     ) -> None:
         won = index in self._hedge_won
         if won:
             metadata = _NO_METADATA  # the hedge's call reported it
-        elif output_metadata is not None:
-            metadata = output_metadata
+        elif output is not None:
+            metadata = output.metadata
         else:
             metadata = self._call_meta.pop(index, _NO_METADATA)
         self._observers.emit(
@@ -289,6 +293,7 @@ class BatchEvents:
                 error_type,
                 metadata,
                 won,
+                output,
             )
         )
 
