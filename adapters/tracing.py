@@ -84,13 +84,13 @@ except ImportError as exc:  # pragma: no cover - the extra is in the test enviro
         "adapters.tracing needs the 'otel' extra: pip install 'conclave-kernel[otel]'"
     ) from exc
 
-__all__ = ["DeliberationTracer", "ReportingExporter", "otlp_tracing", "tracing_requested"]
+__all__ = ["DeliberationTracer", "ReportingExporter", "otlp_tracing"]
 
 log = logging.getLogger("adapters.tracing")
 
 _INSTRUMENTATION = "conclave-kernel"
-#: The environment variables that name an OTLP endpoint (either turns the CLI's tracing on).
-ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+#: Where the SDK's exporter reads its endpoint (for the warnings' sake: it reads them itself).
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 class DeliberationTracer:
@@ -307,15 +307,6 @@ class ReportingExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
-def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the environment names an OTLP endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
-    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and does not disable the SDK."""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    return any(env.get(name, "").strip() for name in ENDPOINT_VARIABLES)
-
-
 def _otlp_provider(endpoint: str | None) -> tuple[TracerProvider, ReportingExporter]:
     """A provider exporting OTLP/HTTP (endpoint, headers, timeout, service name,
     sampler from the standard ``OTEL_*`` variables unless ``endpoint`` is given)."""
@@ -325,7 +316,7 @@ def _otlp_provider(endpoint: str | None) -> tuple[TracerProvider, ReportingExpor
     defaults = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "conclave"}
     provider = TracerProvider(resource=Resource.create(defaults))
     inner = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
-    named = endpoint or next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), "")
+    named = endpoint or next((os.environ[v] for v in _ENDPOINT_VARIABLES if os.environ.get(v)), "")
     exporter = ReportingExporter(inner, named)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     _ = propagate.inject  # the propagator the LLM adapter uses, loaded here, not per request

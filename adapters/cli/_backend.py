@@ -13,10 +13,11 @@ never loads openai, trio-asyncio, sqlite3 or prometheus-client.
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AsyncExitStack,
@@ -78,6 +79,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "llm": ("trio_asyncio", "openai"),
     "valkey": ("coredis",),
     "metrics": ("prometheus_client",),
+    "otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
     "crewai": ("crewai", "trio_asyncio", "openai"),
 }
 
@@ -320,10 +322,12 @@ async def open_service(
     agent_timeout: float | None,
     witness_db: Path | None,
     metrics_port: int | None,
+    tracing: bool = False,
 ) -> AsyncIterator[ConcurrentDeliberationService]:
-    """The service over ``orchestrator``, with a witness log at ``witness_db`` and a
-    metrics server on ``metrics_port`` when given; all of it closed on the way out,
-    in the reverse order."""
+    """The service over ``orchestrator``, with a witness log at ``witness_db``, a
+    metrics server on ``metrics_port`` when given, and OTLP traces with ``tracing`` (or
+    when the environment names an OTLP endpoint: :func:`tracing_requested`); all of it
+    closed on the way out, in the reverse order."""
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(orchestrator)
         witness = None
@@ -336,7 +340,39 @@ async def open_service(
         )
         if metrics_port is not None:
             _serve_metrics(service, metrics_port, stack)
+        if tracing or tracing_requested():
+            await _trace(service, stack, explicit=tracing)
         yield service
+
+
+#: The standard variables that name an OTLP endpoint: either turns tracing on.
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names an OTLP endpoint and does not disable the SDK
+    (``OTEL_SDK_DISABLED=true``), as every OpenTelemetry SDK reads it."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return any(env.get(name, "").strip() for name in OTLP_ENDPOINT_VARIABLES)
+
+
+async def _trace(
+    service: ConcurrentDeliberationService, stack: AsyncExitStack, *, explicit: bool
+) -> None:
+    """Trace the service (OTLP/HTTP, configured by the OTEL_* variables).  Asked for by
+    the environment alone, a missing extra is a warning, not a refusal: the variables
+    may be meant for another program."""
+    try:
+        with importing_extra("otel", "--otel"):
+            from adapters.tracing import otlp_tracing
+    except UsageError as exc:
+        if explicit:
+            raise
+        print(f"conclave: warning: OTLP endpoint set, not tracing: {exc}", file=sys.stderr)
+        return
+    await stack.enter_async_context(otlp_tracing(service))
 
 
 def _serve_metrics(

@@ -321,6 +321,12 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT while running",
     )
+    out.add_argument(
+        "--otel",
+        action="store_true",
+        help="export OpenTelemetry traces over OTLP/HTTP (the OTEL_* variables configure "
+        "it; OTEL_EXPORTER_OTLP_ENDPOINT set turns it on too)",
+    )
 
 
 # ---------------------------------------------------------------- deliberate
@@ -370,6 +376,7 @@ async def _deliberate(
                 agent_timeout=agent_timeout(args),
                 witness_db=args.witness_db,
                 metrics_port=args.metrics_port,
+                tracing=args.otel,
             ) as service:
                 stop_watching()  # from here on a halt is the kernel's to handle
                 watch.stop()
@@ -426,6 +433,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         ("crewai", "--backend crewai", args.backend == "crewai"),
         ("valkey", "--valkey", args.valkey is not None),
         ("metrics", "--metrics-port", args.metrics_port is not None),
+        ("otel", "--otel", args.otel),
     ):
         if wanted:
             require_extra(extra, flag)

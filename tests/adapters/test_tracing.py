@@ -3,10 +3,8 @@ OpenAI server receives, and a real OTLP/HTTP export decoded by a loopback collec
 
 from __future__ import annotations
 
-import http.server
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,14 +12,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import OpenAIChatOrchestrator, decode_agent_header
-from adapters.tracing import DeliberationTracer, otlp_tracing, tracing_requested
+from adapters.tracing import DeliberationTracer, otlp_tracing
 from kernel import (
     ConcurrentDeliberationService,
     ContextBundle,
@@ -33,6 +30,7 @@ from kernel import (
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.hostile_parts import halt_after
+from tests.support.otlp_collector import Collector
 
 SECRET_TOPIC = "the secret topic text"
 
@@ -211,46 +209,6 @@ async def test_rate_limit_waits_are_events_of_the_batch(
 # ---------------------------------------------------------------- OTLP/HTTP, for real
 
 
-class Collector(http.server.ThreadingHTTPServer):
-    """A loopback OTLP/HTTP traces receiver: decodes each POST's protobuf."""
-
-    def __init__(self, hang: bool = False) -> None:
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.hang = hang
-        self.release = threading.Event()
-        super().__init__(("127.0.0.1", 0), _CollectorHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
-
-    def close(self) -> None:
-        self.release.set()
-        self.shutdown()
-        self.server_close()
-
-
-class _CollectorHandler(http.server.BaseHTTPRequestHandler):
-    server: Collector
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.server.hang:
-            self.server.release.wait(30)
-            return
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        self.server.requests.append(request)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 async def test_spans_reach_a_real_otlp_http_collector_as_protobuf() -> None:
     collector = Collector()
     try:
@@ -259,13 +217,7 @@ async def test_spans_reach_a_real_otlp_http_collector_as_protobuf() -> None:
             result = await service.invoke_concurrent(make_requests(3))
     finally:
         collector.close()
-    received = [
-        span
-        for request in collector.requests
-        for resource in request.resource_spans
-        for scope in resource.scope_spans
-        for span in scope.spans
-    ]
+    received = collector.spans()
     assert sorted(s.name for s in received) == ["chat", "chat", "chat", "conclave.deliberation"]
     [batch] = [s for s in received if s.name == "conclave.deliberation"]
     attributes = {a.key: a.value.string_value for a in batch.attributes}
@@ -312,12 +264,3 @@ async def test_a_collector_that_never_answers_holds_the_exit_only_to_its_bound()
         collector.close()
     assert result.success_count == 3
     assert took < 6.0  # the 1 s bound and set-up, with room for a loaded machine; not 10 s+
-
-
-def test_the_standard_environment_turns_tracing_on() -> None:
-    assert not tracing_requested({})
-    assert tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
-    assert tracing_requested({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
-    assert not tracing_requested(
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}
-    )

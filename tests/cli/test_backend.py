@@ -26,12 +26,14 @@ from adapters.cli._backend import (
     halt_reason_now,
     open_service,
     stub_orchestrator,
+    tracing_requested,
 )
 from adapters.halt.file import FileHaltChannel
 from adapters.stub import AgentOrchestratorStub
 from adapters.witness.sqlite import SqliteWitness
 from kernel import AgentOrchestratorProtocol, AgentPool, HaltSwitch
 from tests.support.helpers import make_requests
+from tests.support.otlp_collector import Collector
 
 IDS = [f"archon-{i}" for i in range(1, 11)]
 
@@ -172,4 +174,40 @@ async def test_a_taken_metrics_port_is_a_usage_error_and_closes_the_backend(
             metrics_port=taken_port,
         ):
             raise AssertionError("the service must not open")
+    assert events == ["opened", "closed"]
+
+
+def test_the_standard_environment_turns_tracing_on() -> None:
+    assert not tracing_requested({})
+    assert tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert tracing_requested({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    assert not tracing_requested(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}
+    )
+
+
+async def test_an_otlp_endpoint_in_the_environment_traces_the_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collector = Collector()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", collector.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "council-test")
+    events: list[str] = []
+    try:
+        async with open_service(
+            _recorded(events),
+            HaltSwitch(),
+            AgentPool(4),
+            agent_timeout=None,
+            witness_db=None,
+            metrics_port=None,
+        ) as service:
+            await service.invoke_concurrent(make_requests(2))
+    finally:
+        collector.close()
+    assert sorted(s.name for s in collector.spans()) == ["chat", "chat", "conclave.deliberation"]
+    resource = collector.requests[0].resource_spans[0].resource
+    assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == (
+        "council-test"
+    )
     assert events == ["opened", "closed"]

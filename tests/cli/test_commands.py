@@ -24,6 +24,7 @@ from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.hostile_parts import HUGE
+from tests.support.otlp_collector import Collector
 from tests.support.url_secrets import SECRET, assert_never_shown
 from tests.support.witness_helpers import run_sql
 
@@ -239,6 +240,7 @@ _OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--mode
         ("coredis", ["deliberate", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
         ("coredis", ["status", "--valkey", "redis://127.0.0.1:1"], "--valkey needs coredis"),
         ("prometheus_client", ["deliberate", "--metrics-port", "0"], "--metrics-port needs"),
+        ("opentelemetry.sdk", ["deliberate", "--otel"], "--otel needs opentelemetry.sdk"),
     ],
 )
 def test_a_missing_extra_is_named_in_one_line_before_anything_runs(
@@ -246,7 +248,13 @@ def test_a_missing_extra_is_named_in_one_line_before_anything_runs(
 ) -> None:
     """Exit 2 with the extra to install, no traceback, and before the halt is read:
     a halted system does not hide what is missing."""
-    extra = {"trio_asyncio": "llm", "openai": "llm", "coredis": "valkey"}.get(module, "metrics")
+    extras = {
+        "trio_asyncio": "llm",
+        "openai": "llm",
+        "coredis": "valkey",
+        "opentelemetry.sdk": "otel",
+    }
+    extra = extras.get(module, "metrics")
     if args[0] == "deliberate":
         halted = tmp_path / "halt.json"
         halt_from_cli(halted, "maintenance")
@@ -313,6 +321,21 @@ def test_metrics_port_serves_while_running() -> None:
     assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics", proc.stderr)
     bad = conclave("deliberate", "--metrics-port", "99999")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_otel_exports_the_runs_traces_to_the_collector_the_environment_names() -> None:
+    collector = Collector()
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.endpoint}
+    try:
+        proc = conclave(
+            "deliberate", "--latency-ms", "2", "--agents", "3", "--otel", "--quiet", env=env
+        )
+    finally:
+        collector.close()
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(s.name for s in collector.spans())
+    assert names == ["chat", "chat", "chat", "conclave.deliberation"]
 
 
 def test_log_level_shows_structured_logs_without_content() -> None:
