@@ -202,12 +202,13 @@ class DeliberationTracer:
         span = self._agents.pop(event.request_id, None)
         if span is None:
             return
-        _describe_call(span, event.outcome, event.metadata)
-        span.set_attribute("conclave.hedge_won", event.hedge_won)
+        attributes: dict[str, Any] = {"conclave.hedge_won": event.hedge_won}
+        if event.outcome != "ok":
+            attributes["error.type"] = event.error_type or event.outcome
+        _describe_call(span, event.outcome, event.metadata, attributes)
         if event.outcome in ("timeout", "halted"):
             span.add_event(f"conclave.{'halt' if event.outcome == 'halted' else 'timeout'}")
         if event.outcome != "ok":
-            span.set_attribute("error.type", event.error_type or event.outcome)
             span.set_status(Status(StatusCode.ERROR, event.outcome))
         elif self._record_content and event.output is not None:
             answer: dict[str, Any] = {"role": "assistant", "parts": [_text(event.output.content)]}
@@ -221,9 +222,11 @@ class DeliberationTracer:
         span = self._hedges.pop(event.request_id, None)
         if span is None:
             return
-        _describe_call(span, event.outcome, event.metadata)
-        if event.outcome == "error":
-            span.set_attribute("error.type", "error")
+        failed = event.outcome == "error"
+        _describe_call(
+            span, event.outcome, event.metadata, {"error.type": "error"} if failed else {}
+        )
+        if failed:
             span.set_status(Status(StatusCode.ERROR, "error"))
         span.end()
 
@@ -244,27 +247,32 @@ def _text(content: str) -> dict[str, str]:
     return {"type": "text", "content": content}
 
 
-def _describe_call(span: Span, outcome: str, metadata: Mapping[str, str | int | float]) -> None:
-    """What the call's adapter reported, as GenAI attributes (never content)."""
-    span.set_attribute("conclave.outcome", outcome)
+def _describe_call(
+    span: Span,
+    outcome: str,
+    metadata: Mapping[str, str | int | float],
+    attributes: dict[str, Any],
+) -> None:
+    """What the call's adapter reported, as GenAI attributes (never content), with
+    ``attributes``, set at once (each call into the span takes its lock)."""
+    attributes["conclave.outcome"] = outcome
     model = metadata.get("model")
     if isinstance(model, str) and model:
         span.update_name(f"chat {model}")
-        span.set_attribute("gen_ai.request.model", model)
-        span.set_attribute("gen_ai.response.model", model)
-    for key, attribute in (
-        ("prompt_tokens", "gen_ai.usage.input_tokens"),
-        ("completion_tokens", "gen_ai.usage.output_tokens"),
-    ):
-        tokens = metadata.get(key)
-        if isinstance(tokens, int):
-            span.set_attribute(attribute, tokens)
+        attributes["gen_ai.request.model"] = attributes["gen_ai.response.model"] = model
+    tokens = metadata.get("prompt_tokens")
+    if isinstance(tokens, int):
+        attributes["gen_ai.usage.input_tokens"] = tokens
+    tokens = metadata.get("completion_tokens")
+    if isinstance(tokens, int):
+        attributes["gen_ai.usage.output_tokens"] = tokens
     finish = metadata.get("finish_reason")
     if isinstance(finish, str) and finish:
-        span.set_attribute("gen_ai.response.finish_reasons", (finish,))
+        attributes["gen_ai.response.finish_reasons"] = (finish,)
     statuses = metadata.get("http_statuses")
     if isinstance(statuses, str) and statuses:
-        span.set_attribute("conclave.http_statuses", statuses)
+        attributes["conclave.http_statuses"] = statuses
+    span.set_attributes(attributes)
 
 
 # ---------------------------------------------------------------- export

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "fake_server", "loop_stall_probe"]
+__all__ = ["ROOT", "fake_server", "loop_stall_probe", "otlp_collector"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,15 +24,27 @@ def fake_server(*args: str) -> Iterator[str]:
     A process of its own so that it does not compete with the client for the GIL (in the
     tests it is a thread).
     """
+    with _serving("tests.support.fake_openai", *args) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def otlp_collector() -> Iterator[str]:
+    """A loopback OTLP/HTTP collector (tests/support/otlp_collector.py) in a process of
+    its own for the duration of the block; yields its traces endpoint."""
+    with _serving("tests.support.otlp_collector") as port:
+        yield f"http://127.0.0.1:{port}/v1/traces"
+
+
+@contextmanager
+def _serving(module: str, *args: str) -> Iterator[int]:
+    """``python -m module *args``, which prints its port, until the block ends."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.fake_openai", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
-        yield f"http://127.0.0.1:{int(proc.stdout.readline())}/v1"
+        yield int(proc.stdout.readline())
     finally:
         proc.kill()
         proc.wait()

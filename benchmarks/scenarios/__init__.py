@@ -18,6 +18,7 @@ from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback, ll
 from benchmarks.scenarios.ratelimit import rate_limited
 from benchmarks.scenarios.tail import tail, tail_http
 from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
+from benchmarks.scenarios.tracing import tracing
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -38,6 +39,7 @@ SCENARIOS: dict[str, Scenario] = {
     "tail": tail,
     "tail-http": tail_http,
     "rate-limited": rate_limited,
+    "tracing": tracing,
     "crewai": crewai,
     "witness": witness,
     "soak": soak,

@@ -37,6 +37,7 @@ class Collector(http.server.ThreadingHTTPServer):
 
 class _CollectorHandler(http.server.BaseHTTPRequestHandler):
     server: Collector
+    protocol_version = "HTTP/1.1"  # keep-alive, as a collector answers the SDK's pool
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -63,3 +64,14 @@ def _spans(requests: list[ExportTraceServiceRequest]) -> list[Span]:
         for scope in resource.scope_spans
         for span in scope.spans
     ]
+
+
+def main() -> None:
+    """Serve from a process of its own (benchmarks): prints the port, runs until killed."""
+    collector = Collector()
+    print(collector.server_address[1], flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
