@@ -35,19 +35,7 @@ from kernel import (
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.hostile_parts import halt_after
-
-
-class Recorder:
-    """Keeps every event, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[KernelEvent] = []
-
-    def observe(self, event: KernelEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type) -> list:  # type: ignore[type-arg]
-        return [e for e in self.events if isinstance(e, kind)]
+from tests.support.observers import Recorder, assert_events_agree_with
 
 
 def _observed(
@@ -65,6 +53,7 @@ async def test_every_started_agent_ends_once_with_its_outcome(
     plan = {"archon-2": Step(0.5, "error"), "archon-3": Step(5.0), "archon-4": Step(0.2, "invalid")}
     service, rec = _observed(ScriptedOrchestrator(plan, Step(1.0)), agent_timeout=2.0)
     result = await service.invoke_concurrent(make_requests(6))
+    assert_events_agree_with(rec.events, result)
     assert isinstance(rec.events[0], BatchStarted) and rec.events[0].size == 6
     assert isinstance(rec.events[-1], BatchEnded) and rec.events[-1].result is result
     started = Counter(e.agent_id for e in rec.of(AgentStarted))

@@ -14,7 +14,11 @@ virtual time, or never.  Whatever happens, for every batch:
 * nothing starts and nothing is released after the halt;
 * the witness holds exactly the released outputs, and every released output was
   reported ``completed`` to ``on_progress`` (sync or async);
-* every pool slot and every shared lease is back at the end.
+* every pool slot and every shared lease is back at the end;
+* what the observers saw agrees with the result: the kernel's events (every started agent
+  ends once, with its outcome), the Prometheus families (a duration per agent, one
+  failures-per-batch sample) and the traces (a span per batch, per agent call and per
+  hedge, each call's span the batch's child).
 """
 
 from __future__ import annotations
@@ -26,13 +30,22 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
+from adapters.prometheus import export_service_metrics
+from adapters.tracing import DeliberationTracer
 from kernel import (
+    AgentEnded,
     AgentOutput,
     AgentPool,
+    BatchEnded,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
+    FailureKind,
     HaltSwitch,
     HedgePolicy,
     RateLimit,
@@ -41,6 +54,7 @@ from kernel import (
 from tests.support.helpers import assert_one_outcome_per_request_in_order, make_requests
 from tests.support.hostile_parts import Ledger
 from tests.support.model_capacity import ModelCapacity
+from tests.support.observers import Recorder, assert_events_agree_with
 
 BEHAVIOURS = ["ok", "ok", "ok", "error", "hang", "swallow", "garbage"]
 
@@ -172,6 +186,17 @@ class Run:
     result: ConcurrentResult | None = None
     halted: bool = False
     refused: bool = False
+    events: Recorder = field(default_factory=Recorder)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    spans: InMemorySpanExporter = field(default_factory=InMemorySpanExporter)
+
+    def observe(self) -> None:
+        """Watch the service as an operator would: events, Prometheus, traces."""
+        self.service.metrics.add_observer(self.events)
+        export_service_metrics(self.service, self.registry)
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.service.metrics.add_observer(DeliberationTracer(provider))
 
 
 def build(scenario: Scenario) -> tuple[Cluster, ModelCapacity, Ledger | None, list[Run]]:
@@ -195,7 +220,9 @@ def build(scenario: Scenario) -> tuple[Cluster, ModelCapacity, Ledger | None, li
             witness=ledger,
             rate_limit=rate,
         )
-        runs.append(Run(spec, orch, pool, service, requests))
+        run = Run(spec, orch, pool, service, requests)
+        run.observe()
+        runs.append(run)
     return cluster, shared, ledger, runs
 
 
@@ -286,6 +313,8 @@ def test_every_promise_holds_with_every_feature_at_once(scenario: Scenario) -> N
         # Every slot is back.
         assert run.pool.active_count == 0 and not run.pool.queued_agents
 
+        check_observers(run, result)
+
     # The cluster: never over its shared capacity; nothing started after the halt;
     # every lease back; the witness holds exactly what was released.
     assert cluster.max_in_flight <= scenario.shared_capacity
@@ -294,3 +323,28 @@ def test_every_promise_holds_with_every_feature_at_once(scenario: Scenario) -> N
     assert not shared.held and not shared.waiting
     if ledger is not None:
         assert {o.output_id for o in ledger.log} == released_ids
+
+
+def check_observers(run: Run, result: ConcurrentResult) -> None:
+    """The events, the Prometheus samples and the spans of a batch that ran."""
+    assert_events_agree_with(run.events.events, result)
+    ended = run.events.of(AgentEnded)
+    [end] = run.events.of(BatchEnded)
+    if run.halted:
+        # Nothing slow between the halt and the caller: stopped in the same instant.
+        assert end.halt_stop_s == 0.0
+    sample = run.registry.get_sample_value
+    durations = sum(
+        sample("conclave_agent_duration_seconds_count", {"outcome": o}) or 0.0
+        for o in ("ok", *(k.value for k in FailureKind))
+    )
+    assert durations == len(ended)
+    assert sample("conclave_batch_failures_count") == 1
+    assert sample("conclave_batch_failures_sum") == result.failure_count
+    spans = run.spans.get_finished_spans()
+    assert len(spans) == 1 + len(ended) + len(result.hedged_agents)
+    [batch] = [s for s in spans if s.name == "conclave.deliberation"]
+    for span in spans:
+        assert span.context.trace_id == batch.context.trace_id
+        if span is not batch and not (span.attributes or {}).get("conclave.hedge"):
+            assert span.parent is not None and span.parent.span_id == batch.context.span_id
