@@ -67,16 +67,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kernel import (
+    ConcurrentDeliberationService,
+    FailureKind,
+    InvalidRequestError,
+    KernelEvent,
+)
+from kernel.events import (
     AgentEnded,
     BatchEnded,
     BatchRefused,
     BatchStarted,
     BatchStopping,
-    ConcurrentDeliberationService,
-    FailureKind,
     HedgeEnded,
-    InvalidRequestError,
-    KernelEvent,
     RateLimitWaited,
 )
 

@@ -55,16 +55,18 @@ import trio
 
 from adapters.urls import redact_url
 from kernel import (
+    ConcurrentDeliberationService,
+    InvalidRequestError,
+    KernelEvent,
+)
+from kernel.events import (
     AgentEnded,
     AgentStarted,
     BatchEnded,
     BatchStarted,
     BatchStopping,
-    ConcurrentDeliberationService,
     HedgeEnded,
     HedgeStarted,
-    InvalidRequestError,
-    KernelEvent,
     RateLimitWaited,
 )
 from kernel.validate import check_number

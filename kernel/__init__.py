@@ -24,19 +24,6 @@ from kernel._halt import (
     read_halt,
 )
 from kernel._metrics import MetricsSnapshot, ServiceMetrics, nearest_rank
-from kernel._observe import (
-    AgentEnded,
-    AgentStarted,
-    BatchEnded,
-    BatchRefused,
-    BatchStarted,
-    BatchStopping,
-    HedgeEnded,
-    HedgeStarted,
-    KernelEvent,
-    KernelObserver,
-    RateLimitWaited,
-)
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
@@ -72,19 +59,11 @@ from kernel._types import (
     PoolStatus,
     utc_now,
 )
+from kernel.events import KernelEvent, KernelObserver
 
 __all__ = [
-    "RateLimitWaited",
     "KernelObserver",
     "KernelEvent",
-    "HedgeStarted",
-    "HedgeEnded",
-    "BatchStopping",
-    "BatchStarted",
-    "BatchRefused",
-    "BatchEnded",
-    "AgentStarted",
-    "AgentEnded",
     "DEFAULT_HALT_READ_TIMEOUT",
     "MAX_CONCURRENT_AGENTS",
     "MAX_METADATA_BYTES",

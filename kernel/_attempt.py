@@ -23,12 +23,12 @@ import trio
 
 from kernel._cancel import cancel_requested, raise_if_requested
 from kernel._metrics import ServiceMetrics
-from kernel._observe import BatchEvents
 from kernel._outcome_errors import AgentInvocationError
 from kernel._ports import AgentOrchestratorProtocol, OutputWitness
 from kernel._slot import Slot
 from kernel._tail import race
 from kernel._types import AgentFailure, AgentOutput, AgentRequest, FailureKind, stamp_output
+from kernel.events import BatchEvents
 
 __all__ = [
     "CUT_SHORT",

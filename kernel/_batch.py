@@ -28,7 +28,6 @@ from kernel._errors import AgentPoolExhaustedError
 from kernel._halt_watch import HaltWatch
 from kernel._halt_watch import failed as halt_failed
 from kernel._metrics import ServiceMetrics
-from kernel._observe import BatchEvents
 from kernel._pool import Admission
 from kernel._progress import Progress, ProgressCallback
 from kernel._rate import RateLimit
@@ -42,6 +41,7 @@ from kernel._types import (
     FailureKind,
     utc_now,
 )
+from kernel.events import BatchEvents
 
 __all__ = ["Batch", "Mode", "ProgressCallback", "Stop"]
 

@@ -13,8 +13,8 @@ import attrs
 
 from kernel._errors import InvalidRequestError
 from kernel._frozenmap import FrozenMap
-from kernel._observe import KernelObserver, Observers
 from kernel._types import ConcurrentResult
+from kernel.events import KernelObserver, Observers
 from kernel.validate import check_number
 
 __all__ = ["MetricsSnapshot", "ServiceMetrics", "nearest_rank"]
@@ -123,7 +123,7 @@ class ServiceMetrics:
         self._batch_observers: list[Callable[[float], object]] = []
         self._hedges_launched = 0
         self._hedges_won = 0
-        #: The observers of the service's batches (:mod:`kernel._observe`).
+        #: The observers of the service's batches (:mod:`kernel.events`).
         self.observers = Observers()
 
     def add_observer(self, observer: KernelObserver) -> None:

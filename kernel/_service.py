@@ -26,7 +26,6 @@ from kernel._errors import AgentPoolExhaustedError, InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON
 from kernel._halt_watch import HaltWatch
 from kernel._metrics import ServiceMetrics
-from kernel._observe import BatchRefused
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
@@ -34,6 +33,7 @@ from kernel._progress import ProgressCallback
 from kernel._rate import RateLimit
 from kernel._tail import HedgePolicy, LatencyWindow, check_deadline, check_hedge, check_quorum
 from kernel._types import AgentOutput, AgentRequest, ConcurrentResult, PoolStatus, utc_now
+from kernel.events import BatchRefused
 from kernel.validate import check_seconds
 
 __all__ = ["ConcurrentDeliberationService", "Overflow", "ProgressCallback"]

@@ -38,10 +38,8 @@ from prometheus_client import CollectorRegistry
 from adapters.prometheus import export_service_metrics
 from adapters.tracing import DeliberationTracer
 from kernel import (
-    AgentEnded,
     AgentOutput,
     AgentPool,
-    BatchEnded,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
@@ -50,6 +48,10 @@ from kernel import (
     HedgePolicy,
     RateLimit,
     SystemHaltedError,
+)
+from kernel.events import (
+    AgentEnded,
+    BatchEnded,
 )
 from tests.support.helpers import assert_one_outcome_per_request_in_order, make_requests
 from tests.support.hostile_parts import Ledger

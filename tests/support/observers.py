@@ -6,14 +6,16 @@ from collections import Counter
 from typing import Any, TypeVar
 
 from kernel import (
+    ConcurrentResult,
+    KernelEvent,
+)
+from kernel.events import (
     AgentEnded,
     AgentStarted,
     BatchEnded,
     BatchStarted,
-    ConcurrentResult,
     HedgeEnded,
     HedgeStarted,
-    KernelEvent,
 )
 
 E = TypeVar("E")

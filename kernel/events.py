@@ -1,5 +1,9 @@
 """What a batch tells its observers as it runs: the one port metrics and traces hang on.
 
+A public module of the kernel, as :mod:`kernel.validate` is: the event types an observer
+tells apart live here (``from kernel.events import AgentEnded``); :mod:`kernel` exports the
+port itself, :class:`KernelObserver`, and :data:`KernelEvent`.
+
     BatchStarted -> AgentStarted -> [RateLimitWaited] [HedgeStarted -> HedgeEnded]
         -> AgentEnded (one per started agent) ... [BatchStopping] -> BatchEnded
     BatchRefused (halted, or no capacity: nothing started)
@@ -29,7 +33,6 @@ from kernel._types import AgentOutput, ConcurrentResult, ContextBundle
 
 __all__ = [
     "AgentEnded",
-    "BatchEvents",
     "AgentStarted",
     "BatchEnded",
     "BatchRefused",
@@ -39,7 +42,6 @@ __all__ = [
     "HedgeStarted",
     "KernelEvent",
     "KernelObserver",
-    "Observers",
     "RateLimitWaited",
 ]
 
@@ -185,7 +187,8 @@ class KernelObserver(Protocol):
 
 
 class Observers:
-    """The observers of one service, and the one place events are delivered to them."""
+    """The observers of one service, and the one place events are delivered to them
+    (the service's; not for observers)."""
 
     __slots__ = ("_observers",)
 
@@ -226,7 +229,7 @@ class Observers:
 
 class BatchEvents:
     """The events of one batch, built and delivered as it runs (only when the service has
-    observers: a batch without them has none of this).
+    observers: a batch without them has none of this).  The service's; not for observers.
 
     It keeps what an event needs that the batch does not: the metadata of the agents'
     failed calls, the agents a hedge answered for, and when the halt was seen.

@@ -11,27 +11,29 @@ import pytest
 import trio
 import trio.testing
 
-import kernel._observe
+import kernel.events
 from kernel import (
-    AgentEnded,
     AgentInvocationError,
     AgentOutput,
     AgentPoolExhaustedError,
+    ConcurrentDeliberationService,
+    ContextBundle,
+    HaltSwitch,
+    HedgePolicy,
+    InvalidRequestError,
+    KernelEvent,
+    RateLimit,
+    SystemHaltedError,
+)
+from kernel.events import (
+    AgentEnded,
     AgentStarted,
     BatchEnded,
     BatchRefused,
     BatchStarted,
     BatchStopping,
-    ConcurrentDeliberationService,
-    ContextBundle,
-    HaltSwitch,
     HedgeEnded,
-    HedgePolicy,
-    InvalidRequestError,
-    KernelEvent,
-    RateLimit,
     RateLimitWaited,
-    SystemHaltedError,
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.hostile_parts import halt_after
@@ -184,7 +186,7 @@ async def test_an_observer_that_raises_or_is_slow_changes_nothing(
         def observe(self, event: KernelEvent) -> None:
             raise RuntimeError("observer bug")
 
-    monkeypatch.setattr(kernel._observe, "SLOW_OBSERVER_S", -1.0)  # every call is "slow"
+    monkeypatch.setattr(kernel.events, "SLOW_OBSERVER_S", -1.0)  # every call is "slow"
     service = ConcurrentDeliberationService(ScriptedOrchestrator())
     service.metrics.add_observer(Raises())
     rec = Recorder()
