@@ -246,3 +246,21 @@ async def test_what_an_agent_start_sets_in_context_is_its_call_alone(mode: str) 
         await service.invoke_concurrent(requests)
     assert orchestrator.seen == {r.agent_id: r.agent_id for r in requests}
     assert CURRENT.get() is None  # nothing leaked into the caller's context
+
+
+@pytest.mark.parametrize(
+    ("tail", "cause", "cut"),
+    [({"deadline": 1.0}, "deadline", "timeout"), ({"quorum": 2}, "quorum", "cancelled")],
+)
+async def test_a_deadline_or_a_quorum_is_told_once_and_the_agents_it_cut_end_with_it(
+    autojump_clock: trio.testing.MockClock, tail: dict[str, float], cause: str, cut: str
+) -> None:
+    plan = {"archon-1": Step(0.1), "archon-2": Step(0.2)}
+    service, rec = _observed(ScriptedOrchestrator(plan, Step(10.0)))
+    result = await service.invoke_concurrent(make_requests(4), **tail)  # type: ignore[arg-type]
+    assert_events_agree_with(rec.events, result)
+    assert [(s.cause, s.reason) for s in rec.of(BatchStopping)] == [(cause, None)]
+    ended = {e.agent_id: e.outcome for e in rec.of(AgentEnded)}
+    assert ended == {"archon-1": "ok", "archon-2": "ok", "archon-3": cut, "archon-4": cut}
+    end = rec.events[-1]
+    assert isinstance(end, BatchEnded) and end.stop == cause and end.halt_stop_s is None
