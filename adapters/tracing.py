@@ -114,8 +114,10 @@ class DeliberationTracer:
         self._tracer = trace.get_tracer(_INSTRUMENTATION, tracer_provider=tracer_provider)
         self._record_content = record_content
         self._batches: dict[UUID, Span] = {}
-        self._agents: dict[UUID, Span] = {}  # by request id
-        self._hedges: dict[UUID, Span] = {}
+        # By (batch, request): one tracer may watch several services, and the same
+        # requests may run in two of them at once.
+        self._agents: dict[tuple[UUID, UUID], Span] = {}
+        self._hedges: dict[tuple[UUID, UUID], Span] = {}
 
     def observe(self, event: KernelEvent) -> None:
         handler = _HANDLERS.get(type(event))
@@ -168,7 +170,7 @@ class DeliberationTracer:
     # ------------------------------------------------------------ calls
 
     def _call_span(self, batch_id: UUID, agent_id: str, request_id: UUID, hedge: bool) -> Span:
-        parent = self._agents.get(request_id) if hedge else self._batches.get(batch_id)
+        parent = self._agents.get((batch_id, request_id)) if hedge else self._batches.get(batch_id)
         span = self._tracer.start_span(
             "chat",
             context=None if parent is None else trace.set_span_in_context(parent),
@@ -191,17 +193,17 @@ class DeliberationTracer:
         if self._record_content and event.context is not None:
             messages = [{"role": "user", "parts": [_text(event.context.topic_content)]}]
             span.set_attribute("gen_ai.input.messages", json.dumps(messages))
-        self._agents[event.request_id] = span
+        self._agents[event.batch_id, event.request_id] = span
 
     def _hedge_started(self, event: HedgeStarted) -> None:
-        agent = self._agents.get(event.request_id)
+        agent = self._agents.get((event.batch_id, event.request_id))
         if agent is not None:
             agent.add_event("conclave.hedge")
         span = self._call_span(event.batch_id, event.agent_id, event.request_id, True)
-        self._hedges[event.request_id] = span
+        self._hedges[event.batch_id, event.request_id] = span
 
     def _agent_ended(self, event: AgentEnded) -> None:
-        span = self._agents.pop(event.request_id, None)
+        span = self._agents.pop((event.batch_id, event.request_id), None)
         if span is None:
             return
         attributes: dict[str, Any] = {"conclave.hedge_won": event.hedge_won}
@@ -221,7 +223,7 @@ class DeliberationTracer:
         span.end()
 
     def _hedge_ended(self, event: HedgeEnded) -> None:
-        span = self._hedges.pop(event.request_id, None)
+        span = self._hedges.pop((event.batch_id, event.request_id), None)
         if span is None:
             return
         failed = event.outcome == "error"

@@ -264,3 +264,28 @@ async def test_a_collector_that_never_answers_holds_the_exit_only_to_its_bound()
         collector.close()
     assert result.success_count == 3
     assert took < 6.0  # the 1 s bound and set-up, with room for a loaded machine; not 10 s+
+
+
+async def test_one_tracer_keeps_apart_the_same_requests_running_in_two_services(
+    autojump_clock: trio.testing.MockClock, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    tracer = DeliberationTracer(provider)
+    services = [
+        ConcurrentDeliberationService(ScriptedOrchestrator(default=Step(latency)))
+        for latency in (1.0, 2.0)
+    ]
+    for service in services:
+        service.metrics.add_observer(tracer)
+    requests = make_requests(3)
+    async with trio.open_nursery() as nursery:
+        for service in services:
+            nursery.start_soon(service.invoke_concurrent, requests)
+    finished = exporter.get_finished_spans()
+    batches = {s.context.span_id: s for s in finished if s.name == "conclave.deliberation"}
+    assert len(batches) == 2 and len(finished) == 2 + 6
+    for span in finished:
+        if span.context.span_id not in batches:
+            assert span.parent is not None
+            batch = batches[span.parent.span_id]
+            assert _attrs(span)["conclave.batch_id"] == _attrs(batch)["conclave.batch_id"]
