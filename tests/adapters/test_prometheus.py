@@ -4,6 +4,7 @@ endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 from __future__ import annotations
 
 import urllib.request
+from uuid import uuid4
 
 import pytest
 import trio
@@ -16,9 +17,12 @@ from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.prometheus import export_service_metrics, serve_metrics
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
+    AgentInvocationError,
+    AgentOutput,
     AgentPool,
     AgentPoolExhaustedError,
     ConcurrentDeliberationService,
+    ContextBundle,
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
@@ -280,3 +284,28 @@ def test_a_bad_namespace_or_a_name_clash_registers_nothing() -> None:
     with pytest.raises(InvalidRequestError, match="registry"):
         export_service_metrics(ConcurrentDeliberationService(ScriptedOrchestrator()), registry)
     assert sorted(f.name for f in registry.collect()) == before
+
+
+class ReportsWaits:
+    """Answers, or fails, as an LLM adapter does after waiting on its provider's budget."""
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        await trio.lowlevel.checkpoint()
+        metadata: dict[str, str | int | float] = {
+            "model": "m",
+            "rate_limited_ms": 250.0,
+            "http_statuses": "429 200",
+        }
+        if agent_id == "archon-1":
+            raise AgentInvocationError("gave up", metadata={**metadata, "http_statuses": "429"})
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata)
+
+
+async def test_provider_budget_waits_the_adapters_report_are_counted_too() -> None:
+    service = ConcurrentDeliberationService(ReportsWaits())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(3))
+    assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.75
+    requests = {"model": "m", "status": "429"}
+    assert registry.get_sample_value("conclave_llm_requests_total", requests) == 3
