@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,8 +116,20 @@ class AgentRun:
         self.where = where
         self.policy = policy
         self.attempts = 0
+        #: Each HTTP call's status (``"error"``: no answer), for the call's metadata.
+        self.statuses: list[str] = []
         self._api_key = api_key
         self._backoff: Backoff = policy.backoff()
+
+    def report(self, model: str, started: float) -> dict[str, str | int | float]:
+        """What this run's calls were, as an output's or an error's metadata (no content)."""
+        return {
+            "model": model,
+            "attempts": self.attempts,
+            "http_status": self.statuses[-1] if self.statuses else "error",
+            "http_statuses": " ".join(self.statuses),
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
 
     def retry_delay(self, exc: BaseException) -> float | AgentInvocationError:
         """Seconds to wait before the next attempt after ``exc``, or the error that ends
@@ -130,10 +143,12 @@ class AgentRun:
         redirect), anything else CrewAI raises.  The error names the agent, never the key
         or content.
         """
+        error = _openai_error(exc)
+        status = error.status_code if isinstance(error, openai.APIStatusError) else "error"
+        self.statuses.append(str(status))
         refused = refusal_in(exc)
         if refused is not None:
             return not_retried(f"{self.where}: {refused}")
-        error = _openai_error(exc)
         failure = None
         if isinstance(error, openai.OpenAIError):
             failure = classify_failure(error, self.where, self._api_key)
@@ -234,7 +249,7 @@ class AsyncioAgentExecutor(AgentExecutor):
             # when a retry is already active around the call.  Ours is.
             outer_retry = _ACTIVE_RATE_LIMIT_RETRY.set(True)
             try:
-                return await aget_llm_response(
+                answer = await aget_llm_response(
                     llm=llm,
                     messages=list(self.state.messages),
                     callbacks=self.callbacks,
@@ -244,6 +259,8 @@ class AsyncioAgentExecutor(AgentExecutor):
                     executor_context=self,
                     verbose=False,
                 )
+                run.statuses.append("200")  # an answer: the endpoint's success status
+                return answer
             except Exception as exc:
                 delay = run.retry_delay(exc)
             finally:

@@ -57,7 +57,10 @@ Output: ``content`` is the agent's final answer (CrewAI's ``TaskOutput.raw``);
 ``metadata`` holds ``framework`` ("crewai"), ``model``, ``role``, the call's token usage
 from CrewAI's ``UsageMetrics`` (``prompt_tokens``, ``completion_tokens``,
 ``total_tokens``, ``cached_prompt_tokens``, ``reasoning_tokens``, ``successful_requests``),
-``attempts`` and ``latency_ms``.
+``attempts``, ``latency_ms``, ``http_status`` and ``http_statuses`` (each HTTP call's
+status, ``"error"`` without an answer, as the OpenAI orchestrator's); a failure's
+:class:`~kernel.AgentInvocationError` carries ``model``, ``attempts``, the statuses and
+``latency_ms`` as its ``metadata``.
 """
 
 from __future__ import annotations
@@ -405,17 +408,21 @@ class CrewAIOrchestrator(RetrySettings):
         started = time.perf_counter()
         try:
             content = await crew.run_task(runner.agent, task, run)
-        except AgentInvocationError:
+        except AgentInvocationError as exc:
+            exc.metadata = run.report(member.model, started)
             raise
         except Exception as exc:
             described = crew.describe_error(exc).replace(self._api_key, "***")
-            raise AgentInvocationError(f"{member.where}: CrewAI error: {described}") from None
+            error = AgentInvocationError(
+                f"{member.where}: CrewAI error: {described}",
+                metadata=run.report(member.model, started),
+            )
+            raise error from None
         if len(content) > self.max_content_chars:
             raise over_content_cap(member.where, self.max_content_chars)
         usage = runner.llm.get_token_usage_summary().delta_since(before)
         metadata: dict[str, str | int | float] = {
             "framework": "crewai",
-            "model": member.model,
             "role": member.role,
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
@@ -423,8 +430,7 @@ class CrewAIOrchestrator(RetrySettings):
             "cached_prompt_tokens": usage.cached_prompt_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
             "successful_requests": usage.successful_requests,
-            "attempts": run.attempts,
-            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            **run.report(member.model, started),
         }
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata

@@ -793,3 +793,22 @@ async def test_crewai_streams_its_calls_with_usage_unless_told_not_to(
         body = llm_server.bodies[0]
         assert body.get("stream", False) is stream
         assert ("stream_options" in body) is stream
+
+
+async def test_each_http_calls_status_is_in_the_answers_or_the_errors_metadata(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    roster = Roster([AgentProfile("throttled"), AgentProfile("down")])
+    llm_server.script("throttled", ("429", 0))
+    llm_server.script("down", 503, 503)
+    orch = orchestrator(llm_server, roster, max_retries=1, timeout_s=30)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        output = await bridge.invoke("throttled", TOPIC)
+        with pytest.raises(AgentInvocationError) as failed:
+            await bridge.invoke("down", TOPIC)
+    assert output.metadata["http_statuses"] == "429 200"
+    assert output.metadata["model"] == "fake-model"
+    assert failed.value.metadata["http_statuses"] == "503 503"
+    assert failed.value.metadata["http_status"] == "503"
+    assert failed.value.metadata["model"] == "fake-model"
+    assert failed.value.metadata["attempts"] == 2
