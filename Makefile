@@ -14,7 +14,7 @@ CSTAMP := $(CVENV)/.installed
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: setup setup-crewai run test test-main lint bench bench-quick e2e clean
+.PHONY: setup setup-crewai tools run test test-main lint bench bench-quick e2e clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
@@ -35,6 +35,10 @@ setup: $(STAMP)
 
 setup-crewai: $(CSTAMP)
 
+# promtool and prometheus-pushgateway (system packages), installed only when missing.
+tools:
+	@bash scripts/install_tools.sh
+
 run: $(STAMP)
 	$(BIN)/conclave deliberate --agents 72 --latency-ms 100
 
@@ -45,7 +49,7 @@ test: test-main $(CSTAMP)
 
 # The main suite alone; `.ci/run` runs it once per supported Python, each in a venv of its
 # own: `make test-main PYTHON=/path/to/python3.12 VENV=.venv-3.12`.
-test-main: $(STAMP)
+test-main: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 # The modules that import crewai are type-checked in .venv-crewai, against the real crewai

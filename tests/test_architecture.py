@@ -213,6 +213,7 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
         TESTS / "kernel" / f"test_{p.stem.lstrip('_')}.py" for p in _kernel_modules()
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
+    mirrored |= {_test_module_for_deploy(p) for p in _deploy_files()}
     whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server
@@ -257,3 +258,20 @@ def test_only_the_cli_imports_the_cli() -> None:
             continue
         cli = {n for n in _imported(path) if n == "adapters.cli" or n.startswith("adapters.cli.")}
         assert not cli, f"{path.relative_to(ROOT)} imports {cli.pop()}"
+
+
+def _deploy_files() -> list[Path]:
+    """What the project ships for operators (deploy/: Prometheus rules, ...)."""
+    return sorted(p for p in (ROOT / "deploy").rglob("*.yml") if p.is_file())
+
+
+def _test_module_for_deploy(path: Path) -> Path:
+    """deploy/<tool>/<f>.yml -> tests/deploy/<tool>/test_<f>.py."""
+    parts = path.relative_to(ROOT / "deploy").parts
+    return TESTS.joinpath("deploy", *parts[:-1], f"test_{path.stem}.py")
+
+
+def test_every_deploy_file_has_its_test_module() -> None:
+    for path in _deploy_files():
+        expected = _test_module_for_deploy(path)
+        assert expected.is_file(), f"{path.relative_to(ROOT)} has no {expected.relative_to(ROOT)}"
