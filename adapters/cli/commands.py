@@ -42,6 +42,7 @@ import trio
 from adapters.cli import _valkey as _cli_valkey
 from adapters.cli import transcript
 from adapters.cli._backend import (
+    MetricsPush,
     OpeningHaltWatch,
     OperatorInterrupt,
     RateLimitReport,
@@ -55,6 +56,7 @@ from adapters.cli._backend import (
 )
 from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
+from adapters.pushgateway import DEFAULT_PUSH_TIMEOUT_S, check_gateway_url
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -124,6 +126,13 @@ def _fraction(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def _gateway_url(text: str) -> str:
+    try:
+        return check_gateway_url(text)
+    except ConclaveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hedge_after(text: str) -> float | str:
@@ -321,6 +330,22 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT while running",
     )
+    out.add_argument(
+        "--metrics-push",
+        type=_gateway_url,
+        metavar="URL",
+        default=None,
+        help="push the run's metrics to this Prometheus Pushgateway at the end "
+        "(job conclave, grouped by instance and run id); a gateway that is down is a "
+        "warning, never a failed run",
+    )
+    out.add_argument(
+        "--metrics-push-timeout",
+        type=_positive_float,
+        default=DEFAULT_PUSH_TIMEOUT_S,
+        metavar="S",
+        help=f"give the push up after S seconds (default {DEFAULT_PUSH_TIMEOUT_S:g})",
+    )
 
 
 # ---------------------------------------------------------------- deliberate
@@ -370,6 +395,7 @@ async def _deliberate(
                 agent_timeout=agent_timeout(args),
                 witness_db=args.witness_db,
                 metrics_port=args.metrics_port,
+                metrics_push=_metrics_push(args),
             ) as service:
                 stop_watching()  # from here on a halt is the kernel's to handle
                 watch.stop()
@@ -426,6 +452,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         ("crewai", "--backend crewai", args.backend == "crewai"),
         ("valkey", "--valkey", args.valkey is not None),
         ("metrics", "--metrics-port", args.metrics_port is not None),
+        ("metrics", "--metrics-push", args.metrics_push is not None),
     ):
         if wanted:
             require_extra(extra, flag)
@@ -472,6 +499,12 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
 def agent_timeout(args: argparse.Namespace) -> float:
     """Each agent's bound: ``--timeout``, else :data:`DEFAULT_AGENT_TIMEOUT_S`."""
     return float(args.timeout) if args.timeout is not None else DEFAULT_AGENT_TIMEOUT_S
+
+
+def _metrics_push(args: argparse.Namespace) -> MetricsPush | None:
+    if args.metrics_push is None:
+        return None
+    return MetricsPush(args.metrics_push, timeout_s=args.metrics_push_timeout)
 
 
 def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:

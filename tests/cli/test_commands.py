@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,7 +25,9 @@ from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.hostile_parts import HUGE
+from tests.support.pushgateway import hanging_gateway, pushgateway, scrape
 from tests.support.url_secrets import SECRET, assert_never_shown
+from tests.support.valkey_server import free_port
 from tests.support.witness_helpers import run_sql
 
 
@@ -691,3 +694,87 @@ def test_bad_tail_flags_are_one_line_and_exit_2(flags: list[str], message: str) 
     proc = conclave("deliberate", "--quiet", *flags)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _pushed_run(stderr: str) -> str:
+    found = re.search(r"metrics pushed to \S+ \(run ([0-9a-f]{32})\)", stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+def _series(text: str, name: str, run: str) -> dict[str, float]:
+    """``name``'s samples in the gateway's text for ``run``: labels text -> value."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'run="{run}"' in line:
+            labels, value = line.rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def test_metrics_push_puts_the_runs_series_on_the_gateway() -> None:
+    with pushgateway() as url:
+        proc = conclave(
+            "deliberate",
+            *("--agents", "6", "--fail-rate", "0.5", "--seed", "3", "--latency-ms", "1"),
+            *("--quiet", "--metrics-push", url),
+        )
+        assert proc.returncode == 1, proc.stderr  # the failures' code, as without a push
+        run = _pushed_run(proc.stderr)
+        text = scrape(url)
+    (labels,) = _series(text, "conclave_batches_total", run)
+    assert 'job="conclave"' in labels and f'instance="{socket.gethostname()}"' in labels
+    assert _series(text, "conclave_batches_total", run)[labels] == 1
+    failures = _series(text, "conclave_agent_failures_total", run)
+    assert failures[next(k for k in failures if 'kind="error"' in k)] == 3
+    assert sum(_series(text, "conclave_batch_duration_seconds_count", run).values()) == 1
+
+
+def test_a_halted_run_still_pushes_its_metrics(tmp_path: Path) -> None:
+    """The push comes after a batch a halt cancelled: it must not be cancelled with it."""
+    halt_file = tmp_path / "halt.json"
+    with pushgateway() as url:
+        with deliberating(
+            *("--latency-ms", "600000", "--halt-file", str(halt_file)),
+            *("--metrics-push", url),
+        ) as proc:
+            halt_from_cli(halt_file, "stop the council")
+            _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 3, stderr
+        text = scrape(url)
+    run = _pushed_run(stderr)
+    assert list(_series(text, "conclave_halted_batches_total", run).values()) == [1]
+
+
+@pytest.mark.parametrize("gateway", ["down", "hanging"])
+def test_a_gateway_down_or_hanging_is_a_warning_and_the_run_keeps_its_exit_code(
+    gateway: str,
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if gateway == "down":
+            url = f"http://127.0.0.1:{free_port()}"
+        else:
+            url = stack.enter_context(hanging_gateway())
+        proc = conclave(
+            *("deliberate", "--agents", "4", "--latency-ms", "1", "--quiet"),
+            *("--metrics-push", url, "--metrics-push-timeout", "0.5"),
+            timeout=30,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 4/4 succeeded")
+    (line,) = [x for x in proc.stderr.splitlines() if "metrics" in x]
+    assert line.startswith(f"conclave: warning: metrics not pushed to {url}: ")
+    if gateway == "hanging":
+        assert line.endswith("no answer within 0.5 s")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://gw:9091", "gw:9091", "http://user:hunter2@gw:9091", "http://gw/?a=1"]
+)
+def test_a_bad_metrics_push_url_is_a_usage_error_before_anything_runs(url: str) -> None:
+    proc = conclave("deliberate", "--agents", "2", "--latency-ms", "1", "--metrics-push", url)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("conclave: argument --metrics-push: ")
+    assert "deliberating" not in proc.stderr and proc.stdout == ""
+    assert "hunter2" not in proc.stderr
