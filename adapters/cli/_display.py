@@ -7,9 +7,11 @@ never loads it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections import Counter
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
 
 __all__ = [
+    "LOG_FORMATS",
+    "JsonFormatter",
     "KeyValueFormatter",
     "Progress",
     "announce",
@@ -205,13 +209,47 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str | None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, then every ``extra=`` field as a key of its own (a value JSON cannot hold
+    as it is, as its ``str``).  An extra named like one of the four is kept as
+    ``extra.<name>``: the record's own keys are never overwritten."""
+
+    _STANDARD = KeyValueFormatter._STANDARD
+    _CORE = ("time", "level", "logger", "message")
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in sorted(vars(record).items()):
+            if key not in self._STANDARD:
+                doc[f"extra.{key}" if key in self._CORE else key] = value
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        # ensure_ascii: a control character or bidi override in a field stays an escape,
+        # so one record is always one line.
+        return json.dumps(doc, default=str, ensure_ascii=True)
+
+
+#: ``--log-format``'s choices.
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str | None, log_format: str = "text") -> None:
     """Send the ``kernel`` and ``adapters`` logs at ``level`` and above to stderr, one
-    line each with their ``extra=`` fields; ``None`` leaves logging alone (silent)."""
+    line each with their ``extra=`` fields (``log_format`` ``"json"``: one JSON object a
+    line); ``None`` leaves logging alone (silent)."""
     if level is None:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("kernel", "adapters"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)

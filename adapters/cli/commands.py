@@ -54,7 +54,14 @@ from adapters.cli._backend import (
     require_extra,
     stub_orchestrator,
 )
-from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
+from adapters.cli._display import (
+    LOG_FORMATS,
+    Progress,
+    announce,
+    configure_logging,
+    plain,
+    print_summary,
+)
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
 from adapters.pushgateway import DEFAULT_PUSH_TIMEOUT_S, check_gateway_url
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
@@ -319,6 +326,13 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         help="write the kernel's and adapters' structured logs to stderr",
     )
     out.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text (default) or json: one JSON object a line, every field a key "
+        "(json alone logs at info)",
+    )
+    out.add_argument(
         "--witness-db",
         type=Path,
         help="commit every output to this SQLite witness log before it is shown",
@@ -354,7 +368,7 @@ def _output_options(d: argparse.ArgumentParser) -> None:
 async def deliberate(args: argparse.Namespace) -> int:
     """Check usage, then the halt, then the council's size; open the backend, run the
     batch, report it.  Every refusal comes before the backend is opened."""
-    configure_logging(args.log_level)
+    configure_logging(_log_level(args), args.log_format or "text")
     roster_file = await _check_usage(args)
     async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
         return await _deliberate(args, roster_file, cluster)
@@ -494,6 +508,13 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
             f"({size}), got {args.quorum}"
         )
     return roster_file if roster_file is not None else Roster.default(size)
+
+
+def _log_level(args: argparse.Namespace) -> str | None:
+    """``--log-level``; ``info`` when only ``--log-format`` asks for logs."""
+    if args.log_level is None and args.log_format is not None:
+        return "info"
+    return args.log_level  # type: ignore[no-any-return]
 
 
 def agent_timeout(args: argparse.Namespace) -> float:

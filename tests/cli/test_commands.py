@@ -778,3 +778,43 @@ def test_a_bad_metrics_push_url_is_a_usage_error_before_anything_runs(url: str) 
     assert proc.stderr.startswith("conclave: argument --metrics-push: ")
     assert "deliberating" not in proc.stderr and proc.stdout == ""
     assert "hunter2" not in proc.stderr
+
+
+def test_log_format_json_writes_parseable_lines_without_content_prompts_or_keys(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    roster = tmp_path / "council.toml"
+    roster.write_text(
+        '[defaults]\nsystem_prompt = "PROMPT-SENTINEL-7"\n'
+        '[[agents]]\nagent_id = "alpha"\n[[agents]]\nagent_id = "beta"\n'
+    )
+    llm_server.script("beta", 401)
+    proc = conclave(
+        *("deliberate", "--backend", "openai", "--base-url", llm_server.base_url),
+        *("--model", "fake-model", "--roster", str(roster), "--show", "1"),
+        *("--topic", "TOPIC-SENTINEL-9", "--log-format", "json", "--log-level", "debug"),
+        env={**os.environ, "OPENAI_API_KEY": SECRET},
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("conclave: ")]
+    docs = [json.loads(x) for x in lines]  # every log line is one JSON object
+    assert docs and all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
+    assert all(d["logger"].split(".")[0] in ("kernel", "adapters") for d in docs)
+    (failed,) = [d for d in docs if d["message"] == "agent failed"]
+    assert failed["agent_id"] == "beta" and failed["failure_kind"] == "error"
+    assert any(d["message"] == "batch finished" and d["batch_size"] == 2 for d in docs)
+    assert "alpha votes aye" in proc.stdout  # the answer exists, and is shown only there
+    for sentinel in ("PROMPT-SENTINEL-7", "TOPIC-SENTINEL-9", "votes aye"):
+        assert sentinel not in proc.stderr
+    assert_never_shown(SECRET, [proc.stderr])
+
+
+def test_log_format_json_alone_logs_at_info_and_text_stays_the_default() -> None:
+    args = ("deliberate", "--agents", "2", "--latency-ms", "1", "--quiet")
+    as_json = conclave(*args, "--log-format", "json")
+    (line,) = [x for x in as_json.stderr.splitlines() if x.startswith("{")]
+    assert json.loads(line)["message"] == "batch finished"
+    as_text = conclave(*args, "--log-level", "info")
+    assert re.search(r" INFO kernel\.service: batch finished .*batch_size=2", as_text.stderr)
+    assert conclave(*args).stderr == ""
+    assert conclave(*args, "--log-format", "xml").returncode == 2

@@ -12,7 +12,7 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.cli._display import KeyValueFormatter, print_summary
+from adapters.cli._display import JsonFormatter, KeyValueFormatter, print_summary
 from adapters.halt.file import FileHaltChannel
 from kernel import (
     AgentFailure,
@@ -112,3 +112,46 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     record.halt_reason = "evil\x1b[2J\nCRITICAL\tkernel.halt:forged"
     line = formatter.format(record)
     assert line.isprintable(), line
+
+
+def _json_line(record: logging.LogRecord) -> dict[str, object]:
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and line.isprintable(), line
+    doc = json.loads(line)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_json_logs_are_one_object_a_line_with_every_extra_a_key() -> None:
+    record = logging.makeLogRecord(
+        {"levelname": "WARNING", "levelno": logging.WARNING, "name": "kernel.service",
+         "msg": "agent %s failed", "args": ("a1",), "created": 0.25}
+    )  # fmt: skip
+    batch_id = uuid4()  # not JSON: shown as its text
+    record.__dict__.update(agent_id="a1", elapsed_ms=12.5, batch_id=batch_id)
+    doc = _json_line(record)
+    assert doc == {
+        "time": "1970-01-01T00:00:00.250+00:00",
+        "level": "WARNING",
+        "logger": "kernel.service",
+        "message": "agent a1 failed",
+        "agent_id": "a1",
+        "elapsed_ms": 12.5,
+        "batch_id": str(batch_id),
+    }
+
+
+def test_json_log_extras_never_overwrite_the_records_own_keys() -> None:
+    record = logging.makeLogRecord({"levelname": "INFO", "name": "adapters.x", "msg": "m"})
+    record.level = "forged"
+    record.logger = "forged"
+    doc = _json_line(record)
+    assert doc["level"] == "INFO" and doc["logger"] == "adapters.x"
+    assert doc["extra.level"] == "forged" and doc["extra.logger"] == "forged"
+
+
+def test_json_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
+    record = logging.makeLogRecord({"levelname": "CRITICAL", "name": "kernel.halt", "msg": "x"})
+    reason = 'evil\x1b[2J\n{"level": "INFO"}\u202e'
+    record.__dict__["halt_reason"] = reason
+    assert _json_line(record)["halt_reason"] == reason
