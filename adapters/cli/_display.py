@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from adapters.usage import PriceTable, TokenCount, UsageTotals, usage_of, usage_totals
 from kernel import AgentPool, ConcurrentResult, PoolStatus
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from adapters.llm.provider_budget import LimitStats
 
 __all__ = [
@@ -115,10 +118,15 @@ def print_summary(
     quiet: bool,
     show: int,
     rate_limits: LimitStats | None = None,
+    prices: PriceTable | None = None,
 ) -> None:
     """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
-    failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
-    waiting for the provider's budget cost (the openai backend), shown when given."""
+    failures and the first ``show`` answers, each with its tokens (not with ``quiet``).
+    ``rate_limits``: what waiting for the provider's budget cost (the openai backend),
+    shown when given.  Tokens are shown when the answers report them, their cost when
+    ``prices`` are given."""
+    usage = usage_totals(result)
+    usage_line = _usage_line(usage, prices)
     kinds = Counter(f.kind.value for f in result.failures)
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
     timing = f"{result.total_ms:.1f} ms"
@@ -147,6 +155,7 @@ def print_summary(
             f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
             f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
             + (f", rate limits: {limits_line}" if limits_line else "")
+            + (f", tokens {usage_line}" if usage_line else "")
         )
         return
     from rich.console import Console
@@ -175,9 +184,18 @@ def print_summary(
     table.add_row("batch time", timing)
     if limits_line:
         table.add_row("rate limits", limits_line)
+    if usage_line:
+        table.add_row("tokens", usage_line)
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
+    _print_details(console, result, show)
+
+
+def _print_details(console: Console, result: ConcurrentResult, show: int) -> None:
+    """Up to five failures, then the first ``show`` answers with their tokens."""
+    from rich.markup import escape
+
     for failure in result.failures[:5]:
         console.print(
             f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
@@ -186,8 +204,31 @@ def print_summary(
     if len(result.failures) > 5:
         console.print(f"  ! ... and {len(result.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
-        console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
+        used = usage_of(output)
+        tokens = f" ({_tokens(used.tokens)})" if used is not None else ""
+        console.print(f"\n[bold]{escape(output.agent_id)}[/bold]{escape(tokens)}:")
         console.print(plain(output.content, newlines=True), markup=False)
+
+
+def _tokens(tokens: TokenCount) -> str:
+    return f"{tokens.prompt:,} prompt + {tokens.completion:,} completion tokens"
+
+
+def _usage_line(usage: UsageTotals, prices: PriceTable | None) -> str | None:
+    """``1,234 prompt + 567 completion tokens (2 estimated), $0.0012``; None when no
+    answer reported any."""
+    if not usage.per_agent:
+        return None
+    line = _tokens(usage.total)
+    if usage.estimated_agents:
+        line += f" ({usage.estimated_agents} estimated)"
+    if prices is not None:
+        cost = usage.cost(prices)
+        line += f", ${cost.total_usd:.4f}"
+        if cost.unpriced_models:
+            unpriced = ", ".join(plain(str(m)) for m in cost.unpriced_models)
+            line += f" (no price for {unpriced})"
+    return line
 
 
 class KeyValueFormatter(logging.Formatter):

@@ -65,6 +65,7 @@ from adapters.cli._display import (
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
 from adapters.pushgateway import DEFAULT_PUSH_TIMEOUT_S, check_gateway_url
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
+from adapters.usage import Price, PriceTable
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentOrchestratorProtocol,
@@ -344,6 +345,23 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT while running",
     )
+    cost = d.add_argument_group("cost (USD per million tokens; also a roster's prices table)")
+    cost.add_argument("--price-prompt", type=_non_negative_float, default=None, metavar="USD")
+    cost.add_argument(
+        "--price-completion",
+        type=_non_negative_float,
+        default=None,
+        metavar="USD",
+        help="with --price-prompt: one price for every model (over --prices and the roster's)",
+    )
+    cost.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='per-model prices, .json or .toml: {"prices": {MODEL: {"prompt": P, '
+        '"completion": C}}} ("*": every other model); over the roster\'s',
+    )
     out.add_argument(
         "--metrics-push",
         type=_gateway_url,
@@ -370,6 +388,7 @@ async def deliberate(args: argparse.Namespace) -> int:
     batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(_log_level(args), args.log_format or "text")
     roster_file = await _check_usage(args)
+    args.price_table = await _price_table(args, roster_file)
     async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
         return await _deliberate(args, roster_file, cluster)
 
@@ -510,6 +529,21 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     return roster_file if roster_file is not None else Roster.default(size)
 
 
+async def _price_table(args: argparse.Namespace, roster_file: Roster | None) -> PriceTable | None:
+    """The run's prices: the flags' (every model), else --prices FILE, else the roster's."""
+    flags = (args.price_prompt, args.price_completion)
+    if (flags[0] is None) != (flags[1] is None):
+        raise UsageError("--price-prompt and --price-completion go together")
+    if flags[0] is not None:
+        return PriceTable(default=Price(*flags))
+    if args.prices is not None:
+        try:
+            return await trio.to_thread.run_sync(PriceTable.load, args.prices)
+        except ConclaveError as exc:
+            raise UsageError(f"--prices {exc}") from None
+    return roster_file.prices if roster_file is not None else None
+
+
 def _log_level(args: argparse.Namespace) -> str | None:
     """``--log-level``; ``info`` when only ``--log-format`` asks for logs."""
     if args.log_level is None and args.log_format is not None:
@@ -604,6 +638,7 @@ async def _finish(
             model=args.model if args.backend in LLM_BACKENDS else None,
             pool_after=pool.status(),
             include_content=args.include_content,
+            prices=args.price_table,
         )
         try:
             await trio.to_thread.run_sync(transcript.write, args.json_path, doc)
@@ -618,6 +653,7 @@ async def _finish(
             quiet=args.quiet,
             show=args.show,
             rate_limits=limits.stats() if limits is not None else None,
+            prices=args.price_table,
         )
     if interrupted:
         code = EXIT_INTERRUPTED

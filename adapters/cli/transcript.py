@@ -11,6 +11,10 @@ One document per run, written whole or not at all (write-then-rename)::
     topic         {topic_id, bundle_id, content_sha256}: the topic by hash, never its text
     counts        {total, succeeded, failed, by_kind}
     pool_after    the pool's status when the batch was over
+    usage         the answers' tokens (adapters.usage): prompt_tokens, completion_tokens,
+                  total_tokens, estimated_agents, by_model, per_agent; with prices, also
+                  cost_usd (total and per agent, USD) and unpriced_models; null when the
+                  run was halted before its batch began
     outcomes      one record per agent that has an outcome, in request order: ids,
                   hashes, timings; the answer itself only with ``include_content``
 
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters._atomic import write_atomically
+from adapters.usage import PriceTable, usage_totals
 from kernel import (
     AgentFailure,
     AgentOutput,
@@ -76,6 +81,7 @@ def document(
     model: str | None,
     pool_after: PoolStatus,
     include_content: bool = False,
+    prices: PriceTable | None = None,
 ) -> dict[str, Any]:
     """The transcript of one run, ready for :func:`write`.
 
@@ -112,6 +118,7 @@ def document(
             "by_kind": dict(Counter(f.kind.value for f in failures)),
         },
         "pool_after": pool_after.as_dict(),
+        "usage": usage_totals(result).as_dict(prices) if result is not None else None,
         "outcomes": [
             _outcome_record(outcomes[r.agent_id], include_content)
             for r in requests

@@ -818,3 +818,63 @@ def test_log_format_json_alone_logs_at_info_and_text_stays_the_default() -> None
     assert re.search(r" INFO kernel\.service: batch finished .*batch_size=2", as_text.stderr)
     assert conclave(*args).stderr == ""
     assert conclave(*args, "--log-format", "xml").returncode == 2
+
+
+def test_openai_backend_summary_shows_the_servers_token_usage_at_the_rosters_prices(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    roster = tmp_path / "council.toml"
+    roster.write_text(
+        '[[agents]]\nagent_id = "alpha"\n[[agents]]\nagent_id = "beta"\n'
+        "[prices.fake-model]\nprompt = 1000\ncompletion = 2000\n"
+    )
+    transcript = tmp_path / "run.json"
+    proc = conclave(
+        *("deliberate", "--backend", "openai", "--base-url", llm_server.base_url),
+        *("--model", "fake-model", "--roster", str(roster), "--json", str(transcript)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The loopback server reports 11 prompt + 5 completion tokens an answer:
+    # 22 x 1000 / 1e6 + 10 x 2000 / 1e6 = $0.042.
+    assert re.search(r"tokens\s+22 prompt \+ 10 completion tokens, \$0\.0420\b", proc.stdout)
+    usage = json.loads(transcript.read_text())["usage"]
+    assert usage["per_agent"]["beta"] == {
+        "model": "fake-model",
+        "prompt_tokens": 11,
+        "completion_tokens": 5,
+        "cost_usd": pytest.approx(0.021),
+    }
+    assert usage["cost_usd"] == pytest.approx(0.042) and usage["estimated_agents"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--price-prompt", "-1", "--price-completion", "1"], "argument --price-prompt: must be"),
+        (["--price-prompt", "nan", "--price-completion", "1"], "argument --price-prompt: must be"),
+        (["--price-prompt", "1", "--price-completion", "abc"], "--price-completion: not a number"),
+        (["--price-prompt", "1"], "--price-prompt and --price-completion go together"),
+        (
+            ["--prices", "{tmp}/prices.json"],
+            "--prices {tmp}/prices.json: model 'm': completion_per_1m must be >= 0",
+        ),
+        (["--prices", "{tmp}/none.json"], "--prices {tmp}/none.json: No such file"),
+        (["--roster", "{tmp}/council.json"], "prices: model 'm': completion_per_1m must be"),
+    ],
+)
+def test_a_bad_price_is_a_usage_error_before_anything_runs(
+    tmp_path: Path, flags: list[str], problem: str
+) -> None:
+    bad = {"m": {"prompt": 1, "completion": -3}}
+    (tmp_path / "prices.json").write_text(json.dumps({"prices": bad}))
+    roster = {"agents": [{"agent_id": "a"}], "prices": bad}
+    (tmp_path / "council.json").write_text(json.dumps(roster))
+    witness = tmp_path / "w.db"
+    proc = conclave(
+        *("deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(witness)),
+        *(f.format(tmp=tmp_path) for f in flags),
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()  # no "deliberating" line: nothing ran
+    assert problem.format(tmp=tmp_path) in line, line
+    assert proc.stdout == "" and not witness.exists()

@@ -14,6 +14,7 @@ import pytest
 
 from adapters.cli._display import JsonFormatter, KeyValueFormatter, print_summary
 from adapters.halt.file import FileHaltChannel
+from adapters.stub import stub_usage
 from kernel import (
     AgentFailure,
     AgentPool,
@@ -155,3 +156,45 @@ def test_json_log_fields_with_control_characters_cannot_forge_log_lines() -> Non
     reason = 'evil\x1b[2J\n{"level": "INFO"}\u202e'
     record.__dict__["halt_reason"] = reason
     assert _json_line(record)["halt_reason"] == reason
+
+
+def _stub_tokens(agent_ids: list[str], topic: str) -> tuple[int, int]:
+    usages = [stub_usage(a, ContextBundle(topic_id="t", topic_content=topic)) for a in agent_ids]
+    return sum(int(u["prompt_tokens"]) for u in usages), sum(
+        int(u["completion_tokens"]) for u in usages
+    )
+
+
+def test_summary_shows_tokens_and_their_cost_at_the_flags_prices() -> None:
+    prompt, completion = _stub_tokens(["archon-1", "archon-2", "archon-3"], "T")
+    proc = conclave(
+        *("deliberate", "--agents", "3", "--latency-ms", "1", "--topic", "T", "--quiet"),
+        *("--price-prompt", "3", "--price-completion", "15"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    cost = (prompt * 3 + completion * 15) / 1e6
+    expected = f"tokens {prompt:,} prompt + {completion:,} completion tokens (3 estimated)"
+    assert proc.stdout.rstrip().endswith(f"{expected}, ${cost:.4f}")
+
+
+def test_summary_names_the_models_without_a_price(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[prices."gpt-4o"]\nprompt = 1\ncompletion = 1\n')
+    proc = conclave(
+        *("deliberate", "--agents", "2", "--latency-ms", "1", "--prices", str(prices)),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith(
+        "completion tokens (2 estimated), $0.0000 (no price for stub)"
+    )
+
+
+def test_each_shown_answer_carries_its_own_tokens() -> None:
+    proc = conclave(
+        "deliberate", "--agents", "2", "--latency-ms", "1", "--topic", "T", "--show", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    for agent in ("archon-1", "archon-2"):
+        prompt, completion = _stub_tokens([agent], "T")
+        assert f"\n{agent} ({prompt} prompt + {completion} completion tokens):\n" in proc.stdout

@@ -128,3 +128,36 @@ def test_transcript_holds_hashes_not_content_by_default(tmp_path: Path) -> None:
     proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--json", str(transcript))
     assert proc.returncode == 0
     assert "[DEV MODE]" not in transcript.read_text()
+
+
+def test_transcript_records_tokens_per_agent_and_their_cost(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    proc = conclave(
+        *("deliberate", "--agents", "3", "--latency-ms", "1", "--fail-rate", "0.34", "--seed", "2"),
+        *("--json", str(path), "--quiet", "--price-prompt", "1", "--price-completion", "1"),
+    )
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(path.read_text())
+    usage = doc["usage"]
+    answered = [o["agent_id"] for o in doc["outcomes"] if o["status"] == "completed"]
+    assert sorted(usage["per_agent"]) == sorted(answered) and len(answered) == 2
+    for agent, one in usage["per_agent"].items():
+        outcome = next(o for o in doc["outcomes"] if o["agent_id"] == agent)
+        assert one["prompt_tokens"] == outcome["metadata"]["prompt_tokens"]
+        assert one["cost_usd"] == pytest.approx(
+            (one["prompt_tokens"] + one["completion_tokens"]) / 1e6
+        )
+    assert usage["total_tokens"] == sum(
+        o["prompt_tokens"] + o["completion_tokens"] for o in usage["per_agent"].values()
+    )
+    assert usage["by_model"].keys() == {"stub"} and usage["unpriced_models"] == []
+
+
+def test_a_run_halted_before_its_batch_has_no_usage(tmp_path: Path) -> None:
+    halt_file = tmp_path / "halt.json"
+    raised = conclave("halt", "--halt-file", str(halt_file), "--create", "--reason", "maintenance")
+    assert raised.returncode == 0, raised.stderr
+    path = tmp_path / "run.json"
+    proc = conclave("deliberate", "--halt-file", str(halt_file), "--json", str(path))
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(path.read_text())["usage"] is None
