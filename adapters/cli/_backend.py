@@ -85,6 +85,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "valkey": ("coredis",),
     "metrics": ("prometheus_client",),
     "crewai": ("crewai", "trio_asyncio", "openai"),
+    "plot": ("matplotlib",),
 }
 
 

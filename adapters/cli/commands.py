@@ -1,6 +1,7 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
+    conclave load   --batches N [deliberate's run flags] [--json FILE|-] [--png FILE]
     conclave halt   --halt-file PATH [--create] | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
     conclave status --halt-file PATH | --valkey URL
@@ -40,7 +41,7 @@ from pathlib import Path
 import trio
 
 from adapters.cli import _valkey as _cli_valkey
-from adapters.cli import transcript
+from adapters.cli import load, transcript
 from adapters.cli._backend import (
     MetricsPush,
     OpeningHaltWatch,
@@ -73,10 +74,12 @@ from kernel import (
     AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
+    ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
     FailureKind,
     HedgePolicy,
+    ProgressCallback,
     SystemHaltedError,
 )
 
@@ -161,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_and_tail_options(d)
     _backend_options(d)
     _output_options(d)
+    lp = sub.add_parser("load", help="run N batches and judge them against the targets")
+    _council_and_run_options(lp)
+    _cluster_and_tail_options(lp)
+    _backend_options(lp)
+    load.add_options(lp)
     v = sub.add_parser("verify", help="verify a witness log's hash chain")
     v.add_argument("db", type=Path, help="the SQLite witness log")
     v.add_argument("--expected-head", help="a chain hash the log must contain (from a receipt)")
@@ -387,7 +395,7 @@ async def deliberate(args: argparse.Namespace) -> int:
     """Check usage, then the halt, then the council's size; open the backend, run the
     batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(_log_level(args), args.log_format or "text")
-    roster_file = await _check_usage(args)
+    roster_file = await check_usage(args)
     args.price_table = await _price_table(args, roster_file)
     async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
         return await _deliberate(args, roster_file, cluster)
@@ -405,7 +413,7 @@ async def _deliberate(
     reason = await halt_reason_now(checker)
     if reason is not None:
         return await _finish(args, context, (), None, reason, pool, interrupted=False)
-    roster = _council(args, roster_file, pool)
+    roster = council(args, roster_file, pool)
     requests = roster.requests(context)
     progress = Progress(len(requests), pool)
 
@@ -422,7 +430,7 @@ async def _deliberate(
             stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
             nursery.start_soon(watch.run)
             async with open_service(
-                _orchestrator(args, roster_file, roster, limits),
+                orchestrator(args, roster_file, roster, limits),
                 checker,
                 pool,
                 agent_timeout=agent_timeout(args),
@@ -435,17 +443,7 @@ async def _deliberate(
                 if not args.quiet:
                     announce(nursery, progress, backend=args.backend)
                 try:
-                    if args.sequential:
-                        result = await service.invoke_sequential(requests, on_progress=progress)
-                    else:
-                        result = await service.invoke_concurrent(
-                            requests,
-                            overflow=args.overflow,
-                            on_progress=progress,
-                            deadline=args.deadline,
-                            quorum=args.quorum,
-                            hedge=_hedge_policy(args),
-                        )
+                    result = await run_batch(service, args, requests, on_progress=progress)
                 except SystemHaltedError as exc:
                     # partial is None: halted (or Ctrl-C) after the check above, before
                     # the batch.
@@ -461,7 +459,29 @@ async def _deliberate(
     )
 
 
-async def _check_usage(args: argparse.Namespace) -> Roster | None:
+async def run_batch(
+    service: ConcurrentDeliberationService,
+    args: argparse.Namespace,
+    requests: Sequence[AgentRequest],
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> ConcurrentResult:
+    """One batch as the flags ask (``--sequential``, ``--overflow``, the tail flags): the
+    one call of ``deliberate`` and of ``load``.  Raises what the service raises
+    (:class:`~kernel.SystemHaltedError` when halted)."""
+    if args.sequential:
+        return await service.invoke_sequential(requests, on_progress=on_progress)
+    return await service.invoke_concurrent(
+        requests,
+        overflow=args.overflow,
+        on_progress=on_progress,
+        deadline=args.deadline,
+        quorum=args.quorum,
+        hedge=_hedge_policy(args),
+    )
+
+
+async def check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
@@ -499,7 +519,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     return await trio.to_thread.run_sync(Roster.load, args.roster)
 
 
-def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
+def council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
     """The --roster file's roster, else ``--agents`` default agents; an impossible council
     is refused before a single request is built.
 
@@ -569,7 +589,7 @@ def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
     return HedgePolicy(delay=delay, budget=args.hedge_budget)
 
 
-def _orchestrator(
+def orchestrator(
     args: argparse.Namespace,
     roster_file: Roster | None,
     roster: Roster,
@@ -694,6 +714,7 @@ async def verify_command(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "deliberate": deliberate,
+    "load": load.load_command,
     "verify": verify_command,
     "halt": halt_command,
     "clear": clear_command,

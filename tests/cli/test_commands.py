@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -22,7 +21,7 @@ import pytest
 from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.support import ROOT
-from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
+from tests.support.cli import CONCLAVE, conclave, conclave_without, deliberating, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.hostile_parts import HUGE
 from tests.support.pushgateway import hanging_gateway, pushgateway, scrape
@@ -216,19 +215,6 @@ def test_a_secret_in_the_base_url_is_refused_without_being_shown(
         proc = conclave("deliberate", "--backend", "openai", *args, "--log-level", "debug")
         assert proc.returncode == 2 and "base_url" in proc.stderr, proc.stderr
         assert_never_shown(SECRET, [proc.stdout, proc.stderr])
-
-
-def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``conclave *args`` in an interpreter where ``module`` cannot be imported, as in a
-    wheel installed without the extra that brings it (``None`` in ``sys.modules``: both
-    ``import`` and ``importlib.util.find_spec`` say it is not there)."""
-    code = (
-        f"import sys; sys.modules[{module!r}] = None; "
-        "from adapters.cli.commands import main; sys.exit(main())"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
 
 
 _OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
