@@ -18,7 +18,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
+from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser, main
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, conclave_without, deliberating, halt_from_cli
@@ -758,12 +758,15 @@ def test_a_gateway_down_or_hanging_is_a_warning_and_the_run_keeps_its_exit_code(
 @pytest.mark.parametrize(
     "url", ["ftp://gw:9091", "gw:9091", "http://user:hunter2@gw:9091", "http://gw/?a=1"]
 )
-def test_a_bad_metrics_push_url_is_a_usage_error_before_anything_runs(url: str) -> None:
-    proc = conclave("deliberate", "--agents", "2", "--latency-ms", "1", "--metrics-push", url)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("conclave: argument --metrics-push: ")
-    assert "deliberating" not in proc.stderr and proc.stdout == ""
-    assert "hunter2" not in proc.stderr
+def test_a_bad_metrics_push_url_is_a_usage_error_before_anything_runs(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["deliberate", "--agents", "2", "--latency-ms", "1", "--metrics-push", url])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("conclave: argument --metrics-push: ")
+    assert "deliberating" not in err and out == ""
+    assert "hunter2" not in err
 
 
 def test_log_format_json_writes_parseable_lines_without_content_prompts_or_keys(
@@ -849,18 +852,19 @@ def test_openai_backend_summary_shows_the_servers_token_usage_at_the_rosters_pri
     ],
 )
 def test_a_bad_price_is_a_usage_error_before_anything_runs(
-    tmp_path: Path, flags: list[str], problem: str
+    tmp_path: Path, flags: list[str], problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = {"m": {"prompt": 1, "completion": -3}}
     (tmp_path / "prices.json").write_text(json.dumps({"prices": bad}))
     roster = {"agents": [{"agent_id": "a"}], "prices": bad}
     (tmp_path / "council.json").write_text(json.dumps(roster))
     witness = tmp_path / "w.db"
-    proc = conclave(
-        *("deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(witness)),
-        *(f.format(tmp=tmp_path) for f in flags),
+    code = main(
+        ["deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(witness)]
+        + [f.format(tmp=tmp_path) for f in flags]
     )
-    assert proc.returncode == 2
-    (line,) = proc.stderr.splitlines()  # no "deliberating" line: nothing ran
+    out, err = capsys.readouterr()
+    assert code == 2
+    (line,) = err.splitlines()  # no "deliberating" line: nothing ran
     assert problem.format(tmp=tmp_path) in line, line
-    assert proc.stdout == "" and not witness.exists()
+    assert out == "" and not witness.exists()
