@@ -1,7 +1,7 @@
 """``conclave load``: N batches against a backend, judged against the service targets.
 
-    conclave load --batches 20 --latency-profile lognormal --latency-ms 800 \\
-        --json report.json --png report.png
+    conclave load --batches 20 --latency-profile lognormal --latency-ms 800 --out DIR
+        (DIR/load.json, DIR/load.png; or --json FILE|- and --png FILE)
 
 Every batch is the one ``deliberate`` runs (:func:`~adapters.cli.commands.run_batch`, on
 the service :func:`~adapters.cli._backend.open_service` opens from the same backend
@@ -236,6 +236,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--png", type=Path, help="batch-time histogram and utilisation timeline (plot extra)"
     )
+    out.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write DIR/load.json and DIR/load.png (an existing directory)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     # What `deliberate`'s checks read and `load` does not offer.
     parser.set_defaults(json_path=None, metrics_port=None, metrics_push=None)
@@ -252,9 +258,17 @@ def _batches(text: str) -> int:
 
 
 async def _check_outputs(args: argparse.Namespace) -> None:
+    """``--out DIR`` becomes its two files (``--json``/``--png`` given too win); each
+    output is checked writable, and ``--png``'s extra installed, before anything runs."""
+    if args.out is not None:
+        if args.report_json is None:
+            args.report_json = args.out / "load.json"
+        if args.png is None:
+            args.png = args.out / "load.png"
     if args.png is not None:
         require_extra("plot", "--png")
-    for flag, path in (("--json", args.report_json), ("--png", args.png)):
+    given = "--out" if args.out is not None else None
+    for flag, path in ((given or "--json", args.report_json), (given or "--png", args.png)):
         if isinstance(path, Path):
             try:
                 await trio.to_thread.run_sync(transcript.check_writable, path)
@@ -357,8 +371,9 @@ def _progress_bar(total: int, *, enabled: bool) -> Iterator[Any]:
 
 
 async def _write_outputs(args: argparse.Namespace, report: LoadReport) -> None:
-    if args.report_json == "-":
+    if args.report_json == "-":  # the JSON owns stdout; the text goes to stderr
         print(json.dumps(report.as_dict(), indent=2))
+        print(render(report), file=sys.stderr)
     else:
         print(render(report))
         if args.report_json is not None:

@@ -119,6 +119,7 @@ def test_load_calls_the_openai_backend_as_deliberate_does(
         (["--batches", "0"], "argument --batches: must be 1-100000"),
         (["--png", "{tmp}/missing/x.png"], "--png {tmp}/missing/x.png: directory"),
         (["--json", "{tmp}"], "--json {tmp}: is a directory"),
+        (["--out", "{tmp}/missing"], "--out {tmp}/missing/load.json: directory"),
         (["--backend", "openai"], "--backend openai needs --base-url and --model"),
         (["--agents", "73"], "FR10"),
     ],
@@ -182,3 +183,20 @@ def test_a_halt_during_a_batch_stops_the_load_with_exit_3_and_reports_it(
     assert doc["halt_reason"] == "stop the load" and not doc["passed"]
     # The halted batch is reported; its halted agents are the halt's, not failures.
     assert doc["batches"] == 1 and doc["agents"] == 72 and doc["failures"] == 0
+
+
+def test_out_dir_gets_load_json_and_load_png(tmp_path: Path) -> None:
+    proc = conclave(
+        *("load", "--batches", "2", "--agents", "3", "--latency-ms", "1", "--out", str(tmp_path))
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "load.json").read_text())["batches"] == 2
+    assert (tmp_path / "load.png").read_bytes().startswith(PNG_MAGIC)
+    assert proc.stdout.startswith("conclave load: 2 batches x 3 agents")
+
+
+def test_json_to_stdout_sends_the_text_report_to_stderr() -> None:
+    proc = conclave("load", "--batches", "1", "--agents", "2", "--latency-ms", "1", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["batches"] == 1
+    assert "PASS  p95 batch time < 30 s" in proc.stderr

@@ -1,6 +1,6 @@
-"""deploy/prometheus/rules.yml: valid for Prometheus, and every alert fires when it should
-and stays quiet when it should not (promtool's unit tests in rules_test.yml, run by the
-real promtool over synthetic series)."""
+"""deploy/prometheus/alerts.yml: valid for Prometheus, and every alert fires when it should
+and stays quiet when it should not (promtool's unit tests beside it, alerts.test.yml, run
+by the real promtool over synthetic series)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from tests.support.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[3]
-RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-UNIT_TESTS = Path(__file__).with_name("rules_test.yml")
+RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+UNIT_TESTS = RULES.with_name("alerts.test.yml")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_every_alert_fires_and_stays_quiet_as_its_unit_tests_say(promtool: Path)
 
 
 def test_every_alert_has_a_firing_case_and_a_quiet_case() -> None:
-    """rules_test.yml expects each alert at least once (with its labels) and at least once
+    """alerts.test.yml expects each alert at least once (with its labels) and at least once
     not at all: a rule that never fires, or always does, fails one of them."""
     text = UNIT_TESTS.read_text()
     cases = re.findall(
@@ -61,12 +61,8 @@ def test_every_alert_has_a_firing_case_and_a_quiet_case() -> None:
 def test_promtool_fails_a_rule_whose_threshold_is_off(promtool: Path, tmp_path: Path) -> None:
     """The unit tests bite: the same rules with a 29 s instead of a 30 s p95 target fail
     them (the quiet case at the border catches it)."""
-    rules = tmp_path / "deploy" / "prometheus" / "rules.yml"
-    rules.parent.mkdir(parents=True)
-    rules.write_text(RULES.read_text().replace("p95_5m > 30", "p95_5m > 29"))
-    tests = tmp_path / "tests" / "deploy" / "prometheus" / "rules_test.yml"
-    tests.parent.mkdir(parents=True)
-    tests.write_text(UNIT_TESTS.read_text())
-    done = _run(promtool, "test", "rules", tests)
+    (tmp_path / "alerts.yml").write_text(RULES.read_text().replace("p95_5m > 30", "p95_5m > 29"))
+    (tmp_path / "alerts.test.yml").write_text(UNIT_TESTS.read_text())
+    done = _run(promtool, "test", "rules", tmp_path / "alerts.test.yml")
     assert done.returncode != 0
     assert "ConclaveBatchP95Above30s" in done.stdout + done.stderr
