@@ -94,7 +94,9 @@ def test_load_writes_the_json_report_and_the_png(tmp_path: Path) -> None:
         ),
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("conclave load: 4 batches x 5 agents (stub, lognormal latency")
+    assert proc.stdout.startswith(
+        "conclave load: 4 batches x 5 agents (stub backend, lognormal latency, median 5 ms)"
+    )
     assert json.loads(report.read_text())["batches"] == 4
     assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000
 
