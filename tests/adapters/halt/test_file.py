@@ -389,7 +389,8 @@ async def test_corrupt_shape_reads_halted_and_halt_rewrites_it(
     # Halting rewrites it into a readable halted file and keeps the old entry aside.
     assert channel.halt("operator confirms") is True
     good = channel.read_state()
-    assert good == HaltFileState(True, "operator confirms", good.history, None)
+    assert good == HaltFileState(True, "operator confirms", good.history, None, good.halt_id)
+    assert good.halt_id is not None and good.history[-1].halt_id == good.halt_id
     assert [(r.action, r.reason) for r in good.history] == [("halt", "operator confirms")]
     assert channel.kept_aside is not None
     assert channel.kept_aside.name.startswith("halt.json.corrupt-")
@@ -490,9 +491,8 @@ def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
             assert state.halted and state.error is not None and state.history == ()
             # halting over it always works and gives a readable halted file
             assert channel.halt("fuzz") is True
-            assert channel.read_state() == HaltFileState(
-                True, "fuzz", channel.read_state().history, None
-            )
+            now = channel.read_state()
+            assert now == HaltFileState(True, "fuzz", now.history, None, now.halt_id)
         else:  # a well-formed document is read as it says, never as corrupt
             assert state.error is None
             assert state.halted == (expected == "halted")
