@@ -128,7 +128,9 @@ class SignedStatement:
         try:
             doc = json.loads(text)
         except (ValueError, TypeError):
-            raise ApprovalRefusedError("CT-11: an approval is not JSON (not an approval file)")
+            raise ApprovalRefusedError(
+                "CT-11: an approval is not JSON (not an approval file)"
+            ) from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             raise ApprovalRefusedError(f"CT-11: an approval is not a {SCHEMA} document")
         statement, signature = doc.get("statement"), doc.get("signature")
