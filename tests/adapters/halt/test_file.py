@@ -24,6 +24,7 @@ import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 
+from adapters.halt.approval import ApprovalRefusedError, SignatureVerifier, SignedStatement
 from adapters.halt.file import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
 from kernel import (
     ConcurrentDeliberationService,
@@ -44,6 +45,7 @@ from tests.support.corrupt_halt_files import (
 )
 from tests.support.halt_documents import contents, expected_reading
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.ssh_keys import Keyring
 
 
 async def test_missing_file_is_not_halted(tmp_path: Path) -> None:
@@ -546,3 +548,172 @@ def test_a_file_renamed_in_between_open_and_look_is_read_not_called_corrupt(
     monkeypatch.setattr(os, "open", racing_open)
     state = FileHaltChannel(path).read_state()
     assert state.halted and state.reason == "from elsewhere"
+
+
+# ---------------------------------------------------------------- signed approvals
+
+
+@pytest.fixture
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keyring:
+    ring = Keyring(tmp_path_factory.mktemp("keys"))
+    ring.trust("alice")
+    ring.trust("bob")
+    return ring
+
+
+def signed_channel(path: Path, keys: Keyring, **kwargs: Any) -> FileHaltChannel:
+    return FileHaltChannel(path, allowed_signers=keys.allowed, revoked=keys.revoked, **kwargs)
+
+
+async def test_two_signed_approvals_for_the_current_halt_clear_it_and_the_history_says_who(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    channel = signed_channel(tmp_path / "halt.json", keys)
+    await channel.ahalt("tool misuse")
+    state = await channel.state()
+    assert state.halt_id is not None
+    approvals = [keys.approve(p, state.halt_id, "tool misuse") for p in ("alice", "bob")]
+    assert await channel.aclear(approvals=approvals, reason="fixed the tool") is True
+    assert not await channel.is_halted()
+    record = (await channel.ahistory())[-1]
+    assert (record.action, record.reason, record.halt_id) == (
+        "clear",
+        "fixed the tool",
+        state.halt_id,
+    )
+    assert record.approvers == ("alice", "bob")
+    assert record.fingerprints == (keys.fingerprint("alice"), keys.fingerprint("bob"))
+
+
+async def test_one_valid_and_one_forged_approval_change_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("tool misuse")
+    halt_id = (await channel.state()).halt_id
+    before = snapshot(path)
+    good = keys.approve("alice", halt_id, "tool misuse")
+    forgeries = {
+        "bob's name, mallory's key": keys.approve("bob", halt_id, "tool misuse", key_of="mallory"),
+        "bob's name, alice's key": keys.approve("bob", halt_id, "tool misuse", key_of="alice"),
+        "bob's approval of another halt, edited": keys.tamper(
+            keys.approve("bob", "0" * 32, "tool misuse"), "0" * 32, str(halt_id)
+        ),
+    }
+    for forged in forgeries.values():
+        with pytest.raises(ApprovalRefusedError, match="'bob' refused"):
+            await channel.aclear(approvals=[good, forged], reason="trust me")
+        with pytest.raises(ApprovalRefusedError):
+            channel.clear(approvals=[forged, good], reason="trust me")
+        assert snapshot(path) == before
+
+
+async def test_a_channel_with_allowed_signers_refuses_names_and_changes_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("tool misuse")
+    before = snapshot(path)
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await channel.aclear(approvers=["alice", "bob"], reason="typed names")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        channel.clear(approvers=["alice", "bob"], reason="typed names")
+    assert snapshot(path) == before
+    # The same file, opened without allowed signers, still takes names (a process that
+    # can write the file can: that is what file permissions are for).
+    plain = FileHaltChannel(path)
+    with pytest.raises(HaltClearDeniedError, match="no allowed-signers file"):
+        await plain.aclear(approvals=["x", "y"], reason="r")
+
+
+async def test_an_approval_for_an_earlier_halt_cannot_clear_a_new_one(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    first = (await channel.state()).halt_id
+    old = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
+    await channel.aclear(approvals=old, reason="calm")
+    await channel.ahalt("storm")  # the same reason, a new halt
+    assert (await channel.state()).halt_id != first
+    before = snapshot(path)
+    with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+        await channel.aclear(approvals=old, reason="calm again")
+    assert snapshot(path) == before
+
+
+class _DuringVerification(SignatureVerifier):
+    """Verifies for real, then runs ``meanwhile`` (another process's write) once."""
+
+    def __init__(self, keys: Keyring, meanwhile: Any) -> None:
+        super().__init__(keys.allowed)
+        self.meanwhile = meanwhile
+
+    def verify(self, signed: SignedStatement) -> Any:
+        signer = super().verify(signed)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return signer
+
+
+async def test_a_new_halt_raised_while_approvals_are_verified_is_not_cleared(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    halt_id = (await channel.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    other = signed_channel(path, keys)
+
+    def new_halt() -> None:
+        # Someone cleared with their own approvals and a new halt came at once.
+        names = FileHaltChannel(path)
+        names.clear(approvers=["x", "y"], reason="elsewhere")
+        other.halt("a second storm")
+
+    channel.verifier = _DuringVerification(keys, new_halt)
+    with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+        await channel.aclear(approvals=approvals, reason="calm")
+    assert await channel.get_halt_reason() == "a second storm"
+
+
+async def test_a_halt_file_made_unreadable_during_verification_is_not_cleared(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    halt_id = (await channel.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    channel.verifier = _DuringVerification(keys, lambda: path.write_text('{"halted": fal'))
+    with pytest.raises(HaltClearDeniedError, match="unreadable"):
+        await channel.aclear(approvals=approvals, reason="calm")
+    assert path.read_text() == '{"halted": fal'
+
+
+async def test_a_signed_halt_says_who_halted_and_a_bad_signature_writes_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    forged = keys.approve("alice", None, "storm", action="halt", key_of="mallory")
+    with pytest.raises(InvalidRequestError, match="nothing was written"):
+        await channel.ahalt("storm", signed=forged)
+    assert not path.exists()
+    signed = keys.approve("alice", None, "storm", action="halt")
+    assert await channel.ahalt("storm", signed=signed) is True
+    record = (await channel.ahistory())[-1]
+    assert (record.action, record.approvers) == ("halt", ("alice",))
+    assert record.fingerprints == (keys.fingerprint("alice"),)
+    assert record.halt_id == (await channel.state()).halt_id
+    # Unsigned halts stay open to everyone.
+    await channel.aclear(
+        approvals=[keys.approve(p, record.halt_id, "storm") for p in ("alice", "bob")],
+        reason="calm",
+    )
+    assert FileHaltChannel(path).halt("anyone may halt") is True
