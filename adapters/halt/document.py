@@ -191,8 +191,9 @@ def _record(raw: object, where: str) -> HaltRecord:
     halt_id = raw.get("halt_id")
     if halt_id is not None:
         halt_id = _text(halt_id, f"{where}.halt_id")
-    action_ = "halt" if action == "halt" else "clear"
-    return HaltRecord(action_, reason, at, names, keys, halt_id)
+    if action == "halt":
+        return HaltRecord("halt", reason, at, names, keys, halt_id)
+    return HaltRecord("clear", reason, at, names, keys, halt_id)
 
 
 def _text(value: object, where: str) -> str:

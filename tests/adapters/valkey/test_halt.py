@@ -60,7 +60,7 @@ async def raw(url: str) -> AsyncIterator[coredis.Redis[bytes]]:
 
 
 @asynccontextmanager
-async def cleared(url: str, key: str, **kwargs: float) -> AsyncIterator[ValkeyHaltChannel]:
+async def cleared(url: str, key: str, **kwargs: Any) -> AsyncIterator[ValkeyHaltChannel]:
     """A channel on a key that two approvers have cleared (a fresh key reads halted)."""
     async with ValkeyHaltChannel(url, key=key, **kwargs) as channel:
         await channel.clear(approvers=APPROVERS, reason="initial clear")
