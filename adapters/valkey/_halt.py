@@ -304,7 +304,7 @@ class ValkeyHaltChannel(BackgroundClient):
             )
         except StoreError as exc:
             raise ValkeyUnavailableError(
-                f"CT-11: cannot raise the halt on {self.url}: {exc}; nothing was written"
+                f"CT-11: {_cannot('raise the halt', self.url, exc)}; nothing was written"
             ) from None
         self.kept_aside = aside if done == 2 else None
         if done:
@@ -348,7 +348,7 @@ class ValkeyHaltChannel(BackgroundClient):
         try:
             kind, raw = await self._read_raw()
         except StoreError as exc:
-            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+            raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
         halt_id: str | None = None
         if kind == "none":
             if signers:
@@ -385,7 +385,7 @@ class ValkeyHaltChannel(BackgroundClient):
                 "clear",
             )
         except StoreError as exc:
-            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+            raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
         if not done:
             raise HaltClearDeniedError(
                 "CT-11: the halt changed while it was being cleared (a new halt?); "
@@ -462,7 +462,10 @@ class ValkeyHaltChannel(BackgroundClient):
     async def _read_raw(self) -> tuple[str, bytes]:
         """(type of the key, its value if a string of sane size) -- one atomic read."""
         reply: object = await store_call(
-            lambda: self._read_script(keys=[self.key], args=[MAX_HALT_BYTES]), self.timeout
+            # Read-only (EVALSHA_RO): a worker whose server user may only read the halt
+            # key can run it (a plain EVALSHA declares its keys written).
+            lambda: self._read_script(keys=[self.key], args=[MAX_HALT_BYTES], readonly=True),
+            self.timeout,
         )
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise StoreError("unexpected reply to the halt read")
@@ -553,6 +556,14 @@ class ValkeyHaltChannel(BackgroundClient):
                 "a ValkeyHaltChannel is used inside 'async with ValkeyHaltChannel(url) as ...'"
             )
         return self._client
+
+
+def _cannot(what: str, url: str, exc: StoreError) -> str:
+    """Why ``what`` failed: the server refused this user (ACL), or could not be reached."""
+    text = str(exc)
+    if "AuthorizationError" in text or "NOPERM" in text:
+        return f"the server at {url} refused to {what} for this user ({text})"
+    return f"cannot reach {url} to {what}: {text}"
 
 
 def _stamp() -> str:
