@@ -3,6 +3,8 @@
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
     conclave halt   --halt-file PATH [--create] | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
+    conclave clear  ... --allowed-signers FILE --approval A.json --approval B.json --reason TEXT
+    conclave approve --halt-file PATH | --valkey URL --key KEY --principal NAME [--out FILE]
     conclave status --halt-file PATH | --valkey URL
     conclave verify DB
 
@@ -55,6 +57,7 @@ from adapters.cli._backend import (
 )
 from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
+from adapters.cli.approve import add_approve_parser, approve_command, signing_options
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -161,15 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
             p.add_argument("--reason", required=True)
+        if name == "halt":
+            signing_options(p, required=False)
+        if name in ("halt", "clear"):
+            _signers_options(p)
         if name == "clear":
             p.add_argument(
                 "--approver",
                 action="append",
                 default=[],
-                required=True,
-                help="repeat: at least two distinct approvers",
+                help="repeat: at least two distinct approvers (channels without --allowed-signers)",
             )
+            p.add_argument(
+                "--approval",
+                action="append",
+                default=[],
+                type=Path,
+                metavar="FILE",
+                help="repeat: signed approvals (conclave approve) from two people",
+            )
+    add_approve_parser(sub)
     return parser
+
+
+def _signers_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allowed-signers",
+        type=Path,
+        metavar="FILE",
+        help="OpenSSH allowed-signers file: clears need signed approvals verified by it",
+    )
+    p.add_argument(
+        "--revoked", type=Path, metavar="FILE", help="revoked keys (a KRL or public keys)"
+    )
 
 
 def _council_and_run_options(d: argparse.ArgumentParser) -> None:
@@ -608,6 +635,7 @@ COMMANDS = {
     "halt": halt_command,
     "clear": clear_command,
     "status": status_command,
+    "approve": approve_command,
 }
 
 
