@@ -142,13 +142,15 @@ def test_approve_refuses_when_there_is_no_halt_to_approve(tmp_path: Path, keys: 
 
 
 def test_two_people_clear_a_valkey_halt_with_signed_approvals(
-    valkey_server: ValkeyServer, tmp_path: Path, keys: Keyring
+    tmp_path: Path, keys: Keyring
 ) -> None:
-    key_url = valkey_server.url
-    where = ["--valkey", key_url]
+    with ValkeyServer() as server:  # its own: the default halt key, as operators use it
+        signed_clear_on_valkey(server.url, tmp_path, keys)
+
+
+def signed_clear_on_valkey(url: str, tmp_path: Path, keys: Keyring) -> None:
+    where = ["--valkey", url]
     signers = ["--allowed-signers", str(keys.allowed)]
-    # Whatever an earlier test left on the default key: a fresh halt to approve.
-    valkey_server.command("DEL", "conclave:halt")
     assert conclave("halt", *where, "--reason", "audit").returncode == 0
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     approve(keys, where, "alice", a, "--expires", "5m")
