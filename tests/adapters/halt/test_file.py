@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -717,3 +718,67 @@ async def test_a_signed_halt_says_who_halted_and_a_bad_signature_writes_nothing(
         reason="calm",
     )
     assert FileHaltChannel(path).halt("anyone may halt") is True
+
+
+# ---------------------------------------------------------------- file permissions
+
+_AS_WORKER = """
+import json, os, sys
+from adapters.halt.file import FileHaltChannel
+from kernel import HaltClearDeniedError
+
+if os.geteuid() == 0:  # root reads and writes everything: become a worker's user first
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+channel = FileHaltChannel(sys.argv[1], lock_timeout=0.5)
+state = channel.read_state()
+seen = {"halted": state.halted, "reason": state.reason, "error": state.error}
+try:
+    channel.clear(approvers=["alice", "bob"], reason="a worker's forgery")
+    seen["clear"] = "cleared"
+except HaltClearDeniedError as exc:
+    seen["clear"] = str(exc)
+for name, forge in {
+    "write": lambda: open(sys.argv[1], "w").write("{}"),
+    "replace": lambda: open(sys.argv[1] + ".new", "w"),
+    "remove": lambda: os.unlink(sys.argv[1]),
+}.items():
+    try:
+        forge()
+        seen[name] = "done"
+    except OSError as exc:
+        seen[name] = exc.strerror
+print(json.dumps(seen))
+"""
+
+
+def test_a_worker_without_write_permission_reads_the_halt_but_cannot_clear_or_rewrite_it() -> None:
+    # Operators own the directory and the file (0755 / 0644); workers run as another
+    # user.  As root (here), the child drops to nobody; as anyone else, the directory
+    # and file are made read-only to ourselves, which is the same test.
+    directory = Path(tempfile.mkdtemp(prefix="conclave-perm-"))
+    try:
+        path = directory / "halt.json"
+        FileHaltChannel(path).halt("operator halt")
+        (directory / "halt.json.lock").unlink()
+        before = snapshot(path)
+        directory.chmod(0o755 if os.geteuid() == 0 else 0o555)
+        path.chmod(0o644 if os.geteuid() == 0 else 0o444)
+        proc = subprocess.run(
+            [sys.executable, "-c", _AS_WORKER, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        seen = json.loads(proc.stdout)
+        assert seen["halted"] and seen["reason"] == "operator halt" and seen["error"] is None
+        assert "Permission denied" in seen["clear"]
+        # Nor by writing the file itself, replacing it, or removing it.
+        assert [seen[k] for k in ("write", "replace", "remove")] == ["Permission denied"] * 3
+        assert snapshot(path) == before
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory, ignore_errors=True)
