@@ -782,3 +782,70 @@ def test_a_worker_without_write_permission_reads_the_halt_but_cannot_clear_or_re
     finally:
         directory.chmod(0o755)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_signed_halt_stops_a_running_batch_and_only_a_signed_clear_resumes_the_service(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    watched = signed_channel(path, keys, poll_interval=0.01)
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(default=Step(latency=600)),
+        DualChannelHaltChecker(HaltSwitch(), watched),
+    )
+    operator = signed_channel(path, keys)
+    signed = keys.approve("alice", None, "council off the rails", action="halt")
+
+    async def signed_halt() -> None:
+        await trio.sleep(1)
+        await operator.ahalt("council off the rails", signed=signed)
+
+    err = await expect_halt(lambda: service.invoke_concurrent(make_requests(8)), signed_halt)
+    assert err.reason == "council off the rails"
+    halt_id = (await operator.state()).halt_id
+    good = keys.approve("alice", halt_id, "council off the rails")
+    forged = keys.approve("bob", halt_id, "council off the rails", key_of="mallory")
+    with pytest.raises(ApprovalRefusedError):
+        await operator.aclear(approvals=[good, forged], reason="resume")
+    with pytest.raises(SystemHaltedError):
+        await service.invoke_concurrent(make_requests(2))
+    bob = keys.approve("bob", halt_id, "council off the rails")
+    assert await operator.aclear(approvals=[good, bob], reason="resume") is True
+    quick = ConcurrentDeliberationService(ScriptedOrchestrator(), service.halt_checker)
+    result = await quick.invoke_concurrent(make_requests(2))
+    assert result.success_count == 2
+
+
+async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_halt_they_name(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    first = (await channel.state()).halt_id
+    approvals = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        # Another operator's tool, busy: clears (by names, where it may) and re-halts.
+        other = FileHaltChannel(path)
+        while not stop.is_set():
+            other.clear(approvers=["x", "y"], reason="churn")
+            other.halt("storm")
+            stop.wait(0.002)  # let the clear under test take the lock now and then
+
+    outcomes = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, rewrite)
+        for _ in range(5):
+            try:
+                outcomes.append(await channel.aclear(approvals=approvals, reason="calm"))
+            except ApprovalRefusedError as exc:
+                assert "is for another halt" in str(exc)
+                outcomes.append(None)
+        stop.set()
+    history = await channel.ahistory()
+    signed_clears = [r for r in history if r.approvers == ("alice", "bob")]
+    # Whatever the interleaving: a signed clear only ever cleared the halt it named.
+    assert all(r.halt_id == first for r in signed_clears)
+    assert len(signed_clears) <= 1 and outcomes.count(True) == len(signed_clears)
