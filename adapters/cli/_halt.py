@@ -197,8 +197,6 @@ async def status_command(args: argparse.Namespace) -> int:
         print("not halted")
     else:
         print(f"HALTED: {plain(reading.reason)}")
-        if reading.halt_id is not None:
-            print(f"  halt id: {plain(reading.halt_id)}")
         if reading.problem == "no record":
             print(
                 f"  two approvers clear it: conclave clear {target.option} "

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
-import trio
 
 from kernel import (
     HaltClearDeniedError,
@@ -53,7 +52,6 @@ __all__ = [
     "SignedStatement",
     "Signer",
     "approved_signers",
-    "averify",
     "check_clear_request",
     "clear_record",
     "halt_record",
@@ -75,6 +73,8 @@ DEFAULT_LIFETIME = timedelta(minutes=15)
 MAX_LIFETIME = timedelta(hours=24)
 #: How far in the future an approval may say it was issued (clocks of two machines).
 CLOCK_SKEW = timedelta(minutes=5)
+#: An approval file is a few hundred characters; anything far larger is not one.
+MAX_APPROVAL_CHARS = 64 * 1024
 #: One ssh-keygen call may take this long (seconds) before it counts as failed.
 SSH_KEYGEN_TIMEOUT = 20.0
 
@@ -125,6 +125,10 @@ class SignedStatement:
     @classmethod
     def from_text(cls, text: str) -> SignedStatement:
         """Parse an approval file's text; :class:`ApprovalRefusedError` if it is not one."""
+        if len(text) > MAX_APPROVAL_CHARS:
+            raise ApprovalRefusedError(
+                f"CT-11: an approval is larger than {MAX_APPROVAL_CHARS} characters (not one)"
+            )
         try:
             doc = json.loads(text)
         except (ValueError, TypeError):
@@ -298,7 +302,8 @@ class SignatureVerifier:
             return f"it is signed by key {key}, which is not {principal!r}'s key (it is {whose}'s)"
         if self.revoked is not None and _run(["-Y", "verify", *checks], payload).returncode == 0:
             return f"key {key} is revoked ({self.revoked})"
-        return f"ssh-keygen -Y verify refused it ({_stderr(found)})"
+        refused = _run(["-Y", "verify", *checks], payload)
+        return f"ssh-keygen -Y verify refused it ({_stderr(refused)})"
 
 
 def _fingerprint(stdout: bytes) -> str:
@@ -309,12 +314,6 @@ def _fingerprint(stdout: bytes) -> str:
 
 def _stderr(done: subprocess.CompletedProcess[bytes]) -> str:
     return done.stderr.decode("utf-8", "replace").strip()[:200] or f"exit {done.returncode}"
-
-
-async def averify(verifier: SignatureVerifier, texts: Sequence[str]) -> list[Signer]:
-    """Each text parsed and verified, in a worker thread (ssh-keygen is a subprocess)."""
-    signed = [SignedStatement.from_text(t) for t in texts]
-    return await trio.to_thread.run_sync(lambda: [verifier.verify(s) for s in signed])
 
 
 def approved_signers(

@@ -834,7 +834,7 @@ async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_hal
             other.halt("storm")
             stop.wait(0.002)  # let the clear under test take the lock now and then
 
-    outcomes = []
+    outcomes: list[bool | None] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.to_thread.run_sync, rewrite)
         for _ in range(5):
