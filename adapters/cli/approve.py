@@ -11,6 +11,7 @@ clear that halt and no other.
 from __future__ import annotations
 
 import argparse
+import getpass
 import re
 import sys
 from datetime import timedelta
@@ -48,7 +49,8 @@ def lifetime(text: str) -> timedelta:
 
 
 def signing_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """``--key``/``--sign-key`` and ``--principal``: who signs, with which key."""
+    """``--key``/``--sign-key`` and ``--principal``: who signs, with which key (``approve``
+    names its signer by the login name unless told: the SPEC's ``approve --key K`` works)."""
     name = "--key" if required else "--sign-key"
     p.add_argument(
         name,
@@ -60,8 +62,9 @@ def signing_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     )
     p.add_argument(
         "--principal",
-        required=required,
-        help="your name as the allowed-signers file lists it",
+        default=getpass.getuser() if required else None,
+        help="your name as the allowed-signers file lists it"
+        + (" (default: your login name)" if required else ""),
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -61,6 +62,8 @@ __all__ = [
     "verify_request",
     "verify_signed_halt",
 ]
+
+log = logging.getLogger("adapters.halt.approval")
 
 #: The ssh-keygen signature namespace: a signature made for anything else (git commits,
 #: files) is not an approval.
@@ -278,10 +281,12 @@ class SignatureVerifier:
             if done.returncode == 0:
                 return Signer(claimed, _fingerprint(done.stdout))
             # Refused: say why, in the order a reader would look.
-            raise ApprovalRefusedError(
-                f"CT-11: approval by {claimed.principal!r} refused: "
-                + self._why(claimed.principal, sig, payload, checks)
+            why = self._why(claimed.principal, sig, payload, checks)
+            log.warning(
+                "signed statement refused",
+                extra={"principal": claimed.principal, "action": claimed.action, "why": why},
             )
+            raise ApprovalRefusedError(f"CT-11: approval by {claimed.principal!r} refused: {why}")
 
     def _why(self, principal: str, sig: Path, payload: bytes, checks: list[str]) -> str:
         intact = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig)], payload)

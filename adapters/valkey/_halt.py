@@ -457,7 +457,7 @@ class ValkeyHaltChannel(BackgroundClient):
         except CorruptHaltDocument:
             return
         if doc.halted:
-            self._set_key_state(_KeyState(True, doc.reason))
+            self._set_key_state(_KeyState(True, doc.reason, None, doc.halt_id))
 
     async def _read_raw(self) -> tuple[str, bytes]:
         """(type of the key, its value if a string of sane size) -- one atomic read."""

@@ -4,6 +4,7 @@ file; every refusal is one line on stderr, exit 2, and changes nothing."""
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -139,6 +140,14 @@ def test_approve_refuses_when_there_is_no_halt_to_approve(tmp_path: Path, keys: 
         "3d",
     )
     assert bad.returncode == 2 and "--expires" in bad.stderr
+    # As the SPEC writes it (no --principal): the signer is named by the login name.
+    conclave("halt", "--halt-file", str(tmp_path / "halt.json"), "--reason", "audit")
+    spec = conclave(
+        "approve", "--halt-file", str(tmp_path / "halt.json"), "--key", str(keys.key("alice"))
+    )
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stderr.startswith(f"approval by {getpass.getuser()} to clear halt")
+    assert json.loads(spec.stdout)["schema"] == "conclave.approval/1"
 
 
 def test_two_people_clear_a_valkey_halt_with_signed_approvals(

@@ -3,6 +3,7 @@ refusal says which rule, and whose approval."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -198,3 +199,15 @@ def test_an_unreadable_allowed_signers_file_refuses_with_its_name(keys: Keyring)
     missing = SignatureVerifier(keys.dir / "nope")
     with pytest.raises(ApprovalRefusedError, match="cannot read the allowed-signers file"):
         missing.verify(SignedStatement.from_text(text))
+
+
+def test_a_refusal_is_logged_with_whose_and_why_never_the_signature(
+    keys: Keyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = keys.approve("alice", HALT_ID, REASON, key_of="mallory")
+    with caplog.at_level(logging.WARNING, logger="adapters.halt.approval"):
+        refusal(keys, text)
+    [record] = [r for r in caplog.records if r.message == "signed statement refused"]
+    assert record.__dict__["principal"] == "alice" and "not in" in record.__dict__["why"]
+    signature = SignedStatement.from_text(text).signature
+    assert all(signature not in r.getMessage() + str(r.__dict__) for r in caplog.records)
