@@ -44,7 +44,8 @@ def lifetime(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(f"not a duration like 15m, 90s or 2h: {text!r}")
     value = timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
     if not timedelta(0) < value <= MAX_LIFETIME:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_LIFETIME}")
+        most = MAX_LIFETIME.total_seconds() / 3600
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {most:g}h")
     return value
 
 

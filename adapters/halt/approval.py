@@ -286,7 +286,8 @@ class SignatureVerifier:
                 "signed statement refused",
                 extra={"principal": claimed.principal, "action": claimed.action, "why": why},
             )
-            raise ApprovalRefusedError(f"CT-11: approval by {claimed.principal!r} refused: {why}")
+            what = "approval" if claimed.action == "clear" else "signed halt"
+            raise ApprovalRefusedError(f"CT-11: {what} by {claimed.principal!r} refused: {why}")
 
     def _why(self, principal: str, sig: Path, payload: bytes, checks: list[str]) -> str:
         intact = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig)], payload)
@@ -304,7 +305,10 @@ class SignatureVerifier:
             return f"it is signed by key {key}, which is not in {self.allowed_signers}"
         if principal not in owners:
             whose = ", ".join(owners)
-            return f"it is signed by key {key}, which is not {principal!r}'s key (it is {whose}'s)"
+            return (
+                f"it is signed by key {key}, which the allowed-signers file lists for "
+                f"{whose}, not {principal}"
+            )
         if self.revoked is not None and _run(["-Y", "verify", *checks], payload).returncode == 0:
             return f"key {key} is revoked ({self.revoked})"
         refused = _run(["-Y", "verify", *checks], payload)
@@ -364,7 +368,8 @@ def check_current(statement: HaltStatement, now: datetime) -> None:
         )
     if statement.expires_at - statement.issued_at > MAX_LIFETIME:
         raise ApprovalRefusedError(
-            f"CT-11: the approval by {who!r} is valid for longer than {MAX_LIFETIME}"
+            f"CT-11: the approval by {who!r} is valid for longer than "
+            f"{MAX_LIFETIME.total_seconds() / 3600:g} h"
         )
 
 

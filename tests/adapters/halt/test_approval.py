@@ -80,7 +80,7 @@ def test_an_approval_naming_someone_else_than_the_keys_owner_is_refused(
 ) -> None:
     # bob signs with his own (trusted) key, but writes alice's name in the statement.
     text = keys.approve("alice", HALT_ID, REASON, key_of="bob")
-    assert "which is not 'alice''s key (it is bob's)" in refusal(keys, text)
+    assert "which the allowed-signers file lists for bob, not alice" in refusal(keys, text)
 
 
 def test_an_approval_by_a_revoked_key_is_refused(keys: Keyring) -> None:
@@ -113,6 +113,14 @@ def test_an_expired_approval_is_refused(keys: Keyring) -> None:
     text = keys.approve("alice", HALT_ID, REASON, issued_at=long_ago)
     signers = verified(keys, text, keys.approve("bob", HALT_ID, REASON))
     with pytest.raises(ApprovalRefusedError, match="approval by 'alice' expired at"):
+        approved_signers(signers, HALT_ID, REASON)  # type: ignore[arg-type]
+
+
+def test_an_approval_issued_in_the_future_is_refused(keys: Keyring) -> None:
+    later = utc_now() + timedelta(hours=1)
+    text = keys.approve("alice", HALT_ID, REASON, issued_at=later)
+    signers = verified(keys, text, keys.approve("bob", HALT_ID, REASON))
+    with pytest.raises(ApprovalRefusedError, match="says it was issued in the future"):
         approved_signers(signers, HALT_ID, REASON)  # type: ignore[arg-type]
 
 
@@ -190,7 +198,7 @@ def test_a_signed_halt_verifies_for_its_own_reason_only(keys: Keyring) -> None:
     with pytest.raises(InvalidRequestError, match="needs a halt channel with an allowed-signers"):
         verify_signed_halt(None, text, REASON)
     forged = keys.approve("alice", None, REASON, action="halt", key_of="mallory")
-    with pytest.raises(InvalidRequestError, match="nothing was written"):
+    with pytest.raises(InvalidRequestError, match=r"signed halt by 'alice' refused.*nothing was"):
         verify_signed_halt(verifier(keys), forged, REASON)
 
 
