@@ -280,6 +280,11 @@ class SignatureVerifier:
             done = _run(["-Y", "verify", *checks, *revoked], payload)
             if done.returncode == 0:
                 return Signer(claimed, _fingerprint(done.stdout))
+            if done.returncode != 255:  # 255: "did not verify"; else it did not run as asked
+                raise ApprovalRefusedError(
+                    f"CT-11: ssh-keygen -Y verify failed to run (OpenSSH 8.2 or later is "
+                    f"needed): {_stderr(done)}"
+                )
             # Refused: say why, in the order a reader would look.
             why = self._why(claimed.principal, sig, payload, checks)
             log.warning(

@@ -4,12 +4,14 @@ refusal says which rule, and whose approval."""
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from adapters.halt import approval
 from adapters.halt.approval import (
     ApprovalRefusedError,
     SignatureVerifier,
@@ -219,3 +221,23 @@ def test_a_refusal_is_logged_with_whose_and_why_never_the_signature(
     assert record.__dict__["principal"] == "alice" and "not in" in record.__dict__["why"]
     signature = SignedStatement.from_text(text).signature
     assert all(signature not in r.getMessage() + str(r.__dict__) for r in caplog.records)
+
+
+def test_an_ssh_keygen_that_hangs_is_a_refusal_within_its_bound(
+    keys: Keyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = keys.approve("alice", HALT_ID, REASON)
+    hung = tmp_path / "bin"
+    hung.mkdir()
+    (hung / "ssh-keygen").write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 60\n")
+    (hung / "ssh-keygen").chmod(0o755)
+    monkeypatch.setenv("PATH", str(hung))
+    monkeypatch.setattr(approval, "SSH_KEYGEN_TIMEOUT", 0.2)
+    with pytest.raises(HaltClearDeniedError, match=r"ssh-keygen did not answer within 0\.2 s"):
+        verifier(keys).verify(SignedStatement.from_text(text))
+    (hung / "ssh-keygen").write_text("#!/bin/sh\necho 'unknown option -- Y' >&2\nexit 1\n")
+    with pytest.raises(HaltClearDeniedError, match=r"failed to run .*unknown option -- Y"):
+        verifier(keys).verify(SignedStatement.from_text(text))
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(HaltClearDeniedError, match="ssh-keygen \\(OpenSSH\\) is not installed"):
+        verifier(keys).verify(SignedStatement.from_text(text))
