@@ -508,6 +508,11 @@ async def test_a_worker_user_reads_the_halt_and_shares_capacity_but_cannot_clear
                 await direct.set("conclave:halt", '{"schema": "conclave.halt/1", "halted": false}')
             with pytest.raises(coredis.exceptions.AuthorizationError):
                 await direct.delete(["conclave:halt"])
+            # Nor wipe the server, or give itself more rights.
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.flushall()
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.acl_setuser("worker", "~*")
         after = (
             await admin.get("conclave:halt"),
             await admin.lrange("conclave:halt:history", 0, -1),
