@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
-from kernel import AgentPool, ConcurrentResult, PoolStatus
+from kernel import AgentPool, ConcurrentResult, FailureKind, PoolStatus
 
 if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
@@ -23,6 +24,7 @@ __all__ = [
     "KeyValueFormatter",
     "Progress",
     "announce",
+    "announce_setup",
     "configure_logging",
     "live_display",
     "print_summary",
@@ -32,21 +34,41 @@ __all__ = [
 class Progress:
     """Counters the progress display reads (updated by on_progress)."""
 
-    def __init__(self, total: int, pool: AgentPool) -> None:
+    def __init__(self, total: int, pool: AgentPool, agent_ids: Sequence[str] = ()) -> None:
         self.total = total
         self.pool = pool
         self.done = 0
         self.failed = 0
+        #: The agents without an outcome yet, in request order (the tail an operator
+        #: waits on is worth naming).
+        self.waiting: dict[str, None] = dict.fromkeys(agent_ids)
+        self.started: float | None = None
+        self.answered_after: list[float] = []
+
+    def start(self) -> None:
+        """The batch begins: the clock starts here, not while the backend was set up."""
         self.started = trio.current_time()
 
     def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
         self.done = done  # the service counts finished agents; only failures are ours
+        self.waiting.pop(agent_id, None)
         if status == "failed":
             self.failed += 1
+        else:  # an answer, this long after the batch began (--hedge-after auto learns it)
+            self.answered_after.append(self.elapsed)
 
     @property
     def elapsed(self) -> float:
-        return trio.current_time() - self.started
+        return 0.0 if self.started is None else trio.current_time() - self.started
+
+    def waiting_on(self, most: int = 4) -> str:
+        """``"archon-3, archon-9 +2"``: the agents still without an outcome, once few are
+        left (empty while many are)."""
+        if not self.waiting or len(self.waiting) > 2 * most:
+            return ""
+        names = list(self.waiting)
+        more = f" +{len(names) - most}" if len(names) > most else ""
+        return ", ".join(names[:most]) + more
 
 
 async def live_display(progress: Progress) -> None:
@@ -66,6 +88,7 @@ async def live_display(progress: Progress) -> None:
             f" {progress.done}/{progress.total} done · ",
             (f"{progress.failed} failed", "red" if progress.failed else ""),
             f" · {progress.pool.active_count} in flight · {progress.elapsed:.1f} s",
+            (f" · waiting on {plain(tail)}" if (tail := progress.waiting_on()) else "", "dim"),
         )
 
     with Live(render(), console=console, auto_refresh=False, transient=False) as live:
@@ -102,6 +125,12 @@ def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None
     )
 
 
+def announce_setup(what: str) -> None:
+    """One line on stderr before a slow set-up (a server probed, CrewAI imported), so an
+    operator never looks at a blank screen wondering whether anything runs."""
+    print(f"conclave: {what} ...", file=sys.stderr, flush=True)
+
+
 def print_summary(
     result: ConcurrentResult,
     *,
@@ -111,12 +140,19 @@ def print_summary(
     quiet: bool,
     show: int,
     rate_limits: LimitStats | None = None,
+    to_stderr: bool = False,
+    quorum: int | None = None,
 ) -> None:
-    """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
+    """The run's summary on stdout (stderr with ``to_stderr``: ``--json -`` owns stdout): a table, or one line with ``quiet``; then up to five
     failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
     waiting for the provider's budget cost (the openai backend), shown when given."""
-    kinds = Counter(f.kind.value for f in result.failures)
+    # Agents cancelled because the quorum was reached are not failures: the run did
+    # what was asked.  They get a line of their own, and no "!" lines.
+    not_needed = [f for f in result.failures if f.kind is FailureKind.CANCELLED]
+    failures = [f for f in result.failures if f.kind is not FailureKind.CANCELLED]
+    kinds = Counter(f.kind.value for f in failures)
     by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    quorum_line = f"{len(not_needed)} cancelled after quorum" if not_needed else ""
     timing = f"{result.total_ms:.1f} ms"
     if ideal_ms:
         timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
@@ -130,7 +166,7 @@ def print_summary(
     if halt_reason is not None:
         status = "HALTED"
     else:
-        status = "completed with failures" if result.failures else "completed"
+        status = "completed with failures" if failures else "completed"
     limits_line = None
     if rate_limits is not None:
         limits_line = (
@@ -140,9 +176,11 @@ def print_summary(
     if quiet:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
+            + (f"{quorum_line}, " if quorum_line else "")
+            + f"{len(failures)} failed{f' ({by_kind})' if by_kind else ''}, "
             f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
-            + (f", rate limits: {limits_line}" if limits_line else "")
+            + (f", rate limits: {limits_line}" if limits_line else ""),
+            file=sys.stderr if to_stderr else sys.stdout,
         )
         return
     from rich.console import Console
@@ -163,24 +201,25 @@ def print_summary(
     table.add_row("status", status + shown)
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
-    table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    table.add_row("failed", str(len(failures)) + (f" ({by_kind})" if by_kind else ""))
     if result.hedged_agents:
         table.add_row("hedged", f"{len(result.hedged_agents)} agents got a duplicate call")
-    if kinds["cancelled"]:
-        table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
+    if quorum_line:
+        of = f" of {quorum}" if quorum is not None else ""
+        table.add_row("cancelled", f"{len(not_needed)} after quorum{of} (not needed)")
     table.add_row("batch time", timing)
     if limits_line:
         table.add_row("rate limits", limits_line)
     table.add_row("pool after", pool_line)
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, stderr=to_stderr)
     console.print(table)
-    for failure in result.failures[:5]:
+    for failure in failures[:5]:
         console.print(
             f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
             markup=False,
         )
-    if len(result.failures) > 5:
-        console.print(f"  ! ... and {len(result.failures) - 5} more")
+    if len(failures) > 5:
+        console.print(f"  ! ... and {len(failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
         console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
         console.print(plain(output.content, newlines=True), markup=False)
