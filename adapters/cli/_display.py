@@ -126,9 +126,11 @@ def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None
 
 
 def announce_setup(what: str) -> None:
-    """One line on stderr before a slow set-up (a server probed, CrewAI imported), so an
-    operator never looks at a blank screen wondering whether anything runs."""
-    print(f"conclave: {what} ...", file=sys.stderr, flush=True)
+    """One line on a terminal's stderr before a slow set-up (a server probed, CrewAI
+    imported), so an operator never looks at a blank screen wondering whether anything
+    runs.  Not in a pipe: there an error stays the one line a script reads."""
+    if sys.stderr.isatty():
+        print(f"conclave: {what} ...", file=sys.stderr, flush=True)
 
 
 def print_summary(
@@ -143,7 +145,8 @@ def print_summary(
     to_stderr: bool = False,
     quorum: int | None = None,
 ) -> None:
-    """The run's summary on stdout (stderr with ``to_stderr``: ``--json -`` owns stdout): a table, or one line with ``quiet``; then up to five
+    """The run's summary on stdout (stderr with ``to_stderr``: ``--json -`` owns stdout):
+    a table, or one line with ``quiet``; then up to five
     failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
     waiting for the provider's budget cost (the openai backend), shown when given."""
     # Agents cancelled because the quorum was reached are not failures: the run did

@@ -65,7 +65,6 @@ from adapters.cli._display import (
 )
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
-from kernel import __version__ as kernel_version
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentOrchestratorProtocol,
@@ -79,6 +78,7 @@ from kernel import (
     HedgePolicy,
     SystemHaltedError,
 )
+from kernel import __version__ as kernel_version
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
@@ -691,7 +691,7 @@ async def _print_witness_head(db: Path, *, to_stderr: bool) -> None:
     prove the log still ends (or passes) where this run left it."""
     from adapters.witness.sqlite import WitnessError, log_head
 
-    def read() -> tuple[int, str] | None | str:
+    def read() -> tuple[int, str] | str | None:
         if not db.exists():  # halted before the run began: the log was never opened
             return "not created"
         try:
@@ -754,8 +754,7 @@ def version_line() -> str:
     import platform
 
     return (
-        f"conclave {kernel_version} (trio {trio.__version__}, "
-        f"Python {platform.python_version()})"
+        f"conclave {kernel_version} (trio {trio.__version__}, Python {platform.python_version()})"
     )
 
 
