@@ -7,6 +7,7 @@ never loads it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections import Counter
@@ -116,13 +117,19 @@ def plain(text: str, *, newlines: bool = False) -> str:
 def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
     """Say on stderr that the batch is on (a plain line, also when stderr is not a
     terminal), and on a terminal start the live line in ``nursery``."""
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and have_rich():
         nursery.start_soon(live_display, progress)
     print(
         f"conclave: deliberating with {progress.total} agents ({backend} backend)",
         file=sys.stderr,
         flush=True,
     )
+
+
+def have_rich() -> bool:
+    """Whether the ``cli`` extra (rich) is installed: without it the command runs the
+    same, with plain lines instead of the live line and the table."""
+    return importlib.util.find_spec("rich") is not None
 
 
 def announce_setup(what: str) -> None:
@@ -176,7 +183,8 @@ def print_summary(
             f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
             f"{rate_limits.responses_429} x HTTP 429"
         )
-    if quiet:
+    plain_only = not quiet and not have_rich()
+    if quiet or plain_only:
         print(
             f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
             + (f"{quorum_line}, " if quorum_line else "")
@@ -185,6 +193,11 @@ def print_summary(
             + (f", rate limits: {limits_line}" if limits_line else ""),
             file=sys.stderr if to_stderr else sys.stdout,
         )
+        if plain_only:
+            print(
+                "conclave: (pip install 'conclave-kernel[cli]' for the live line and the table)",
+                file=sys.stderr,
+            )
         return
     from rich.console import Console
     from rich.markup import escape

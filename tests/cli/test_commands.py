@@ -822,3 +822,10 @@ def test_hedge_after_auto_with_a_queue_is_refused_with_the_reason(
 ) -> None:
     assert main(["deliberate", "--hedge-after", "auto", "--overflow", "queue"]) == 2
     assert "with --overflow queue give seconds" in capsys.readouterr().err
+
+
+def test_without_the_cli_extra_the_command_runs_with_plain_lines() -> None:
+    proc = conclave_without("rich", "deliberate", "--agents", "3", "--latency-ms", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 3/3 succeeded, 0 failed")
+    assert "pip install 'conclave-kernel[cli]'" in proc.stderr
