@@ -99,7 +99,7 @@ def prose_value(row: Mapping[str, Any]) -> str:
 def fill_numbers(text: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
     """``text`` with every prose number set from ``rows`` (dicts as in results.json), and
     the markers that name no row (left as they are)."""
-    by_key = {}
+    by_key: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
     for row in rows:  # the first row of a key, as the table lists them
         by_key.setdefault((row["scenario"], row["variant"], row["metric"]), row)
     unknown: list[str] = []

@@ -12,11 +12,12 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
+import attrs
 import trio
 
-from kernel import AgentPool, ConcurrentResult, FailureKind, PoolStatus
+from kernel import AgentFailure, AgentPool, ConcurrentResult, FailureKind, PoolStatus
 
 if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
@@ -140,6 +141,59 @@ def announce_setup(what: str) -> None:
         print(f"conclave: {what} ...", file=sys.stderr, flush=True)
 
 
+@attrs.frozen
+class _Summary:
+    """What the summary says, once, for the one-line and the table form alike."""
+
+    status: str
+    failures: list[AgentFailure]  # not counting the agents a quorum did not need
+    by_kind: str
+    not_needed: int
+    timing: str
+    pool_line: str
+    limits_line: str | None
+
+    @classmethod
+    def of(
+        cls,
+        result: ConcurrentResult,
+        halt_reason: str | None,
+        pool_after: PoolStatus,
+        ideal_ms: float | None,
+        rate_limits: LimitStats | None,
+    ) -> _Summary:
+        # Agents cancelled because the quorum was reached are not failures: the run did
+        # what was asked.  They get a line of their own, and no "!" lines.
+        failures = [f for f in result.failures if f.kind is not FailureKind.CANCELLED]
+        kinds = Counter(f.kind.value for f in failures)
+        timing = f"{result.total_ms:.1f} ms"
+        if ideal_ms:
+            timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
+        pool_line = (
+            f"{pool_after.active_count} active, "
+            f"{pool_after.available_count}/{pool_after.max_concurrent} free"
+        )
+        if pool_after.shared_capacity is not None:  # --shared-capacity: the cluster's too
+            in_use = "?" if pool_after.shared_in_use is None else pool_after.shared_in_use
+            pool_line += f"; cluster {in_use}/{pool_after.shared_capacity} in use"
+        status = "completed with failures" if failures else "completed"
+        limits_line = None
+        if rate_limits is not None:
+            limits_line = (
+                f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
+                f"{rate_limits.responses_429} x HTTP 429"
+            )
+        return cls(
+            status="HALTED" if halt_reason is not None else status,
+            failures=failures,
+            by_kind=", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+            not_needed=len(result.failures) - len(failures),
+            timing=timing,
+            pool_line=pool_line,
+            limits_line=limits_line,
+        )
+
+
 def print_summary(
     result: ConcurrentResult,
     *,
@@ -153,56 +207,46 @@ def print_summary(
     quorum: int | None = None,
 ) -> None:
     """The run's summary on stdout (stderr with ``to_stderr``: ``--json -`` owns stdout):
-    a table, or one line with ``quiet``; then up to five
-    failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
-    waiting for the provider's budget cost (the openai backend), shown when given."""
-    # Agents cancelled because the quorum was reached are not failures: the run did
-    # what was asked.  They get a line of their own, and no "!" lines.
-    not_needed = [f for f in result.failures if f.kind is FailureKind.CANCELLED]
-    failures = [f for f in result.failures if f.kind is not FailureKind.CANCELLED]
-    kinds = Counter(f.kind.value for f in failures)
-    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-    quorum_line = f"{len(not_needed)} cancelled after quorum" if not_needed else ""
-    timing = f"{result.total_ms:.1f} ms"
-    if ideal_ms:
-        timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
-    pool_line = (
-        f"{pool_after.active_count} active, "
-        f"{pool_after.available_count}/{pool_after.max_concurrent} free"
-    )
-    if pool_after.shared_capacity is not None:  # --shared-capacity: the cluster's count too
-        in_use = "?" if pool_after.shared_in_use is None else pool_after.shared_in_use
-        pool_line += f"; cluster {in_use}/{pool_after.shared_capacity} in use"
-    if halt_reason is not None:
-        status = "HALTED"
-    else:
-        status = "completed with failures" if failures else "completed"
-    limits_line = None
-    if rate_limits is not None:
-        limits_line = (
-            f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
-            f"{rate_limits.responses_429} x HTTP 429"
-        )
-    plain_only = not quiet and not have_rich()
-    if quiet or plain_only:
-        print(
-            f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            + (f"{quorum_line}, " if quorum_line else "")
-            + f"{len(failures)} failed{f' ({by_kind})' if by_kind else ''}, "
-            f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
-            + (f", rate limits: {limits_line}" if limits_line else ""),
-            file=sys.stderr if to_stderr else sys.stdout,
-        )
-        if plain_only:
+    a table, or one line with ``quiet`` (or without rich); then up to five failures and
+    the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what waiting for
+    the provider's budget cost (the openai backend), shown when given."""
+    summary = _Summary.of(result, halt_reason, pool_after, ideal_ms, rate_limits)
+    if quiet or not have_rich():
+        _print_one_line(result, summary, sys.stderr if to_stderr else sys.stdout)
+        if not quiet:
             print(
                 "conclave: (pip install 'conclave-kernel[cli]' for the live line and the table)",
                 file=sys.stderr,
             )
         return
+    _print_table(result, summary, halt_reason, quorum, show, to_stderr)
+
+
+def _print_one_line(result: ConcurrentResult, summary: _Summary, file: TextIO) -> None:
+    s = summary
+    print(
+        f"conclave: {s.status}: {result.success_count}/{result.total_count} succeeded, "
+        + (f"{s.not_needed} cancelled after quorum, " if s.not_needed else "")
+        + f"{len(s.failures)} failed{f' ({s.by_kind})' if s.by_kind else ''}, "
+        f"{len(result.hedged_agents)} hedged, {s.timing}, pool {s.pool_line}"
+        + (f", rate limits: {s.limits_line}" if s.limits_line else ""),
+        file=file,
+    )
+
+
+def _print_table(
+    result: ConcurrentResult,
+    summary: _Summary,
+    halt_reason: str | None,
+    quorum: int | None,
+    show: int,
+    to_stderr: bool,
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    s = summary
     table = Table(
         title=f"conclave deliberation · batch {result.batch_id}",
         title_justify="left",
@@ -214,28 +258,28 @@ def print_summary(
     table.add_column()
     # Reasons and ids are text, never markup: "[/x]" in one would crash the summary.
     shown = f": {escape(plain(halt_reason))}" if halt_reason else ""
-    table.add_row("status", status + shown)
+    table.add_row("status", s.status + shown)
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
-    table.add_row("failed", str(len(failures)) + (f" ({by_kind})" if by_kind else ""))
+    table.add_row("failed", str(len(s.failures)) + (f" ({s.by_kind})" if s.by_kind else ""))
     if result.hedged_agents:
         table.add_row("hedged", f"{len(result.hedged_agents)} agents got a duplicate call")
-    if quorum_line:
+    if s.not_needed:
         of = f" of {quorum}" if quorum is not None else ""
-        table.add_row("cancelled", f"{len(not_needed)} after quorum{of} (not needed)")
-    table.add_row("batch time", timing)
-    if limits_line:
-        table.add_row("rate limits", limits_line)
-    table.add_row("pool after", pool_line)
+        table.add_row("cancelled", f"{s.not_needed} after quorum{of} (not needed)")
+    table.add_row("batch time", s.timing)
+    if s.limits_line:
+        table.add_row("rate limits", s.limits_line)
+    table.add_row("pool after", s.pool_line)
     console = Console(highlight=False, soft_wrap=True, stderr=to_stderr)
     console.print(table)
-    for failure in failures[:5]:
+    for failure in s.failures[:5]:
         console.print(
             f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
             markup=False,
         )
-    if len(failures) > 5:
-        console.print(f"  ! ... and {len(failures) - 5} more")
+    if len(s.failures) > 5:
+        console.print(f"  ! ... and {len(s.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
         console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
         console.print(plain(output.content, newlines=True), markup=False)
