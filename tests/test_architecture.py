@@ -213,7 +213,7 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
         TESTS / "kernel" / f"test_{p.stem.lstrip('_')}.py" for p in _kernel_modules()
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
-    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py"}
+    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py", "test_readme.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server
         TESTS / "adapters" / "llm" / "crewai" / "test_crewai_cli.py",  # `conclave --backend crewai`
