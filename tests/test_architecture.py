@@ -214,7 +214,7 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
     mirrored |= {_test_module_for_deploy(p) for p in _deploy_files()}
-    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py"}
+    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py", "test_readme.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server
         TESTS / "adapters" / "llm" / "crewai" / "test_crewai_cli.py",  # `conclave --backend crewai`

@@ -336,12 +336,14 @@ async def _run_batches(
     """Run ``args.batches`` batches, each recorded; the halt's reason if one stopped them."""
     from adapters.cli import commands
 
+    hedge = await commands.hedge_policy(args)
     with _progress_bar(args.batches, enabled=not args.quiet) as advance:
         for i in range(args.batches):
             context = ContextBundle(topic_id=f"{args.topic_id}-{i + 1}", topic_content=args.topic)
             start = trio.current_time()
             try:
-                result = await commands.run_batch(service, args, roster.requests(context))
+                requests = roster.requests(context)
+                result = await commands.run_batch(service, args, requests, hedge=hedge)
             except SystemHaltedError as exc:
                 if exc.partial is not None:
                     recorder.record(start, exc.partial)

@@ -129,7 +129,7 @@ def test_load_calls_the_openai_backend_as_deliberate_does(
 def test_bad_usage_is_refused_before_any_batch_runs(
     tmp_path: Path, args: list[str], problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["load", "--latency-ms", "1", *(a.format(tmp=tmp_path) for a in args)])
+    code = main(["load", *(a.format(tmp=tmp_path) for a in args)])
     out, err = capsys.readouterr()
     assert code == 2
     (line,) = err.splitlines()  # no "load:" line: no batch ran
