@@ -61,7 +61,11 @@ def _private_kernel_imports(path: Path) -> list[str]:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        found += [n for n in names if n.startswith("kernel.") and "._" in n]
+        found += [
+            n
+            for n in names
+            if n.startswith("kernel.") and "._" in n and not n.endswith("__")  # __version__
+        ]
     return found
 
 
