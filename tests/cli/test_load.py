@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from adapters.cli.commands import main
@@ -202,3 +204,30 @@ def test_json_to_stdout_sends_the_text_report_to_stderr() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["batches"] == 1
     assert "PASS  p95 batch time < 30 s" in proc.stderr
+
+
+def test_a_terminal_sees_a_live_progress_bar_of_the_batches() -> None:
+    child = pexpect.spawn(
+        CONCLAVE[0],
+        [*CONCLAVE[1:], "load", "--batches", "3", "--agents", "4", "--latency-ms", "400"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(24, 120),
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )
+    try:
+        child.expect("conclave: load: 3 batches of 4 agents")
+        child.expect(r"load .*0/3")  # drawn while the first batch runs
+        child.expect(r"load .*2/3")
+        child.expect("PASS  p95 batch time < 30 s")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_quiet_or_a_pipe_gets_no_progress_bar() -> None:
+    proc = conclave("load", "--batches", "2", "--agents", "2", "--latency-ms", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["conclave: load: 2 batches of 2 agents (stub backend)"]
