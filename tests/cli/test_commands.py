@@ -1006,3 +1006,18 @@ def test_without_the_cli_extra_the_command_runs_with_plain_lines() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("conclave: completed: 3/3 succeeded, 0 failed")
     assert "pip install 'conclave-kernel[cli]'" in proc.stderr
+
+
+def test_a_failed_push_is_a_json_log_line_too_with_log_format_json() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = conclave(
+        *("deliberate", "--agents", "2", "--latency-ms", "1", "--quiet"),
+        *("--metrics-push", url, "--metrics-push-timeout", "2", "--log-format", "json"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    (pushed,) = [d for d in docs if d["logger"] == "adapters.pushgateway"]
+    assert pushed["level"] == "WARNING" and pushed["message"] == "metrics not pushed"
+    assert pushed["gateway"] == url and pushed["job"] == "conclave"
+    assert pushed["group"].startswith("instance=") and ",run=" in pushed["group"]
+    assert f"conclave: warning: metrics not pushed to {url}: " in proc.stderr

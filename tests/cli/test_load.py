@@ -16,6 +16,7 @@ from adapters.cli.load import TARGETS, LoadReport, render
 from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, conclave_without, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.valkey_server import ValkeyServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -231,3 +232,19 @@ def test_quiet_or_a_pipe_gets_no_progress_bar() -> None:
     proc = conclave("load", "--batches", "2", "--agents", "2", "--latency-ms", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["conclave: load: 2 batches of 2 agents (stub backend)"]
+
+
+def test_load_obeys_a_valkey_halt_and_shares_its_capacity() -> None:
+    with ValkeyServer() as server:
+        server.seed_capacity()
+        cluster = ("--valkey", server.url, "--shared-capacity", "8")
+        args = ("load", "--batches", "2", "--agents", "4", "--latency-ms", "1", "--json", "-")
+        # A new server holds no halt record: halted until two approvers clear it.
+        before = conclave(*args, *cluster)
+        assert before.returncode == 3 and "halted before starting" in before.stderr
+        both = ("--approver", "alice", "--approver", "bob", "--reason", "load test")
+        assert conclave("clear", "--valkey", server.url, *both).returncode == 0
+        proc = conclave(*args, *cluster)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["agents"] == 8 and doc["failures"] == 0 and doc["passed"]
