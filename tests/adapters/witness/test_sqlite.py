@@ -85,7 +85,8 @@ async def test_view_refuses_uncommitted_and_tampered_outputs(tmp_path: Path) -> 
             "prev_hash",
         ),
         (
-            "INSERT INTO outputs SELECT 100, 'x', agent_id, request_id, batch_id, content_hash, "
+            "INSERT INTO outputs SELECT 100, 'x', agent_id || '-2', request_id, batch_id, "
+            "content_hash, "
             "content_type, generated_at, committed_at, metadata, content, prev_hash, chain_hash "
             "FROM outputs WHERE sequence = 2",
             100,
