@@ -9,10 +9,12 @@ One document per run, written whole or not at all (write-then-rename)::
                   the batch's; null when the run was halted before it began
     backend, model
     topic         {topic_id, bundle_id, content_sha256}: the topic by hash, never its text
-    counts        {total, succeeded, failed, by_kind}
+    counts        {total, succeeded, failed, by_kind, resumed}
     pool_after    the pool's status when the batch was over
     outcomes      one record per agent that has an outcome, in request order: ids,
-                  hashes, timings; the answer itself only with ``include_content``
+                  hashes, timings, and ``resumed``: true for an answer a resumed run
+                  took from the witness log, false for an outcome of this run; the
+                  answer itself only with ``include_content``
 
 Nothing here knows about the command line: every input is an explicit parameter.
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 from adapters._atomic import write_atomically
 from kernel import (
+    RESUMED,
     AgentFailure,
     AgentOutput,
     AgentRequest,
@@ -117,6 +120,7 @@ def document(
             "succeeded": len(outputs),
             "failed": len(failures),
             "by_kind": dict(Counter(f.kind.value for f in failures)),
+            "resumed": sum(1 for o in outputs if _resumed(o)),
         },
         "pool_after": pool_after.as_dict(),
         "outcomes": [
@@ -151,6 +155,7 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
             "content_type": outcome.content_type,
             "generated_at": outcome.generated_at.isoformat(),
             "metadata": dict(outcome.metadata),
+            "resumed": _resumed(outcome),
         }
         if include_content:
             record["content"] = outcome.content
@@ -163,4 +168,9 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
         "error_type": outcome.error_type,
         "message": outcome.message,
         "elapsed_ms": outcome.elapsed_ms,
+        "resumed": False,
     }
+
+
+def _resumed(output: AgentOutput) -> bool:
+    return output.metadata.get(RESUMED) is True

@@ -83,7 +83,7 @@ def test_halted_before_start_still_writes_the_transcript(tmp_path: Path) -> None
     assert doc["status"] == "halted" and doc["halt_reason"] == "audit"
     assert doc["outcomes"] == []
     assert doc["batch_id"] is None and doc["started_at"] is None and doc["total_ms"] is None
-    assert doc["counts"] == {"total": 0, "succeeded": 0, "failed": 0, "by_kind": {}}
+    assert doc["counts"] == {"total": 0, "succeeded": 0, "failed": 0, "by_kind": {}, "resumed": 0}
     assert doc["pool_after"] == {"active_count": 0, "available_count": 72, "max_concurrent": 72}
     assert doc["topic"]["topic_id"] == "cli-topic" and len(doc["topic"]["content_sha256"]) == 64
     assert doc["backend"] == "stub" and doc["model"] is None
@@ -108,7 +108,13 @@ def test_failures_exit_1_and_transcript_schema(tmp_path: Path) -> None:
     doc = json.loads(transcript.read_text())
     assert doc["schema"] == "conclave.transcript/1"
     assert doc["status"] == "completed" and doc["halt_reason"] is None
-    assert doc["counts"] == {"total": 72, "succeeded": 54, "failed": 18, "by_kind": {"error": 18}}
+    assert doc["counts"] == {
+        "total": 72,
+        "succeeded": 54,
+        "failed": 18,
+        "by_kind": {"error": 18},
+        "resumed": 0,
+    }
     assert doc["pool_after"] == {"active_count": 0, "available_count": 72, "max_concurrent": 72}
     outcomes = doc["outcomes"]
     assert [o["agent_id"] for o in outcomes] == [f"archon-{i}" for i in range(1, 73)]

@@ -47,3 +47,12 @@ def halt_from_cli(halt_file: Path, reason: str) -> None:
     """``conclave halt`` from another process; it must succeed."""
     proc = conclave("halt", "--halt-file", str(halt_file), "--reason", reason)
     assert proc.returncode == 0, proc.stderr
+
+
+def announced_batch(proc: subprocess.Popen[str]) -> str:
+    """The batch id a deliberation with a witness log says on stderr as its run starts
+    (read after :func:`deliberating`'s first line)."""
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("conclave: batch "), line
+    return line.split()[2]
