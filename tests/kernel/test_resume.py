@@ -24,6 +24,7 @@ from kernel import (
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
+    RateLimit,
     SystemHaltedError,
     context_fingerprint,
 )
@@ -117,7 +118,8 @@ async def test_a_halted_batch_cleared_and_resumed_calls_only_the_cancelled_and_u
 ) -> None:
     requests = make_requests(8)
     switch = HaltSwitch()
-    # Agents 1-3 answer, 4-5 are running when the halt comes; 6-8 queue behind them.
+    # Agents 1-3 answer; 4-8 never do: four of them hold the pool's slots when the halt
+    # comes, the last one queues behind them and never starts.
     orchestrator = _stuck(requests, range(3, 8))
     done = 0
 
@@ -127,22 +129,23 @@ async def test_a_halted_batch_cleared_and_resumed_calls_only_the_cancelled_and_u
         if done == 3:
             switch.halt("operator stop")
 
-    pool = AgentPool(5)
+    pool = AgentPool(4)
     async with SqliteWitness(tmp_path / "w.db") as witness:
         service = ConcurrentDeliberationService(orchestrator, switch, pool, witness=witness)
         with pytest.raises(SystemHaltedError) as caught:
             await service.invoke_concurrent(requests, overflow="queue", on_progress=progress)
         partial = caught.value.partial
         assert partial is not None and partial.success_count == 3
-        assert sorted(orchestrator.invoked) == [f"archon-{i}" for i in range(1, 6)]
+        assert "archon-8" not in orchestrator.invoked
         switch.clear(approvers=("alice", "bob"), reason="checked")
         again = ScriptedOrchestrator()
         service = ConcurrentDeliberationService(again, switch, pool, witness=witness)
         result = await service.invoke_concurrent(
             _rerun(requests), overflow="queue", resume=partial.batch_id
         )
+        # The cancelled and the never started, nobody else.
         assert sorted(again.invoked) == [f"archon-{i}" for i in range(4, 9)]
-        assert again.max_in_flight <= 5
+        assert again.max_in_flight <= 4
         assert result.success_count == 8
         assert select(tmp_path / "w.db", "SELECT run FROM batch_runs ORDER BY run") == [(1,), (2,)]
     assert_pool_clean(service)
@@ -343,3 +346,19 @@ def test_resumed_outputs_keep_the_batch_id_they_were_committed_with() -> None:
     output = AgentOutput(agent_id="a", request_id=uuid4(), content="c", batch_id=UUID(int=7))
     marked = mark_resumed(output)
     assert marked.batch_id == UUID(int=7) and marked.metadata == {RESUMED: True}
+
+
+async def test_resumed_agents_take_no_turn_of_the_rate_limit(tmp_path: Path) -> None:
+    """The limit has turns for the agents to run and refills too slowly for one more: a
+    resumed agent waiting for a turn would hang the run."""
+    requests = make_requests(5)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(3, 5))
+        limit = RateLimit(per_second=0.001, burst=2)
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, witness=witness, rate_limit=limit)
+        with trio.fail_after(10):
+            result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 5
+        assert sorted(orchestrator.invoked) == ["archon-4", "archon-5"]
+        assert limit.statistics().tokens < 1
