@@ -226,24 +226,39 @@ async def test_progress_reports_the_agents_run_now_counting_the_resumed_ones(
     ]
 
 
+class Rendezvous:
+    """An orchestrator whose calls all wait until ``calls`` of them have started."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.started = calls, 0
+        self.everyone = trio.Event()
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        self.started += 1
+        if self.started == self.calls:
+            self.everyone.set()
+        await self.everyone.wait()
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content=f"{agent_id}: yes")
+
+
 async def test_two_outputs_of_one_agent_never_enter_one_batch(tmp_path: Path) -> None:
-    """Two resumes of one batch at once (two processes) both run the missing agent: the
-    log takes one answer, the other run gets a WITNESS failure for it."""
+    """Two resumes of one batch at once (two processes) both read the log before either
+    commits, so both call the missing agent: the log takes one answer, the other run gets
+    a WITNESS failure for it."""
     requests = make_requests(2)
     async with SqliteWitness(tmp_path / "w.db") as witness:
         first = await _first_run(witness, requests, stuck=range(1, 2))
-        one = ConcurrentDeliberationService(ScriptedOrchestrator(), witness=witness)
-        other = ConcurrentDeliberationService(ScriptedOrchestrator(), witness=witness)
+        both = Rendezvous(2)
         results: list[ConcurrentResult] = []
 
-        async def resume(service: ConcurrentDeliberationService) -> None:
+        async def resume() -> None:
+            service = ConcurrentDeliberationService(both, witness=witness)
             results.append(await service.invoke_concurrent(_rerun(requests), resume=first.batch_id))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(resume, one)
-            nursery.start_soon(resume, other)
-        kinds = sorted(r.success_count for r in results)
-        assert kinds == [1, 2]
+            nursery.start_soon(resume)
+            nursery.start_soon(resume)
+        assert sorted(r.success_count for r in results) == [1, 2]
         loser = min(results, key=lambda r: r.success_count)
         assert loser.failures[0].kind is FailureKind.WITNESS
         assert "already has an output" in loser.failures[0].message
