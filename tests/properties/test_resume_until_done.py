@@ -127,6 +127,7 @@ class Deliberation:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(60 + 60 * CRASH_EXAMPLES)  # each example runs several processes
 @settings(
     max_examples=CRASH_EXAMPLES,
     deadline=None,
