@@ -7,9 +7,23 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from uuid import uuid4
 
+import attrs
 import pytest
 
+from adapters.cli import transcript
+from kernel import (
+    RESUMED,
+    AgentFailure,
+    AgentOutput,
+    AgentRequest,
+    ConcurrentResult,
+    ContextBundle,
+    FailureKind,
+    PoolStatus,
+    utc_now,
+)
 from tests.support.cli import conclave, deliberating, halt_from_cli
 
 
@@ -134,3 +148,22 @@ def test_transcript_holds_hashes_not_content_by_default(tmp_path: Path) -> None:
     proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--json", str(transcript))
     assert proc.returncode == 0
     assert "[DEV MODE]" not in transcript.read_text()
+
+
+def test_the_transcript_says_which_outcomes_were_resumed_and_which_ran_now() -> None:
+    context = ContextBundle(topic_id="t", topic_content="Adopt it?")
+    requests = [AgentRequest(agent_id=a, context=context) for a in ("a1", "a2", "a3")]
+    batch = uuid4()
+    committed = AgentOutput("a1", uuid4(), "yes", batch_id=batch, metadata={"model": "m"})
+    ran_now = AgentOutput("a2", requests[1].request_id, "no", batch_id=batch)
+    failed = AgentFailure("a3", requests[2].request_id, FailureKind.ERROR, "E", "boom", 1.0)
+    resumed = attrs.evolve(committed, metadata={**committed.metadata, RESUMED: True})
+    now = utc_now()
+    result = ConcurrentResult(batch, (resumed, ran_now), (failed,), now, now, 1.0)
+    doc = transcript.document(
+        context=context, requests=requests, result=result, halt_reason=None,
+        interrupted=False, backend="stub", model=None, pool_after=PoolStatus(0, 72, 72),
+    )  # fmt: skip
+    assert [o["resumed"] for o in doc["outcomes"]] == [True, False, False]
+    assert doc["counts"]["resumed"] == 1
+    assert json.loads(json.dumps(doc))["outcomes"][0]["metadata"] == {"model": "m", "resumed": True}
