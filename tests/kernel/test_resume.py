@@ -11,6 +11,7 @@ import attrs
 import pytest
 import trio
 
+from adapters.valkey import ValkeyCapacity
 from adapters.witness.sqlite import SqliteWitness
 from kernel import (
     RESUMED,
@@ -37,6 +38,7 @@ from tests.support.helpers import (
     make_requests,
 )
 from tests.support.hostile_parts import InstantWitness, assert_pool_clean
+from tests.support.valkey_server import ValkeyServer
 from tests.support.witness_helpers import select
 
 FOREVER = Step(action="forever")
@@ -381,3 +383,25 @@ async def test_resumed_agents_take_no_turn_of_the_rate_limit(tmp_path: Path) -> 
         assert result.success_count == 5
         assert sorted(orchestrator.invoked) == ["archon-4", "archon-5"]
         assert limit.statistics().tokens < 1
+
+
+async def test_a_resume_reserves_the_shared_capacity_only_for_the_agents_it_runs(
+    tmp_path: Path, valkey_server: ValkeyServer
+) -> None:
+    """A cluster-wide capacity of 2: a batch of 5 with 3 answers committed resumes in
+    reject mode (all or nothing), as its 2 remaining agents fit."""
+    name = f"resume-{uuid4().hex[:8]}"
+    valkey_server.seed_capacity(name)
+    requests = make_requests(5)
+    async with (
+        SqliteWitness(tmp_path / "w.db") as witness,
+        ValkeyCapacity(valkey_server.url, name=name, capacity=2) as capacity,
+    ):
+        first = await _first_run(witness, requests, stuck=range(3, 5))
+        orchestrator = ScriptedOrchestrator()
+        pool = AgentPool(shared=capacity)
+        service = ConcurrentDeliberationService(orchestrator, pool=pool, witness=witness)
+        result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 5
+        assert sorted(orchestrator.invoked) == ["archon-4", "archon-5"]
+    assert_pool_clean(service)
