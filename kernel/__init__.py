@@ -28,6 +28,7 @@ from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
+    BatchLog,
     CommitReceipt,
     HaltChecker,
     HaltControl,
@@ -37,9 +38,11 @@ from kernel._ports import (
     HaltWaiter,
     LeaseLossNotifier,
     OutputWitness,
+    RecordedBatch,
     SharedCapacity,
 )
 from kernel._rate import RateLimit, RateLimitStatistics
+from kernel._resume import RESUMED, context_fingerprint
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
 from kernel._tail import HedgePolicy
 from kernel._types import (
@@ -82,6 +85,7 @@ __all__ = [
     "AgentRequest",
     "AgentStatus",
     "AgentStatusInfo",
+    "BatchLog",
     "CommitReceipt",
     "ConclaveError",
     "ConcurrentDeliberationService",
@@ -107,6 +111,8 @@ __all__ = [
     "PoolStatistics",
     "PoolStatus",
     "ProgressCallback",
+    "RESUMED",
+    "RecordedBatch",
     "RateLimit",
     "RateLimitStatistics",
     "ServiceMetrics",
@@ -114,6 +120,7 @@ __all__ = [
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",
+    "context_fingerprint",
     "nearest_rank",
     "read_halt",
     "utc_now",

@@ -368,9 +368,11 @@ async def open_service(
         backend = await stack.enter_async_context(orchestrator)
         witness = None
         if witness_db is not None:
+            from adapters.cli.resume import AnnouncedBatches
             from adapters.witness.sqlite import SqliteWitness
 
-            witness = await stack.enter_async_context(SqliteWitness(witness_db))
+            log = await stack.enter_async_context(SqliteWitness(witness_db))
+            witness = AnnouncedBatches(log)
         service = ConcurrentDeliberationService(
             backend, checker, pool, agent_timeout=agent_timeout, witness=witness
         )

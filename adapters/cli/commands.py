@@ -46,6 +46,7 @@ import trio
 from adapters.cli import _latency_history as latency_history
 from adapters.cli import _valkey as _cli_valkey
 from adapters.cli import load, transcript
+from adapters.cli import resume as resume_cli
 from adapters.cli._backend import (
     MetricsPush,
     OpeningHaltWatch,
@@ -386,6 +387,7 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         type=Path,
         help="commit every output to this SQLite witness log before it is shown",
     )
+    resume_cli.add_option(out)
     out.add_argument(
         "--metrics-port",
         type=int,
@@ -530,6 +532,7 @@ async def run_batch(
         deadline=args.deadline,
         quorum=args.quorum,
         hedge=hedge,
+        resume=getattr(args, "resume", None),  # deliberate's --resume (load has none)
     )
 
 
@@ -574,6 +577,7 @@ async def check_usage(args: argparse.Namespace) -> Roster | None:
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
     await check_halt_file(args)
+    resume_cli.check_usage(args)
     tail = (
         ("--deadline", args.deadline),
         ("--quorum", args.quorum),
@@ -791,6 +795,7 @@ async def _finish(
             await trio.to_thread.run_sync(transcript.write, args.json_path, doc)
         except OSError as exc:
             lost = f"--json {args.json_path}: {exc.strerror or exc}"
+    resume_cli.print_resume_hint(args, result)
     if result is not None:
         print_summary(
             result,

@@ -9,14 +9,16 @@ One document per run, written whole or not at all (write-then-rename)::
                   the batch's; null when the run was halted before it began
     backend, model
     topic         {topic_id, bundle_id, content_sha256}: the topic by hash, never its text
-    counts        {total, succeeded, failed, by_kind}
+    counts        {total, succeeded, failed, by_kind, resumed}
     pool_after    the pool's status when the batch was over
     usage         the answers' tokens (adapters.usage): prompt_tokens, completion_tokens,
                   total_tokens, estimated_agents, by_model, per_agent; with prices, also
                   cost_usd (total and per agent, USD) and unpriced_models; null when the
                   run was halted before its batch began
     outcomes      one record per agent that has an outcome, in request order: ids,
-                  hashes, timings; the answer itself only with ``include_content``
+                  hashes, timings, and ``resumed``: true for an answer a resumed run
+                  took from the witness log, false for an outcome of this run; the
+                  answer itself only with ``include_content``
 
 Nothing here knows about the command line: every input is an explicit parameter.
 """
@@ -36,6 +38,7 @@ from typing import Any
 from adapters._atomic import write_atomically
 from adapters.usage import PriceTable, usage_totals
 from kernel import (
+    RESUMED,
     AgentFailure,
     AgentOutput,
     AgentRequest,
@@ -123,6 +126,7 @@ def document(
             "succeeded": len(outputs),
             "failed": len(failures),
             "by_kind": dict(Counter(f.kind.value for f in failures)),
+            "resumed": sum(1 for o in outputs if _resumed(o)),
         },
         "pool_after": pool_after.as_dict(),
         "usage": usage_totals(result).as_dict(prices) if result is not None else None,
@@ -158,6 +162,7 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
             "content_type": outcome.content_type,
             "generated_at": outcome.generated_at.isoformat(),
             "metadata": dict(outcome.metadata),
+            "resumed": _resumed(outcome),
         }
         if include_content:
             record["content"] = outcome.content
@@ -170,4 +175,9 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
         "error_type": outcome.error_type,
         "message": outcome.message,
         "elapsed_ms": outcome.elapsed_ms,
+        "resumed": False,
     }
+
+
+def _resumed(output: AgentOutput) -> bool:
+    return output.metadata.get(RESUMED) is True

@@ -35,6 +35,7 @@ from kernel import AgentOutput, ConclaveError, InvalidRequestError
 
 __all__ = [
     "GENESIS_HASH",
+    "ONE_OUTPUT_PER_AGENT",
     "OUTPUTS_SCHEMA",
     "VerifyReport",
     "WitnessError",
@@ -71,6 +72,14 @@ CREATE TABLE IF NOT EXISTS outputs (
     prev_hash     TEXT NOT NULL,
     chain_hash    TEXT NOT NULL
 );
+"""
+
+#: One output per agent of a batch, enforced by the log itself: a second commit for an
+#: agent of a batch (a resume racing the run it resumes, a bug) fails, and a resumed
+#: batch never holds two answers of one agent.  (Outputs without a batch_id are not
+#: constrained: SQLite's UNIQUE treats NULLs as distinct.)
+ONE_OUTPUT_PER_AGENT = """
+CREATE UNIQUE INDEX IF NOT EXISTS outputs_one_per_agent ON outputs (batch_id, agent_id);
 """
 
 _COLUMNS = (
@@ -169,7 +178,8 @@ def insert_row(
 ) -> str:
     """Insert a row of :func:`output_fields` after the row whose chain hash is
     ``prev_hash``; return its own chain hash.  Raises ``sqlite3.IntegrityError`` (and
-    inserts nothing) if its output id is already in the log."""
+    inserts nothing) if its output id is already in the log, or its batch already has an
+    output of its agent."""
     row = {
         **fields,
         "sequence": sequence,

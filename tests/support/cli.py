@@ -60,3 +60,12 @@ def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
+
+
+def announced_batch(proc: subprocess.Popen[str]) -> str:
+    """The batch id a deliberation with a witness log says on stderr as its run starts
+    (read after :func:`deliberating`'s first line)."""
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("conclave: batch "), line
+    return line.split()[2]
