@@ -17,6 +17,10 @@ File shape (TOML shown; JSON is the same structure)::
     base_url = "http://127.0.0.1:11434/v1"
     timeout_s = 90
 
+    [prices."gpt-4o-mini"]          # optional: USD per 1M tokens, for the cost summary
+    prompt = 0.15                   # (adapters.usage; "*" prices every other model)
+    completion = 0.60
+
 A profile field left unset falls back to ``[defaults]``, then to the orchestrator's
 own defaults.  Errors name the file, the agent and the field.
 
@@ -65,6 +69,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from adapters.urls import redact_url
+from adapters.usage import PriceTable
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentNotFoundError,
@@ -317,6 +322,8 @@ class Roster:
 
     profiles: tuple[AgentProfile, ...] = attrs.field(converter=_profiles_tuple)
     source: str = attrs.field(default="<roster>", eq=False)
+    #: The roster file's ``prices`` table (:mod:`adapters.usage`), if it has one.
+    prices: PriceTable | None = attrs.field(default=None, kw_only=True)
     _index: Mapping[str, AgentProfile] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -379,7 +386,7 @@ class Roster:
             raise RosterError(f"{source}: expected a table with an 'agents' list")
         if "archons" in data and "agents" not in data:
             return cls._from_archons(data["archons"], source=source)
-        unknown = set(data) - {"agents", "defaults"}
+        unknown = set(data) - {"agents", "defaults", "prices"}
         if unknown:
             raise RosterError(f"{source}: unknown top-level field(s): {_names(unknown)}")
         defaults = _checked_defaults(data.get("defaults", {}), source)
@@ -387,8 +394,14 @@ class Roster:
         if not isinstance(agents, list):
             raise RosterError(f"{source}: 'agents' must be a list of agent tables")
         _check_count(len(agents), source)
+        prices = None
+        if "prices" in data:
+            try:
+                prices = PriceTable.from_mapping(data["prices"], source="prices")
+            except InvalidRequestError as exc:
+                raise RosterError(f"{source}: {exc}") from None
         profiles = [_agent_profile(entry, i, defaults, source) for i, entry in enumerate(agents)]
-        return cls(profiles, source=source)
+        return cls(profiles, source=source, prices=prices)
 
     @classmethod
     def _from_archons(cls, archons: object, *, source: str) -> Roster:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -25,7 +26,7 @@ from kernel import (
 )
 from kernel.validate import check_number, check_text, number
 
-__all__ = ["AgentOrchestratorStub", "LatencyModel"]
+__all__ = ["STUB_MODEL", "AgentOrchestratorStub", "LatencyModel", "stub_usage"]
 
 
 @attrs.frozen(slots=True)
@@ -60,6 +61,24 @@ class LatencyModel:
         if self.stall_probability and rng.random() < self.stall_probability:
             return self.stall_ms
         return self.median_ms * math.exp(self.sigma * rng.gauss(0.0, 1.0))
+
+
+#: The model name the stub's answers report.
+STUB_MODEL = "stub"
+
+
+def stub_usage(agent_id: str, context: ContextBundle) -> dict[str, str | int]:
+    """Plausible token usage for a stub answer, as an LLM adapter reports it: a prompt of
+    a system prompt (~60 tokens) and the topic (UTF-8 bytes / 4), an answer of 150-349
+    tokens that depends on the agent only (the stub's random draws stay the latencies')."""
+    prompt = 60 + len(context.topic_content.encode("utf-8")) // 4
+    completion = 150 + zlib.crc32(agent_id.encode("utf-8")) % 200
+    return {
+        "model": STUB_MODEL,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "usage": "estimated",
+    }
 
 
 def _check_ms(value: object, name: str) -> float:
@@ -217,7 +236,11 @@ class AgentOrchestratorStub:
                     f"[DEV MODE] {agent_id} on topic {context.topic_id}: "
                     f"deliberated in {delay_ms:.1f} ms."
                 ),
-                metadata={"stub": 1, "latency_ms": round(delay_ms, 3)},
+                metadata={
+                    "stub": 1,
+                    "latency_ms": round(delay_ms, 3),
+                    **stub_usage(agent_id, context),
+                },
             )
         finally:
             self.in_flight -= 1

@@ -28,6 +28,7 @@ from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
+    BatchLog,
     CommitReceipt,
     HaltChecker,
     HaltControl,
@@ -37,9 +38,11 @@ from kernel._ports import (
     HaltWaiter,
     LeaseLossNotifier,
     OutputWitness,
+    RecordedBatch,
     SharedCapacity,
 )
 from kernel._rate import RateLimit, RateLimitStatistics
+from kernel._resume import RESUMED, context_fingerprint
 from kernel._service import ConcurrentDeliberationService, Overflow, ProgressCallback
 from kernel._tail import HedgePolicy
 from kernel._types import (
@@ -60,6 +63,9 @@ from kernel._types import (
     utc_now,
 )
 from kernel.events import KernelEvent, KernelObserver
+
+#: The release, the one place it is written (pyproject.toml reads it from here).
+__version__ = "0.1.0"
 
 __all__ = [
     "KernelObserver",
@@ -82,6 +88,7 @@ __all__ = [
     "AgentRequest",
     "AgentStatus",
     "AgentStatusInfo",
+    "BatchLog",
     "CommitReceipt",
     "ConclaveError",
     "ConcurrentDeliberationService",
@@ -107,6 +114,8 @@ __all__ = [
     "PoolStatistics",
     "PoolStatus",
     "ProgressCallback",
+    "RESUMED",
+    "RecordedBatch",
     "RateLimit",
     "RateLimitStatistics",
     "ServiceMetrics",
@@ -114,6 +123,7 @@ __all__ = [
     "SystemHaltedError",
     "check_clear_approvers",
     "check_halt_reason",
+    "context_fingerprint",
     "nearest_rank",
     "read_halt",
     "utc_now",

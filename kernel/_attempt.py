@@ -112,6 +112,10 @@ class AgentCall:
         self._witness = witness
         self._metrics = metrics
 
+    @property
+    def witness(self) -> OutputWitness | None:
+        return self._witness
+
     async def attempt(self, run: Run, index: int, req: AgentRequest, start: float) -> Attempted:
         """Invoke one agent (started at ``start``) and return exactly one outcome, or the
         :class:`Cut` that says its batch's stop decides it.  A cancellation the kernel

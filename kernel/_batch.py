@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Literal
 from uuid import UUID, uuid4
@@ -64,12 +65,11 @@ class Batch:
     """One running batch: its requests, their outcomes so far, and how it stops."""
 
     __slots__ = (
-        "admission", "batch_id", "call", "cause", "deadline", "done", "events", "halt",
-        "hedge_delay",
-        "hedged", "hedges_left", "latencies", "metrics", "mode", "outcomes", "output_ids",
-        "probe", "progress", "quorum", "rate_limit", "reason", "reporting", "requests",
-        "run_scope",
-        "started", "succeeded", "timeout", "withheld",
+        "admission", "batch_id", "begin_run", "call", "cause", "deadline", "done", "events",
+        "halt", "hedge_delay", "hedged", "hedges_left", "latencies", "metrics", "mode",
+        "outcomes", "output_ids", "pending", "probe", "progress", "quorum", "rate_limit",
+        "reason", "reporting", "requests", "run_scope", "started", "succeeded", "timeout",
+        "withheld",
     )  # fmt: skip
 
     def __init__(
@@ -84,8 +84,9 @@ class Batch:
         metrics: ServiceMetrics,
         rate_limit: RateLimit | None = None,
         latencies: LatencyWindow | None = None,
+        batch_id: UUID | None = None,
     ) -> None:
-        self.batch_id: UUID = uuid4()
+        self.batch_id: UUID = uuid4() if batch_id is None else batch_id
         self.requests = requests
         self.mode = mode
         self.timeout = timeout
@@ -96,6 +97,11 @@ class Batch:
         self.done = 0
         self.succeeded = 0
         self.output_ids: set[UUID] = set()
+        # The agents this run invokes, by index: all of them, unless it resumes a batch.
+        self.pending: list[int] = list(range(len(requests)))
+        # Starts recording the run in the batch's log (a BatchLog witness); returns the
+        # function that ends it.
+        self.begin_run: Callable[[], Callable[[], None]] | None = None
         self.admission: Admission | None = None
         # Tail control (see _tail.py): all off unless the call asks.
         self.deadline: float | None = None  # absolute, trio clock
@@ -166,6 +172,15 @@ class Batch:
             return True
         return False
 
+    def resume(self, outputs: Mapping[int, AgentOutput]) -> None:
+        """Agents that already have a committed output (by index): they are outcomes of
+        this batch, not run again, and count towards its quorum."""
+        for index, output in outputs.items():
+            self.outcomes[index] = output
+            self.output_ids.add(output.output_id)
+        self.done = self.succeeded = len(outputs)
+        self.pending = [i for i, outcome in enumerate(self.outcomes) if outcome is None]
+
     def withhold(self, index: int) -> None:
         """Agent ``index``'s output arrived after the stop: it is never released."""
         self.withheld.add(index)
@@ -180,6 +195,7 @@ class Batch:
         # A channel that can call back stops the batch from inside its halt(), so not
         # even a commit finishing in the same instant is released after it.
         stop_listening = self.halt.listen(functools.partial(self.stop, Stop.HALT))
+        end_run = self.begin_run() if self.begin_run is not None else None
         try:
             # The reports of recorded outcomes run outside the run scope: a stop that
             # comes after an outcome was recorded (the quorum it completes, a halt in the
@@ -194,7 +210,10 @@ class Batch:
                     stop = functools.partial(self.stop, Stop.DEADLINE)
                     watchers.start_soon(watch_deadline, self.deadline, stop)
                 with self.run_scope:
-                    await self._schedule(admission)
+                    if self.quorum is not None and self.succeeded >= self.quorum:
+                        self.stop(Stop.QUORUM)  # the resumed outputs already reach it
+                    else:
+                        await self._schedule(admission)
                 watchers.cancel_scope.cancel()
                 if self.deadline is not None:
                     # The run is over; reports still running end by the deadline too.
@@ -202,6 +221,8 @@ class Batch:
         except BaseExceptionGroup as group:
             raise surface(group) from None
         finally:
+            if end_run is not None:
+                end_run()
             if stop_listening is not None:
                 stop_listening()
 
@@ -214,7 +235,7 @@ class Batch:
             return
         async with trio.open_nursery() as agents:
             if self.mode == "reject":
-                for index, slot in enumerate(admission.slots):
+                for index, slot in zip(self.pending, admission.slots, strict=True):
                     agents.start_soon(self._run_agent, index, slot)
             else:
                 await self._feed_queue(agents, admission)
@@ -222,28 +243,29 @@ class Batch:
     async def _feed_queue(self, agents: trio.Nursery, admission: Admission) -> None:
         # Take each slot *before* spawning the agent's task: a queue of thousands of
         # agents costs thousands of waiting requests, not thousands of parked tasks.
-        for index, req in enumerate(self.requests):
+        for position, index in enumerate(self.pending):
             try:
-                slot = await admission.take_slot(req.agent_id)
+                slot = await admission.take_slot(self.requests[index].agent_id)
             except AgentPoolExhaustedError as exc:
-                if index == 0:
+                if position == 0:
                     raise  # nothing started: the batch is refused, as in reject mode
                 # The capacity went away mid-batch (a shared one became unreachable): the
                 # agents not started yet fail with the reason, the running ones finish.
-                self._not_admitted(index, exc)
+                self._not_admitted(position, exc)
                 return
             agents.start_soon(self._run_agent, index, slot)
 
     def _not_admitted(self, first: int, exc: AgentPoolExhaustedError) -> None:
         now = trio.current_time()
-        for index in range(first, len(self.requests)):
+        for index in self.pending[first:]:
             req, message = self.requests[index], f"not started: {exc}"
             self._record(
                 index, failure(req, FailureKind.ERROR, type(exc).__name__, message, now), now
             )
 
     async def _run_in_turn(self, admission: Admission) -> None:
-        for index, req in enumerate(self.requests):
+        for index in self.pending:
+            req = self.requests[index]
             reason = await self.halt.read()  # before every turn
             if reason is not None:
                 self.stop(Stop.HALT, reason)

@@ -6,7 +6,7 @@ importing anything from here but the domain types.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 from uuid import UUID
@@ -17,6 +17,7 @@ from kernel._types import AgentOutput, ContextBundle
 
 __all__ = [
     "AgentOrchestratorProtocol",
+    "BatchLog",
     "CommitReceipt",
     "HaltChecker",
     "HaltControl",
@@ -26,6 +27,7 @@ __all__ = [
     "HaltWaiter",
     "LeaseLossNotifier",
     "OutputWitness",
+    "RecordedBatch",
     "SharedCapacity",
 ]
 
@@ -92,12 +94,20 @@ class HaltNotifier(Protocol):
 
 @attrs.frozen(slots=True)
 class HaltRecord:
-    """One entry of a halt channel's history: a halt raised, or a halt cleared."""
+    """One entry of a halt channel's history: a halt raised, or a halt cleared.
+
+    ``approvers`` are who cleared it (or, for a signed halt, who raised it);
+    ``fingerprints`` the SSH key fingerprints that signed for them, in the same order
+    (empty when the names were only typed).  ``halt_id`` names the halt (durable
+    channels give every halt one; a clear names the halt it cleared).
+    """
 
     action: Literal["halt", "clear"]
     reason: str
     at: datetime
     approvers: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+    halt_id: str | None = None
 
 
 @runtime_checkable
@@ -111,8 +121,11 @@ class HaltControl(Protocol):
       be written raises (``OSError``, or a :class:`~kernel.ConclaveError`).
     * ``aclear(approvers=..., reason=...)`` -- clear it (two distinct approvers and a
       reason, :func:`~kernel.check_clear_approvers`); True if a halt was cleared, False
-      if there was none.  Raises :class:`~kernel.HaltClearDeniedError`, having changed
-      nothing, when the approvers do not qualify or the channel cannot be read or reached
+      if there was none.  ``aclear(approvals=..., reason=...)`` clears with signed
+      approvals instead (each the text of an approval file): a durable channel
+      configured with an allowed-signers file takes only those, and refuses names.
+      Raises :class:`~kernel.HaltClearDeniedError`, having changed nothing, when the
+      approvers or approvals do not qualify or the channel cannot be read or reached
       (what cannot be read is not cleared).
     * ``ahistory()`` -- the halts and clears, oldest first; raises a
       :class:`~kernel.ConclaveError` if it cannot be read at all.
@@ -124,7 +137,9 @@ class HaltControl(Protocol):
 
     async def ahalt(self, reason: str) -> bool: ...
 
-    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool: ...
+    async def aclear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool: ...
 
     async def ahistory(self) -> tuple[HaltRecord, ...]: ...
 
@@ -204,3 +219,41 @@ class OutputWitness(Protocol):
     """
 
     async def commit(self, output: AgentOutput) -> CommitReceipt: ...
+
+
+@attrs.frozen(slots=True)
+class RecordedBatch:
+    """What a :class:`BatchLog` holds of one batch.
+
+    ``requests``: each agent's context fingerprint as the batch's first run recorded it
+    (None: outputs of the batch are in the log, but no run record).  ``outputs``: the
+    outputs committed for the batch, by agent id, exactly as committed.  ``runs``: how
+    many runs of the batch were recorded.
+    """
+
+    batch_id: UUID
+    requests: Mapping[str, str] | None
+    outputs: Mapping[str, AgentOutput]
+    runs: int
+
+
+@runtime_checkable
+class BatchLog(Protocol):
+    """A witness that also records each batch's request set, so that a batch stopped by a
+    halt or a crash can be resumed (``invoke_concurrent(..., resume=batch_id)``).
+
+    * ``begin_run(batch_id, requests)`` -- a run of the batch starts, with its request
+      set (agent id -> context fingerprint); returns the function that ends it.  Both
+      are quick and never block nor raise.  The run is recorded with the first output of
+      the batch committed while it lasts, in the same durable write: the log never holds
+      an output of a recorded batch without its request set, and a run that committed
+      nothing leaves no trace.
+    * ``recorded_batch(batch_id)`` -- what the log holds of the batch, or None if
+      nothing.  Raises if the log cannot be read, holds a record of the batch that does
+      not verify, or two outputs of one agent of one batch (the log must refuse such a
+      second commit).  Cancellable without delay.
+    """
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]: ...
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None: ...

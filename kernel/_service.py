@@ -12,6 +12,7 @@ everything in flight at once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable
@@ -28,9 +29,10 @@ from kernel._halt_watch import HaltWatch
 from kernel._metrics import ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
-from kernel._ports import AgentOrchestratorProtocol, HaltChecker, OutputWitness
+from kernel._ports import AgentOrchestratorProtocol, BatchLog, HaltChecker, OutputWitness
 from kernel._progress import ProgressCallback
 from kernel._rate import RateLimit
+from kernel._resume import parse_batch_id, request_set, resumed_outputs
 from kernel._tail import HedgePolicy, LatencyWindow, check_deadline, check_hedge, check_quorum
 from kernel._types import AgentOutput, AgentRequest, ConcurrentResult, PoolStatus, utc_now
 from kernel.events import BatchRefused
@@ -125,6 +127,8 @@ class ConcurrentDeliberationService:
         # asks for hedging: a service that never hedges does not pay for it per agent.
         self._latencies: LatencyWindow | None = LatencyWindow() if hedge is not None else None
         self._rate_limit = rate_limit
+        # A witness that records batches makes every batch resumable.
+        self._batch_log: BatchLog | None = witness if isinstance(witness, BatchLog) else None
         self.metrics = ServiceMetrics(lambda: self._pool.active_count)
         self._call = AgentCall(orchestrator, witness, self.metrics)
 
@@ -161,6 +165,7 @@ class ConcurrentDeliberationService:
         deadline: float | None = None,
         quorum: int | None = None,
         hedge: HedgePolicy | None = None,
+        resume: str | UUID | None = None,
     ) -> ConcurrentResult:
         """Run every request at once; return every outcome, in request order.
 
@@ -188,6 +193,15 @@ class ConcurrentDeliberationService:
         batch exceed the free capacity, agents starting FIFO as slots free up.
         A halt during the batch raises :class:`SystemHaltedError` whose ``partial``
         holds every outcome, the cancelled and unstarted agents as ``HALTED``.
+
+        ``resume`` -- the ``batch_id`` of an earlier run of the same requests (same agent
+        ids, same context: see :func:`~kernel.context_fingerprint`), whose witness (a
+        :class:`BatchLog`, like the SQLite witness) holds its outputs.  The agents with a
+        committed output are not invoked again: their outputs come back as committed
+        (``request_id`` included), with ``metadata["resumed"] = True``, and count towards
+        the quorum; the rest run under this call's rules, in the same batch (the result
+        has the same ``batch_id``).  A batch not in the log, or a different request set,
+        raises :class:`InvalidRequestError` having invoked nothing.
         """
         if overflow not in ("reject", "queue"):
             raise InvalidRequestError(f"overflow must be 'reject' or 'queue', got {overflow!r}")
@@ -196,7 +210,9 @@ class ConcurrentDeliberationService:
             quorum,
             self._hedge if hedge is None else hedge,
         )
-        return await self._deliberate(requests, overflow, agent_timeout, on_progress, tail)
+        return await self._deliberate(
+            requests, overflow, agent_timeout, on_progress, tail, resume=resume
+        )
 
     async def invoke_sequential(
         self,
@@ -248,6 +264,8 @@ class ConcurrentDeliberationService:
         agent_timeout: float | None,
         on_progress: ProgressCallback | None,
         tail: _Tail,
+        *,
+        resume: object = None,
     ) -> ConcurrentResult:
         # 1. Halt first: a halted system does nothing, not even validate.
         reason = await self._halt.read()
@@ -257,11 +275,19 @@ class ConcurrentDeliberationService:
                 self.metrics.observers.emit(BatchRefused("halted", reason))
             log.warning("batch refused: system halted", extra={"mode": mode})
             raise SystemHaltedError(reason)
-        # 2. Validate: bad input changes nothing.
-        batch = self._batch(requests, mode, agent_timeout, on_progress, tail)
+        # 2. Validate: bad input changes nothing.  A resume reads the log (nothing
+        #    invoked yet) and refuses a request set that is not the batch's.
+        resumed_id = None if resume is None else self._check_resume(resume)
+        batch = self._batch(requests, mode, agent_timeout, on_progress, tail, resumed_id)
+        if resumed_id is not None:
+            await self._resume(batch)
         started_at, t0 = utc_now(), trio.current_time()
-        if not batch.requests:
+        if not batch.pending:  # empty, or every agent resumed
             return batch.result(started_at, t0)
+        if self._batch_log is not None:
+            batch.begin_run = functools.partial(
+                self._batch_log.begin_run, batch.batch_id, request_set(batch.requests)
+            )
         if batch.deadline is not None:
             batch.deadline += t0
         # 3. Admit: all or nothing.  4. Run; whatever happens, every slot comes back.
@@ -291,6 +317,7 @@ class ConcurrentDeliberationService:
         agent_timeout: float | None,
         on_progress: ProgressCallback | None,
         tail: _Tail,
+        batch_id: UUID | None = None,
     ) -> Batch:
         """The batch a call asks for, every argument checked (the deadline relative)."""
         checked = _check_requests(requests)
@@ -311,6 +338,7 @@ class ConcurrentDeliberationService:
             metrics=self.metrics,
             rate_limit=self._rate_limit,
             latencies=self._latencies,
+            batch_id=batch_id,
         )
         batch.deadline, batch.quorum = deadline, quorum
         if hedge is not None and checked:
@@ -319,8 +347,33 @@ class ConcurrentDeliberationService:
             batch.hedges_left = hedge.max_hedged(len(checked))
         return batch
 
+    def _check_resume(self, resume: object) -> UUID:
+        batch_id = parse_batch_id(resume)
+        if self._batch_log is None:
+            raise InvalidRequestError(
+                "resume needs a witness that records batches (a BatchLog, like the SQLite "
+                "witness); this service has "
+                + ("no witness" if self._call.witness is None else "one that does not")
+            )
+        return batch_id
+
+    async def _resume(self, batch: Batch) -> None:
+        """Take the batch's committed outputs from its log (or refuse the resume)."""
+        assert self._batch_log is not None
+        recorded = await self._batch_log.recorded_batch(batch.batch_id)
+        batch.resume(resumed_outputs(recorded, batch.batch_id, batch.requests))
+        log.info(
+            "batch resumed",
+            extra={
+                "batch_id": str(batch.batch_id),
+                "resumed_count": batch.done,
+                "to_run": len(batch.pending),
+                "runs_before": recorded.runs if recorded is not None else 0,
+            },
+        )
+
     async def _admit(self, batch: Batch) -> Admission:
-        ids = [r.agent_id for r in batch.requests]
+        ids = [batch.requests[i].agent_id for i in batch.pending]
         try:
             admission = self._pool.admit(ids, queue=batch.mode != "reject")
             await admission.reserve_shared()  # a cluster-wide capacity, if the pool has one

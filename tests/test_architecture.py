@@ -61,7 +61,11 @@ def _private_kernel_imports(path: Path) -> list[str]:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        found += [n for n in names if n.startswith("kernel.") and "._" in n]
+        found += [
+            n
+            for n in names
+            if n.startswith("kernel.") and "._" in n and not n.endswith("__")  # __version__
+        ]
     return found
 
 
@@ -213,7 +217,8 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
         TESTS / "kernel" / f"test_{p.stem.lstrip('_')}.py" for p in _kernel_modules()
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
-    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py"}
+    mirrored |= {_test_module_for_deploy(p) for p in _deploy_files()}
+    whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py", "test_readme.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server
         TESTS / "adapters" / "llm" / "crewai" / "test_crewai_cli.py",  # `conclave --backend crewai`
@@ -257,3 +262,22 @@ def test_only_the_cli_imports_the_cli() -> None:
             continue
         cli = {n for n in _imported(path) if n == "adapters.cli" or n.startswith("adapters.cli.")}
         assert not cli, f"{path.relative_to(ROOT)} imports {cli.pop()}"
+
+
+def _deploy_files() -> list[Path]:
+    """What the project ships for operators (deploy/: Prometheus rules, ...); a tool's own
+    test files beside them (``*.test.yml``, promtool's) are run by the mirrored module."""
+    found = (ROOT / "deploy").rglob("*.yml")
+    return sorted(p for p in found if p.is_file() and not p.name.endswith(".test.yml"))
+
+
+def _test_module_for_deploy(path: Path) -> Path:
+    """deploy/<tool>/<f>.yml -> tests/deploy/<tool>/test_<f>.py."""
+    parts = path.relative_to(ROOT / "deploy").parts
+    return TESTS.joinpath("deploy", *parts[:-1], f"test_{path.stem}.py")
+
+
+def test_every_deploy_file_has_its_test_module() -> None:
+    for path in _deploy_files():
+        expected = _test_module_for_deploy(path)
+        assert expected.is_file(), f"{path.relative_to(ROOT)} has no {expected.relative_to(ROOT)}"

@@ -16,7 +16,9 @@ import importlib.util
 import os
 import random
 import signal
+import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
+from adapters.cli._display import plain
 from adapters.roster import Roster
 from adapters.stub import AgentOrchestratorStub, LatencyModel
 from kernel import (
@@ -45,6 +48,8 @@ from kernel import (
 )
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from adapters.llm.bridge import AsyncioOrchestratorBridge
     from adapters.llm.provider_budget import LimitStats, ProviderLimits
 
@@ -55,6 +60,7 @@ __all__ = [
     "UsageError",
     "crewai_orchestrator",
     "EXTRAS",
+    "MetricsPush",
     "importing_extra",
     "require_extra",
     "halt_checker",
@@ -81,6 +87,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "metrics": ("prometheus_client",),
     "otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
     "crewai": ("crewai", "trio_asyncio", "openai"),
+    "plot": ("matplotlib",),
 }
 
 
@@ -313,6 +320,37 @@ async def _probe(
 # ---------------------------------------------------------------- the service
 
 
+class MetricsPush:
+    """The run's metrics pushed to a Pushgateway once, when the service closes.
+
+    Each run is a group of its own (``instance``: the host, ``run``: :attr:`run_id`), so
+    runs on one host, even at once, never overwrite each other.  The push is bounded
+    (``timeout_s``) and shielded from the run's own cancellation (it comes after the
+    batch, whose scope is cancelled by then); a failed push is a warning on stderr, never
+    the run's failure.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.run_id = uuid.uuid4().hex
+        self.problem: str | None = None  # why the push failed, once it has
+
+    async def push(self, registry: CollectorRegistry) -> None:
+        from adapters.pushgateway import push_metrics
+
+        key = {"instance": socket.gethostname(), "run": self.run_id}
+        with trio.CancelScope(shield=True):
+            self.problem = await push_metrics(
+                self.url, registry, grouping_key=key, timeout_s=self.timeout_s
+            )
+        if self.problem is None:
+            line = f"metrics pushed to {self.url} (run {self.run_id})"
+        else:
+            line = f"warning: metrics not pushed to {self.url}: {self.problem}"
+        print(f"conclave: {plain(line)}", file=sys.stderr, flush=True)
+
+
 @asynccontextmanager
 async def open_service(
     orchestrator: AbstractAsyncContextManager[AgentOrchestratorProtocol],
@@ -322,24 +360,33 @@ async def open_service(
     agent_timeout: float | None,
     witness_db: Path | None,
     metrics_port: int | None,
+    metrics_push: MetricsPush | None = None,
     tracing: bool = False,
 ) -> AsyncIterator[ConcurrentDeliberationService]:
     """The service over ``orchestrator``, with a witness log at ``witness_db``, a
-    metrics server on ``metrics_port`` when given, and OTLP traces with ``tracing`` (or
-    when the environment names an OTLP endpoint: :func:`tracing_requested`); all of it
-    closed on the way out, in the reverse order."""
+    metrics server on ``metrics_port`` and a push of its metrics on the way out
+    (``metrics_push``) when given, and OTLP traces with ``tracing`` (or when the
+    environment names an OTLP endpoint: :func:`tracing_requested`); all of it closed on
+    the way out, in the reverse order."""
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(orchestrator)
         witness = None
         if witness_db is not None:
+            from adapters.cli.resume import AnnouncedBatches
             from adapters.witness.sqlite import SqliteWitness
 
-            witness = await stack.enter_async_context(SqliteWitness(witness_db))
+            log = await stack.enter_async_context(SqliteWitness(witness_db))
+            witness = AnnouncedBatches(log)
         service = ConcurrentDeliberationService(
             backend, checker, pool, agent_timeout=agent_timeout, witness=witness
         )
-        if metrics_port is not None:
-            _serve_metrics(service, metrics_port, stack)
+        if metrics_port is not None or metrics_push is not None:
+            flag = "--metrics-port" if metrics_port is not None else "--metrics-push"
+            registry = _registry(service, flag)
+            if metrics_port is not None:
+                _serve_metrics(registry, metrics_port, stack)
+            if metrics_push is not None:
+                stack.push_async_callback(metrics_push.push, registry)
         if tracing or tracing_requested():
             await _trace(service, stack, explicit=tracing)
         yield service
@@ -375,15 +422,20 @@ async def _trace(
     await stack.enter_async_context(otlp_tracing(service))
 
 
-def _serve_metrics(
-    service: ConcurrentDeliberationService, port: int, stack: AsyncExitStack
-) -> None:
-    with importing_extra("metrics", "--metrics-port"):
+def _registry(service: ConcurrentDeliberationService, flag: str) -> CollectorRegistry:
+    """A registry of the service's own metrics (not the process's default one)."""
+    with importing_extra("metrics", flag):
         from prometheus_client import CollectorRegistry
 
-        from adapters.prometheus import export_service_metrics, serve_metrics
+        from adapters.prometheus import export_service_metrics
     registry = CollectorRegistry()
     export_service_metrics(service, registry)
+    return registry
+
+
+def _serve_metrics(registry: CollectorRegistry, port: int, stack: AsyncExitStack) -> None:
+    with importing_extra("metrics", "--metrics-port"):
+        from adapters.prometheus import serve_metrics
     try:
         server, _ = serve_metrics(port, registry=registry)
     except OSError as exc:

@@ -1,8 +1,11 @@
 """``conclave``: run a deliberation an operator can watch and stop; manage the halt file.
 
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
+    conclave load   --batches N [deliberate's run flags] [--json FILE|-] [--png FILE]
     conclave halt   --halt-file PATH [--create] | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
+    conclave clear  ... --allowed-signers FILE --approval A.json --approval B.json --reason TEXT
+    conclave approve --halt-file PATH | --valkey URL --key KEY --principal NAME [--out FILE]
     conclave status --halt-file PATH | --valkey URL
     conclave verify DB
 
@@ -36,12 +39,16 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from adapters.cli import _latency_history as latency_history
 from adapters.cli import _valkey as _cli_valkey
-from adapters.cli import transcript
+from adapters.cli import load, transcript
+from adapters.cli import resume as resume_cli
 from adapters.cli._backend import (
+    MetricsPush,
     OpeningHaltWatch,
     OperatorInterrupt,
     RateLimitReport,
@@ -53,9 +60,20 @@ from adapters.cli._backend import (
     require_extra,
     stub_orchestrator,
 )
-from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
+from adapters.cli._display import (
+    LOG_FORMATS,
+    Progress,
+    announce,
+    announce_setup,
+    configure_logging,
+    plain,
+    print_summary,
+)
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
+from adapters.cli.approve import add_approve_parser, approve_command, signing_options
+from adapters.pushgateway import DEFAULT_PUSH_TIMEOUT_S, check_gateway_url
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
+from adapters.usage import Price, PriceTable
 from kernel import (
     MAX_CONCURRENT_AGENTS,
     AgentOrchestratorProtocol,
@@ -63,12 +81,15 @@ from kernel import (
     AgentPoolExhaustedError,
     AgentRequest,
     ConclaveError,
+    ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
     FailureKind,
     HedgePolicy,
+    ProgressCallback,
     SystemHaltedError,
 )
+from kernel import __version__ as kernel_version
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
@@ -85,6 +106,12 @@ DEFAULT_AGENT_TIMEOUT_S = 300.0
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviated flags: ``--tim`` silently meaning ``--timeout`` today becomes
+        # ambiguous (or something else) the day a flag is added.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
@@ -126,6 +153,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _gateway_url(text: str) -> str:
+    try:
+        return check_gateway_url(text)
+    except ConclaveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _hedge_after(text: str) -> float | str:
     return "auto" if text == "auto" else _positive_float(text)
 
@@ -138,12 +172,18 @@ _CREATE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("deliberate", help="run one deliberation and print a summary")
     _council_and_run_options(d)
     _cluster_and_tail_options(d)
     _backend_options(d)
     _output_options(d)
+    lp = sub.add_parser("load", help="run N batches and judge them against the targets")
+    _council_and_run_options(lp)
+    _cluster_and_tail_options(lp)
+    _backend_options(lp)
+    load.add_options(lp)
     v = sub.add_parser("verify", help="verify a witness log's hash chain")
     v.add_argument("db", type=Path, help="the SQLite witness log")
     v.add_argument("--expected-head", help="a chain hash the log must contain (from a receipt)")
@@ -161,15 +201,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
             p.add_argument("--reason", required=True)
+        if name == "halt":
+            signing_options(p, required=False)
+        if name in ("halt", "clear"):
+            _signers_options(p)
         if name == "clear":
             p.add_argument(
                 "--approver",
                 action="append",
                 default=[],
-                required=True,
-                help="repeat: at least two distinct approvers",
+                help="repeat: at least two distinct approvers (channels without --allowed-signers)",
             )
+            p.add_argument(
+                "--approval",
+                action="append",
+                default=[],
+                type=Path,
+                metavar="FILE",
+                help="repeat: signed approvals (conclave approve) from two people",
+            )
+    add_approve_parser(sub)
     return parser
+
+
+def _signers_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allowed-signers",
+        type=Path,
+        metavar="FILE",
+        help="OpenSSH allowed-signers file: clears need signed approvals verified by it",
+    )
+    p.add_argument(
+        "--revoked", type=Path, metavar="FILE", help="revoked keys (a KRL or public keys)"
+    )
 
 
 def _council_and_run_options(d: argparse.ArgumentParser) -> None:
@@ -242,8 +306,9 @@ def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S|auto",
         help="give an agent still running after S seconds one duplicate call; the first "
-        "success wins (auto: the observed p95 latency, once 20 answers have been seen: "
-        "not in a run's first batch)",
+        "success wins (auto: the p95 of the answer times earlier auto runs got from this "
+        "endpoint and model, kept in $XDG_STATE_HOME/conclave/; no hedging until 20 are "
+        "remembered)",
     )
     tail.add_argument(
         "--hedge-budget",
@@ -288,7 +353,8 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         "--json",
         type=Path,
         dest="json_path",
-        help="write a transcript: every outcome with ids, hashes, timings",
+        help="write a transcript: every outcome with ids, hashes, timings ('-': to "
+        "stdout, the summary then on stderr)",
     )
     out.add_argument(
         "--include-content",
@@ -310,16 +376,57 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         help="write the kernel's and adapters' structured logs to stderr",
     )
     out.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text (default) or json: one JSON object a line, every field a key "
+        "(json alone logs at info)",
+    )
+    out.add_argument(
         "--witness-db",
         type=Path,
         help="commit every output to this SQLite witness log before it is shown",
     )
+    resume_cli.add_option(out)
     out.add_argument(
         "--metrics-port",
         type=int,
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on 127.0.0.1:PORT while running",
+    )
+    cost = d.add_argument_group("cost (USD per million tokens; also a roster's prices table)")
+    cost.add_argument("--price-prompt", type=_non_negative_float, default=None, metavar="USD")
+    cost.add_argument(
+        "--price-completion",
+        type=_non_negative_float,
+        default=None,
+        metavar="USD",
+        help="with --price-prompt: one price for every model (over --prices and the roster's)",
+    )
+    cost.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='per-model prices, .json or .toml: {"prices": {MODEL: {"prompt": P, '
+        '"completion": C}}} ("*": every other model); over the roster\'s',
+    )
+    out.add_argument(
+        "--metrics-push",
+        type=_gateway_url,
+        metavar="URL",
+        default=None,
+        help="push the run's metrics to this Prometheus Pushgateway at the end "
+        "(job conclave, grouped by instance and run id); a gateway that is down is a "
+        "warning, never a failed run",
+    )
+    out.add_argument(
+        "--metrics-push-timeout",
+        type=_positive_float,
+        default=DEFAULT_PUSH_TIMEOUT_S,
+        metavar="S",
+        help=f"give the push up after S seconds (default {DEFAULT_PUSH_TIMEOUT_S:g})",
     )
     out.add_argument(
         "--otel",
@@ -335,8 +442,9 @@ def _output_options(d: argparse.ArgumentParser) -> None:
 async def deliberate(args: argparse.Namespace) -> int:
     """Check usage, then the halt, then the council's size; open the backend, run the
     batch, report it.  Every refusal comes before the backend is opened."""
-    configure_logging(args.log_level)
-    roster_file = await _check_usage(args)
+    configure_logging(_log_level(args), args.log_format or "text")
+    roster_file = await check_usage(args)
+    args.price_table = await _price_table(args, roster_file)
     async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
         return await _deliberate(args, roster_file, cluster)
 
@@ -353,9 +461,10 @@ async def _deliberate(
     reason = await halt_reason_now(checker)
     if reason is not None:
         return await _finish(args, context, (), None, reason, pool, interrupted=False)
-    roster = _council(args, roster_file, pool)
+    roster = council(args, roster_file, pool)
     requests = roster.requests(context)
-    progress = Progress(len(requests), pool)
+    progress = Progress(len(requests), pool, [r.agent_id for r in requests])
+    hedge = await hedge_policy(args)
 
     result: ConcurrentResult | None = None
     halted: str | None = None
@@ -369,31 +478,27 @@ async def _deliberate(
             watch = OpeningHaltWatch(checker, opening)
             stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
             nursery.start_soon(watch.run)
+            if not args.quiet and args.backend != "stub":  # the stub opens at once
+                announce_setup(_setup_line(args))
             async with open_service(
-                _orchestrator(args, roster_file, roster, limits),
+                orchestrator(args, roster_file, roster, limits),
                 checker,
                 pool,
                 agent_timeout=agent_timeout(args),
                 witness_db=args.witness_db,
                 metrics_port=args.metrics_port,
+                metrics_push=_metrics_push(args),
                 tracing=args.otel,
             ) as service:
                 stop_watching()  # from here on a halt is the kernel's to handle
                 watch.stop()
+                progress.start()  # the batch's clock: set-up is not batch time
                 if not args.quiet:
                     announce(nursery, progress, backend=args.backend)
                 try:
-                    if args.sequential:
-                        result = await service.invoke_sequential(requests, on_progress=progress)
-                    else:
-                        result = await service.invoke_concurrent(
-                            requests,
-                            overflow=args.overflow,
-                            on_progress=progress,
-                            deadline=args.deadline,
-                            quorum=args.quorum,
-                            hedge=_hedge_policy(args),
-                        )
+                    result = await run_batch(
+                        service, args, requests, hedge=hedge, on_progress=progress
+                    )
                 except SystemHaltedError as exc:
                     # partial is None: halted (or Ctrl-C) after the check above, before
                     # the batch.
@@ -403,19 +508,83 @@ async def _deliberate(
             halted = interrupt.switch.reason or watch.reason
             nursery.cancel_scope.cancel()
     await cluster.settle()
+    if args.hedge_after == "auto" and args.overflow == "reject":
+        # Answer times from the batch's start are agents' latencies only when every
+        # agent started with it (not queued).
+        key = _latency_key(args)
+        await trio.to_thread.run_sync(latency_history.remember, key, progress.answered_after)
     interrupted = interrupt.signal_name is not None
     return await _finish(
         args, context, requests, result, halted, pool, interrupted=interrupted, limits=limits
     )
 
 
-async def _check_usage(args: argparse.Namespace) -> Roster | None:
+async def run_batch(
+    service: ConcurrentDeliberationService,
+    args: argparse.Namespace,
+    requests: Sequence[AgentRequest],
+    *,
+    hedge: HedgePolicy | None,
+    on_progress: ProgressCallback | None = None,
+) -> ConcurrentResult:
+    """One batch as the flags ask (``--sequential``, ``--overflow``, the tail flags;
+    ``hedge`` from :func:`hedge_policy`): the one call of ``deliberate`` and of ``load``.
+    Raises what the service raises (:class:`~kernel.SystemHaltedError` when halted)."""
+    if args.sequential:
+        return await service.invoke_sequential(requests, on_progress=on_progress)
+    return await service.invoke_concurrent(
+        requests,
+        overflow=args.overflow,
+        on_progress=on_progress,
+        deadline=args.deadline,
+        quorum=args.quorum,
+        hedge=hedge,
+        resume=getattr(args, "resume", None),  # deliberate's --resume (load has none)
+    )
+
+
+#: Flags that only mean something to one kind of backend.
+_STUB_FLAGS = ("--latency-ms", "--jitter-ms", "--latency-profile", "--fail-rate", "--seed")
+_LLM_FLAGS = ("--base-url", "--model", "--max-tokens")
+
+
+def given_flags(argv: Sequence[str]) -> frozenset[str]:
+    """The ``--flags`` written on the command line (``--x=1`` included).  Exact names:
+    the parser takes no abbreviations, so a token is the flag it names."""
+    return frozenset(token.split("=", 1)[0] for token in argv if token.startswith("--"))
+
+
+def _check_flags_apply(args: argparse.Namespace) -> None:
+    """A flag that would do nothing in this run is an error, never silently ignored:
+    the operator meant something by it."""
+    given: frozenset[str] = getattr(args, "given_flags", frozenset())
+    backend = args.backend
+    unused = [f for f in _STUB_FLAGS if f in given] if backend != "stub" else []
+    if backend == "stub":
+        unused = [f for f in _LLM_FLAGS if f in given]
+    if unused:
+        raise UsageError(f"{unused[0]} does nothing with --backend {backend}")
+    pairs = (
+        ("--jitter-ms", args.latency_profile == "lognormal", "with --latency-profile lognormal"),
+        ("--hedge-budget", args.hedge_after is None, "without --hedge-after"),
+        ("--include-content", args.json_path is None, "without --json"),
+        ("--show", args.quiet, "with --quiet (no summary table to show answers under)"),
+        ("--create", args.halt_file is None, "without --halt-file"),
+    )
+    for flag, pointless, why in pairs:
+        if flag in given and pointless:
+            raise UsageError(f"{flag} does nothing {why}")
+
+
+async def check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
+    _check_flags_apply(args)
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
     await check_halt_file(args)
+    resume_cli.check_usage(args)
     tail = (
         ("--deadline", args.deadline),
         ("--quorum", args.quorum),
@@ -433,6 +602,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
         ("crewai", "--backend crewai", args.backend == "crewai"),
         ("valkey", "--valkey", args.valkey is not None),
         ("metrics", "--metrics-port", args.metrics_port is not None),
+        ("metrics", "--metrics-push", args.metrics_push is not None),
         ("otel", "--otel", args.otel),
     ):
         if wanted:
@@ -447,7 +617,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     return await trio.to_thread.run_sync(Roster.load, args.roster)
 
 
-def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
+def council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
     """The --roster file's roster, else ``--agents`` default agents; an impossible council
     is refused before a single request is built.
 
@@ -477,19 +647,88 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     return roster_file if roster_file is not None else Roster.default(size)
 
 
+async def _price_table(args: argparse.Namespace, roster_file: Roster | None) -> PriceTable | None:
+    """The run's prices: the flags' (every model), else --prices FILE, else the roster's."""
+    flags = (args.price_prompt, args.price_completion)
+    if (flags[0] is None) != (flags[1] is None):
+        raise UsageError("--price-prompt and --price-completion go together")
+    if flags[0] is not None:
+        return PriceTable(default=Price(*flags))
+    if args.prices is not None:
+        try:
+            return await trio.to_thread.run_sync(PriceTable.load, args.prices)
+        except ConclaveError as exc:
+            raise UsageError(f"--prices {exc}") from None
+    return roster_file.prices if roster_file is not None else None
+
+
+def _log_level(args: argparse.Namespace) -> str | None:
+    """``--log-level``; ``info`` when only ``--log-format`` asks for logs."""
+    if args.log_level is None and args.log_format is not None:
+        return "info"
+    return args.log_level  # type: ignore[no-any-return]
+
+
+def _setup_line(args: argparse.Namespace) -> str:
+    """What the run waits on before its batch can start."""
+    from adapters.urls import redact_url
+
+    where = redact_url(args.base_url) if args.base_url else "the endpoint"
+    if args.backend == "crewai":
+        return f"starting the crewai backend (importing CrewAI, then probing {where})"
+    return f"probing {where}"
+
+
 def agent_timeout(args: argparse.Namespace) -> float:
     """Each agent's bound: ``--timeout``, else :data:`DEFAULT_AGENT_TIMEOUT_S`."""
     return float(args.timeout) if args.timeout is not None else DEFAULT_AGENT_TIMEOUT_S
 
 
-def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+def _metrics_push(args: argparse.Namespace) -> MetricsPush | None:
+    if args.metrics_push is None:
+        return None
+    return MetricsPush(args.metrics_push, timeout_s=args.metrics_push_timeout)
+
+
+def _latency_key(args: argparse.Namespace) -> str:
+    stub = f"{args.latency_ms}:{args.jitter_ms}:{args.latency_profile}"
+    if args.backend in LLM_BACKENDS:
+        return latency_history.history_key(args.backend, args.base_url, args.model)
+    return latency_history.history_key(args.backend, None, None, stub)
+
+
+async def hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+    """``--hedge-after S``, or ``auto``: the p95 of the answers earlier runs got from this
+    endpoint and model (a one-batch run has no answers of its own to hedge on yet)."""
     if args.hedge_after is None:
         return None
-    delay = None if args.hedge_after == "auto" else args.hedge_after
+    if args.hedge_after != "auto":
+        return HedgePolicy(delay=args.hedge_after, budget=args.hedge_budget)
+    if args.overflow != "reject":
+        raise UsageError(
+            "--hedge-after auto learns answer times from runs whose agents all start at "
+            "once; with --overflow queue give seconds (--hedge-after S)"
+        )
+    samples = await trio.to_thread.run_sync(latency_history.load, _latency_key(args))
+    delay = latency_history.delay(samples)
+    if delay is None:
+        print(
+            f"conclave: --hedge-after auto: {len(samples)} of the "
+            f"{latency_history.MIN_SAMPLES} earlier answers it needs are remembered for "
+            "this endpoint and model; not hedging this run (its answers are remembered "
+            "for the next)",
+            file=sys.stderr,
+        )
+        return None
+    print(
+        f"conclave: --hedge-after auto: hedging after {delay:.2f} s, the p95 of "
+        f"{len(samples)} earlier answers from this endpoint and model",
+        file=sys.stderr,
+    )
     return HedgePolicy(delay=delay, budget=args.hedge_budget)
 
 
-def _orchestrator(
+def orchestrator(
     args: argparse.Namespace,
     roster_file: Roster | None,
     roster: Roster,
@@ -558,11 +797,13 @@ async def _finish(
             model=args.model if args.backend in LLM_BACKENDS else None,
             pool_after=pool.status(),
             include_content=args.include_content,
+            prices=args.price_table,
         )
         try:
             await trio.to_thread.run_sync(transcript.write, args.json_path, doc)
         except OSError as exc:
             lost = f"--json {args.json_path}: {exc.strerror or exc}"
+    resume_cli.print_resume_hint(args, result)
     if result is not None:
         print_summary(
             result,
@@ -572,7 +813,12 @@ async def _finish(
             quiet=args.quiet,
             show=args.show,
             rate_limits=limits.stats() if limits is not None else None,
+            to_stderr=args.json_path == transcript.STDOUT,
+            quorum=getattr(args, "quorum", None),
+            prices=args.price_table,
         )
+    if args.witness_db is not None:
+        await _print_witness_head(args.witness_db, to_stderr=args.json_path == transcript.STDOUT)
     if interrupted:
         code = EXIT_INTERRUPTED
     elif halted is not None:
@@ -585,6 +831,29 @@ async def _finish(
         return code
     print(f"conclave: transcript not written: {lost}", file=sys.stderr)
     return code if code == EXIT_INTERRUPTED else code + EXIT_TRANSCRIPT_LOST
+
+
+async def _print_witness_head(db: Path, *, to_stderr: bool) -> None:
+    """The log's head after the run: what ``verify --expected-head`` takes later to
+    prove the log still ends (or passes) where this run left it."""
+    from adapters.witness.sqlite import WitnessError, log_head
+
+    def read() -> tuple[int, str] | str | None:
+        if not db.exists():  # halted before the run began: the log was never opened
+            return "not created"
+        try:
+            return log_head(db)
+        except WitnessError as exc:
+            return str(exc)
+
+    head = await trio.to_thread.run_sync(read)
+    if isinstance(head, str):
+        line = f"witness log: {head}"
+    elif head is None:
+        line = "witness log: empty"
+    else:
+        line = f"witness log: {head[0]} records, head {head[1]}"
+    print(line, file=sys.stderr if to_stderr else sys.stdout)
 
 
 def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
@@ -603,7 +872,8 @@ async def verify_command(args: argparse.Namespace) -> int:
     # Read-only: refuses (exit 2) anything that is not a witness log, never creates one.
     report = await trio.to_thread.run_sync(verify_log, args.db, args.expected_head)
     if report.ok:
-        print(f"ok: {report.records} records, chain intact")
+        head = f", head {report.head}" if report.head else ""
+        print(f"ok: {report.records} records, chain intact{head}")
         return EXIT_OK
     where = f"sequence {report.first_bad_sequence}" if report.first_bad_sequence else "the log"
     print(f"BROKEN at {where}: {report.problem} ({report.records} records verified before it)")
@@ -612,10 +882,12 @@ async def verify_command(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "deliberate": deliberate,
+    "load": load.load_command,
     "verify": verify_command,
     "halt": halt_command,
     "clear": clear_command,
     "status": status_command,
+    "approve": approve_command,
 }
 
 
@@ -626,9 +898,22 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def version_line() -> str:
+    """What ``conclave --version`` prints: this release, and what it runs on."""
+    import platform
+
+    return (
+        f"conclave {kernel_version} (trio {trio.__version__}, Python {platform.python_version()})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version: printed, nothing to run
+            return done.code if isinstance(done.code, int) else EXIT_OK
+        args.given_flags = given_flags(sys.argv[1:] if argv is None else argv)
         try:
             return trio.run(COMMANDS[args.command], args)
         except BaseExceptionGroup as group:

@@ -9,10 +9,16 @@ One document per run, written whole or not at all (write-then-rename)::
                   the batch's; null when the run was halted before it began
     backend, model
     topic         {topic_id, bundle_id, content_sha256}: the topic by hash, never its text
-    counts        {total, succeeded, failed, by_kind}
+    counts        {total, succeeded, failed, by_kind, resumed}
     pool_after    the pool's status when the batch was over
+    usage         the answers' tokens (adapters.usage): prompt_tokens, completion_tokens,
+                  total_tokens, estimated_agents, by_model, per_agent; with prices, also
+                  cost_usd (total and per agent, USD) and unpriced_models; null when the
+                  run was halted before its batch began
     outcomes      one record per agent that has an outcome, in request order: ids,
-                  hashes, timings; the answer itself only with ``include_content``
+                  hashes, timings, and ``resumed``: true for an answer a resumed run
+                  took from the witness log, false for an outcome of this run; the
+                  answer itself only with ``include_content``
 
 Nothing here knows about the command line: every input is an explicit parameter.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters._atomic import write_atomically
+from adapters.usage import PriceTable, usage_totals
 from kernel import (
+    RESUMED,
     AgentFailure,
     AgentOutput,
     AgentRequest,
@@ -43,6 +52,10 @@ __all__ = ["TRANSCRIPT_SCHEMA", "check_writable", "document", "write"]
 TRANSCRIPT_SCHEMA = "conclave.transcript/1"
 
 
+#: ``--json -``: the transcript goes to standard output (a file named ``-`` is ``./-``).
+STDOUT = Path("-")
+
+
 def check_writable(path: Path) -> None:
     """Raise :class:`ValueError` (the message starts with ``path``) if a transcript could
     not be written to ``path``; change nothing otherwise.
@@ -51,6 +64,8 @@ def check_writable(path: Path) -> None:
     directory that exists but takes no new file (read-only, ``/proc``) is refused too.
     Blocking: call it from a worker thread.
     """
+    if path == STDOUT:
+        return
     if path.is_dir():
         raise ValueError(f"{path}: is a directory")
     if not path.parent.exists():
@@ -76,6 +91,7 @@ def document(
     model: str | None,
     pool_after: PoolStatus,
     include_content: bool = False,
+    prices: PriceTable | None = None,
 ) -> dict[str, Any]:
     """The transcript of one run, ready for :func:`write`.
 
@@ -110,8 +126,10 @@ def document(
             "succeeded": len(outputs),
             "failed": len(failures),
             "by_kind": dict(Counter(f.kind.value for f in failures)),
+            "resumed": sum(1 for o in outputs if _resumed(o)),
         },
         "pool_after": pool_after.as_dict(),
+        "usage": usage_totals(result).as_dict(prices) if result is not None else None,
         "outcomes": [
             _outcome_record(outcomes[r.agent_id], include_content)
             for r in requests
@@ -123,8 +141,14 @@ def document(
 def write(path: Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` to ``path`` atomically: a reader (or a Ctrl-C) never sees half a
     transcript.  Raises :class:`OSError` if it cannot; ``path`` is then untouched.
-    Blocking: call it from a worker thread."""
-    write_atomically(path, (json.dumps(doc, indent=2) + "\n").encode())
+    Blocking: call it from a worker thread.  :data:`STDOUT` writes it to standard
+    output, in one write."""
+    text = json.dumps(doc, indent=2) + "\n"
+    if path == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    write_atomically(path, text.encode())
 
 
 def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) -> dict[str, Any]:
@@ -138,6 +162,7 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
             "content_type": outcome.content_type,
             "generated_at": outcome.generated_at.isoformat(),
             "metadata": dict(outcome.metadata),
+            "resumed": _resumed(outcome),
         }
         if include_content:
             record["content"] = outcome.content
@@ -150,4 +175,9 @@ def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) 
         "error_type": outcome.error_type,
         "message": outcome.message,
         "elapsed_ms": outcome.elapsed_ms,
+        "resumed": False,
     }
+
+
+def _resumed(output: AgentOutput) -> bool:
+    return output.metadata.get(RESUMED) is True

@@ -26,8 +26,14 @@ later:
 * Cancelling one commit never fails or drops the other commits of its group.
 * Database locked by another connection: a commit that is not cancelled keeps trying
   for ``busy_timeout_s``, then raises :class:`WitnessError` (not written).
-* Other failures (a dropped table, a full disk, an output id already in the log) raise
-  :class:`WitnessError`; the output is not written.
+* Other failures (a dropped table, a full disk, an output id already in the log, a
+  second output of one agent in one batch) raise :class:`WitnessError`; the output is
+  not written.
+
+**Runs.**  A run of a batch begun with :meth:`GroupCommitter.begin_run` is written (a
+``batch_runs`` row: its number and request set) in the transaction of the first output
+of that batch, before it: an output of a recorded batch is never in the log without the
+request set, and a run that committed nothing leaves no row.
 
 How: the trio side touches the queue only under the committer's mutex, which is never
 held across a call into SQLite, so a waiter is never blocked by the database.  An
@@ -43,9 +49,11 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
+from uuid import UUID
 
 import attrs
 import trio
@@ -53,13 +61,26 @@ import trio
 from adapters.witness._chain import WitnessError, chain_tip, insert_row, output_fields
 from kernel import AgentOutput, CommitReceipt, utc_now
 
-__all__ = ["BUSY_SLICE_S", "GroupCommitter", "WitnessStatistics"]
+__all__ = ["BATCH_RUNS_SCHEMA", "BUSY_SLICE_S", "GroupCommitter", "WitnessStatistics"]
 
 log = logging.getLogger("adapters.witness.sqlite")
 
 #: How long one attempt to take SQLite's write lock waits (seconds).  Between attempts
 #: the writer drops withdrawn outputs and gives up if none is left.
 BUSY_SLICE_S = 0.02
+
+# Each run of a batch; the first one's request set is what a resume must match.  Not
+# chained: it names no output, and a forged one can only make a resume be refused or
+# run agents again, never release an output that was not committed.
+BATCH_RUNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batch_runs (
+    batch_id    TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    started_at  TEXT NOT NULL,
+    requests    TEXT NOT NULL,
+    PRIMARY KEY (batch_id, run)
+);
+"""
 
 
 @attrs.frozen(slots=True)
@@ -102,6 +123,19 @@ class _Item:
         self.submitted = time.monotonic()
 
 
+class _Run:
+    """A run of a batch, begun and not yet written (``written`` changes only under the
+    committer's mutex)."""
+
+    __slots__ = ("batch_id", "requests", "started_at", "written")
+
+    def __init__(self, batch_id: str, requests: str) -> None:
+        self.batch_id = batch_id
+        self.requests = requests  # JSON: agent id -> context fingerprint
+        self.started_at = utc_now().isoformat()
+        self.written = False
+
+
 _Result = tuple[_Item, CommitReceipt | None, str | None]
 
 
@@ -130,6 +164,7 @@ class GroupCommitter:
         self._mutex = threading.Lock()
         self._wake = threading.Condition(self._mutex)
         self._queue: list[_Item] = []
+        self._runs: dict[str, _Run] = {}  # by batch id: runs begun, not ended
         self._round_open = False  # outputs are still arriving in this trio scheduling round
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -156,6 +191,21 @@ class GroupCommitter:
         if item.receipt is None:
             raise WitnessError(f"{self._path}: {item.error}")
         return item.receipt
+
+    def begin_run(self, batch_id: UUID, requests: str) -> Callable[[], None]:
+        """A run of ``batch_id`` starts (``requests``: its request set, JSON); it is
+        written with the batch's first output committed before the returned function is
+        called.  Neither blocks."""
+        run = _Run(str(batch_id), requests)
+        with self._mutex:
+            self._runs[run.batch_id] = run
+
+        def end() -> None:
+            with self._mutex:
+                if self._runs.get(run.batch_id) is run:
+                    del self._runs[run.batch_id]
+
+        return end
 
     def _submit(self, item: _Item) -> None:
         """Queue ``item``.  An idle writer starts once the current trio scheduling round
@@ -254,10 +304,13 @@ class GroupCommitter:
             group, self._queue = self._queue, []
             for item in group:
                 item.state = _State.COMMITTING
+            runs = self._unwritten_runs(group)
         if not group:
             db.execute("ROLLBACK")
             return
         try:
+            for run in runs:
+                _insert_run(db, run)
             written = self._insert(db, group)
             self._commit(db)
         except BaseException as exc:  # whatever it was, every waiter gets an answer
@@ -267,7 +320,20 @@ class GroupCommitter:
             self._finish([(item, None, error) for item in group])
             return
         self.transactions += 1
+        with self._mutex:
+            for run in runs:
+                run.written = True
         self._finish(written)
+
+    def _unwritten_runs(self, group: list[_Item]) -> list[_Run]:
+        """The runs begun and not yet written that outputs of ``group`` belong to (under
+        the mutex)."""
+        runs: dict[str, _Run] = {}
+        for item in group:
+            run = self._runs.get(item.fields["batch_id"] or "")
+            if run is not None and not run.written:
+                runs[run.batch_id] = run
+        return list(runs.values())
 
     def _insert(self, db: sqlite3.Connection, group: list[_Item]) -> list[_Result]:
         sequence, prev = chain_tip(db)
@@ -277,9 +343,9 @@ class GroupCommitter:
             out = item.output
             try:
                 prev = insert_row(db, item.fields, sequence + 1, prev, committed_at)
-            except sqlite3.IntegrityError:
+            except sqlite3.IntegrityError as exc:
                 # Only this statement is undone; the others in the group still go in.
-                results.append((item, None, f"output {out.output_id} is already committed"))
+                results.append((item, None, _duplicate(out, exc)))
                 continue
             sequence += 1
             receipt = CommitReceipt(out.output_id, out.content_hash, sequence, prev, committed_at)
@@ -326,6 +392,27 @@ class GroupCommitter:
                 )
             with contextlib.suppress(trio.RunFinishedError):
                 item.token.run_sync_soon(item.done.set)
+
+
+def _insert_run(db: sqlite3.Connection, run: _Run) -> None:
+    """Insert ``run`` as the next run of its batch (inside the open transaction)."""
+    (last,) = db.execute(
+        "SELECT COALESCE(MAX(run), 0) FROM batch_runs WHERE batch_id = ?", (run.batch_id,)
+    ).fetchone()
+    db.execute(
+        "INSERT INTO batch_runs (batch_id, run, started_at, requests) VALUES (?, ?, ?, ?)",
+        (run.batch_id, last + 1, run.started_at, run.requests),
+    )
+
+
+def _duplicate(out: AgentOutput, exc: sqlite3.IntegrityError) -> str:
+    """Why the log refused ``out`` as a duplicate."""
+    if "output_id" in str(exc):
+        return f"output {out.output_id} is already committed"
+    return (
+        f"agent {out.agent_id!r} already has an output committed in batch {out.batch_id} "
+        "(one output per agent of a batch)"
+    )
 
 
 def _sleep_rest_of_slice(started: float) -> None:

@@ -17,11 +17,13 @@ public API (every public name is importable from here):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,19 +33,26 @@ import trio
 
 from adapters.witness._chain import (
     GENESIS_HASH,
+    ONE_OUTPUT_PER_AGENT,
     OUTPUTS_SCHEMA,
     VerifyReport,
     WitnessError,
     check_is_witness_log,
     decoded_rows,
+    log_head,
     open_readonly,
     recorded_output,
     verify_log,
 )
 from adapters.witness._chain import canonical_record as canonical_record  # public, as before
 from adapters.witness._chain import chain_hash as chain_hash  # public, as before
-from adapters.witness._writer import BUSY_SLICE_S, GroupCommitter, WitnessStatistics
-from kernel import AgentOutput, CommitReceipt, InvalidRequestError, utc_now
+from adapters.witness._writer import (
+    BATCH_RUNS_SCHEMA,
+    BUSY_SLICE_S,
+    GroupCommitter,
+    WitnessStatistics,
+)
+from kernel import AgentOutput, CommitReceipt, InvalidRequestError, RecordedBatch, utc_now
 from kernel.validate import check_seconds
 
 __all__ = [
@@ -53,12 +62,19 @@ __all__ = [
     "VerifyReport",
     "WitnessError",
     "WitnessStatistics",
+    "log_head",
     "verify_log",
 ]
 
 T = TypeVar("T")
 
 log = logging.getLogger("adapters.witness.sqlite")
+
+#: The log's schema version (SQLite's ``user_version``).  1 (stored as 0): the outputs
+#: and views tables.  2: one output per agent of a batch (a unique index), and the
+#: ``batch_runs`` table.  Opening an older log migrates it in place; a newer one is
+#: refused (this code would not keep its rules).
+SCHEMA_VERSION = 2
 
 # The files SQLite keeps beside a log, by the path it derives from the log's.
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -209,7 +225,7 @@ class SqliteWitness:
         self.path = Path(path)
         identity = _claim_file(self.path)
         _refuse_other_databases(self.path)
-        db = None
+        db = batches = None
         try:
             # Readers (verify aside) use this connection, one worker thread at a time.
             db = sqlite3.connect(
@@ -220,17 +236,27 @@ class SqliteWitness:
                 # In another journal mode a COMMIT past the point of no return waits for
                 # readers, shielded: that could delay a halt by the busy timeout.
                 raise sqlite3.OperationalError(f"journal mode is {mode}, WAL is required")
-            db.executescript(OUTPUTS_SCHEMA + _VIEWS_SCHEMA)
+            _migrate(db, self.path)
             _check_still(self.path, identity)
+            # Resume reads: their own connection, so that a read a halt abandons in its
+            # thread never shares one with the next.
+            batches = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+            )
             self._committer = GroupCommitter(
                 self.path, synchronous=synchronous, busy_timeout_s=self.busy_timeout_s
             )
-        except sqlite3.Error as exc:
-            if db is not None:
-                db.close()
+        except (sqlite3.Error, WitnessError) as exc:
+            for connection in (db, batches):
+                if connection is not None:
+                    connection.close()
+            if isinstance(exc, WitnessError):
+                raise
             raise WitnessError(f"{self.path}: cannot open witness log: {exc}") from None
         self._db = db
         self._lock = trio.Lock()
+        self._batches = batches
+        self._batches_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<SqliteWitness {str(self.path)!r}>"
@@ -259,6 +285,12 @@ class SqliteWitness:
             with trio.CancelScope(shield=True):
                 async with self._lock:
                     self._db.close()
+                # After a read abandoned by a halt has finished with the connection.
+                await trio.to_thread.run_sync(self._close_batches)
+
+    def _close_batches(self) -> None:
+        with self._batches_lock:
+            self._batches.close()
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` in a worker thread, holding the reader connection."""
@@ -337,3 +369,98 @@ class SqliteWitness:
             lambda: self._db.execute("SELECT COUNT(*) FROM outputs").fetchone()
         )
         return int(row[0])
+
+    # ------------------------------------------------------------ batches (BatchLog)
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]:
+        """A run of ``batch_id`` starts with ``requests`` (agent id -> context
+        fingerprint); it is written with the batch's first output committed before the
+        returned function is called (see :mod:`adapters.witness._writer`).  Neither
+        blocks."""
+        if not isinstance(batch_id, UUID):
+            raise InvalidRequestError(f"batch_id must be a UUID, got {type(batch_id).__name__}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in requests.items()):
+            raise InvalidRequestError("requests must map agent ids to context fingerprints")
+        encoded = json.dumps(dict(requests), sort_keys=True, ensure_ascii=False)
+        return self._committer.begin_run(batch_id, encoded)
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        """What the log holds of ``batch_id``: its first run's request set, its committed
+        outputs (each row checked against its own hashes), how many runs; None if
+        nothing.  Raises :class:`WitnessError` if a row of the batch does not verify or
+        the log cannot be read (a locked log: after ``busy_timeout_s``)."""
+        if not isinstance(batch_id, UUID):
+            raise InvalidRequestError(f"batch_id must be a UUID, got {type(batch_id).__name__}")
+        return await self._batch_call(self._read_batch, batch_id)
+
+    def _read_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        db = self._batches
+        db.execute("BEGIN")  # one snapshot: the runs and the outputs agree
+        try:
+            runs = db.execute(
+                "SELECT requests FROM batch_runs WHERE batch_id = ? ORDER BY run",
+                (str(batch_id),),
+            ).fetchall()
+            rows = list(decoded_rows(db, "WHERE batch_id = ? ORDER BY sequence", (str(batch_id),)))
+        finally:
+            db.execute("ROLLBACK")
+        if not runs and not rows:
+            return None
+        outputs: dict[str, AgentOutput] = {}
+        for row, problem in rows:
+            output = recorded_output(row, problem)
+            if output is None:
+                raise WitnessError(
+                    f"output {row['output_id']} of batch {batch_id} (sequence "
+                    f"{row['sequence']}) does not verify: the batch is not resumed from it"
+                )
+            if output.agent_id in outputs:  # a log the unique index did not guard
+                raise WitnessError(f"batch {batch_id} has two outputs of agent {output.agent_id!r}")
+            outputs[output.agent_id] = output
+        requests = _request_set(runs[0][0], batch_id) if runs else None
+        return RecordedBatch(batch_id, requests, outputs, len(runs))
+
+    async def _batch_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` on the batch connection, in a worker thread a cancellation abandons
+        (the thread finishes on its own; the next call waits for it)."""
+
+        def locked() -> T:
+            with self._batches_lock:
+                return fn(*args)
+
+        try:
+            return await trio.to_thread.run_sync(locked, abandon_on_cancel=True)
+        except sqlite3.Error as exc:
+            raise WitnessError(f"{self.path}: {exc}") from None
+
+
+def _request_set(encoded: object, batch_id: UUID) -> dict[str, str]:
+    try:
+        requests = json.loads(encoded) if isinstance(encoded, str) else None
+    except ValueError:
+        requests = None
+    if not isinstance(requests, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in requests.items()
+    ):
+        raise WitnessError(f"the recorded request set of batch {batch_id} is unreadable")
+    return requests
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring a log to :data:`SCHEMA_VERSION` (a new one is created at it)."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise WitnessError(
+            f"{path}: witness log schema version {version} is newer than this code's "
+            f"({SCHEMA_VERSION}); open it with a newer conclave-kernel"
+        )
+    db.executescript(OUTPUTS_SCHEMA + _VIEWS_SCHEMA + BATCH_RUNS_SCHEMA)
+    try:
+        db.executescript(ONE_OUTPUT_PER_AGENT)
+    except sqlite3.IntegrityError:
+        raise WitnessError(
+            f"{path}: the log holds two outputs of one agent in one batch; it cannot take "
+            "the one-output-per-agent rule (audit it with `conclave verify`)"
+        ) from None
+    if version < SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

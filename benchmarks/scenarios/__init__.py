@@ -16,6 +16,7 @@ from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback, llm_stream
 from benchmarks.scenarios.ratelimit import rate_limited
+from benchmarks.scenarios.resume import resume
 from benchmarks.scenarios.tail import tail, tail_http
 from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
 from benchmarks.scenarios.tracing import tracing
@@ -42,6 +43,7 @@ SCENARIOS: dict[str, Scenario] = {
     "tracing": tracing,
     "crewai": crewai,
     "witness": witness,
+    "resume": resume,
     "soak": soak,
     "cluster": cluster,
 }

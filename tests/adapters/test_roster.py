@@ -30,6 +30,7 @@ from adapters.roster import (
     check_base_url,
 )
 from adapters.urls import redact_url
+from adapters.usage import Price
 from kernel import AgentNotFoundError, AgentRequest, ContextBundle, InvalidRequestError
 from tests.support import ROOT
 from tests.support.hostile_parts import HUGE
@@ -491,3 +492,28 @@ def test_a_fifo_nobody_writes_to_is_refused_not_waited_on(tmp_path: Path) -> Non
         worker.join(5)
         raise AssertionError("Roster.load waited on a FIFO nobody writes to")
     assert len(outcome) == 1 and isinstance(outcome[0], RosterError), outcome
+
+
+def test_a_roster_carries_its_prices_table() -> None:
+    roster = Roster.from_dict(
+        {
+            "agents": [{"agent_id": "a", "model": "m"}],
+            "prices": {
+                "m": {"prompt": 0.15, "completion": 0.6},
+                "*": {"prompt": 1, "completion": 2},
+            },
+        }
+    )
+    assert roster.prices is not None
+    assert roster.prices.for_model("m") == Price(0.15, 0.6)
+    assert roster.prices.for_model("other") == Price(1, 2)
+    assert Roster.from_dict({"agents": [{"agent_id": "a"}]}).prices is None
+
+
+@pytest.mark.parametrize("price", [-0.1, float("nan"), "cheap"])
+def test_a_roster_with_a_bad_price_is_refused_naming_file_and_model(price: object) -> None:
+    with pytest.raises(RosterError, match=r"^council\.toml: prices: model 'm': "):
+        Roster.from_dict(
+            {"agents": [{"agent_id": "a"}], "prices": {"m": {"prompt": price, "completion": 1}}},
+            source="council.toml",
+        )

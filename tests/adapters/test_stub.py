@@ -7,7 +7,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from adapters.stub import AgentOrchestratorStub
+from adapters.stub import STUB_MODEL, AgentOrchestratorStub
 from kernel import AgentInvocationError, AgentOrchestratorProtocol, AgentStatus, InvalidRequestError
 from tests.support.helpers import make_context, make_requests
 
@@ -128,3 +128,22 @@ async def test_lognormal_stub_is_seeded_and_time_scaled(
     assert a == b and len(set(a)) == 50
     assert 4.0 < sorted(a)[25] < 16.0  # a median of 800 ms x 0.01
     assert trio.current_time() == pytest.approx(2 * sum(a) / 1000.0)
+
+
+async def test_stub_answers_report_plausible_token_usage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stub = AgentOrchestratorStub(latency_ms=1, seed=4)
+    short, long = make_context("t"), make_context("x" * 4000)
+    first = await stub.invoke("archon-1", short)
+    again = await stub.invoke("archon-1", long)
+    other = await stub.invoke("archon-2", short)
+    assert first.metadata["model"] == STUB_MODEL and first.metadata["usage"] == "estimated"
+    # The prompt grows with the topic; the answer's length is the agent's own.
+    assert int(again.metadata["prompt_tokens"]) == int(first.metadata["prompt_tokens"]) + 1000
+    assert first.metadata["completion_tokens"] == again.metadata["completion_tokens"]
+    assert first.metadata["completion_tokens"] != other.metadata["completion_tokens"]
+    completions = [
+        int((await stub.invoke(f"a{i}", short)).metadata["completion_tokens"]) for i in range(50)
+    ]
+    assert all(150 <= c < 350 for c in completions) and len(set(completions)) > 10

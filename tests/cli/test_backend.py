@@ -205,7 +205,8 @@ async def test_an_otlp_endpoint_in_the_environment_traces_the_service(
             await service.invoke_concurrent(make_requests(2))
     finally:
         collector.close()
-    assert sorted(s.name for s in collector.spans()) == ["chat", "chat", "conclave.deliberation"]
+    names = sorted(s.name for s in collector.spans())
+    assert names == ["chat stub", "chat stub", "conclave.deliberation"]  # the stub says its model
     resource = collector.requests[0].resource_spans[0].resource
     assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == (
         "council-test"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -9,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,15 +18,19 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import trio
 
-from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
+import kernel
+from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser, main
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.support import ROOT
-from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
+from tests.support.cli import CONCLAVE, conclave, conclave_without, deliberating, halt_from_cli
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.hostile_parts import HUGE
 from tests.support.otlp_collector import Collector
+from tests.support.pushgateway import hanging_gateway, pushgateway, scrape
 from tests.support.url_secrets import SECRET, assert_never_shown
+from tests.support.valkey_server import free_port
 from tests.support.witness_helpers import run_sql
 
 
@@ -216,19 +221,6 @@ def test_a_secret_in_the_base_url_is_refused_without_being_shown(
         assert_never_shown(SECRET, [proc.stdout, proc.stderr])
 
 
-def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``conclave *args`` in an interpreter where ``module`` cannot be imported, as in a
-    wheel installed without the extra that brings it (``None`` in ``sys.modules``: both
-    ``import`` and ``importlib.util.find_spec`` say it is not there)."""
-    code = (
-        f"import sys; sys.modules[{module!r}] = None; "
-        "from adapters.cli.commands import main; sys.exit(main())"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-
-
 _OPENAI = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
 
 
@@ -306,8 +298,12 @@ def test_witness_db_and_verify(tmp_path: Path) -> None:
     db = tmp_path / "witness.db"
     proc = conclave("deliberate", "--latency-ms", "2", "--witness-db", str(db), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    proc = conclave("verify", str(db))
-    assert proc.returncode == 0 and proc.stdout.startswith("ok: 72 records")
+    head = re.fullmatch(
+        r"witness log: 72 records, head ([0-9a-f]{64})\n", proc.stdout.split("\n", 1)[1]
+    )
+    assert head is not None, proc.stdout  # the receipt an operator keeps
+    proc = conclave("verify", str(db), "--expected-head", head[1])
+    assert proc.returncode == 0 and proc.stdout == f"ok: 72 records, chain intact, head {head[1]}\n"
     run_sql(db, "UPDATE outputs SET content = 'forged' WHERE sequence = 9")
     proc = conclave("verify", str(db))
     assert proc.returncode == 1 and proc.stdout.startswith("BROKEN at sequence 9")
@@ -335,7 +331,7 @@ def test_otel_exports_the_runs_traces_to_the_collector_the_environment_names() -
         collector.close()
     assert proc.returncode == 0, proc.stderr
     names = sorted(s.name for s in collector.spans())
-    assert names == ["chat", "chat", "chat", "conclave.deliberation"]
+    assert names == ["chat stub", "chat stub", "chat stub", "conclave.deliberation"]
 
 
 def test_log_level_shows_structured_logs_without_content() -> None:
@@ -683,7 +679,7 @@ def test_quorum_and_hedging_are_reported_in_the_summary(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr  # the 12 cancelled were not needed
     assert "succeeded   60" in proc.stdout
-    assert "cancelled   12 not needed (quorum reached)" in proc.stdout
+    assert "cancelled   12 after quorum of 60 (not needed)" in proc.stdout
     assert "agents got a duplicate call" in proc.stdout
     outcomes = json.loads(out.read_text())["outcomes"]
     assert sum(o.get("kind") == "cancelled" for o in outcomes) == 12
@@ -714,3 +710,337 @@ def test_bad_tail_flags_are_one_line_and_exit_2(flags: list[str], message: str) 
     proc = conclave("deliberate", "--quiet", *flags)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _pushed_run(stderr: str) -> str:
+    found = re.search(r"metrics pushed to \S+ \(run ([0-9a-f]{32})\)", stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+def _series(text: str, name: str, run: str) -> dict[str, float]:
+    """``name``'s samples in the gateway's text for ``run``: labels text -> value."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'run="{run}"' in line:
+            labels, value = line.rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
+def test_metrics_push_puts_the_runs_series_on_the_gateway() -> None:
+    with pushgateway() as url:
+        proc = conclave(
+            "deliberate",
+            *("--agents", "6", "--fail-rate", "0.5", "--seed", "3", "--latency-ms", "1"),
+            *("--quiet", "--metrics-push", url),
+        )
+        assert proc.returncode == 1, proc.stderr  # the failures' code, as without a push
+        run = _pushed_run(proc.stderr)
+        text = scrape(url)
+    (labels,) = _series(text, "conclave_batches_total", run)
+    assert 'job="conclave"' in labels and f'instance="{socket.gethostname()}"' in labels
+    assert _series(text, "conclave_batches_total", run)[labels] == 1
+    failures = _series(text, "conclave_agent_failures_total", run)
+    assert failures[next(k for k in failures if 'kind="error"' in k)] == 3
+    assert sum(_series(text, "conclave_batch_duration_seconds_count", run).values()) == 1
+
+
+def test_a_halted_run_still_pushes_its_metrics(tmp_path: Path) -> None:
+    """The push comes after a batch a halt cancelled: it must not be cancelled with it."""
+    halt_file = tmp_path / "halt.json"
+    with pushgateway() as url:
+        with deliberating(
+            *("--latency-ms", "600000", "--halt-file", str(halt_file)),
+            *("--metrics-push", url),
+        ) as proc:
+            halt_from_cli(halt_file, "stop the council")
+            _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 3, stderr
+        text = scrape(url)
+    run = _pushed_run(stderr)
+    assert list(_series(text, "conclave_halted_batches_total", run).values()) == [1]
+
+
+@pytest.mark.parametrize("gateway", ["down", "hanging"])
+def test_a_gateway_down_or_hanging_is_a_warning_and_the_run_keeps_its_exit_code(
+    gateway: str,
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if gateway == "down":
+            url = f"http://127.0.0.1:{free_port()}"
+        else:
+            url = stack.enter_context(hanging_gateway())
+        proc = conclave(
+            *("deliberate", "--agents", "4", "--latency-ms", "1", "--quiet"),
+            *("--metrics-push", url, "--metrics-push-timeout", "0.5"),
+            timeout=30,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 4/4 succeeded")
+    (line,) = [x for x in proc.stderr.splitlines() if "metrics" in x]
+    assert line.startswith(f"conclave: warning: metrics not pushed to {url}: ")
+    if gateway == "hanging":
+        assert line.endswith("no answer within 0.5 s")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://gw:9091", "gw:9091", "http://user:hunter2@gw:9091", "http://gw/?a=1"]
+)
+def test_a_bad_metrics_push_url_is_a_usage_error_before_anything_runs(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["deliberate", "--agents", "2", "--latency-ms", "1", "--metrics-push", url])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("conclave: argument --metrics-push: ")
+    assert "deliberating" not in err and out == ""
+    assert "hunter2" not in err
+
+
+def test_log_format_json_writes_parseable_lines_without_content_prompts_or_keys(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    roster = tmp_path / "council.toml"
+    roster.write_text(
+        '[defaults]\nsystem_prompt = "PROMPT-SENTINEL-7"\n'
+        '[[agents]]\nagent_id = "alpha"\n[[agents]]\nagent_id = "beta"\n'
+    )
+    llm_server.script("beta", 401)
+    proc = conclave(
+        *("deliberate", "--backend", "openai", "--base-url", llm_server.base_url),
+        *("--model", "fake-model", "--roster", str(roster), "--show", "1"),
+        *("--topic", "TOPIC-SENTINEL-9", "--log-format", "json", "--log-level", "debug"),
+        env={**os.environ, "OPENAI_API_KEY": SECRET},
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("conclave: ")]
+    docs = [json.loads(x) for x in lines]  # every log line is one JSON object
+    assert docs and all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
+    assert all(d["logger"].split(".")[0] in ("kernel", "adapters") for d in docs)
+    (failed,) = [d for d in docs if d["message"] == "agent failed"]
+    assert failed["agent_id"] == "beta" and failed["failure_kind"] == "error"
+    assert any(d["message"] == "batch finished" and d["batch_size"] == 2 for d in docs)
+    assert "alpha votes aye" in proc.stdout  # the answer exists, and is shown only there
+    for sentinel in ("PROMPT-SENTINEL-7", "TOPIC-SENTINEL-9", "votes aye"):
+        assert sentinel not in proc.stderr
+    assert_never_shown(SECRET, [proc.stderr])
+
+
+def test_log_format_json_alone_logs_at_info_and_text_stays_the_default() -> None:
+    args = ("deliberate", "--agents", "2", "--latency-ms", "1", "--quiet")
+    as_json = conclave(*args, "--log-format", "json")
+    (line,) = [x for x in as_json.stderr.splitlines() if x.startswith("{")]
+    assert json.loads(line)["message"] == "batch finished"
+    as_text = conclave(*args, "--log-level", "info")
+    assert re.search(r" INFO kernel\.service: batch finished .*batch_size=2", as_text.stderr)
+    assert conclave(*args).stderr == ""
+    assert conclave(*args, "--log-format", "xml").returncode == 2
+
+
+def test_openai_backend_summary_shows_the_servers_token_usage_at_the_rosters_prices(
+    llm_server: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    roster = tmp_path / "council.toml"
+    roster.write_text(
+        '[[agents]]\nagent_id = "alpha"\n[[agents]]\nagent_id = "beta"\n'
+        "[prices.fake-model]\nprompt = 1000\ncompletion = 2000\n"
+    )
+    transcript = tmp_path / "run.json"
+    proc = conclave(
+        *("deliberate", "--backend", "openai", "--base-url", llm_server.base_url),
+        *("--model", "fake-model", "--roster", str(roster), "--json", str(transcript)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The loopback server reports 11 prompt + 5 completion tokens an answer:
+    # 22 x 1000 / 1e6 + 10 x 2000 / 1e6 = $0.042.
+    assert re.search(r"tokens\s+22 prompt \+ 10 completion tokens, \$0\.0420\b", proc.stdout)
+    usage = json.loads(transcript.read_text())["usage"]
+    assert usage["per_agent"]["beta"] == {
+        "model": "fake-model",
+        "prompt_tokens": 11,
+        "completion_tokens": 5,
+        "cost_usd": pytest.approx(0.021),
+    }
+    assert usage["cost_usd"] == pytest.approx(0.042) and usage["estimated_agents"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--price-prompt", "-1", "--price-completion", "1"], "argument --price-prompt: must be"),
+        (["--price-prompt", "nan", "--price-completion", "1"], "argument --price-prompt: must be"),
+        (["--price-prompt", "1", "--price-completion", "abc"], "--price-completion: not a number"),
+        (["--price-prompt", "1"], "--price-prompt and --price-completion go together"),
+        (
+            ["--prices", "{tmp}/prices.json"],
+            "--prices {tmp}/prices.json: model 'm': completion_per_1m must be >= 0",
+        ),
+        (["--prices", "{tmp}/none.json"], "--prices {tmp}/none.json: No such file"),
+        (["--roster", "{tmp}/council.json"], "prices: model 'm': completion_per_1m must be"),
+    ],
+)
+def test_a_bad_price_is_a_usage_error_before_anything_runs(
+    tmp_path: Path, flags: list[str], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {"m": {"prompt": 1, "completion": -3}}
+    (tmp_path / "prices.json").write_text(json.dumps({"prices": bad}))
+    roster = {"agents": [{"agent_id": "a"}], "prices": bad}
+    (tmp_path / "council.json").write_text(json.dumps(roster))
+    witness = tmp_path / "w.db"
+    code = main(
+        ["deliberate", "--agents", "2", "--latency-ms", "1", "--witness-db", str(witness)]
+        + [f.format(tmp=tmp_path) for f in flags]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2
+    (line,) = err.splitlines()  # no "deliberating" line: nothing ran
+    assert problem.format(tmp=tmp_path) in line, line
+    assert out == "" and not witness.exists()
+
+
+# ---------------------------------------------------------------- as an operator meets it
+
+
+def test_version_names_the_release_the_package_metadata_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"conclave {kernel.__version__} (trio {trio.__version__}, Python ")
+    assert kernel.__version__ == importlib.metadata.version("conclave-kernel")
+
+
+@pytest.mark.parametrize(
+    "args", [["deliberate", "--agent", "3"], ["deliberate", "--tim", "5"], ["verify", "--exp", "x"]]
+)
+def test_an_abbreviated_flag_is_refused_not_guessed(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("conclave: unrecognized arguments: ")
+
+
+def test_json_dash_writes_the_transcript_to_stdout_and_the_summary_to_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["deliberate", "--agents", "3", "--latency-ms", "1", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # stdout is the transcript and nothing else
+    assert doc["status"] == "completed" and len(doc["outcomes"]) == 3
+    assert "succeeded" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--latency-ms", "5", "--backend", "openai"],
+            "--latency-ms does nothing with --backend openai",
+        ),
+        (["--seed", "1", "--backend", "crewai"], "--seed does nothing with --backend crewai"),
+        (["--model", "m"], "--model does nothing with --backend stub"),
+        (["--base-url=http://127.0.0.1:9/v1"], "--base-url does nothing with --backend stub"),
+        (["--max-tokens", "9"], "--max-tokens does nothing with --backend stub"),
+        (
+            ["--latency-profile", "lognormal", "--jitter-ms", "5"],
+            "--jitter-ms does nothing with --latency-profile lognormal",
+        ),
+        (["--hedge-budget", "0.5"], "--hedge-budget does nothing without --hedge-after"),
+        (["--include-content"], "--include-content does nothing without --json"),
+        (["--quiet", "--show", "3"], "--show does nothing with --quiet"),
+        (["--create"], "--create does nothing without --halt-file"),
+    ],
+)
+def test_a_flag_that_would_do_nothing_is_refused_before_anything_runs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    openai = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    extra = openai if {"openai", "crewai"} & set(args) else []
+    assert main(["deliberate", "--agents", "2", *args, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran, no summary
+    assert captured.err.startswith(f"conclave: {message}")
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_a_quorum_run_lists_no_failures_for_the_agents_it_did_not_need(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["deliberate", "--agents", "10", "--latency-ms", "5", "--jitter-ms", "40"]
+    assert main([*args, "--seed", "3", "--quorum", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cancelled   6 after quorum of 4 (not needed)" in out
+    assert re.search(r"failed\s+0", out)
+    assert "!" not in out  # no failure lines for agents that were not needed
+    assert main([*args, "--seed", "3", "--quorum", "4", "--quiet"]) == 0
+    assert "4/10 succeeded, 6 cancelled after quorum, 0 failed" in capsys.readouterr().out
+
+
+def test_a_terminal_sees_what_the_run_waits_on_before_its_batch(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    child = pexpect.spawn(
+        CONCLAVE[0],
+        [*CONCLAVE[1:], *_openai(llm_server.base_url), "--agents", "2"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(24, 160),
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"},
+    )
+    try:
+        child.expect(f"conclave: probing {re.escape(llm_server.base_url)} \\.\\.\\.")
+        child.expect("deliberating with 2 agents")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_hedge_after_auto_learns_answer_times_across_runs_then_hedges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    args = ["deliberate", "--agents", "30", "--latency-ms", "20", "--jitter-ms", "30"]
+    args += ["--seed", "1", "--hedge-after", "auto", "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "0 of the 20 earlier answers it needs are remembered" in first.err
+    assert ", 0 hedged," in first.out
+    assert (tmp_path / "conclave" / "latency-history.json").is_file()
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert "hedging after " in second.err and "the p95 of 30 earlier answers" in second.err
+
+
+def test_hedge_after_auto_with_a_queue_is_refused_with_the_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["deliberate", "--hedge-after", "auto", "--overflow", "queue"]) == 2
+    assert "with --overflow queue give seconds" in capsys.readouterr().err
+
+
+def test_without_the_cli_extra_the_command_runs_with_plain_lines() -> None:
+    proc = conclave_without("rich", "deliberate", "--agents", "3", "--latency-ms", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 3/3 succeeded, 0 failed")
+    assert "pip install 'conclave-kernel[cli]'" in proc.stderr
+
+
+def test_a_failed_push_is_a_json_log_line_too_with_log_format_json() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = conclave(
+        *("deliberate", "--agents", "2", "--latency-ms", "1", "--quiet"),
+        *("--metrics-push", url, "--metrics-push-timeout", "2", "--log-format", "json"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    (pushed,) = [d for d in docs if d["logger"] == "adapters.pushgateway"]
+    assert pushed["level"] == "WARNING" and pushed["message"] == "metrics not pushed"
+    assert pushed["gateway"] == url and pushed["job"] == "conclave"
+    assert pushed["group"].startswith("instance=") and ",run=" in pushed["group"]
+    assert f"conclave: warning: metrics not pushed to {url}: " in proc.stderr

@@ -11,9 +11,11 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import trio
 
-from adapters.cli._display import KeyValueFormatter, print_summary
+from adapters.cli._display import JsonFormatter, KeyValueFormatter, Progress, print_summary
 from adapters.halt.file import FileHaltChannel
+from adapters.stub import stub_usage
 from kernel import (
     AgentFailure,
     AgentPool,
@@ -112,3 +114,114 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     record.halt_reason = "evil\x1b[2J\nCRITICAL\tkernel.halt:forged"
     line = formatter.format(record)
     assert line.isprintable(), line
+
+
+def _json_line(record: logging.LogRecord) -> dict[str, object]:
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and line.isprintable(), line
+    doc = json.loads(line)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_json_logs_are_one_object_a_line_with_every_extra_a_key() -> None:
+    record = logging.makeLogRecord(
+        {"levelname": "WARNING", "levelno": logging.WARNING, "name": "kernel.service",
+         "msg": "agent %s failed", "args": ("a1",), "created": 0.25}
+    )  # fmt: skip
+    batch_id = uuid4()  # not JSON: shown as its text
+    record.__dict__.update(agent_id="a1", elapsed_ms=12.5, batch_id=batch_id)
+    doc = _json_line(record)
+    assert doc == {
+        "time": "1970-01-01T00:00:00.250+00:00",
+        "level": "WARNING",
+        "logger": "kernel.service",
+        "message": "agent a1 failed",
+        "agent_id": "a1",
+        "elapsed_ms": 12.5,
+        "batch_id": str(batch_id),
+    }
+
+
+def test_json_log_extras_never_overwrite_the_records_own_keys() -> None:
+    record = logging.makeLogRecord({"levelname": "INFO", "name": "adapters.x", "msg": "m"})
+    record.level = "forged"
+    record.logger = "forged"
+    doc = _json_line(record)
+    assert doc["level"] == "INFO" and doc["logger"] == "adapters.x"
+    assert doc["extra.level"] == "forged" and doc["extra.logger"] == "forged"
+
+
+def test_json_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
+    record = logging.makeLogRecord({"levelname": "CRITICAL", "name": "kernel.halt", "msg": "x"})
+    reason = 'evil\x1b[2J\n{"level": "INFO"}\u202e'
+    record.__dict__["halt_reason"] = reason
+    assert _json_line(record)["halt_reason"] == reason
+
+
+def _stub_tokens(agent_ids: list[str], topic: str) -> tuple[int, int]:
+    usages = [stub_usage(a, ContextBundle(topic_id="t", topic_content=topic)) for a in agent_ids]
+    return sum(int(u["prompt_tokens"]) for u in usages), sum(
+        int(u["completion_tokens"]) for u in usages
+    )
+
+
+def test_summary_shows_tokens_and_their_cost_at_the_flags_prices() -> None:
+    prompt, completion = _stub_tokens(["archon-1", "archon-2", "archon-3"], "T")
+    proc = conclave(
+        *("deliberate", "--agents", "3", "--latency-ms", "1", "--topic", "T", "--quiet"),
+        *("--price-prompt", "3", "--price-completion", "15"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    cost = (prompt * 3 + completion * 15) / 1e6
+    expected = f"tokens {prompt:,} prompt + {completion:,} completion tokens (3 estimated)"
+    assert proc.stdout.rstrip().endswith(f"{expected}, ${cost:.4f}")
+
+
+def test_summary_names_the_models_without_a_price(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[prices."gpt-4o"]\nprompt = 1\ncompletion = 1\n')
+    proc = conclave(
+        *("deliberate", "--agents", "2", "--latency-ms", "1", "--prices", str(prices)),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith(
+        "completion tokens (2 estimated), $0.0000 (no price for stub)"
+    )
+
+
+def test_each_shown_answer_carries_its_own_tokens() -> None:
+    proc = conclave(
+        "deliberate", "--agents", "2", "--latency-ms", "1", "--topic", "T", "--show", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    for agent in ("archon-1", "archon-2"):
+        prompt, completion = _stub_tokens([agent], "T")
+        assert f"\n{agent}: {prompt} prompt + {completion} completion tokens\n" in proc.stdout
+
+
+async def test_the_batch_clock_starts_with_the_batch_not_with_the_set_up(
+    autojump_clock: object,
+) -> None:
+    progress = Progress(2, AgentPool(), ["a", "b"])
+    await trio.sleep(30)  # a slow probe, CrewAI's import
+    assert progress.elapsed == 0.0
+    progress.start()
+    await trio.sleep(1.5)
+    assert progress.elapsed == pytest.approx(1.5)
+
+
+def test_the_agents_still_waited_on_are_named_once_few_are_left() -> None:
+    ids = [f"archon-{i}" for i in range(1, 13)]
+    progress = Progress(len(ids), AgentPool(), ids)
+    assert progress.waiting_on() == ""  # 12 left: too many to name
+    for done, agent in enumerate(ids[:6], 1):
+        progress(done, len(ids), agent, "completed")
+    assert progress.waiting_on() == "archon-7, archon-8, archon-9, archon-10 +2"
+    for done, agent in enumerate(ids[6:11], 7):
+        progress(done, len(ids), agent, "failed")
+    assert progress.waiting_on() == "archon-12"
+    assert progress.failed == 5
+    progress(12, len(ids), "archon-12", "completed")
+    assert progress.waiting_on() == ""

@@ -47,3 +47,25 @@ def halt_from_cli(halt_file: Path, reason: str) -> None:
     """``conclave halt`` from another process; it must succeed."""
     proc = conclave("halt", "--halt-file", str(halt_file), "--reason", reason)
     assert proc.returncode == 0, proc.stderr
+
+
+def conclave_without(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``conclave *args`` in an interpreter where ``module`` cannot be imported, as in a
+    wheel installed without the extra that brings it (``None`` in ``sys.modules``: both
+    ``import`` and ``importlib.util.find_spec`` say it is not there)."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; "
+        "from adapters.cli.commands import main; sys.exit(main())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+def announced_batch(proc: subprocess.Popen[str]) -> str:
+    """The batch id a deliberation with a witness log says on stderr as its run starts
+    (read after :func:`deliberating`'s first line)."""
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("conclave: batch "), line
+    return line.split()[2]

@@ -173,6 +173,13 @@ class FakeOpenAIServer:
         with self._cond:
             self.scripts[agent_id].extend(faults)
 
+    def unscript(self) -> None:
+        """Drop the faults scripted and not used yet (a client killed before some of its
+        agents asked)."""
+        with self._cond:
+            self.scripts.clear()
+            self.next_faults.clear()
+
     def script_any(self, *faults: Fault) -> None:
         with self._cond:
             self.next_faults.extend(faults)

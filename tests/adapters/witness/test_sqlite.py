@@ -10,26 +10,29 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 import trio
 import trio.testing
 
 from adapters.stub import AgentOrchestratorStub
-from adapters.witness.sqlite import SqliteWitness, WitnessError, verify_log
+from adapters.witness._chain import insert_row, output_fields
+from adapters.witness.sqlite import GENESIS_HASH, SqliteWitness, WitnessError, verify_log
 from kernel import (
     AgentOutput,
     AgentPool,
     ConcurrentDeliberationService,
     FailureKind,
+    HaltSwitch,
     InvalidRequestError,
     OutputWitness,
+    context_fingerprint,
 )
 from tests.support import ROOT
 from tests.support.cli import conclave
 from tests.support.helpers import make_requests
-from tests.support.witness_helpers import make_log, run_sql
+from tests.support.witness_helpers import make_log, run_sql, select
 
 
 async def _deliberate(witness: SqliteWitness, n: int = 72, **stub_kwargs: object) -> object:
@@ -85,7 +88,8 @@ async def test_view_refuses_uncommitted_and_tampered_outputs(tmp_path: Path) -> 
             "prev_hash",
         ),
         (
-            "INSERT INTO outputs SELECT 100, 'x', agent_id, request_id, batch_id, content_hash, "
+            "INSERT INTO outputs SELECT 100, 'x', agent_id || '-2', request_id, batch_id, "
+            "content_hash, "
             "content_type, generated_at, committed_at, metadata, content, prev_hash, chain_hash "
             "FROM outputs WHERE sequence = 2",
             100,
@@ -357,3 +361,182 @@ async def test_a_log_in_a_sticky_shared_directory_is_opened(tmp_path: Path) -> N
     async with SqliteWitness(shared / "w.db") as witness:
         await _deliberate(witness, 1)
     assert _mode(shared / "w.db") == 0o600
+
+
+# ---------------------------------------------------------------- batches and resume
+
+
+def _output(agent_id: str, batch_id: UUID | None) -> AgentOutput:
+    return AgentOutput(agent_id, uuid4(), f"{agent_id} answers", batch_id=batch_id)
+
+
+async def test_a_second_output_of_one_agent_in_one_batch_is_refused_by_the_log(
+    tmp_path: Path,
+) -> None:
+    batch = uuid4()
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        await witness.commit(_output("archon-1", batch))
+        with pytest.raises(WitnessError, match="'archon-1' already has an output"):
+            await witness.commit(_output("archon-1", batch))
+        await witness.commit(_output("archon-1", uuid4()))  # another batch: its own answer
+        await witness.commit(_output("archon-1", None))  # outside any batch: not constrained
+        await witness.commit(_output("archon-1", None))
+        assert await witness.count() == 4
+        assert (await witness.verify()).ok
+
+
+_OLD_SCHEMA = """
+CREATE TABLE outputs (
+    sequence INTEGER PRIMARY KEY, output_id TEXT NOT NULL UNIQUE, agent_id TEXT NOT NULL,
+    request_id TEXT NOT NULL, batch_id TEXT, content_hash TEXT NOT NULL,
+    content_type TEXT NOT NULL, generated_at TEXT NOT NULL, committed_at TEXT NOT NULL,
+    metadata TEXT NOT NULL, content TEXT NOT NULL, prev_hash TEXT NOT NULL,
+    chain_hash TEXT NOT NULL
+);
+CREATE TABLE views (
+    id INTEGER PRIMARY KEY, output_id TEXT NOT NULL, sequence INTEGER NOT NULL,
+    viewer_id TEXT NOT NULL, viewed_at TEXT NOT NULL
+);
+"""
+
+
+def _old_log(path: Path, outputs: list[AgentOutput]) -> None:
+    """A log as the witness wrote it before batches were recorded: no unique index, no
+    batch_runs table, schema version 0."""
+    run_sql(path, _OLD_SCHEMA + "PRAGMA journal_mode=WAL;")
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        prev = GENESIS_HASH
+        for sequence, output in enumerate(outputs, 1):
+            prev = insert_row(db, output_fields(output), sequence, prev, output.generated_at)
+    finally:
+        db.close()
+
+
+async def test_an_older_log_is_migrated_on_open_and_its_chain_still_verifies(
+    tmp_path: Path,
+) -> None:
+    path, batch = tmp_path / "w.db", uuid4()
+    _old_log(path, [_output("archon-1", batch), _output("archon-2", batch)])
+    async with SqliteWitness(path) as witness:
+        assert (await witness.verify()).ok
+        with pytest.raises(WitnessError, match="already has an output"):
+            await witness.commit(_output("archon-1", batch))
+        recorded = await witness.recorded_batch(batch)
+        # Its outputs are there, its request set is not: a resume refuses it.
+        assert recorded is not None and recorded.requests is None
+        assert sorted(recorded.outputs) == ["archon-1", "archon-2"]
+    assert select(path, "PRAGMA user_version") == [(2,)]
+
+
+async def test_a_batch_of_an_older_log_is_not_resumed(tmp_path: Path) -> None:
+    path, batch = tmp_path / "w.db", uuid4()
+    _old_log(path, [_output("archon-1", batch)])
+    stub = AgentOrchestratorStub(latency_ms=0)
+    async with SqliteWitness(path) as witness:
+        service = ConcurrentDeliberationService(stub, witness=witness)
+        with pytest.raises(InvalidRequestError, match="not its request set"):
+            await service.invoke_concurrent(make_requests(2), resume=batch)
+    assert stub.get_invocation_count() == 0
+
+
+def test_a_log_holding_two_outputs_of_one_agent_in_one_batch_is_refused_on_open(
+    tmp_path: Path,
+) -> None:
+    path, batch = tmp_path / "w.db", uuid4()
+    _old_log(path, [_output("archon-1", batch), _output("archon-1", batch)])
+    with pytest.raises(WitnessError, match="two outputs of one agent in one batch"):
+        SqliteWitness(path)
+    assert select(path, "PRAGMA user_version") == [(0,)]
+
+
+def test_a_log_of_a_newer_schema_is_refused_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    _old_log(path, [_output("archon-1", uuid4())])
+    run_sql(path, "PRAGMA user_version = 3;")
+    with pytest.raises(WitnessError, match="schema version 3 is newer"):
+        SqliteWitness(path)
+
+
+async def test_a_run_is_recorded_with_the_first_output_of_its_batch(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 3)
+        batch = result.batch_id  # type: ignore[attr-defined]
+        recorded = await witness.recorded_batch(batch)
+        assert recorded is not None and recorded.runs == 1
+        context = make_requests(1)[0].context
+        assert recorded.requests == dict.fromkeys(
+            ("archon-1", "archon-2", "archon-3"), context_fingerprint(context)
+        )
+        outputs = result.outputs  # type: ignore[attr-defined]
+        assert recorded.outputs == {o.agent_id: o for o in outputs}
+    assert select(path, "SELECT count(*) FROM batch_runs") == [(1,)]
+
+
+async def test_a_run_that_commits_nothing_leaves_no_record(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    stub = AgentOrchestratorStub(latency_ms=0, fail_agents=["archon-1", "archon-2"])
+    async with SqliteWitness(path) as witness:
+        service = ConcurrentDeliberationService(stub, witness=witness)
+        result = await service.invoke_concurrent(make_requests(2))
+        assert result.success_count == 0
+        assert await witness.recorded_batch(result.batch_id) is None
+        # A run ended is forgotten: an output committed later records no run.
+        await witness.commit(_output("archon-1", result.batch_id))
+        recorded = await witness.recorded_batch(result.batch_id)
+        assert recorded is not None and recorded.requests is None
+    assert select(path, "SELECT count(*) FROM batch_runs") == [(0,)]
+
+
+async def test_a_tampered_output_of_a_batch_refuses_its_resume(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 2)
+        target = result.outputs[1]  # type: ignore[attr-defined]
+        run_sql(path, f"UPDATE outputs SET content = 'x' WHERE output_id = '{target.output_id}'")
+        with pytest.raises(WitnessError, match="does not verify"):
+            await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
+
+
+async def test_a_locked_log_does_not_keep_a_resume_from_reading_it(tmp_path: Path) -> None:
+    """Another connection holds the write lock (a writer mid-transaction): the resume's
+    read goes on (WAL readers do not wait for writers)."""
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path, busy_timeout_s=0.2) as witness:
+        result = await _deliberate(witness, 2)
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            with trio.fail_after(5):
+                recorded = await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        assert recorded is not None and len(recorded.outputs) == 2
+
+
+async def test_a_resume_whose_commits_find_the_log_locked_fails_them_after_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path, busy_timeout_s=0.2) as witness:
+        switch = HaltSwitch()
+        requests = make_requests(3)
+        stub = AgentOrchestratorStub(latency_ms=0, fail_agents=["archon-3"])
+        first = await ConcurrentDeliberationService(stub, witness=witness).invoke_concurrent(
+            requests
+        )
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stub = AgentOrchestratorStub(latency_ms=0)
+            service = ConcurrentDeliberationService(stub, switch, witness=witness)
+            result = await service.invoke_concurrent(requests, resume=first.batch_id)
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        assert stub.get_invocation_count() == 1
+        assert [f.kind for f in result.failures] == [FailureKind.WITNESS]
+        assert "locked" in result.failures[0].message
+        assert await witness.count() == 2

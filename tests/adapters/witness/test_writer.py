@@ -296,3 +296,25 @@ async def test_halt_at_a_random_moment_log_equals_released(tmp_path: Path, seed:
             switch.halt("operator stop")
     assert set(_logged(path)) == given
     assert verify_log(path).records == len(given)
+
+
+async def test_a_run_is_written_in_the_transaction_of_its_batch_first_output(
+    tmp_path: Path,
+) -> None:
+    """Never an output of a recorded batch without its request set, even after a crash:
+    both go in one transaction."""
+    path = tmp_path / "w.db"
+    batch = uuid4()
+    async with SqliteWitness(path) as witness:
+        end = witness.begin_run(batch, {"archon-1": "f" * 64, "archon-2": "f" * 64})
+        lock = WriteLock(path)
+        async with trio.open_nursery() as nursery:
+            for agent in ("archon-1", "archon-2"):
+                output = AgentOutput(agent, uuid4(), "yes", batch_id=batch)
+                nursery.start_soon(witness.commit, output)
+            await _until(lambda: witness.statistics().queued == 2)
+            assert select(path, "SELECT count(*) FROM batch_runs") == [(0,)]
+            lock.release()
+        end()
+        assert witness.transactions == 1
+    assert select(path, "SELECT batch_id, run FROM batch_runs") == [(str(batch), 1)]
