@@ -3,6 +3,7 @@ endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from uuid import uuid4
 
@@ -28,6 +29,7 @@ from kernel import (
     InvalidRequestError,
     RateLimit,
 )
+from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.hostile_parts import halt_after
@@ -309,3 +311,15 @@ async def test_provider_budget_waits_the_adapters_report_are_counted_too() -> No
     assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.75
     requests = {"model": "m", "status": "429"}
     assert registry.get_sample_value("conclave_llm_requests_total", requests) == 3
+
+
+async def test_every_series_the_shipped_alert_rules_read_is_exported() -> None:
+    rules = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    wanted = set(re.findall(r"\bconclave_[a-z_]+", rules))
+    assert wanted  # the rules read the exporter's names, not recording rules alone
+    service = ConcurrentDeliberationService(ReportsWaits(), HaltSwitch())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(3))
+    exported = {s.name for family in registry.collect() for s in family.samples}
+    assert wanted <= exported, sorted(wanted - exported)
