@@ -167,4 +167,9 @@ async def status_command(args: argparse.Namespace) -> int:
     for record in history[-5:]:
         who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
         print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
+    if args.valkey is not None:  # the cluster's own section (adapters.cli._budget)
+        from adapters.cli._budget import cluster_status
+
+        for line in await cluster_status(args.valkey):
+            print(line)
     return EXIT_HALTED if reading.reason is not None else EXIT_OK

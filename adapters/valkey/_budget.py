@@ -41,6 +41,7 @@ import trio
 from adapters.llm.provider_budget import SharedBudgetUnavailableError
 from adapters.urls import redact_url
 from adapters.valkey._budget_lua import BUDGET
+from adapters.valkey._capacity import read_counts
 from adapters.valkey._connection import (
     BackgroundClient,
     Client,
@@ -302,6 +303,11 @@ class ValkeyProviderBudget(BackgroundClient):
                 self._watchers[bid].remove(listener)
 
         return unregister
+
+    async def capacity_counts(self) -> tuple[int, int]:
+        """The shared capacity under the same prefix: agents in flight, agents queued
+        (:class:`StoreError` if unreachable)."""
+        return await read_counts(self._require_client(), self.key_prefix, self.timeout)
 
     async def lanes(self) -> list[BudgetLanes]:
         """Every budget under this prefix, as the server holds it now."""

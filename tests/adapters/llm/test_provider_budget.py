@@ -62,7 +62,9 @@ class Clock:
 def budget(**limits: int) -> tuple[EndpointBudget, Clock]:
     clock = Clock()
     b = EndpointBudget(clock=clock)
-    b.configure(ProviderLimits(**limits))
+    b.configure(
+        ProviderLimits(limits.get("requests_per_minute"), limits.get("tokens_per_minute"))
+    )
     return b, clock
 
 
@@ -298,9 +300,11 @@ def test_orchestrators_of_one_endpoint_and_key_share_the_strictest_limits() -> N
     assert loose._budgets[url] is strict._budgets[url]
     assert other._budgets[url] is not loose._budgets[url]
     shared = loose._budgets[url]
+    assert isinstance(shared, EndpointBudget)
     assert shared.requests.rate == pytest.approx(1.0)  # 60 per minute: the stricter
     assert shared.tokens.rate == pytest.approx(10**6 / 60)
-    assert other._budgets[url].requests.rate is None
+    alone = other._budgets[url]
+    assert isinstance(alone, EndpointBudget) and alone.requests.rate is None
 
 
 # ------------------------------------------- a server that lies in its rate-limit headers or usage
