@@ -62,7 +62,7 @@ __all__ = ["BudgetGrant", "BudgetLanes", "ValkeyProviderBudget"]
 log = logging.getLogger("adapters.valkey")
 
 #: How long a settlement waits to be folded into a call before it is sent on its own.
-SETTLE_DELAY_S = 0.02
+SETTLE_DELAY_S = 0.1
 #: How often an unreachable server is tried again.
 PROBE_EVERY_S = 0.5
 # How long the server clock's best reading stays the one believed.
@@ -128,7 +128,8 @@ class _ServerClock:
     and replies wait for a busy loop, so neither the send nor the receipt time stands for
     the server's ``now``; the midpoint of the call with the shortest round trip does
     (Cristian's algorithm), to within half of it.  A sample older than
-    :data:`_CLOCK_SAMPLE_S` gives way to any newer one (the clocks drift apart)."""
+    :data:`_CLOCK_SAMPLE_S` gives way to a newer one nearly as good (the clocks drift
+    apart); the first are taken on entry, before any load."""
 
     __slots__ = ("_offset", "_rtt", "_taken")
 
@@ -140,7 +141,8 @@ class _ServerClock:
     def sample(self, server_s: float, sent: float, received: float) -> float:
         """Take one call's reading; returns the offset (server minus local) in force."""
         rtt = max(0.0, received - sent)
-        if rtt <= self._rtt or received - self._taken > _CLOCK_SAMPLE_S:
+        aged = received - self._taken > _CLOCK_SAMPLE_S
+        if rtt <= self._rtt or (aged and rtt <= max(2.0 * self._rtt, 0.002)):
             self._offset = server_s - (sent + received) / 2.0
             self._rtt = rtt
             self._taken = received
@@ -185,8 +187,10 @@ class ValkeyProviderBudget(BackgroundClient):
         self._urgent = False
         self._wake = trio.Event()
         self._watchers: dict[str, list[ShiftListener]] = {}
+        self._back_listeners: list[Callable[[], None]] = []
         self._clock = _ServerClock()
-        self.round_trips = 0
+        self.round_trips = 0  # calls to the server
+        self.reservations = 0  # of which took a turn (one per request)
 
     def __repr__(self) -> str:
         state = "shared" if self._available else "fallback"
@@ -238,6 +242,7 @@ class ValkeyProviderBudget(BackgroundClient):
         self._config[bid] = config
         pending = self._pending.pop(bid, None) or _Settlement()
         sent = time.monotonic()
+        self.reservations += 1
         try:
             reply = await self._call("r", bid, config, pending, tokens)
         except StoreError as exc:
@@ -284,6 +289,17 @@ class ValkeyProviderBudget(BackgroundClient):
         every replica's waiters move.  Never blocks or raises."""
         self._queue(bid, _Settlement(pause_ms=max(0.0, seconds) * 1000.0))
         self._urgent = True
+
+    def on_available(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` when the server can be reached again after an outage;
+        returns the unregister call.  Quick, no raise."""
+        self._back_listeners.append(listener)
+
+        def unregister() -> None:
+            with contextlib.suppress(ValueError):
+                self._back_listeners.remove(listener)
+
+        return unregister
 
     async def flush(self) -> None:
         """Send what is pending now (e.g. before reporting a run); a failure is logged
@@ -417,6 +433,8 @@ class ValkeyProviderBudget(BackgroundClient):
                 extra={"url": self.url, "key_prefix": self.key_prefix},
             )
         self._wake.set()
+        for listener in list(self._back_listeners):
+            listener()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -429,6 +447,10 @@ class ValkeyProviderBudget(BackgroundClient):
         self._script = client.register_script(BUDGET)
         try:
             await store_call(client.ping, self.timeout)
+            for _ in range(3):  # the server's clock, read while nothing else is sent
+                sent = time.monotonic()
+                now = await store_call(client.time, self.timeout)
+                self._clock.sample(now.timestamp(), sent, time.monotonic())
         except StoreError as exc:
             self._available = True  # so that _down counts and logs this outage
             self._down(str(exc))

@@ -62,9 +62,7 @@ class Clock:
 def budget(**limits: int) -> tuple[EndpointBudget, Clock]:
     clock = Clock()
     b = EndpointBudget(clock=clock)
-    b.configure(
-        ProviderLimits(limits.get("requests_per_minute"), limits.get("tokens_per_minute"))
-    )
+    b.configure(ProviderLimits(limits.get("requests_per_minute"), limits.get("tokens_per_minute")))
     return b, clock
 
 

@@ -4,10 +4,15 @@ loopback server that enforces its limit per window (its "minute", time-scaled)."
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -32,6 +37,7 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
 )
+from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import make_requests, time_halt
 from tests.support.valkey_server import ValkeyServer
@@ -334,3 +340,120 @@ async def test_a_hung_server_holds_an_attempt_no_longer_than_the_timeout(
             assert not store.available
         finally:
             own_server.resume()
+
+
+# ---------------------------------------------------------------- several real processes
+
+#: The issue's setting, time-scaled: 3 replicas x 72 agents against 120 requests per
+#: "minute" of 3 s.  Ideal: the limit's own even pace, 216 calls at 120 a window.
+REPLICAS, AGENTS, LIMIT, WINDOW_S = 3, 72, 120, 3.0
+IDEAL_S = REPLICAS * AGENTS / LIMIT * WINDOW_S
+
+
+def run_replicas(
+    llm_server: FakeOpenAIServer,
+    valkey: str | None,
+    prefix: str,
+    while_running: Callable[[], None] | None = None,
+    key: str = "sk-replicas",
+    batches: int = 1,
+) -> list[dict[str, Any]]:
+    """Three worker processes, started together, each ``batches`` batches making
+    AGENTS agents in all; their reports."""
+    command = [
+        sys.executable, "-m", "tests.support.budget_worker", "--base-url", llm_server.base_url,
+        "--api-key", key, "--rpm", str(round(LIMIT * 60 / WINDOW_S)),
+        "--agents", str(AGENTS // batches), "--batches", str(batches),
+        "--key-prefix", prefix, "--replicas", str(REPLICAS),
+    ]  # fmt: skip
+    if valkey is not None:
+        command += ["--valkey", valkey]
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for i in range(REPLICAS):
+            proc = subprocess.Popen(
+                [*command, "--name", f"r{i}"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )  # fmt: skip
+            stack.callback(proc.kill)
+            procs.append(proc)
+        for proc in procs:
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()) == {"event": "ready"}
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        if while_running is not None:
+            while_running()
+        reports = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)  # nothing hangs
+            assert proc.returncode == 0
+            reports.append(json.loads(out.splitlines()[-1]))
+        return reports
+
+
+def completion_s(server: FakeOpenAIServer, reports: list[dict[str, Any]]) -> float:
+    """From the first request the provider saw to the last answer: how long the budget
+    took (the replicas' own start-up, the same with any budget, left out)."""
+    wall_minus_monotonic = time.time() - time.monotonic()
+    first = min(t for t, _, _ in server.arrivals) + wall_minus_monotonic
+    return float(max(r["ended"] for r in reports) - first)
+
+
+@pytest.mark.slow
+def test_three_replicas_sharing_one_budget_meet_no_429_storm_and_keep_the_pace(
+    valkey_server: ValkeyServer, prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    llm_server.limit_rate(LIMIT, 10**7, WINDOW_S)
+    reports = run_replicas(llm_server, valkey_server.url, prefix)
+
+    assert sum(r["failed"] for r in reports) == 0
+    assert sum(r["succeeded"] for r in reports) == REPLICAS * AGENTS
+    assert llm_server.rate_limited <= 0.01 * llm_server.requests_total
+    assert busiest_window(admitted(llm_server), WINDOW_S) <= LIMIT
+    # At the limit's pace: the goal is 1.1 x (the shared-budget benchmark measures it);
+    # here, room for three processes descheduled on a loaded 2-core machine.
+    assert completion_s(llm_server, reports) <= 1.5 * IDEAL_S
+    assert all(r["outages"] == 0 for r in reports)
+    # One call to the server per request (settlements go in the background).
+    assert sum(r["reservations"] for r in reports) == llm_server.requests_total
+
+
+@pytest.mark.slow
+def test_three_replicas_each_with_its_own_budget_meet_a_429_storm(
+    prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    llm_server.limit_rate(LIMIT, 10**7, WINDOW_S)
+    reports = run_replicas(llm_server, None, prefix)
+
+    # Three budgets of the full limit: three times the pace the provider takes.
+    assert llm_server.rate_limited >= 0.05 * llm_server.requests_total
+    assert sum(r["responses_429"] for r in reports) == llm_server.rate_limited
+
+
+@pytest.mark.slow
+def test_replicas_fall_back_when_the_server_is_killed_mid_run_and_share_again_on_its_return(
+    own_server: ValkeyServer, prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    llm_server.limit_rate(LIMIT, 10**7, WINDOW_S)
+
+    def kill_then_restart() -> None:
+        # Three batches of 24 a replica: the first shared, the second (its turns taken
+        # while the server is down) at a third of the limit each, the third shared again.
+        assert llm_server.wait_for(lambda s: s.answered >= 24, timeout=30)
+        own_server.stop()
+        assert llm_server.wait_for(lambda s: s.answered >= 150, timeout=30)
+        own_server.restart()  # back, without its data: sharing resumes afresh
+
+    key = f"sk-{uuid.uuid4().hex}"
+    reports = run_replicas(llm_server, own_server.url, prefix, kill_then_restart, key, 3)
+
+    assert sum(r["failed"] for r in reports) == 0  # nothing lost, nothing hung
+    assert all(r["outages"] == 1 and r["available"] for r in reports), reports
+    # Never unlimited: a third of the limit each while it was down.
+    assert llm_server.rate_limited <= 0.05 * llm_server.requests_total
+    bid = budget_id(llm_server.base_url, key)
+    turns = own_server.command("HGET", f"{prefix}:budget:{bid}", "sent")
+    assert int(turns.split()[-1]) > 0  # turns handed out by the server after its return
