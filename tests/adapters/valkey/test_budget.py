@@ -362,6 +362,32 @@ async def test_the_shared_budget_composes_with_a_shared_capacity_queue_mode_a_de
     assert after < 0.5
 
 
+async def test_agents_waiting_in_the_fallback_take_their_turns_from_the_server_on_its_return(
+    own_server: ValkeyServer, prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    key = f"sk-{uuid.uuid4().hex}"
+    async with replicas(own_server.url, prefix, 3) as (store, *_):
+        # 180 a minute shared (one each 0.35 s); 60 a minute for this replica alone.
+        limits = ProviderLimits(requests_per_minute=180, shared=store)
+        orch = OpenAIChatOrchestrator(
+            llm_server.base_url, "fake-model", api_key=key, limits=limits, **FAST
+        )
+        own_server.stop()
+
+        async def back_soon() -> None:
+            await trio.to_thread.run_sync(llm_server.wait_for, lambda s: s.answered == 1)
+            own_server.restart()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(back_soon)
+            with trio.fail_after(4):  # at its share alone, the 6th turn is 5.3 s off
+                (result,) = await council(orch, 6)
+        lanes = await store.lanes()
+
+    assert result.success_count == 6
+    assert [lane.turns for lane in lanes] == [5]  # all but the first, from the server
+
+
 async def test_a_hung_server_holds_an_attempt_no_longer_than_the_timeout(
     own_server: ValkeyServer, prefix: str
 ) -> None:
