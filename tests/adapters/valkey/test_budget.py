@@ -406,14 +406,14 @@ async def test_a_hung_server_holds_an_attempt_no_longer_than_the_timeout(
 # ---------------------------------------------------------------- several real processes
 
 #: The issue's setting, time-scaled: 3 replicas x 72 agents against 120 requests per
-#: "minute" of 3 s.  Ideal: the limit's own even pace, 216 calls at 120 a window.
-REPLICAS, AGENTS, LIMIT, WINDOW_S = 3, 72, 120, 3.0
+#: "minute" of 2 s.  Ideal: the limit's own even pace, 216 calls at 120 a window.
+REPLICAS, AGENTS, LIMIT, WINDOW_S = 3, 72, 120, 2.0
 IDEAL_S = REPLICAS * AGENTS / LIMIT * WINDOW_S
 
 
 def run_replicas(
     llm_server: FakeOpenAIServer,
-    valkey: str | None,
+    valkey: str,
     prefix: str,
     while_running: Callable[[], None] | None = None,
     key: str = "sk-replicas",
@@ -425,10 +425,8 @@ def run_replicas(
         sys.executable, "-m", "tests.support.budget_worker", "--base-url", llm_server.base_url,
         "--api-key", key, "--rpm", str(round(LIMIT * 60 / WINDOW_S)),
         "--agents", str(AGENTS // batches), "--batches", str(batches),
-        "--key-prefix", prefix, "--replicas", str(REPLICAS),
+        "--key-prefix", prefix, "--replicas", str(REPLICAS), "--valkey", valkey,
     ]  # fmt: skip
-    if valkey is not None:
-        command += ["--valkey", valkey]
     with contextlib.ExitStack() as stack:
         procs = []
         for i in range(REPLICAS):
@@ -472,8 +470,9 @@ def test_three_replicas_sharing_one_budget_meet_no_429_storm_and_keep_the_pace(
 
     assert sum(r["failed"] for r in reports) == 0
     assert sum(r["succeeded"] for r in reports) == REPLICAS * AGENTS
-    # The goal is <= 1 % (the shared-budget benchmark: 0 %); here, room for three
-    # processes descheduled at once on a loaded 2-core machine (each alone: ~23 %).
+    # The goal is <= 1 % (the shared-budget benchmark: 0 %, and each replica with its own
+    # budget 23 %); here, room for three processes descheduled at once on a loaded
+    # 2-core machine.
     assert llm_server.rate_limited <= 0.05 * llm_server.requests_total
     assert busiest_window(admitted(llm_server), WINDOW_S) <= LIMIT
     # At the limit's pace: the goal is 1.1 x (the shared-budget benchmark measures it);
@@ -482,18 +481,6 @@ def test_three_replicas_sharing_one_budget_meet_no_429_storm_and_keep_the_pace(
     assert all(r["outages"] == 0 for r in reports)
     # One call to the server per request (settlements go in the background).
     assert sum(r["reservations"] for r in reports) == llm_server.requests_total
-
-
-@pytest.mark.slow
-def test_three_replicas_each_with_its_own_budget_meet_a_429_storm(
-    prefix: str, llm_server: FakeOpenAIServer
-) -> None:
-    llm_server.limit_rate(LIMIT, 10**7, WINDOW_S)
-    reports = run_replicas(llm_server, None, prefix)
-
-    # Three budgets of the full limit: three times the pace the provider takes.
-    assert llm_server.rate_limited >= 0.1 * llm_server.requests_total
-    assert sum(r["responses_429"] for r in reports) == llm_server.rate_limited
 
 
 @pytest.mark.slow
