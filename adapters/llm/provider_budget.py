@@ -870,13 +870,12 @@ class ClusterBudget:
         if store.available:
             import trio_asyncio
 
-            try:
-                reserve = trio_asyncio.trio_as_aio(store.reserve)
-            except RuntimeError:  # pragma: no cover - checked by the CLI's wiring
+            if trio_asyncio.current_loop.get() is None:  # plain asyncio: no trio to call
                 raise RuntimeError(
                     "a shared provider budget needs its orchestrator run under trio "
-                    "(AsyncioOrchestratorBridge)"
-                ) from None
+                    "(AsyncioOrchestratorBridge): its store is a trio object"
+                )
+            reserve = trio_asyncio.trio_as_aio(store.reserve)
             reserved_at = time.monotonic()
             try:
                 grant = await reserve(
