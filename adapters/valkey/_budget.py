@@ -74,12 +74,13 @@ _MAX_PAUSE_MS = 30_000.0
 
 @attrs.frozen
 class BudgetGrant:
-    """A turn: start after ``delay_s``, i.e. at ``at`` (``time.monotonic()``: counted
-    from when the call was sent, so that a slow reply does not make the turn late);
+    """A turn: start after ``delay_s``, i.e. at ``at`` (``time.monotonic()``, from the
+    server's clock: a slow reply does not make the turn late), ``turn_s`` on the server's;
     ``tokens`` were charged; the limits in force."""
 
     delay_s: float
     at: float
+    turn_s: float  # the turn on the server's clock
     tokens: float
     requests_per_minute: int | None
     tokens_per_minute: int | None
@@ -253,6 +254,7 @@ class ValkeyProviderBudget(BackgroundClient):
         return BudgetGrant(
             delay_s=max(0, delay_us) / 1e6,
             at=turn_us / 1e6 - offset,
+            turn_s=turn_us / 1e6,
             tokens=float(charged),
             requests_per_minute=rlim or None,
             tokens_per_minute=tlim or None,
