@@ -934,10 +934,11 @@ class ClusterBudget:
                 self._waiting.discard(ticket)
         ticket.sent_at = now = time.monotonic()
         late = now - ticket.at
-        if late > self._late_s(grant):
-            # Sent late (a descheduled process): the turns after it move as late,
-            # cluster-wide, as the local budget's do (the server counts arrivals).
-            self._store.pause(self._bid, late)
+        tolerated = self._late_s(grant)
+        if late > tolerated:
+            # Sent late (a descheduled process): the turns after it move as late, less
+            # what the headroom absorbs, cluster-wide (the server counts arrivals).
+            self._store.pause(self._bid, late - tolerated)
         return ticket
 
     @staticmethod
