@@ -946,8 +946,8 @@ class ClusterBudget:
         """How late a turn may go before the turns after it move: four turns of the
         requests lane.  A late turn crowds a window by one request at most, whatever
         its lateness, and the headroom absorbs a few (6 of a limit of 120); moving the
-        whole cluster for every loaded replica's jitter cost 15 % of the throughput
-        (measured: three replicas on a loaded 2-core machine)."""
+        whole cluster at 10 ms of lateness, for every loaded replica's jitter, took
+        7.5 s against 6.9 s for 3 x 72 calls (three replicas, a loaded 2-core machine)."""
         rpm = grant.requests_per_minute
         if not rpm:
             return _LATE_CLUSTER_S
