@@ -171,6 +171,8 @@ TESTED_THROUGH = {
     "adapters/llm/_crewai_agents.py": "tests/adapters/llm/crewai/test_crewai.py",
     # The capacity's server-side scripts: their edge cases are the capacity's.
     "adapters/valkey/_lua.py": "tests/adapters/valkey/test_capacity.py",
+    # The shared provider budget's server-side script: its edge cases are the budget's.
+    "adapters/valkey/_budget_lua.py": "tests/adapters/valkey/test_budget.py",
 }
 
 

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from adapters.llm.bridge import AsyncioOrchestratorBridge
-    from adapters.llm.provider_budget import LimitStats, ProviderLimits
+    from adapters.llm.provider_budget import LimitStats, ProviderLimits, SharedBudgetStore
 
 __all__ = [
     "OpeningHaltWatch",
@@ -226,10 +226,12 @@ async def stub_orchestrator(
 
 class RateLimitReport:
     """What rate limiting cost a run's orchestrator, readable once it is open (the
-    summary shows it); ``stats()`` is None for a backend without rate limits."""
+    summary shows it); ``stats()`` is None for a backend without rate limits.
+    ``shared``: the budget every replica shares (``--valkey`` with ``--rpm/--tpm``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedBudgetStore | None = None) -> None:
         self.source: Callable[[], LimitStats] | None = None
+        self.shared = shared
 
     def stats(self) -> LimitStats | None:
         return None if self.source is None else self.source()

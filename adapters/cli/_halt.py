@@ -213,4 +213,9 @@ async def status_command(args: argparse.Namespace) -> int:
             names = [f"{n} [{plain(k)}]" for n, k in zip(names, record.fingerprints, strict=False)]
         who = f" by {', '.join(names)}" if names else ""
         print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
+    if args.valkey is not None:  # the cluster's own section (adapters.cli._budget)
+        from adapters.cli._budget import cluster_status
+
+        for line in await cluster_status(args.valkey):
+            print(line)
     return EXIT_HALTED if reading.reason is not None else EXIT_OK

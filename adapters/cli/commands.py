@@ -43,6 +43,7 @@ from typing import Any
 
 import trio
 
+from adapters.cli import _budget as _cli_budget
 from adapters.cli import _latency_history as latency_history
 from adapters.cli import _valkey as _cli_valkey
 from adapters.cli import load, transcript
@@ -289,6 +290,14 @@ def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --valkey: at most N agents in flight across every process on the server",
     )
+    cluster.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --valkey and --rpm/--tpm (one budget for every replica on the server): "
+        "while the server is unreachable, each paces at 1/N of the limits",
+    )
     tail = d.add_argument_group("tail control (concurrent runs)")
     tail.add_argument(
         "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
@@ -445,12 +454,18 @@ async def deliberate(args: argparse.Namespace) -> int:
     configure_logging(_log_level(args), args.log_format or "text")
     roster_file = await check_usage(args)
     args.price_table = await _price_table(args, roster_file)
-    async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
-        return await _deliberate(args, roster_file, cluster)
+    async with (
+        _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster,
+        _cli_budget.open_budget(args) as budget,
+    ):
+        return await _deliberate(args, roster_file, cluster, RateLimitReport(budget))
 
 
 async def _deliberate(
-    args: argparse.Namespace, roster_file: Roster | None, cluster: _cli_valkey.ValkeyCluster
+    args: argparse.Namespace,
+    roster_file: Roster | None,
+    cluster: _cli_valkey.ValkeyCluster,
+    limits: RateLimitReport,
 ) -> int:
     context = ContextBundle(topic_id=args.topic_id, topic_content=args.topic)
     pool = cluster.pool(args.capacity)
@@ -468,7 +483,6 @@ async def _deliberate(
 
     result: ConcurrentResult | None = None
     halted: str | None = None
-    limits = RateLimitReport()
     async with trio.open_nursery() as nursery:
         await nursery.start(interrupt.watch)
         # Opening can take long (a busy server's reachability probe waits up to
@@ -583,6 +597,7 @@ async def check_usage(args: argparse.Namespace) -> Roster | None:
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
+    _cli_budget.check_budget_usage(args)
     await check_halt_file(args)
     resume_cli.check_usage(args)
     tail = (
@@ -760,7 +775,11 @@ def orchestrator(
         roster=roster_file,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
-        limits=ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None,
+        limits=(
+            ProviderLimits(args.rpm, args.tpm, shared=limits.shared if limits else None)
+            if args.rpm or args.tpm
+            else None
+        ),
         report=limits,
     )
 
@@ -817,6 +836,9 @@ async def _finish(
             quorum=getattr(args, "quorum", None),
             prices=args.price_table,
         )
+        shared = _cli_budget.summary_line(limits.shared if limits is not None else None)
+        if shared is not None:
+            print(f"conclave: {shared}")
     if args.witness_db is not None:
         await _print_witness_head(args.witness_db, to_stderr=args.json_path == transcript.STDOUT)
     if interrupted:

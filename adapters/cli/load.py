@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from adapters._atomic import write_atomically
+from adapters.cli import _budget as _cli_budget
 from adapters.cli import _valkey as _cli_valkey
 from adapters.cli import transcript
 from adapters.cli._backend import (
@@ -284,7 +285,10 @@ async def load_command(args: argparse.Namespace) -> int:
 
     roster_file = await commands.check_usage(args)
     await _check_outputs(args)
-    async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
+    async with (
+        _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster,
+        _cli_budget.open_budget(args) as budget,  # --rpm/--tpm with --valkey: shared
+    ):
         pool = cluster.pool(args.capacity)
         interrupt = OperatorInterrupt()
         checker = cluster.halt_checker(interrupt.switch, args.halt_file)
@@ -298,7 +302,7 @@ async def load_command(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(interrupt.watch)
             async with open_service(
-                commands.orchestrator(args, roster_file, roster, RateLimitReport()),
+                commands.orchestrator(args, roster_file, roster, RateLimitReport(budget)),
                 checker,
                 pool,
                 agent_timeout=commands.agent_timeout(args),

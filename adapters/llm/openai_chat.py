@@ -108,10 +108,12 @@ from adapters.llm.policy import (
     topic_message,
 )
 from adapters.llm.provider_budget import (
+    ClusterBudget,
     EndpointBudget,
     LimitStats,
     ProviderLimits,
     Ticket,
+    cluster_budget,
     shared_budget,
 )
 from adapters.llm.ratelimit_headers import RateLimitHeaders
@@ -434,7 +436,9 @@ class OpenAIChatOrchestrator(RetrySettings):
         limits: the provider's limits for this key (:class:`ProviderLimits`); without
             them the budget follows the server's ``x-ratelimit-*`` headers alone.  Shared:
             the budget of an endpoint and key keeps the strictest limits any
-            orchestrator gave it.
+            orchestrator gave it.  With ``shared=`` (a store such as
+            :class:`adapters.valkey.ValkeyProviderBudget`) the budget is every
+            replica's (:class:`~adapters.llm.provider_budget.ClusterBudget`).
         max_response_bytes: the largest response body taken, on the wire and inflated
             (default :data:`~adapters.llm.http_guard.DEFAULT_MAX_RESPONSE_BYTES`, 8 MiB).
         max_content_chars: the longest answer taken (default
@@ -505,7 +509,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
         self._clients: dict[str, openai.AsyncOpenAI] = {}
-        self._budgets: dict[str, EndpointBudget] = {}
+        self._budgets: dict[str, EndpointBudget | ClusterBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
         self._clients_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -541,13 +545,17 @@ class OpenAIChatOrchestrator(RetrySettings):
                     self._clients[base_url] = client
         return client
 
-    def _budget(self, base_url: str) -> EndpointBudget:
+    def _budget(self, base_url: str) -> EndpointBudget | ClusterBudget:
         budget = self._budgets.get(base_url)
         if budget is None:
             with self._clients_lock:
                 budget = self._budgets.get(base_url)
                 if budget is None:
-                    budget = shared_budget(base_url, self._api_key)
+                    store = None if self.limits is None else self.limits.shared
+                    if store is not None:  # one budget across every replica
+                        budget = cluster_budget(base_url, self._api_key, store)
+                    else:
+                        budget = shared_budget(base_url, self._api_key)
                     budget.configure(self.limits)
                     self._budgets[base_url] = budget
         return budget
@@ -767,7 +775,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         self,
         client: openai.AsyncOpenAI,
         request: dict[str, Any],
-        budget: EndpointBudget,
+        budget: EndpointBudget | ClusterBudget,
         ticket: Ticket,
         outcome: _Outcome,
         where: str,

@@ -655,3 +655,13 @@ def _books(reply: object, n: int, what: str) -> tuple[_Books, list[Any]]:
         to_int(reply[0], what), to_int(reply[1], what), corrupt.decode("utf-8", "replace")
     )
     return books, [*(to_int(v, what) for v in reply[3 : 3 + n]), *reply[3 + n :]]
+
+
+async def read_counts(client: Client, name: str, limit: float) -> tuple[int, int]:
+    """The leases in use and the agents queued of capacity ``name``, read-only (for
+    ``conclave status``: no claim, no sync, no grace begun)."""
+
+    async def read() -> tuple[int, int]:
+        return await client.zcard(f"{name}:leases"), await client.zcard(f"{name}:queue")
+
+    return await store_call(read, limit)

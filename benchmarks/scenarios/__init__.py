@@ -17,6 +17,7 @@ from benchmarks.scenarios.halting import bridge_halt, halt
 from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback, llm_stream
 from benchmarks.scenarios.ratelimit import rate_limited
 from benchmarks.scenarios.resume import resume
+from benchmarks.scenarios.shared_budget import shared_budget
 from benchmarks.scenarios.tail import tail, tail_http
 from benchmarks.scenarios.throughput import full_council, overhead, queue, scale, seed_timing
 from benchmarks.scenarios.tracing import tracing
@@ -46,4 +47,5 @@ SCENARIOS: dict[str, Scenario] = {
     "resume": resume,
     "soak": soak,
     "cluster": cluster,
+    "shared-budget": shared_budget,
 }

@@ -64,7 +64,8 @@ def test_a_new_server_is_halted_until_two_approvers_clear_it(url: str) -> None:
     lines = status.stdout.splitlines()
     assert lines[0] == "HALTED: audit"
     assert re.search(r"clear by alice, bob: first deployment$", lines[1])
-    assert re.search(r"halt: audit$", lines[2]) and len(lines) == 3
+    assert re.search(r"halt: audit$", lines[2])
+    assert lines[3].startswith("cluster: ")  # then the cluster's own section
 
 
 def test_bad_valkey_usage_is_one_line_and_exit_2(url: str) -> None:

@@ -97,7 +97,8 @@ nothing.  Every chat completion answer then carries OpenAI's headers:
 (what is left in the window) and ``x-ratelimit-reset-*`` (until the window is empty,
 Go-style durations such as ``"843ms"``).  ``arrivals`` records each chat completion's
 monotonic arrival time, key and status; ``rate_limited`` counts the 429s.
-``GET .../stats`` answers the counters as JSON (for a server in another process).
+``GET .../stats`` answers the counters as JSON (for a server in another process), and
+``first_arrival`` (wall clock) once a rate-limited request came.
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ class FakeOpenAIServer:
         # The orchestrator percent-encodes the id (RFC 3986): decode it like any server would.
         agent = unquote(headers.get("x-conclave-agent", ""), errors="strict")
         if headers[":path"].endswith("/stats"):
-            self._send_json(writer, 200, self.stats())
+            self._send_json(writer, 200, {**self.stats(), **self.first_arrival()})
             await writer.drain()
             return True
         try:
@@ -602,6 +603,14 @@ class FakeOpenAIServer:
                 "rate_limited": self.rate_limited,
                 "disconnects": self.disconnects,
             }
+
+    def first_arrival(self) -> dict[str, float]:
+        """When the first rate-limited request arrived, wall clock (``time.time()``), for
+        a client in another process; empty before one did (or without rate limits)."""
+        with self._cond:
+            if not self.arrivals:
+                return {}
+            return {"first_arrival": self.arrivals[0][0] + time.time() - time.monotonic()}
 
     def _admit(self, key: str, tokens: int) -> tuple[bool, dict[str, str]]:
         """Count a chat completion against ``key``'s window (under ``_cond``): whether it

@@ -32,6 +32,7 @@ from adapters.llm.provider_budget import (
     EndpointBudget,
     ProviderLimits,
     Ticket,
+    cluster_budget,
     shared_budget,
 )
 from adapters.llm.ratelimit_headers import RateLimitHeaders
@@ -62,7 +63,7 @@ class Clock:
 def budget(**limits: int) -> tuple[EndpointBudget, Clock]:
     clock = Clock()
     b = EndpointBudget(clock=clock)
-    b.configure(ProviderLimits(**limits))
+    b.configure(ProviderLimits(limits.get("requests_per_minute"), limits.get("tokens_per_minute")))
     return b, clock
 
 
@@ -298,9 +299,11 @@ def test_orchestrators_of_one_endpoint_and_key_share_the_strictest_limits() -> N
     assert loose._budgets[url] is strict._budgets[url]
     assert other._budgets[url] is not loose._budgets[url]
     shared = loose._budgets[url]
+    assert isinstance(shared, EndpointBudget)
     assert shared.requests.rate == pytest.approx(1.0)  # 60 per minute: the stricter
     assert shared.tokens.rate == pytest.approx(10**6 / 60)
-    assert other._budgets[url].requests.rate is None
+    alone = other._budgets[url]
+    assert isinstance(alone, EndpointBudget) and alone.requests.rate is None
 
 
 # ------------------------------------------- a server that lies in its rate-limit headers or usage
@@ -809,3 +812,43 @@ def test_the_cli_refuses_bad_rate_limits_before_running() -> None:
     assert proc.returncode == 2
     assert "--rpm and --tpm are the openai backend's" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- a budget shared by replicas
+
+
+class _ReachableStore:
+    """A shared store that is always reachable and never called (the checks come first)."""
+
+    replicas = 1
+    available = True
+
+    async def reserve(self, *args: Any) -> Any:
+        raise AssertionError("not reached")
+
+    def settle(self, bid: str, **kwargs: Any) -> None: ...
+
+    def pause(self, bid: str, seconds: float) -> None: ...
+
+    def watch(self, bid: str, listener: Any) -> Any:
+        return lambda: None
+
+    def on_available(self, listener: Any) -> Any:
+        return lambda: None
+
+
+def test_a_shared_budget_used_outside_trio_says_it_needs_the_bridge() -> None:
+    store = _ReachableStore()
+    budget = cluster_budget("http://127.0.0.1:13/v1", "k13", store)
+    with pytest.raises(RuntimeError, match="AsyncioOrchestratorBridge"):
+        asyncio.run(budget.acquire(1.0))
+
+
+def test_provider_limits_with_a_shared_store_keep_the_lanes_and_the_store() -> None:
+    store = _ReachableStore()
+    limits = ProviderLimits(60, 6000, shared=store)
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.shared) == (
+        60,
+        6000,
+        store,
+    )
