@@ -228,7 +228,7 @@ class RateLimitReport:
 
 @asynccontextmanager
 async def openai_orchestrator(
-    base_url: str,
+    base_url: str | None,
     model: str,
     *,
     roster: Roster | None,
@@ -263,7 +263,7 @@ async def openai_orchestrator(
 
 @asynccontextmanager
 async def crewai_orchestrator(
-    base_url: str,
+    base_url: str | None,
     model: str,
     *,
     roster: Roster,

@@ -270,7 +270,9 @@ def _backend_options(d: argparse.ArgumentParser) -> None:
     stub.add_argument("--seed", type=int, default=None)
     llm = d.add_argument_group("openai and crewai backends (API key from $OPENAI_API_KEY)")
     llm.add_argument(
-        "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1"
+        "--base-url",
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 (default: "
+        "$OPENAI_BASE_URL, else the OpenAI API, https://api.openai.com/v1)",
     )
     llm.add_argument("--model", help="model name")
     llm.add_argument("--max-tokens", type=_positive_int, default=None)
@@ -417,8 +419,9 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     for flag, value in tail:
         if args.sequential and value is not None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
-    if args.backend in LLM_BACKENDS and not (args.base_url and args.model):
-        raise UsageError(f"--backend {args.backend} needs --base-url and --model")
+    # No --base-url: $OPENAI_BASE_URL, else the OpenAI API, as the openai SDK does.
+    if args.backend in LLM_BACKENDS and not args.model:
+        raise UsageError(f"--backend {args.backend} needs --model")
     if args.backend != "openai" and (args.rpm or args.tpm):
         raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
     for extra, flag, wanted in (

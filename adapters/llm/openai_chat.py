@@ -74,7 +74,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -96,6 +95,9 @@ from adapters.llm.policy import (
     StreamFailedError,
     classify_failure,
     describe_agent,
+    endpoint_from_environment,
+    endpoint_source,
+    key_from_environment,
     malformed,
     not_retried,
     over_content_cap,
@@ -410,7 +412,8 @@ class OpenAIChatOrchestrator(RetrySettings):
 
     Args:
         base_url: the endpoint, e.g. ``https://api.openai.com/v1`` or
-            ``http://127.0.0.1:11434/v1`` (Ollama).
+            ``http://127.0.0.1:11434/v1`` (Ollama).  None: ``$OPENAI_BASE_URL``, else the
+            OpenAI API (``https://api.openai.com/v1``), as the openai SDK does.
         model: the default model.
         api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
             (local servers need none).  Never logged; redacted in ``repr``.
@@ -440,7 +443,7 @@ class OpenAIChatOrchestrator(RetrySettings):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         model: str,
         *,
         api_key: str | None = None,
@@ -459,7 +462,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
         stream: bool = True,
     ) -> None:
-        check_base_url(base_url)
+        endpoint = check_base_url(endpoint_from_environment(base_url), endpoint_source(base_url))
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model must be a non-empty string")
         if roster is not None and not isinstance(roster, Roster):
@@ -480,7 +483,7 @@ class OpenAIChatOrchestrator(RetrySettings):
             max_tokens=max_tokens,
             timeout_s=timeout_s,
         )
-        self.base_url = base_url.rstrip("/")
+        self.base_url = endpoint.rstrip("/")
         self.model = model
         self.roster = roster
         self.timeout_s = check_number(timeout_s, "timeout_s", above=0)
@@ -494,7 +497,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
+        self._api_key = key_from_environment(api_key)
         self.limits = limits
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)

@@ -13,6 +13,7 @@ shared budget on a rate limit, the CrewAI one only its agent); not in these rule
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import weakref
@@ -27,6 +28,7 @@ from kernel.validate import check_int, check_number
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "KEYLESS",
+    "OPENAI_API_URL",
     "AttemptFailure",
     "Backoff",
     "RetryPolicy",
@@ -34,6 +36,9 @@ __all__ = [
     "StreamFailedError",
     "classify_failure",
     "describe_agent",
+    "endpoint_from_environment",
+    "endpoint_source",
+    "key_from_environment",
     "malformed",
     "not_retried",
     "out_of_quota",
@@ -52,8 +57,42 @@ DEFAULT_SYSTEM_PROMPT = (
 #: The key sent when there is none: local servers (Ollama, llama.cpp) ignore it.
 KEYLESS = "sk-no-key-required"
 
+#: The endpoint meant when none is given, neither as an argument nor as
+#: ``$OPENAI_BASE_URL``: the OpenAI API, as the openai SDK has it.
+OPENAI_API_URL = "https://api.openai.com/v1"
+
 #: The longest piece of a server's (or a framework's) own words an error message quotes.
 MAX_QUOTED_CHARS = 200
+
+
+# ------------------------------------------------------------------ where, and as whom
+
+
+def endpoint_from_environment(base_url: str | None) -> str:
+    """The endpoint the openai SDK would call: ``base_url`` if given, else
+    ``$OPENAI_BASE_URL``, else :data:`OPENAI_API_URL`.
+
+    An empty ``$OPENAI_BASE_URL`` counts as unset (a shell's ``OPENAI_BASE_URL=`` clears
+    it).  The result is not checked here: the caller checks it (``check_base_url``),
+    naming where it came from (:func:`endpoint_source`).
+    """
+    if base_url is not None:
+        return base_url
+    return os.environ.get("OPENAI_BASE_URL") or OPENAI_API_URL
+
+
+def endpoint_source(base_url: str | None) -> str:
+    """Where :func:`endpoint_from_environment` took its answer from, as an error message
+    names it: ``base_url`` (also for the default), or ``$OPENAI_BASE_URL``."""
+    if base_url is None and os.environ.get("OPENAI_BASE_URL"):
+        return "$OPENAI_BASE_URL"
+    return "base_url"
+
+
+def key_from_environment(api_key: str | None) -> str:
+    """The API key sent: ``api_key`` if given, else ``$OPENAI_API_KEY``, else
+    :data:`KEYLESS` (local servers need none)."""
+    return api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
 
 
 # ------------------------------------------------------------------ what is asked

@@ -184,6 +184,28 @@ def test_openai_backend_against_loopback_server(
     assert llm_server.attempts["alpha"] == 1
 
 
+def test_without_base_url_the_openai_backend_calls_openai_base_url_with_openai_api_key(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": llm_server.base_url, "OPENAI_API_KEY": SECRET}
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--model", "m", "--agents", "3", "--quiet",
+        "--log-level", "debug", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "3/3 succeeded" in proc.stdout
+    chats = [h for h in llm_server.headers if h[":path"].endswith("/chat/completions")]
+    assert len(chats) == 3 and {h["authorization"] for h in chats} == {f"Bearer {SECRET}"}
+    assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
+def test_a_secret_in_openai_base_url_is_refused_without_being_shown() -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": f"http://user:{SECRET}@127.0.0.1:9/v1"}
+    proc = conclave("deliberate", "--backend", "openai", "--model", "m", env=env)
+    assert proc.returncode == 2 and "$OPENAI_BASE_URL" in proc.stderr, proc.stderr
+    assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
 def test_openai_backend_unreachable_exits_2() -> None:
     proc = conclave(
         "deliberate", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"

@@ -38,6 +38,7 @@ from kernel import (
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import client_bytes, make_context, make_requests, time_halt
 from tests.support.hostile_parts import HUGE
+from tests.support.url_secrets import SECRET, assert_never_shown
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -350,3 +351,38 @@ async def test_a_chunk_is_taken_only_when_it_is_exactly_one_json_object(
 def test_stream_that_is_not_a_bool_is_refused(llm_server: FakeOpenAIServer) -> None:
     with pytest.raises(InvalidRequestError, match="stream must be a bool"):
         orchestrator(llm_server, stream=1)
+
+
+# ------------------------------------------------------------------ the SDK's environment
+
+
+async def test_without_a_base_url_the_orchestrator_calls_openai_base_url_with_openai_api_key(
+    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    inner = OpenAIChatOrchestrator(None, "fake-model", max_retries=0)
+    assert inner.base_url == llm_server.base_url
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        output = await bridge.invoke("alpha", make_context())
+    assert output.content
+    assert llm_server.headers[-1]["authorization"] == "Bearer sk-from-the-environment"
+
+
+def test_without_a_base_url_or_openai_base_url_the_openai_api_is_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert OpenAIChatOrchestrator(None, "m").base_url == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    given = OpenAIChatOrchestrator("http://127.0.0.1:8/v1", "m")
+    assert given.base_url == "http://127.0.0.1:8/v1"  # the argument wins
+
+
+def test_a_secret_in_openai_base_url_is_refused_naming_it_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://user:{SECRET}@127.0.0.1:9/v1")
+    with pytest.raises(InvalidRequestError, match=r"\$OPENAI_BASE_URL") as caught:
+        OpenAIChatOrchestrator(None, "m")
+    assert_never_shown(SECRET, [str(caught.value)])
