@@ -45,6 +45,7 @@ from kernel import (
 
 if TYPE_CHECKING:
     from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
     from adapters.llm.provider_budget import LimitStats, ProviderLimits
 
 __all__ = [
@@ -236,13 +237,19 @@ async def openai_orchestrator(
     timeout_s: float | None,
     limits: ProviderLimits | None = None,
     report: RateLimitReport | None = None,
+    check_models: bool = True,
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """An OpenAI-compatible server behind the asyncio bridge, probed once on entry.
 
     A server that refuses the connection raises :class:`UsageError`; one that stays
     silent for ``timeout_s`` (the orchestrator's default when None) is busy, not gone:
-    a warning on stderr, and the run goes on.  ``limits``: the provider's rate limits
-    (``--rpm``/``--tpm``); ``report`` is pointed at the orchestrator's rate-limit stats.
+    a warning on stderr, and the run goes on.  Then, with ``check_models``, every model
+    the council will ask for is looked up in its endpoint's listing
+    (:mod:`adapters.llm.model_listing`): one it does not list is a :class:`UsageError`;
+    an endpoint that does not list its models gets a note on stderr and the run goes on.
+    ``base_url`` None: ``$OPENAI_BASE_URL``, else the OpenAI API.  ``limits``: the
+    provider's rate limits (``--rpm``/``--tpm``); ``report`` is pointed at the
+    orchestrator's rate-limit stats.
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     with importing_extra("llm", "--backend openai"):
@@ -257,8 +264,26 @@ async def openai_orchestrator(
     if report is not None:
         report.source = inner.limit_stats
     async with AsyncioOrchestratorBridge(inner) as bridge:
-        await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
+        answered = await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
+        if check_models and answered:
+            await _check_models(bridge, inner)
         yield bridge
+
+
+async def _check_models(bridge: AsyncioOrchestratorBridge, inner: OpenAIChatOrchestrator) -> None:
+    """Refuse a model its endpoint does not list; note an endpoint that lists none."""
+    wanted = inner.models_by_endpoint()
+    for listing in await bridge.run_asyncio(inner.list_models):
+        missing = listing.missing(wanted[listing.base_url])
+        if missing:
+            raise UsageError(listing.refusal(missing[0]) + "; nothing was run")
+        if listing.models is None:
+            print(
+                f"conclave: note: {listing.base_url}/models did not list the models "
+                f"({listing.why}); the model is not checked before the run",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @asynccontextmanager
@@ -291,10 +316,10 @@ async def _probe(
     check_reachable: Callable[[], Awaitable[bool]],
     base_url: str,
     timeout_s: float,
-) -> None:
+) -> bool:
     """Probe the endpoint once: unreachable is a :class:`UsageError`; silence (for as
     long as an agent's request would wait: --timeout) is a busy server (llama.cpp), a
-    warning on stderr, and the run goes on."""
+    warning on stderr, and the run goes on.  Whether it answered."""
     try:
         answered = await bridge.run_asyncio(check_reachable)
     except AgentInvocationError as exc:
@@ -306,6 +331,7 @@ async def _probe(
             file=sys.stderr,
             flush=True,
         )
+    return answered
 
 
 # ---------------------------------------------------------------- the service

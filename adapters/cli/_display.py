@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
-from kernel import AgentPool, ConcurrentResult, PoolStatus
+from adapters.llm.failures import failure_causes
+from kernel import AgentFailure, AgentPool, ConcurrentResult, PoolStatus
 
 if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
@@ -24,6 +26,7 @@ __all__ = [
     "Progress",
     "announce",
     "configure_logging",
+    "failure_lines",
     "live_display",
     "print_summary",
 ]
@@ -143,6 +146,7 @@ def print_summary(
             f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
             f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
             + (f", rate limits: {limits_line}" if limits_line else "")
+            + (f"; {failure_lines(result.failures, 1)[0]}" if result.failures else "")
         )
         return
     from rich.console import Console
@@ -174,16 +178,29 @@ def print_summary(
     table.add_row("pool after", pool_line)
     console = Console(highlight=False, soft_wrap=True)
     console.print(table)
-    for failure in result.failures[:5]:
-        console.print(
-            f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
-            markup=False,
-        )
-    if len(result.failures) > 5:
-        console.print(f"  ! ... and {len(result.failures) - 5} more")
+    for line in failure_lines(result.failures):
+        console.print(f"  ! {line}", markup=False)
     for output in result.outputs[: max(show, 0)]:
         console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
         console.print(plain(output.content, newlines=True), markup=False)
+
+
+def failure_lines(failures: Sequence[AgentFailure], most: int = 5) -> list[str]:
+    """The failures, each cause said once (:func:`adapters.llm.failures.failure_causes`):
+    ``"72 agents: 404 model 'x' not found at URL"``; a cause of one agent as that agent's
+    own failure.  At most ``most`` causes, then how many more."""
+    causes = failure_causes(failures)
+    lines = []
+    for cause in causes[:most]:
+        if cause.count == 1:
+            failure = cause.failures[0]
+            lines.append(f"{failure.agent_id}: {failure.kind.value}: {plain(failure.message)}")
+        else:
+            lines.append(plain(cause.summary()))
+    rest = causes[most:]
+    if rest:
+        lines.append(f"... and {len(rest)} more causes ({sum(c.count for c in rest)} agents)")
+    return lines
 
 
 class KeyValueFormatter(logging.Formatter):

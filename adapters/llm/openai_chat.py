@@ -85,6 +85,7 @@ import httpx2
 import openai
 
 from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
+from adapters.llm.model_listing import LISTING_TIMEOUT_S, ModelListing, list_models
 from adapters.llm.policy import (
     DEFAULT_SYSTEM_PROMPT,
     KEYLESS,
@@ -638,6 +639,28 @@ class OpenAIChatOrchestrator(RetrySettings):
         except openai.APIError:
             return True
         return True
+
+    def models_by_endpoint(self) -> dict[str, list[str]]:
+        """The models each endpoint will be asked for: the default at the default URL,
+        and every roster profile's (its own, or the default) at its URL."""
+        wanted: dict[str, list[str]] = {}
+        profiles = list(self.roster or ()) or [AgentProfile(agent_id="defaults")]
+        for profile in profiles:
+            url = (profile.base_url or self.base_url).rstrip("/")
+            models = wanted.setdefault(url, [])
+            model = profile.model or self.model
+            if model not in models:
+                models.append(model)
+        return wanted
+
+    async def list_models(self, timeout_s: float = LISTING_TIMEOUT_S) -> list[ModelListing]:
+        """What each endpoint of :meth:`models_by_endpoint` lists (at once, ``timeout_s``
+        at most): a :class:`~adapters.llm.model_listing.ModelListing` each, in order."""
+        limit = check_number(timeout_s, "timeout_s", above=0)
+        urls = list(self.models_by_endpoint())
+        return list(
+            await asyncio.gather(*(list_models(self._client(url), url, limit) for url in urls))
+        )
 
     # ------------------------------------------------------------ one agent
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import openai
 
+from adapters.llm.failures import describe_agent, model_not_found
 from adapters.llm.http_guard import refusal_in
 from kernel import AgentInvocationError, ContextBundle
 from kernel.validate import check_int, check_number
@@ -145,13 +146,6 @@ def _topic_message(context: ContextBundle) -> str:
 # ------------------------------------------------------------------ how failures read
 
 
-def describe_agent(agent_id: str, model: str, base_url: str, *, framework: str = "") -> str:
-    """How every failure names the agent: ``agent 'a1' (gpt-4o at https://...)``, with
-    the framework first when there is one (``agent 'a1' (CrewAI, gpt-4o at ...)``)."""
-    using = f"{framework}, " if framework else ""
-    return f"agent {agent_id!r} ({using}{model} at {base_url})"
-
-
 def malformed(where: str, why: str) -> AgentInvocationError:
     """A response that is not what was asked for (not retried: the same again)."""
     return AgentInvocationError(f"{where}: malformed response ({why})")
@@ -194,6 +188,21 @@ def out_of_quota(exc: openai.APIStatusError) -> bool:
     if isinstance(error, dict):
         fields += [error.get("code"), error.get("type")]
     return "insufficient_quota" in fields
+
+
+def _says_model(exc: openai.APIStatusError) -> bool:
+    """Whether a 404 is about the model (OpenAI's ``model_not_found``; vLLM's "The model
+    `x` does not exist"; Ollama's "model 'x' not found") rather than the path (a base URL
+    without its ``/v1``), which is a 404 too."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    code = error.get("code") if isinstance(error, dict) else None
+    text = error.get("message") if isinstance(error, dict) else None
+    return (
+        exc.code == "model_not_found"
+        or code == "model_not_found"
+        or (isinstance(text, str) and "model" in text.lower())
+    )
 
 
 def rate_limited(exc: openai.APIStatusError) -> bool:
@@ -266,6 +275,8 @@ def _status_failure(exc: openai.APIStatusError, where: str, api_key: str) -> Att
     # 408 is the server's own request timeout: a timeout, so retried.
     if status not in (408, 429) and status < 500:
         said = server_message(exc, api_key)
+        if status == 404 and _says_model(exc):
+            return AttemptFailure(what, final=not_retried(f"{where}: {model_not_found(said)}"))
         return AttemptFailure(what, final=not_retried(f"{where}: {what} {said}"))
     return AttemptFailure(what, throttled=status == 429)
 
