@@ -238,6 +238,7 @@ async def openai_orchestrator(
     limits: ProviderLimits | None = None,
     report: RateLimitReport | None = None,
     check_models: bool = True,
+    transport: str = "httpx",
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """An OpenAI-compatible server behind the asyncio bridge, probed once on entry.
 
@@ -247,7 +248,8 @@ async def openai_orchestrator(
     the council will ask for is looked up in its endpoint's listing
     (:mod:`adapters.llm.model_listing`): one it does not list is a :class:`UsageError`;
     an endpoint that does not list its models gets a note on stderr and the run goes on.
-    ``base_url`` None: ``$OPENAI_BASE_URL``, else the OpenAI API.  ``limits``: the
+    ``base_url`` None: ``$OPENAI_BASE_URL``, else the OpenAI API.  ``transport``: the
+    HTTP transport under the SDK (``OpenAIChatOrchestrator``'s).  ``limits``: the
     provider's rate limits (``--rpm``/``--tpm``); ``report`` is pointed at the
     orchestrator's rate-limit stats.
     """
@@ -259,7 +261,13 @@ async def openai_orchestrator(
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
     inner = OpenAIChatOrchestrator(
-        base_url, model, roster=roster, max_tokens=max_tokens, limits=limits, **timeout
+        base_url,
+        model,
+        roster=roster,
+        max_tokens=max_tokens,
+        limits=limits,
+        transport=transport,
+        **timeout,
     )
     if report is not None:
         report.source = inner.limit_stats

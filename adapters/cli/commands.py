@@ -280,6 +280,13 @@ def _backend_options(d: argparse.ArgumentParser) -> None:
         "first, where there is one",
     )
     llm.add_argument(
+        "--transport",
+        choices=("httpx", "aiohttp", "auto"),
+        default=None,
+        help="(openai backend) the HTTP transport under the openai SDK: httpx (default), "
+        "aiohttp (less CPU a call; the aiohttp extra), auto (aiohttp where installed)",
+    )
+    llm.add_argument(
         "--no-model-check",
         action="store_true",
         help="(openai backend) skip that look-up: for a server that lists other names than "
@@ -455,6 +462,7 @@ def _check_llm_flags(args: argparse.Namespace) -> None:
     for flags, used in (
         ("--rpm and --tpm are", args.rpm or args.tpm),
         ("--no-model-check is", args.no_model_check),
+        ("--transport is", args.transport),
     ):
         if used and args.backend != "openai":
             raise UsageError(f"{flags} the openai backend's (--backend openai)")
@@ -537,6 +545,7 @@ def _orchestrator(
         limits=ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None,
         report=limits,
         check_models=not args.no_model_check,
+        transport=args.transport or "httpx",
     )
 
 

@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -440,6 +441,10 @@ class OpenAIChatOrchestrator(RetrySettings):
             :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
         stream: stream every call (the default).  False for a server that cannot
             stream; it then generates on after a halt (module docstring).
+        transport: the HTTP transport under the SDK: ``"httpx"`` (the SDK's default,
+            httpx2), ``"aiohttp"`` (the SDK's ``DefaultAioHttpClient``; needs the
+            ``aiohttp`` extra, else :class:`~kernel.InvalidRequestError`) or ``"auto"``
+            (aiohttp where installed).  Either is guarded alike (:mod:`http_guard`).
     """
 
     def __init__(
@@ -462,6 +467,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
         stream: bool = True,
+        transport: str = "httpx",
     ) -> None:
         endpoint = check_base_url(endpoint_from_environment(base_url), endpoint_source(base_url))
         if not isinstance(model, str) or not model.strip():
@@ -503,6 +509,7 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
+        self.transport = _transport(transport)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
@@ -527,7 +534,15 @@ class OpenAIChatOrchestrator(RetrySettings):
                 if client is None:
                     # Any: openai 2 (the CrewAI environment) types this as httpx's client,
                     # and takes httpx2's all the same.
-                    http_client: Any = guarded_client(self.timeout_s, self.max_response_bytes)
+                    http_client: Any = guarded_client(
+                        self.timeout_s,
+                        self.max_response_bytes,
+                        client_class=(
+                            openai.DefaultAioHttpClient
+                            if self.transport == "aiohttp"
+                            else httpx2.AsyncClient
+                        ),
+                    )
                     # Retries are ours (decorrelated jitter, Retry-After cap, attempt count
                     # in the output), so the SDK's own are off.
                     client = openai.AsyncOpenAI(
@@ -844,6 +859,30 @@ class OpenAIChatOrchestrator(RetrySettings):
         answer.finish_reason = str(choice.get("finish_reason") or "")
         answer.set_usage(doc.get("usage"))
         return answer
+
+
+#: The HTTP transports the orchestrator can put under the SDK (``transport=``).
+TRANSPORTS = ("httpx", "aiohttp", "auto")
+
+
+def aiohttp_installed() -> bool:
+    """Whether the SDK's aiohttp transport can be used (the ``aiohttp`` extra); no import."""
+    return importlib.util.find_spec("aiohttp") is not None
+
+
+def _transport(transport: object) -> str:
+    """``transport`` checked, ``"auto"`` resolved: aiohttp where installed, else httpx."""
+    if transport not in TRANSPORTS:
+        raise InvalidRequestError(
+            f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}"
+        )
+    if transport == "auto":
+        return "aiohttp" if aiohttp_installed() else "httpx"
+    if transport == "aiohttp" and not aiohttp_installed():
+        raise InvalidRequestError(
+            "transport='aiohttp' needs aiohttp: pip install 'conclave-kernel[aiohttp]'"
+        )
+    return str(transport)
 
 
 class _Outcome:

@@ -256,6 +256,16 @@ def test_no_model_check_is_refused_for_another_backend() -> None:
     assert "--no-model-check is the openai backend's" in proc.stderr
 
 
+def test_the_openai_backend_runs_on_the_aiohttp_transport(llm_server: FakeOpenAIServer) -> None:
+    proc = conclave(
+        *_openai(llm_server.base_url, "--agents", "4", "--transport", "aiohttp", "--quiet")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "4/4 succeeded" in proc.stdout
+    stub = conclave("deliberate", "--transport", "aiohttp")
+    assert stub.returncode == 2 and "--transport is the openai backend's" in stub.stderr
+
+
 def test_openai_backend_unreachable_exits_2() -> None:
     proc = conclave(
         "deliberate", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"

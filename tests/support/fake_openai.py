@@ -75,6 +75,8 @@ runs until the client goes away, the connection then closed):
                                that did not ask for a stream)
     ("redirect", location)     307 to ``location`` (which sees a request if followed)
     ("deep_json", depth)       200 with a JSON body nested ``depth`` arrays deep
+    ("short_body", length)     200 whose Content-Length says ``length`` bytes, a shorter
+                               body (the start of an answer), then the connection closed
 
 ``models_fault``, when set, is the fault for every ``GET .../models`` request (the
 reachability probe) instead of the default; ``None`` (the default) leaves it alone.
@@ -823,6 +825,7 @@ _HOSTILE = frozenset(
         "endless_sse",
         "redirect",
         "deep_json",
+        "short_body",
     }
 )
 _CHUNK = 64 * 1024
@@ -874,6 +877,10 @@ async def _hostile(writer: asyncio.StreamWriter, fault: Fault) -> None:
                 f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {arg}\r\n"
                 "Content-Length: 0\r\n\r\n".encode()
             )
+            await writer.drain()
+        elif name == "short_body":  # a Content-Length the body never reaches
+            body = b'{"id": "x", "choices": [{"index": 0, "message": {"content": "aye"'
+            writer.write(f"{head}Content-Length: {arg}\r\n\r\n".encode() + body)
             await writer.drain()
         elif name == "deep_json":
             body = b'{"id": "x", "choices": ' + b"[" * arg + b"]" * arg + b"}"
