@@ -538,7 +538,7 @@ class OpenAIChatOrchestrator(RetrySettings):
                         self.timeout_s,
                         self.max_response_bytes,
                         client_class=(
-                            openai.DefaultAioHttpClient
+                            _aiohttp_client_class()
                             if self.transport == "aiohttp"
                             else httpx2.AsyncClient
                         ),
@@ -866,8 +866,23 @@ TRANSPORTS = ("httpx", "aiohttp", "auto")
 
 
 def aiohttp_installed() -> bool:
-    """Whether the SDK's aiohttp transport can be used (the ``aiohttp`` extra); no import."""
-    return importlib.util.find_spec("aiohttp") is not None
+    """Whether the SDK's aiohttp transport can be used (the ``aiohttp`` extra): aiohttp is
+    there, and the SDK's ``DefaultAioHttpClient`` is an httpx2 client (openai 3; openai 2's
+    is httpx's, which the guard does not wrap) that is not the stand-in the SDK defines
+    when its aiohttp adapter cannot be imported."""
+    if importlib.util.find_spec("aiohttp") is None:
+        return False
+    client_class = getattr(openai, "DefaultAioHttpClient", None)
+    return (
+        isinstance(client_class, type)
+        and issubclass(client_class, httpx2.AsyncClient)
+        and not client_class.__name__.startswith("_Missing")
+    )
+
+
+def _aiohttp_client_class() -> type[httpx2.AsyncClient]:
+    client_class: Any = openai.DefaultAioHttpClient  # openai 2 types it as httpx's
+    return client_class  # type: ignore[no-any-return]
 
 
 def _transport(transport: object) -> str:
