@@ -132,12 +132,11 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         deadline = _Deadline(request, total_s)
         try:
             response = await deadline.wait(self._inner.handle_async_request(request))
-        except httpx2.HTTPError:
-            deadline.cancel()
-            raise
         except Exception as exc:
             deadline.cancel()
-            raise _foreign(exc, request) from None
+            if type(exc).__module__.startswith("aiohttp"):
+                raise _refused_by_aiohttp(exc, request) from None
+            raise
         except BaseException:
             deadline.cancel()
             raise
@@ -195,19 +194,15 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _foreign(exc: Exception, request: httpx2.Request) -> httpx2.HTTPError:
-    """An error of a transport other than httpx2's that its adapter let through (aiohttp
-    refusing a response head: a header line over its 8190-byte limit) as httpx2's own,
-    so that the SDK and the retry policy see what they know.  Named by type only: such
-    messages quote the offending bytes (a Location with a query, say)."""
-    if type(exc).__module__.startswith("aiohttp"):
-        return ResponseRefusedError(
-            f"response head refused by the HTTP client ({type(exc).__name__}: a header "
-            "over its size limits, or a malformed head)",
-            request=request,
-        )
-    return httpx2.RemoteProtocolError(
-        f"the transport failed ({type(exc).__name__})", request=request
+def _refused_by_aiohttp(exc: Exception, request: httpx2.Request) -> ResponseRefusedError:
+    """An aiohttp error its httpx2 adapter let through (aiohttp refusing a response head:
+    a header line over its 8190-byte limit) as a refusal, which the SDK and the retry
+    policy know.  Named by type only: aiohttp's message quotes the offending bytes (a
+    Location with a query, say)."""
+    return ResponseRefusedError(
+        f"response head refused by the HTTP client ({type(exc).__name__}: a header "
+        "over its size limits, or a malformed head)",
+        request=request,
     )
 
 
