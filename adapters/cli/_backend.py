@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
     from adapters.llm.provider_budget import LimitStats, ProviderLimits, SharedBudgetStore
 
 __all__ = [
@@ -239,7 +240,7 @@ class RateLimitReport:
 
 @asynccontextmanager
 async def openai_orchestrator(
-    base_url: str,
+    base_url: str | None,
     model: str,
     *,
     roster: Roster | None,
@@ -247,13 +248,21 @@ async def openai_orchestrator(
     timeout_s: float | None,
     limits: ProviderLimits | None = None,
     report: RateLimitReport | None = None,
+    check_models: bool = True,
+    transport: str = "httpx",
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """An OpenAI-compatible server behind the asyncio bridge, probed once on entry.
 
     A server that refuses the connection raises :class:`UsageError`; one that stays
     silent for ``timeout_s`` (the orchestrator's default when None) is busy, not gone:
-    a warning on stderr, and the run goes on.  ``limits``: the provider's rate limits
-    (``--rpm``/``--tpm``); ``report`` is pointed at the orchestrator's rate-limit stats.
+    a warning on stderr, and the run goes on.  Then, with ``check_models``, every model
+    the council will ask for is looked up in its endpoint's listing
+    (:mod:`adapters.llm.model_listing`): one it does not list is a :class:`UsageError`;
+    an endpoint that does not list its models gets a note on stderr and the run goes on.
+    ``base_url`` None: ``$OPENAI_BASE_URL``, else the OpenAI API.  ``transport``: the
+    HTTP transport under the SDK (``OpenAIChatOrchestrator``'s).  ``limits``: the
+    provider's rate limits (``--rpm``/``--tpm``); ``report`` is pointed at the
+    orchestrator's rate-limit stats.
     """
     # Imported here: the stub path needs neither openai nor trio-asyncio.
     with importing_extra("llm", "--backend openai"):
@@ -263,18 +272,42 @@ async def openai_orchestrator(
     # No timeout_s: the orchestrator's own default, which the probe below waits too.
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
     inner = OpenAIChatOrchestrator(
-        base_url, model, roster=roster, max_tokens=max_tokens, limits=limits, **timeout
+        base_url,
+        model,
+        roster=roster,
+        max_tokens=max_tokens,
+        limits=limits,
+        transport=transport,
+        **timeout,
     )
     if report is not None:
         report.source = inner.limit_stats
     async with AsyncioOrchestratorBridge(inner) as bridge:
-        await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
+        answered = await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
+        if check_models and answered:
+            await _check_models(bridge, inner)
         yield bridge
+
+
+async def _check_models(bridge: AsyncioOrchestratorBridge, inner: OpenAIChatOrchestrator) -> None:
+    """Refuse a model its endpoint does not list; note an endpoint that lists none."""
+    wanted = inner.models_by_endpoint()
+    for listing in await bridge.run_asyncio(inner.list_models):
+        missing = listing.missing(wanted[listing.base_url])
+        if missing:
+            raise UsageError(listing.refusal(missing[0]) + "; nothing was run")
+        if listing.models is None:
+            print(
+                f"conclave: note: {listing.base_url}/models did not list the models "
+                f"({listing.why}); the model is not checked before the run",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @asynccontextmanager
 async def crewai_orchestrator(
-    base_url: str,
+    base_url: str | None,
     model: str,
     *,
     roster: Roster,
@@ -302,10 +335,10 @@ async def _probe(
     check_reachable: Callable[[], Awaitable[bool]],
     base_url: str,
     timeout_s: float,
-) -> None:
+) -> bool:
     """Probe the endpoint once: unreachable is a :class:`UsageError`; silence (for as
     long as an agent's request would wait: --timeout) is a busy server (llama.cpp), a
-    warning on stderr, and the run goes on."""
+    warning on stderr, and the run goes on.  Whether it answered."""
     try:
         answered = await bridge.run_asyncio(check_reachable)
     except AgentInvocationError as exc:
@@ -317,6 +350,7 @@ async def _probe(
             file=sys.stderr,
             flush=True,
         )
+    return answered
 
 
 # ---------------------------------------------------------------- the service

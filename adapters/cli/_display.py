@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 import attrs
 import trio
 
+from adapters.llm.failures import failure_causes
 from adapters.usage import PriceTable, TokenCount, UsageTotals, usage_of, usage_totals
 from kernel import AgentFailure, AgentPool, ConcurrentResult, FailureKind, PoolStatus
 
@@ -33,6 +34,7 @@ __all__ = [
     "announce",
     "announce_setup",
     "configure_logging",
+    "failure_lines",
     "live_display",
     "print_summary",
 ]
@@ -240,7 +242,9 @@ def _print_one_line(result: ConcurrentResult, summary: _Summary, file: TextIO) -
         + f"{len(s.failures)} failed{f' ({s.by_kind})' if s.by_kind else ''}, "
         f"{len(result.hedged_agents)} hedged, {s.timing}, pool {s.pool_line}"
         + (f", rate limits: {s.limits_line}" if s.limits_line else "")
-        + (f", tokens {s.usage_line}" if s.usage_line else ""),
+        + (f", tokens {s.usage_line}" if s.usage_line else "")
+        # The first cause, said once ("72 agents: 404 model 'x' not found at URL").
+        + (f"; {failure_lines(s.failures, 1)[0]}" if s.failures else ""),
         file=file,
     )
 
@@ -286,13 +290,8 @@ def _print_table(
     table.add_row("pool after", s.pool_line)
     console = Console(highlight=False, soft_wrap=True, stderr=to_stderr)
     console.print(table)
-    for failure in s.failures[:5]:
-        console.print(
-            f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
-            markup=False,
-        )
-    if len(s.failures) > 5:
-        console.print(f"  ! ... and {len(s.failures) - 5} more")
+    for line in failure_lines(s.failures):
+        console.print(f"  ! {line}", markup=False)
     for output in result.outputs[: max(show, 0)]:
         used = usage_of(output)
         tokens = f" {_tokens(used.tokens)}" if used is not None else ""
@@ -319,6 +318,24 @@ def _usage_line(usage: UsageTotals, prices: PriceTable | None) -> str | None:
             unpriced = ", ".join(plain(str(m)) for m in cost.unpriced_models)
             line += f" (no price for {unpriced})"
     return line
+
+
+def failure_lines(failures: Sequence[AgentFailure], most: int = 5) -> list[str]:
+    """The failures, each cause said once (:func:`adapters.llm.failures.failure_causes`):
+    ``"72 agents: 404 model 'x' not found at URL"``; a cause of one agent as that agent's
+    own failure.  At most ``most`` causes, then how many more."""
+    causes = failure_causes(failures)
+    lines = []
+    for cause in causes[:most]:
+        if cause.count == 1:
+            failure = cause.failures[0]
+            lines.append(f"{failure.agent_id}: {failure.kind.value}: {plain(failure.message)}")
+        else:
+            lines.append(plain(cause.summary()))
+    rest = causes[most:]
+    if rest:
+        lines.append(f"... and {len(rest)} more causes ({sum(c.count for c in rest)} agents)")
+    return lines
 
 
 class KeyValueFormatter(logging.Formatter):

@@ -344,9 +344,28 @@ def _backend_options(d: argparse.ArgumentParser) -> None:
     stub.add_argument("--seed", type=int, default=None)
     llm = d.add_argument_group("openai and crewai backends (API key from $OPENAI_API_KEY)")
     llm.add_argument(
-        "--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1"
+        "--base-url",
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 (default: "
+        "$OPENAI_BASE_URL, else the OpenAI API, https://api.openai.com/v1)",
     )
-    llm.add_argument("--model", help="model name")
+    llm.add_argument(
+        "--model",
+        help="model name; the openai backend looks it up in the server's /models listing "
+        "first, where there is one",
+    )
+    llm.add_argument(
+        "--transport",
+        choices=("httpx", "aiohttp", "auto"),
+        default=None,
+        help="(openai backend) the HTTP transport under the openai SDK: httpx (default), "
+        "aiohttp (less CPU a call; the aiohttp extra), auto (aiohttp where installed)",
+    )
+    llm.add_argument(
+        "--no-model-check",
+        action="store_true",
+        help="(openai backend) skip that look-up: for a server that lists other names than "
+        "it serves",
+    )
     llm.add_argument("--max-tokens", type=_positive_int, default=None)
     llm.add_argument(
         "--rpm", type=_positive_int, default=None, help="the provider's requests per minute"
@@ -608,10 +627,7 @@ async def check_usage(args: argparse.Namespace) -> Roster | None:
     for flag, value in tail:
         if args.sequential and value is not None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
-    if args.backend in LLM_BACKENDS and not (args.base_url and args.model):
-        raise UsageError(f"--backend {args.backend} needs --base-url and --model")
-    if args.backend != "openai" and (args.rpm or args.tpm):
-        raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
+    _check_llm_flags(args)
     for extra, flag, wanted in (
         ("llm", "--backend openai", args.backend == "openai"),
         ("crewai", "--backend crewai", args.backend == "crewai"),
@@ -630,6 +646,19 @@ async def check_usage(args: argparse.Namespace) -> Roster | None:
     if args.roster is None:
         return None
     return await trio.to_thread.run_sync(Roster.load, args.roster)
+
+
+def _check_llm_flags(args: argparse.Namespace) -> None:
+    # No --base-url: $OPENAI_BASE_URL, else the OpenAI API, as the openai SDK does.
+    if args.backend in LLM_BACKENDS and not args.model:
+        raise UsageError(f"--backend {args.backend} needs --model")
+    for flags, used in (
+        ("--rpm and --tpm are", args.rpm or args.tpm),
+        ("--no-model-check is", args.no_model_check),
+        ("--transport is", args.transport),
+    ):
+        if used and args.backend != "openai":
+            raise UsageError(f"{flags} the openai backend's (--backend openai)")
 
 
 def council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPool) -> Roster:
@@ -781,6 +810,8 @@ def orchestrator(
             else None
         ),
         report=limits,
+        check_models=not args.no_model_check,
+        transport=args.transport or "httpx",
     )
 
 

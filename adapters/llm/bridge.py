@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -37,6 +38,28 @@ from kernel.validate import check_number
 __all__ = ["AsyncioCancelledError", "AsyncioOrchestrator", "AsyncioOrchestratorBridge"]
 
 log = logging.getLogger("adapters.llm.bridge")
+
+
+def _rebind_loop_lookups() -> None:
+    """Point anyio's asyncio backend at trio-asyncio's ``get_running_loop``.
+
+    trio-asyncio replaces ``asyncio.get_running_loop`` when it is imported, so that code
+    running on its loop finds that loop.  A module that imported the function by name
+    before that keeps the original, which finds no loop under trio-asyncio: anyio's
+    asyncio backend does (``from asyncio import get_running_loop``), and the SDK's HTTP
+    stack (httpcore) connects through it.  An application that made one asyncio call
+    through the SDK before importing the bridge then had every agent fail ("no running
+    event loop", taken for a connection failure).  The replacement falls back to the
+    original outside trio-asyncio, so plain asyncio code is unaffected.
+    """
+    backend = sys.modules.get("anyio._backends._asyncio")
+    if backend is not None and getattr(backend, "get_running_loop", None) is not (
+        asyncio.get_running_loop
+    ):
+        backend.get_running_loop = asyncio.get_running_loop  # type: ignore[attr-defined]
+
+
+_rebind_loop_lookups()
 
 T = TypeVar("T")
 
@@ -101,6 +124,7 @@ class AsyncioOrchestratorBridge:
     async def __aenter__(self) -> Self:
         if self._stack is not None:
             raise RuntimeError("AsyncioOrchestratorBridge is already open")
+        _rebind_loop_lookups()  # anyio may have been imported since (cheap when it was not)
         stack = AsyncExitStack()
         loop = trio_asyncio.current_loop.get()
         if loop is None:

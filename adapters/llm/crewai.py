@@ -81,6 +81,9 @@ from adapters.llm.policy import (
     RetryPolicy,
     RetrySettings,
     describe_agent,
+    endpoint_from_environment,
+    endpoint_source,
+    key_from_environment,
     over_content_cap,
     system_prompt_for,
     topic_message,
@@ -166,6 +169,7 @@ class CrewAIOrchestrator(RetrySettings):
         roster: who sits on the council; invoking an agent not in it raises
             :class:`~kernel.AgentNotFoundError`.
         base_url: the OpenAI-compatible endpoint (a profile's ``base_url`` overrides it).
+            None: ``$OPENAI_BASE_URL``, else the OpenAI API, as the openai SDK does.
         model: the model (a profile's ``model`` overrides it).
         api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
             (local servers need none).  Never logged; redacted in ``repr``.
@@ -189,7 +193,7 @@ class CrewAIOrchestrator(RetrySettings):
         self,
         roster: Roster,
         *,
-        base_url: str,
+        base_url: str | None = None,
         model: str,
         api_key: str | None = None,
         timeout_s: float = 60.0,
@@ -208,7 +212,7 @@ class CrewAIOrchestrator(RetrySettings):
     ) -> None:
         if not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
-        check_base_url(base_url)
+        endpoint = check_base_url(endpoint_from_environment(base_url), endpoint_source(base_url))
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model must be a non-empty string")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -224,7 +228,7 @@ class CrewAIOrchestrator(RetrySettings):
             agent_id="defaults", temperature=temperature, max_tokens=max_tokens, timeout_s=timeout_s
         )
         self.roster = roster
-        self.base_url = base_url.rstrip("/")
+        self.base_url = endpoint.rstrip("/")
         self.model = model
         self.timeout_s = check_seconds(timeout_s, "timeout_s")
         self.max_tokens = max_tokens
@@ -242,7 +246,7 @@ class CrewAIOrchestrator(RetrySettings):
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
+        self._api_key = key_from_environment(api_key)
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
         self._policy: RetryPolicy | None = None

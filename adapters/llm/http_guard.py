@@ -92,14 +92,19 @@ def refusal_in(exc: BaseException) -> ResponseRefusedError | None:
 
 
 def guarded_client(
-    timeout_s: float, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    timeout_s: float,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    *,
+    client_class: type[httpx2.AsyncClient] = httpx2.AsyncClient,
 ) -> httpx2.AsyncClient:
     """An ``httpx2.AsyncClient`` for the openai SDK (``http_client=``), every transport
     of it guarded: the direct one and one per proxy of the environment (``HTTPS_PROXY``
-    and the like, which the SDK's own client honours too)."""
-    client = httpx2.AsyncClient(
-        limits=_CONNECTION_LIMITS, timeout=timeout_s, follow_redirects=False
-    )
+    and the like, which the SDK's own client honours too).
+
+    ``client_class``: an ``httpx2.AsyncClient`` of another transport, such as the SDK's
+    ``DefaultAioHttpClient`` (aiohttp under httpx2's interface): its transports are
+    guarded the same way, since the guard sits between httpx2 and whatever transport."""
+    client = client_class(limits=_CONNECTION_LIMITS, timeout=timeout_s, follow_redirects=False)
     # httpx builds the environment's proxy transports only when it builds the direct one
     # too (a client given a transport ignores the environment), so both are wrapped
     # after the fact; ``_mounts`` maps a URL pattern to its proxy's transport, or to
@@ -127,6 +132,11 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         deadline = _Deadline(request, total_s)
         try:
             response = await deadline.wait(self._inner.handle_async_request(request))
+        except Exception as exc:
+            deadline.cancel()
+            if type(exc).__module__.startswith("aiohttp"):
+                raise _refused_by_aiohttp(exc, request) from None
+            raise
         except BaseException:
             deadline.cancel()
             raise
@@ -182,6 +192,18 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _refused_by_aiohttp(exc: Exception, request: httpx2.Request) -> ResponseRefusedError:
+    """An aiohttp error its httpx2 adapter let through (aiohttp refusing a response head:
+    a header line over its 8190-byte limit) as a refusal, which the SDK and the retry
+    policy know.  Named by type only: aiohttp's message quotes the offending bytes (a
+    Location with a query, say)."""
+    return ResponseRefusedError(
+        f"response head refused by the HTTP client ({type(exc).__name__}: a header "
+        "over its size limits, or a malformed head)",
+        request=request,
+    )
 
 
 class _BoundedStream(httpx2.AsyncByteStream):

@@ -75,10 +75,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +90,7 @@ import httpx2
 import openai
 
 from adapters.llm.http_guard import DEFAULT_MAX_RESPONSE_BYTES, guarded_client, refusal_in
+from adapters.llm.model_listing import LISTING_TIMEOUT_S, ModelListing, list_models
 from adapters.llm.policy import (
     DEFAULT_SYSTEM_PROMPT,
     KEYLESS,
@@ -100,6 +101,9 @@ from adapters.llm.policy import (
     StreamFailedError,
     classify_failure,
     describe_agent,
+    endpoint_from_environment,
+    endpoint_source,
+    key_from_environment,
     malformed,
     not_retried,
     over_content_cap,
@@ -417,7 +421,8 @@ class OpenAIChatOrchestrator(RetrySettings):
 
     Args:
         base_url: the endpoint, e.g. ``https://api.openai.com/v1`` or
-            ``http://127.0.0.1:11434/v1`` (Ollama).
+            ``http://127.0.0.1:11434/v1`` (Ollama).  None: ``$OPENAI_BASE_URL``, else the
+            OpenAI API (``https://api.openai.com/v1``), as the openai SDK does.
         model: the default model.
         api_key: defaults to ``$OPENAI_API_KEY``; without either, a placeholder is sent
             (local servers need none).  Never logged; redacted in ``repr``.
@@ -445,11 +450,15 @@ class OpenAIChatOrchestrator(RetrySettings):
             :data:`DEFAULT_MAX_CONTENT_CHARS`, 1 Mi characters).
         stream: stream every call (the default).  False for a server that cannot
             stream; it then generates on after a halt (module docstring).
+        transport: the HTTP transport under the SDK: ``"httpx"`` (the SDK's default,
+            httpx2), ``"aiohttp"`` (the SDK's ``DefaultAioHttpClient``; needs the
+            ``aiohttp`` extra, else :class:`~kernel.InvalidRequestError`) or ``"auto"``
+            (aiohttp where installed).  Either is guarded alike (:mod:`http_guard`).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         model: str,
         *,
         api_key: str | None = None,
@@ -467,8 +476,9 @@ class OpenAIChatOrchestrator(RetrySettings):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
         stream: bool = True,
+        transport: str = "httpx",
     ) -> None:
-        check_base_url(base_url)
+        endpoint = check_base_url(endpoint_from_environment(base_url), endpoint_source(base_url))
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequestError("model must be a non-empty string")
         if roster is not None and not isinstance(roster, Roster):
@@ -489,7 +499,7 @@ class OpenAIChatOrchestrator(RetrySettings):
             max_tokens=max_tokens,
             timeout_s=timeout_s,
         )
-        self.base_url = base_url.rstrip("/")
+        self.base_url = endpoint.rstrip("/")
         self.model = model
         self.roster = roster
         self.timeout_s = check_number(timeout_s, "timeout_s", above=0)
@@ -503,11 +513,12 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.system_prompt = system_prompt
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
+        self._api_key = key_from_environment(api_key)
         self.limits = limits
         self.max_response_bytes = check_int(max_response_bytes, "max_response_bytes", at_least=1)
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
+        self.transport = _transport(transport)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
         self._budgets: dict[str, EndpointBudget | ClusterBudget] = {}
         # aopen() builds clients in a worker thread: never two for one URL.
@@ -532,7 +543,15 @@ class OpenAIChatOrchestrator(RetrySettings):
                 if client is None:
                     # Any: openai 2 (the CrewAI environment) types this as httpx's client,
                     # and takes httpx2's all the same.
-                    http_client: Any = guarded_client(self.timeout_s, self.max_response_bytes)
+                    http_client: Any = guarded_client(
+                        self.timeout_s,
+                        self.max_response_bytes,
+                        client_class=(
+                            _aiohttp_client_class()
+                            if self.transport == "aiohttp"
+                            else httpx2.AsyncClient
+                        ),
+                    )
                     # Retries are ours (decorrelated jitter, Retry-After cap, attempt count
                     # in the output), so the SDK's own are off.
                     client = openai.AsyncOpenAI(
@@ -648,6 +667,28 @@ class OpenAIChatOrchestrator(RetrySettings):
         except openai.APIError:
             return True
         return True
+
+    def models_by_endpoint(self) -> dict[str, list[str]]:
+        """The models each endpoint will be asked for: the default at the default URL,
+        and every roster profile's (its own, or the default) at its URL."""
+        wanted: dict[str, list[str]] = {}
+        profiles = list(self.roster or ()) or [AgentProfile(agent_id="defaults")]
+        for profile in profiles:
+            url = (profile.base_url or self.base_url).rstrip("/")
+            models = wanted.setdefault(url, [])
+            model = profile.model or self.model
+            if model not in models:
+                models.append(model)
+        return wanted
+
+    async def list_models(self, timeout_s: float = LISTING_TIMEOUT_S) -> list[ModelListing]:
+        """What each endpoint of :meth:`models_by_endpoint` lists (at once, ``timeout_s``
+        at most): a :class:`~adapters.llm.model_listing.ModelListing` each, in order."""
+        limit = check_number(timeout_s, "timeout_s", above=0)
+        urls = list(self.models_by_endpoint())
+        return list(
+            await asyncio.gather(*(list_models(self._client(url), url, limit) for url in urls))
+        )
 
     # ------------------------------------------------------------ one agent
 
@@ -849,6 +890,45 @@ class OpenAIChatOrchestrator(RetrySettings):
         answer.finish_reason = str(choice.get("finish_reason") or "")
         answer.set_usage(doc.get("usage"))
         return answer
+
+
+#: The HTTP transports the orchestrator can put under the SDK (``transport=``).
+TRANSPORTS = ("httpx", "aiohttp", "auto")
+
+
+def aiohttp_installed() -> bool:
+    """Whether the SDK's aiohttp transport can be used (the ``aiohttp`` extra): aiohttp is
+    there, and the SDK's ``DefaultAioHttpClient`` is an httpx2 client (openai 3; openai 2's
+    is httpx's, which the guard does not wrap) that is not the stand-in the SDK defines
+    when its aiohttp adapter cannot be imported."""
+    if importlib.util.find_spec("aiohttp") is None:
+        return False
+    client_class = getattr(openai, "DefaultAioHttpClient", None)
+    return (
+        isinstance(client_class, type)
+        and issubclass(client_class, httpx2.AsyncClient)
+        and not client_class.__name__.startswith("_Missing")
+    )
+
+
+def _aiohttp_client_class() -> type[httpx2.AsyncClient]:
+    client_class: Any = openai.DefaultAioHttpClient  # openai 2 types it as httpx's
+    return client_class  # type: ignore[no-any-return]
+
+
+def _transport(transport: object) -> str:
+    """``transport`` checked, ``"auto"`` resolved: aiohttp where installed, else httpx."""
+    if transport not in TRANSPORTS:
+        raise InvalidRequestError(
+            f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}"
+        )
+    if transport == "auto":
+        return "aiohttp" if aiohttp_installed() else "httpx"
+    if transport == "aiohttp" and not aiohttp_installed():
+        raise InvalidRequestError(
+            "transport='aiohttp' needs aiohttp: pip install 'conclave-kernel[aiohttp]'"
+        )
+    return str(transport)
 
 
 class _Outcome:

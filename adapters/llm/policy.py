@@ -13,6 +13,7 @@ shared budget on a rate limit, the CrewAI one only its agent); not in these rule
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import weakref
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 import openai
 
+from adapters.llm.failures import describe_agent, model_not_found
 from adapters.llm.http_guard import refusal_in
 from kernel import AgentInvocationError, ContextBundle
 from kernel.validate import check_int, check_number
@@ -27,6 +29,7 @@ from kernel.validate import check_int, check_number
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "KEYLESS",
+    "OPENAI_API_URL",
     "AttemptFailure",
     "Backoff",
     "RetryPolicy",
@@ -34,6 +37,9 @@ __all__ = [
     "StreamFailedError",
     "classify_failure",
     "describe_agent",
+    "endpoint_from_environment",
+    "endpoint_source",
+    "key_from_environment",
     "malformed",
     "not_retried",
     "out_of_quota",
@@ -52,8 +58,42 @@ DEFAULT_SYSTEM_PROMPT = (
 #: The key sent when there is none: local servers (Ollama, llama.cpp) ignore it.
 KEYLESS = "sk-no-key-required"
 
+#: The endpoint meant when none is given, neither as an argument nor as
+#: ``$OPENAI_BASE_URL``: the OpenAI API, as the openai SDK has it.
+OPENAI_API_URL = "https://api.openai.com/v1"
+
 #: The longest piece of a server's (or a framework's) own words an error message quotes.
 MAX_QUOTED_CHARS = 200
+
+
+# ------------------------------------------------------------------ where, and as whom
+
+
+def endpoint_from_environment(base_url: str | None) -> str:
+    """The endpoint the openai SDK would call: ``base_url`` if given, else
+    ``$OPENAI_BASE_URL``, else :data:`OPENAI_API_URL`.
+
+    An empty ``$OPENAI_BASE_URL`` counts as unset (a shell's ``OPENAI_BASE_URL=`` clears
+    it).  The result is not checked here: the caller checks it (``check_base_url``),
+    naming where it came from (:func:`endpoint_source`).
+    """
+    if base_url is not None:
+        return base_url
+    return os.environ.get("OPENAI_BASE_URL") or OPENAI_API_URL
+
+
+def endpoint_source(base_url: str | None) -> str:
+    """Where :func:`endpoint_from_environment` took its answer from, as an error message
+    names it: ``base_url`` (also for the default), or ``$OPENAI_BASE_URL``."""
+    if base_url is None and os.environ.get("OPENAI_BASE_URL"):
+        return "$OPENAI_BASE_URL"
+    return "base_url"
+
+
+def key_from_environment(api_key: str | None) -> str:
+    """The API key sent: ``api_key`` if given, else ``$OPENAI_API_KEY``, else
+    :data:`KEYLESS` (local servers need none)."""
+    return api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
 
 
 # ------------------------------------------------------------------ what is asked
@@ -106,13 +146,6 @@ def _topic_message(context: ContextBundle) -> str:
 # ------------------------------------------------------------------ how failures read
 
 
-def describe_agent(agent_id: str, model: str, base_url: str, *, framework: str = "") -> str:
-    """How every failure names the agent: ``agent 'a1' (gpt-4o at https://...)``, with
-    the framework first when there is one (``agent 'a1' (CrewAI, gpt-4o at ...)``)."""
-    using = f"{framework}, " if framework else ""
-    return f"agent {agent_id!r} ({using}{model} at {base_url})"
-
-
 def malformed(where: str, why: str) -> AgentInvocationError:
     """A response that is not what was asked for (not retried: the same again)."""
     return AgentInvocationError(f"{where}: malformed response ({why})")
@@ -155,6 +188,21 @@ def out_of_quota(exc: openai.APIStatusError) -> bool:
     if isinstance(error, dict):
         fields += [error.get("code"), error.get("type")]
     return "insufficient_quota" in fields
+
+
+def _says_model(exc: openai.APIStatusError) -> bool:
+    """Whether a 404 is about the model (OpenAI's ``model_not_found``; vLLM's "The model
+    `x` does not exist"; Ollama's "model 'x' not found") rather than the path (a base URL
+    without its ``/v1``), which is a 404 too."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    code = error.get("code") if isinstance(error, dict) else None
+    text = error.get("message") if isinstance(error, dict) else None
+    return (
+        exc.code == "model_not_found"
+        or code == "model_not_found"
+        or (isinstance(text, str) and "model" in text.lower())
+    )
 
 
 def rate_limited(exc: openai.APIStatusError) -> bool:
@@ -227,6 +275,8 @@ def _status_failure(exc: openai.APIStatusError, where: str, api_key: str) -> Att
     # 408 is the server's own request timeout: a timeout, so retried.
     if status not in (408, 429) and status < 500:
         said = server_message(exc, api_key)
+        if status == 404 and _says_model(exc):
+            return AttemptFailure(what, final=not_retried(f"{where}: {model_not_found(said)}"))
         return AttemptFailure(what, final=not_retried(f"{where}: {what} {said}"))
     return AttemptFailure(what, throttled=status == 429)
 

@@ -406,6 +406,34 @@ class _Lane:
         self.stamp = stamp
 
 
+class _ServedWindow:
+    """What an endpoint served in the last minute: its requests and their tokens, the
+    sum kept as they come and go (each response reads it: a sum over the window each time
+    cost O(requests a minute) per response)."""
+
+    __slots__ = ("_entries", "tokens")
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[tuple[float, float]] = collections.deque()
+        self.tokens = 0.0
+
+    @property
+    def requests(self) -> int:
+        return len(self._entries)
+
+    def append(self, at: float, tokens: float) -> None:
+        self._entries.append((at, tokens))
+        self.tokens += tokens
+
+    def expire(self, before: float) -> None:
+        """Forget what was served at ``before`` or earlier."""
+        entries = self._entries
+        while entries and entries[0][0] <= before:
+            self.tokens -= entries.popleft()[1]
+        if not entries:
+            self.tokens = 0.0  # no float drift left over once the window is empty
+
+
 class EndpointBudget:
     """The budget of one endpoint and key; thread-safe, usable from any event loop.
 
@@ -429,7 +457,7 @@ class EndpointBudget:
         # The longest any caller lets one report hold a turn back (finish's max_pause_s).
         self._max_pause_s = math.inf
         # (when, tokens) of each answer that was not a 429, over the last minute.
-        self._served: collections.deque[tuple[float, float]] = collections.deque()
+        self._served = _ServedWindow()
         self._doubted: set[str] = set()  # lanes whose advertised limit was not believed
         # The lanes and the last turn once every pending turn is charged (the plan's end).
         self._plan: tuple[_Lane, _Lane, float] = (self.requests, self.tokens, -math.inf)
@@ -634,9 +662,8 @@ class EndpointBudget:
                 changed = used_tokens != ticket.tokens
                 ticket.tokens = ticket.charged = served = used_tokens
             if report is not None and not throttled:
-                self._served.append((now, served))
-            while self._served and self._served[0][0] <= now - _WINDOW_S:
-                self._served.popleft()
+                self._served.append(now, served)
+            self._served.expire(now - _WINDOW_S)
             pause = None
             doubted_before = self.requests.advertised, self.tokens.advertised
             report = self._believable(report)
@@ -669,8 +696,8 @@ class EndpointBudget:
         not believed); logged once per lane.  A limit believed from an earlier report
         (before enough was served to doubt it) is dropped by the same rule, whether or
         not this report repeats it: else one early lie would pace the lane for good."""
-        served_requests = float(len(self._served))
-        served_tokens = sum(tokens for _, tokens in self._served)
+        served_requests = float(self._served.requests)
+        served_tokens = self._served.tokens
         reported = {
             "requests": None if report is None else report.requests,
             "tokens": None if report is None else report.tokens,

@@ -123,8 +123,9 @@ class RateLimitHeaders:
     @classmethod
     def parse(cls, headers: Mapping[str, str] | None) -> RateLimitHeaders:
         """Read ``headers`` (case-insensitive, like httpx's); never raises."""
-        if headers is None:
-            return cls()
+        if headers is None or not _any_rate_limit_header(headers):
+            # Most answers of most servers: nothing to read, and nothing built.
+            return _NOTHING
         return cls(
             requests=_lane(headers, "requests"),
             tokens=_lane(headers, "tokens"),
@@ -134,7 +135,7 @@ class RateLimitHeaders:
     @property
     def present(self) -> bool:
         """Whether the response carried any rate-limit information at all."""
-        return self != RateLimitHeaders()
+        return self != _NOTHING
 
     def reset_after_429_s(self) -> float | None:
         """How long a 429 asks the endpoint to pause: ``retry-after-ms``/``Retry-After``
@@ -146,6 +147,16 @@ class RateLimitHeaders:
         resets = [lane.reset_s for lane in lanes or (self.requests, self.tokens)]
         known = [r for r in resets if r is not None]
         return max(known) if known else None
+
+
+_NOTHING = RateLimitHeaders()
+_PREFIXES = ("x-ratelimit-", "retry-after")
+
+
+def _any_rate_limit_header(headers: Mapping[str, str]) -> bool:
+    """Whether any header is one :meth:`RateLimitHeaders.parse` reads (``retry-after``,
+    ``retry-after-ms``, ``x-ratelimit-*``): one pass over the names."""
+    return any(name.lower().startswith(_PREFIXES) for name in headers)
 
 
 def _lane(headers: Mapping[str, str], what: str) -> LaneHeaders:

@@ -14,7 +14,13 @@ from benchmarks.scenarios.cluster import cluster
 from benchmarks.scenarios.crewai import crewai
 from benchmarks.scenarios.durability import soak, witness
 from benchmarks.scenarios.halting import bridge_halt, halt
-from benchmarks.scenarios.llm import bridge, first_batch_stall, llm_loopback, llm_stream
+from benchmarks.scenarios.llm import (
+    bridge,
+    first_batch_stall,
+    llm_call_cpu,
+    llm_loopback,
+    llm_stream,
+)
 from benchmarks.scenarios.ratelimit import rate_limited
 from benchmarks.scenarios.resume import resume
 from benchmarks.scenarios.shared_budget import shared_budget
@@ -37,6 +43,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bridge-halt": bridge_halt,
     "llm-loopback": llm_loopback,
     "llm-stream": llm_stream,
+    "llm-call-cpu": llm_call_cpu,
     "first-batch-stall": first_batch_stall,
     "tail": tail,
     "tail-http": tail_http,

@@ -24,7 +24,7 @@ from benchmarks.timing import over, timed
 from benchmarks.workloads import ServiceBatch, requests_for
 from kernel import AgentOrchestratorProtocol, ConcurrentDeliberationService, HaltSwitch
 
-__all__ = ["bridge", "first_batch_stall", "llm_loopback", "llm_stream"]
+__all__ = ["bridge", "first_batch_stall", "llm_call_cpu", "llm_loopback", "llm_stream"]
 
 #: The streaming scenario's answer: 256 completion tokens, one chunk each, at 512 a second.
 STREAM_TOKENS, STREAM_RATE = 256, 512.0
@@ -121,6 +121,86 @@ def llm_stream(s: Settings, results: Results) -> None:
             results.add(Row(name, f"httpx2 alone, {how}", "CPU per agent", "ms", raw, note=note))
     ratio = [a / b for a, b in zip(cpu[True], cpu[False], strict=True)]
     results.add(Row(name, "streamed / stream=False", "CPU per agent", "x", ratio, "<= 1.3x"))
+
+
+def llm_call_cpu(s: Settings, results: Results) -> None:
+    """CPU per call of a short chat completion answered at once, through kernel + bridge +
+    orchestrator against the bare ``AsyncOpenAI`` (its own client of the same transport,
+    ``asyncio.gather``, no kernel), streamed and not, on each transport installed: the
+    kernel path's cost above the SDK's floor.  Batches of 72, one server process."""
+    from adapters.llm.openai_chat import aiohttp_installed
+
+    reps = max(5, s.reps)
+    name = "llm-call CPU 72 agents"
+    transports = ["httpx", *(["aiohttp"] if aiohttp_installed() else [])]
+    with fake_server() as base_url:
+        for transport in transports:
+            for stream in (False, True):
+                how = f"{transport}, {'streamed' if stream else 'stream=False'}"
+                bare = asyncio.run(_bare_sdk_batches(base_url, transport, stream, reps))
+                kernel = trio.run(_kernel_call_batches, base_url, transport, stream, reps)
+                note = "AsyncOpenAI alone, asyncio.gather"
+                results.add(Row(name, f"bare SDK, {how}", "CPU per call", "ms", bare, note=note))
+                results.add(Row(name, f"kernel path, {how}", "CPU per call", "ms", kernel))
+                ratio = [k / b for k, b in zip(sorted(kernel), sorted(bare), strict=True)]
+                results.add(
+                    Row(name, f"kernel / bare, {how}", "CPU per call", "x", ratio, "<= 1.15x")
+                )
+
+
+async def _bare_sdk_batches(base_url: str, transport: str, stream: bool, reps: int) -> list[float]:
+    """CPU ms per call through ``AsyncOpenAI`` alone: a whole answer, or the stream
+    iterated to its end."""
+    import openai
+
+    http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
+    client = openai.AsyncOpenAI(
+        base_url=base_url, api_key="x", max_retries=0, timeout=60, http_client=http_client
+    )
+    messages: Any = [{"role": "user", "content": "motion"}]
+
+    async def one(i: int) -> None:
+        headers = {"X-Conclave-Agent": f"archon-{i}"}
+        if not stream:
+            await client.chat.completions.create(
+                model="fake-model", messages=messages, extra_headers=headers
+            )
+            return
+        chunks = await client.chat.completions.create(
+            model="fake-model",
+            messages=messages,
+            extra_headers=headers,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for _ in chunks:
+            pass
+
+    try:
+        return await _asyncio_cpu_per_agent(one, reps)
+    finally:
+        await client.close()
+
+
+async def _kernel_call_batches(
+    base_url: str, transport: str, stream: bool, reps: int
+) -> list[float]:
+    """CPU ms per call through the kernel, the bridge and the orchestrator."""
+    from adapters.llm.bridge import AsyncioOrchestratorBridge
+    from adapters.llm.openai_chat import OpenAIChatOrchestrator
+
+    orchestrator = OpenAIChatOrchestrator(
+        base_url, "fake-model", timeout_s=60, stream=stream, transport=transport
+    )
+    runs: list[float] = []
+    async with AsyncioOrchestratorBridge(orchestrator) as bridge:
+        batch = ServiceBatch(ConcurrentDeliberationService(bridge, HaltSwitch()), 72)
+        await batch()  # warm-up: connections, first-call imports
+        for _ in range(reps):
+            cpu = time.process_time()
+            await batch()
+            runs.append((time.process_time() - cpu) / 72 * 1000.0)
+    return runs
 
 
 async def _stream_batches(base_url: str, stream: bool, reps: int) -> list[tuple[float, float]]:

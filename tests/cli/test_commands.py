@@ -190,6 +190,88 @@ def test_openai_backend_against_loopback_server(
     assert llm_server.attempts["alpha"] == 1
 
 
+def test_without_base_url_the_openai_backend_calls_openai_base_url_with_openai_api_key(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": llm_server.base_url, "OPENAI_API_KEY": SECRET}
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--model", "m", "--agents", "3", "--quiet",
+        "--log-level", "debug", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "3/3 succeeded" in proc.stdout
+    chats = [h for h in llm_server.headers if h[":path"].endswith("/chat/completions")]
+    assert len(chats) == 3 and {h["authorization"] for h in chats} == {f"Bearer {SECRET}"}
+    assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
+def test_a_secret_in_openai_base_url_is_refused_without_being_shown() -> None:
+    env = {**os.environ, "OPENAI_BASE_URL": f"http://user:{SECRET}@127.0.0.1:9/v1"}
+    proc = conclave("deliberate", "--backend", "openai", "--model", "m", env=env)
+    assert proc.returncode == 2 and "$OPENAI_BASE_URL" in proc.stderr, proc.stderr
+    assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
+def test_a_model_the_server_does_not_list_is_refused_before_anything_runs(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.models = ["fake-model"]
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url, "--model", "gpt-x"
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"conclave: model 'gpt-x' not found at {llm_server.base_url} (it lists: fake-model); "
+        "nothing was run"
+    ]
+    assert not any(h[":path"].endswith("/chat/completions") for h in llm_server.headers)
+
+
+def test_a_wrong_model_past_the_check_is_said_once_for_72_agents(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.models = ["fake-model"]
+    args = ["--backend", "openai", "--base-url", llm_server.base_url, "--model", "gpt-x"]
+    proc = conclave("deliberate", *args, "--no-model-check")
+    assert proc.returncode == 1, proc.stderr
+    line = f"72 agents: 404 model 'gpt-x' not found at {llm_server.base_url}"
+    assert [s.strip() for s in proc.stdout.splitlines() if "!" in s] == [f"! {line}"]
+    quiet = conclave("deliberate", *args, "--no-model-check", "--quiet")
+    assert quiet.stdout.rstrip().endswith(f"; {line}"), quiet.stdout
+
+
+def test_a_wrong_key_is_said_once_and_never_shown(llm_server: FakeOpenAIServer) -> None:
+    llm_server.api_key = "sk-the-right-one"
+    env = {**os.environ, "OPENAI_API_KEY": SECRET}
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url, "--model", "m",
+        "--agents", "5", "--log-level", "debug", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert [s.strip() for s in proc.stdout.splitlines() if "!" in s] == [
+        f"! 5 agents: 401 authentication failed at {llm_server.base_url} (check the API key)"
+    ]
+    # The listing answered 401 too: a note, and the run went on.
+    assert "did not list the models (HTTP 401)" in proc.stderr
+    assert_never_shown(SECRET, [proc.stdout, proc.stderr])
+
+
+def test_no_model_check_is_refused_for_another_backend() -> None:
+    proc = conclave("deliberate", "--no-model-check")
+    assert proc.returncode == 2
+    assert "--no-model-check is the openai backend's" in proc.stderr
+
+
+def test_the_openai_backend_runs_on_the_aiohttp_transport(llm_server: FakeOpenAIServer) -> None:
+    proc = conclave(
+        *_openai(llm_server.base_url, "--agents", "4", "--transport", "aiohttp", "--quiet")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "4/4 succeeded" in proc.stdout
+    stub = conclave("deliberate", "--transport", "aiohttp")
+    assert stub.returncode == 2 and "--transport is the openai backend's" in stub.stderr
+
+
 def test_openai_backend_unreachable_exits_2() -> None:
     proc = conclave(
         "deliberate", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"

@@ -13,7 +13,13 @@ from uuid import uuid4
 import pytest
 import trio
 
-from adapters.cli._display import JsonFormatter, KeyValueFormatter, Progress, print_summary
+from adapters.cli._display import (
+    JsonFormatter,
+    KeyValueFormatter,
+    Progress,
+    failure_lines,
+    print_summary,
+)
 from adapters.halt.file import FileHaltChannel
 from adapters.stub import stub_usage
 from kernel import (
@@ -225,3 +231,27 @@ def test_the_agents_still_waited_on_are_named_once_few_are_left() -> None:
     assert progress.failed == 5
     progress(12, len(ids), "archon-12", "completed")
     assert progress.waiting_on() == ""
+
+
+def _failure(agent_id: str, message: str) -> AgentFailure:
+    return AgentFailure(agent_id, uuid4(), FailureKind.ERROR, "AgentInvocationError", message, 1.0)
+
+
+def test_a_cause_of_many_agents_is_one_line_and_a_lone_failure_keeps_its_agent() -> None:
+    url = "http://127.0.0.1:9/v1"
+    failures = [
+        *(
+            _failure(f"a{i}", f"agent 'a{i}' (m at {url}): HTTP 503 after 4 attempt(s)")
+            for i in range(70)
+        ),
+        _failure("b", f"agent 'b' (m at {url}): malformed response (no choices)"),
+        *(_failure(f"c{i}", f"cause {i}\x1b[2J") for i in range(6)),
+    ]
+    assert failure_lines(failures) == [
+        f"70 agents: error: HTTP 503 after 4 attempt(s) (m at {url})",
+        f"b: error: agent 'b' (m at {url}): malformed response (no choices)",
+        "c0: error: cause 0\\x1b[2J",  # never a control character to the terminal
+        "c1: error: cause 1\\x1b[2J",
+        "c2: error: cause 2\\x1b[2J",
+        "... and 3 more causes (3 agents)",
+    ]

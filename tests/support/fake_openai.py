@@ -75,9 +75,18 @@ runs until the client goes away, the connection then closed):
                                that did not ask for a stream)
     ("redirect", location)     307 to ``location`` (which sees a request if followed)
     ("deep_json", depth)       200 with a JSON body nested ``depth`` arrays deep
+    ("short_body", length)     200 whose Content-Length says ``length`` bytes, a shorter
+                               body (the start of an answer), then the connection closed
 
 ``models_fault``, when set, is the fault for every ``GET .../models`` request (the
 reachability probe) instead of the default; ``None`` (the default) leaves it alone.
+
+As OpenAI checks a request (both off by default): ``api_key``, when set, is the only key
+taken: any other (or none) is answered 401 with OpenAI's ``invalid_api_key`` error, which
+quotes the key's first and last characters as OpenAI's does; ``models``, when set, are the
+models served: ``GET .../models`` lists them (OpenAI's ``{"object": "list", "data":
+[...]}``) and a chat completion for any other model is answered 404 with OpenAI's
+``model_not_found`` error.  ``models_fault`` still wins for the listing.
 
 The server counts requests, what is in flight (and the most ever), and disconnects:
 requests whose client went away before an answer; ``arrived`` holds each request's
@@ -136,6 +145,8 @@ class FakeOpenAIServer:
     def __init__(self) -> None:
         self.default: Fault = "ok"
         self.models_fault: Fault | None = None
+        self.api_key: str | None = None
+        self.models: list[str] | None = None
         self.scripts: dict[str, deque[Fault]] = defaultdict(deque)
         self.next_faults: deque[Fault] = deque()
         self.barrier_size = 0
@@ -246,6 +257,8 @@ class FakeOpenAIServer:
             self._epoch += 1
             self.default = "ok"
             self.models_fault = None
+            self.api_key = None
+            self.models = None
             self.scripts.clear()
             self.next_faults.clear()
             self.barrier_size = 0
@@ -329,8 +342,17 @@ class FakeOpenAIServer:
             self.bodies.append(payload)
             self.headers.append(headers)
             script = self.scripts.get(agent)
-            if self.models_fault is not None and headers[":path"].endswith("/models"):
+            listing = headers[":path"].endswith("/models")
+            if self.models_fault is not None and listing:
                 fault = self.models_fault
+            elif self.api_key is not None and headers.get("authorization") != (
+                f"Bearer {self.api_key}"
+            ):
+                fault = ("bad_key", headers.get("authorization", "").removeprefix("Bearer "))
+            elif self.models is not None and listing:
+                fault = ("models", list(self.models))
+            elif self.models is not None and payload.get("model") not in self.models:
+                fault = ("no_model", str(payload.get("model")))
             elif self.next_faults:
                 fault = self.next_faults.popleft()
             else:
@@ -422,6 +444,25 @@ class FakeOpenAIServer:
             doc = _completion(payload, agent, usage)
             doc["choices"][0]["message"]["content"] = fault[1]
             self._send_answer(writer, doc, payload, extra)
+        elif isinstance(fault, tuple) and fault[0] == "models":
+            listing = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fault[1]
+            ]
+            self._send_json(writer, 200, {"object": "list", "data": listing})
+        elif isinstance(fault, tuple) and fault[0] == "no_model":
+            message = f"The model `{fault[1]}` does not exist or you do not have access to it."
+            self._send_json(
+                writer, 404, _error(message, "model_not_found", "invalid_request_error")
+            )
+        elif isinstance(fault, tuple) and fault[0] == "bad_key":
+            key = fault[1]
+            message = (
+                f"Incorrect API key provided: {key[:3]}***{key[-4:]}. You can find your API "
+                "key at https://platform.openai.com/account/api-keys."
+            )
+            self._send_json(
+                writer, 401, _error(message, "invalid_api_key", "invalid_request_error")
+            )
         elif fault == "rate_limited":
             error = _error("Rate limit reached (fake server)", "rate_limit_exceeded")
             self._send_json(writer, 429, error, extra)
@@ -800,6 +841,7 @@ _HOSTILE = frozenset(
         "endless_sse",
         "redirect",
         "deep_json",
+        "short_body",
     }
 )
 _CHUNK = 64 * 1024
@@ -851,6 +893,10 @@ async def _hostile(writer: asyncio.StreamWriter, fault: Fault) -> None:
                 f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {arg}\r\n"
                 "Content-Length: 0\r\n\r\n".encode()
             )
+            await writer.drain()
+        elif name == "short_body":  # a Content-Length the body never reaches
+            body = b'{"id": "x", "choices": [{"index": 0, "message": {"content": "aye"'
+            writer.write(f"{head}Content-Length: {arg}\r\n\r\n".encode() + body)
             await writer.drain()
         elif name == "deep_json":
             body = b'{"id": "x", "choices": ' + b"[" * arg + b"]" * arg + b"}"
@@ -966,8 +1012,8 @@ def _completion(
     }
 
 
-def _error(message: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": code, "param": None, "code": code}}
+def _error(message: str, code: str, kind: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind or code, "param": None, "code": code}}
 
 
 def main() -> None:

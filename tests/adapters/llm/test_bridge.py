@@ -823,3 +823,44 @@ async def test_quick_clean_up_is_waited_for() -> None:
 def test_bad_grace_is_refused(bad: object) -> None:
     with pytest.raises(InvalidRequestError, match="unwind_grace_s"):
         AsyncioOrchestratorBridge(SlowToUnwind(0.0), unwind_grace_s=bad)  # type: ignore[arg-type]
+
+
+_ASYNCIO_FIRST = """
+import asyncio, sys, openai, trio
+from tests.support.fake_openai import FakeOpenAIServer
+
+server = FakeOpenAIServer().start()
+
+async def one_plain_sdk_call():
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    await client.close()
+
+# An application's own asyncio call first: anyio's asyncio backend is imported now,
+# before trio-asyncio is.
+asyncio.run(one_plain_sdk_call())
+assert "trio_asyncio" not in sys.modules and "anyio._backends._asyncio" in sys.modules
+
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from adapters.llm.openai_chat import OpenAIChatOrchestrator
+from kernel import ConcurrentDeliberationService, AgentRequest, ContextBundle
+
+async def council():
+    inner = OpenAIChatOrchestrator(server.base_url, "m", max_retries=0)
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        context = ContextBundle("t", "a topic")
+        requests = [AgentRequest(f"a{i}", context) for i in range(3)]
+        result = await ConcurrentDeliberationService(bridge).invoke_concurrent(requests)
+    print(result.success_count, [f.message for f in result.failures])
+
+trio.run(council)
+server.stop()
+"""
+
+
+def test_the_bridge_works_after_the_application_made_its_own_asyncio_sdk_call() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _ASYNCIO_FIRST], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "3 []", proc.stdout

@@ -4,7 +4,9 @@ Through the real path: :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`
 HTTP client :mod:`adapters.llm.http_guard` builds), the openai SDK and the trio-asyncio
 bridge, against the loopback server's hostile faults (tests/support/fake_openai.py).  Each
 mode must end in one clear failure per agent within ``timeout_s`` plus a margin that
-holds on a loaded machine, with the process's memory growth bounded.
+holds on a loaded machine, with the process's memory growth bounded.  Every test runs on
+both transports the orchestrator offers (httpx2, the SDK's aiohttp): the guard sits under
+either.
 """
 
 from __future__ import annotations
@@ -22,11 +24,24 @@ from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from kernel import AgentPool, ConcurrentDeliberationService, ConcurrentResult, HaltSwitch
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import PeakRss, make_requests
+from tests.support.url_secrets import SECRET, assert_never_shown
 
+TRANSPORTS = ("httpx", "aiohttp")
 TIMEOUT_S = 2.0
 MARGIN_S = 5.0  # generous: a loaded 2-core machine
 GIB = 2**30
 CAP = f"over the {DEFAULT_MAX_RESPONSE_BYTES}-byte cap"
+
+
+_transport = {"name": "httpx"}
+
+
+@pytest.fixture(autouse=True, params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The transport each test's orchestrators use (``run_batch``)."""
+    _transport["name"] = request.param
+    yield request.param
+    _transport["name"] = "httpx"
 
 
 async def run_batch(
@@ -34,8 +49,13 @@ async def run_batch(
 ) -> tuple[ConcurrentResult, float]:
     """One batch of ``agents`` against ``server``; the result and its wall-clock time.
     Fails (rather than hangs) if it runs far past the timeout."""
-    settings = {"timeout_s": TIMEOUT_S, "backoff_base_s": 0.001, "backoff_cap_s": 0.005} | settings
-    orchestrator = OpenAIChatOrchestrator(server.base_url, "fake-model", **settings)
+    defaults: dict[str, Any] = {
+        "timeout_s": TIMEOUT_S,
+        "backoff_base_s": 0.001,
+        "backoff_cap_s": 0.005,
+        "transport": _transport["name"],
+    }
+    orchestrator = OpenAIChatOrchestrator(server.base_url, "fake-model", **defaults | settings)
     started = time.monotonic()
     with trio.fail_after(20):
         async with AsyncioOrchestratorBridge(orchestrator) as bridge:
@@ -159,14 +179,16 @@ async def test_an_encoding_the_client_did_not_ask_for_is_refused(
 
 
 async def test_a_request_through_a_proxy_from_the_environment_is_bounded_too(
-    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     """httpx gives each proxy of the environment a transport of its own: guarded too."""
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{llm_server.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     llm_server.default = ("gzip_bomb", GIB)
-    orchestrator = OpenAIChatOrchestrator("http://llm.invalid/v1", "fake-model", timeout_s=5)
+    orchestrator = OpenAIChatOrchestrator(
+        "http://llm.invalid/v1", "fake-model", timeout_s=5, transport=transport
+    )
     with trio.fail_after(20):
         async with AsyncioOrchestratorBridge(orchestrator) as bridge:
             result = await ConcurrentDeliberationService(bridge).invoke_concurrent(make_requests(1))
@@ -194,10 +216,28 @@ async def test_bytes_after_the_end_of_a_compressed_body_are_refused_not_ignored(
 
 
 async def test_a_redirect_to_a_huge_location_is_named_in_a_short_message(
-    llm_server: FakeOpenAIServer,
+    llm_server: FakeOpenAIServer, transport: str
 ) -> None:
-    llm_server.default = ("redirect", "http://elsewhere.test/" + "a" * 60_000)
+    llm_server.default = ("redirect", f"http://elsewhere.test/?token={SECRET}" + "a" * 60_000)
     result, _ = await run_batch(llm_server, 1)
     (message,) = messages(result)
-    assert "HTTP 307 redirect to http://elsewhere.test/aaa" in message, message[:300]
+    if transport == "httpx":
+        assert "HTTP 307 redirect to http://elsewhere.test/?token=***" in message, message[:300]
+    else:  # aiohttp refuses a header line over 8190 bytes before the guard sees it
+        assert "response head refused by the HTTP client (ClientResponseError" in message
+    assert message.endswith("; not retried") and llm_server.attempts["archon-1"] == 1
     assert len(message) < 1_000, len(message)
+    assert_never_shown(SECRET, [message])
+
+
+async def test_a_body_shorter_than_its_content_length_is_a_failure_never_an_answer(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("short_body", 10_000)  # the start of an answer, then closed
+    result, elapsed = await run_batch(llm_server, 2, max_retries=1)
+    assert result.success_count == 0
+    # A connection that broke mid-body: retried (nothing was taken), then given up.
+    assert all("connection failed after 2 attempt(s)" in m for m in messages(result)), messages(
+        result
+    )
+    assert elapsed < TIMEOUT_S + MARGIN_S  # the close ends it, not the deadline

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import re
+import subprocess
+import sys
 import tracemalloc
 import weakref
 from typing import Any
@@ -35,9 +37,11 @@ from kernel import (
     HaltSwitch,
     InvalidRequestError,
 )
+from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import client_bytes, make_context, make_requests, time_halt
 from tests.support.hostile_parts import HUGE
+from tests.support.url_secrets import SECRET, assert_never_shown
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -187,13 +191,15 @@ async def test_an_answer_holding_a_lone_surrogate_is_that_agents_failure(
 # ------------------------------------------------------------ streaming
 
 
-async def halt_72_generating(server: FakeOpenAIServer, *, stream: bool) -> list[int]:
+async def halt_72_generating(
+    server: FakeOpenAIServer, *, stream: bool, transport: str = "httpx"
+) -> list[int]:
     """Halt 72 agents while the server generates for each (200 tokens at 100 a second),
     once all 72 are generating; the tokens generated after each client went away."""
     server.default = ("generate", 200, 100.0)
     halt = HaltSwitch()
     pool = AgentPool()
-    settings = {"timeout_s": 600.0, "stream": stream}
+    settings = {"timeout_s": 600.0, "stream": stream, "transport": transport}
     async with AsyncioOrchestratorBridge(orchestrator(server, **settings)) as bridge:
         service = ConcurrentDeliberationService(bridge, halt, pool)
         err, _ = await time_halt(
@@ -380,3 +386,93 @@ async def test_a_failed_call_says_what_it_was_in_its_errors_metadata(
     assert gave_up.value.metadata["attempts"] == 2
     assert gave_up.value.metadata["model"] == "fake-model"
     assert refused.value.metadata["http_statuses"] == "401"
+
+
+# ------------------------------------------------------------------ the SDK's environment
+
+
+async def test_without_a_base_url_the_orchestrator_calls_openai_base_url_with_openai_api_key(
+    llm_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    inner = OpenAIChatOrchestrator(None, "fake-model", max_retries=0)
+    assert inner.base_url == llm_server.base_url
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        output = await bridge.invoke("alpha", make_context())
+    assert output.content
+    assert llm_server.headers[-1]["authorization"] == "Bearer sk-from-the-environment"
+
+
+def test_without_a_base_url_or_openai_base_url_the_openai_api_is_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert OpenAIChatOrchestrator(None, "m").base_url == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    given = OpenAIChatOrchestrator("http://127.0.0.1:8/v1", "m")
+    assert given.base_url == "http://127.0.0.1:8/v1"  # the argument wins
+
+
+def test_a_secret_in_openai_base_url_is_refused_naming_it_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://user:{SECRET}@127.0.0.1:9/v1")
+    with pytest.raises(InvalidRequestError, match=r"\$OPENAI_BASE_URL") as caught:
+        OpenAIChatOrchestrator(None, "m")
+    assert_never_shown(SECRET, [str(caught.value)])
+
+
+# ------------------------------------------------------------------ the aiohttp transport
+
+
+async def test_on_aiohttp_a_halt_with_72_streams_open_closes_them_all(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    after = await halt_72_generating(llm_server, stream=True, transport="aiohttp")
+    assert len(after) == 72 and max(after) <= 2, after
+    assert llm_server.disconnects == 72  # every upstream request closed, none answered
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_on_aiohttp_an_answer_reads_as_on_httpx(
+    llm_server: FakeOpenAIServer, stream: bool
+) -> None:
+    outputs = []
+    for transport in ("httpx", "aiohttp"):
+        inner = orchestrator(llm_server, stream=stream, transport=transport)
+        assert inner.transport == transport
+        async with AsyncioOrchestratorBridge(inner) as bridge:
+            outputs.append(await bridge.invoke("alpha", make_context()))
+    httpx_output, aiohttp_output = outputs
+    assert aiohttp_output.content == httpx_output.content == "alpha votes aye (57 chars read)"
+    for key in ("model", "finish_reason", "prompt_tokens", "completion_tokens", "usage"):
+        assert aiohttp_output.metadata[key] == httpx_output.metadata[key], key
+
+
+def test_a_transport_is_checked_and_auto_takes_aiohttp_where_installed() -> None:
+    assert OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m").transport == "httpx"
+    assert OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m", transport="auto").transport == (
+        "aiohttp"  # installed here: the dev extra brings it
+    )
+    with pytest.raises(InvalidRequestError, match="transport must be one of httpx, aiohttp, auto"):
+        OpenAIChatOrchestrator("http://127.0.0.1:9/v1", "m", transport="curl")
+
+
+def test_without_aiohttp_installed_transport_aiohttp_is_refused_naming_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['aiohttp'] = None\n"
+        "from adapters.llm.openai_chat import OpenAIChatOrchestrator\n"
+        "from kernel import InvalidRequestError\n"
+        "assert OpenAIChatOrchestrator('http://127.0.0.1:9/v1', 'm', transport='auto')"
+        ".transport == 'httpx'\n"
+        "try:\n"
+        "    OpenAIChatOrchestrator('http://127.0.0.1:9/v1', 'm', transport='aiohttp')\n"
+        "except InvalidRequestError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'conclave-kernel[aiohttp]'" in proc.stdout

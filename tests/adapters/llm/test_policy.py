@@ -14,8 +14,13 @@ from typing import Any
 import pytest
 
 from adapters.llm.policy import (
+    KEYLESS,
+    OPENAI_API_URL,
     RetryPolicy,
     describe_agent,
+    endpoint_from_environment,
+    endpoint_source,
+    key_from_environment,
     malformed,
     over_content_cap,
     system_prompt_for,
@@ -115,3 +120,40 @@ def test_an_invocation_gets_max_retries_after_its_first_attempt() -> None:
 def test_a_bad_retry_setting_is_refused_naming_it(setting: str, value: object) -> None:
     with pytest.raises(InvalidRequestError, match=setting):
         policy(**{setting: value})
+
+
+# ------------------------------------------------------------------ where, and as whom
+
+
+def test_an_explicit_base_url_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://env.example/v1")
+    assert endpoint_from_environment("http://given.example/v1") == "http://given.example/v1"
+    assert endpoint_source("http://given.example/v1") == "base_url"
+
+
+def test_without_a_base_url_the_environment_is_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://env.example/v1")
+    assert endpoint_from_environment(None) == "http://env.example/v1"
+    assert endpoint_source(None) == "$OPENAI_BASE_URL"
+
+
+@pytest.mark.parametrize("env", [None, ""])
+def test_without_either_the_openai_api_is_meant(
+    monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    if env is None:
+        monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    else:  # OPENAI_BASE_URL= in a shell clears it
+        monkeypatch.setenv("OPENAI_BASE_URL", env)
+    assert endpoint_from_environment(None) == OPENAI_API_URL == "https://api.openai.com/v1"
+    assert endpoint_source(None) == "base_url"
+
+
+def test_the_key_is_the_argument_then_the_environment_then_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    assert key_from_environment("sk-given") == "sk-given"
+    assert key_from_environment(None) == "sk-env"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert key_from_environment(None) == KEYLESS
