@@ -28,6 +28,7 @@ from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
+    BatchAcquirer,
     CommitReceipt,
     HaltChecker,
     HaltControl,
@@ -95,6 +96,7 @@ __all__ = [
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
+    "BatchAcquirer",
     "LeaseLossNotifier",
     "HedgePolicy",
     "InvalidRequestError",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACQUIRE",
+    "ACQUIRE_BATCH",
     "CAPACITY_CLAIM",
     "HALT",
     "HALT_CLEAR",
@@ -175,6 +176,39 @@ if redis.call('ZCARD', queue) == 0 and in_use < capacity and grace == 0 then
 end
 enqueue(lease)
 return reply(0, in_use, redis.call('ZCARD', queue))
+"""
+)
+
+#: ARGV[4..]: the leases of one batch, in order.  Each is granted now while nobody waits,
+#: a slot is free and the grace is over, else queued behind whoever waits (FIFO: once one
+#: is queued, the rest queue behind it); one already held or queued keeps its place (a
+#: retried call).  Grants made here are not published: the caller reads them in the reply.
+#: Returns {epoch, grace, corrupt, in use, queued, one status per lease ('g' granted,
+#: 'w' waiting)}.
+ACQUIRE_BATCH = (
+    _CAPACITY_PRELUDE
+    + """
+pump()
+local in_use = redis.call('ZCARD', leases)
+local status = {}
+for i = 4, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+    status[#status + 1] = 'g'
+  elseif redis.call('ZSCORE', queue, lease) then
+    redis.call('ZADD', waiting, now + lease_ms, lease)
+    status[#status + 1] = 'w'
+  elseif grace == 0 and in_use < capacity and redis.call('ZCARD', queue) == 0 then
+    redis.call('ZADD', leases, now + lease_ms, lease)
+    in_use = in_use + 1
+    status[#status + 1] = 'g'
+  else
+    enqueue(lease)
+    status[#status + 1] = 'w'
+  end
+end
+return reply(in_use, redis.call('ZCARD', queue), unpack(status))
 """
 )
 
