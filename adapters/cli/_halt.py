@@ -23,6 +23,7 @@ import trio
 
 from adapters.cli._backend import UsageError, importing_extra
 from adapters.cli._display import plain
+from adapters.cli._valkey import ValkeySettings
 from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
 
 if TYPE_CHECKING:
@@ -97,7 +98,9 @@ async def _open(args: argparse.Namespace) -> AsyncIterator[_Target]:
         return
     with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel
-    async with ValkeyHaltChannel(args.valkey) as valkey:
+    settings = ValkeySettings.from_args(args)
+    assert settings is not None
+    async with ValkeyHaltChannel(settings.url, key=settings.halt_key) as valkey:
         yield _Target(valkey, "halt key", "--valkey URL", lambda: _read_valkey(valkey))
 
 

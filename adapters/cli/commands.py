@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--halt-file", type=Path)
         where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
+        _cli_valkey.add_key_prefix_option(p)
         if name == "halt":
             p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
@@ -225,6 +226,8 @@ def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --valkey: at most N agents in flight across every process on the server",
     )
+    _cli_valkey.add_key_prefix_option(cluster)
+    _cli_valkey.add_lease_option(cluster)
     tail = d.add_argument_group("tail control (concurrent runs)")
     tail.add_argument(
         "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
@@ -331,7 +334,8 @@ async def deliberate(args: argparse.Namespace) -> int:
     batch, report it.  Every refusal comes before the backend is opened."""
     configure_logging(args.log_level)
     roster_file = await _check_usage(args)
-    async with _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster:
+    settings = _cli_valkey.ValkeySettings.from_args(args)
+    async with _cli_valkey.open_cluster(settings, args.shared_capacity) as cluster:
         return await _deliberate(args, roster_file, cluster)
 
 
@@ -406,8 +410,7 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
-    if args.shared_capacity is not None and args.valkey is None:
-        raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
+    _cli_valkey.check_usage(args)
     await check_halt_file(args)
     tail = (
         ("--deadline", args.deadline),
