@@ -104,11 +104,11 @@ from adapters.llm.policy import (
     topic_message,
 )
 from adapters.llm.provider_budget import (
+    BudgetAccount,
     EndpointBudget,
     LimitStats,
     ProviderLimits,
     Ticket,
-    shared_budget,
 )
 from adapters.llm.ratelimit_headers import RateLimitHeaders
 from adapters.roster import AgentProfile, Roster, check_base_url
@@ -500,11 +500,9 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
         self._clients: dict[str, openai.AsyncOpenAI] = {}
-        self._budgets: dict[str, EndpointBudget] = {}
+        self._account = BudgetAccount(self._api_key, limits)
         # aopen() builds clients in a worker thread: never two for one URL.
         self._clients_lock = threading.Lock()
-        self._stats_lock = threading.Lock()
-        self._stats = LimitStats()
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == KEYLESS else "***"
@@ -537,29 +535,14 @@ class OpenAIChatOrchestrator(RetrySettings):
         return client
 
     def _budget(self, base_url: str) -> EndpointBudget:
-        budget = self._budgets.get(base_url)
-        if budget is None:
-            with self._clients_lock:
-                budget = self._budgets.get(base_url)
-                if budget is None:
-                    budget = shared_budget(base_url, self._api_key)
-                    budget.configure(self.limits)
-                    self._budgets[base_url] = budget
-        return budget
+        return self._account.budget(base_url)
 
     def limit_stats(self) -> LimitStats:
         """What rate limiting has cost this orchestrator's agents so far."""
-        with self._stats_lock:
-            return self._stats
+        return self._account.stats()
 
     def _count(self, *, waited_s: float = 0.0, throttled: bool = False) -> None:
-        with self._stats_lock:
-            s = self._stats
-            self._stats = LimitStats(
-                attempts=s.attempts + (0 if throttled else 1),
-                waited_ms=s.waited_ms + waited_s * 1000.0,
-                responses_429=s.responses_429 + (1 if throttled else 0),
-            )
+        self._account.count(waited_s=waited_s, throttled=throttled)
 
     def base_urls(self) -> list[str]:
         """Every endpoint this orchestrator can call: the default, then the roster's."""

@@ -62,6 +62,7 @@ from kernel.validate import integer
 
 __all__ = [
     "HEADROOM",
+    "BudgetAccount",
     "EndpointBudget",
     "LimitStats",
     "ProviderLimits",
@@ -705,3 +706,44 @@ def shared_budget(base_url: str, api_key: str) -> EndpointBudget:
             budget = EndpointBudget(key[0])
             _registry[key] = budget
         return budget
+
+
+class BudgetAccount:
+    """One orchestrator's side of the budgets it draws on: the budget of each endpoint it
+    calls (the process's one for that endpoint and key, :func:`shared_budget`, given this
+    orchestrator's ``limits``) and what rate limiting has cost its agents
+    (:class:`LimitStats`).  Thread-safe: an orchestrator sets up in a worker thread."""
+
+    def __init__(self, api_key: str, limits: ProviderLimits | None) -> None:
+        self._api_key = api_key
+        self.limits = limits
+        self._budgets: dict[str, EndpointBudget] = {}
+        self._lock = threading.Lock()
+        self._stats = LimitStats()
+
+    def budget(self, base_url: str) -> EndpointBudget:
+        """The budget of ``base_url`` (and this account's key)."""
+        budget = self._budgets.get(base_url)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(base_url)
+                if budget is None:
+                    budget = shared_budget(base_url, self._api_key)
+                    budget.configure(self.limits)
+                    self._budgets[base_url] = budget
+        return budget
+
+    def stats(self) -> LimitStats:
+        """What rate limiting has cost this account's agents so far."""
+        with self._lock:
+            return self._stats
+
+    def count(self, *, waited_s: float = 0.0, throttled: bool = False) -> None:
+        """One attempt that took budget (and waited ``waited_s`` for it), or one 429."""
+        with self._lock:
+            s = self._stats
+            self._stats = LimitStats(
+                attempts=s.attempts + (0 if throttled else 1),
+                waited_ms=s.waited_ms + waited_s * 1000.0,
+                responses_429=s.responses_429 + (1 if throttled else 0),
+            )

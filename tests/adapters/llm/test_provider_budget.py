@@ -295,12 +295,12 @@ def test_orchestrators_of_one_endpoint_and_key_share_the_strictest_limits() -> N
     loose.prepare()
     strict.prepare()
     other.prepare()
-    assert loose._budgets[url] is strict._budgets[url]
-    assert other._budgets[url] is not loose._budgets[url]
-    shared = loose._budgets[url]
+    assert loose._budget(url) is strict._budget(url)
+    assert other._budget(url) is not loose._budget(url)
+    shared = loose._budget(url)
     assert shared.requests.rate == pytest.approx(1.0)  # 60 per minute: the stricter
     assert shared.tokens.rate == pytest.approx(10**6 / 60)
-    assert other._budgets[url].requests.rate is None
+    assert other._budget(url).requests.rate is None
 
 
 # ------------------------------------------- a server that lies in its rate-limit headers or usage
