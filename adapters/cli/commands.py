@@ -422,8 +422,8 @@ async def _check_usage(args: argparse.Namespace) -> Roster | None:
             raise UsageError(f"--sequential and {flag} do not mix (tail control is concurrent)")
     if args.backend in LLM_BACKENDS and not (args.base_url and args.model):
         raise UsageError(f"--backend {args.backend} needs --base-url and --model")
-    if args.backend != "openai" and (args.rpm or args.tpm):
-        raise UsageError("--rpm and --tpm are the openai backend's (--backend openai)")
+    if args.backend not in LLM_BACKENDS and (args.rpm or args.tpm):
+        raise UsageError("--rpm and --tpm are the LLM backends' (--backend openai or crewai)")
     for extra, flag, wanted in (
         ("llm", "--backend openai", args.backend == "openai"),
         ("crewai", "--backend crewai", args.backend == "crewai"),
@@ -500,6 +500,9 @@ def _orchestrator(
             seed=args.seed,
             latency_profile=args.latency_profile,
         )
+    from adapters.llm.provider_budget import ProviderLimits
+
+    provider = ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None
     if args.backend == "crewai":  # every agent needs a persona: the council's roster
         return crewai_orchestrator(
             args.base_url,
@@ -507,16 +510,16 @@ def _orchestrator(
             roster=roster,
             max_tokens=args.max_tokens,
             timeout_s=args.timeout,
+            limits=provider,
+            report=limits,
         )
-    from adapters.llm.provider_budget import ProviderLimits
-
     return openai_orchestrator(
         args.base_url,
         args.model,
         roster=roster_file,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
-        limits=ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None,
+        limits=provider,
         report=limits,
     )
 

@@ -57,7 +57,7 @@ Output: ``content`` is the agent's final answer (CrewAI's ``TaskOutput.raw``);
 ``metadata`` holds ``framework`` ("crewai"), ``model``, ``role``, the call's token usage
 from CrewAI's ``UsageMetrics`` (``prompt_tokens``, ``completion_tokens``,
 ``total_tokens``, ``cached_prompt_tokens``, ``reasoning_tokens``, ``successful_requests``),
-``attempts`` and ``latency_ms``.
+``attempts``, ``latency_ms`` and ``rate_limited_ms`` (its waits for turns in the budget).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ from adapters.llm.policy import (
     system_prompt_for,
     topic_message,
 )
+from adapters.llm.provider_budget import BudgetAccount, EndpointBudget, LimitStats, ProviderLimits
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_seconds
@@ -148,12 +149,22 @@ class _Member:
     """One council member: the runners its calls take turns on, and what names it in
     errors.  Only the event loop's thread touches ``idle``."""
 
-    def __init__(self, runners: list[_Runner], model: str, where: str, role: str) -> None:
+    def __init__(
+        self,
+        runners: list[_Runner],
+        model: str,
+        where: str,
+        role: str,
+        budget: EndpointBudget,
+        max_tokens: int | None,
+    ) -> None:
         self.runners = tuple(runners)
         self.idle = list(runners)
         self.model = model
         self.where = where
         self.role = role
+        self.budget = budget  # its endpoint's, for its key: every call takes a turn in it
+        self.max_tokens = max_tokens
 
 
 class CrewAIOrchestrator(RetrySettings):
@@ -180,6 +191,12 @@ class CrewAIOrchestrator(RetrySettings):
         stream: stream every LLM call (the default), so that a halt stops the server's
             generation; False for a server that cannot stream (it then generates on
             after a halt).
+        limits: the provider's limits for this key (:class:`ProviderLimits`), as for
+            :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`: every LLM call,
+            retries included, first takes its turn in the endpoint's budget (on the event
+            loop, before the call), the one every orchestrator of this process on that
+            endpoint and key shares; a 429 pauses the endpoint.  Settled with the usage
+            CrewAI counted (estimated when the server reports none).
     """
 
     def __init__(
@@ -202,6 +219,7 @@ class CrewAIOrchestrator(RetrySettings):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
         stream: bool = True,
+        limits: ProviderLimits | None = None,
     ) -> None:
         if not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
@@ -214,6 +232,10 @@ class CrewAIOrchestrator(RetrySettings):
             raise InvalidRequestError(f"telemetry must be True or False, got {telemetry!r}")
         if not isinstance(stream, bool):
             raise InvalidRequestError(f"stream must be True or False, got {stream!r}")
+        if limits is not None and not isinstance(limits, ProviderLimits):
+            raise InvalidRequestError(
+                f"limits must be a ProviderLimits or None, got {type(limits).__name__}"
+            )
         if not isinstance(expected_output, str) or not expected_output.strip():
             raise InvalidRequestError("expected_output must be a non-empty string")
         # Validate the defaults the way a roster entry is validated.
@@ -240,6 +262,8 @@ class CrewAIOrchestrator(RetrySettings):
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or KEYLESS
+        self.limits = limits
+        self._account = BudgetAccount(self._api_key, limits)
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
         self._policy: RetryPolicy | None = None
@@ -332,7 +356,12 @@ class CrewAIOrchestrator(RetrySettings):
 
         where = describe_agent(profile.agent_id, model, base_url, framework="CrewAI")
         runners = [runner() for _ in range(_RUNNERS_PER_MEMBER)]
-        return _Member(runners, model, where, role)
+        budget = self._account.budget(base_url)
+        return _Member(runners, model, where, role, budget, settings.get("max_tokens"))
+
+    def limit_stats(self) -> LimitStats:
+        """What rate limiting has cost this orchestrator's agents so far."""
+        return self._account.stats()
 
     async def aopen(self) -> None:
         """Set up (:meth:`prepare`) in a worker thread, so the event loop stays free."""
@@ -399,7 +428,15 @@ class CrewAIOrchestrator(RetrySettings):
     ) -> AgentOutput:
         from adapters.llm import _crewai_agents as crew  # imported by prepare(): no I/O here
 
-        run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
+        run = crew.AgentRun(
+            agent_id,
+            member.where,
+            policy,
+            self._api_key,
+            budget=member.budget,
+            account=self._account,
+            max_tokens=member.max_tokens,
+        )
         task = crew.build_task(runner.agent, topic_message(context), self.expected_output)
         before = runner.llm.get_token_usage_summary()
         started = time.perf_counter()
@@ -425,6 +462,7 @@ class CrewAIOrchestrator(RetrySettings):
             "successful_requests": usage.successful_requests,
             "attempts": run.attempts,
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "rate_limited_ms": round(run.waited_s * 1000.0, 3),
         }
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata

@@ -807,5 +807,5 @@ def test_the_cli_refuses_bad_rate_limits_before_running() -> None:
     assert "--rpm: must be >= 1, got 0" in proc.stderr
     proc = conclave("deliberate", "--tpm", "1000")  # the stub backend has no provider
     assert proc.returncode == 2
-    assert "--rpm and --tpm are the openai backend's" in proc.stderr
+    assert "--rpm and --tpm are the LLM backends'" in proc.stderr
     assert "Traceback" not in proc.stderr
