@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, NamedTuple
@@ -69,6 +70,8 @@ __all__ = ["ValkeyCapacity"]
 log = logging.getLogger("adapters.valkey")
 
 _MAX_LEASE_CHARS = 128
+# What a lease id is (checked once per lease on every admission: a regex, not a loop).
+_LEASE_ID = re.compile(rf"\S{{1,{_MAX_LEASE_CHARS}}}")
 # The most leases one batch call carries: a script's reply is unpacked on Lua's stack,
 # which holds a few thousand values; a bigger batch takes several calls, in order.
 _BATCH_CALL_LEASES = 1000
@@ -709,12 +712,7 @@ def _check_leases(leases: Sequence[str]) -> list[str]:
         raise InvalidRequestError("leases must be a sequence of lease ids, not one string")
     checked = []
     for lease in leases:
-        if (
-            not isinstance(lease, str)
-            or not lease
-            or len(lease) > _MAX_LEASE_CHARS
-            or any(c.isspace() for c in lease)
-        ):
+        if not isinstance(lease, str) or _LEASE_ID.fullmatch(lease) is None:
             raise InvalidRequestError(
                 f"a lease id is a non-empty string of at most {_MAX_LEASE_CHARS} characters "
                 f"without whitespace, got {lease!r:.80}"

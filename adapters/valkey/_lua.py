@@ -190,6 +190,8 @@ ACQUIRE_BATCH = (
     + """
 pump()
 local in_use = redis.call('ZCARD', leases)
+-- Granted only while nobody waits: once one of the batch is queued, so is the rest.
+local open = grace == 0 and redis.call('ZCARD', queue) == 0
 local status = {}
 for i = 4, #ARGV do
   local lease = ARGV[i]
@@ -199,12 +201,13 @@ for i = 4, #ARGV do
   elseif redis.call('ZSCORE', queue, lease) then
     redis.call('ZADD', waiting, now + lease_ms, lease)
     status[#status + 1] = 'w'
-  elseif grace == 0 and in_use < capacity and redis.call('ZCARD', queue) == 0 then
+  elseif open and in_use < capacity then
     redis.call('ZADD', leases, now + lease_ms, lease)
     in_use = in_use + 1
     status[#status + 1] = 'g'
   else
     enqueue(lease)
+    open = false
     status[#status + 1] = 'w'
   end
 end
