@@ -61,7 +61,14 @@ from adapters.valkey._connection import (
     store_call,
     to_int,
 )
-from adapters.valkey._lua import ACQUIRE, ACQUIRE_BATCH, CAPACITY_CLAIM, RESERVE, SYNC
+from adapters.valkey._lua import (
+    ACQUIRE,
+    ACQUIRE_BATCH,
+    CAPACITY_CLAIM,
+    RESERVE,
+    RESERVE_EACH,
+    SYNC,
+)
 from kernel import AgentPoolExhaustedError, InvalidRequestError
 from kernel.validate import check_int, check_number
 
@@ -87,6 +94,19 @@ class _Waiter:
         self.error: str | None = None
         # When the last call that kept its place (and, once granted, its lease) was sent.
         self.refreshed = trio.current_time()
+
+
+class _Joint:
+    """The one-lease reserves asked for in one scheduler tick (the hedge calls of a batch
+    fall due together): one call for all, each lease granted or refused alone."""
+
+    __slots__ = ("abandoned", "done", "leases", "refusals")
+
+    def __init__(self) -> None:
+        self.leases: list[str] = []
+        self.abandoned: set[str] = set()  # their callers were cancelled: give them back
+        self.refusals: dict[str, str] = {}  # lease -> why it was refused
+        self.done = trio.Event()
 
 
 class _Books(NamedTuple):
@@ -149,6 +169,7 @@ class ValkeyCapacity(BackgroundClient):
         self._waiters: dict[str, _Waiter] = {}
         # Leases asked for by acquire_batch whose acquire() has not claimed them yet.
         self._batched: set[str] = set()
+        self._joint: _Joint | None = None  # the one-lease reserves of this tick
         self._pending: dict[str, float] = {}  # released lease -> when (trio time)
         self._wake = trio.Event()
         self._held_added = trio.Event()  # wakes the expiry watch
@@ -197,6 +218,9 @@ class ValkeyCapacity(BackgroundClient):
             await trio.lowlevel.checkpoint()
             return
         self._require_open()
+        if len(wanted) == 1:
+            await self._reserve_alone(wanted[0])
+            return
         args: list[Any] = [self._capacity, self._lease_ms, self._grants, *wanted]
         sent = trio.current_time()
         try:
@@ -214,19 +238,65 @@ class ValkeyCapacity(BackgroundClient):
         self._reached(in_use)
         self._note(books, sent)
         if not ok:
-            if books.grace_ms:
-                raise AgentPoolExhaustedError(self._recovering(books))
-            if queued:
-                raise AgentPoolExhaustedError(
-                    f"FR10: shared capacity {self.name!r} busy: {queued} agent(s) are queued "
-                    "for it cluster-wide, and reject mode does not jump the queue"
-                )
-            raise AgentPoolExhaustedError(
-                f"FR10: shared capacity exhausted: {in_use} in use + {len(wanted)} requested "
-                f"> {self._capacity} ({self.name!r} on {self.url})"
-            )
+            raise AgentPoolExhaustedError(self._refusal(books, in_use, queued, len(wanted)))
         self._held.update(dict.fromkeys(wanted, sent + self.lease_s))
         self._held_added.set()
+
+    async def _reserve_alone(self, lease: str) -> None:
+        """One lease, in one call with every other one-lease reserve of this tick."""
+        joint = self._joint
+        if joint is None:
+            joint = self._joint = _Joint()
+            assert self._nursery is not None
+            # Runs from the next tick on: every reserve of this one has joined by then.
+            self._nursery.start_soon(self._reserve_joint, joint)
+        joint.leases.append(lease)
+        try:
+            await joint.done.wait()
+        except BaseException:
+            joint.abandoned.add(lease)  # if granted later, the call's task gives it back
+            if self._held.pop(lease, None) is not None:
+                self._forget([lease])  # granted already: give it back
+            raise
+        refusal = joint.refusals.get(lease)
+        if refusal is not None:
+            raise AgentPoolExhaustedError(refusal)
+
+    async def _reserve_joint(self, joint: _Joint) -> None:
+        """The call for a :class:`_Joint` (a background task: it never raises)."""
+        self._joint = None
+        leases = joint.leases
+        args: list[Any] = [self._capacity, self._lease_ms, self._grants, *leases]
+        sent = trio.current_time()
+        try:
+            reply: object = await store_call(
+                lambda: self._reserve_each_script(keys=self._keys, args=args), self.timeout
+            )
+            books, (in_use, queued, *statuses) = _books(reply, 2, "reserve")
+            if len(statuses) != len(leases):
+                raise StoreError("unexpected reply to reserve")
+        except StoreError as exc:
+            self._failed(str(exc))
+            self._forget(leases)  # the call may have landed: give them back
+            joint.refusals = dict.fromkeys(leases, self._unreachable(str(exc)))
+            joint.done.set()
+            return
+        except BaseException:  # cancelled: the capacity is closing
+            self._forget(leases)
+            joint.refusals = dict.fromkeys(leases, "FR10: shared capacity closed")
+            joint.done.set()
+            raise
+        self._reached(in_use)
+        self._note(books, sent)
+        for lease, status in zip(leases, statuses, strict=True):
+            if status != b"g":
+                joint.refusals[lease] = self._refusal(books, in_use, queued, 1)
+            elif lease in joint.abandoned:
+                self._forget([lease])
+            else:
+                self._held[lease] = sent + self.lease_s
+        self._held_added.set()
+        joint.done.set()
 
     async def acquire_batch(self, leases: Sequence[str]) -> None:
         """Ask for every lease in one call (see :class:`~kernel.BatchAcquirer`): each is
@@ -380,6 +450,7 @@ class ValkeyCapacity(BackgroundClient):
         self._reserve_script = client.register_script(RESERVE)
         self._acquire_script = client.register_script(ACQUIRE)
         self._acquire_batch_script = client.register_script(ACQUIRE_BATCH)
+        self._reserve_each_script = client.register_script(RESERVE_EACH)
         self._sync_script = client.register_script(SYNC)
         await self._claim_capacity(client)
         await self._first_sync()
@@ -684,6 +755,20 @@ class ValkeyCapacity(BackgroundClient):
                 if not waiter.event.is_set():
                     waiter.error = self._unreachable(f"{problem} (for {self.lease_s:g} s)")
                     waiter.event.set()
+
+    def _refusal(self, books: _Books, in_use: int, queued: int, wanted: int) -> str:
+        """Why a reserve of ``wanted`` leases was refused."""
+        if books.grace_ms:
+            return self._recovering(books)
+        if queued:
+            return (
+                f"FR10: shared capacity {self.name!r} busy: {queued} agent(s) are queued "
+                "for it cluster-wide, and reject mode does not jump the queue"
+            )
+        return (
+            f"FR10: shared capacity exhausted: {in_use} in use + {wanted} requested "
+            f"> {self._capacity} ({self.name!r} on {self.url})"
+        )
 
     def _recovering(self, books: _Books) -> str:
         why = (

@@ -37,6 +37,7 @@ __all__ = [
     "HALT_READ",
     "MAX_LEASE_MS",
     "RESERVE",
+    "RESERVE_EACH",
     "SYNC",
 ]
 
@@ -150,6 +151,35 @@ for i = 4, #ARGV do
   redis.call('ZADD', leases, now + lease_ms, ARGV[i])
 end
 return reply(1, in_use + new, 0)
+"""
+)
+
+#: ARGV[4..]: leases of different callers (hedge calls due at once), each taken alone:
+#: granted in order while a slot is free, else refused; all refused while anyone waits
+#: (FIFO: a hedge never jumps the queue) and during the grace.  A lease already held
+#: counts once (a retried call).  Returns {epoch, grace, corrupt, in use, queued, one
+#: status per lease ('g' granted, 'r' refused)}.
+RESERVE_EACH = (
+    _CAPACITY_PRELUDE
+    + """
+pump()
+local queued = redis.call('ZCARD', queue)
+local in_use = redis.call('ZCARD', leases)
+local status = {}
+for i = 4, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+    status[#status + 1] = 'g'
+  elseif queued == 0 and grace == 0 and in_use < capacity then
+    redis.call('ZADD', leases, now + lease_ms, lease)
+    in_use = in_use + 1
+    status[#status + 1] = 'g'
+  else
+    status[#status + 1] = 'r'
+  end
+end
+return reply(in_use, queued, unpack(status))
 """
 )
 

@@ -25,6 +25,7 @@ from kernel import (
     ConcurrentDeliberationService,
     FailureKind,
     HaltSwitch,
+    HedgePolicy,
     InvalidRequestError,
     SharedCapacity,
     SystemHaltedError,
@@ -846,6 +847,59 @@ async def test_a_lease_lost_after_a_batch_grant_stops_its_agent(
     ), lost
     assert sorted(orch.cancelled) == ["archon-1", "archon-2", "archon-3"]
     assert pool.active_count == 0 and pool.available_count == 72 and capacity.held == frozenset()
+
+
+async def test_hedges_due_together_take_their_leases_in_one_call_each_granted_or_refused_alone(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(own_server.url, name, 1, capacity=15) as (capacity,),
+        raw(own_server.url) as client,
+    ):
+        orch = ScriptedOrchestrator(default=Step(latency=10.0))
+        pool = AgentPool(72, shared=capacity)
+        service = ConcurrentDeliberationService(orch, pool=pool)
+        hedge = HedgePolicy(delay=1.0, budget=1.0)
+        calls: list[int] = []
+        await capacity.reserve(["warm-up"])  # the script loaded
+        capacity.release("warm-up")
+        await capacity.flush()
+
+        async def count_at_the_hedges() -> None:
+            await wait_until(lambda: _async(orch.in_flight == 10))
+            await client.config_resetstat()  # the batch is in: count from here
+            await wait_until(lambda: _async(orch.in_flight == 15))
+            calls.append(await _evalsha_calls(client))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_at_the_hedges)
+            with trio.fail_after(30):
+                result = await service.invoke_concurrent(
+                    make_requests(10), overflow="queue", hedge=hedge
+                )
+        # Ten hedges fell due at once: one call for all ten; five had room, five not.
+        assert calls == [1]
+        assert len(result.hedged_agents) == 5 and result.success_count == 10
+        assert orch.max_in_flight == 15
+        await capacity.flush()
+        assert capacity.held == frozenset() and capacity.in_use() == 0
+
+
+async def test_a_cancelled_hedge_reserve_holds_nothing(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 1, capacity=5) as (capacity,),
+        raw(valkey_server.url) as client,
+    ):
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled at once: the joint call is made without it
+            await capacity.reserve(["gone"])
+        await capacity.reserve(["kept"])
+        assert capacity.held == {"kept"}
+        await wait_until(lambda: _count(client, f"{name}:leases", 1))
+        capacity.release("kept")
+        await wait_until(lambda: _count(client, f"{name}:leases", 0))
 
 
 # ---------------------------------------------------------------- AgentPool on top
