@@ -14,7 +14,7 @@ CSTAMP := $(CVENV)/.installed
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ((3,11) <= sys.version_info[:2] < (3,14)))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: setup setup-crewai run test test-main lint bench bench-quick e2e clean
+.PHONY: setup setup-crewai run test test-main test-lowest lint bench bench-quick e2e clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
@@ -48,6 +48,22 @@ test: test-main $(CSTAMP)
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The oldest versions pyproject.toml allows (scripts/lowest_constraints.py prints them), in
+# .venv-lowest: a floor is a claim, and CI checks it once.  The main job, then the tests of
+# what each floor is for (the kernel, the openai adapter and bridge, metrics, Valkey, display).
+LVENV := .venv-lowest
+test-lowest:
+	@test -n "$(PYTHON)" || { echo "error: need Python >=3.11,<3.14 on PATH" >&2; exit 1; }
+	@test -x $(LVENV)/bin/python || $(PYTHON) -m venv $(LVENV)
+	$(LVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LVENV)/bin/python scripts/lowest_constraints.py > $(LVENV)/constraints.txt
+	$(LVENV)/bin/python -m pip install --quiet -c $(LVENV)/constraints.txt -e '.[test]'
+	@$(LVENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(trio|attrs|rich|openai|httpx2|coredis|prometheus.client) ' || true
+	$(LVENV)/bin/conclave deliberate --agents 72 --latency-ms 100 --quiet
+	$(LVENV)/bin/python -m pytest -q -m "not slow" tests/kernel tests/adapters/llm/test_openai_chat.py \
+		tests/adapters/llm/test_bridge.py tests/adapters/test_prometheus.py \
+		tests/adapters/valkey/test_connection.py tests/cli/test_display.py
+
 # The modules that import crewai are type-checked in .venv-crewai, against the real crewai
 # (the main environment cannot install it; there they are excluded, see pyproject.toml).
 CREWAI_TYPED := adapters/llm/crewai.py adapters/llm/_crewai_agents.py $(wildcard tests/adapters/llm/crewai/*.py)
@@ -73,4 +89,4 @@ e2e: $(STAMP) $(if $(filter crewai,$(BACKEND)),$(CSTAMP))
 	BACKEND=$(BACKEND) bash scripts/e2e_local_llm.sh
 
 clean:
-	rm -rf $(VENV) .venv-3.* $(CVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-3.* $(CVENV) $(LVENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

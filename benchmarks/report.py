@@ -5,17 +5,35 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
-from benchmarks.results import Results, Settings, table
+from benchmarks.results import Results, Settings, fmt, table
 
-__all__ = ["README_END", "README_START", "machine_info", "markdown", "update_readme", "write"]
+__all__ = [
+    "README_END",
+    "README_START",
+    "fill_numbers",
+    "machine_info",
+    "markdown",
+    "prose_value",
+    "update_readme",
+    "write",
+]
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+#: A number in the README's prose that a result row gives (the median), never typed by
+#: hand: ``<!--bench:SCENARIO|VARIANT|METRIC-->VALUE<!--/bench-->``, rewritten by every
+#: ``make bench``, checked against results.json by the tests.
+_NUMBER = re.compile(r"<!--bench:([^|]+?)\|([^|]+?)\|([^|]+?)-->(.*?)<!--/bench-->")
+_UNIT_SHOWN = {"x": "{}x", "%": "{}%", "us": "{} µs"}
 
 
 def machine_info() -> dict[str, object]:
@@ -72,13 +90,39 @@ def write(out: Path, results: Results, s: Settings, info: dict[str, object], tot
     return md
 
 
-def update_readme(readme: Path, md: str) -> bool:
-    """Replace what stands between the bench markers with ``md``; False (and the file
-    untouched) if either marker is missing."""
+def prose_value(row: Mapping[str, Any]) -> str:
+    """A row's median as the prose shows it: ``11.4 ms``, ``1.04x``, ``5.05%``."""
+    unit = str(row["unit"])
+    return _UNIT_SHOWN.get(unit, "{} " + unit).format(fmt(float(row["median"])))
+
+
+def fill_numbers(text: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """``text`` with every prose number set from ``rows`` (dicts as in results.json), and
+    the markers that name no row (left as they are)."""
+    by_key: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
+    for row in rows:  # the first row of a key, as the table lists them
+        by_key.setdefault((row["scenario"], row["variant"], row["metric"]), row)
+    unknown: list[str] = []
+
+    def value(match: re.Match[str]) -> str:
+        row = by_key.get((match[1], match[2], match[3]))
+        if row is None:
+            unknown.append(f"{match[1]} | {match[2]} | {match[3]}")
+            return match[0]
+        return f"<!--bench:{match[1]}|{match[2]}|{match[3]}-->{prose_value(row)}<!--/bench-->"
+
+    return _NUMBER.sub(value, text), unknown
+
+
+def update_readme(readme: Path, md: str, rows: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Replace what stands between the bench markers with ``md``, and the prose numbers
+    with ``rows``' (those of rows the run has); False (and the file untouched) if either
+    table marker is missing."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return False
     head, rest = text.split(README_START, 1)
     tail = rest.split(README_END, 1)[1]
-    readme.write_text(f"{head}{README_START}\n{md}{README_END}{tail}")
+    text, _ = fill_numbers(f"{head}{README_START}\n{md}{README_END}{tail}", rows)
+    readme.write_text(text)
     return True

@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = report.write(args.out, results, s, info, time.perf_counter() - t_all)
     print("\n" + md)
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
-    if args.update_readme and report.update_readme(ROOT / "README.md", md):
+    rows = [row.as_dict() for row in results.rows]
+    if args.update_readme and report.update_readme(ROOT / "README.md", md, rows):
         print("updated README.md", file=sys.stderr)
     return 0
 

@@ -61,6 +61,9 @@ from kernel._types import (
     utc_now,
 )
 
+#: The release, the one place it is written (pyproject.toml reads it from here).
+__version__ = "0.1.0"
+
 __all__ = [
     "DEFAULT_HALT_READ_TIMEOUT",
     "MAX_CONCURRENT_AGENTS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 import trio
 
@@ -248,7 +248,15 @@ class HaltSwitch:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return raised
 
-    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool:
+    async def aclear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool:
+        if approvals:
+            # In one process, the people at the keyboard are the approvers: there is no
+            # allowed-signers file to verify a signature against.
+            raise HaltClearDeniedError(
+                "CT-11: HaltSwitch is cleared by approver names, not signed approvals"
+            )
         cleared = self.clear(approvers=approvers, reason=reason)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return cleared

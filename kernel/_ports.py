@@ -93,12 +93,20 @@ class HaltNotifier(Protocol):
 
 @attrs.frozen(slots=True)
 class HaltRecord:
-    """One entry of a halt channel's history: a halt raised, or a halt cleared."""
+    """One entry of a halt channel's history: a halt raised, or a halt cleared.
+
+    ``approvers`` are who cleared it (or, for a signed halt, who raised it);
+    ``fingerprints`` the SSH key fingerprints that signed for them, in the same order
+    (empty when the names were only typed).  ``halt_id`` names the halt (durable
+    channels give every halt one; a clear names the halt it cleared).
+    """
 
     action: Literal["halt", "clear"]
     reason: str
     at: datetime
     approvers: tuple[str, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+    halt_id: str | None = None
 
 
 @runtime_checkable
@@ -112,8 +120,11 @@ class HaltControl(Protocol):
       be written raises (``OSError``, or a :class:`~kernel.ConclaveError`).
     * ``aclear(approvers=..., reason=...)`` -- clear it (two distinct approvers and a
       reason, :func:`~kernel.check_clear_approvers`); True if a halt was cleared, False
-      if there was none.  Raises :class:`~kernel.HaltClearDeniedError`, having changed
-      nothing, when the approvers do not qualify or the channel cannot be read or reached
+      if there was none.  ``aclear(approvals=..., reason=...)`` clears with signed
+      approvals instead (each the text of an approval file): a durable channel
+      configured with an allowed-signers file takes only those, and refuses names.
+      Raises :class:`~kernel.HaltClearDeniedError`, having changed nothing, when the
+      approvers or approvals do not qualify or the channel cannot be read or reached
       (what cannot be read is not cleared).
     * ``ahistory()`` -- the halts and clears, oldest first; raises a
       :class:`~kernel.ConclaveError` if it cannot be read at all.
@@ -125,7 +136,9 @@ class HaltControl(Protocol):
 
     async def ahalt(self, reason: str) -> bool: ...
 
-    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool: ...
+    async def aclear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool: ...
 
     async def ahistory(self) -> tuple[HaltRecord, ...]: ...
 

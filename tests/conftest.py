@@ -108,3 +108,16 @@ def valkey_server() -> Iterator[ValkeyServer]:
     with ValkeyServer() as server:
         server.seed_capacity()
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The commands' state (``--hedge-after auto``'s answer times) in a directory of the
+    session's, never the home of whoever runs the tests; subprocesses inherit it."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import README_END, README_START, update_readme
+from benchmarks.report import README_END, README_START, fill_numbers, update_readme
 from tests.support import ROOT
 
 
@@ -90,3 +90,29 @@ def test_compare_refuses_a_ref_that_is_not_a_commit() -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: cannot export 'no-such-ref': fatal:")
     assert proc.stdout == ""
+
+
+def test_prose_numbers_are_set_from_the_rows_they_name() -> None:
+    rows = [
+        {"scenario": "s", "variant": "v", "metric": "m", "unit": "ms", "median": 11.4},
+        {"scenario": "s", "variant": "v", "metric": "r", "unit": "x", "median": 1.0432},
+    ]
+    text = "a <!--bench:s|v|m-->9 ms<!--/bench--> b <!--bench:s|v|r-->?<!--/bench--> c"
+    filled, unknown = fill_numbers(text, rows)
+    assert (
+        filled
+        == "a <!--bench:s|v|m-->11.4 ms<!--/bench--> b <!--bench:s|v|r-->1.04x<!--/bench--> c"
+    )
+    assert unknown == []
+    _, unknown = fill_numbers("<!--bench:s|v|gone-->1 s<!--/bench-->", rows)
+    assert unknown == ["s | v | gone"]
+
+
+def test_every_number_in_the_readme_prose_is_the_latest_results() -> None:
+    """The README's numbers are written by `make bench`, never by hand: each names a row of
+    benchmarks/results/results.json and shows its median."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = json.loads((ROOT / "benchmarks" / "results" / "results.json").read_text())["rows"]
+    filled, unknown = fill_numbers(readme, rows)
+    assert unknown == []
+    assert filled == readme, "run `make bench` (or fill_numbers) after editing the results"

@@ -7,14 +7,17 @@ never loads it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TextIO
 
+import attrs
 import trio
 
-from kernel import AgentPool, ConcurrentResult, PoolStatus
+from kernel import AgentFailure, AgentPool, ConcurrentResult, FailureKind, PoolStatus
 
 if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
@@ -23,6 +26,7 @@ __all__ = [
     "KeyValueFormatter",
     "Progress",
     "announce",
+    "announce_setup",
     "configure_logging",
     "live_display",
     "print_summary",
@@ -32,21 +36,41 @@ __all__ = [
 class Progress:
     """Counters the progress display reads (updated by on_progress)."""
 
-    def __init__(self, total: int, pool: AgentPool) -> None:
+    def __init__(self, total: int, pool: AgentPool, agent_ids: Sequence[str] = ()) -> None:
         self.total = total
         self.pool = pool
         self.done = 0
         self.failed = 0
+        #: The agents without an outcome yet, in request order (the tail an operator
+        #: waits on is worth naming).
+        self.waiting: dict[str, None] = dict.fromkeys(agent_ids)
+        self.started: float | None = None
+        self.answered_after: list[float] = []
+
+    def start(self) -> None:
+        """The batch begins: the clock starts here, not while the backend was set up."""
         self.started = trio.current_time()
 
     def __call__(self, done: int, total: int, agent_id: str, status: str) -> None:
         self.done = done  # the service counts finished agents; only failures are ours
+        self.waiting.pop(agent_id, None)
         if status == "failed":
             self.failed += 1
+        else:  # an answer, this long after the batch began (--hedge-after auto learns it)
+            self.answered_after.append(self.elapsed)
 
     @property
     def elapsed(self) -> float:
-        return trio.current_time() - self.started
+        return 0.0 if self.started is None else trio.current_time() - self.started
+
+    def waiting_on(self, most: int = 4) -> str:
+        """``"archon-3, archon-9 +2"``: the agents still without an outcome, once few are
+        left (empty while many are)."""
+        if not self.waiting or len(self.waiting) > 2 * most:
+            return ""
+        names = list(self.waiting)
+        more = f" +{len(names) - most}" if len(names) > most else ""
+        return ", ".join(names[:most]) + more
 
 
 async def live_display(progress: Progress) -> None:
@@ -66,6 +90,7 @@ async def live_display(progress: Progress) -> None:
             f" {progress.done}/{progress.total} done · ",
             (f"{progress.failed} failed", "red" if progress.failed else ""),
             f" · {progress.pool.active_count} in flight · {progress.elapsed:.1f} s",
+            (f" · waiting on {plain(tail)}" if (tail := progress.waiting_on()) else "", "dim"),
         )
 
     with Live(render(), console=console, auto_refresh=False, transient=False) as live:
@@ -93,13 +118,80 @@ def plain(text: str, *, newlines: bool = False) -> str:
 def announce(nursery: trio.Nursery, progress: Progress, *, backend: str) -> None:
     """Say on stderr that the batch is on (a plain line, also when stderr is not a
     terminal), and on a terminal start the live line in ``nursery``."""
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and have_rich():
         nursery.start_soon(live_display, progress)
     print(
         f"conclave: deliberating with {progress.total} agents ({backend} backend)",
         file=sys.stderr,
         flush=True,
     )
+
+
+def have_rich() -> bool:
+    """Whether the ``cli`` extra (rich) is installed: without it the command runs the
+    same, with plain lines instead of the live line and the table."""
+    return importlib.util.find_spec("rich") is not None
+
+
+def announce_setup(what: str) -> None:
+    """One line on a terminal's stderr before a slow set-up (a server probed, CrewAI
+    imported), so an operator never looks at a blank screen wondering whether anything
+    runs.  Not in a pipe: there an error stays the one line a script reads."""
+    if sys.stderr.isatty():
+        print(f"conclave: {what} ...", file=sys.stderr, flush=True)
+
+
+@attrs.frozen
+class _Summary:
+    """What the summary says, once, for the one-line and the table form alike."""
+
+    status: str
+    failures: list[AgentFailure]  # not counting the agents a quorum did not need
+    by_kind: str
+    not_needed: int
+    timing: str
+    pool_line: str
+    limits_line: str | None
+
+    @classmethod
+    def of(
+        cls,
+        result: ConcurrentResult,
+        halt_reason: str | None,
+        pool_after: PoolStatus,
+        ideal_ms: float | None,
+        rate_limits: LimitStats | None,
+    ) -> _Summary:
+        # Agents cancelled because the quorum was reached are not failures: the run did
+        # what was asked.  They get a line of their own, and no "!" lines.
+        failures = [f for f in result.failures if f.kind is not FailureKind.CANCELLED]
+        kinds = Counter(f.kind.value for f in failures)
+        timing = f"{result.total_ms:.1f} ms"
+        if ideal_ms:
+            timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
+        pool_line = (
+            f"{pool_after.active_count} active, "
+            f"{pool_after.available_count}/{pool_after.max_concurrent} free"
+        )
+        if pool_after.shared_capacity is not None:  # --shared-capacity: the cluster's too
+            in_use = "?" if pool_after.shared_in_use is None else pool_after.shared_in_use
+            pool_line += f"; cluster {in_use}/{pool_after.shared_capacity} in use"
+        status = "completed with failures" if failures else "completed"
+        limits_line = None
+        if rate_limits is not None:
+            limits_line = (
+                f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
+                f"{rate_limits.responses_429} x HTTP 429"
+            )
+        return cls(
+            status="HALTED" if halt_reason is not None else status,
+            failures=failures,
+            by_kind=", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+            not_needed=len(result.failures) - len(failures),
+            timing=timing,
+            pool_line=pool_line,
+            limits_line=limits_line,
+        )
 
 
 def print_summary(
@@ -111,44 +203,50 @@ def print_summary(
     quiet: bool,
     show: int,
     rate_limits: LimitStats | None = None,
+    to_stderr: bool = False,
+    quorum: int | None = None,
 ) -> None:
-    """The run's summary on stdout: a table, or one line with ``quiet``; then up to five
-    failures and the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what
-    waiting for the provider's budget cost (the openai backend), shown when given."""
-    kinds = Counter(f.kind.value for f in result.failures)
-    by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-    timing = f"{result.total_ms:.1f} ms"
-    if ideal_ms:
-        timing += f" (ideal {ideal_ms:.1f} ms, x{result.total_ms / ideal_ms:.2f})"
-    pool_line = (
-        f"{pool_after.active_count} active, "
-        f"{pool_after.available_count}/{pool_after.max_concurrent} free"
-    )
-    if pool_after.shared_capacity is not None:  # --shared-capacity: the cluster's count too
-        in_use = "?" if pool_after.shared_in_use is None else pool_after.shared_in_use
-        pool_line += f"; cluster {in_use}/{pool_after.shared_capacity} in use"
-    if halt_reason is not None:
-        status = "HALTED"
-    else:
-        status = "completed with failures" if result.failures else "completed"
-    limits_line = None
-    if rate_limits is not None:
-        limits_line = (
-            f"{rate_limits.waited_ms / 1000:.1f} s waiting for budget (all agents), "
-            f"{rate_limits.responses_429} x HTTP 429"
-        )
-    if quiet:
-        print(
-            f"conclave: {status}: {result.success_count}/{result.total_count} succeeded, "
-            f"{result.failure_count} failed{f' ({by_kind})' if by_kind else ''}, "
-            f"{len(result.hedged_agents)} hedged, {timing}, pool {pool_line}"
-            + (f", rate limits: {limits_line}" if limits_line else "")
-        )
+    """The run's summary on stdout (stderr with ``to_stderr``: ``--json -`` owns stdout):
+    a table, or one line with ``quiet`` (or without rich); then up to five failures and
+    the first ``show`` answers (not with ``quiet``).  ``rate_limits``: what waiting for
+    the provider's budget cost (the openai backend), shown when given."""
+    summary = _Summary.of(result, halt_reason, pool_after, ideal_ms, rate_limits)
+    if quiet or not have_rich():
+        _print_one_line(result, summary, sys.stderr if to_stderr else sys.stdout)
+        if not quiet:
+            print(
+                "conclave: (pip install 'conclave-kernel[cli]' for the live line and the table)",
+                file=sys.stderr,
+            )
         return
+    _print_table(result, summary, halt_reason, quorum, show, to_stderr)
+
+
+def _print_one_line(result: ConcurrentResult, summary: _Summary, file: TextIO) -> None:
+    s = summary
+    print(
+        f"conclave: {s.status}: {result.success_count}/{result.total_count} succeeded, "
+        + (f"{s.not_needed} cancelled after quorum, " if s.not_needed else "")
+        + f"{len(s.failures)} failed{f' ({s.by_kind})' if s.by_kind else ''}, "
+        f"{len(result.hedged_agents)} hedged, {s.timing}, pool {s.pool_line}"
+        + (f", rate limits: {s.limits_line}" if s.limits_line else ""),
+        file=file,
+    )
+
+
+def _print_table(
+    result: ConcurrentResult,
+    summary: _Summary,
+    halt_reason: str | None,
+    quorum: int | None,
+    show: int,
+    to_stderr: bool,
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    s = summary
     table = Table(
         title=f"conclave deliberation · batch {result.batch_id}",
         title_justify="left",
@@ -160,27 +258,28 @@ def print_summary(
     table.add_column()
     # Reasons and ids are text, never markup: "[/x]" in one would crash the summary.
     shown = f": {escape(plain(halt_reason))}" if halt_reason else ""
-    table.add_row("status", status + shown)
+    table.add_row("status", s.status + shown)
     table.add_row("agents", str(result.total_count))
     table.add_row("succeeded", str(result.success_count))
-    table.add_row("failed", str(result.failure_count) + (f" ({by_kind})" if by_kind else ""))
+    table.add_row("failed", str(len(s.failures)) + (f" ({s.by_kind})" if s.by_kind else ""))
     if result.hedged_agents:
         table.add_row("hedged", f"{len(result.hedged_agents)} agents got a duplicate call")
-    if kinds["cancelled"]:
-        table.add_row("cancelled", f"{kinds['cancelled']} not needed (quorum reached)")
-    table.add_row("batch time", timing)
-    if limits_line:
-        table.add_row("rate limits", limits_line)
-    table.add_row("pool after", pool_line)
-    console = Console(highlight=False, soft_wrap=True)
+    if s.not_needed:
+        of = f" of {quorum}" if quorum is not None else ""
+        table.add_row("cancelled", f"{s.not_needed} after quorum{of} (not needed)")
+    table.add_row("batch time", s.timing)
+    if s.limits_line:
+        table.add_row("rate limits", s.limits_line)
+    table.add_row("pool after", s.pool_line)
+    console = Console(highlight=False, soft_wrap=True, stderr=to_stderr)
     console.print(table)
-    for failure in result.failures[:5]:
+    for failure in s.failures[:5]:
         console.print(
             f"  ! {failure.agent_id}: {failure.kind.value}: {plain(failure.message)}",
             markup=False,
         )
-    if len(result.failures) > 5:
-        console.print(f"  ! ... and {len(result.failures) - 5} more")
+    if len(s.failures) > 5:
+        console.print(f"  ! ... and {len(s.failures) - 5} more")
     for output in result.outputs[: max(show, 0)]:
         console.print(f"\n[bold]{escape(output.agent_id)}[/bold]:")
         console.print(plain(output.content, newlines=True), markup=False)

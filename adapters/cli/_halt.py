@@ -24,13 +24,21 @@ import trio
 from adapters.cli._backend import UsageError, importing_extra
 from adapters.cli._display import plain
 from adapters.cli._valkey import ValkeySettings
+from adapters.cli.approve import sign_halt
 from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
 
 if TYPE_CHECKING:
     from adapters.halt.file import FileHaltChannel
     from adapters.valkey import ValkeyHaltChannel
 
-__all__ = ["check_halt_file", "clear_command", "halt_command", "status_command"]
+__all__ = [
+    "check_halt_file",
+    "clear_command",
+    "halt_command",
+    "open_channel",
+    "read_files",
+    "status_command",
+]
 
 EXIT_OK, EXIT_HALTED = 0, 3
 
@@ -45,11 +53,14 @@ class _Channel(HaltControl, HaltChecker, Protocol):
     @property
     def kept_aside(self) -> object: ...
 
+    async def ahalt(self, reason: str, *, signed: str | None = None) -> bool: ...
+
 
 @attrs.frozen(slots=True)
 class _Reading:
     reason: str | None  # None: not halted
     problem: _Problem | None = None  # None: a real halt (or not halted)
+    halt_id: str | None = None  # a real halt's id
 
 
 @attrs.frozen(slots=True)
@@ -87,20 +98,27 @@ async def check_halt_file(args: argparse.Namespace) -> None:
 
 
 @asynccontextmanager
-async def _open(args: argparse.Namespace) -> AsyncIterator[_Target]:
-    """The channel the command names, open for the duration of the block."""
+async def open_channel(args: argparse.Namespace) -> AsyncIterator[_Target]:
+    """The channel the command names, open for the duration of the block (with the
+    command's ``--allowed-signers`` and ``--revoked``, where it takes them)."""
     await check_halt_file(args)
+    allowed: Path | None = getattr(args, "allowed_signers", None)
+    revoked: Path | None = getattr(args, "revoked", None)
+    if revoked is not None and allowed is None:
+        raise UsageError("--revoked goes with --allowed-signers (the keys it revokes from)")
     if args.valkey is None:
         from adapters.halt.file import FileHaltChannel
 
-        file = FileHaltChannel(args.halt_file)
+        file = FileHaltChannel(args.halt_file, allowed_signers=allowed, revoked=revoked)
         yield _Target(file, "halt file", "--halt-file PATH", lambda: _read_file(file))
         return
     with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel
     settings = ValkeySettings.from_args(args)
     assert settings is not None
-    async with ValkeyHaltChannel(settings.url, key=settings.halt_key) as valkey:
+    async with ValkeyHaltChannel(
+        settings.url, key=settings.halt_key, allowed_signers=allowed, revoked=revoked
+    ) as valkey:
         yield _Target(valkey, "halt key", "--valkey URL", lambda: _read_valkey(valkey))
 
 
@@ -108,7 +126,9 @@ async def _read_file(channel: FileHaltChannel) -> _Reading:
     state = await channel.state()
     if not state.halted:
         return _Reading(None)
-    return _Reading(state.reason, "unreadable" if state.error is not None else None)
+    if state.error is not None:
+        return _Reading(state.reason, "unreadable")
+    return _Reading(state.reason, None, state.halt_id)
 
 
 async def _read_valkey(channel: ValkeyHaltChannel) -> _Reading:
@@ -123,12 +143,13 @@ async def _read_valkey(channel: ValkeyHaltChannel) -> _Reading:
         problem = "no record"
     elif state.problem is not None:
         problem = "unreadable"
-    return _Reading(state.reason, problem)
+    return _Reading(state.reason, problem, state.halt_id)
 
 
 async def halt_command(args: argparse.Namespace) -> int:
-    async with _open(args) as target:
-        if await target.channel.ahalt(args.reason):
+    signed = await sign_halt(args)
+    async with open_channel(args) as target:
+        if await target.channel.ahalt(args.reason, signed=signed):
             print(f"halted: {plain(args.reason)}")
             kept = target.channel.kept_aside
             if kept is not None:
@@ -139,14 +160,38 @@ async def halt_command(args: argparse.Namespace) -> int:
 
 
 async def clear_command(args: argparse.Namespace) -> int:
-    async with _open(args) as target:
-        cleared = await target.channel.aclear(approvers=args.approver, reason=args.reason)
+    if not args.approver and not args.approval:
+        raise UsageError(
+            "clear needs --approval FILE twice (signed, from conclave approve) or, on a "
+            "channel without --allowed-signers, --approver NAME twice"
+        )
+    approvals = await read_files(args.approval, "--approval")
+    async with open_channel(args) as target:
+        cleared = await target.channel.aclear(
+            approvers=args.approver, approvals=approvals, reason=args.reason
+        )
     print("cleared" if cleared else "not halted; nothing to clear")
     return EXIT_OK
 
 
+async def read_files(paths: list[Path], option: str) -> list[str]:
+    """The texts of ``paths`` (read in a worker thread); a clear error if one cannot be."""
+
+    def read() -> list[str]:
+        texts = []
+        for path in paths:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise UsageError(f"{option} {plain(str(path))}: {why}") from None
+        return texts
+
+    return await trio.to_thread.run_sync(read)
+
+
 async def status_command(args: argparse.Namespace) -> int:
-    async with _open(args) as target:
+    async with open_channel(args) as target:
         reading = await target.read()
         history: tuple[HaltRecord, ...] = ()
         if reading.problem != "unreachable":
@@ -168,6 +213,9 @@ async def status_command(args: argparse.Namespace) -> int:
                 "then it can be cleared"
             )
     for record in history[-5:]:
-        who = f" by {', '.join(map(plain, record.approvers))}" if record.approvers else ""
+        names = [plain(name) for name in record.approvers]
+        if record.fingerprints:  # signed: the names were verified against these keys
+            names = [f"{n} [{plain(k)}]" for n, k in zip(names, record.fingerprints, strict=False)]
+        who = f" by {', '.join(names)}" if names else ""
         print(f"  {record.at.isoformat()} {record.action}{who}: {plain(record.reason)}")
     return EXIT_HALTED if reading.reason is not None else EXIT_OK

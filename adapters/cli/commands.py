@@ -3,6 +3,8 @@
     conclave deliberate [--backend stub|openai|crewai] [--agents N | --roster FILE] ...
     conclave halt   --halt-file PATH [--create] | --valkey URL --reason TEXT
     conclave clear  --halt-file PATH | --valkey URL --approver A --approver B --reason TEXT
+    conclave clear  ... --allowed-signers FILE --approval A.json --approval B.json --reason TEXT
+    conclave approve --halt-file PATH | --valkey URL --key KEY --principal NAME [--out FILE]
     conclave status --halt-file PATH | --valkey URL
     conclave verify DB
 
@@ -36,9 +38,11 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from adapters.cli import _latency_history as latency_history
 from adapters.cli import _valkey as _cli_valkey
 from adapters.cli import transcript
 from adapters.cli._backend import (
@@ -53,8 +57,16 @@ from adapters.cli._backend import (
     require_extra,
     stub_orchestrator,
 )
-from adapters.cli._display import Progress, announce, configure_logging, plain, print_summary
+from adapters.cli._display import (
+    Progress,
+    announce,
+    announce_setup,
+    configure_logging,
+    plain,
+    print_summary,
+)
 from adapters.cli._halt import check_halt_file, clear_command, halt_command, status_command
+from adapters.cli.approve import add_approve_parser, approve_command, signing_options
 from adapters.roster import MAX_ROSTER_AGENTS, Roster
 from kernel import (
     MAX_CONCURRENT_AGENTS,
@@ -69,6 +81,7 @@ from kernel import (
     HedgePolicy,
     SystemHaltedError,
 )
+from kernel import __version__ as kernel_version
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_TRANSCRIPT_LOST = 4  # added to the run's own code (see the table above)
@@ -85,6 +98,12 @@ DEFAULT_AGENT_TIMEOUT_S = 300.0
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviated flags: ``--tim`` silently meaning ``--timeout`` today becomes
+        # ambiguous (or something else) the day a flag is added.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
@@ -138,6 +157,7 @@ _CREATE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="conclave", description="Run a council of agents on one topic.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("deliberate", help="run one deliberation and print a summary")
     _council_and_run_options(d)
@@ -162,15 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
             p.add_argument("--reason", required=True)
+        if name == "halt":
+            signing_options(p, required=False)
+        if name in ("halt", "clear"):
+            _signers_options(p)
         if name == "clear":
             p.add_argument(
                 "--approver",
                 action="append",
                 default=[],
-                required=True,
-                help="repeat: at least two distinct approvers",
+                help="repeat: at least two distinct approvers (channels without --allowed-signers)",
             )
+            p.add_argument(
+                "--approval",
+                action="append",
+                default=[],
+                type=Path,
+                metavar="FILE",
+                help="repeat: signed approvals (conclave approve) from two people",
+            )
+    add_approve_parser(sub)
     return parser
+
+
+def _signers_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allowed-signers",
+        type=Path,
+        metavar="FILE",
+        help="OpenSSH allowed-signers file: clears need signed approvals verified by it",
+    )
+    p.add_argument(
+        "--revoked", type=Path, metavar="FILE", help="revoked keys (a KRL or public keys)"
+    )
 
 
 def _council_and_run_options(d: argparse.ArgumentParser) -> None:
@@ -245,8 +289,9 @@ def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S|auto",
         help="give an agent still running after S seconds one duplicate call; the first "
-        "success wins (auto: the observed p95 latency, once 20 answers have been seen: "
-        "not in a run's first batch)",
+        "success wins (auto: the p95 of the answer times earlier auto runs got from this "
+        "endpoint and model, kept in $XDG_STATE_HOME/conclave/; no hedging until 20 are "
+        "remembered)",
     )
     tail.add_argument(
         "--hedge-budget",
@@ -291,7 +336,8 @@ def _output_options(d: argparse.ArgumentParser) -> None:
         "--json",
         type=Path,
         dest="json_path",
-        help="write a transcript: every outcome with ids, hashes, timings",
+        help="write a transcript: every outcome with ids, hashes, timings ('-': to "
+        "stdout, the summary then on stderr)",
     )
     out.add_argument(
         "--include-content",
@@ -353,7 +399,8 @@ async def _deliberate(
         return await _finish(args, context, (), None, reason, pool, interrupted=False)
     roster = _council(args, roster_file, pool)
     requests = roster.requests(context)
-    progress = Progress(len(requests), pool)
+    progress = Progress(len(requests), pool, [r.agent_id for r in requests])
+    hedge = await _hedge_policy(args)
 
     result: ConcurrentResult | None = None
     halted: str | None = None
@@ -367,6 +414,8 @@ async def _deliberate(
             watch = OpeningHaltWatch(checker, opening)
             stop_watching = interrupt.switch.on_halt(lambda _reason: opening.cancel())
             nursery.start_soon(watch.run)
+            if not args.quiet and args.backend != "stub":  # the stub opens at once
+                announce_setup(_setup_line(args))
             async with open_service(
                 _orchestrator(args, roster_file, roster, limits),
                 checker,
@@ -377,6 +426,7 @@ async def _deliberate(
             ) as service:
                 stop_watching()  # from here on a halt is the kernel's to handle
                 watch.stop()
+                progress.start()  # the batch's clock: set-up is not batch time
                 if not args.quiet:
                     announce(nursery, progress, backend=args.backend)
                 try:
@@ -389,7 +439,7 @@ async def _deliberate(
                             on_progress=progress,
                             deadline=args.deadline,
                             quorum=args.quorum,
-                            hedge=_hedge_policy(args),
+                            hedge=hedge,
                         )
                 except SystemHaltedError as exc:
                     # partial is None: halted (or Ctrl-C) after the check above, before
@@ -400,14 +450,53 @@ async def _deliberate(
             halted = interrupt.switch.reason or watch.reason
             nursery.cancel_scope.cancel()
     await cluster.settle()
+    if args.hedge_after == "auto" and args.overflow == "reject":
+        # Answer times from the batch's start are agents' latencies only when every
+        # agent started with it (not queued).
+        key = _latency_key(args)
+        await trio.to_thread.run_sync(latency_history.remember, key, progress.answered_after)
     interrupted = interrupt.signal_name is not None
     return await _finish(
         args, context, requests, result, halted, pool, interrupted=interrupted, limits=limits
     )
 
 
+#: Flags that only mean something to one kind of backend.
+_STUB_FLAGS = ("--latency-ms", "--jitter-ms", "--latency-profile", "--fail-rate", "--seed")
+_LLM_FLAGS = ("--base-url", "--model", "--max-tokens")
+
+
+def given_flags(argv: Sequence[str]) -> frozenset[str]:
+    """The ``--flags`` written on the command line (``--x=1`` included).  Exact names:
+    the parser takes no abbreviations, so a token is the flag it names."""
+    return frozenset(token.split("=", 1)[0] for token in argv if token.startswith("--"))
+
+
+def _check_flags_apply(args: argparse.Namespace) -> None:
+    """A flag that would do nothing in this run is an error, never silently ignored:
+    the operator meant something by it."""
+    given: frozenset[str] = getattr(args, "given_flags", frozenset())
+    backend = args.backend
+    unused = [f for f in _STUB_FLAGS if f in given] if backend != "stub" else []
+    if backend == "stub":
+        unused = [f for f in _LLM_FLAGS if f in given]
+    if unused:
+        raise UsageError(f"{unused[0]} does nothing with --backend {backend}")
+    pairs = (
+        ("--jitter-ms", args.latency_profile == "lognormal", "with --latency-profile lognormal"),
+        ("--hedge-budget", args.hedge_after is None, "without --hedge-after"),
+        ("--include-content", args.json_path is None, "without --json"),
+        ("--show", args.quiet, "with --quiet (no summary table to show answers under)"),
+        ("--create", args.halt_file is None, "without --halt-file"),
+    )
+    for flag, pointless, why in pairs:
+        if flag in given and pointless:
+            raise UsageError(f"{flag} does nothing {why}")
+
+
 async def _check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
+    _check_flags_apply(args)
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
     _cli_valkey.check_usage(args)
@@ -472,15 +561,56 @@ def _council(args: argparse.Namespace, roster_file: Roster | None, pool: AgentPo
     return roster_file if roster_file is not None else Roster.default(size)
 
 
+def _setup_line(args: argparse.Namespace) -> str:
+    """What the run waits on before its batch can start."""
+    from adapters.urls import redact_url
+
+    where = redact_url(args.base_url) if args.base_url else "the endpoint"
+    if args.backend == "crewai":
+        return f"starting the crewai backend (importing CrewAI, then probing {where})"
+    return f"probing {where}"
+
+
 def agent_timeout(args: argparse.Namespace) -> float:
     """Each agent's bound: ``--timeout``, else :data:`DEFAULT_AGENT_TIMEOUT_S`."""
     return float(args.timeout) if args.timeout is not None else DEFAULT_AGENT_TIMEOUT_S
 
 
-def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+def _latency_key(args: argparse.Namespace) -> str:
+    stub = f"{args.latency_ms}:{args.jitter_ms}:{args.latency_profile}"
+    if args.backend in LLM_BACKENDS:
+        return latency_history.history_key(args.backend, args.base_url, args.model)
+    return latency_history.history_key(args.backend, None, None, stub)
+
+
+async def _hedge_policy(args: argparse.Namespace) -> HedgePolicy | None:
+    """``--hedge-after S``, or ``auto``: the p95 of the answers earlier runs got from this
+    endpoint and model (a one-batch run has no answers of its own to hedge on yet)."""
     if args.hedge_after is None:
         return None
-    delay = None if args.hedge_after == "auto" else args.hedge_after
+    if args.hedge_after != "auto":
+        return HedgePolicy(delay=args.hedge_after, budget=args.hedge_budget)
+    if args.overflow != "reject":
+        raise UsageError(
+            "--hedge-after auto learns answer times from runs whose agents all start at "
+            "once; with --overflow queue give seconds (--hedge-after S)"
+        )
+    samples = await trio.to_thread.run_sync(latency_history.load, _latency_key(args))
+    delay = latency_history.delay(samples)
+    if delay is None:
+        print(
+            f"conclave: --hedge-after auto: {len(samples)} of the "
+            f"{latency_history.MIN_SAMPLES} earlier answers it needs are remembered for "
+            "this endpoint and model; not hedging this run (its answers are remembered "
+            "for the next)",
+            file=sys.stderr,
+        )
+        return None
+    print(
+        f"conclave: --hedge-after auto: hedging after {delay:.2f} s, the p95 of "
+        f"{len(samples)} earlier answers from this endpoint and model",
+        file=sys.stderr,
+    )
     return HedgePolicy(delay=delay, budget=args.hedge_budget)
 
 
@@ -570,7 +700,11 @@ async def _finish(
             quiet=args.quiet,
             show=args.show,
             rate_limits=limits.stats() if limits is not None else None,
+            to_stderr=args.json_path == transcript.STDOUT,
+            quorum=getattr(args, "quorum", None),
         )
+    if args.witness_db is not None:
+        await _print_witness_head(args.witness_db, to_stderr=args.json_path == transcript.STDOUT)
     if interrupted:
         code = EXIT_INTERRUPTED
     elif halted is not None:
@@ -583,6 +717,29 @@ async def _finish(
         return code
     print(f"conclave: transcript not written: {lost}", file=sys.stderr)
     return code if code == EXIT_INTERRUPTED else code + EXIT_TRANSCRIPT_LOST
+
+
+async def _print_witness_head(db: Path, *, to_stderr: bool) -> None:
+    """The log's head after the run: what ``verify --expected-head`` takes later to
+    prove the log still ends (or passes) where this run left it."""
+    from adapters.witness.sqlite import WitnessError, log_head
+
+    def read() -> tuple[int, str] | str | None:
+        if not db.exists():  # halted before the run began: the log was never opened
+            return "not created"
+        try:
+            return log_head(db)
+        except WitnessError as exc:
+            return str(exc)
+
+    head = await trio.to_thread.run_sync(read)
+    if isinstance(head, str):
+        line = f"witness log: {head}"
+    elif head is None:
+        line = "witness log: empty"
+    else:
+        line = f"witness log: {head[0]} records, head {head[1]}"
+    print(line, file=sys.stderr if to_stderr else sys.stdout)
 
 
 def _ideal_ms(args: argparse.Namespace, n: int) -> float | None:
@@ -601,7 +758,8 @@ async def verify_command(args: argparse.Namespace) -> int:
     # Read-only: refuses (exit 2) anything that is not a witness log, never creates one.
     report = await trio.to_thread.run_sync(verify_log, args.db, args.expected_head)
     if report.ok:
-        print(f"ok: {report.records} records, chain intact")
+        head = f", head {report.head}" if report.head else ""
+        print(f"ok: {report.records} records, chain intact{head}")
         return EXIT_OK
     where = f"sequence {report.first_bad_sequence}" if report.first_bad_sequence else "the log"
     print(f"BROKEN at {where}: {report.problem} ({report.records} records verified before it)")
@@ -614,6 +772,7 @@ COMMANDS = {
     "halt": halt_command,
     "clear": clear_command,
     "status": status_command,
+    "approve": approve_command,
 }
 
 
@@ -624,9 +783,22 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def version_line() -> str:
+    """What ``conclave --version`` prints: this release, and what it runs on."""
+    import platform
+
+    return (
+        f"conclave {kernel_version} (trio {trio.__version__}, Python {platform.python_version()})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version: printed, nothing to run
+            return done.code if isinstance(done.code, int) else EXIT_OK
+        args.given_flags = given_flags(sys.argv[1:] if argv is None else argv)
         try:
             return trio.run(COMMANDS[args.command], args)
         except BaseExceptionGroup as group:

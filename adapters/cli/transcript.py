@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +44,10 @@ __all__ = ["TRANSCRIPT_SCHEMA", "check_writable", "document", "write"]
 TRANSCRIPT_SCHEMA = "conclave.transcript/1"
 
 
+#: ``--json -``: the transcript goes to standard output (a file named ``-`` is ``./-``).
+STDOUT = Path("-")
+
+
 def check_writable(path: Path) -> None:
     """Raise :class:`ValueError` (the message starts with ``path``) if a transcript could
     not be written to ``path``; change nothing otherwise.
@@ -51,6 +56,8 @@ def check_writable(path: Path) -> None:
     directory that exists but takes no new file (read-only, ``/proc``) is refused too.
     Blocking: call it from a worker thread.
     """
+    if path == STDOUT:
+        return
     if path.is_dir():
         raise ValueError(f"{path}: is a directory")
     if not path.parent.exists():
@@ -123,8 +130,14 @@ def document(
 def write(path: Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` to ``path`` atomically: a reader (or a Ctrl-C) never sees half a
     transcript.  Raises :class:`OSError` if it cannot; ``path`` is then untouched.
-    Blocking: call it from a worker thread."""
-    write_atomically(path, (json.dumps(doc, indent=2) + "\n").encode())
+    Blocking: call it from a worker thread.  :data:`STDOUT` writes it to standard
+    output, in one write."""
+    text = json.dumps(doc, indent=2) + "\n"
+    if path == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    write_atomically(path, text.encode())
 
 
 def _outcome_record(outcome: AgentOutput | AgentFailure, include_content: bool) -> dict[str, Any]:

@@ -10,12 +10,17 @@ durable halt channel (the file and the Valkey key).
 * ``"reason"``: null or text; a *halted* document needs a non-blank reason (every writer
   gives one: a halt without a reason was not written here, and must not become a halt
   two approvers clear without knowing what it was);
+* ``"halt_id"`` (optional): text naming this halt, so a signed approval can name the
+  halt it clears; every writer gives each halt a new one.  A halted document without
+  one (written before ids existed) is named by a hash of its bytes, which change with
+  every write;
 * ``"history"`` (optional: the file keeps its history here, the Valkey channel in a list
   beside the key): a list of records;
 * ``"updated_at"`` and any other key: ignored.
 
 A record: ``{"action": "halt" | "clear", "reason": text, "at": ISO 8601 (naive = UTC),
-"approvers": [text, ...]}`` (``approvers`` optional).  Text is valid Unicode (JSON can
+"approvers": [text, ...], "fingerprints": [text, ...], "halt_id": text}`` (the last three
+optional).  Text is valid Unicode (JSON can
 smuggle lone surrogates: refused).
 
 What is too large to read is each channel's own limit (a file carries its history, a key
@@ -25,7 +30,9 @@ clear it).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -40,6 +47,7 @@ __all__ = [
     "HaltDocument",
     "encode_document",
     "encode_record",
+    "new_halt_id",
     "parse_document",
     "parse_record",
 ]
@@ -59,6 +67,7 @@ class HaltDocument:
     halted: bool
     reason: str | None
     history: tuple[HaltRecord, ...] = ()
+    halt_id: str | None = None  # None exactly when not halted
 
 
 def parse_document(raw: bytes) -> HaltDocument:
@@ -80,7 +89,19 @@ def parse_document(raw: bytes) -> HaltDocument:
     if not isinstance(history, list):
         raise CorruptHaltDocument(f"'history' is {_kind(history)}, not a list")
     records = tuple(_record(r, f"history[{i}]") for i, r in enumerate(history))
-    return HaltDocument(halted, reason if halted else None, records)
+    halt_id = doc.get("halt_id")
+    if halt_id is not None:
+        halt_id = _text(halt_id, "'halt_id'")
+        if not halt_id.strip():
+            raise CorruptHaltDocument("'halt_id' is blank")
+    if halted and halt_id is None:
+        halt_id = "legacy-" + hashlib.sha256(raw).hexdigest()[:32]
+    return HaltDocument(halted, reason if halted else None, records, halt_id if halted else None)
+
+
+def new_halt_id() -> str:
+    """A new halt's id: never reused, so an approval for one halt clears no other."""
+    return uuid.uuid4().hex
 
 
 def parse_record(raw: bytes) -> HaltRecord:
@@ -93,6 +114,7 @@ def encode_document(
     reason: str | None,
     history: Sequence[HaltRecord] | None = None,
     *,
+    halt_id: str | None = None,
     indent: int | None = None,
 ) -> bytes:
     """The document; ``history`` None leaves the key out (it is kept elsewhere)."""
@@ -102,6 +124,8 @@ def encode_document(
         "reason": reason if halted else None,
         "updated_at": utc_now().isoformat(),
     }
+    if halted and halt_id is not None:
+        doc["halt_id"] = halt_id
     if history is not None:
         doc["history"] = [_record_dict(r) for r in history]
     text = json.dumps(doc, indent=indent)
@@ -113,12 +137,17 @@ def encode_record(record: HaltRecord) -> bytes:
 
 
 def _record_dict(record: HaltRecord) -> dict[str, object]:
-    return {
+    entry: dict[str, object] = {
         "action": record.action,
         "reason": record.reason,
         "at": record.at.isoformat(),
         "approvers": list(record.approvers),
     }
+    if record.fingerprints:
+        entry["fingerprints"] = list(record.fingerprints)
+    if record.halt_id is not None:
+        entry["halt_id"] = record.halt_id
+    return entry
 
 
 def _load(raw: bytes, what: str) -> object:
@@ -155,7 +184,16 @@ def _record(raw: object, where: str) -> HaltRecord:
     if not isinstance(approvers, list):
         raise CorruptHaltDocument(f"{where}.approvers is {_kind(approvers)}, not a list")
     names = tuple(_text(a, f"{where}.approvers[{i}]") for i, a in enumerate(approvers))
-    return HaltRecord("halt" if action == "halt" else "clear", reason, at, names)
+    fingerprints = raw.get("fingerprints", [])
+    if not isinstance(fingerprints, list):
+        raise CorruptHaltDocument(f"{where}.fingerprints is {_kind(fingerprints)}, not a list")
+    keys = tuple(_text(f, f"{where}.fingerprints[{i}]") for i, f in enumerate(fingerprints))
+    halt_id = raw.get("halt_id")
+    if halt_id is not None:
+        halt_id = _text(halt_id, f"{where}.halt_id")
+    if action == "halt":
+        return HaltRecord("halt", reason, at, names, keys, halt_id)
+    return HaltRecord("clear", reason, at, names, keys, halt_id)
 
 
 def _text(value: object, where: str) -> str:

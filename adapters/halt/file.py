@@ -38,22 +38,30 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
 from adapters._atomic import write_atomically
-from adapters.halt.document import CorruptHaltDocument, encode_document, parse_document
-from kernel import (
-    NO_REASON,
-    HaltClearDeniedError,
-    HaltRecord,
-    check_clear_approvers,
-    check_halt_reason,
-    utc_now,
+from adapters.halt.approval import (
+    ClearRequest,
+    Signer,
+    check_clear_request,
+    clear_record,
+    halt_record,
+    signature_verifier,
+    verify_request,
+    verify_signed_halt,
 )
+from adapters.halt.document import (
+    CorruptHaltDocument,
+    encode_document,
+    new_halt_id,
+    parse_document,
+)
+from kernel import NO_REASON, HaltClearDeniedError, HaltRecord, check_halt_reason, utc_now
 from kernel.validate import check_seconds
 
 __all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
@@ -79,6 +87,7 @@ class HaltFileState:
     reason: str | None
     history: tuple[HaltRecord, ...] = ()
     error: str | None = None
+    halt_id: str | None = None  # the current halt's id (None when not halted, unreadable)
 
 
 class FileHaltChannel:
@@ -97,6 +106,10 @@ class FileHaltChannel:
             process holds it.  Past it, ``halt`` writes anyway (a halt never waits on a
             stuck process; the only risk is a lost history record) and ``clear`` raises
             :class:`~kernel.HaltClearDeniedError`.
+        allowed_signers: an OpenSSH allowed-signers file: then a clear takes signed
+            approvals only (:mod:`adapters.halt.approval`), and a halt may be signed.
+        revoked: with ``allowed_signers``, a revocation list (KRL or public keys) whose
+            keys are refused.
     """
 
     def __init__(
@@ -105,8 +118,11 @@ class FileHaltChannel:
         poll_interval: float = 0.05,
         *,
         lock_timeout: float = 5.0,
+        allowed_signers: str | os.PathLike[str] | None = None,
+        revoked: str | os.PathLike[str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.verifier = signature_verifier(allowed_signers, revoked)
         self.poll_interval = check_seconds(poll_interval, "poll_interval")
         self.lock_timeout = check_seconds(lock_timeout, "lock_timeout")
         #: Where the last :meth:`halt` over an unreadable file kept that file (or None).
@@ -125,7 +141,7 @@ class FileHaltChannel:
             if raw is None:
                 return self._ok(HaltFileState(False, None))
             doc = parse_document(raw)
-            return self._ok(HaltFileState(doc.halted, doc.reason, doc.history))
+            return self._ok(HaltFileState(doc.halted, doc.reason, doc.history, None, doc.halt_id))
         except CorruptHaltDocument as exc:
             return self._unreadable(f"corrupt halt file {self.path}: {exc}")
         except OSError as exc:
@@ -222,8 +238,13 @@ class FileHaltChannel:
 
     # ------------------------------------------------------------ writing
 
-    def halt(self, reason: str) -> bool:
+    def halt(self, reason: str, *, signed: str | None = None) -> bool:
         """Raise the halt now; True if this call wrote it (the first reason is kept).
+
+        ``signed``: the text of a signed halt (``conclave halt --sign-key``); verified
+        against the allowed-signers file first, the history then says who halted.  One
+        that does not verify raises :class:`~kernel.InvalidRequestError` and writes
+        nothing.
 
         Synchronous, like :meth:`HaltSwitch.halt <kernel.HaltSwitch.halt>`: the file is
         written (and fsynced) before it returns, which takes a few milliseconds.  From a
@@ -233,38 +254,53 @@ class FileHaltChannel:
         True; the unreadable entry is kept beside it (see :attr:`kept_aside`).  Raises
         ``OSError`` only if the file cannot be written at all.
         """
-        return self._halt_now(check_halt_reason(reason))
+        return self._halt_signed_now(check_halt_reason(reason), signed)
 
-    def clear(self, *, approvers: Collection[str], reason: str) -> bool:
-        """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``;
-        True if a halt was cleared, False if there was none.
+    def clear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool:
+        """Clear the halt now: two distinct approvers and a reason, as for ``HaltSwitch``
+        -- or, on a channel with an allowed-signers file, two signed ``approvals`` (the
+        texts of approval files) from distinct principals for the current halt; True if
+        a halt was cleared, False if there was none.
 
-        Raises :class:`~kernel.HaltClearDeniedError` if the file is unreadable (halt
-        first, which rewrites it, then clear) or its lock cannot be taken.
+        Raises :class:`~kernel.HaltClearDeniedError` (an approval that does not qualify:
+        :class:`~adapters.halt.approval.ApprovalRefusedError`), having changed nothing,
+        if the approvers or approvals do not qualify, the file is unreadable (halt first,
+        which rewrites it, then clear) or its lock cannot be taken.
         """
-        names = check_clear_approvers(approvers, reason)
-        return self._clear_now(names, reason)
+        request = check_clear_request(approvers, approvals, reason, self.verifier)
+        return self._clear_request_now(request, reason)
 
     # The HaltControl port: the same writes, from a worker thread.  Not abandoned when
     # cancelled: a halt (or clear) that was asked for is written, whatever happens to
     # the caller.
 
-    async def ahalt(self, reason: str) -> bool:
-        """:meth:`halt`, with the disk write in a worker thread."""
-        return await trio.to_thread.run_sync(self._halt_now, check_halt_reason(reason))
+    async def ahalt(self, reason: str, *, signed: str | None = None) -> bool:
+        """:meth:`halt`, with the disk write (and ssh-keygen) in a worker thread."""
+        reason = check_halt_reason(reason)
+        return await trio.to_thread.run_sync(self._halt_signed_now, reason, signed)
 
-    async def aclear(self, *, approvers: Collection[str], reason: str) -> bool:
-        """:meth:`clear`, with the disk write in a worker thread."""
-        names = check_clear_approvers(approvers, reason)
-        return await trio.to_thread.run_sync(self._clear_now, names, reason)
+    async def aclear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool:
+        """:meth:`clear`, with ssh-keygen and the disk write in a worker thread."""
+        request = check_clear_request(approvers, approvals, reason, self.verifier)
+        return await trio.to_thread.run_sync(self._clear_request_now, request, reason)
 
-    def _halt_now(self, reason: str) -> bool:
+    def _halt_signed_now(self, reason: str, signed: str | None) -> bool:
+        signer = None if signed is None else verify_signed_halt(self.verifier, signed, reason)
+        return self._halt_now(reason, signer)
+
+    def _halt_now(self, reason: str, signer: Signer | None = None) -> bool:
         with self._locked(required=False):
             state = self.read_state()
             if state.halted and state.error is None:
                 return False
-            history = [*state.history, HaltRecord("halt", reason, utc_now())]
-            data = _encode(True, reason, history, self.path)
+            halt_id = new_halt_id()
+            record = halt_record(reason, halt_id, signer)
+            history = [*state.history, record]
+            data = _encode(True, reason, history, self.path, halt_id)
             if state.error is None:
                 write_atomically(self.path, data)
             else:
@@ -275,7 +311,14 @@ class FileHaltChannel:
         )
         return True
 
-    def _clear_now(self, approvers: tuple[str, ...], reason: str) -> bool:
+    def _clear_request_now(self, request: ClearRequest, reason: str) -> bool:
+        # The signatures first, outside the lock (ssh-keygen takes milliseconds, a halt
+        # must not wait on it); which halt they approve is checked under the lock, against
+        # what the file says then.
+        signers = verify_request(self.verifier, request)
+        return self._clear_now(request.names, signers, reason)
+
+    def _clear_now(self, names: tuple[str, ...], signers: tuple[Signer, ...], reason: str) -> bool:
         with self._locked(required=True):
             state = self.read_state()
             if state.error is not None:
@@ -285,7 +328,10 @@ class FileHaltChannel:
                 )
             if not state.halted:
                 return False
-            history = [*state.history, HaltRecord("clear", reason, utc_now(), approvers)]
+            assert state.halt_id is not None and state.reason is not None
+            record = clear_record(reason, state.halt_id, state.reason, names, signers)
+            approvers = record.approvers
+            history = [*state.history, record]
             write_atomically(self.path, _encode(False, None, history, self.path))
         log.warning(
             "halt cleared",
@@ -423,12 +469,18 @@ def _fsync_dir(directory: Path) -> None:
 # ---------------------------------------------------------------- the document
 
 
-def _encode(halted: bool, reason: str | None, history: list[HaltRecord], path: Path) -> bytes:
+def _encode(
+    halted: bool,
+    reason: str | None,
+    history: list[HaltRecord],
+    path: Path,
+    halt_id: str | None = None,
+) -> bytes:
     """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
     (the newest, which this write adds, is always kept)."""
     dropped = 0
     while True:
-        data = encode_document(halted, reason, history[dropped:], indent=2)
+        data = encode_document(halted, reason, history[dropped:], halt_id=halt_id, indent=2)
         if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(history) - 1:
             break
         dropped += max(1, (len(history) - dropped) // 10)

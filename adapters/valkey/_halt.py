@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+import os
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 import attrs
 import trio
 
+from adapters.halt.approval import (
+    ApprovalRefusedError,
+    check_clear_request,
+    clear_record,
+    halt_record,
+    signature_verifier,
+    verify_request,
+    verify_signed_halt,
+)
 from adapters.halt.document import (
     CorruptHaltDocument,
     encode_document,
     encode_record,
+    new_halt_id,
     parse_document,
     parse_record,
 )
@@ -49,13 +60,7 @@ from adapters.valkey._connection import (
     to_int,
 )
 from adapters.valkey._lua import HALT, HALT_CLEAR, HALT_READ
-from kernel import (
-    HaltClearDeniedError,
-    HaltRecord,
-    check_clear_approvers,
-    check_halt_reason,
-    utc_now,
-)
+from kernel import HaltClearDeniedError, HaltRecord, check_halt_reason, utc_now
 
 __all__ = ["HaltChannelState", "ValkeyHaltChannel"]
 
@@ -84,6 +89,7 @@ class HaltChannelState:
     reason: str | None
     connected: bool
     problem: str | None = None
+    halt_id: str | None = None  # the halt's id, when the key holds a readable halt
 
 
 @attrs.frozen(slots=True)
@@ -91,6 +97,7 @@ class _KeyState:
     halted: bool
     reason: str | None
     problem: str | None = None
+    halt_id: str | None = None
 
 
 class ValkeyHaltChannel(BackgroundClient):
@@ -122,6 +129,9 @@ class ValkeyHaltChannel(BackgroundClient):
         timeout: how long one call to the server may take (seconds).
         refresh_interval: how often the key is re-read when nothing is published (seconds);
             also how soon a silently dead connection is noticed.
+        allowed_signers: an OpenSSH allowed-signers file: then a clear takes signed
+            approvals only (:mod:`adapters.halt.approval`), and a halt may be signed.
+        revoked: with ``allowed_signers``, a revocation list whose keys are refused.
     """
 
     def __init__(
@@ -131,8 +141,11 @@ class ValkeyHaltChannel(BackgroundClient):
         key: str = "conclave:halt",
         timeout: float = 2.0,
         refresh_interval: float = 1.0,
+        allowed_signers: str | os.PathLike[str] | None = None,
+        revoked: str | os.PathLike[str] | None = None,
     ) -> None:
         self._url = check_url(url)
+        self.verifier = signature_verifier(allowed_signers, revoked)
         self.url = redact_url(self._url)
         self.key = check_name(key, "key")
         self.timeout = check_timeout(timeout, "timeout")
@@ -250,9 +263,13 @@ class ValkeyHaltChannel(BackgroundClient):
 
     # ------------------------------------------------------------ writing
 
-    async def halt(self, reason: str) -> bool:
+    async def halt(self, reason: str, *, signed: str | None = None) -> bool:
         """Raise the halt for every process on the server; True if this call raised it
         (the first reason is kept; False if it was already raised).
+
+        ``signed``: the text of a signed halt, verified against the allowed-signers file
+        first (:class:`~kernel.InvalidRequestError`, nothing written, if it does not
+        verify); the history then says who halted.
 
         Over an unreadable key this always writes a valid halted document; the unreadable
         value is kept under ``<key>:corrupt:<UTC time>`` (see :attr:`kept_aside`).  This
@@ -262,13 +279,19 @@ class ValkeyHaltChannel(BackgroundClient):
         """
         reason = check_halt_reason(reason)
         self._require_open()
-        now = utc_now()
+        signer = None
+        if signed is not None:
+            verifier = self.verifier
+            signer = await trio.to_thread.run_sync(
+                lambda: verify_signed_halt(verifier, signed, reason)
+            )
+        halt_id = new_halt_id()
         stamp = _stamp()
         aside = f"{self.key}:corrupt:{stamp}"
         keys = [self.key, self._history_key, aside, f"{self._history_key}:corrupt:{stamp}"]
         args: list[Any] = [
-            encode_document(True, reason),
-            encode_record(HaltRecord("halt", reason, now)),
+            encode_document(True, reason, halt_id=halt_id),
+            encode_record(halt_record(reason, halt_id, signer)),
             self._events,
             MAX_HISTORY,
             MAX_HALT_BYTES,
@@ -281,13 +304,13 @@ class ValkeyHaltChannel(BackgroundClient):
             )
         except StoreError as exc:
             raise ValkeyUnavailableError(
-                f"CT-11: cannot raise the halt on {self.url}: {exc}; nothing was written"
+                f"CT-11: {_cannot('raise the halt', self.url, exc)}; nothing was written"
             ) from None
         self.kept_aside = aside if done == 2 else None
         if done:
             # Halted here at once, without waiting for our own message (never wrongly:
             # a clear after this is read by the watcher, which re-reads the key).
-            self._set_key_state(_KeyState(True, reason))
+            self._set_key_state(_KeyState(True, reason, None, halt_id))
             log.critical(
                 "halt raised",
                 extra={"halt_channel": "valkey", "halt_key": self.key, "halt_reason": reason},
@@ -299,23 +322,40 @@ class ValkeyHaltChannel(BackgroundClient):
                 )
         return done > 0
 
-    async def clear(self, *, approvers: Collection[str], reason: str) -> bool:
-        """Clear the halt: two distinct approvers and a reason, as for ``HaltSwitch``.
+    async def clear(
+        self, *, approvers: Collection[str] = (), reason: str, approvals: Sequence[str] = ()
+    ) -> bool:
+        """Clear the halt: two distinct approvers and a reason, as for ``HaltSwitch`` --
+        or, on a channel with an allowed-signers file, two signed ``approvals`` (the
+        texts of approval files) from distinct principals for the current halt.
 
         True if a halt (or a missing halt record: the first clear of a new server) was
         cleared, False if there was nothing to clear.  Every process resumes once its
         subscription delivers the change (milliseconds).  Raises
         :class:`~kernel.HaltClearDeniedError`, having changed nothing, if the approvers
-        do not qualify, the key is unreadable (halt first, which rewrites it, then
-        clear), the halt changed while clearing, or the server cannot be reached.
+        or approvals do not qualify, the key is unreadable (halt first, which rewrites
+        it, then clear), the halt changed while clearing, or the server cannot be
+        reached.  Signed approvals name a halt, so a missing halt record is cleared by
+        names only: with an allowed-signers file, raise a halt first, then approve it.
         """
-        names = check_clear_approvers(approvers, reason)
+        request = check_clear_request(approvers, approvals, reason, self.verifier)
         self._require_open()
+        verifier = self.verifier
+        # The signatures first (ssh-keygen, in a thread); which halt they approve is
+        # checked against the key read after, and the write is a compare-and-set on
+        # that read: a halt raised meanwhile is not cleared.
+        signers = await trio.to_thread.run_sync(lambda: verify_request(verifier, request))
         try:
             kind, raw = await self._read_raw()
         except StoreError as exc:
-            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+            raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
+        halt_id: str | None = None
         if kind == "none":
+            if signers:
+                raise ApprovalRefusedError(
+                    f"CT-11: there is no halt record at {self.key}: signed approvals name "
+                    "a halt; raise one (conclave halt --valkey ...), approve it, then clear"
+                )
             expected = b""
         else:
             state = self._interpret(kind, raw)
@@ -326,12 +366,16 @@ class ValkeyHaltChannel(BackgroundClient):
                 )
             if not state.halted:
                 return False
-            expected = raw
+            expected, halt_id = raw, state.halt_id
+        if halt_id is None:
+            record = HaltRecord("clear", reason, utc_now(), request.names)
+        else:
+            record = clear_record(reason, halt_id, state.reason or "", request.names, signers)
         keys = [self.key, self._history_key, f"{self._history_key}:corrupt:{_stamp()}"]
         args: list[Any] = [
             expected,
             encode_document(False, None),
-            encode_record(HaltRecord("clear", reason, utc_now(), names)),
+            encode_record(record),
             self._events,
             MAX_HISTORY,
         ]
@@ -341,7 +385,7 @@ class ValkeyHaltChannel(BackgroundClient):
                 "clear",
             )
         except StoreError as exc:
-            raise HaltClearDeniedError(f"CT-11: cannot reach {self.url} to clear: {exc}") from None
+            raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
         if not done:
             raise HaltClearDeniedError(
                 "CT-11: the halt changed while it was being cleared (a new halt?); "
@@ -349,7 +393,11 @@ class ValkeyHaltChannel(BackgroundClient):
             )
         log.warning(
             "halt cleared",
-            extra={"halt_channel": "valkey", "halt_key": self.key, "approvers": list(names)},
+            extra={
+                "halt_channel": "valkey",
+                "halt_key": self.key,
+                "approvers": list(record.approvers),
+            },
         )
         return True
 
@@ -409,12 +457,15 @@ class ValkeyHaltChannel(BackgroundClient):
         except CorruptHaltDocument:
             return
         if doc.halted:
-            self._set_key_state(_KeyState(True, doc.reason))
+            self._set_key_state(_KeyState(True, doc.reason, None, doc.halt_id))
 
     async def _read_raw(self) -> tuple[str, bytes]:
         """(type of the key, its value if a string of sane size) -- one atomic read."""
         reply: object = await store_call(
-            lambda: self._read_script(keys=[self.key], args=[MAX_HALT_BYTES]), self.timeout
+            # Read-only (EVALSHA_RO): a worker whose server user may only read the halt
+            # key can run it (a plain EVALSHA declares its keys written).
+            lambda: self._read_script(keys=[self.key], args=[MAX_HALT_BYTES], readonly=True),
+            self.timeout,
         )
         if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
             raise StoreError("unexpected reply to the halt read")
@@ -446,7 +497,7 @@ class ValkeyHaltChannel(BackgroundClient):
             except CorruptHaltDocument as exc:
                 problem = str(exc)
             else:
-                return _KeyState(doc.halted, doc.reason)
+                return _KeyState(doc.halted, doc.reason, None, doc.halt_id)
         why = f"halt key {self.key} corrupt, unreadable ({problem}); treated as halted"
         return _KeyState(True, why, problem)
 
@@ -479,7 +530,9 @@ class ValkeyHaltChannel(BackgroundClient):
             new = HaltChannelState(True, self._unreachable_reason(), False, "unreachable")
         else:
             k = self._key_state
-            new = HaltChannelState(k.halted, k.reason if k.halted else None, True, k.problem)
+            new = HaltChannelState(
+                k.halted, k.reason if k.halted else None, True, k.problem, k.halt_id
+            )
         old, self._state = self._state, new
         if new.halted and not old.halted:
             assert new.reason is not None
@@ -503,6 +556,14 @@ class ValkeyHaltChannel(BackgroundClient):
                 "a ValkeyHaltChannel is used inside 'async with ValkeyHaltChannel(url) as ...'"
             )
         return self._client
+
+
+def _cannot(what: str, url: str, exc: StoreError) -> str:
+    """Why ``what`` failed: the server refused this user (ACL), or could not be reached."""
+    text = str(exc)
+    if "AuthorizationError" in text or "NOPERM" in text:
+        return f"the server at {url} refused to {what} for this user ({text})"
+    return f"cannot reach {url} to {what}: {text}"
 
 
 def _stamp() -> str:

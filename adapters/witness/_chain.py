@@ -105,6 +105,9 @@ class VerifyReport:
     records: int
     first_bad_sequence: int | None = None
     problem: str | None = None
+    #: The last record's chain hash when ok (None for an empty log): what a receipt
+    #: keeps, to pass back as ``expected_head`` later.
+    head: str | None = None
 
     def __bool__(self) -> bool:
         return self.ok
@@ -354,4 +357,22 @@ def _walk_chain(db: sqlite3.Connection, expected_head: str | None) -> VerifyRepo
         head_seen = head_seen or prev == expected_head
     if not head_seen:
         return VerifyReport(False, count, None, "the expected chain head is not in the log")
-    return VerifyReport(True, count)
+    return VerifyReport(True, count, head=prev if count else None)
+
+
+def log_head(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """The last record's sequence number and chain hash, read-only, without walking the
+    chain (None for an empty log).  Blocking.  Raises :class:`WitnessError` as
+    :func:`verify_log` does for what is not a witness log."""
+    path = Path(path)
+    db = open_readonly(path)
+    try:
+        check_is_witness_log(db, path)
+        row = db.execute(
+            "SELECT sequence, chain_hash FROM outputs ORDER BY sequence DESC LIMIT 1"
+        ).fetchone()
+    except sqlite3.Error as exc:
+        raise WitnessError(f"{path}: cannot read the witness log: {exc}") from None
+    finally:
+        db.close()
+    return None if row is None else (int(row[0]), str(row[1]))

@@ -36,6 +36,7 @@ from adapters.witness._chain import (
     WitnessError,
     check_is_witness_log,
     decoded_rows,
+    log_head,
     open_readonly,
     recorded_output,
     verify_log,
@@ -53,6 +54,7 @@ __all__ = [
     "VerifyReport",
     "WitnessError",
     "WitnessStatistics",
+    "log_head",
     "verify_log",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import trio
 
-from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser
+import kernel
+from adapters.cli.commands import DEFAULT_AGENT_TIMEOUT_S, agent_timeout, build_parser, main
 from adapters.roster import MAX_ROSTER_BYTES
 from tests.support import ROOT
 from tests.support.cli import CONCLAVE, conclave, deliberating, halt_from_cli
@@ -298,8 +301,12 @@ def test_witness_db_and_verify(tmp_path: Path) -> None:
     db = tmp_path / "witness.db"
     proc = conclave("deliberate", "--latency-ms", "2", "--witness-db", str(db), "--quiet")
     assert proc.returncode == 0, proc.stderr
-    proc = conclave("verify", str(db))
-    assert proc.returncode == 0 and proc.stdout.startswith("ok: 72 records")
+    head = re.fullmatch(
+        r"witness log: 72 records, head ([0-9a-f]{64})\n", proc.stdout.split("\n", 1)[1]
+    )
+    assert head is not None, proc.stdout  # the receipt an operator keeps
+    proc = conclave("verify", str(db), "--expected-head", head[1])
+    assert proc.returncode == 0 and proc.stdout == f"ok: 72 records, chain intact, head {head[1]}\n"
     run_sql(db, "UPDATE outputs SET content = 'forged' WHERE sequence = 9")
     proc = conclave("verify", str(db))
     assert proc.returncode == 1 and proc.stdout.startswith("BROKEN at sequence 9")
@@ -660,7 +667,7 @@ def test_quorum_and_hedging_are_reported_in_the_summary(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr  # the 12 cancelled were not needed
     assert "succeeded   60" in proc.stdout
-    assert "cancelled   12 not needed (quorum reached)" in proc.stdout
+    assert "cancelled   12 after quorum of 60 (not needed)" in proc.stdout
     assert "agents got a duplicate call" in proc.stdout
     outcomes = json.loads(out.read_text())["outcomes"]
     assert sum(o.get("kind") == "cancelled" for o in outcomes) == 12
@@ -691,3 +698,134 @@ def test_bad_tail_flags_are_one_line_and_exit_2(flags: list[str], message: str) 
     proc = conclave("deliberate", "--quiet", *flags)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- as an operator meets it
+
+
+def test_version_names_the_release_the_package_metadata_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"conclave {kernel.__version__} (trio {trio.__version__}, Python ")
+    assert kernel.__version__ == importlib.metadata.version("conclave-kernel")
+
+
+@pytest.mark.parametrize(
+    "args", [["deliberate", "--agent", "3"], ["deliberate", "--tim", "5"], ["verify", "--exp", "x"]]
+)
+def test_an_abbreviated_flag_is_refused_not_guessed(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("conclave: unrecognized arguments: ")
+
+
+def test_json_dash_writes_the_transcript_to_stdout_and_the_summary_to_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["deliberate", "--agents", "3", "--latency-ms", "1", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # stdout is the transcript and nothing else
+    assert doc["status"] == "completed" and len(doc["outcomes"]) == 3
+    assert "succeeded" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--latency-ms", "5", "--backend", "openai"],
+            "--latency-ms does nothing with --backend openai",
+        ),
+        (["--seed", "1", "--backend", "crewai"], "--seed does nothing with --backend crewai"),
+        (["--model", "m"], "--model does nothing with --backend stub"),
+        (["--base-url=http://127.0.0.1:9/v1"], "--base-url does nothing with --backend stub"),
+        (["--max-tokens", "9"], "--max-tokens does nothing with --backend stub"),
+        (
+            ["--latency-profile", "lognormal", "--jitter-ms", "5"],
+            "--jitter-ms does nothing with --latency-profile lognormal",
+        ),
+        (["--hedge-budget", "0.5"], "--hedge-budget does nothing without --hedge-after"),
+        (["--include-content"], "--include-content does nothing without --json"),
+        (["--quiet", "--show", "3"], "--show does nothing with --quiet"),
+        (["--create"], "--create does nothing without --halt-file"),
+    ],
+)
+def test_a_flag_that_would_do_nothing_is_refused_before_anything_runs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    openai = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    extra = openai if {"openai", "crewai"} & set(args) else []
+    assert main(["deliberate", "--agents", "2", *args, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran, no summary
+    assert captured.err.startswith(f"conclave: {message}")
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_a_quorum_run_lists_no_failures_for_the_agents_it_did_not_need(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["deliberate", "--agents", "10", "--latency-ms", "5", "--jitter-ms", "40"]
+    assert main([*args, "--seed", "3", "--quorum", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cancelled   6 after quorum of 4 (not needed)" in out
+    assert re.search(r"failed\s+0", out)
+    assert "!" not in out  # no failure lines for agents that were not needed
+    assert main([*args, "--seed", "3", "--quorum", "4", "--quiet"]) == 0
+    assert "4/10 succeeded, 6 cancelled after quorum, 0 failed" in capsys.readouterr().out
+
+
+def test_a_terminal_sees_what_the_run_waits_on_before_its_batch(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    child = pexpect.spawn(
+        CONCLAVE[0],
+        [*CONCLAVE[1:], *_openai(llm_server.base_url), "--agents", "2"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(24, 160),
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"},
+    )
+    try:
+        child.expect(f"conclave: probing {re.escape(llm_server.base_url)} \\.\\.\\.")
+        child.expect("deliberating with 2 agents")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_hedge_after_auto_learns_answer_times_across_runs_then_hedges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    args = ["deliberate", "--agents", "30", "--latency-ms", "20", "--jitter-ms", "30"]
+    args += ["--seed", "1", "--hedge-after", "auto", "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "0 of the 20 earlier answers it needs are remembered" in first.err
+    assert ", 0 hedged," in first.out
+    assert (tmp_path / "conclave" / "latency-history.json").is_file()
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert "hedging after " in second.err and "the p95 of 30 earlier answers" in second.err
+
+
+def test_hedge_after_auto_with_a_queue_is_refused_with_the_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["deliberate", "--hedge-after", "auto", "--overflow", "queue"]) == 2
+    assert "with --overflow queue give seconds" in capsys.readouterr().err
+
+
+def test_without_the_cli_extra_the_command_runs_with_plain_lines() -> None:
+    proc = conclave_without("rich", "deliberate", "--agents", "3", "--latency-ms", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("conclave: completed: 3/3 succeeded, 0 failed")
+    assert "pip install 'conclave-kernel[cli]'" in proc.stderr

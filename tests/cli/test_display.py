@@ -11,8 +11,9 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+import trio
 
-from adapters.cli._display import KeyValueFormatter, print_summary
+from adapters.cli._display import KeyValueFormatter, Progress, print_summary
 from adapters.halt.file import FileHaltChannel
 from kernel import (
     AgentFailure,
@@ -112,3 +113,29 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     record.halt_reason = "evil\x1b[2J\nCRITICAL\tkernel.halt:forged"
     line = formatter.format(record)
     assert line.isprintable(), line
+
+
+async def test_the_batch_clock_starts_with_the_batch_not_with_the_set_up(
+    autojump_clock: object,
+) -> None:
+    progress = Progress(2, AgentPool(), ["a", "b"])
+    await trio.sleep(30)  # a slow probe, CrewAI's import
+    assert progress.elapsed == 0.0
+    progress.start()
+    await trio.sleep(1.5)
+    assert progress.elapsed == pytest.approx(1.5)
+
+
+def test_the_agents_still_waited_on_are_named_once_few_are_left() -> None:
+    ids = [f"archon-{i}" for i in range(1, 13)]
+    progress = Progress(len(ids), AgentPool(), ids)
+    assert progress.waiting_on() == ""  # 12 left: too many to name
+    for done, agent in enumerate(ids[:6], 1):
+        progress(done, len(ids), agent, "completed")
+    assert progress.waiting_on() == "archon-7, archon-8, archon-9, archon-10 +2"
+    for done, agent in enumerate(ids[6:11], 7):
+        progress(done, len(ids), agent, "failed")
+    assert progress.waiting_on() == "archon-12"
+    assert progress.failed == 5
+    progress(12, len(ids), "archon-12", "completed")
+    assert progress.waiting_on() == ""

@@ -111,3 +111,12 @@ def test_switch_calls_listeners_inside_halt_and_survives_a_broken_one() -> None:
     unregister()  # twice is harmless
     switch.halt("again")
     assert heard == ["now"]
+
+
+async def test_the_switch_takes_approver_names_and_refuses_signed_approvals() -> None:
+    switch = HaltSwitch()
+    switch.halt("storm")
+    with pytest.raises(HaltClearDeniedError, match="names, not signed approvals"):
+        await switch.aclear(approvals=["signed", "signed too"], reason="calm")
+    assert switch.halted and len(switch.history) == 1
+    assert await switch.aclear(approvers=["alice", "bob"], reason="calm") is True

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 
 from adapters.halt.document import (
+    SCHEMA,
     CorruptHaltDocument,
     HaltDocument,
     encode_document,
@@ -66,16 +67,37 @@ def test_what_no_writer_writes_is_corrupt_and_the_problem_is_named(
 
 def test_what_the_writers_write_reads_back_as_written() -> None:
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    history = (HaltRecord("halt", "storm", at), HaltRecord("clear", "calm", at, ("a", "b")))
+    history = (
+        HaltRecord("halt", "storm", at, ("carol",), ("SHA256:c",), "h1"),
+        HaltRecord("clear", "calm", at, ("a", "b"), ("SHA256:a", "SHA256:b"), "h1"),
+        HaltRecord("clear", "typed names", at, ("a", "b")),
+    )
     for indent in (None, 2):
-        assert parse_document(encode_document(True, "storm", history, indent=indent)) == (
-            HaltDocument(True, "storm", history)
-        )
+        raw = encode_document(True, "storm", history, halt_id="h2", indent=indent)
+        assert parse_document(raw) == HaltDocument(True, "storm", history, "h2")
     # The Valkey key carries no history (it is a list beside the key).
     without = json.loads(encode_document(False, "ignored"))
     assert without["reason"] is None and "history" not in without
     assert parse_document(encode_document(False, None)) == HaltDocument(False, None)
-    assert parse_record(encode_record(history[1])) == history[1]
+    assert all(parse_record(encode_record(record)) == record for record in history)
+
+
+def test_a_halt_written_without_an_id_is_named_by_its_bytes_so_each_rewrite_is_another_halt() -> (
+    None
+):
+    first = encode_document(True, "storm")
+    again = parse_document(first).halt_id
+    assert again is not None and again == parse_document(first).halt_id
+    rewritten = first.replace(b'"updated_at": "', b'"updated_at": "1')
+    assert parse_document(rewritten).halt_id != again
+    assert parse_document(encode_document(False, None, halt_id="h1")).halt_id is None
+
+
+@pytest.mark.parametrize("halt_id", ["", "  ", 7, ["h"]])
+def test_a_halt_id_that_is_not_text_is_corrupt(halt_id: object) -> None:
+    doc = {"schema": SCHEMA, "halted": True, "reason": "storm", "halt_id": halt_id}
+    with pytest.raises(CorruptHaltDocument):
+        parse_document(json.dumps(doc).encode())
 
 
 @pytest.mark.parametrize(

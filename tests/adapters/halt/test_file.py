@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import trio.lowlevel
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 
+from adapters.halt.approval import ApprovalRefusedError, SignatureVerifier, SignedStatement
 from adapters.halt.file import MAX_HALT_FILE_BYTES, FileHaltChannel, HaltFileState
 from kernel import (
     ConcurrentDeliberationService,
@@ -44,6 +46,7 @@ from tests.support.corrupt_halt_files import (
 )
 from tests.support.halt_documents import contents, expected_reading
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.ssh_keys import Keyring
 
 
 async def test_missing_file_is_not_halted(tmp_path: Path) -> None:
@@ -389,7 +392,8 @@ async def test_corrupt_shape_reads_halted_and_halt_rewrites_it(
     # Halting rewrites it into a readable halted file and keeps the old entry aside.
     assert channel.halt("operator confirms") is True
     good = channel.read_state()
-    assert good == HaltFileState(True, "operator confirms", good.history, None)
+    assert good == HaltFileState(True, "operator confirms", good.history, None, good.halt_id)
+    assert good.halt_id is not None and good.history[-1].halt_id == good.halt_id
     assert [(r.action, r.reason) for r in good.history] == [("halt", "operator confirms")]
     assert channel.kept_aside is not None
     assert channel.kept_aside.name.startswith("halt.json.corrupt-")
@@ -490,9 +494,8 @@ def test_any_content_is_a_valid_state_or_halted(content: bytes) -> None:
             assert state.halted and state.error is not None and state.history == ()
             # halting over it always works and gives a readable halted file
             assert channel.halt("fuzz") is True
-            assert channel.read_state() == HaltFileState(
-                True, "fuzz", channel.read_state().history, None
-            )
+            now = channel.read_state()
+            assert now == HaltFileState(True, "fuzz", now.history, None, now.halt_id)
         else:  # a well-formed document is read as it says, never as corrupt
             assert state.error is None
             assert state.halted == (expected == "halted")
@@ -546,3 +549,303 @@ def test_a_file_renamed_in_between_open_and_look_is_read_not_called_corrupt(
     monkeypatch.setattr(os, "open", racing_open)
     state = FileHaltChannel(path).read_state()
     assert state.halted and state.reason == "from elsewhere"
+
+
+# ---------------------------------------------------------------- signed approvals
+
+
+@pytest.fixture
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keyring:
+    ring = Keyring(tmp_path_factory.mktemp("keys"))
+    ring.trust("alice")
+    ring.trust("bob")
+    return ring
+
+
+def signed_channel(path: Path, keys: Keyring, **kwargs: Any) -> FileHaltChannel:
+    return FileHaltChannel(path, allowed_signers=keys.allowed, revoked=keys.revoked, **kwargs)
+
+
+async def test_two_signed_approvals_for_the_current_halt_clear_it_and_the_history_says_who(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    channel = signed_channel(tmp_path / "halt.json", keys)
+    await channel.ahalt("tool misuse")
+    state = await channel.state()
+    assert state.halt_id is not None
+    approvals = [keys.approve(p, state.halt_id, "tool misuse") for p in ("alice", "bob")]
+    assert await channel.aclear(approvals=approvals, reason="fixed the tool") is True
+    assert not await channel.is_halted()
+    record = (await channel.ahistory())[-1]
+    assert (record.action, record.reason, record.halt_id) == (
+        "clear",
+        "fixed the tool",
+        state.halt_id,
+    )
+    assert record.approvers == ("alice", "bob")
+    assert record.fingerprints == (keys.fingerprint("alice"), keys.fingerprint("bob"))
+
+
+async def test_one_valid_and_one_forged_approval_change_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("tool misuse")
+    halt_id = (await channel.state()).halt_id
+    before = snapshot(path)
+    good = keys.approve("alice", halt_id, "tool misuse")
+    forgeries = {
+        "bob's name, mallory's key": keys.approve("bob", halt_id, "tool misuse", key_of="mallory"),
+        "bob's name, alice's key": keys.approve("bob", halt_id, "tool misuse", key_of="alice"),
+        "bob's approval of another halt, edited": keys.tamper(
+            keys.approve("bob", "0" * 32, "tool misuse"), "0" * 32, str(halt_id)
+        ),
+    }
+    for forged in forgeries.values():
+        with pytest.raises(ApprovalRefusedError, match="'bob' refused"):
+            await channel.aclear(approvals=[good, forged], reason="trust me")
+        with pytest.raises(ApprovalRefusedError):
+            channel.clear(approvals=[forged, good], reason="trust me")
+        assert snapshot(path) == before
+
+
+async def test_a_channel_with_allowed_signers_refuses_names_and_changes_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("tool misuse")
+    before = snapshot(path)
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await channel.aclear(approvers=["alice", "bob"], reason="typed names")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        channel.clear(approvers=["alice", "bob"], reason="typed names")
+    assert snapshot(path) == before
+    # The same file, opened without allowed signers, still takes names (a process that
+    # can write the file can: that is what file permissions are for).
+    plain = FileHaltChannel(path)
+    with pytest.raises(HaltClearDeniedError, match="no allowed-signers file"):
+        await plain.aclear(approvals=["x", "y"], reason="r")
+
+
+async def test_an_approval_for_an_earlier_halt_cannot_clear_a_new_one(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    first = (await channel.state()).halt_id
+    old = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
+    await channel.aclear(approvals=old, reason="calm")
+    await channel.ahalt("storm")  # the same reason, a new halt
+    assert (await channel.state()).halt_id != first
+    before = snapshot(path)
+    with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+        await channel.aclear(approvals=old, reason="calm again")
+    assert snapshot(path) == before
+
+
+class _DuringVerification(SignatureVerifier):
+    """Verifies for real, then runs ``meanwhile`` (another process's write) once."""
+
+    def __init__(self, keys: Keyring, meanwhile: Any) -> None:
+        super().__init__(keys.allowed)
+        self.meanwhile = meanwhile
+
+    def verify(self, signed: SignedStatement) -> Any:
+        signer = super().verify(signed)
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return signer
+
+
+async def test_a_new_halt_raised_while_approvals_are_verified_is_not_cleared(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    halt_id = (await channel.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    other = signed_channel(path, keys)
+
+    def new_halt() -> None:
+        # Someone cleared with their own approvals and a new halt came at once.
+        names = FileHaltChannel(path)
+        names.clear(approvers=["x", "y"], reason="elsewhere")
+        other.halt("a second storm")
+
+    channel.verifier = _DuringVerification(keys, new_halt)
+    with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+        await channel.aclear(approvals=approvals, reason="calm")
+    assert await channel.get_halt_reason() == "a second storm"
+
+
+async def test_a_halt_file_made_unreadable_during_verification_is_not_cleared(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    halt_id = (await channel.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    channel.verifier = _DuringVerification(keys, lambda: path.write_text('{"halted": fal'))
+    with pytest.raises(HaltClearDeniedError, match="unreadable"):
+        await channel.aclear(approvals=approvals, reason="calm")
+    assert path.read_text() == '{"halted": fal'
+
+
+async def test_a_signed_halt_says_who_halted_and_a_bad_signature_writes_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    forged = keys.approve("alice", None, "storm", action="halt", key_of="mallory")
+    with pytest.raises(InvalidRequestError, match="nothing was written"):
+        await channel.ahalt("storm", signed=forged)
+    assert not path.exists()
+    signed = keys.approve("alice", None, "storm", action="halt")
+    assert await channel.ahalt("storm", signed=signed) is True
+    record = (await channel.ahistory())[-1]
+    assert (record.action, record.approvers) == ("halt", ("alice",))
+    assert record.fingerprints == (keys.fingerprint("alice"),)
+    assert record.halt_id == (await channel.state()).halt_id
+    # Unsigned halts stay open to everyone.
+    await channel.aclear(
+        approvals=[keys.approve(p, record.halt_id, "storm") for p in ("alice", "bob")],
+        reason="calm",
+    )
+    assert FileHaltChannel(path).halt("anyone may halt") is True
+
+
+# ---------------------------------------------------------------- file permissions
+
+_AS_WORKER = """
+import json, os, sys
+from adapters.halt.file import FileHaltChannel
+from kernel import HaltClearDeniedError
+
+if os.geteuid() == 0:  # root reads and writes everything: become a worker's user first
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+channel = FileHaltChannel(sys.argv[1], lock_timeout=0.5)
+state = channel.read_state()
+seen = {"halted": state.halted, "reason": state.reason, "error": state.error}
+try:
+    channel.clear(approvers=["alice", "bob"], reason="a worker's forgery")
+    seen["clear"] = "cleared"
+except HaltClearDeniedError as exc:
+    seen["clear"] = str(exc)
+for name, forge in {
+    "write": lambda: open(sys.argv[1], "w").write("{}"),
+    "replace": lambda: open(sys.argv[1] + ".new", "w"),
+    "remove": lambda: os.unlink(sys.argv[1]),
+}.items():
+    try:
+        forge()
+        seen[name] = "done"
+    except OSError as exc:
+        seen[name] = exc.strerror
+print(json.dumps(seen))
+"""
+
+
+def test_a_worker_without_write_permission_reads_the_halt_but_cannot_clear_or_rewrite_it() -> None:
+    # Operators own the directory and the file (0755 / 0644); workers run as another
+    # user.  As root (here), the child drops to nobody; as anyone else, the directory
+    # and file are made read-only to ourselves, which is the same test.
+    directory = Path(tempfile.mkdtemp(prefix="conclave-perm-"))
+    try:
+        path = directory / "halt.json"
+        FileHaltChannel(path).halt("operator halt")
+        (directory / "halt.json.lock").unlink()
+        before = snapshot(path)
+        directory.chmod(0o755 if os.geteuid() == 0 else 0o555)
+        path.chmod(0o644 if os.geteuid() == 0 else 0o444)
+        proc = subprocess.run(
+            [sys.executable, "-c", _AS_WORKER, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        seen = json.loads(proc.stdout)
+        assert seen["halted"] and seen["reason"] == "operator halt" and seen["error"] is None
+        assert "Permission denied" in seen["clear"]
+        # Nor by writing the file itself, replacing it, or removing it.
+        assert [seen[k] for k in ("write", "replace", "remove")] == ["Permission denied"] * 3
+        assert snapshot(path) == before
+    finally:
+        directory.chmod(0o755)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_signed_halt_stops_a_running_batch_and_only_a_signed_clear_resumes_the_service(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    watched = signed_channel(path, keys, poll_interval=0.01)
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(default=Step(latency=600)),
+        DualChannelHaltChecker(HaltSwitch(), watched),
+    )
+    operator = signed_channel(path, keys)
+    signed = keys.approve("alice", None, "council off the rails", action="halt")
+
+    async def signed_halt() -> None:
+        await trio.sleep(1)
+        await operator.ahalt("council off the rails", signed=signed)
+
+    err = await expect_halt(lambda: service.invoke_concurrent(make_requests(8)), signed_halt)
+    assert err.reason == "council off the rails"
+    halt_id = (await operator.state()).halt_id
+    good = keys.approve("alice", halt_id, "council off the rails")
+    forged = keys.approve("bob", halt_id, "council off the rails", key_of="mallory")
+    with pytest.raises(ApprovalRefusedError):
+        await operator.aclear(approvals=[good, forged], reason="resume")
+    with pytest.raises(SystemHaltedError):
+        await service.invoke_concurrent(make_requests(2))
+    bob = keys.approve("bob", halt_id, "council off the rails")
+    assert await operator.aclear(approvals=[good, bob], reason="resume") is True
+    quick = ConcurrentDeliberationService(ScriptedOrchestrator(), service.halt_checker)
+    result = await quick.invoke_concurrent(make_requests(2))
+    assert result.success_count == 2
+
+
+async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_halt_they_name(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    channel = signed_channel(path, keys)
+    await channel.ahalt("storm")
+    first = (await channel.state()).halt_id
+    approvals = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        # Another operator's tool, busy: clears (by names, where it may) and re-halts.
+        other = FileHaltChannel(path)
+        while not stop.is_set():
+            other.clear(approvers=["x", "y"], reason="churn")
+            other.halt("storm")
+            stop.wait(0.002)  # let the clear under test take the lock now and then
+
+    outcomes: list[bool | None] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, rewrite)
+        for _ in range(5):
+            try:
+                outcomes.append(await channel.aclear(approvals=approvals, reason="calm"))
+            except ApprovalRefusedError as exc:
+                assert "is for another halt" in str(exc)
+                outcomes.append(None)
+        stop.set()
+    history = await channel.ahistory()
+    signed_clears = [r for r in history if r.approvers == ("alice", "bob")]
+    # Whatever the interleaving: a signed clear only ever cleared the halt it named.
+    assert all(r.halt_id == first for r in signed_clears)
+    assert len(signed_clears) <= 1 and outcomes.count(True) == len(signed_clears)

@@ -17,8 +17,9 @@ import coredis
 import pytest
 import trio
 
+from adapters.halt.approval import ApprovalRefusedError, SignedStatement
 from adapters.stub import AgentOrchestratorStub
-from adapters.valkey import ValkeyHaltChannel, ValkeyUnavailableError
+from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel, ValkeyUnavailableError
 from adapters.valkey._lua import HALT_CLEAR
 from kernel import (
     AgentPool,
@@ -33,7 +34,9 @@ from kernel import (
     InvalidRequestError,
     SystemHaltedError,
 )
+from tests.support import ROOT
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
+from tests.support.ssh_keys import Keyring
 from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
 from tests.support.valkey_server import ValkeyServer, free_port, unique_name
 
@@ -60,7 +63,7 @@ async def raw(url: str) -> AsyncIterator[coredis.Redis[bytes]]:
 
 
 @asynccontextmanager
-async def cleared(url: str, key: str, **kwargs: float) -> AsyncIterator[ValkeyHaltChannel]:
+async def cleared(url: str, key: str, **kwargs: Any) -> AsyncIterator[ValkeyHaltChannel]:
     """A channel on a key that two approvers have cleared (a fresh key reads halted)."""
     async with ValkeyHaltChannel(url, key=key, **kwargs) as channel:
         await channel.clear(approvers=APPROVERS, reason="initial clear")
@@ -361,3 +364,166 @@ async def test_a_halt_key_of_the_wrong_type_is_a_halt_that_says_corrupt(
                 reason = await channel.wait_halted()
     assert f"halt key {key} corrupt" in reason and f"it is a {shape}" in reason
     assert "unreachable" not in reason
+
+
+# ---------------------------------------------------------------- signed approvals
+
+
+@pytest.fixture
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keyring:
+    ring = Keyring(tmp_path_factory.mktemp("keys"))
+    ring.trust("alice")
+    ring.trust("bob")
+    return ring
+
+
+async def test_two_signed_approvals_clear_the_halt_they_name_and_one_forged_changes_nothing(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as channel,
+        raw(valkey_server.url) as client,
+    ):
+        await channel.halt("tool misuse")
+        halt_id = channel.state.halt_id
+        assert halt_id is not None
+        good = keys.approve("alice", halt_id, "tool misuse")
+        forged = keys.approve("bob", halt_id, "tool misuse", key_of="mallory")
+        before = (await client.get(key), await client.lrange(f"{key}:history", 0, -1))
+        with pytest.raises(ApprovalRefusedError, match="'bob' refused"):
+            await channel.clear(approvals=[good, forged], reason="trust me")
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await channel.clear(approvers=["alice", "bob"], reason="typed names")
+        assert (await client.get(key), await client.lrange(f"{key}:history", 0, -1)) == before
+
+        bob = keys.approve("bob", halt_id, "tool misuse")
+        assert await channel.clear(approvals=[good, bob], reason="fixed") is True
+        with trio.fail_after(5):
+            await channel.wait_cleared()
+        record = (await channel.history())[-1]
+        assert (record.action, record.approvers, record.halt_id) == (
+            "clear",
+            ("alice", "bob"),
+            halt_id,
+        )
+        assert record.fingerprints == (keys.fingerprint("alice"), keys.fingerprint("bob"))
+        # Replayed for the next halt (same reason): refused.
+        await channel.halt("tool misuse")
+        with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+            await channel.clear(approvals=[good, bob], reason="again")
+        assert channel.state.halted
+
+
+async def test_a_halt_raised_while_approvals_are_verified_is_not_cleared(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as channel,
+        raw(valkey_server.url) as client,
+    ):
+        await channel.halt("storm")
+        halt_id = channel.state.halt_id
+        approvals = [keys.approve(p, halt_id or "", "storm") for p in ("alice", "bob")]
+        verify = channel.verifier
+        assert verify is not None
+        real = verify.verify
+
+        def verify_then_rehalt(signed: SignedStatement) -> Any:
+            signer = real(signed)
+            # Meanwhile, another operator's tool clears and a new halt is raised.
+            valkey_server.command(
+                "SET",
+                key,
+                '{"schema": "conclave.halt/1", "halted": true, '
+                '"reason": "second storm", "halt_id": "second"}',
+            )
+            return signer
+
+        verify.verify = verify_then_rehalt  # type: ignore[method-assign]
+        with pytest.raises(ApprovalRefusedError, match="is for another halt"):
+            await channel.clear(approvals=approvals, reason="calm")
+        assert b"second storm" in (await client.get(key) or b"")
+
+
+async def test_a_missing_halt_record_is_not_cleared_by_signatures(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    async with ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as ch:
+        approvals = [keys.approve(p, "anything", "r") for p in ("alice", "bob")]
+        with pytest.raises(ApprovalRefusedError, match="no halt record"):
+            await ch.clear(approvals=approvals, reason="first start")
+        assert ch.state.halted
+
+
+async def test_a_signed_halt_on_the_server_says_who_halted(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    async with ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as ch:
+        forged = keys.approve("alice", None, "storm", action="halt", key_of="mallory")
+        with pytest.raises(InvalidRequestError, match="nothing was written"):
+            await ch.halt("storm", signed=forged)
+        assert await ch.history() == ()
+        assert await ch.halt("storm", signed=keys.approve("alice", None, "storm", action="halt"))
+        record = (await ch.history())[-1]
+        assert (record.approvers, record.fingerprints) == (("alice",), (keys.fingerprint("alice"),))
+
+
+# ---------------------------------------------------------------- least privilege
+
+
+def _acl_users(server: ValkeyServer) -> dict[str, str]:
+    """Create the users of deploy/valkey/users.acl on ``server``; their passwords."""
+    passwords = {}
+    for line in (ROOT / "deploy" / "valkey" / "users.acl").read_text().splitlines():
+        if not line.startswith("user "):
+            continue
+        _, name, *rules = line.split()
+        passwords[name] = f"pw-{uuid.uuid4().hex}"
+        rules = [f">{passwords[name]}" if r.startswith(">") else r for r in rules]
+        assert server.command("ACL", "SETUSER", name, *rules) == b"+OK\r\n"
+    return passwords
+
+
+async def test_a_worker_user_reads_the_halt_and_shares_capacity_but_cannot_clear_or_forge_it(
+    own_server: ValkeyServer,
+) -> None:
+    passwords = _acl_users(own_server)
+    own_server.seed_capacity()
+    worker = f"redis://worker:{passwords['worker']}@127.0.0.1:{own_server.port}"
+    operator = f"redis://operator:{passwords['operator']}@127.0.0.1:{own_server.port}"
+    async with ValkeyHaltChannel(operator) as tools:
+        assert await tools.halt("storm") is True
+    async with ValkeyHaltChannel(worker) as channel, raw(own_server.url) as admin:
+        assert channel.state.connected and channel.state.reason == "storm"
+        before = (
+            await admin.get("conclave:halt"),
+            await admin.lrange("conclave:halt:history", 0, -1),
+        )
+        with pytest.raises(HaltClearDeniedError, match="refused to clear for this user"):
+            await channel.clear(approvers=["alice", "bob"], reason="a worker's forgery")
+        with pytest.raises(ValkeyUnavailableError, match="refused to raise the halt"):
+            await channel.halt("forged")  # already halted: the write is refused anyway
+        async with raw(worker) as direct:
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.set("conclave:halt", '{"schema": "conclave.halt/1", "halted": false}')
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.delete(["conclave:halt"])
+            # Nor wipe the server, or give itself more rights.
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.flushall()
+            with pytest.raises(coredis.exceptions.AuthorizationError):
+                await direct.acl_setuser("worker", "~*")
+        after = (
+            await admin.get("conclave:halt"),
+            await admin.lrange("conclave:halt:history", 0, -1),
+        )
+        assert after == before
+        async with ValkeyCapacity(worker, capacity=2) as capacity:
+            await capacity.reserve(["a", "b"])
+            assert capacity.in_use() == 2
+            capacity.release("a")
+            capacity.release("b")
+            await capacity.flush()
+    # The operator's user can clear; every worker resumes.
+    async with ValkeyHaltChannel(operator) as tools:
+        assert await tools.clear(approvers=["alice", "bob"], reason="checked") is True

@@ -12,7 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from adapters.witness.sqlite import SqliteWitness, VerifyReport, WitnessError, verify_log
+from adapters.witness.sqlite import (
+    SqliteWitness,
+    VerifyReport,
+    WitnessError,
+    log_head,
+    verify_log,
+)
 from kernel import (
     AgentOutput,
     InvalidRequestError,
@@ -48,9 +54,9 @@ def test_verify_changes_no_byte_and_creates_no_side_file(tmp_path: Path) -> None
     before = _fingerprint(path)
     assert before["-wal"] is None and before["-shm"] is None  # closed cleanly
     report = verify_log(path, expected_head=head)
-    assert report == VerifyReport(True, 5)
+    assert report == VerifyReport(True, 5, head=head)
     proc = conclave("verify", str(path), "--expected-head", head)
-    assert proc.returncode == 0 and proc.stdout == "ok: 5 records, chain intact\n"
+    assert proc.returncode == 0 and proc.stdout == f"ok: 5 records, chain intact, head {head}\n"
     assert _fingerprint(path) == before
     assert sorted(os.listdir(tmp_path)) == ["w.db"]
 
@@ -225,3 +231,18 @@ def test_verify_refuses_a_view_named_outputs(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout
     assert "not a witness log" in proc.stderr and "Traceback" not in proc.stderr
     assert db_path.read_bytes() == before
+
+
+def test_log_head_is_the_last_records_chain_hash_without_walking_the_chain(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.db"
+    head = make_log(path)
+    before = _fingerprint(path)
+    assert log_head(path) == (5, head)
+    assert _fingerprint(path) == before  # read-only, like verify
+
+
+def test_log_head_of_what_is_not_a_witness_log_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(WitnessError, match="no such witness log"):
+        log_head(tmp_path / "missing.db")
