@@ -28,6 +28,7 @@ from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
 from kernel._ports import (
     AgentOrchestratorProtocol,
+    BatchAcquirer,
     BatchLog,
     CommitReceipt,
     HaltChecker,
@@ -105,6 +106,7 @@ __all__ = [
     "HaltRecord",
     "HaltSwitch",
     "HaltWaiter",
+    "BatchAcquirer",
     "LeaseLossNotifier",
     "HedgePolicy",
     "InvalidRequestError",

@@ -241,6 +241,10 @@ class Batch:
                 await self._feed_queue(agents, admission)
 
     async def _feed_queue(self, agents: trio.Nursery, admission: Admission) -> None:
+        # The slots free now, with their shared leases in one call (granted or queued
+        # FIFO): admitting a batch costs one round trip to a shared store, not one per
+        # agent.  Refused (the store unreachable): nothing started, the batch is refused.
+        await admission.take_ahead([req.agent_id for req in self.requests])
         # Take each slot *before* spawning the agent's task: a queue of thousands of
         # agents costs thousands of waiting requests, not thousands of parked tasks.
         for position, index in enumerate(self.pending):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 import trio
 
 from kernel._errors import AgentBusyError, AgentPoolExhaustedError, InvalidRequestError
-from kernel._ports import LeaseLossNotifier, SharedCapacity
+from kernel._ports import BatchAcquirer, LeaseLossNotifier, SharedCapacity
 from kernel._slot import Slot
 from kernel._types import MAX_CONCURRENT_AGENTS, PoolStatistics, PoolStatus
 from kernel.validate import check_text
@@ -75,6 +76,10 @@ class AgentPool:
             shared if isinstance(shared, LeaseLossNotifier) else None
         )
         self._stop_listening: Callable[[], None] | None = None
+        # Lease ids: unique across processes by a random prefix, within the pool by a
+        # counter (a fresh uuid4 per lease cost a few microseconds of each admission).
+        self._lease_prefix = uuid.uuid4().hex[:20]
+        self._lease_numbers = itertools.count()
         self.limiter = trio.CapacityLimiter(max_concurrent)
         self._active: dict[str, Slot] = {}
         self._extra: set[Slot] = set()
@@ -231,7 +236,9 @@ class AgentPool:
             )
 
     def _lease(self) -> str | None:
-        return None if self._shared is None else uuid.uuid4().hex
+        if self._shared is None:
+            return None
+        return f"{self._lease_prefix}-{next(self._lease_numbers):x}"
 
     def _is_busy(self, agent_id: str) -> bool:
         return agent_id in self._active or agent_id in self._queued
@@ -255,7 +262,7 @@ class AgentPool:
         slots = []
         shared = self._shared is not None
         for agent_id in agent_ids:
-            slot = Slot(agent_id, lease=uuid.uuid4().hex if shared else None)
+            slot = Slot(agent_id, lease=self._lease() if shared else None)
             # Cannot block: we checked the free count and nothing ran in between.
             self.limiter.acquire_on_behalf_of_nowait(slot)
             self._active[agent_id] = slot
@@ -283,6 +290,47 @@ class AgentPool:
                 self._queued.add(agent_id)
                 raise
         return slot
+
+    async def _take_ahead(self, agent_ids: Sequence[str]) -> list[Slot]:
+        """The slots free now for the first of these claimed ids, in order (none while
+        anyone waits for a slot: FIFO), with all their shared leases asked for in one call;
+        each lease is then granted or queued, and its slot's :meth:`_claim` completes it.
+        Only with a :class:`~kernel.BatchAcquirer`; else none (each id takes its own)."""
+        shared = self._shared
+        if not isinstance(shared, BatchAcquirer):
+            return []
+        slots: list[Slot] = []
+        for agent_id in agent_ids:
+            if agent_id not in self._queued or agent_id in self._active:
+                break  # not claimed here (or taken by another batch after a reset)
+            slot = Slot(agent_id, lease=self._lease())
+            try:
+                self.limiter.acquire_on_behalf_of_nowait(slot)
+            except trio.WouldBlock:
+                break
+            self._queued.discard(agent_id)
+            self._active[agent_id] = slot
+            self._track(slot)
+            slots.append(slot)
+        if slots:
+            try:
+                await shared.acquire_batch([s.lease for s in slots if s.lease is not None])
+            except BaseException:
+                for slot in slots:
+                    self._release(slot)  # withdraws its lease too
+                    self._queued.add(slot.agent_id)
+                raise
+        return slots
+
+    async def _claim(self, slot: Slot) -> None:
+        """Wait for the grant of a slot's lease asked for by :meth:`_take_ahead`."""
+        assert self._shared is not None and slot.lease is not None
+        try:
+            await self._shared.acquire(slot.lease)
+        except BaseException:
+            self._release(slot)
+            self._queued.add(slot.agent_id)
+            raise
 
     async def _take_extra_slot(self, agent_id: str) -> Slot | None:
         """A second slot for an active agent if one is free now and nobody waits for it."""
@@ -368,7 +416,7 @@ class Admission:
     back by :meth:`AgentPool.reset`), so leaving the block passes over those.
     """
 
-    __slots__ = ("_claimed", "_pool", "_shared_taken", "_taken", "slots")
+    __slots__ = ("_ahead", "_claimed", "_pool", "_shared_taken", "_taken", "slots")
 
     def __init__(self, pool: AgentPool, claimed: list[str], slots: list[Slot]) -> None:
         self._pool = pool
@@ -376,6 +424,8 @@ class Admission:
         # Slots taken after admission (queue mode, hedges); no per-slot bookkeeping on
         # release: it is the hot path, and the pool knows what it has back.
         self._taken: list[Slot] = []
+        # Slots taken by take_ahead that take_slot has not handed out yet, by id.
+        self._ahead: dict[str, Slot] = {}
         #: The slots taken at admission, in the order of the ids (reject mode).
         self.slots: tuple[Slot, ...] = tuple(slots)
         self._shared_taken = False
@@ -407,11 +457,31 @@ class Admission:
         for slot in self._taken:
             release(slot)
         self._taken.clear()
+        for slot in self._ahead.values():
+            release(slot)
+        self._ahead.clear()
         self._pool._queued.difference_update(self._claimed)
+
+    async def take_ahead(self, agent_ids: Sequence[str]) -> int:
+        """Queue mode: take the slots free now for the first of these claimed ids, in
+        order, and (with a shared capacity that is a :class:`~kernel.BatchAcquirer`) ask
+        for all their shared leases in one call, granted or queued FIFO.  Returns how many;
+        :meth:`take_slot` of each then waits only for its lease's grant.  Without such a
+        capacity it takes nothing (0): each id's :meth:`take_slot` does it all.  Raises
+        :class:`AgentPoolExhaustedError` (the capacity is unreachable) having taken none.
+        """
+        slots = await self._pool._take_ahead(agent_ids)
+        for slot in slots:
+            self._ahead[slot.agent_id] = slot
+        return len(slots)
 
     async def take_slot(self, agent_id: str) -> Slot:
         """Wait for the slot of an id this admission claimed (queue mode)."""
-        slot = await self._pool._take_slot(agent_id)
+        slot = self._ahead.pop(agent_id, None)
+        if slot is None:
+            slot = await self._pool._take_slot(agent_id)
+        else:
+            await self._pool._claim(slot)
         self._taken.append(slot)
         return slot
 

@@ -17,6 +17,7 @@ from kernel._types import AgentOutput, ContextBundle
 
 __all__ = [
     "AgentOrchestratorProtocol",
+    "BatchAcquirer",
     "BatchLog",
     "CommitReceipt",
     "HaltChecker",
@@ -176,6 +177,24 @@ class SharedCapacity(Protocol):
     def release(self, lease: str) -> None: ...
 
     def in_use(self) -> int | None: ...
+
+
+@runtime_checkable
+class BatchAcquirer(SharedCapacity, Protocol):
+    """A :class:`SharedCapacity` that can start many acquisitions in one call to its store
+    (queue mode's admission of a batch costs one round trip, not one per agent).
+
+    ``acquire_batch(leases)`` asks for every lease at once, in order: each is granted now
+    if a slot is free and nobody waits, else queued FIFO behind whoever waits (the rest of
+    the batch behind it).  It returns once the store has the request; then
+    ``acquire(lease)`` of each of those leases completes its acquisition: it returns at
+    once for a lease already granted and waits only for the grant of a queued one (no
+    further call).  If the store cannot be reached it raises
+    :class:`~kernel.AgentPoolExhaustedError` having taken none; cancelled, it holds
+    none.  ``release(lease)`` gives back, or withdraws, any of them, acquired or not.
+    """
+
+    async def acquire_batch(self, leases: Sequence[str]) -> None: ...
 
 
 @runtime_checkable

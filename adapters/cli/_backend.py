@@ -313,18 +313,23 @@ async def crewai_orchestrator(
     roster: Roster,
     max_tokens: int | None,
     timeout_s: float | None,
+    limits: ProviderLimits | None = None,
+    report: RateLimitReport | None = None,
 ) -> AsyncIterator[AgentOrchestratorProtocol]:
     """Each agent of ``roster`` a real CrewAI agent (:mod:`adapters.llm.crewai`, telemetry
     off) behind the asyncio bridge; entering imports crewai and builds every agent (a
-    worker thread, a second or two), then probes the server as the openai backend does."""
+    worker thread, a second or two), then probes the server as the openai backend does.
+    ``limits`` and ``report`` as for :func:`openai_orchestrator`."""
     with importing_extra("crewai", "--backend crewai"):
         from adapters.llm.bridge import AsyncioOrchestratorBridge
         from adapters.llm.crewai import CrewAIOrchestrator
 
     timeout: dict[str, Any] = {"timeout_s": timeout_s} if timeout_s else {}
     inner = CrewAIOrchestrator(
-        roster, base_url=base_url, model=model, max_tokens=max_tokens, **timeout
+        roster, base_url=base_url, model=model, max_tokens=max_tokens, limits=limits, **timeout
     )
+    if report is not None:
+        report.source = inner.limit_stats
     async with AsyncioOrchestratorBridge(inner) as bridge:
         await _probe(bridge, inner.check_reachable, inner.base_url, inner.timeout_s)
         yield bridge

@@ -51,7 +51,7 @@ async def open_budget(args: argparse.Namespace) -> AsyncIterator[ValkeyProviderB
         from adapters.valkey import ValkeyProviderBudget
 
     async with ValkeyProviderBudget(
-        args.valkey, key_prefix=KEY_PREFIX, replicas=args.replicas or 1
+        args.valkey, key_prefix=_key_prefix(args), replicas=args.replicas or 1
     ) as budget:
         yield budget
         await budget.flush()
@@ -75,13 +75,18 @@ def summary_line(shared: object) -> str | None:
     )
 
 
-async def cluster_status(url: str) -> list[str]:
+def _key_prefix(args: argparse.Namespace) -> str:
+    """``--valkey-key-prefix``: the budget's keys live beside the halt's and capacity's."""
+    return getattr(args, "valkey_key_prefix", None) or KEY_PREFIX
+
+
+async def cluster_status(url: str, key_prefix: str = KEY_PREFIX) -> list[str]:
     """The cluster section of ``conclave status --valkey URL``: the shared capacity's
     in-flight count and queue, and every shared budget's lanes."""
     with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyProviderBudget
 
-    async with ValkeyProviderBudget(url, key_prefix=KEY_PREFIX) as budget:
+    async with ValkeyProviderBudget(url, key_prefix=key_prefix) as budget:
         if not budget.available:
             return [f"cluster: unreachable ({budget.problem})"]
         in_flight, queued = await budget.capacity_counts()

@@ -23,6 +23,7 @@ import trio
 
 from adapters.cli._backend import UsageError, importing_extra
 from adapters.cli._display import plain
+from adapters.cli._valkey import ValkeySettings
 from adapters.cli.approve import sign_halt
 from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
 
@@ -113,7 +114,11 @@ async def open_channel(args: argparse.Namespace) -> AsyncIterator[_Target]:
         return
     with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyHaltChannel
-    async with ValkeyHaltChannel(args.valkey, allowed_signers=allowed, revoked=revoked) as valkey:
+    settings = ValkeySettings.from_args(args)
+    assert settings is not None
+    async with ValkeyHaltChannel(
+        settings.url, key=settings.halt_key, allowed_signers=allowed, revoked=revoked
+    ) as valkey:
         yield _Target(valkey, "halt key", "--valkey URL", lambda: _read_valkey(valkey))
 
 
@@ -216,6 +221,6 @@ async def status_command(args: argparse.Namespace) -> int:
     if args.valkey is not None:  # the cluster's own section (adapters.cli._budget)
         from adapters.cli._budget import cluster_status
 
-        for line in await cluster_status(args.valkey):
+        for line in await cluster_status(args.valkey, args.valkey_key_prefix):
             print(line)
     return EXIT_HALTED if reading.reason is not None else EXIT_OK

@@ -23,6 +23,7 @@ import trio
 from adapters._atomic import write_atomically
 from adapters.cli._backend import UsageError
 from adapters.cli._display import plain
+from adapters.cli._valkey import add_key_prefix_option
 from adapters.halt.approval import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
@@ -74,6 +75,7 @@ def add_approve_parser(sub: argparse._SubParsersAction[Any]) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--halt-file", type=Path)
     where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
+    add_key_prefix_option(p)
     signing_options(p, required=True)
     p.add_argument(
         "--expires",

@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--halt-file", type=Path)
         where.add_argument("--valkey", metavar="URL", help="a halt shared on a Valkey/Redis server")
+        _cli_valkey.add_key_prefix_option(p)
         if name == "halt":
             p.add_argument("--create", action="store_true", help=_CREATE_HELP)
         if name in ("halt", "clear"):
@@ -298,6 +299,8 @@ def _cluster_and_tail_options(d: argparse.ArgumentParser) -> None:
         help="with --valkey and --rpm/--tpm (one budget for every replica on the server): "
         "while the server is unreachable, each paces at 1/N of the limits",
     )
+    _cli_valkey.add_key_prefix_option(cluster)
+    _cli_valkey.add_lease_option(cluster)
     tail = d.add_argument_group("tail control (concurrent runs)")
     tail.add_argument(
         "--deadline", type=_positive_float, default=None, help="seconds for the whole batch"
@@ -473,8 +476,9 @@ async def deliberate(args: argparse.Namespace) -> int:
     configure_logging(_log_level(args), args.log_format or "text")
     roster_file = await check_usage(args)
     args.price_table = await _price_table(args, roster_file)
+    settings = _cli_valkey.ValkeySettings.from_args(args)
     async with (
-        _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster,
+        _cli_valkey.open_cluster(settings, args.shared_capacity) as cluster,
         _cli_budget.open_budget(args) as budget,
     ):
         return await _deliberate(args, roster_file, cluster, RateLimitReport(budget))
@@ -617,6 +621,7 @@ async def check_usage(args: argparse.Namespace) -> Roster | None:
     if args.shared_capacity is not None and args.valkey is None:
         raise UsageError("--shared-capacity needs --valkey URL (the server that shares it)")
     _cli_budget.check_budget_usage(args)
+    _cli_valkey.check_usage(args)
     await check_halt_file(args)
     resume_cli.check_usage(args)
     tail = (
@@ -788,6 +793,9 @@ def orchestrator(
             seed=args.seed,
             latency_profile=args.latency_profile,
         )
+    from adapters.llm.provider_budget import ProviderLimits
+
+    provider = ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None
     if args.backend == "crewai":  # every agent needs a persona: the council's roster
         return crewai_orchestrator(
             args.base_url,
@@ -795,20 +803,16 @@ def orchestrator(
             roster=roster,
             max_tokens=args.max_tokens,
             timeout_s=args.timeout,
+            limits=provider,
+            report=limits,
         )
-    from adapters.llm.provider_budget import ProviderLimits
-
     return openai_orchestrator(
         args.base_url,
         args.model,
         roster=roster_file,
         max_tokens=args.max_tokens,
         timeout_s=args.timeout,
-        limits=(
-            ProviderLimits(args.rpm, args.tpm, shared=limits.shared if limits else None)
-            if args.rpm or args.tpm
-            else None
-        ),
+        limits=provider,
         report=limits,
         check_models=not args.no_model_check,
         transport=args.transport or "httpx",

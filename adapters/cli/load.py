@@ -286,7 +286,9 @@ async def load_command(args: argparse.Namespace) -> int:
     roster_file = await commands.check_usage(args)
     await _check_outputs(args)
     async with (
-        _cli_valkey.open_cluster(args.valkey, args.shared_capacity) as cluster,
+        _cli_valkey.open_cluster(
+            _cli_valkey.ValkeySettings.from_args(args), args.shared_capacity
+        ) as cluster,
         _cli_budget.open_budget(args) as budget,  # --rpm/--tpm with --valkey: shared
     ):
         pool = cluster.pool(args.capacity)

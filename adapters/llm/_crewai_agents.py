@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -59,6 +60,7 @@ from crewai_core.printer import PRINTER
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from adapters.llm.http_guard import guarded_client, refusal_in
+from adapters.llm.openai_chat import estimate_tokens
 from adapters.llm.policy import (
     MAX_QUOTED_CHARS,
     Backoff,
@@ -66,9 +68,12 @@ from adapters.llm.policy import (
     classify_failure,
     malformed,
     not_retried,
+    rate_limited,
 )
-from adapters.llm.ratelimit_headers import retry_after_s
+from adapters.llm.provider_budget import BudgetAccount, ClusterBudget, EndpointBudget, Ticket
+from adapters.llm.ratelimit_headers import RateLimitHeaders, retry_after_s
 from kernel import AgentInvocationError
+from kernel.validate import utf8_size
 
 __all__ = [
     "AgentRun",
@@ -109,17 +114,40 @@ class AsyncOnlyOpenAI(OpenAICompletion):
 
 
 class AgentRun:
-    """One invocation of one agent: what names it in errors, and its attempts so far."""
+    """One invocation of one agent: what names it in errors, its attempts so far, and the
+    rate-limit budget every attempt takes its turn in (``account`` counts the cost)."""
 
-    def __init__(self, agent_id: str, where: str, policy: RetryPolicy, api_key: str) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        where: str,
+        policy: RetryPolicy,
+        api_key: str,
+        *,
+        budget: EndpointBudget | ClusterBudget,
+        account: BudgetAccount,
+        max_tokens: int | None,
+    ) -> None:
         self.agent_id = agent_id
         self.where = where
         self.policy = policy
         self.attempts = 0
+        self.budget = budget
+        self.account = account
+        self.max_tokens = max_tokens
+        self.waited_s = 0.0  # for its turns in the budget, every attempt
         #: Each HTTP call's status (``"error"``: no answer), for the call's metadata.
         self.statuses: list[str] = []
         self._api_key = api_key
         self._backoff: Backoff = policy.backoff()
+
+    async def take_turn(self, messages: list[Any]) -> Ticket:
+        """Wait (on this event loop, before the call is made) for the attempt's turn in
+        the budget: one request and its estimated tokens."""
+        ticket = await self.budget.acquire(estimate_tokens(messages, self.max_tokens))
+        self.waited_s += ticket.waited_s
+        self.account.count(waited_s=ticket.waited_s)
+        return ticket
 
     def report(self, model: str, started: float) -> dict[str, str | int | float]:
         """What this run's calls were, as an output's or an error's metadata (no content)."""
@@ -244,6 +272,13 @@ class AsyncioAgentExecutor(AgentExecutor):
         while True:
             run.attempts += 1
             self.state.iterations += 1
+            messages = list(self.state.messages)
+            ticket = await run.take_turn(messages)
+            before = llm.get_token_usage_summary()
+            report: RateLimitHeaders | None = None
+            used: float | None = None
+            throttled = False
+            paused: float | None = None
             # CrewAI wraps every LLM.acall in a rate-limit retry of its own (3 attempts,
             # 1 s, 2 s backoff, Retry-After read from no openai response): it skips it
             # when a retry is already active around the call.  Ours is.
@@ -251,7 +286,7 @@ class AsyncioAgentExecutor(AgentExecutor):
             try:
                 answer = await aget_llm_response(
                     llm=llm,
-                    messages=list(self.state.messages),
+                    messages=messages,
                     callbacks=self.callbacks,
                     printer=PRINTER,
                     from_task=self.task,
@@ -260,13 +295,36 @@ class AsyncioAgentExecutor(AgentExecutor):
                     verbose=False,
                 )
                 run.statuses.append("200")  # an answer: the endpoint's success status
+                usage = llm.get_token_usage_summary().delta_since(before)
+                used = _used_tokens(messages, answer, usage)
                 return answer
             except Exception as exc:
+                error = _openai_error(exc)
+                if isinstance(error, openai.APIStatusError):
+                    report = RateLimitHeaders.parse(error.response.headers)
+                    throttled = rate_limited(error)
                 delay = run.retry_delay(exc)
             finally:
                 _ACTIVE_RATE_LIMIT_RETRY.reset(outer_retry)
+                # Whatever the outcome (an answer, an error, a cancellation): settled
+                # with the usage CrewAI counted, the headers of an error answer, a 429.
+                paused = run.budget.finish(
+                    ticket,
+                    report,
+                    used_tokens=used,
+                    throttled=throttled,
+                    max_pause_s=run.policy.retry_after_cap_s,
+                )
             if isinstance(delay, AgentInvocationError):
                 raise delay  # out of the except block: see retry_delay
+            if throttled:
+                # The whole endpoint waits, not this agent alone: for the reset the
+                # answer gave (done by the budget), else for our delay.  Our next turn
+                # in the budget comes after it.
+                run.account.count(throttled=True)
+                if paused is None:
+                    run.budget.pause(delay)
+                delay = 0.0
             await asyncio.sleep(delay)
 
     @contextlib.contextmanager
@@ -490,6 +548,14 @@ def agent_http_client(timeout_s: float, max_response_bytes: int) -> httpx2.Async
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _used_tokens(messages: list[Any], answer: object, usage: UsageMetrics) -> float:
+    """The tokens one call used: as CrewAI counted them from the server's ``usage``, else
+    (a server that reports none) estimated from the messages and the answer."""
+    if usage.successful_requests > 0 and usage.total_tokens > 0:
+        return float(usage.total_tokens)
+    return float(estimate_tokens(messages, 0) + math.ceil(utf8_size(str(answer)) / 4))
 
 
 def _prepend_system_prompt(messages: list[Any], system_prompt: str) -> None:

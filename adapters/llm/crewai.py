@@ -57,10 +57,10 @@ Output: ``content`` is the agent's final answer (CrewAI's ``TaskOutput.raw``);
 ``metadata`` holds ``framework`` ("crewai"), ``model``, ``role``, the call's token usage
 from CrewAI's ``UsageMetrics`` (``prompt_tokens``, ``completion_tokens``,
 ``total_tokens``, ``cached_prompt_tokens``, ``reasoning_tokens``, ``successful_requests``),
-``attempts``, ``latency_ms``, ``http_status`` and ``http_statuses`` (each HTTP call's
-status, ``"error"`` without an answer, as the OpenAI orchestrator's); a failure's
-:class:`~kernel.AgentInvocationError` carries ``model``, ``attempts``, the statuses and
-``latency_ms`` as its ``metadata``.
+``attempts``, ``latency_ms``, ``rate_limited_ms`` (its waits for turns in the budget),
+``http_status`` and ``http_statuses`` (each HTTP call's status, ``"error"`` without an
+answer, as the OpenAI orchestrator's); a failure's :class:`~kernel.AgentInvocationError`
+carries ``model``, ``attempts``, the statuses and ``latency_ms`` as its ``metadata``.
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ from adapters.llm.policy import (
     over_content_cap,
     system_prompt_for,
     topic_message,
+)
+from adapters.llm.provider_budget import (
+    BudgetAccount,
+    ClusterBudget,
+    EndpointBudget,
+    LimitStats,
+    ProviderLimits,
 )
 from adapters.roster import AgentProfile, Roster, check_base_url
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
@@ -154,12 +161,22 @@ class _Member:
     """One council member: the runners its calls take turns on, and what names it in
     errors.  Only the event loop's thread touches ``idle``."""
 
-    def __init__(self, runners: list[_Runner], model: str, where: str, role: str) -> None:
+    def __init__(
+        self,
+        runners: list[_Runner],
+        model: str,
+        where: str,
+        role: str,
+        budget: EndpointBudget | ClusterBudget,
+        max_tokens: int | None,
+    ) -> None:
         self.runners = tuple(runners)
         self.idle = list(runners)
         self.model = model
         self.where = where
         self.role = role
+        self.budget = budget  # its endpoint's, for its key: every call takes a turn in it
+        self.max_tokens = max_tokens
 
 
 class CrewAIOrchestrator(RetrySettings):
@@ -187,6 +204,12 @@ class CrewAIOrchestrator(RetrySettings):
         stream: stream every LLM call (the default), so that a halt stops the server's
             generation; False for a server that cannot stream (it then generates on
             after a halt).
+        limits: the provider's limits for this key (:class:`ProviderLimits`), as for
+            :class:`~adapters.llm.openai_chat.OpenAIChatOrchestrator`: every LLM call,
+            retries included, first takes its turn in the endpoint's budget (on the event
+            loop, before the call), the one every orchestrator of this process on that
+            endpoint and key shares; a 429 pauses the endpoint.  Settled with the usage
+            CrewAI counted (estimated when the server reports none).
     """
 
     def __init__(
@@ -209,6 +232,7 @@ class CrewAIOrchestrator(RetrySettings):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_content_chars: int = DEFAULT_MAX_CONTENT_CHARS,
         stream: bool = True,
+        limits: ProviderLimits | None = None,
     ) -> None:
         if not isinstance(roster, Roster):
             raise InvalidRequestError(f"roster must be a Roster, got {type(roster).__name__}")
@@ -221,6 +245,10 @@ class CrewAIOrchestrator(RetrySettings):
             raise InvalidRequestError(f"telemetry must be True or False, got {telemetry!r}")
         if not isinstance(stream, bool):
             raise InvalidRequestError(f"stream must be True or False, got {stream!r}")
+        if limits is not None and not isinstance(limits, ProviderLimits):
+            raise InvalidRequestError(
+                f"limits must be a ProviderLimits or None, got {type(limits).__name__}"
+            )
         if not isinstance(expected_output, str) or not expected_output.strip():
             raise InvalidRequestError("expected_output must be a non-empty string")
         # Validate the defaults the way a roster entry is validated.
@@ -247,6 +275,8 @@ class CrewAIOrchestrator(RetrySettings):
         self.max_content_chars = check_int(max_content_chars, "max_content_chars", at_least=1)
         self.stream = stream
         self._api_key = key_from_environment(api_key)
+        self.limits = limits
+        self._account = BudgetAccount(self._api_key, limits)
         if not telemetry:
             disable_telemetry()  # before crewai is imported (by prepare(), or anyone)
         self._policy: RetryPolicy | None = None
@@ -339,7 +369,12 @@ class CrewAIOrchestrator(RetrySettings):
 
         where = describe_agent(profile.agent_id, model, base_url, framework="CrewAI")
         runners = [runner() for _ in range(_RUNNERS_PER_MEMBER)]
-        return _Member(runners, model, where, role)
+        budget = self._account.budget(base_url)
+        return _Member(runners, model, where, role, budget, settings.get("max_tokens"))
+
+    def limit_stats(self) -> LimitStats:
+        """What rate limiting has cost this orchestrator's agents so far."""
+        return self._account.stats()
 
     async def aopen(self) -> None:
         """Set up (:meth:`prepare`) in a worker thread, so the event loop stays free."""
@@ -406,7 +441,15 @@ class CrewAIOrchestrator(RetrySettings):
     ) -> AgentOutput:
         from adapters.llm import _crewai_agents as crew  # imported by prepare(): no I/O here
 
-        run = crew.AgentRun(agent_id, member.where, policy, self._api_key)
+        run = crew.AgentRun(
+            agent_id,
+            member.where,
+            policy,
+            self._api_key,
+            budget=member.budget,
+            account=self._account,
+            max_tokens=member.max_tokens,
+        )
         task = crew.build_task(runner.agent, topic_message(context), self.expected_output)
         before = runner.llm.get_token_usage_summary()
         started = time.perf_counter()
@@ -435,6 +478,7 @@ class CrewAIOrchestrator(RetrySettings):
             "reasoning_tokens": usage.reasoning_tokens,
             "successful_requests": usage.successful_requests,
             **run.report(member.model, started),
+            "rate_limited_ms": round(run.waited_s * 1000.0, 3),
         }
         return AgentOutput(
             agent_id=agent_id, request_id=uuid4(), content=content, metadata=metadata

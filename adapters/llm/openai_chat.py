@@ -112,13 +112,12 @@ from adapters.llm.policy import (
     topic_message,
 )
 from adapters.llm.provider_budget import (
+    BudgetAccount,
     ClusterBudget,
     EndpointBudget,
     LimitStats,
     ProviderLimits,
     Ticket,
-    cluster_budget,
-    shared_budget,
 )
 from adapters.llm.ratelimit_headers import RateLimitHeaders
 from adapters.llm.trace_headers import add_trace_headers
@@ -520,11 +519,9 @@ class OpenAIChatOrchestrator(RetrySettings):
         self.stream = stream
         self.transport = _transport(transport)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
-        self._budgets: dict[str, EndpointBudget | ClusterBudget] = {}
+        self._account = BudgetAccount(self._api_key, limits)
         # aopen() builds clients in a worker thread: never two for one URL.
         self._clients_lock = threading.Lock()
-        self._stats_lock = threading.Lock()
-        self._stats = LimitStats()
 
     def __repr__(self) -> str:
         key = "none" if self._api_key == KEYLESS else "***"
@@ -565,33 +562,14 @@ class OpenAIChatOrchestrator(RetrySettings):
         return client
 
     def _budget(self, base_url: str) -> EndpointBudget | ClusterBudget:
-        budget = self._budgets.get(base_url)
-        if budget is None:
-            with self._clients_lock:
-                budget = self._budgets.get(base_url)
-                if budget is None:
-                    store = None if self.limits is None else self.limits.shared
-                    if store is not None:  # one budget across every replica
-                        budget = cluster_budget(base_url, self._api_key, store)
-                    else:
-                        budget = shared_budget(base_url, self._api_key)
-                    budget.configure(self.limits)
-                    self._budgets[base_url] = budget
-        return budget
+        return self._account.budget(base_url)
 
     def limit_stats(self) -> LimitStats:
         """What rate limiting has cost this orchestrator's agents so far."""
-        with self._stats_lock:
-            return self._stats
+        return self._account.stats()
 
     def _count(self, *, waited_s: float = 0.0, throttled: bool = False) -> None:
-        with self._stats_lock:
-            s = self._stats
-            self._stats = LimitStats(
-                attempts=s.attempts + (0 if throttled else 1),
-                waited_ms=s.waited_ms + waited_s * 1000.0,
-                responses_429=s.responses_429 + (1 if throttled else 0),
-            )
+        self._account.count(waited_s=waited_s, throttled=throttled)
 
     def base_urls(self) -> list[str]:
         """Every endpoint this orchestrator can call: the default, then the roster's."""

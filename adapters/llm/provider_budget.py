@@ -64,6 +64,7 @@ from kernel.validate import integer
 
 __all__ = [
     "HEADROOM",
+    "BudgetAccount",
     "ClusterBudget",
     "EndpointBudget",
     "LimitStats",
@@ -1053,3 +1054,49 @@ def cluster_budget(base_url: str, api_key: str, store: SharedBudgetStore) -> Clu
             budget = ClusterBudget(url, bid, store)
             _clusters[key] = budget
         return budget
+
+
+class BudgetAccount:
+    """One orchestrator's side of the budgets it draws on: the budget of each endpoint it
+    calls (the process's one for that endpoint and key, :func:`shared_budget`, given this
+    orchestrator's ``limits``) and what rate limiting has cost its agents
+    (:class:`LimitStats`).  Thread-safe: an orchestrator sets up in a worker thread."""
+
+    def __init__(self, api_key: str, limits: ProviderLimits | None) -> None:
+        self._api_key = api_key
+        self.limits = limits
+        self._budgets: dict[str, EndpointBudget | ClusterBudget] = {}
+        self._lock = threading.Lock()
+        self._stats = LimitStats()
+
+    def budget(self, base_url: str) -> EndpointBudget | ClusterBudget:
+        """The budget of ``base_url`` (and this account's key): the process's, or with
+        ``limits.shared`` the one every replica on that store shares."""
+        budget = self._budgets.get(base_url)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(base_url)
+                if budget is None:
+                    store = None if self.limits is None else self.limits.shared
+                    if store is not None:  # one budget across every replica
+                        budget = cluster_budget(base_url, self._api_key, store)
+                    else:
+                        budget = shared_budget(base_url, self._api_key)
+                    budget.configure(self.limits)
+                    self._budgets[base_url] = budget
+        return budget
+
+    def stats(self) -> LimitStats:
+        """What rate limiting has cost this account's agents so far."""
+        with self._lock:
+            return self._stats
+
+    def count(self, *, waited_s: float = 0.0, throttled: bool = False) -> None:
+        """One attempt that took budget (and waited ``waited_s`` for it), or one 429."""
+        with self._lock:
+            s = self._stats
+            self._stats = LimitStats(
+                attempts=s.attempts + (0 if throttled else 1),
+                waited_ms=s.waited_ms + waited_s * 1000.0,
+                responses_429=s.responses_429 + (1 if throttled else 0),
+            )

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 __all__ = [
     "ACQUIRE",
+    "ACQUIRE_BATCH",
     "CAPACITY_CLAIM",
     "HALT",
     "HALT_CLEAR",
     "HALT_READ",
     "MAX_LEASE_MS",
     "RESERVE",
+    "RESERVE_EACH",
     "SYNC",
 ]
 
@@ -152,6 +154,35 @@ return reply(1, in_use + new, 0)
 """
 )
 
+#: ARGV[4..]: leases of different callers (hedge calls due at once), each taken alone:
+#: granted in order while a slot is free, else refused; all refused while anyone waits
+#: (FIFO: a hedge never jumps the queue) and during the grace.  A lease already held
+#: counts once (a retried call).  Returns {epoch, grace, corrupt, in use, queued, one
+#: status per lease ('g' granted, 'r' refused)}.
+RESERVE_EACH = (
+    _CAPACITY_PRELUDE
+    + """
+pump()
+local queued = redis.call('ZCARD', queue)
+local in_use = redis.call('ZCARD', leases)
+local status = {}
+for i = 4, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+    status[#status + 1] = 'g'
+  elseif queued == 0 and grace == 0 and in_use < capacity then
+    redis.call('ZADD', leases, now + lease_ms, lease)
+    in_use = in_use + 1
+    status[#status + 1] = 'g'
+  else
+    status[#status + 1] = 'r'
+  end
+end
+return reply(in_use, queued, unpack(status))
+"""
+)
+
 #: ARGV[4]: the lease.  Granted now if nobody waits, a slot is free and the grace is over,
 #: else queued (idempotent: a lease already held or queued keeps its place).
 #: Returns {epoch, grace, corrupt, 1 (granted) | 0 (queued), in use, place in the queue}.
@@ -175,6 +206,42 @@ if redis.call('ZCARD', queue) == 0 and in_use < capacity and grace == 0 then
 end
 enqueue(lease)
 return reply(0, in_use, redis.call('ZCARD', queue))
+"""
+)
+
+#: ARGV[4..]: the leases of one batch, in order.  Each is granted now while nobody waits,
+#: a slot is free and the grace is over, else queued behind whoever waits (FIFO: once one
+#: is queued, the rest queue behind it); one already held or queued keeps its place (a
+#: retried call).  Grants made here are not published: the caller reads them in the reply.
+#: Returns {epoch, grace, corrupt, in use, queued, one status per lease ('g' granted,
+#: 'w' waiting)}.
+ACQUIRE_BATCH = (
+    _CAPACITY_PRELUDE
+    + """
+pump()
+local in_use = redis.call('ZCARD', leases)
+-- Granted only while nobody waits: once one of the batch is queued, so is the rest.
+local open = grace == 0 and redis.call('ZCARD', queue) == 0
+local status = {}
+for i = 4, #ARGV do
+  local lease = ARGV[i]
+  if redis.call('ZSCORE', leases, lease) then
+    redis.call('ZADD', leases, 'GT', now + lease_ms, lease)
+    status[#status + 1] = 'g'
+  elseif redis.call('ZSCORE', queue, lease) then
+    redis.call('ZADD', waiting, now + lease_ms, lease)
+    status[#status + 1] = 'w'
+  elseif open and in_use < capacity then
+    redis.call('ZADD', leases, now + lease_ms, lease)
+    in_use = in_use + 1
+    status[#status + 1] = 'g'
+  else
+    enqueue(lease)
+    open = false
+    status[#status + 1] = 'w'
+  end
+end
+return reply(in_use, redis.call('ZCARD', queue), unpack(status))
 """
 )
 

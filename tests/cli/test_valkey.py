@@ -150,3 +150,55 @@ def test_a_corrupt_halt_key_is_reported_and_repaired_like_a_corrupt_halt_file(ur
     assert halt.stdout.startswith("halted: operator rewrites it\n")
     assert "the unreadable halt key was kept as conclave:halt:corrupt:" in halt.stdout
     assert conclave("status", "--valkey", url).stdout.startswith("HALTED: operator rewrites it\n")
+
+
+def test_the_key_prefix_namespaces_the_halt_and_the_shared_capacity() -> None:
+    with ValkeyServer() as server:
+        server.seed_capacity("blue")
+        url, blue = server.url, ["--valkey-key-prefix", "blue"]
+        both = ["--approver", "alice", "--approver", "bob"]
+        cleared = conclave("clear", "--valkey", url, *blue, *both, "--reason", "blue is ready")
+        assert cleared.returncode == 0, cleared.stderr
+        # The default namespace is untouched: still no halt record there.
+        assert conclave("status", "--valkey", url).returncode == 3
+        assert conclave("status", "--valkey", url, *blue).returncode == 0
+        run = conclave(
+            "deliberate", "--valkey", url, *blue, "--shared-capacity", "5", "--lease", "2.5",
+            "--agents", "5", "--overflow", "queue", "--quiet",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "5/5 succeeded" in run.stdout and "cluster 0/5 in use" in run.stdout
+        keys = set(server.command("KEYS", "*").decode("utf-8", "replace").split("\r\n"))
+        assert {"blue:halt", "blue:epoch", "blue:capacity"} <= keys
+        assert not any(k.startswith("conclave:") and k != "conclave:epoch" for k in keys), keys
+        halted = conclave("halt", "--valkey", url, *blue, "--reason", "blue audit")
+        assert halted.returncode == 0
+        run = conclave("deliberate", "--valkey", url, *blue, "--agents", "2")
+        assert run.returncode == 3 and "blue audit" in run.stderr
+
+
+def test_a_bad_lease_or_key_prefix_is_a_usage_error_and_nothing_runs() -> None:
+    with ValkeyServer() as server:
+        server.seed_capacity()
+        for args, message in (
+            (["--lease", "0"], "--lease: must be 0.1 to 3600 seconds, got 0"),
+            (["--lease", "nan"], "--lease: must be 0.1 to 3600 seconds, got nan"),
+            (["--lease", "1e9"], "--lease: must be 0.1 to 3600 seconds, got 1e9"),
+            (["--lease", "ten"], "--lease: not a number of seconds: 'ten'"),
+            (["--valkey-key-prefix", "a b"], "--valkey-key-prefix: a key prefix is 1 to 150"),
+            (["--valkey-key-prefix", "x" * 151], "--valkey-key-prefix: a key prefix is 1 to 150"),
+        ):
+            run = conclave("deliberate", "--valkey", server.url, "--shared-capacity", "5", *args)
+            assert run.returncode == 2 and message in run.stderr, run.stderr
+            assert run.stderr.startswith("conclave: ") and len(run.stderr.splitlines()) == 1
+        assert server.command("DBSIZE") == b":1\r\n"  # only the seeded epoch: nothing ran
+
+
+def test_lease_and_key_prefix_without_what_they_configure_are_refused() -> None:
+    for args, message in (
+        (["--lease", "5"], "--lease is the shared capacity's: it needs --shared-capacity N"),
+        (["--valkey-key-prefix", "blue"], "--valkey-key-prefix needs --valkey URL"),
+    ):
+        run = conclave("deliberate", "--agents", "2", *args)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert run.stdout == ""

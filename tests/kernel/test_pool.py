@@ -17,6 +17,7 @@ from kernel import (
     AgentBusyError,
     AgentPool,
     AgentPoolExhaustedError,
+    BatchAcquirer,
     ConcurrentDeliberationService,
     FailureKind,
     HaltSwitch,
@@ -28,7 +29,7 @@ from kernel import (
     SharedCapacity,
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.support.model_capacity import ModelCapacity
+from tests.support.model_capacity import BatchModelCapacity, ModelCapacity
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "72", True, None])
@@ -449,3 +450,105 @@ async def test_a_hedge_whose_lease_is_lost_is_dropped_and_the_first_call_stands(
     assert result.success_count == 1 and result.outputs[0].agent_id == "archon-1"
     assert result.total_ms == pytest.approx(10_000.0)  # the first call's own answer
     assert shared.held == set() and pool.available_count == 72 and shared.listeners == []
+
+
+# ---------------------------------------- batch admission (a BatchAcquirer)
+
+
+async def test_queue_mode_asks_for_the_free_slots_leases_in_one_call_and_the_rest_one_by_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = BatchModelCapacity(72)
+    assert isinstance(shared, BatchAcquirer) and not isinstance(ModelCapacity(3), BatchAcquirer)
+    pool = AgentPool(4, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    result = await service.invoke_concurrent(make_requests(6), overflow="queue")
+    assert result.success_count == 6 and orch.max_in_flight == 4
+    # Four free local slots: their leases in one call; the last two waited for a local
+    # slot, then took their leases one by one.
+    assert shared.batch_calls == 1 and len(shared.taken) == 6
+    assert orch.invoked == [f"archon-{i}" for i in range(1, 7)]
+    assert shared.held == set() and not shared.waiting and not shared.batched
+    assert pool.active_count == 0 and pool.available_count == 4 and not pool.queued_agents
+
+
+async def test_a_batch_partly_granted_starts_the_rest_fifo_as_the_cluster_frees_slots(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = BatchModelCapacity(2)
+    pools = [AgentPool(72, shared=shared) for _ in range(2)]
+    # One slot frees at a time, so the order of the grants is the order of the starts.
+    orch = ScriptedOrchestrator({"p0-2": Step(latency=1.5)}, default=Step(latency=1.0))
+    results = []
+
+    async def run(i: int) -> None:
+        service = ConcurrentDeliberationService(orch, pool=pools[i])
+        requests = make_requests(3, prefix=f"p{i}")
+        results.append(await service.invoke_concurrent(requests, overflow="queue"))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(2):
+            nursery.start_soon(run, i)
+            await trio.testing.wait_all_tasks_blocked()
+    assert [r.success_count for r in results] == [3, 3]
+    assert orch.max_in_flight == 2 and shared.max_held == 2 and shared.batch_calls == 2
+    # The second batch queued whole behind the first one's waiter.
+    assert orch.invoked == ["p0-1", "p0-2", "p0-3", "p1-1", "p1-2", "p1-3"]
+    assert shared.held == set() and not shared.waiting and not shared.batched
+
+
+async def test_a_halt_while_a_batch_waits_for_the_cluster_gives_everything_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = BatchModelCapacity(2)
+    switch = HaltSwitch()
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=10.0))
+    service = ConcurrentDeliberationService(orch, switch, pool)
+
+    async def trigger() -> None:
+        await trio.sleep(1.0)
+        assert len(shared.waiting) == 3  # the batch's other three queued in the same call
+        switch.halt("stop")
+
+    exc = await expect_halt(
+        lambda: service.invoke_concurrent(make_requests(5), overflow="queue"), trigger
+    )
+    assert exc.partial is not None and exc.partial.total_count == 5
+    assert orch.invoked == ["archon-1", "archon-2"]
+    assert shared.held == set() and not shared.waiting and not shared.batched
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_an_unreachable_batch_capacity_refuses_the_batch_and_takes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    shared = BatchModelCapacity(72)
+    shared.down = True
+    pool = AgentPool(shared=shared)
+    orch = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    with pytest.raises(AgentPoolExhaustedError, match="unreachable"):
+        await service.invoke_concurrent(make_requests(3), overflow="queue")
+    assert orch.invoked == [] and shared.held == set() and not shared.waiting
+    assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_a_lease_lost_between_its_batch_grant_and_its_start_fails_it_not_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class LosingFirst(BatchModelCapacity):
+        async def acquire_batch(self, leases: Sequence[str]) -> None:
+            await super().acquire_batch(leases)
+            self.lose(leases[0])
+
+    shared = LosingFirst(3)
+    pool = AgentPool(72, shared=shared)
+    orch = ScriptedOrchestrator(default=Step(latency=1.0))
+    service = ConcurrentDeliberationService(orch, pool=pool)
+    result = await service.invoke_concurrent(make_requests(2), overflow="queue")
+    assert result.success_count == 1 and orch.invoked == ["archon-2"]
+    [failure] = result.failures
+    assert failure.message == "not started: shared capacity lease lost: not renewed within lease_s"
+    assert shared.held == set() and shared.listeners == [] and not shared.batched

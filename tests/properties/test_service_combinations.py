@@ -55,7 +55,7 @@ from kernel.events import (
 )
 from tests.support.helpers import assert_one_outcome_per_request_in_order, make_requests
 from tests.support.hostile_parts import Ledger
-from tests.support.model_capacity import ModelCapacity
+from tests.support.model_capacity import BatchModelCapacity, ModelCapacity
 from tests.support.observers import Recorder, assert_events_agree_with
 
 BEHAVIOURS = ["ok", "ok", "ok", "error", "hang", "swallow", "garbage"]
@@ -80,6 +80,7 @@ class Replica:
 class Scenario:
     replicas: list[Replica]
     shared_capacity: int
+    batch_admission: bool  # the shared capacity takes a queue batch's leases in one call
     rate_per_s: float | None
     commit_ms: int | None
     halt_at_ms: float | None
@@ -122,6 +123,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         # Reject mode needs the whole batch to fit one pool, not the cluster: a batch that
         # does not fit the cluster is refused whole, which is a valid outcome too.
         shared_capacity=draw(st.integers(1, 24)),
+        batch_admission=draw(st.booleans()),
         rate_per_s=draw(st.none() | st.sampled_from([5.0, 50.0, 1000.0])),
         commit_ms=draw(st.none() | st.integers(0, 30)),
         halt_at_ms=halt_at_ms,
@@ -204,7 +206,8 @@ class Run:
 def build(scenario: Scenario) -> tuple[Cluster, ModelCapacity, Ledger | None, list[Run]]:
     switch = HaltSwitch()
     cluster = Cluster(switch)
-    shared = ModelCapacity(scenario.shared_capacity)
+    model = BatchModelCapacity if scenario.batch_admission else ModelCapacity
+    shared = model(scenario.shared_capacity)
     ledger = Ledger(scenario.commit_ms) if scenario.commit_ms is not None else None
     rate = RateLimit(scenario.rate_per_s, burst=4) if scenario.rate_per_s else None
     runs = []

@@ -36,7 +36,7 @@ from tests.support.helpers import (
     make_requests,
     run_with_halt_at,
 )
-from tests.support.model_capacity import ModelCapacity
+from tests.support.model_capacity import BatchModelCapacity, ModelCapacity
 
 #: How long an async ``on_progress`` report takes.
 REPORT_MS = 1.0
@@ -53,6 +53,7 @@ class Scenario:
     halt_at_ms: float | None
     rate: tuple[float, int] | None  # (per_second, burst)
     shared: int | None  # the shared capacity
+    batch_admission: bool  # it takes a queue batch's leases in one call
     progress: str | None  # "sync" or "async"
 
 
@@ -81,6 +82,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         rate=draw(st.none() | st.tuples(st.sampled_from([2.0, 10.0, 100.0]), st.integers(1, 4))),
         # Reject mode takes every lease at once: a shared capacity below the batch refuses it.
         shared=draw(st.none() | st.integers(max(1, len(calls)) if overflow == "reject" else 1, 24)),
+        batch_admission=draw(st.booleans()),
         progress=draw(st.sampled_from([None, "sync", "async"])),
     )
 
@@ -117,7 +119,8 @@ def test_tail_control_keeps_every_promise(scenario: Scenario) -> None:
     requests = make_requests(len(scenario.calls))
     switch = HaltSwitch()
     orch = Scripted({r.agent_id: c for r, c in zip(requests, scenario.calls, strict=True)}, switch)
-    shared = None if scenario.shared is None else ModelCapacity(scenario.shared)
+    model = BatchModelCapacity if scenario.batch_admission else ModelCapacity
+    shared = None if scenario.shared is None else model(scenario.shared)
     pool = AgentPool(scenario.capacity, shared=shared)
     rate = None if scenario.rate is None else RateLimit(scenario.rate[0], burst=scenario.rate[1])
     service = ConcurrentDeliberationService(orch, switch, pool, rate_limit=rate)

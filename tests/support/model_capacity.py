@@ -83,3 +83,45 @@ class ModelCapacity:
             first, event = self.waiting.popitem(last=False)
             self._take(first)
             event.set()
+
+
+class BatchModelCapacity(ModelCapacity):
+    """The model that is also a BatchAcquirer: ``acquire_batch`` grants in order while a
+    slot is free and nobody waits, queues the rest; ``acquire`` of each completes it."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.batched: set[str] = set()
+        self.batch_calls = 0
+
+    async def acquire_batch(self, leases: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise AgentPoolExhaustedError("FR10: shared capacity unreachable")
+        self.batch_calls += 1
+        for lease in leases:
+            if not self.waiting and len(self.held) < self._capacity:
+                self._take(lease)
+            else:
+                self.waiting[lease] = trio.Event()
+        self.batched.update(leases)
+
+    async def acquire(self, lease: str) -> None:
+        if lease not in self.batched:
+            await super().acquire(lease)
+            return
+        self.batched.discard(lease)
+        event = self.waiting.get(lease)
+        if event is None:  # granted by the batch call (or lost since)
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await event.wait()
+        except BaseException:
+            if self.waiting.pop(lease, None) is None:
+                self.release(lease)
+            raise
+
+    def release(self, lease: str) -> None:
+        self.batched.discard(lease)
+        super().release(lease)

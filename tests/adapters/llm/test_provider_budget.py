@@ -296,13 +296,13 @@ def test_orchestrators_of_one_endpoint_and_key_share_the_strictest_limits() -> N
     loose.prepare()
     strict.prepare()
     other.prepare()
-    assert loose._budgets[url] is strict._budgets[url]
-    assert other._budgets[url] is not loose._budgets[url]
-    shared = loose._budgets[url]
+    assert loose._budget(url) is strict._budget(url)
+    assert other._budget(url) is not loose._budget(url)
+    shared = loose._budget(url)
     assert isinstance(shared, EndpointBudget)
     assert shared.requests.rate == pytest.approx(1.0)  # 60 per minute: the stricter
     assert shared.tokens.rate == pytest.approx(10**6 / 60)
-    alone = other._budgets[url]
+    alone = other._budget(url)
     assert isinstance(alone, EndpointBudget) and alone.requests.rate is None
 
 
@@ -810,7 +810,7 @@ def test_the_cli_refuses_bad_rate_limits_before_running() -> None:
     assert "--rpm: must be >= 1, got 0" in proc.stderr
     proc = conclave("deliberate", "--tpm", "1000")  # the stub backend has no provider
     assert proc.returncode == 2
-    assert "--rpm and --tpm are the openai backend's" in proc.stderr
+    assert "--rpm and --tpm are the LLM backends'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

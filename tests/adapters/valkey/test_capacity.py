@@ -15,20 +15,22 @@ from typing import Any
 import coredis
 import pytest
 import trio
+import trio.testing
 
 from adapters.valkey import ValkeyCapacity
-from adapters.valkey._lua import ACQUIRE, RESERVE, SYNC
+from adapters.valkey._lua import ACQUIRE, ACQUIRE_BATCH, RESERVE, SYNC
 from kernel import (
     AgentPool,
     AgentPoolExhaustedError,
     ConcurrentDeliberationService,
     FailureKind,
     HaltSwitch,
+    HedgePolicy,
     InvalidRequestError,
     SharedCapacity,
     SystemHaltedError,
 )
-from tests.support.helpers import ScriptedOrchestrator, Step, make_requests
+from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
 from tests.support.url_secrets import SECRET, assert_never_shown, secret_valkey_urls
 from tests.support.valkey_server import ValkeyServer, free_port, unique_name
 
@@ -82,6 +84,7 @@ class Scripts:
         self.books: list[Any] = []
         self._reserve = client.register_script(RESERVE)
         self._acquire = client.register_script(ACQUIRE)
+        self._acquire_batch = client.register_script(ACQUIRE_BATCH)
         self._sync = client.register_script(SYNC)
 
     def _args(self, lease_ms: int, *rest: Any) -> list[Any]:
@@ -96,6 +99,10 @@ class Scripts:
 
     async def acquire(self, lease: str, lease_ms: int = 60_000) -> list[Any]:
         return self._split(await self._acquire(keys=self.keys, args=self._args(lease_ms, lease)))
+
+    async def acquire_batch(self, *leases: str, lease_ms: int = 60_000) -> list[Any]:
+        args = self._args(lease_ms, *leases)
+        return self._split(await self._acquire_batch(keys=self.keys, args=args))
 
     async def sync(
         self,
@@ -177,6 +184,31 @@ async def test_slots_go_to_waiters_in_fifo_order_and_each_grant_is_published(
                 grants.append(message["data"])
         assert grants == [b"w1", b"w2", b"w3"]
         assert await s.held() == {"w3"} and await s.queue() == []
+
+
+async def test_a_batch_is_granted_in_order_while_slots_are_free_and_the_rest_queue_behind(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with raw(valkey_server.url) as client, raw(valkey_server.url) as listener:
+        s = Scripts(client, name, capacity=3)
+        async with listener.pubsub(channels=[s.grants], ignore_subscribe_messages=True) as sub:
+            await s.reserve("holder")
+            assert await s.acquire_batch("a", "b", "c", "d") == [3, 2, b"g", b"g", b"w", b"w"]
+            assert await s.held() == {"holder", "a", "b"} and await s.queue() == ["c", "d"]
+            # Asked again (a retried call): each keeps what it has, nothing is taken twice.
+            assert await s.acquire_batch("b", "d", "c") == [3, 2, b"g", b"w", b"w"]
+            assert await s.queue() == ["c", "d"]
+            # Someone waits: a newcomer's batch is queued whole behind, even with a free slot.
+            await client.zrem(s.keys[0], ["holder"])  # freed without a script handing it on
+            assert await s.acquire_batch("e", "f") == [3, 3, b"w", b"w"]
+            assert await s.held() == {"a", "b", "c"} and await s.queue() == ["d", "e", "f"]
+            # The grant the batch's pump made was published; its own grants never are.
+            message = None
+            with trio.fail_after(5):
+                while message is None:
+                    message = await sub.get_message()
+            assert message["data"] == b"c"
+            assert await sub.get_message(timeout=0.05) is None
 
 
 async def test_reserve_never_jumps_the_queue(valkey_server: ValkeyServer, name: str) -> None:
@@ -633,6 +665,243 @@ async def test_a_different_capacity_elsewhere_is_warned_about(
             async with capacities(valkey_server.url, name, 1, capacity=10):
                 pass
     assert "configured differently" in caplog.text
+
+
+# ---------------------------------------------------------------- batch admission
+
+
+async def _evalsha_calls(client: Raw) -> int:
+    """Scripts run on the server since its statistics were last reset."""
+    stats = await client.info("commandstats")
+    return sum(
+        int(value["calls"])
+        for key, value in stats.items()
+        if key in ("cmdstat_evalsha", "cmdstat_eval") and isinstance(value, dict)
+    )
+
+
+async def test_a_72_agent_queue_batch_is_admitted_in_one_call_to_the_server(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(own_server.url, name, 1, capacity=72) as (capacity,),
+        raw(own_server.url) as client,
+    ):
+        pool = AgentPool(72, shared=capacity)
+        ids = [f"agent-{i}" for i in range(72)]
+        async with pool.admit(["warm-up"], queue=True) as admission:  # the script loaded
+            await admission.take_ahead(["warm-up"])
+        await capacity.flush()
+        await client.config_resetstat()
+        async with pool.admit(ids, queue=True) as admission:
+            assert await admission.take_ahead(ids) == 72
+            slots = [await admission.take_slot(agent) for agent in ids]
+            assert await _evalsha_calls(client) == 1  # one round trip for all 72
+            assert len(capacity.held) == 72 and capacity.in_use() == 72
+            assert {slot.lease for slot in slots} == capacity.held
+        await capacity.flush()
+        assert capacity.held == frozenset() and capacity.in_use() == 0
+
+
+async def test_a_batch_partly_granted_runs_the_granted_and_the_rest_fifo_as_slots_free(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 2, capacity=3) as (one, two),
+        raw(valkey_server.url) as client,
+    ):
+        await one.reserve(["elsewhere"])
+        await two.acquire_batch(["a", "b", "c", "d"])
+        assert two.held == {"a", "b"} and two.waiting == {"c", "d"}
+        await two.acquire("a")  # granted by the batch call: returns at once
+        await two.acquire("b")
+        order: list[str] = []
+
+        async def claim(lease: str) -> None:
+            await two.acquire(lease)
+            order.append(lease)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim, "d")
+            nursery.start_soon(claim, "c")
+            await trio.testing.wait_all_tasks_blocked()
+            one.release("elsewhere")  # the freed slot goes to the head of the queue: c
+            await wait_until(lambda: _async(order == ["c"]))
+            assert two.waiting == {"d"}
+            two.release("a")
+        assert order == ["c", "d"] and two.held == {"b", "c", "d"}
+        for lease in ("b", "c", "d"):
+            two.release(lease)
+        await wait_until(lambda: _count(client, f"{name}:leases", 0))
+
+
+async def test_a_batch_behind_another_process_s_waiters_queues_whole_behind_them(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(valkey_server.url, name, 2, capacity=2) as (one, two):
+        await one.acquire_batch(["a1", "a2", "a3"])  # a3 queued
+        await two.acquire_batch(["b1", "b2"])  # behind a3: FIFO across processes
+        assert one.held == {"a1", "a2"} and one.waiting == {"a3"}
+        assert two.held == frozenset() and two.waiting == {"b1", "b2"}
+        order: list[str] = []
+
+        async def claim(capacity: ValkeyCapacity, lease: str) -> None:
+            await capacity.acquire(lease)
+            order.append(lease)
+
+        async with trio.open_nursery() as nursery:
+            for capacity, lease in ((one, "a3"), (two, "b1"), (two, "b2")):
+                nursery.start_soon(claim, capacity, lease)
+            for n, leaving in enumerate(("a1", "a2", "a3"), start=1):
+                one.release(leaving)  # each freed slot goes to the head of the queue
+                with trio.fail_after(5):
+                    while len(order) < n:  # noqa: ASYNC110  # granted in another task
+                        await trio.sleep(0.005)
+        assert order == ["a3", "b1", "b2"]
+
+
+async def test_a_halt_mid_admission_never_waits_on_the_server_and_leaves_nothing_held(
+    own_server: ValkeyServer, name: str
+) -> None:
+    # The server hangs while the batch's call is out; the halt must not wait for the
+    # call's 10 s timeout, and what the call may yet take is given back (or, should the
+    # call land after its release, expires unrenewed within lease_s).
+    async with capacities(own_server.url, name, 1, capacity=72, lease_s=1.0, timeout=10.0) as (
+        capacity,
+    ):
+        switch = HaltSwitch()
+        pool = AgentPool(72, shared=capacity)
+        orch = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orch, switch, pool)
+
+        async def halt_while_the_call_is_out() -> None:
+            await wait_until(lambda: _async(len(capacity.waiting) == 5))
+            switch.halt("operator: stop")
+
+        own_server.pause()
+        try:
+            with trio.fail_after(5):
+                exc = await expect_halt(
+                    lambda: service.invoke_concurrent(make_requests(5), overflow="queue"),
+                    halt_while_the_call_is_out,
+                )
+        finally:
+            own_server.resume()
+        assert exc.reason == "operator: stop" and orch.invoked == []
+        assert capacity.held == capacity.waiting == frozenset()
+        assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+        async with raw(own_server.url) as client:
+            await wait_until(lambda: _count(client, f"{name}:leases", 0))
+            assert await client.zcard(f"{name}:queue") == 0
+
+
+async def test_the_server_dying_mid_admission_refuses_the_batch_and_takes_nothing(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(own_server.url, name, 1, capacity=72, timeout=10.0) as (capacity,):
+        pool = AgentPool(72, shared=capacity)
+        orch = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orch, HaltSwitch(), pool)
+
+        async def kill_while_the_call_is_out() -> None:
+            await wait_until(lambda: _async(len(capacity.waiting) == 5))
+            own_server.stop()
+
+        own_server.pause()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_while_the_call_is_out)
+            with pytest.raises(AgentPoolExhaustedError, match="unreachable"), trio.fail_after(5):
+                await service.invoke_concurrent(make_requests(5), overflow="queue")
+        assert orch.invoked == []
+        assert capacity.held == capacity.waiting == frozenset()
+        assert pool.active_count == 0 and pool.available_count == 72 and not pool.queued_agents
+
+
+async def test_a_lease_lost_after_a_batch_grant_stops_its_agent(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with capacities(own_server.url, name, 1, capacity=3, lease_s=0.5, timeout=5.0) as (
+        capacity,
+    ):
+        orch = ScriptedOrchestrator(default=Step(latency=30.0))
+        pool = AgentPool(72, shared=capacity)
+        service = ConcurrentDeliberationService(orch, pool=pool)
+
+        async def cut_off() -> None:
+            await wait_until(lambda: _async(orch.in_flight == 3))
+            own_server.pause()  # hung: the renewals time out
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_off)
+            with trio.fail_after(20):  # not the agents' 30 s
+                result = await service.invoke_concurrent(make_requests(5), overflow="queue")
+        own_server.resume()
+    # Three ran on the batch's grants and lost them; two waited in the queue and were
+    # refused once the server had been unreachable for lease_s.
+    assert result.total_count == 5 and result.success_count == 0
+    lost = [f for f in result.failures if "lease lost" in f.message]
+    assert sorted(f.agent_id for f in lost) == ["archon-1", "archon-2", "archon-3"]
+    assert all(
+        f.message.startswith("shared capacity lease lost: not renewed within lease_s (0.5 s)")
+        for f in lost
+    ), lost
+    assert sorted(orch.cancelled) == ["archon-1", "archon-2", "archon-3"]
+    assert pool.active_count == 0 and pool.available_count == 72 and capacity.held == frozenset()
+
+
+async def test_hedges_due_together_take_their_leases_in_one_call_each_granted_or_refused_alone(
+    own_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(own_server.url, name, 1, capacity=15) as (capacity,),
+        raw(own_server.url) as client,
+    ):
+        orch = ScriptedOrchestrator(default=Step(latency=10.0))
+        pool = AgentPool(72, shared=capacity)
+        service = ConcurrentDeliberationService(orch, pool=pool)
+        hedge = HedgePolicy(delay=1.0, budget=1.0)
+        calls: list[int] = []
+        await capacity.reserve(["warm-up"])  # the script loaded
+        capacity.release("warm-up")
+        await capacity.flush()
+
+        async def count_at_the_hedges() -> None:
+            await wait_until(lambda: _async(orch.in_flight == 10))
+            await client.config_resetstat()  # the batch is in: count from here
+            await wait_until(lambda: _async(orch.in_flight == 15))
+            calls.append(await _evalsha_calls(client))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_at_the_hedges)
+            with trio.fail_after(30):
+                result = await service.invoke_concurrent(
+                    make_requests(10), overflow="queue", hedge=hedge
+                )
+        # Ten hedges fell due together: one call for those of each scheduler tick (one
+        # call, unless a loaded machine spread the agents' starts over a few ticks), not
+        # one call per hedge; five had room, five not.
+        assert 1 <= calls[0] <= 3, calls
+        assert len(result.hedged_agents) == 5 and result.success_count == 10
+        assert orch.max_in_flight == 15
+        await capacity.flush()
+        assert capacity.held == frozenset() and capacity.in_use() == 0
+
+
+async def test_a_cancelled_hedge_reserve_holds_nothing(
+    valkey_server: ValkeyServer, name: str
+) -> None:
+    async with (
+        capacities(valkey_server.url, name, 1, capacity=5) as (capacity,),
+        raw(valkey_server.url) as client,
+    ):
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled at once: the joint call is made without it
+            await capacity.reserve(["gone"])
+        await capacity.reserve(["kept"])
+        assert capacity.held == {"kept"}
+        await wait_until(lambda: _count(client, f"{name}:leases", 1))
+        capacity.release("kept")
+        await wait_until(lambda: _count(client, f"{name}:leases", 0))
 
 
 # ---------------------------------------------------------------- AgentPool on top

@@ -170,6 +170,47 @@ async def test_three_workers_in_reject_mode_one_is_admitted_whole_two_refused_wh
     assert sorted([await w.exit_code() for w in workers]) == [0, 2, 2]
 
 
+async def test_three_workers_queue_batches_at_once_and_never_exceed_a_smaller_shared_capacity(
+    valkey_server: ValkeyServer,
+    llm_server: FakeOpenAIServer,
+    spawn: Callable[[list[str]], Worker],
+    names: dict[str, str],
+) -> None:
+    """Each worker's 24-agent batch asks for its 24 leases in one call, all three at once,
+    on a capacity of 10: the first answers are held until 10 requests are open (the cluster
+    fills its capacity), and never more are open at once; every agent is served."""
+    llm_server.barrier_size = 10
+    llm_server.default = "barrier"
+    llm_server.models_fault = "ok"
+    async with halt_channel(valkey_server.url, names["key"]) as channel:
+        await channel.halt("hold until every worker is ready")
+        workers = [
+            spawn(
+                worker_argv(
+                    valkey_server.url,
+                    llm_server.base_url,
+                    f"q{i}",
+                    agents=24,
+                    shared_capacity=10,
+                    **names,
+                )
+            )
+            for i in range(3)
+        ]
+        for worker in workers:
+            await worker.next("ready")
+        probes = llm_server.requests_total
+        await channel.clear(approvers=APPROVERS, reason="go")
+        rounds = [await worker.next("round") for worker in workers]
+    assert [r.get("succeeded") for r in rounds] == [24, 24, 24], rounds
+    assert llm_server.requests_total - probes == 72
+    assert llm_server.max_in_flight == 10
+    assert [await w.exit_code() for w in workers] == [0, 0, 0]
+    async with ValkeyCapacity(valkey_server.url, name=names["name"], capacity=10) as capacity:
+        await capacity.flush()
+        assert capacity.in_use() == 0  # every slot came back
+
+
 async def test_conclave_deliberate_refuses_whole_when_the_cluster_is_full(
     valkey_server: ValkeyServer, llm_server: FakeOpenAIServer, tmp_path: Path
 ) -> None:

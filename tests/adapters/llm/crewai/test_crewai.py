@@ -24,6 +24,7 @@ import trio
 
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.crewai import TELEMETRY_OFF, CrewAIOrchestrator
+from adapters.llm.provider_budget import ProviderLimits
 from adapters.roster import AgentProfile, Roster
 from kernel import (
     MAX_TOPIC_BYTES,
@@ -812,3 +813,48 @@ async def test_each_http_calls_status_is_in_the_answers_or_the_errors_metadata(
     assert failed.value.metadata["http_status"] == "503"
     assert failed.value.metadata["model"] == "fake-model"
     assert failed.value.metadata["attempts"] == 2
+
+
+# ------------------------------------------------------------------ the provider budget
+
+W = 1.0  # the loopback server's "minute", 60 times faster
+
+
+async def test_crewai_agents_under_an_rpm_limit_never_exceed_it_and_meet_no_429(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    # Requests per window of W seconds (2400 per real minute); the pacing's 5 % headroom is
+    # two requests, room for a loaded machine's jitter.
+    n = 40
+    llm_server.limit_rate(n, 10**7, W)
+    key = f"sk-crewai-{os.getpid()}-{time.monotonic_ns()}"  # a budget of its own
+    limits = ProviderLimits(requests_per_minute=round(n * 60 / W))
+    orch = orchestrator(llm_server, 72, api_key=key, limits=limits)
+    async with AsyncioOrchestratorBridge(orch) as bridge:
+        service = ConcurrentDeliberationService(bridge, HaltSwitch(), AgentPool())
+        result = await service.invoke_concurrent(Roster.default(72).requests(TOPIC))
+    assert result.success_count == 72, result.failures[:3]
+    assert llm_server.rate_limited == 0  # every call waited for its turn, none was refused
+    times = sorted(t for t, _key, status in llm_server.arrivals if status == 200)
+    assert len(times) == 72
+    busiest, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - W:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    assert busiest <= n  # never more than the limit in any of the server's windows
+    waited = [float(o.metadata["rate_limited_ms"]) for o in result.outputs]
+    assert sum(w > 0 for w in waited) >= 72 - n  # all but the first window's waited
+    stats = orch.limit_stats()
+    assert (stats.attempts, stats.responses_429) == (72, 0)
+    assert stats.waited_ms == pytest.approx(sum(waited), rel=1e-3, abs=1)
+
+
+def test_limits_that_are_not_provider_limits_are_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="limits must be a ProviderLimits"):
+        CrewAIOrchestrator(
+            Roster.default(1),
+            base_url="http://127.0.0.1:9/v1",
+            model="m",
+            limits=600,  # type: ignore[arg-type]
+        )

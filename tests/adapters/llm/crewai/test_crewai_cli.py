@@ -119,3 +119,25 @@ def test_a_hostile_server_fails_each_crewai_agent_within_the_timeout(
     assert all(o["message"].endswith((ending, "exceeded its timeout of 3 s")) for o in outcomes)
     # The probe and the batch, 3 s at most each, plus crewai's import and set-up.
     assert elapsed < 6 + 20
+
+
+def test_rpm_paces_a_crewai_council_and_the_summary_reports_what_it_cost(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    window_s = 1.0  # the loopback server's "minute", 60 times faster
+    # Fewer than the council: a burst is refused.  (40: the pacing's 5 % headroom is two
+    # requests, room for a loaded machine's jitter.)
+    llm_server.limit_rate(40, 10**7, window_s)
+    proc = conclave(
+        "deliberate", "--backend", "crewai", "--agents", "50", "--base-url",
+        llm_server.base_url, "--model", "fake-model", "--rpm", str(round(40 * 60 / window_s)),
+        "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "50/50 succeeded" in proc.stdout
+    waited = re.search(
+        r"rate limits: ([\d.]+) s waiting for budget \(all agents\), 0 x HTTP 429", proc.stdout
+    )
+    assert waited is not None, proc.stdout
+    assert float(waited.group(1)) > 0.1  # the agents past the first window waited
+    assert llm_server.rate_limited == 0
