@@ -387,8 +387,9 @@ class SqliteWitness:
     async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
         """What the log holds of ``batch_id``: its first run's request set, its committed
         outputs (each row checked against its own hashes), how many runs; None if
-        nothing.  Raises :class:`WitnessError` if a row of the batch does not verify or
-        the log cannot be read (a locked log: after ``busy_timeout_s``)."""
+        nothing.  Raises :class:`WitnessError` if a row of the batch does not verify,
+        rows are missing from the log (a gap in its sequence, or a recorded run with no
+        output left) or the log cannot be read (a locked log: after ``busy_timeout_s``)."""
         if not isinstance(batch_id, UUID):
             raise InvalidRequestError(f"batch_id must be a UUID, got {type(batch_id).__name__}")
         return await self._batch_call(self._read_batch, batch_id)
@@ -402,10 +403,27 @@ class SqliteWitness:
                 (str(batch_id),),
             ).fetchall()
             rows = list(decoded_rows(db, "WHERE batch_id = ? ORDER BY sequence", (str(batch_id),)))
+            # Sequences run 1, 2, ... without a gap: fewer rows than the last sequence
+            # means rows were deleted, perhaps answers of this batch (which would be
+            # paid for again, on a broken chain).  A count, not a full audit (verify).
+            count, last = db.execute(
+                "SELECT count(*), COALESCE(max(sequence), 0) FROM outputs"
+            ).fetchone()
         finally:
             db.execute("ROLLBACK")
         if not runs and not rows:
             return None
+        if count != last:
+            raise WitnessError(
+                f"{self.path}: {last - count} rows are missing from the log (a gap in its "
+                f"sequence): batch {batch_id} is not resumed from it (audit it with `conclave "
+                "verify`)"
+            )
+        if runs and not rows:  # a run is written in its first output's transaction
+            raise WitnessError(
+                f"{self.path}: the log records a run of batch {batch_id} but none of its "
+                "outputs (deleted): the batch is not resumed from it"
+            )
         outputs: dict[str, AgentOutput] = {}
         for row, problem in rows:
             output = recorded_output(row, problem)

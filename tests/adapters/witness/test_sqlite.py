@@ -499,6 +499,31 @@ async def test_a_tampered_output_of_a_batch_refuses_its_resume(tmp_path: Path) -
             await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
 
 
+async def test_a_batch_with_an_output_deleted_from_the_log_is_not_resumed(
+    tmp_path: Path,
+) -> None:
+    """A deleted row leaves a gap in the chain: resuming would call that agent again and
+    extend a broken chain, so the read refuses."""
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 3)
+        run_sql(path, "DELETE FROM outputs WHERE sequence = 2")  # one of the batch's three
+        with pytest.raises(WitnessError, match="rows are missing"):
+            await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
+
+
+async def test_a_batch_whose_outputs_were_all_deleted_is_not_resumed(tmp_path: Path) -> None:
+    """A run is recorded in its first output's transaction: a run with no output left
+    means outputs were removed (at the log's end, where no gap shows)."""
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 2)
+        batch = result.batch_id  # type: ignore[attr-defined]
+        run_sql(path, f"DELETE FROM outputs WHERE batch_id = '{batch}'")
+        with pytest.raises(WitnessError, match="none of its outputs"):
+            await witness.recorded_batch(batch)
+
+
 async def test_a_locked_log_does_not_keep_a_resume_from_reading_it(tmp_path: Path) -> None:
     """Another connection holds the write lock (a writer mid-transaction): the resume's
     read goes on (WAL readers do not wait for writers)."""
