@@ -4,6 +4,7 @@ refused having invoked nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -18,6 +19,7 @@ from kernel import (
     AgentOutput,
     AgentPool,
     AgentRequest,
+    CommitReceipt,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
@@ -26,6 +28,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    RecordedBatch,
     SystemHaltedError,
     context_fingerprint,
 )
@@ -404,4 +407,91 @@ async def test_a_resume_reserves_the_shared_capacity_only_for_the_agents_it_runs
         result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
         assert result.success_count == 5
         assert sorted(orchestrator.invoked) == ["archon-4", "archon-5"]
+    assert_pool_clean(service)
+
+
+# ------------------------------------------------------------------ at the worst moment
+
+
+class _HaltingLog:
+    """The SQLite witness, with a halt raised while the resume reads the log or as the
+    first output of the resumed run is committed."""
+
+    def __init__(self, witness: SqliteWitness, switch: HaltSwitch, *, on: str) -> None:
+        self.witness, self.switch, self.on = witness, switch, on
+
+    async def commit(self, output: AgentOutput) -> CommitReceipt:
+        receipt = await self.witness.commit(output)
+        if self.on == "commit":
+            self.on = ""
+            self.switch.halt("halted mid-commit")
+        return receipt
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]:
+        return self.witness.begin_run(batch_id, requests)
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        recorded = await self.witness.recorded_batch(batch_id)
+        if self.on == "read":
+            self.switch.halt("halted mid-read")
+        return recorded
+
+
+async def test_a_halt_while_the_resume_reads_the_log_invokes_nobody(tmp_path: Path) -> None:
+    requests = make_requests(4)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 4))
+        switch = HaltSwitch()
+        orchestrator = ScriptedOrchestrator()
+        log = _HaltingLog(witness, switch, on="read")
+        service = ConcurrentDeliberationService(orchestrator, switch, witness=log)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert orchestrator.invoked == []
+        partial = caught.value.partial
+        assert partial is not None and partial.success_count == 2
+        assert [f.kind for f in partial.failures] == [FailureKind.HALTED] * 2
+        assert await witness.count() == 2
+    assert_pool_clean(service)
+
+
+async def test_a_halt_during_the_resumed_runs_first_commit_then_a_resume_ends_each_agent_once(
+    tmp_path: Path,
+) -> None:
+    requests = make_requests(6)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 6))
+        switch = HaltSwitch()
+        log = _HaltingLog(witness, switch, on="commit")
+        again = _rerun(requests)
+        service = ConcurrentDeliberationService(_stuck(again, range(3, 6)), switch, witness=log)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(again, resume=first.batch_id)
+        # The commit was past its point of no return: its answer is kept, released.
+        partial = caught.value.partial
+        assert partial is not None and partial.success_count == 3
+        assert switch.clear(approvers=["alice", "bob"], reason="checked")
+        committed = await witness.count()
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, switch, witness=witness)
+        result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 6
+        assert len(orchestrator.invoked) == 6 - committed
+        agents = select(tmp_path / "w.db", "SELECT agent_id FROM outputs ORDER BY agent_id")
+        assert agents == [(r.agent_id,) for r in sorted(requests, key=lambda r: r.agent_id)]
+        assert (await witness.verify()).ok
+
+
+async def test_a_resume_in_queue_mode_runs_more_agents_than_the_pool_holds(tmp_path: Path) -> None:
+    requests = make_requests(8)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(3, 8))
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, pool=AgentPool(2), witness=witness)
+        result = await service.invoke_concurrent(
+            _rerun(requests)[::-1], resume=first.batch_id, overflow="queue"
+        )
+        assert result.success_count == 8
+        assert sorted(orchestrator.invoked) == [f"archon-{i}" for i in range(4, 9)]
+        assert [o.agent_id for o in result.outputs] == [f"archon-{i}" for i in range(8, 0, -1)]
     assert_pool_clean(service)
