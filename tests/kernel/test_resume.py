@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from adapters.valkey import ValkeyCapacity
 from adapters.witness.sqlite import SqliteWitness
@@ -40,7 +41,7 @@ from tests.support.helpers import (
     make_context,
     make_requests,
 )
-from tests.support.hostile_parts import InstantWitness, assert_pool_clean
+from tests.support.hostile_parts import InstantWitness, assert_pool_clean, raised_with_halt_at
 from tests.support.valkey_server import ValkeyServer
 from tests.support.witness_helpers import select
 
@@ -495,3 +496,44 @@ async def test_a_resume_in_queue_mode_runs_more_agents_than_the_pool_holds(tmp_p
         assert sorted(orchestrator.invoked) == [f"archon-{i}" for i in range(4, 9)]
         assert [o.agent_id for o in result.outputs] == [f"archon-{i}" for i in range(8, 0, -1)]
     assert_pool_clean(service)
+
+
+class _HangingLog(InstantWitness):
+    """A batch log whose reads never return (a stuck disk, a remote log gone quiet)."""
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]:
+        return lambda: None
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("channel", ["switch", "polled"])
+async def test_a_halt_while_the_resume_reads_a_stuck_log_ends_the_call_invoking_nobody(
+    autojump_clock: trio.testing.MockClock, channel: str
+) -> None:
+    switch = HaltSwitch()
+    checker = switch if channel == "switch" else _Polled(switch)
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orchestrator, checker, witness=_HangingLog())
+    with trio.fail_after(60):
+        raised = await raised_with_halt_at(
+            1, switch, service.invoke_concurrent(make_requests(3), resume=uuid4())
+        )
+    assert isinstance(raised, SystemHaltedError) and raised.reason == "operator"
+    assert orchestrator.invoked == []
+    assert_pool_clean(service)
+
+
+class _Polled:
+    """A halt channel that is only polled (no call back from its halt())."""
+
+    def __init__(self, switch: HaltSwitch) -> None:
+        self.switch = switch
+
+    async def is_halted(self) -> bool:
+        return await self.switch.is_halted()
+
+    async def get_halt_reason(self) -> str | None:
+        return await self.switch.get_halt_reason()
