@@ -285,6 +285,9 @@ class ConcurrentDeliberationService:
         batch = self._batch(requests, mode, agent_timeout, on_progress, tail, resumed_id)
         if resumed_id is not None:
             await self._resume(batch)
+            hedge = check_hedge(tail.hedge)  # checked above: only its budget is read here
+            if hedge is not None:  # a share of the agents this run invokes, not the batch's
+                batch.hedges_left = hedge.max_hedged(len(batch.pending))
         started_at, t0 = utc_now(), trio.current_time()
         if not batch.pending:  # empty, or every agent resumed
             return batch.result(started_at, t0)

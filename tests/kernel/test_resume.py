@@ -212,6 +212,28 @@ async def test_a_resumed_run_keeps_its_deadline_and_hedges_only_agents_it_runs(
         assert set(orchestrator.invoked) == {"archon-4", "archon-5", "archon-6"}
 
 
+async def test_a_resumed_runs_hedge_budget_is_a_share_of_the_agents_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Half of 2 agents run now is 1 hedge, not half of the batch's 10: the budget bounds
+    the duplicate calls this run pays for."""
+    requests = make_requests(10)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(8, 10))
+        # Real time: a commit waits for the witness's thread (a mock clock jumps over it).
+        slow = Step(latency=0.3)
+        orchestrator = ScriptedOrchestrator({"archon-9": slow, "archon-10": slow})
+        service = ConcurrentDeliberationService(orchestrator, witness=witness)
+        result = await service.invoke_concurrent(
+            _rerun(requests), resume=first.batch_id, hedge=HedgePolicy(delay=0.05, budget=0.5)
+        )
+        assert result.success_count == 10
+        assert len(result.hedged_agents) == 1
+        assert sorted(orchestrator.invoked) == sorted(
+            ["archon-9", "archon-10", *result.hedged_agents]
+        )
+
+
 async def test_progress_reports_the_agents_run_now_counting_the_resumed_ones(
     tmp_path: Path,
 ) -> None:
