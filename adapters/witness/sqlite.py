@@ -465,20 +465,44 @@ def _request_set(encoded: object, batch_id: UUID) -> dict[str, str]:
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring a log to :data:`SCHEMA_VERSION` (a new one is created at it)."""
+    """Bring a log to :data:`SCHEMA_VERSION` (a new one is created at it), in one
+    transaction: a refused or killed migration leaves the log as it was."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise WitnessError(
             f"{path}: witness log schema version {version} is newer than this code's "
             f"({SCHEMA_VERSION}); open it with a newer conclave-kernel"
         )
-    db.executescript(OUTPUTS_SCHEMA + _VIEWS_SCHEMA + BATCH_RUNS_SCHEMA)
+    if version == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # another process may be migrating it too: one at a time
     try:
-        db.executescript(ONE_OUTPUT_PER_AGENT)
-    except sqlite3.IntegrityError:
-        raise WitnessError(
-            f"{path}: the log holds two outputs of one agent in one batch; it cannot take "
-            "the one-output-per-agent rule (audit it with `conclave verify`)"
-        ) from None
-    if version < SCHEMA_VERSION:
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        for statement in (OUTPUTS_SCHEMA + _VIEWS_SCHEMA + BATCH_RUNS_SCHEMA).split(";"):
+            if statement.strip():
+                db.execute(statement)
+        try:
+            db.execute(ONE_OUTPUT_PER_AGENT.strip().rstrip(";"))
+        except sqlite3.IntegrityError:
+            _refuse_duplicates(db, path)
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
+def _refuse_duplicates(db: sqlite3.Connection, path: Path) -> None:
+    batch, agent = db.execute(
+        "SELECT batch_id, agent_id FROM outputs WHERE batch_id IS NOT NULL "
+        "GROUP BY batch_id, agent_id HAVING count(*) > 1 LIMIT 1"
+    ).fetchone()
+    # Legal when it was written: its chain verifies.  What it cannot be is written to.
+    raise WitnessError(
+        f"{path}: the log holds two outputs of one agent in one batch (agent {agent!r} "
+        f"of batch {batch}, at least); it cannot take the one-output-per-agent rule. "
+        "Keep it as it is (`conclave verify` still audits it) and write new runs to a "
+        "new log"
+    )

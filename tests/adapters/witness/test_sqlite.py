@@ -440,13 +440,19 @@ async def test_a_batch_of_an_older_log_is_not_resumed(tmp_path: Path) -> None:
     assert stub.get_invocation_count() == 0
 
 
-def test_a_log_holding_two_outputs_of_one_agent_in_one_batch_is_refused_on_open(
+def test_a_log_holding_two_outputs_of_one_agent_in_one_batch_is_refused_on_open_naming_them(
     tmp_path: Path,
 ) -> None:
     path, batch = tmp_path / "w.db", uuid4()
     _old_log(path, [_output("archon-1", batch), _output("archon-1", batch)])
-    with pytest.raises(WitnessError, match="two outputs of one agent in one batch"):
+    with pytest.raises(WitnessError, match="two outputs of one agent in one batch") as caught:
         SqliteWitness(path)
+    # What to do about it, and where to look: the chain is intact, only new writes are out.
+    assert f"agent 'archon-1' of batch {batch}" in str(caught.value)
+    assert "new log" in str(caught.value)
+    assert verify_log(path).ok
+    # Refused, it is left as it was: no table of the new schema, its version unchanged.
+    assert select(path, "SELECT name FROM sqlite_master WHERE name = 'batch_runs'") == []
     assert select(path, "PRAGMA user_version") == [(0,)]
 
 
