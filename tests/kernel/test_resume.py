@@ -78,7 +78,9 @@ def _rerun(requests: list[AgentRequest]) -> list[AgentRequest]:
     """The same deliberation as a new process builds it: same agents and topic, a new
     bundle (id, timestamp) and new request ids."""
     context = requests[0].context
-    again = ContextBundle(topic_id=context.topic_id, topic_content=context.topic_content)
+    again = ContextBundle(
+        topic_id=context.topic_id, topic_content=context.topic_content, metadata=context.metadata
+    )
     return [AgentRequest(agent_id=r.agent_id, context=again) for r in requests]
 
 
@@ -368,7 +370,9 @@ async def test_a_halted_system_refuses_a_resume_before_reading_the_log(tmp_path:
 
 def test_the_context_fingerprint_ignores_the_bundle_id_and_creation_time() -> None:
     context = make_context()
-    again = ContextBundle(topic_id=context.topic_id, topic_content=context.topic_content)
+    again = ContextBundle(
+        topic_id=context.topic_id, topic_content=context.topic_content, metadata=context.metadata
+    )
     assert context.bundle_id != again.bundle_id
     assert context_fingerprint(context) == context_fingerprint(again)
 
@@ -559,3 +563,18 @@ class _Polled:
 
     async def get_halt_reason(self) -> str | None:
         return await self.switch.get_halt_reason()
+
+
+async def test_a_topic_that_utf8_cannot_encode_is_recorded_and_resumed(tmp_path: Path) -> None:
+    """A lone surrogate (JSON's "\\ud800") is a str a ContextBundle takes: the fingerprint
+    and the recorded request set must not fail on it."""
+    context = ContextBundle(topic_id="t", topic_content="c\ud800", metadata={"k": "\udfff"})
+    requests = [AgentRequest(f"archon-{i}", context) for i in range(1, 4)]
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 3))
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, witness=witness)
+        result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 3
+        assert orchestrator.invoked == ["archon-3"]
+    assert context_fingerprint(context) != context_fingerprint(make_context())
