@@ -25,6 +25,7 @@ from kernel._cancel import cancel_requested, raise_if_requested
 from kernel._metrics import ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError
 from kernel._ports import AgentOrchestratorProtocol, OutputWitness
+from kernel._resume import RESUMED
 from kernel._slot import Slot
 from kernel._tail import race
 from kernel._types import AgentFailure, AgentOutput, AgentRequest, FailureKind, stamp_output
@@ -154,6 +155,7 @@ class AgentCall:
             and not run.stop_if_due()
             and answer.agent_id == req.agent_id
             and answer.output_id not in run.output_ids
+            and RESUMED not in answer.metadata
         ):
             # The common case, without a call: this agent's own, fresh output.
             run.output_ids.add(answer.output_id)
@@ -299,6 +301,11 @@ def invalid(answer: Answer, req: AgentRequest) -> str | None:
         return (
             f"orchestrator returned an output of agent {answer.agent_id!r} "
             f"for agent {req.agent_id!r}"
+        )
+    if RESUMED in answer.metadata:  # the kernel's mark of an answer taken from the log
+        return (
+            f"orchestrator returned an output with metadata key {RESUMED!r}, which marks an "
+            "answer a resume took from the witness log"
         )
     return None
 

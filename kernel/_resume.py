@@ -48,7 +48,9 @@ def context_fingerprint(context: ContextBundle) -> str:
     meta = json.dumps(dict(context.metadata), sort_keys=True, ensure_ascii=False)
     digest = hashlib.sha256()
     for part in (context.topic_id, meta, context.topic_content):
-        encoded = part.encode("utf-8")
+        # surrogatepass: a bundle may hold lone surrogates (JSON's "\ud800"); still one
+        # encoding per string, so still unambiguous.
+        encoded = part.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "big"))  # unambiguous concatenation
         digest.update(encoded)
     return digest.hexdigest()

@@ -23,13 +23,20 @@ import trio
 
 from kernel._attempt import AgentCall
 from kernel._batch import Batch, Mode
+from kernel._cancel import surface
 from kernel._errors import AgentPoolExhaustedError, InvalidRequestError
 from kernel._halt import DEFAULT_HALT_READ_TIMEOUT, NO_REASON
 from kernel._halt_watch import HaltWatch
 from kernel._metrics import ServiceMetrics
 from kernel._outcome_errors import AgentInvocationError, SystemHaltedError
 from kernel._pool import Admission, AgentPool
-from kernel._ports import AgentOrchestratorProtocol, BatchLog, HaltChecker, OutputWitness
+from kernel._ports import (
+    AgentOrchestratorProtocol,
+    BatchLog,
+    HaltChecker,
+    OutputWitness,
+    RecordedBatch,
+)
 from kernel._progress import ProgressCallback
 from kernel._rate import RateLimit
 from kernel._resume import parse_batch_id, request_set, resumed_outputs
@@ -281,6 +288,9 @@ class ConcurrentDeliberationService:
         batch = self._batch(requests, mode, agent_timeout, on_progress, tail, resumed_id)
         if resumed_id is not None:
             await self._resume(batch)
+            hedge = check_hedge(tail.hedge)  # checked above: only its budget is read here
+            if hedge is not None:  # a share of the agents this run invokes, not the batch's
+                batch.hedges_left = hedge.max_hedged(len(batch.pending))
         started_at, t0 = utc_now(), trio.current_time()
         if not batch.pending:  # empty, or every agent resumed
             return batch.result(started_at, t0)
@@ -359,8 +369,7 @@ class ConcurrentDeliberationService:
 
     async def _resume(self, batch: Batch) -> None:
         """Take the batch's committed outputs from its log (or refuse the resume)."""
-        assert self._batch_log is not None
-        recorded = await self._batch_log.recorded_batch(batch.batch_id)
+        recorded = await self._read_unless_halted(batch.batch_id)
         batch.resume(resumed_outputs(recorded, batch.batch_id, batch.requests))
         log.info(
             "batch resumed",
@@ -371,6 +380,43 @@ class ConcurrentDeliberationService:
                 "runs_before": recorded.runs if recorded is not None else 0,
             },
         )
+
+    async def _read_unless_halted(self, batch_id: UUID) -> RecordedBatch | None:
+        """The log's record of the batch; a halt meanwhile abandons the read (a stuck log
+        must not stand between a halt and the caller) and raises, nothing invoked.  A
+        read that ended goes on: the run sees the halt, its partial holding the resumed."""
+        assert self._batch_log is not None
+        read = self._batch_log.recorded_batch
+        halted: list[str] = []
+        recorded: RecordedBatch | None = None
+        finished = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def on_halt(reason: str) -> None:
+                    halted.append(reason)
+                    nursery.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    on_halt(await self._halt.wait())
+
+                stop_listening = self._halt.listen(on_halt)
+                try:
+                    if self._halt.checker is not None:
+                        nursery.start_soon(watch)
+                    recorded = await read(batch_id)
+                    finished = True
+                    nursery.cancel_scope.cancel()  # the watcher
+                finally:
+                    if stop_listening is not None:
+                        stop_listening()
+        except BaseExceptionGroup as group:
+            raise surface(group) from None
+        if not finished:
+            self.metrics.record_halted()
+            log.warning("batch refused: system halted", extra={"batch_id": str(batch_id)})
+            raise SystemHaltedError(halted[0] if halted else NO_REASON)
+        return recorded
 
     async def _admit(self, batch: Batch) -> Admission:
         ids = [batch.requests[i].agent_id for i in batch.pending]

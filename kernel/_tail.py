@@ -55,7 +55,7 @@ class HedgePolicy:
             them (before that, nothing is hedged).
         quantile: 0 < quantile <= 1, for the observed delay.
         budget: 0 <= budget <= 1: at most ``ceil(budget * len(requests))`` agents of a
-            batch are hedged.
+            batch are hedged (of a resumed batch: of the agents the run invokes).
         min_samples: >= 1 latencies before an observed delay is trusted.
 
     A hedge needs a free pool slot and holds it while it runs (FR10 counts calls, not

@@ -21,7 +21,7 @@ import trio
 
 from adapters.llm.failures import failure_causes
 from adapters.usage import PriceTable, TokenCount, UsageTotals, usage_of, usage_totals
-from kernel import AgentFailure, AgentPool, ConcurrentResult, FailureKind, PoolStatus
+from kernel import RESUMED, AgentFailure, AgentPool, ConcurrentResult, FailureKind, PoolStatus
 
 if TYPE_CHECKING:
     from adapters.llm.provider_budget import LimitStats
@@ -200,7 +200,7 @@ class _Summary:
             timing=timing,
             pool_line=pool_line,
             limits_line=limits_line,
-            usage_line=_usage_line(usage_totals(result), prices),
+            usage_line=_usage_line(result, prices),
         )
 
 
@@ -303,9 +303,13 @@ def _tokens(tokens: TokenCount) -> str:
     return f"{tokens.prompt:,} prompt + {tokens.completion:,} completion tokens"
 
 
-def _usage_line(usage: UsageTotals, prices: PriceTable | None) -> str | None:
-    """``1,234 prompt + 567 completion tokens (2 estimated), $0.0012``; None when no
-    answer reported any."""
+def _usage_line(result: ConcurrentResult, prices: PriceTable | None) -> str | None:
+    """``1,234 prompt + 567 completion tokens (2 estimated), $0.0012``: what this run's
+    answers spent (a resumed answer was paid for by the run that made it: left out,
+    counted); None when no answer of this run reported any."""
+    resumed = {o.agent_id for o in result.outputs if o.metadata.get(RESUMED) is True}
+    spent = tuple(u for u in usage_totals(result).per_agent if u.agent_id not in resumed)
+    usage = UsageTotals(spent)
     if not usage.per_agent:
         return None
     line = _tokens(usage.total)
@@ -317,6 +321,8 @@ def _usage_line(usage: UsageTotals, prices: PriceTable | None) -> str | None:
         if cost.unpriced_models:
             unpriced = ", ".join(plain(str(m)) for m in cost.unpriced_models)
             line += f" (no price for {unpriced})"
+    if resumed:
+        line += f" ({len(resumed)} resumed answer{'s' if len(resumed) > 1 else ''} not counted)"
     return line
 
 

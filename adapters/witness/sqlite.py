@@ -387,8 +387,9 @@ class SqliteWitness:
     async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
         """What the log holds of ``batch_id``: its first run's request set, its committed
         outputs (each row checked against its own hashes), how many runs; None if
-        nothing.  Raises :class:`WitnessError` if a row of the batch does not verify or
-        the log cannot be read (a locked log: after ``busy_timeout_s``)."""
+        nothing.  Raises :class:`WitnessError` if a row of the batch does not verify,
+        rows are missing from the log (a gap in its sequence, or a recorded run with no
+        output left) or the log cannot be read (a locked log: after ``busy_timeout_s``)."""
         if not isinstance(batch_id, UUID):
             raise InvalidRequestError(f"batch_id must be a UUID, got {type(batch_id).__name__}")
         return await self._batch_call(self._read_batch, batch_id)
@@ -402,10 +403,27 @@ class SqliteWitness:
                 (str(batch_id),),
             ).fetchall()
             rows = list(decoded_rows(db, "WHERE batch_id = ? ORDER BY sequence", (str(batch_id),)))
+            # Sequences run 1, 2, ... without a gap: fewer rows than the last sequence
+            # means rows were deleted, perhaps answers of this batch (which would be
+            # paid for again, on a broken chain).  A count, not a full audit (verify).
+            count, last = db.execute(
+                "SELECT count(*), COALESCE(max(sequence), 0) FROM outputs"
+            ).fetchone()
         finally:
             db.execute("ROLLBACK")
         if not runs and not rows:
             return None
+        if count != last:
+            raise WitnessError(
+                f"{self.path}: {last - count} rows are missing from the log (a gap in its "
+                f"sequence): batch {batch_id} is not resumed from it (audit it with `conclave "
+                "verify`)"
+            )
+        if runs and not rows:  # a run is written in its first output's transaction
+            raise WitnessError(
+                f"{self.path}: the log records a run of batch {batch_id} but none of its "
+                "outputs (deleted): the batch is not resumed from it"
+            )
         outputs: dict[str, AgentOutput] = {}
         for row, problem in rows:
             output = recorded_output(row, problem)
@@ -447,20 +465,44 @@ def _request_set(encoded: object, batch_id: UUID) -> dict[str, str]:
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring a log to :data:`SCHEMA_VERSION` (a new one is created at it)."""
+    """Bring a log to :data:`SCHEMA_VERSION` (a new one is created at it), in one
+    transaction: a refused or killed migration leaves the log as it was."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise WitnessError(
             f"{path}: witness log schema version {version} is newer than this code's "
             f"({SCHEMA_VERSION}); open it with a newer conclave-kernel"
         )
-    db.executescript(OUTPUTS_SCHEMA + _VIEWS_SCHEMA + BATCH_RUNS_SCHEMA)
+    if version == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # another process may be migrating it too: one at a time
     try:
-        db.executescript(ONE_OUTPUT_PER_AGENT)
-    except sqlite3.IntegrityError:
-        raise WitnessError(
-            f"{path}: the log holds two outputs of one agent in one batch; it cannot take "
-            "the one-output-per-agent rule (audit it with `conclave verify`)"
-        ) from None
-    if version < SCHEMA_VERSION:
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        for statement in (OUTPUTS_SCHEMA + _VIEWS_SCHEMA + BATCH_RUNS_SCHEMA).split(";"):
+            if statement.strip():
+                db.execute(statement)
+        try:
+            db.execute(ONE_OUTPUT_PER_AGENT.strip().rstrip(";"))
+        except sqlite3.IntegrityError:
+            _refuse_duplicates(db, path)
+        if version < SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
+def _refuse_duplicates(db: sqlite3.Connection, path: Path) -> None:
+    batch, agent = db.execute(
+        "SELECT batch_id, agent_id FROM outputs WHERE batch_id IS NOT NULL "
+        "GROUP BY batch_id, agent_id HAVING count(*) > 1 LIMIT 1"
+    ).fetchone()
+    # Legal when it was written: its chain verifies.  What it cannot be is written to.
+    raise WitnessError(
+        f"{path}: the log holds two outputs of one agent in one batch (agent {agent!r} "
+        f"of batch {batch}, at least); it cannot take the one-output-per-agent rule. "
+        "Keep it as it is (`conclave verify` still audits it) and write new runs to a "
+        "new log"
+    )

@@ -22,8 +22,11 @@ from adapters.cli._display import (
 )
 from adapters.halt.file import FileHaltChannel
 from adapters.stub import stub_usage
+from adapters.usage import PriceTable
 from kernel import (
+    RESUMED,
     AgentFailure,
+    AgentOutput,
     AgentPool,
     AgentRequest,
     ConcurrentResult,
@@ -255,3 +258,29 @@ def test_a_cause_of_many_agents_is_one_line_and_a_lone_failure_keeps_its_agent()
         "c2: error: cause 2\\x1b[2J",
         "... and 3 more causes (3 agents)",
     ]
+
+
+def test_a_resumed_runs_summary_counts_only_the_tokens_this_run_spent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Resumed answers were paid for by the run that made them: the summary's tokens and
+    cost are this run's, and say how many answers they leave out."""
+    usage = {"prompt_tokens": 100, "completion_tokens": 10, "model": "m"}
+    now = datetime.now(UTC)
+    resumed = AgentOutput("archon-1", uuid4(), "a", metadata={**usage, RESUMED: True})
+    fresh = AgentOutput("archon-2", uuid4(), "b", metadata={**usage, "prompt_tokens": 7})
+    result = ConcurrentResult(
+        batch_id=uuid4(), outputs=(resumed, fresh), failures=(), started_at=now,
+        completed_at=now, total_ms=1.0,
+    )  # fmt: skip
+    print_summary(
+        result,
+        halt_reason=None,
+        pool_after=AgentPool().status(),
+        ideal_ms=None,
+        quiet=True,
+        show=0,
+        prices=PriceTable.from_mapping({"m": {"prompt": 1e6, "completion": 0}}),
+    )
+    out = capsys.readouterr().out
+    assert "tokens 7 prompt + 10 completion tokens, $7.0000 (1 resumed answer not counted)" in out

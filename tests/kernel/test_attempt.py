@@ -12,6 +12,7 @@ import trio.testing
 
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
+    RESUMED,
     AgentInvocationError,
     AgentOutput,
     AgentPool,
@@ -163,6 +164,23 @@ async def test_reused_output_id_is_invalid_output(autojump_clock: trio.testing.M
     assert [o.agent_id for o in result.outputs] == ["archon-1"]
     assert {f.kind for f in result.failures} == {FailureKind.INVALID_OUTPUT}
     assert "already has" in result.failures[0].message
+
+
+async def test_an_output_claiming_to_be_resumed_is_invalid_and_not_committed() -> None:
+    """``resumed`` marks an answer a resume took from the witness log: an orchestrator
+    that sets it would pass a fresh, paid-for answer off as one (transcripts count them)."""
+
+    class ClaimsResumed:
+        async def invoke(self, agent_id: str, context: object) -> AgentOutput:
+            return AgentOutput(agent_id, uuid4(), "x", metadata={RESUMED: True})
+
+    witness = InstantWitness()
+    service = ConcurrentDeliberationService(ClaimsResumed(), witness=witness)
+    result = await service.invoke_concurrent(make_requests(2))
+    assert result.outputs == ()
+    assert {f.kind for f in result.failures} == {FailureKind.INVALID_OUTPUT}
+    assert "'resumed'" in result.failures[0].message
+    assert witness.log == []
 
 
 class LeakyCancel:

@@ -4,12 +4,14 @@ refused having invoked nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from uuid import UUID, uuid4
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from adapters.valkey import ValkeyCapacity
 from adapters.witness.sqlite import SqliteWitness
@@ -18,6 +20,7 @@ from kernel import (
     AgentOutput,
     AgentPool,
     AgentRequest,
+    CommitReceipt,
     ConcurrentDeliberationService,
     ConcurrentResult,
     ContextBundle,
@@ -26,6 +29,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    RecordedBatch,
     SystemHaltedError,
     context_fingerprint,
 )
@@ -37,7 +41,7 @@ from tests.support.helpers import (
     make_context,
     make_requests,
 )
-from tests.support.hostile_parts import InstantWitness, assert_pool_clean
+from tests.support.hostile_parts import InstantWitness, assert_pool_clean, raised_with_halt_at
 from tests.support.valkey_server import ValkeyServer
 from tests.support.witness_helpers import select
 
@@ -74,7 +78,9 @@ def _rerun(requests: list[AgentRequest]) -> list[AgentRequest]:
     """The same deliberation as a new process builds it: same agents and topic, a new
     bundle (id, timestamp) and new request ids."""
     context = requests[0].context
-    again = ContextBundle(topic_id=context.topic_id, topic_content=context.topic_content)
+    again = ContextBundle(
+        topic_id=context.topic_id, topic_content=context.topic_content, metadata=context.metadata
+    )
     return [AgentRequest(agent_id=r.agent_id, context=again) for r in requests]
 
 
@@ -206,6 +212,28 @@ async def test_a_resumed_run_keeps_its_deadline_and_hedges_only_agents_it_runs(
         assert [f.agent_id for f in result.failures] == ["archon-6"]
         assert result.failures[0].kind is FailureKind.TIMEOUT
         assert set(orchestrator.invoked) == {"archon-4", "archon-5", "archon-6"}
+
+
+async def test_a_resumed_runs_hedge_budget_is_a_share_of_the_agents_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Half of 2 agents run now is 1 hedge, not half of the batch's 10: the budget bounds
+    the duplicate calls this run pays for."""
+    requests = make_requests(10)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(8, 10))
+        # Real time: a commit waits for the witness's thread (a mock clock jumps over it).
+        slow = Step(latency=0.3)
+        orchestrator = ScriptedOrchestrator({"archon-9": slow, "archon-10": slow})
+        service = ConcurrentDeliberationService(orchestrator, witness=witness)
+        result = await service.invoke_concurrent(
+            _rerun(requests), resume=first.batch_id, hedge=HedgePolicy(delay=0.05, budget=0.5)
+        )
+        assert result.success_count == 10
+        assert len(result.hedged_agents) == 1
+        assert sorted(orchestrator.invoked) == sorted(
+            ["archon-9", "archon-10", *result.hedged_agents]
+        )
 
 
 async def test_progress_reports_the_agents_run_now_counting_the_resumed_ones(
@@ -342,7 +370,9 @@ async def test_a_halted_system_refuses_a_resume_before_reading_the_log(tmp_path:
 
 def test_the_context_fingerprint_ignores_the_bundle_id_and_creation_time() -> None:
     context = make_context()
-    again = ContextBundle(topic_id=context.topic_id, topic_content=context.topic_content)
+    again = ContextBundle(
+        topic_id=context.topic_id, topic_content=context.topic_content, metadata=context.metadata
+    )
     assert context.bundle_id != again.bundle_id
     assert context_fingerprint(context) == context_fingerprint(again)
 
@@ -405,3 +435,146 @@ async def test_a_resume_reserves_the_shared_capacity_only_for_the_agents_it_runs
         assert result.success_count == 5
         assert sorted(orchestrator.invoked) == ["archon-4", "archon-5"]
     assert_pool_clean(service)
+
+
+# ------------------------------------------------------------------ at the worst moment
+
+
+class _HaltingLog:
+    """The SQLite witness, with a halt raised while the resume reads the log or as the
+    first output of the resumed run is committed."""
+
+    def __init__(self, witness: SqliteWitness, switch: HaltSwitch, *, on: str) -> None:
+        self.witness, self.switch, self.on = witness, switch, on
+
+    async def commit(self, output: AgentOutput) -> CommitReceipt:
+        receipt = await self.witness.commit(output)
+        if self.on == "commit":
+            self.on = ""
+            self.switch.halt("halted mid-commit")
+        return receipt
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]:
+        return self.witness.begin_run(batch_id, requests)
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        recorded = await self.witness.recorded_batch(batch_id)
+        if self.on == "read":
+            self.switch.halt("halted mid-read")
+        return recorded
+
+
+async def test_a_halt_while_the_resume_reads_the_log_invokes_nobody(tmp_path: Path) -> None:
+    requests = make_requests(4)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 4))
+        switch = HaltSwitch()
+        orchestrator = ScriptedOrchestrator()
+        log = _HaltingLog(witness, switch, on="read")
+        service = ConcurrentDeliberationService(orchestrator, switch, witness=log)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert orchestrator.invoked == []
+        partial = caught.value.partial
+        assert partial is not None and partial.success_count == 2
+        assert [f.kind for f in partial.failures] == [FailureKind.HALTED] * 2
+        assert await witness.count() == 2
+    assert_pool_clean(service)
+
+
+async def test_a_halt_during_the_resumed_runs_first_commit_then_a_resume_ends_each_agent_once(
+    tmp_path: Path,
+) -> None:
+    requests = make_requests(6)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 6))
+        switch = HaltSwitch()
+        log = _HaltingLog(witness, switch, on="commit")
+        again = _rerun(requests)
+        service = ConcurrentDeliberationService(_stuck(again, range(3, 6)), switch, witness=log)
+        with pytest.raises(SystemHaltedError) as caught:
+            await service.invoke_concurrent(again, resume=first.batch_id)
+        # The commit was past its point of no return: its answer is kept, released.
+        partial = caught.value.partial
+        assert partial is not None and partial.success_count == 3
+        assert switch.clear(approvers=["alice", "bob"], reason="checked")
+        committed = await witness.count()
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, switch, witness=witness)
+        result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 6
+        assert len(orchestrator.invoked) == 6 - committed
+        agents = select(tmp_path / "w.db", "SELECT agent_id FROM outputs ORDER BY agent_id")
+        assert agents == [(r.agent_id,) for r in sorted(requests, key=lambda r: r.agent_id)]
+        assert (await witness.verify()).ok
+
+
+async def test_a_resume_in_queue_mode_runs_more_agents_than_the_pool_holds(tmp_path: Path) -> None:
+    requests = make_requests(8)
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(3, 8))
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, pool=AgentPool(2), witness=witness)
+        result = await service.invoke_concurrent(
+            _rerun(requests)[::-1], resume=first.batch_id, overflow="queue"
+        )
+        assert result.success_count == 8
+        assert sorted(orchestrator.invoked) == [f"archon-{i}" for i in range(4, 9)]
+        assert [o.agent_id for o in result.outputs] == [f"archon-{i}" for i in range(8, 0, -1)]
+    assert_pool_clean(service)
+
+
+class _HangingLog(InstantWitness):
+    """A batch log whose reads never return (a stuck disk, a remote log gone quiet)."""
+
+    def begin_run(self, batch_id: UUID, requests: Mapping[str, str]) -> Callable[[], None]:
+        return lambda: None
+
+    async def recorded_batch(self, batch_id: UUID) -> RecordedBatch | None:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("channel", ["switch", "polled"])
+async def test_a_halt_while_the_resume_reads_a_stuck_log_ends_the_call_invoking_nobody(
+    autojump_clock: trio.testing.MockClock, channel: str
+) -> None:
+    switch = HaltSwitch()
+    checker = switch if channel == "switch" else _Polled(switch)
+    orchestrator = ScriptedOrchestrator()
+    service = ConcurrentDeliberationService(orchestrator, checker, witness=_HangingLog())
+    with trio.fail_after(60):
+        raised = await raised_with_halt_at(
+            1, switch, service.invoke_concurrent(make_requests(3), resume=uuid4())
+        )
+    assert isinstance(raised, SystemHaltedError) and raised.reason == "operator"
+    assert orchestrator.invoked == []
+    assert_pool_clean(service)
+
+
+class _Polled:
+    """A halt channel that is only polled (no call back from its halt())."""
+
+    def __init__(self, switch: HaltSwitch) -> None:
+        self.switch = switch
+
+    async def is_halted(self) -> bool:
+        return await self.switch.is_halted()
+
+    async def get_halt_reason(self) -> str | None:
+        return await self.switch.get_halt_reason()
+
+
+async def test_a_topic_that_utf8_cannot_encode_is_recorded_and_resumed(tmp_path: Path) -> None:
+    """A lone surrogate (JSON's "\\ud800") is a str a ContextBundle takes: the fingerprint
+    and the recorded request set must not fail on it."""
+    context = ContextBundle(topic_id="t", topic_content="c\ud800", metadata={"k": "\udfff"})
+    requests = [AgentRequest(f"archon-{i}", context) for i in range(1, 4)]
+    async with SqliteWitness(tmp_path / "w.db") as witness:
+        first = await _first_run(witness, requests, stuck=range(2, 3))
+        orchestrator = ScriptedOrchestrator()
+        service = ConcurrentDeliberationService(orchestrator, witness=witness)
+        result = await service.invoke_concurrent(_rerun(requests), resume=first.batch_id)
+        assert result.success_count == 3
+        assert orchestrator.invoked == ["archon-3"]
+    assert context_fingerprint(context) != context_fingerprint(make_context())

@@ -440,13 +440,19 @@ async def test_a_batch_of_an_older_log_is_not_resumed(tmp_path: Path) -> None:
     assert stub.get_invocation_count() == 0
 
 
-def test_a_log_holding_two_outputs_of_one_agent_in_one_batch_is_refused_on_open(
+def test_a_log_holding_two_outputs_of_one_agent_in_one_batch_is_refused_on_open_naming_them(
     tmp_path: Path,
 ) -> None:
     path, batch = tmp_path / "w.db", uuid4()
     _old_log(path, [_output("archon-1", batch), _output("archon-1", batch)])
-    with pytest.raises(WitnessError, match="two outputs of one agent in one batch"):
+    with pytest.raises(WitnessError, match="two outputs of one agent in one batch") as caught:
         SqliteWitness(path)
+    # What to do about it, and where to look: the chain is intact, only new writes are out.
+    assert f"agent 'archon-1' of batch {batch}" in str(caught.value)
+    assert "new log" in str(caught.value)
+    assert verify_log(path).ok
+    # Refused, it is left as it was: no table of the new schema, its version unchanged.
+    assert select(path, "SELECT name FROM sqlite_master WHERE name = 'batch_runs'") == []
     assert select(path, "PRAGMA user_version") == [(0,)]
 
 
@@ -497,6 +503,31 @@ async def test_a_tampered_output_of_a_batch_refuses_its_resume(tmp_path: Path) -
         run_sql(path, f"UPDATE outputs SET content = 'x' WHERE output_id = '{target.output_id}'")
         with pytest.raises(WitnessError, match="does not verify"):
             await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
+
+
+async def test_a_batch_with_an_output_deleted_from_the_log_is_not_resumed(
+    tmp_path: Path,
+) -> None:
+    """A deleted row leaves a gap in the chain: resuming would call that agent again and
+    extend a broken chain, so the read refuses."""
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 3)
+        run_sql(path, "DELETE FROM outputs WHERE sequence = 2")  # one of the batch's three
+        with pytest.raises(WitnessError, match="rows are missing"):
+            await witness.recorded_batch(result.batch_id)  # type: ignore[attr-defined]
+
+
+async def test_a_batch_whose_outputs_were_all_deleted_is_not_resumed(tmp_path: Path) -> None:
+    """A run is recorded in its first output's transaction: a run with no output left
+    means outputs were removed (at the log's end, where no gap shows)."""
+    path = tmp_path / "w.db"
+    async with SqliteWitness(path) as witness:
+        result = await _deliberate(witness, 2)
+        batch = result.batch_id  # type: ignore[attr-defined]
+        run_sql(path, f"DELETE FROM outputs WHERE batch_id = '{batch}'")
+        with pytest.raises(WitnessError, match="none of its outputs"):
+            await witness.recorded_batch(batch)
 
 
 async def test_a_locked_log_does_not_keep_a_resume_from_reading_it(tmp_path: Path) -> None:
