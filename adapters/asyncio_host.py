@@ -108,11 +108,12 @@ class _Call(Generic[T]):
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> None:
         """Run ``fn(*args)`` in trio and settle the future (the trio task's body)."""
         _HOST_LOOP.set(self._host.loop)
+        if self._cancel_asked:  # cancelled before it began: call nothing
+            self._settle(None, cancelled=True)
+            return
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                if self._cancel_asked:
-                    scope.cancel()
                 value = await fn(*args)
         except Exception as exc:
             self._settle(exc)
