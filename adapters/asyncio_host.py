@@ -184,6 +184,11 @@ class Deliberation:
     def done(self) -> bool:
         return self._call.future.done()
 
+    def cancelled(self) -> bool:
+        """Ended by :meth:`cancel` (or its awaiter's cancellation): :meth:`result` would
+        raise ``asyncio.CancelledError``."""
+        return self._call.future.cancelled()
+
     def cancel(self) -> None:
         """Cancel the batch: an outer cancellation for the kernel (every slot released,
         no result); the awaiters of :meth:`result` get ``asyncio.CancelledError``."""

@@ -213,6 +213,8 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
         TESTS / "kernel" / f"test_{p.stem.lstrip('_')}.py" for p in _kernel_modules()
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
+    # examples/x.py -> tests/examples/test_x.py: the examples run as the README shows them.
+    mirrored |= {TESTS / "examples" / f"test_{p.stem}.py" for p in (ROOT / "examples").glob("*.py")}
     whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server
