@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -172,18 +173,33 @@ class AsyncioOrchestratorBridge:
 
 
 class _HostLoop:
-    """The asyncio loop a trio guest run lives on, as the bridge runs coroutines on it."""
+    """The asyncio loop a trio guest run lives on, as the bridge runs coroutines on it.
+
+    Coroutines start one per turn of the loop, in order.  The kernel starts a batch's
+    agents in one trio turn; 72 asyncio tasks made ready at once would each build their
+    request (a few milliseconds of the SDK's CPU) in the same turn of the host loop, which
+    would then run nothing else for hundreds of milliseconds.  One start per turn lets the
+    application's own tasks run in between (and spreads the answers the same way).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._gates: deque[asyncio.Future[None]] = deque()
+        self._opening = False
 
     def start(self, coro: Awaitable[T], done: trio.Event) -> asyncio.Future[T]:
-        """A task of the host loop running ``coro``; ``done`` is set when it ends.
+        """A task of the host loop running ``coro`` (once its turn comes); ``done`` is set
+        when it ends.
 
         Its done callback runs in asyncio, outside the trio run: it wakes trio through
         the run's token, never by touching trio objects directly.
         """
-        task = asyncio.ensure_future(coro, loop=self.loop)
+        gate: asyncio.Future[None] = self.loop.create_future()
+        self._gates.append(gate)
+        if not self._opening:
+            self._opening = True
+            self.loop.call_soon(self._open_next)
+        task = asyncio.ensure_future(_after(gate, coro), loop=self.loop)
         token = trio.lowlevel.current_trio_token()
 
         def wake(_task: asyncio.Future[T]) -> None:
@@ -192,6 +208,28 @@ class _HostLoop:
 
         task.add_done_callback(wake)
         return task
+
+    def _open_next(self) -> None:
+        while self._gates:
+            gate = self._gates.popleft()
+            if not gate.done():  # else its task was cancelled before its turn
+                gate.set_result(None)
+                break
+        if self._gates:
+            self.loop.call_soon(self._open_next)
+        else:
+            self._opening = False
+
+
+async def _after(gate: asyncio.Future[None], coro: Awaitable[T]) -> T:
+    try:
+        await gate
+    except BaseException:
+        close = getattr(coro, "close", None)
+        if close is not None:
+            close()  # cancelled before its turn: never started (and no "never awaited")
+        raise
+    return await coro
 
 
 def _start(loop: Any, coro: Awaitable[T], done: trio.Event) -> asyncio.Future[T]:

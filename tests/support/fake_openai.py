@@ -594,6 +594,7 @@ class FakeOpenAIServer:
                 "answered": self.answered,
                 "rate_limited": self.rate_limited,
                 "disconnects": self.disconnects,
+                "in_flight": self.in_flight,
             }
 
     def _admit(self, key: str, tokens: int) -> tuple[bool, dict[str, str]]:

@@ -8,6 +8,7 @@ unwind, but not forever.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Any
 from uuid import uuid4
 
@@ -926,3 +928,65 @@ def test_inside_a_host_an_asyncio_cancellation_nobody_asked_for_is_that_agents_e
         assert {f.error_type for f in result.failures} == {"AsyncioCancelledError"}
 
     _on_plain_loop(main)
+
+
+def test_inside_a_host_a_batch_starts_its_asyncio_calls_one_per_turn_of_the_loop() -> None:
+    """72 calls made ready at once would each build their request in the same turn of the
+    host loop, holding it for all 72 (hundreds of ms with the openai SDK)."""
+    from adapters.asyncio_host import AsyncioHost
+
+    turns = 0
+    seen: list[int] = []
+
+    class NotesTheTurn:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            seen.append(turns)  # the first step: where the SDK builds its request
+            await asyncio.sleep(0)
+            return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="aye")
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def main() -> None:
+        counting = asyncio.create_task(count_turns())
+        async with AsyncioHost(AsyncioOrchestratorBridge(NotesTheTurn())) as host:
+            result = await host.invoke_concurrent(make_requests(72))
+        counting.cancel()
+        assert result.success_count == 72
+
+    _on_plain_loop(main)
+    assert len(seen) == 72
+    assert len(set(seen)) == 72, f"72 starts in {len(set(seen))} turns of the loop"
+
+
+def test_inside_a_host_a_halt_before_their_turn_means_calls_never_start() -> None:
+    from adapters.asyncio_host import AsyncioHost
+
+    started: list[str] = []
+
+    class Slow:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            started.append(agent_id)
+            if len(started) == 3:
+                host.halt("stop")  # from inside the third call's first step
+            await asyncio.sleep(60)
+            raise AssertionError("not reached")
+
+    host = AsyncioHost(AsyncioOrchestratorBridge(Slow()))
+
+    async def main() -> None:
+        async with host:
+            with pytest.raises(SystemHaltedError) as caught:
+                await host.invoke_concurrent(make_requests(72))
+        assert caught.value.partial is not None
+        assert caught.value.partial.failure_count == 72
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _on_plain_loop(main)
+        gc.collect()  # a coroutine dropped without being closed warns when collected
+    assert not [w for w in warned if "never awaited" in str(w.message)]
+    assert 3 <= len(started) < 72
