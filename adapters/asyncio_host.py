@@ -26,11 +26,12 @@ Leaving the host's ``async with`` cancels whatever still runs in it; its awaiter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -103,7 +104,8 @@ class _Call(Generic[T]):
             return
         self._cancel_asked = True
         if self._scope is not None:
-            self._host.run_sync_soon(self._scope.cancel)
+            with contextlib.suppress(HostClosedError):  # the run is over: nothing runs
+                self._host._soon(self._scope.cancel)
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> None:
         """Run ``fn(*args)`` in trio and settle the future (the trio task's body)."""
@@ -127,6 +129,10 @@ class _Call(Generic[T]):
                 self._settle(None, cancelled=True)
             else:
                 self._settle(value)
+
+    def refuse(self) -> None:
+        """The run would not take the call (it is ending)."""
+        self._settle(HostClosedError("the AsyncioHost closed before this call began"))
 
     def _settle(self, value: Any, *, cancelled: bool = False) -> None:
         future = self.future
@@ -228,11 +234,13 @@ class AsyncioHost:
 
     The arguments are the service's.  ``orchestrator`` is trio-native; an asyncio one
     goes behind :class:`~adapters.llm.bridge.AsyncioOrchestratorBridge` (which then runs
-    it on this loop).  An orchestrator that is an async context manager is entered in the
-    trio run when the host is, and left when the host is.  ``halt_checker`` defaults to a
-    new :class:`~kernel.HaltSwitch`; :meth:`halt` and :meth:`ahalt` need one that is a
-    :class:`~kernel.HaltControl`.  One trio run per host; several hosts on one loop are
-    several runs.
+    it on this loop).  The parts that are async context managers (the halt channel, the
+    pool's shared capacity, the witness, the orchestrator) are entered in the trio run,
+    in that order, when the host is, and left when it is: hand them over unopened.
+    ``halt_checker`` defaults to a new :class:`~kernel.HaltSwitch`; :meth:`halt` and
+    :meth:`ahalt` need one that is a :class:`~kernel.HaltControl`.  One trio run per
+    host; several hosts on one loop are several runs.  Call it from the loop's thread,
+    but :meth:`halt`, which any thread may call.
     """
 
     def __init__(
@@ -248,6 +256,17 @@ class AsyncioHost:
             orchestrator, self._halt, pool, **service_options
         )
         self._orchestrator = orchestrator
+        parts: tuple[Any, ...] = (
+            self._halt,
+            pool.shared if pool is not None else None,
+            service_options.get("witness"),
+            orchestrator,
+        )
+        # Entered in the trio run, in this order (left in the reverse): each opens what it
+        # needs there (clients, background tasks), which asyncio code cannot do for it.
+        self._parts: tuple[AbstractAsyncContextManager[Any], ...] = tuple(
+            {id(p): p for p in parts if p is not None and hasattr(p, "__aenter__")}.values()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -313,8 +332,8 @@ class AsyncioHost:
         ended = self._ended
         assert ended is not None
         nursery = self._nursery
-        if nursery is not None:
-            self.run_sync_soon(nursery.cancel_scope.cancel)
+        if nursery is not None and not ended.done():
+            self._soon(nursery.cancel_scope.cancel)
         await _until_done(ended)
         self._loop = self._ended = self._token = self._nursery = None
         ended.result().unwrap()
@@ -322,19 +341,44 @@ class AsyncioHost:
     async def _guest_main(self, ready: asyncio.Future[None]) -> None:
         _HOST_LOOP.set(self._loop)
         async with AsyncExitStack() as stack:
-            if hasattr(self._orchestrator, "__aenter__"):
-                await stack.enter_async_context(self._orchestrator)
+            for part in self._parts:
+                await stack.enter_async_context(part)
             async with trio.open_nursery() as nursery:
                 self._token = trio.lowlevel.current_trio_token()
                 self._nursery = nursery
                 ready.set_result(None)
                 await trio.sleep_forever()
 
-    def run_sync_soon(self, fn: Callable[..., object], *args: Any) -> None:
+    def _soon(self, fn: Callable[..., object], *args: Any) -> None:
         """Have the trio run call ``fn(*args)`` soon (thread-safe; ``fn`` must not raise)."""
-        if self._token is None:
+        token = self._token
+        if token is None:
             raise RuntimeError("use 'async with AsyncioHost(...)' first")
-        self._token.run_sync_soon(fn, *args)
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise HostClosedError("the AsyncioHost's trio run has ended") from None
+
+    def _start_soon(
+        self,
+        fn: Callable[..., Awaitable[object]],
+        *args: Any,
+        refused: Callable[[], object],
+    ) -> None:
+        """Start ``fn(*args)`` as a task of the run, soon (thread-safe); ``refused()`` is
+        called instead if the run is ending by then."""
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("use 'async with AsyncioHost(...)' first")
+
+        def start() -> None:
+            # A callback of run_sync_soon must not raise (trio would crash).
+            try:
+                nursery.start_soon(fn, *args)
+            except RuntimeError:  # "closed to new arrivals": the run is ending
+                refused()
+
+        self._soon(start)
 
     def _new_call(self) -> _Call[Any]:
         if self._nursery is None:
@@ -342,8 +386,7 @@ class AsyncioHost:
         return _Call(self)
 
     def _spawn(self, call: _Call[T], fn: Callable[..., Awaitable[T]], *args: Any) -> None:
-        assert self._nursery is not None
-        self.run_sync_soon(self._nursery.start_soon, call.run, fn, *args)
+        self._start_soon(call.run, fn, *args, refused=call.refuse)
 
     # ------------------------------------------------------------------ calls from asyncio
 
@@ -395,10 +438,7 @@ class AsyncioHost:
         channel are logged."""
         control = self._control()
         check_halt_reason(reason)
-        nursery = self._nursery
-        if nursery is None:
-            raise RuntimeError("use 'async with AsyncioHost(...)' first")
-        self.run_sync_soon(nursery.start_soon, _halt_logged, control, reason)
+        self._start_soon(_halt_logged, control, reason, refused=_halt_refused)
 
     def _control(self) -> HaltControl:
         if not isinstance(self._halt, HaltControl):
@@ -415,6 +455,10 @@ def _inside_trio() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _halt_refused() -> None:
+    log.error("halt not raised: the AsyncioHost's trio run was ending")
 
 
 async def _halt_logged(control: HaltControl, reason: str) -> None:

@@ -8,10 +8,13 @@ trio-asyncio, whose ``asyncio.run`` would make a trio-asyncio loop instead).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import pytest
@@ -19,13 +22,21 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.asyncio_host import AsyncioHost, HostClosedError, ProgressEvent, host_loop
+from adapters.asyncio_host import (
+    AsyncioHost,
+    Deliberation,
+    HostClosedError,
+    ProgressEvent,
+    host_loop,
+)
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.stub import AgentOrchestratorStub
+from adapters.valkey import ValkeyCapacity, ValkeyHaltChannel
 from adapters.witness.sqlite import SqliteWitness
 from kernel import (
     AgentOutput,
+    AgentPool,
     AgentRequest,
     ContextBundle,
     FailureKind,
@@ -36,6 +47,7 @@ from kernel import (
     SystemHaltedError,
 )
 from tests.support.fake_openai import FakeOpenAIServer
+from tests.support.valkey_server import ValkeyServer, unique_name
 
 T = TypeVar("T")
 
@@ -84,6 +96,21 @@ class Recorder:
         return AgentOutput(agent_id=agent_id, request_id=context.bundle_id, content="aye")
 
 
+async def until_all_started(recorder: Recorder, running: Deliberation | asyncio.Task[Any]) -> None:
+    """Until the recorder's 72 agents have started; fails at once if the batch ends first."""
+    started = asyncio.ensure_future(recorder.all_started.wait())
+    if isinstance(running, Deliberation):
+        ended: asyncio.Future[Any] = asyncio.ensure_future(_collect(running.events()))
+    else:
+        ended = running
+    await asyncio.wait({started, ended}, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        started.cancel()
+        raise AssertionError(f"the batch ended before its 72 agents started: {ended}")
+    if ended is not running:
+        ended.cancel()
+
+
 def test_an_asyncio_program_awaits_a_72_agent_batch_and_gets_its_result() -> None:
     async def main() -> tuple[int, int, set[object]]:
         halt = HaltSwitch()
@@ -104,7 +131,7 @@ def test_a_halt_from_another_asyncio_task_stops_the_batch_at_once() -> None:
         recorder = Recorder(halt)
         async with AsyncioHost(recorder, halt) as host:
             deliberation = host.start(requests())
-            await recorder.all_started.wait()
+            await until_all_started(recorder, deliberation)
             assert await host.ahalt("operator stop") is True
             with pytest.raises(SystemHaltedError) as caught:
                 await deliberation.result()
@@ -128,7 +155,7 @@ def test_the_sync_halt_works_from_another_thread() -> None:
         recorder = Recorder(halt)
         async with AsyncioHost(recorder, halt) as host:
             deliberation = host.start(requests())
-            await recorder.all_started.wait()
+            await until_all_started(recorder, deliberation)
             thread = threading.Thread(target=host.halt, args=("from a thread",))
             thread.start()
             with pytest.raises(SystemHaltedError, match="from a thread"):
@@ -165,7 +192,7 @@ def test_cancelling_the_awaiting_task_cancels_the_batch_and_every_slot_is_back_f
         recorder = Recorder(halt)
         async with AsyncioHost(recorder, halt) as host:
             waiter = asyncio.create_task(host.invoke_concurrent(requests()))
-            await recorder.all_started.wait()
+            await until_all_started(recorder, waiter)
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -199,7 +226,7 @@ def test_leaving_the_host_mid_batch_cancels_it_and_its_awaiter_hears_why() -> No
         recorder = Recorder(halt)
         async with AsyncioHost(recorder, halt) as host:
             deliberation = host.start(requests())
-            await recorder.all_started.wait()
+            await until_all_started(recorder, deliberation)
         assert recorder.cancelled == 72
         assert host.service.get_pool_status().available_count == 72
         with pytest.raises(HostClosedError):
@@ -226,8 +253,8 @@ def test_an_application_that_shuts_down_mid_batch_cancels_it_cleanly() -> None:
             closed.append(True)
 
     async def main() -> None:
-        asyncio.create_task(app())  # noqa: RUF006 -- left for the shutdown to cancel
-        await recorder.all_started.wait()
+        running = asyncio.create_task(app())  # left for the shutdown to cancel
+        await until_all_started(recorder, running)
 
     run_asyncio(main)
     assert closed == [True]
@@ -332,7 +359,6 @@ def test_tail_control_witness_and_rate_limit_work_under_the_host(tmp_path: Path)
                 requests(10), hedge=HedgePolicy(delay=0.01, budget=0.5)
             )
             assert hedged.success_count == 9 and len(hedged.hedged_agents) == 5  # archon-3 fails
-            await host.run(witness.aclose)
 
     run_asyncio(main)
 
@@ -356,7 +382,6 @@ def test_a_halt_during_witness_commits_releases_nothing_uncommitted(tmp_path: Pa
                 released = {o.output_id for o in exc.partial.outputs}
             committed = await host.run(witness.count)
             assert committed == len(released)
-            await host.run(witness.aclose)
 
     run_asyncio(main)
 
@@ -436,5 +461,85 @@ def test_every_request_has_one_outcome_and_nothing_starts_after_a_halt(
             assert sorted(ids) == sorted(r.agent_id for r in batch)
             assert recorder.started_after_halt == 0
             assert host.service.get_pool_status().available_count == 72
+
+    run_asyncio(main)
+
+
+# ---------------------------------------------------------------------- beyond one process
+
+
+def test_a_valkey_halt_and_shared_capacity_work_through_the_host(
+    valkey_server: ValkeyServer,
+) -> None:
+    """The host enters the channel and the capacity in its trio run, and leaves them."""
+    name = unique_name()
+    valkey_server.seed_capacity(name)
+    channel = ValkeyHaltChannel(valkey_server.url, key=unique_name())
+    capacity = ValkeyCapacity(valkey_server.url, name=name)
+    switch = HaltSwitch()  # only the recorder's view of "halted"
+    recorder = Recorder(switch)
+
+    async def main() -> None:
+        async with AsyncioHost(recorder, channel, AgentPool(72, shared=capacity)) as host:
+            # A fresh key reads halted: two approvers clear it first.
+            clear = functools.partial(channel.aclear, approvers=["alice", "bob"], reason="new")
+            await host.run(clear)
+            await host.run(channel.wait_cleared)
+            deliberation = host.start(requests())
+            await until_all_started(recorder, deliberation)
+            assert capacity.in_use() == 72
+            assert await host.ahalt("cluster stop") is True
+            with pytest.raises(SystemHaltedError, match="cluster stop"):
+                await deliberation.result()
+            assert recorder.cancelled == 72
+            assert capacity.held == frozenset()
+            with pytest.raises(SystemHaltedError):  # the server keeps the halt
+                await host.invoke_concurrent(requests(2))
+
+    run_asyncio(main)
+
+
+class Crashes:
+    """A part (an async context manager the host enters) whose background task fails once
+    ``crash`` is set: the trio run ends with its error."""
+
+    def __init__(self) -> None:
+        self.crash = trio.Event()
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Crashes:
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(self._fail)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def _fail(self) -> None:
+        await self.crash.wait()
+        raise OSError("the part broke")
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        self.crash.set()
+        await trio.sleep(60)
+        raise AssertionError("not reached")
+
+
+def test_a_trio_run_that_crashes_closes_the_host_and_says_why() -> None:
+    async def main() -> None:
+        host = AsyncioHost(Crashes())
+        await host.__aenter__()
+        with pytest.raises(HostClosedError):
+            await host.invoke_concurrent(requests(3))
+        with pytest.raises(HostClosedError):  # refused, or the run has ended by now
+            await host.invoke_concurrent(requests(1))
+        with pytest.raises(BaseExceptionGroup) as crashed:
+            await host.__aexit__(None, None, None)
+        assert crashed.group_contains(OSError, match="the part broke")
 
     run_asyncio(main)
