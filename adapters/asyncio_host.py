@@ -142,6 +142,10 @@ class _Call(Generic[T]):
             future.cancel()
         elif isinstance(value, BaseException):
             future.set_exception(value)
+            if isinstance(value, HostClosedError):
+                # Whoever left the host knows: no "exception never retrieved" for a call
+                # nobody awaits any more.
+                future.exception()
         else:
             future.set_result(value)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -543,3 +544,16 @@ def test_a_trio_run_that_crashes_closes_the_host_and_says_why() -> None:
         assert crashed.group_contains(OSError, match="the part broke")
 
     run_asyncio(main)
+
+
+def test_leaving_the_host_with_a_batch_nobody_awaits_reports_nothing_to_asyncio() -> None:
+    async def main() -> None:
+        halt = HaltSwitch()
+        recorder = Recorder(halt)
+        async with AsyncioHost(recorder, halt) as host:
+            deliberation = host.start(requests())
+            await until_all_started(recorder, deliberation)
+        del deliberation
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+
+    run_asyncio(main)  # fails on any report to the loop's exception handler
