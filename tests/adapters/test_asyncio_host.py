@@ -334,8 +334,9 @@ def test_the_host_loop_keeps_ticking_through_a_72_agent_batch() -> None:
             assert result.success_count == 72
         return ticks
 
-    # 300 ms of batch at 1 ms a beat: a loop held for the batch would see a handful.
-    assert run_asyncio(main) >= 30
+    # 300 ms of batch at 1 ms a beat: a loop held for the batch would see one or two;
+    # a loaded machine still gives the loop far more than ten turns.
+    assert run_asyncio(main) >= 10
 
 
 def test_tail_control_witness_and_rate_limit_work_under_the_host(tmp_path: Path) -> None:
