@@ -75,9 +75,11 @@ class Deliberations:
         self._known: OrderedDict[str, Deliberation] = OrderedDict()
         self._announced: dict[str, asyncio.Event] = {}
 
-    def add(self, key: str, deliberation: Deliberation) -> None:
+    def check_new(self, key: str) -> None:
         if key in self._known:
             raise HTTPException(409, f"deliberation {key!r} exists")
+
+    def add(self, key: str, deliberation: Deliberation) -> None:
         self._known[key] = deliberation
         self._announcement(key).set()
         while len(self._known) > KEPT and next(iter(self._known.values())).done():
@@ -128,6 +130,7 @@ async def deliberate(body: DeliberationIn, request: Request) -> dict[str, Any]:
     host: AsyncioHost = request.app.state.host
     registry: Deliberations = request.app.state.deliberations
     key = body.id or uuid.uuid4().hex
+    registry.check_new(key)  # before anything starts
     topic = ContextBundle(topic_id=key, topic_content=body.topic)
     batch = [AgentRequest(f"archon-{i}", topic) for i in range(1, body.agents + 1)]
     deliberation = host.start(batch)

@@ -186,4 +186,8 @@ def test_bad_requests_are_refused_and_run_nothing(
         assert connection.getresponse().status == 404
         connection.close()
         status, answer = post(port, "/deliberations", {"topic": "x", "agents": 2, "id": "ok"})
+        again = post(port, "/deliberations", {"topic": "x", "agents": 2, "id": "ok"})
+        runs = fastapi_app.app.state.host.service.metrics.snapshot().as_dict()["batches_total"]
     assert status == 200 and answer["status"] == "completed" and answer["succeeded"] == 2
+    assert again[0] == 409
+    assert runs == 1  # only the good request ran a batch
