@@ -10,7 +10,8 @@ Endpoints:
 * ``POST /deliberations`` ``{"topic": str, "agents": int = 72, "id": str?}`` runs a
   deliberation and answers, once it has ended, ``{"id", "batch_id", "status", "succeeded",
   "failed", "halt_reason"}``; ``status`` is ``"completed"`` or ``"halted"``.  Give an ``id``
-  of your own to follow its progress while it runs (else one is made up).
+  of your own to follow its progress while it runs (else one is made up).  While the
+  council's seats are taken by another deliberation, it answers 409 and runs nothing.
 * ``GET /deliberations/{id}/events`` streams its progress as server-sent events: one
   ``progress`` event per agent outcome (``{"done", "total", "agent_id", "status"}``), every
   one from the first, then one ``end`` event (the POST's answer).  It waits up to 10 s for
@@ -45,6 +46,7 @@ from adapters.asyncio_host import AsyncioHost, Deliberation
 from adapters.stub import AgentOrchestratorStub
 from kernel import (
     MAX_CONCURRENT_AGENTS,
+    AgentPoolExhaustedError,
     AgentRequest,
     ConcurrentResult,
     ContextBundle,
@@ -144,6 +146,8 @@ async def _conclude(key: str, deliberation: Deliberation) -> dict[str, Any]:
         return _answer(key, await deliberation.result(), "completed", None)
     except SystemHaltedError as exc:
         return _answer(key, exc.partial, "halted", exc.reason)
+    except AgentPoolExhaustedError as exc:  # the council's seats are taken: nothing ran
+        raise HTTPException(409, str(exc)) from None
 
 
 def _answer(

@@ -145,6 +145,21 @@ def test_a_halt_request_stops_the_running_deliberation_and_refuses_later_ones(
     assert later[1]["status"] == "halted" and later[1]["batch_id"] is None
 
 
+def test_a_deliberation_while_the_seats_are_taken_is_refused_and_runs_nothing(
+    monkeypatch: pytest.MonkeyPatch, clients: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setenv("CONCLAVE_STUB_LATENCY_MS", "60000")
+    with serving() as port:
+        running = _post_when_running(port, clients, "d-4")
+        read_events_later = open_events(port, "d-4")  # answered once it has started
+        refused = post(port, "/deliberations", {"topic": "Meanwhile?", "agents": 5})
+        post(port, "/halt", {"reason": "done testing"})
+        status, answer = running.result(30)
+        read_events(read_events_later)
+    assert refused[0] == 409 and "FR10" in refused[1]["detail"]
+    assert status == 200 and answer["failed"] == 72  # the first ran on, untouched
+
+
 def test_through_the_openai_adapter_a_halt_closes_every_upstream_request(
     monkeypatch: pytest.MonkeyPatch, clients: ThreadPoolExecutor, llm_server: FakeOpenAIServer
 ) -> None:
@@ -187,7 +202,10 @@ def test_bad_requests_are_refused_and_run_nothing(
         connection.close()
         status, answer = post(port, "/deliberations", {"topic": "x", "agents": 2, "id": "ok"})
         again = post(port, "/deliberations", {"topic": "x", "agents": 2, "id": "ok"})
-        runs = fastapi_app.app.state.host.service.metrics.snapshot().as_dict()["batches_total"]
+        # A batch after it: anything the refused request had started has started by its end.
+        after = post(port, "/deliberations", {"topic": "x", "agents": 2, "id": "after"})
+        metrics = fastapi_app.app.state.host.service.metrics.snapshot().as_dict()
     assert status == 200 and answer["status"] == "completed" and answer["succeeded"] == 2
     assert again[0] == 409
-    assert runs == 1  # only the good request ran a batch
+    assert after[1]["succeeded"] == 2
+    assert metrics["agent_invocations_total"] == 4  # the refused request invoked nobody
