@@ -220,6 +220,8 @@ def test_no_test_module_is_left_outside_the_mirror() -> None:
     }
     mirrored |= {TESTS.parent / t for t in TESTED_THROUGH.values()}
     mirrored |= {_test_module_for_deploy(p) for p in _deploy_files()}
+    # examples/x.py -> tests/examples/test_x.py: the examples run as the README shows them.
+    mirrored |= {TESTS / "examples" / f"test_{p.stem}.py" for p in (ROOT / "examples").glob("*.py")}
     whole = {"test_acceptance.py", "test_architecture.py", "test_benchmarks.py", "test_readme.py"}
     extra = {
         TESTS / "adapters" / "valkey" / "test_cluster.py",  # several processes, one server

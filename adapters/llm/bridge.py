@@ -16,22 +16,31 @@ while no trio cancel scope around the call has been cancelled, the bridge raises
 ``ERROR`` and the rest of the batch goes on.  (trio-asyncio itself turns an asyncio
 cancellation into ``trio.Cancelled`` only when trio asked for it, and passes any other
 ``asyncio.CancelledError``, a ``BaseException``, through unchanged.)
+
+Inside an :class:`~adapters.asyncio_host.AsyncioHost` (trio as a guest of an asyncio
+application's loop), the bridge opens no loop of its own: the inner orchestrator runs on
+the host loop itself, as tasks of the application's loop, with the same cancellation
+rules.  Its clients then belong to that loop, nothing runs on a second one, and
+trio-asyncio is not even imported (importing it patches asyncio for the whole process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import math
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 import trio
-import trio_asyncio
 
+from adapters.asyncio_host import host_loop
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_number
 
@@ -94,8 +103,9 @@ class AsyncioOrchestratorBridge:
             service = ConcurrentDeliberationService(orchestrator, halt)
             ...
 
-    Entering opens a trio-asyncio loop if none is running in this trio task (and reuses
-    the one that is), then runs the inner orchestrator's ``aopen``, if it has one (if it
+    Entering, in an :class:`~adapters.asyncio_host.AsyncioHost`, uses the host's asyncio
+    loop; elsewhere it opens a trio-asyncio loop if none is running in this trio task
+    (and reuses the one that is); then runs the inner orchestrator's ``aopen``, if it has one (if it
     fails, the loop is closed again and the error propagates); leaving closes the inner
     orchestrator (its ``aclose``, if it has one, run as asyncio) and then the loop it
     opened.  ``invoke`` outside the ``async with`` raises ``RuntimeError``.  Exceptions
@@ -126,9 +136,18 @@ class AsyncioOrchestratorBridge:
             raise RuntimeError("AsyncioOrchestratorBridge is already open")
         _rebind_loop_lookups()  # anyio may have been imported since (cheap when it was not)
         stack = AsyncExitStack()
-        loop = trio_asyncio.current_loop.get()
+        host = host_loop()
+        loop: Any = _HostLoop(host) if host is not None else None
         if loop is None:
-            loop = await stack.enter_async_context(trio_asyncio.open_loop())
+            # Imported only here: importing trio_asyncio patches asyncio process-wide (its
+            # asyncio.new_event_loop makes trio-asyncio loops), which an asyncio
+            # application embedding the kernel through a host must not get.
+            import trio_asyncio
+
+            _rebind_loop_lookups()  # now that trio_asyncio has replaced the lookup
+            loop = trio_asyncio.current_loop.get()
+            if loop is None:
+                loop = await stack.enter_async_context(trio_asyncio.open_loop())
         aopen = getattr(self._inner, "aopen", None)
         if aopen is not None:
             try:
@@ -178,15 +197,85 @@ class AsyncioOrchestratorBridge:
         return result
 
 
-async def _run_bounded(loop: Any, coro: Awaitable[T], what: str, grace: float) -> T:
+class _HostLoop:
+    """The asyncio loop a trio guest run lives on, as the bridge runs coroutines on it.
+
+    Coroutines start one per turn of the loop, in order.  The kernel starts a batch's
+    agents in one trio turn; 72 asyncio tasks made ready at once would each build their
+    request (a few milliseconds of the SDK's CPU) in the same turn of the host loop, which
+    would then run nothing else for hundreds of milliseconds.  One start per turn lets the
+    application's own tasks run in between (and spreads the answers the same way).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._gates: deque[asyncio.Future[None]] = deque()
+        self._opening = False
+
+    def start(self, coro: Awaitable[T], done: trio.Event) -> asyncio.Future[T]:
+        """A task of the host loop running ``coro`` (once its turn comes); ``done`` is set
+        when it ends.
+
+        Its done callback runs in asyncio, outside the trio run: it wakes trio through
+        the run's token, never by touching trio objects directly.
+        """
+        gate: asyncio.Future[None] = self.loop.create_future()
+        self._gates.append(gate)
+        if not self._opening:
+            self._opening = True
+            self.loop.call_soon(self._open_next)
+        task = asyncio.ensure_future(_after(gate, coro), loop=self.loop)
+        token = trio.lowlevel.current_trio_token()
+
+        def wake(_task: asyncio.Future[T]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the run is over: nobody waits
+                token.run_sync_soon(done.set)
+
+        task.add_done_callback(wake)
+        return task
+
+    def _open_next(self) -> None:
+        while self._gates:
+            gate = self._gates.popleft()
+            if not gate.done():  # else its task was cancelled before its turn
+                gate.set_result(None)
+                break
+        if self._gates:
+            self.loop.call_soon(self._open_next)
+        else:
+            self._opening = False
+
+
+async def _after(gate: asyncio.Future[None], coro: Awaitable[T]) -> T:
+    try:
+        await gate
+    except BaseException:
+        close = getattr(coro, "close", None)
+        if close is not None:
+            close()  # cancelled before its turn: never started (and no "never awaited")
+        raise
+    return await coro
+
+
+def _start(loop: Any, coro: Awaitable[T], done: trio.Event) -> asyncio.Future[T]:
+    if isinstance(loop, _HostLoop):
+        return loop.start(coro, done)
     task: asyncio.Future[T] = asyncio.ensure_future(coro, loop=loop)
+    task.add_done_callback(lambda _task: done.set())  # trio-asyncio: on the trio thread
+    return task
+
+
+async def _run_bounded(loop: Any, coro: Awaitable[T], what: str, grace: float | None) -> T:
+    """Run ``coro`` as an asyncio task; cancelled, cancel it and wait for it to end --
+    ``grace`` seconds at the most, if given."""
     done = trio.Event()
-    task.add_done_callback(lambda _task: done.set())  # called on the trio thread
+    task = _start(loop, coro, done)
     try:
         await done.wait()
     except trio.Cancelled:
         task.cancel()  # closes the HTTP request it waits on
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + grace):
+        deadline = trio.current_time() + grace if grace is not None else math.inf
+        with trio.CancelScope(shield=True, deadline=deadline):
             await done.wait()
         if not task.done():
             log.warning(
@@ -215,7 +304,7 @@ async def _run(loop: Any, coro: Awaitable[T], what: str, grace: float | None = N
     most, if given (else until it is done).
     """
     try:
-        if grace is None:
+        if grace is None and not isinstance(loop, _HostLoop):
             result: T = await loop.run_aio_coroutine(coro)
         else:
             result = await _run_bounded(loop, coro, what, grace)

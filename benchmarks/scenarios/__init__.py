@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from benchmarks.results import Results, Settings
+from benchmarks.scenarios.asyncio_host import asyncio_host
 from benchmarks.scenarios.cluster import cluster
 from benchmarks.scenarios.crewai import crewai
 from benchmarks.scenarios.durability import soak, witness
@@ -45,6 +46,7 @@ SCENARIOS: dict[str, Scenario] = {
     "llm-stream": llm_stream,
     "llm-call-cpu": llm_call_cpu,
     "first-batch-stall": first_batch_stall,
+    "asyncio-host": asyncio_host,
     "tail": tail,
     "tail-http": tail_http,
     "rate-limited": rate_limited,

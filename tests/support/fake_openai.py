@@ -643,6 +643,7 @@ class FakeOpenAIServer:
                 "answered": self.answered,
                 "rate_limited": self.rate_limited,
                 "disconnects": self.disconnects,
+                "in_flight": self.in_flight,
             }
 
     def first_arrival(self) -> dict[str, float]:

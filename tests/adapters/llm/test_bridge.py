@@ -8,6 +8,7 @@ unwind, but not forever.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Any
 from uuid import uuid4
 
@@ -864,3 +866,168 @@ def test_the_bridge_works_after_the_application_made_its_own_asyncio_sdk_call() 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "3 []", proc.stdout
+
+
+# ---------------------------------------------------------------------- inside an AsyncioHost
+
+
+HOSTED_APP = """
+import asyncio, sys
+from adapters.asyncio_host import AsyncioHost
+from adapters.llm.bridge import AsyncioOrchestratorBridge
+from kernel import AgentOutput, AgentRequest, ContextBundle
+
+class Echo:
+    async def invoke(self, agent_id, context):
+        await asyncio.sleep(0)
+        return AgentOutput(agent_id=agent_id, request_id=context.bundle_id, content="aye")
+
+async def main():
+    topic = ContextBundle("t", "x")
+    async with AsyncioHost(AsyncioOrchestratorBridge(Echo())) as host:
+        result = await host.invoke_concurrent([AgentRequest(f"a{i}", topic) for i in range(8)])
+    print(result.success_count, "trio_asyncio" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_an_asyncio_application_hosting_the_bridge_never_gets_trio_asyncio() -> None:
+    # Importing trio_asyncio makes asyncio.run build a trio-asyncio loop, inside which
+    # no host can start: an application's own asyncio.run must stay plain.
+    out = subprocess.run(
+        [sys.executable, "-c", HOSTED_APP], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["8", "False"]
+
+
+class OnTheHostLoop:
+    """An asyncio orchestrator that notes which loop it runs on and how it ends."""
+
+    def __init__(self) -> None:
+        self.loops: set[asyncio.AbstractEventLoop] = set()
+        self.cancelled = 0
+        self.started: asyncio.Event | None = None
+        self.self_cancel = False
+
+    async def aopen(self) -> None:
+        self.loops.add(asyncio.get_running_loop())
+        self.started = asyncio.Event()
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        self.loops.add(asyncio.get_running_loop())
+        assert self.started is not None
+        self.started.set()
+        if self.self_cancel:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # the client cancels itself: nobody asked
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("not reached")
+
+
+def _on_plain_loop(main: Any) -> Any:
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(main())
+
+
+def test_inside_a_host_the_inner_orchestrator_runs_on_the_host_loop_and_a_halt_cancels_it() -> None:
+    from adapters.asyncio_host import AsyncioHost
+
+    inner = OnTheHostLoop()
+
+    async def main() -> asyncio.AbstractEventLoop:
+        async with AsyncioHost(AsyncioOrchestratorBridge(inner)) as host:
+            deliberation = host.start(make_requests(1))
+            assert inner.started is not None
+            await inner.started.wait()
+            await host.ahalt("stop")
+            with pytest.raises(SystemHaltedError):
+                await deliberation.result()
+            assert inner.cancelled == 1  # the asyncio task was cancelled, and unwound
+        return asyncio.get_running_loop()
+
+    loop = _on_plain_loop(main)
+    assert inner.loops == {loop}
+
+
+def test_inside_a_host_an_asyncio_cancellation_nobody_asked_for_is_that_agents_error() -> None:
+    from adapters.asyncio_host import AsyncioHost
+
+    inner = OnTheHostLoop()
+    inner.self_cancel = True
+
+    async def main() -> None:
+        async with AsyncioHost(AsyncioOrchestratorBridge(inner)) as host:
+            result = await host.invoke_concurrent(make_requests(2))
+        assert [f.kind for f in result.failures] == [FailureKind.ERROR] * 2
+        assert {f.error_type for f in result.failures} == {"AsyncioCancelledError"}
+
+    _on_plain_loop(main)
+
+
+def test_inside_a_host_a_batch_starts_its_asyncio_calls_one_per_turn_of_the_loop() -> None:
+    """72 calls made ready at once would each build their request in the same turn of the
+    host loop, holding it for all 72 (hundreds of ms with the openai SDK)."""
+    from adapters.asyncio_host import AsyncioHost
+
+    turns = 0
+    seen: list[int] = []
+
+    class NotesTheTurn:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            seen.append(turns)  # the first step: where the SDK builds its request
+            await asyncio.sleep(0)
+            return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="aye")
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def main() -> None:
+        counting = asyncio.create_task(count_turns())
+        async with AsyncioHost(AsyncioOrchestratorBridge(NotesTheTurn())) as host:
+            result = await host.invoke_concurrent(make_requests(72))
+        counting.cancel()
+        assert result.success_count == 72
+
+    _on_plain_loop(main)
+    assert len(seen) == 72
+    assert len(set(seen)) == 72, f"72 starts in {len(set(seen))} turns of the loop"
+
+
+def test_inside_a_host_a_halt_before_their_turn_means_calls_never_start() -> None:
+    from adapters.asyncio_host import AsyncioHost
+
+    started: list[str] = []
+
+    class Slow:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            started.append(agent_id)
+            if len(started) == 3:
+                host.halt("stop")  # from inside the third call's first step
+            await asyncio.sleep(60)
+            raise AssertionError("not reached")
+
+    host = AsyncioHost(AsyncioOrchestratorBridge(Slow()))
+
+    async def main() -> None:
+        async with host:
+            with pytest.raises(SystemHaltedError) as caught:
+                await host.invoke_concurrent(make_requests(72))
+        assert caught.value.partial is not None
+        assert caught.value.partial.failure_count == 72
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _on_plain_loop(main)
+        gc.collect()  # a coroutine dropped without being closed warns when collected
+    assert not [w for w in warned if "never awaited" in str(w.message)]
+    assert 3 <= len(started) < 72

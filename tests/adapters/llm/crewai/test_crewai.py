@@ -37,6 +37,7 @@ from kernel import (
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
+    SystemHaltedError,
 )
 from tests.adapters.llm.crewai.conftest import threads_running_llm_code
 from tests.support import ROOT
@@ -858,3 +859,34 @@ def test_limits_that_are_not_provider_limits_are_refused() -> None:
             model="m",
             limits=600,  # type: ignore[arg-type]
         )
+
+
+def test_inside_an_asyncio_host_crewai_agents_run_on_its_loop_and_a_halt_closes_them(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    """Through AsyncioHost (the kernel as a trio guest of an asyncio application), the
+    same guarantees: 72 agents answer, and a halt closes their 72 open requests."""
+    import asyncio
+
+    from adapters.asyncio_host import AsyncioHost
+
+    roster = Roster.default(72)
+
+    async def main() -> None:
+        llm = orchestrator(llm_server, roster, timeout_s=600)
+        async with AsyncioHost(AsyncioOrchestratorBridge(llm)) as host:
+            answered = await host.invoke_concurrent(roster.requests(TOPIC))
+            assert answered.success_count == 72
+            llm_server.default = "hang"
+            deliberation = host.start(roster.requests(TOPIC))
+            reached = await asyncio.to_thread(llm_server.wait_for, lambda s: s.in_flight == 72)
+            assert reached, "72 requests never open at once"
+            host.halt("operator: stop the council")
+            with pytest.raises(SystemHaltedError) as caught:
+                await deliberation.result()
+        assert caught.value.partial is not None
+        assert {f.kind for f in caught.value.partial.failures} == {FailureKind.HALTED}
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(main())
+    assert llm_server.wait_for(lambda s: s.disconnects == 72 and s.in_flight == 0)
