@@ -27,8 +27,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
+from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
@@ -172,10 +174,13 @@ class SignedStatement:
 
 @attrs.frozen(slots=True)
 class Signer:
-    """A verified signature: the statement, its principal's key fingerprint."""
+    """A verified signature: the statement, its principal's key fingerprint, and the
+    other approvals' principals that the allowed-signers file lists this key for too
+    (``aliases``: then those approvals may be this person's)."""
 
     statement: HaltStatement
     fingerprint: str
+    aliases: frozenset[str] = frozenset()
 
     @property
     def principal(self) -> str:
@@ -294,6 +299,21 @@ class SignatureVerifier:
             what = "approval" if claimed.action == "clear" else "signed halt"
             raise ApprovalRefusedError(f"CT-11: {what} by {claimed.principal!r} refused: {why}")
 
+    def lists_key_for(self, signed: SignedStatement, principal: str) -> bool:
+        """Whether the allowed-signers file lists the key that signed ``signed`` for
+        ``principal`` too (blocking: runs ssh-keygen).  ssh-keygen answers, so every
+        form of listing counts: a second line, a name list, a pattern, a certificate."""
+        with tempfile.TemporaryDirectory(prefix="conclave-verify-") as tmp:
+            sig = Path(tmp) / "statement.sig"
+            sig.write_text(signed.signature, encoding="utf-8")
+            checks = ["-f", str(self.allowed_signers), "-I", principal, "-n", NAMESPACE]
+            done = _run(["-Y", "verify", *checks, "-s", str(sig)], signed.statement.encode())
+        if done.returncode not in (0, 255):
+            raise ApprovalRefusedError(
+                f"CT-11: ssh-keygen -Y verify failed to run: {_stderr(done)}"
+            )
+        return done.returncode == 0
+
     def _why(self, principal: str, sig: Path, payload: bytes, checks: list[str]) -> str:
         intact = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig)], payload)
         if intact.returncode != 0:
@@ -378,21 +398,46 @@ def check_current(statement: HaltStatement, now: datetime) -> None:
         )
 
 
+def _person(principal: str) -> str:
+    """A principal as a person: names that differ only by case or Unicode form
+    ('Alice', 'alice', a composed and a decomposed accent) are one name."""
+    return unicodedata.normalize("NFKC", principal).casefold()
+
+
 def distinct_signers(signers: Sequence[Signer]) -> tuple[Signer, ...]:
-    """Two-person rule for signatures: two distinct principals, with two distinct keys
-    (one key listed under two names is one person)."""
-    principals = {s.principal for s in signers}
-    keys = {s.fingerprint for s in signers}
-    if len(principals) < 2:
-        named = ", ".join(sorted(principals)) or "none"
+    """Two-person rule for signatures: every two approvals come from two people -- two
+    principals (not differing only by case or Unicode form), two keys (one key listed
+    under two names is one person), and neither key listed for the other's principal
+    too (two keys of one person under a shared name or pattern)."""
+    people = {_person(s.principal) for s in signers}
+    if len(people) < 2:
+        named = ", ".join(sorted({s.principal for s in signers})) or "none"
         raise ApprovalRefusedError(
             f"CT-11: clearing a halt needs signed approvals from 2 distinct principals, got "
-            f"{len(principals)} ({named})"
+            f"{len(people)} ({named})"
         )
-    if len(keys) < 2:
+    if len({s.fingerprint for s in signers}) < 2:
         raise ApprovalRefusedError(
             "CT-11: the approvals are signed by one key under different names: one person"
         )
+    for a, b in combinations(signers, 2):
+        if _person(a.principal) == _person(b.principal):
+            raise ApprovalRefusedError(
+                f"CT-11: two approvals are by {a.principal!r} and {b.principal!r}: one "
+                "principal (names that differ only by case or Unicode form are one)"
+            )
+        if a.fingerprint == b.fingerprint:
+            raise ApprovalRefusedError(
+                f"CT-11: the approvals by {a.principal!r} and {b.principal!r} are signed "
+                "by one key under different names: one person"
+            )
+        for one, other in ((a, b), (b, a)):
+            if other.principal in one.aliases:
+                raise ApprovalRefusedError(
+                    f"CT-11: the approvals by {a.principal!r} and {b.principal!r} may be "
+                    f"one person's: the allowed-signers file lists {one.principal!r}'s key "
+                    f"{one.fingerprint} for {other.principal!r} too"
+                )
     return tuple(sorted(signers, key=lambda s: s.principal))
 
 
@@ -446,7 +491,22 @@ def verify_request(verifier: SignatureVerifier | None, request: ClearRequest) ->
     if not request.signed:
         return ()
     assert verifier is not None
-    return tuple(verifier.verify(s) for s in request.signed)
+    signers = [verifier.verify(s) for s in request.signed]
+    # Principals are names, not people: one person's two keys may be listed under a
+    # shared name (``alice@example.com,alice`` and ``alice``) or pattern (``ali*``).
+    # Whether a key may also speak for another approval's principal is OpenSSH's answer.
+    for i, signer in enumerate(signers):
+        others = {
+            o.principal
+            for o in signers
+            if _person(o.principal) != _person(signer.principal)
+            and o.fingerprint != signer.fingerprint
+        }
+        aliases = frozenset(
+            p for p in sorted(others) if verifier.lists_key_for(request.signed[i], p)
+        )
+        signers[i] = attrs.evolve(signer, aliases=aliases)
+    return tuple(signers)
 
 
 def verify_signed_halt(

@@ -18,6 +18,7 @@ from adapters.halt.approval import (
     SignedStatement,
     approved_signers,
     check_clear_request,
+    verify_request,
     verify_signed_halt,
 )
 from kernel import HaltClearDeniedError, InvalidRequestError, utc_now
@@ -241,3 +242,72 @@ def test_an_ssh_keygen_that_hangs_is_a_refusal_within_its_bound(
     monkeypatch.setenv("PATH", "")
     with pytest.raises(HaltClearDeniedError, match="ssh-keygen \\(OpenSSH\\) is not installed"):
         verifier(keys).verify(SignedStatement.from_text(text))
+
+
+def clear_signers(keys: Keyring, *texts: str) -> tuple[approval.Signer, ...]:
+    """The signers as a channel verifies a clear: each signature, then who is who."""
+    v = verifier(keys)
+    return verify_request(v, check_clear_request((), list(texts), "ok", v))
+
+
+def test_two_keys_of_one_person_listed_under_a_shared_name_are_one_person(
+    keys: Keyring,
+) -> None:
+    # Carol's laptop key is listed under her e-mail and her login, her desktop key under
+    # her login: the file itself says both keys are carol's.
+    keys.trust("carol@example.com,carol", key_of="carol-laptop")
+    keys.trust("carol", key_of="carol-desktop")
+    signers = clear_signers(
+        keys,
+        keys.approve("carol@example.com", HALT_ID, REASON, key_of="carol-laptop"),
+        keys.approve("carol", HALT_ID, REASON, key_of="carol-desktop"),
+    )
+    with pytest.raises(ApprovalRefusedError, match=r"may be one person's.*for 'carol' too"):
+        approved_signers(signers, HALT_ID, REASON)
+
+
+def test_two_keys_listed_under_one_principal_pattern_are_one_person(keys: Keyring) -> None:
+    keys.trust("ops-*", key_of="ops-1")
+    keys.trust("ops-*", key_of="ops-2")
+    signers = clear_signers(
+        keys,
+        keys.approve("ops-a", HALT_ID, REASON, key_of="ops-1"),
+        keys.approve("ops-b", HALT_ID, REASON, key_of="ops-2"),
+    )
+    with pytest.raises(ApprovalRefusedError, match="may be one person's"):
+        approved_signers(signers, HALT_ID, REASON)
+    # Two people each listed by their own name still clear, through the same checks.
+    both = clear_signers(
+        keys, keys.approve("alice", HALT_ID, REASON), keys.approve("bob", HALT_ID, REASON)
+    )
+    assert [s.principal for s in approved_signers(both, HALT_ID, REASON)] == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    "other", ["Alice", "ALICE", "a\u0301lice"], ids=["capitalised", "upper", "decomposed"]
+)
+def test_principals_differing_only_by_case_or_unicode_form_are_one_person(
+    keys: Keyring, other: str
+) -> None:
+    keys.trust("\u00e1lice" if "\u0301" in other else "alice", key_of="first")
+    keys.trust(other, key_of="second")
+    mine = "\u00e1lice" if "\u0301" in other else "alice"
+    signers = clear_signers(
+        keys,
+        keys.approve(mine, HALT_ID, REASON, key_of="first"),
+        keys.approve(other, HALT_ID, REASON, key_of="second"),
+    )
+    with pytest.raises(ApprovalRefusedError, match="2 distinct principals, got 1"):
+        approved_signers(signers, HALT_ID, REASON)
+
+
+def test_an_extra_approval_by_a_person_already_counted_is_refused(keys: Keyring) -> None:
+    keys.trust("bob", key_of="bob-2")
+    signers = clear_signers(
+        keys,
+        keys.approve("alice", HALT_ID, REASON),
+        keys.approve("bob", HALT_ID, REASON),
+        keys.approve("bob", HALT_ID, REASON, key_of="bob-2"),
+    )
+    with pytest.raises(ApprovalRefusedError, match="by 'bob' and 'bob': one principal"):
+        approved_signers(signers, HALT_ID, REASON)
