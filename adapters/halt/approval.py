@@ -46,6 +46,7 @@ from kernel import (
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "MAX_APPROVAL_CHARS",
     "MAX_LIFETIME",
     "NAMESPACE",
     "ApprovalRefusedError",
