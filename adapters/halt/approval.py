@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import unicodedata
@@ -273,9 +274,7 @@ class SignatureVerifier:
         """The verified statement, or :class:`ApprovalRefusedError` saying why not
         (blocking: runs ssh-keygen)."""
         claimed = signed.claimed()
-        for what, path in (("allowed-signers", self.allowed_signers), ("revocation", self.revoked)):
-            if path is not None and not os.access(path, os.R_OK):
-                raise ApprovalRefusedError(f"CT-11: cannot read the {what} file {path}")
+        self._check_files()
         with tempfile.TemporaryDirectory(prefix="conclave-verify-") as tmp:
             sig = Path(tmp) / "statement.sig"
             sig.write_text(signed.signature, encoding="utf-8")
@@ -299,6 +298,34 @@ class SignatureVerifier:
             )
             what = "approval" if claimed.action == "clear" else "signed halt"
             raise ApprovalRefusedError(f"CT-11: {what} by {claimed.principal!r} refused: {why}")
+
+    def _check_files(self) -> None:
+        """Refuse files that do not say who may approve: unreadable, not a regular file
+        (a FIFO would hang ssh-keygen), or open to anyone's edits -- writable by all, or
+        in a directory where anyone may replace them (as sshd's StrictModes refuses an
+        authorized_keys anyone can write: whoever can add a key can clear alone)."""
+        for what, path in (("allowed-signers", self.allowed_signers), ("revocation", self.revoked)):
+            if path is None:
+                continue
+            try:
+                mode = os.stat(path).st_mode
+                folder = os.stat(Path(os.path.realpath(path)).parent).st_mode
+            except OSError:
+                mode = folder = None
+            if mode is None or folder is None or not os.access(path, os.R_OK):
+                raise ApprovalRefusedError(f"CT-11: cannot read the {what} file {path}")
+            if not stat.S_ISREG(mode):
+                raise ApprovalRefusedError(f"CT-11: the {what} file {path} is not a regular file")
+            if mode & stat.S_IWOTH:
+                raise ApprovalRefusedError(
+                    f"CT-11: the {what} file {path} is writable by anyone (chmod o-w): "
+                    "anyone could add a key and clear alone"
+                )
+            if folder & stat.S_IWOTH and not folder & stat.S_ISVTX:
+                raise ApprovalRefusedError(
+                    f"CT-11: the {what} file {path} is in a directory anyone can write to: "
+                    "anyone could replace it and clear alone"
+                )
 
     def lists_key_for(self, signed: SignedStatement, principal: str) -> bool:
         """Whether the allowed-signers file lists the key that signed ``signed`` for

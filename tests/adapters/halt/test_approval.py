@@ -4,6 +4,7 @@ refusal says which rule, and whose approval."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from datetime import timedelta
@@ -311,3 +312,30 @@ def test_an_extra_approval_by_a_person_already_counted_is_refused(keys: Keyring)
     )
     with pytest.raises(ApprovalRefusedError, match="by 'bob' and 'bob': one principal"):
         approved_signers(signers, HALT_ID, REASON)
+
+
+@pytest.mark.parametrize("which", ["allowed-signers", "revocation"])
+def test_signer_files_anyone_can_edit_or_replace_are_refused(keys: Keyring, which: str) -> None:
+    text = keys.approve("alice", HALT_ID, REASON)
+    path = keys.allowed if which == "allowed-signers" else keys.revoked
+    path.chmod(0o666)
+    with pytest.raises(ApprovalRefusedError, match=rf"the {which} file .* is writable by anyone"):
+        verifier(keys, revoked=True).verify(SignedStatement.from_text(text))
+    path.chmod(0o644)
+    keys.dir.chmod(0o777)  # anyone may rename another file over it
+    with pytest.raises(ApprovalRefusedError, match="in a directory anyone can write to"):
+        verifier(keys, revoked=True).verify(SignedStatement.from_text(text))
+    keys.dir.chmod(0o1777)  # sticky, as /tmp: only the owner may replace it
+    assert verifier(keys, revoked=True).verify(SignedStatement.from_text(text)).principal == "alice"
+    keys.dir.chmod(0o755)
+
+
+def test_an_allowed_signers_fifo_is_refused_at_once(
+    keys: Keyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(approval, "SSH_KEYGEN_TIMEOUT", 2.0)  # were ssh-keygen to read it
+    fifo = tmp_path / "allowed.fifo"
+    os.mkfifo(fifo)
+    text = keys.approve("alice", HALT_ID, REASON)
+    with pytest.raises(ApprovalRefusedError, match=r"allowed\.fifo is not a regular file"):
+        SignatureVerifier(fifo).verify(SignedStatement.from_text(text))
