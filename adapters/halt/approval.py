@@ -138,7 +138,7 @@ class SignedStatement:
             )
         try:
             doc = json.loads(text)
-        except (ValueError, TypeError):
+        except Exception:  # whatever the parser raised: RecursionError for deep nesting too
             raise ApprovalRefusedError(
                 "CT-11: an approval is not JSON (not an approval file)"
             ) from None
@@ -147,6 +147,12 @@ class SignedStatement:
         statement, signature = doc.get("statement"), doc.get("signature")
         if not isinstance(statement, str) or not isinstance(signature, str):
             raise ApprovalRefusedError("CT-11: an approval lacks its statement or signature")
+        if not _sendable(statement) or not _sendable(signature):
+            # JSON can smuggle lone surrogates and NULs, which no signed bytes hold (and
+            # which ssh-keygen's stdin and arguments cannot carry).
+            raise ApprovalRefusedError(
+                "CT-11: an approval holds text that is not valid Unicode or a NUL character"
+            )
         return cls(statement, signature)
 
     def claimed(self) -> HaltStatement:
@@ -164,10 +170,12 @@ class SignedStatement:
             texts = [doc[k] for k in ("reason_sha256", "principal", "issued_at", "expires_at")]
             if not all(isinstance(t, str) and t for t in texts):
                 raise ValueError
+            if not texts[1].isprintable() or any(c.isspace() for c in texts[1]):
+                raise ValueError  # a principal is one printable name, as allowed-signers lists
             issued, expires = (datetime.fromisoformat(t) for t in texts[2:])
             if issued.tzinfo is None or expires.tzinfo is None:
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except Exception:  # whatever the parser raised: RecursionError for deep nesting too
             raise ApprovalRefusedError(
                 "CT-11: an approval's statement is malformed (not written by conclave approve)"
             ) from None
@@ -187,6 +195,15 @@ class Signer:
     @property
     def principal(self) -> str:
         return self.statement.principal
+
+
+def _sendable(text: str) -> bool:
+    """Text that is valid Unicode without NUL: what a file, a pipe and argv can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def reason_hash(reason: str) -> str:
@@ -310,9 +327,10 @@ class SignatureVerifier:
             try:
                 mode = os.stat(path).st_mode
                 folder = os.stat(Path(os.path.realpath(path)).parent).st_mode
+                readable = os.access(path, os.R_OK)
             except OSError:
-                mode = folder = None
-            if mode is None or folder is None or not os.access(path, os.R_OK):
+                readable = False
+            if not readable:
                 raise ApprovalRefusedError(f"CT-11: cannot read the {what} file {path}")
             if not stat.S_ISREG(mode):
                 raise ApprovalRefusedError(f"CT-11: the {what} file {path} is not a regular file")

@@ -3,6 +3,7 @@ refusal says which rule, and whose approval."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -339,3 +340,41 @@ def test_an_allowed_signers_fifo_is_refused_at_once(
     text = keys.approve("alice", HALT_ID, REASON)
     with pytest.raises(ApprovalRefusedError, match=r"allowed\.fifo is not a regular file"):
         SignatureVerifier(fifo).verify(SignedStatement.from_text(text))
+
+
+def _edited(text: str, **fields: object) -> str:
+    """An approval whose statement has ``fields`` changed (its signature left as it was)."""
+    signed = json.loads(text)
+    signed["statement"] = json.dumps({**json.loads(signed["statement"]), **fields})
+    return json.dumps(signed)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "nested outer",
+        "nested statement",
+        "surrogate signature",
+        "nul signature",
+        "surrogate principal",
+        "nul principal",
+        "newline principal",
+    ],
+)
+def test_an_approval_no_tool_could_have_written_is_refused_as_such(
+    keys: Keyring, shape: str
+) -> None:
+    good = keys.approve("alice", HALT_ID, REASON)
+    doc = json.loads(good)
+    texts = {
+        "nested outer": "[" * 30_000 + "]" * 30_000,
+        "nested statement": json.dumps({**doc, "statement": "[" * 30_000}),
+        "surrogate signature": json.dumps({**doc, "signature": "\ud800"}),
+        "nul signature": json.dumps({**doc, "signature": doc["signature"] + "\x00"}),
+        "surrogate principal": _edited(good, principal="al\ud800ice"),
+        "nul principal": _edited(good, principal="al\x00ice"),
+        "newline principal": _edited(good, principal="alice\nbob"),
+    }
+    both = [texts[shape], keys.approve("bob", HALT_ID, REASON)]
+    with pytest.raises(ApprovalRefusedError, match=r"not JSON|malformed|not valid Unicode"):
+        verify_request(verifier(keys), check_clear_request((), both, "ok", verifier(keys)))
