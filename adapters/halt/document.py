@@ -14,6 +14,10 @@ durable halt channel (the file and the Valkey key).
   halt it clears; every writer gives each halt a new one.  A halted document without
   one (written before ids existed) is named by a hash of its bytes, which change with
   every write;
+* ``"signed_clears"`` (optional): ``true`` once a tool with an allowed-signers file has
+  written the document; every writer keeps it, and every tool then refuses a clear by
+  typed names, with or without an allowed-signers file of its own (the rule must not
+  depend on the clearing operator's choice of flags);
 * ``"history"`` (optional: the file keeps its history here, the Valkey channel in a list
   beside the key): a list of records;
 * ``"updated_at"`` and any other key: ignored.
@@ -68,6 +72,7 @@ class HaltDocument:
     reason: str | None
     history: tuple[HaltRecord, ...] = ()
     halt_id: str | None = None  # None exactly when not halted
+    signed_clears: bool = False  # clears need signed approvals, whoever clears
 
 
 def parse_document(raw: bytes) -> HaltDocument:
@@ -96,7 +101,16 @@ def parse_document(raw: bytes) -> HaltDocument:
             raise CorruptHaltDocument("'halt_id' is blank")
     if halted and halt_id is None:
         halt_id = "legacy-" + hashlib.sha256(raw).hexdigest()[:32]
-    return HaltDocument(halted, reason if halted else None, records, halt_id if halted else None)
+    signed_clears = doc.get("signed_clears", False)
+    if not isinstance(signed_clears, bool):
+        raise CorruptHaltDocument(f"'signed_clears' is {_kind(signed_clears)}, not true or false")
+    return HaltDocument(
+        halted,
+        reason if halted else None,
+        records,
+        halt_id if halted else None,
+        signed_clears,
+    )
 
 
 def new_halt_id() -> str:
@@ -115,6 +129,7 @@ def encode_document(
     history: Sequence[HaltRecord] | None = None,
     *,
     halt_id: str | None = None,
+    signed_clears: bool = False,
     indent: int | None = None,
 ) -> bytes:
     """The document; ``history`` None leaves the key out (it is kept elsewhere)."""
@@ -126,6 +141,8 @@ def encode_document(
     }
     if halted and halt_id is not None:
         doc["halt_id"] = halt_id
+    if signed_clears:
+        doc["signed_clears"] = True
     if history is not None:
         doc["history"] = [_record_dict(r) for r in history]
     text = json.dumps(doc, indent=indent)

@@ -88,6 +88,7 @@ class HaltFileState:
     history: tuple[HaltRecord, ...] = ()
     error: str | None = None
     halt_id: str | None = None  # the current halt's id (None when not halted, unreadable)
+    signed_clears: bool = False  # written by a tool with allowed signers: no clear by names
 
 
 class FileHaltChannel:
@@ -141,7 +142,11 @@ class FileHaltChannel:
             if raw is None:
                 return self._ok(HaltFileState(False, None))
             doc = parse_document(raw)
-            return self._ok(HaltFileState(doc.halted, doc.reason, doc.history, None, doc.halt_id))
+            return self._ok(
+                HaltFileState(
+                    doc.halted, doc.reason, doc.history, None, doc.halt_id, doc.signed_clears
+                )
+            )
         except CorruptHaltDocument as exc:
             return self._unreadable(f"corrupt halt file {self.path}: {exc}")
         except OSError as exc:
@@ -300,7 +305,7 @@ class FileHaltChannel:
             halt_id = new_halt_id()
             record = halt_record(reason, halt_id, signer)
             history = [*state.history, record]
-            data = _encode(True, reason, history, self.path, halt_id)
+            data = _encode(True, reason, history, self.path, halt_id, self._signed_clears(state))
             if state.error is None:
                 write_atomically(self.path, data)
             else:
@@ -328,11 +333,18 @@ class FileHaltChannel:
                 )
             if not state.halted:
                 return False
+            if state.signed_clears and not signers:
+                raise HaltClearDeniedError(
+                    f"CT-11: {self.path} requires signed approvals (a tool with an "
+                    "allowed-signers file wrote it): a clear by approver names is refused; "
+                    "each approver runs conclave approve, then clear with --allowed-signers"
+                )
             assert state.halt_id is not None and state.reason is not None
             record = clear_record(reason, state.halt_id, state.reason, names, signers)
             approvers = record.approvers
             history = [*state.history, record]
-            write_atomically(self.path, _encode(False, None, history, self.path))
+            signed = self._signed_clears(state)
+            write_atomically(self.path, _encode(False, None, history, self.path, None, signed))
         log.warning(
             "halt cleared",
             extra={
@@ -342,6 +354,12 @@ class FileHaltChannel:
             },
         )
         return True
+
+    def _signed_clears(self, state: HaltFileState) -> bool:
+        """Whether the document written next requires signed clears: once a tool with an
+        allowed-signers file has written it, always (an operator's choice of flags must
+        not decide whether two names clear a halt)."""
+        return state.signed_clears or self.verifier is not None
 
     def _replace_unreadable(self, data: bytes, problem: str) -> None:
         """Write ``data`` over an unreadable entry, keeping that entry aside.
@@ -475,12 +493,20 @@ def _encode(
     history: list[HaltRecord],
     path: Path,
     halt_id: str | None = None,
+    signed_clears: bool = False,
 ) -> bytes:
     """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
     (the newest, which this write adds, is always kept)."""
     dropped = 0
     while True:
-        data = encode_document(halted, reason, history[dropped:], halt_id=halt_id, indent=2)
+        data = encode_document(
+            halted,
+            reason,
+            history[dropped:],
+            halt_id=halt_id,
+            signed_clears=signed_clears,
+            indent=2,
+        )
         if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(history) - 1:
             break
         dropped += max(1, (len(history) - dropped) // 10)

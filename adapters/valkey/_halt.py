@@ -98,6 +98,7 @@ class _KeyState:
     reason: str | None
     problem: str | None = None
     halt_id: str | None = None
+    signed_clears: bool = False  # written by a tool with allowed signers: no clear by names
 
 
 class ValkeyHaltChannel(BackgroundClient):
@@ -290,12 +291,14 @@ class ValkeyHaltChannel(BackgroundClient):
         aside = f"{self.key}:corrupt:{stamp}"
         keys = [self.key, self._history_key, aside, f"{self._history_key}:corrupt:{stamp}"]
         args: list[Any] = [
-            encode_document(True, reason, halt_id=halt_id),
+            encode_document(True, reason, halt_id=halt_id, signed_clears=self.verifier is not None),
             encode_record(halt_record(reason, halt_id, signer)),
             self._events,
             MAX_HISTORY,
             MAX_HALT_BYTES,
             b"1" if self._key_state.problem not in (None, "no halt record", _NOT_READ) else b"0",
+            # The same halt for a key that requires signed clears: the script keeps that.
+            encode_document(True, reason, halt_id=halt_id, signed_clears=True),
         ]
         try:
             done = to_int(
@@ -350,6 +353,7 @@ class ValkeyHaltChannel(BackgroundClient):
         except StoreError as exc:
             raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
         halt_id: str | None = None
+        signed_clears = bool(signers)  # a signed clear marks the key; names never unmark it
         if kind == "none":
             if signers:
                 raise ApprovalRefusedError(
@@ -366,7 +370,14 @@ class ValkeyHaltChannel(BackgroundClient):
                 )
             if not state.halted:
                 return False
+            if state.signed_clears and not signers:
+                raise HaltClearDeniedError(
+                    f"CT-11: halt key {self.key} requires signed approvals (a tool with an "
+                    "allowed-signers file wrote it): a clear by approver names is refused; "
+                    "each approver runs conclave approve, then clear with --allowed-signers"
+                )
             expected, halt_id = raw, state.halt_id
+            signed_clears = signed_clears or state.signed_clears
         if halt_id is None:
             record = HaltRecord("clear", reason, utc_now(), request.names)
         else:
@@ -374,7 +385,7 @@ class ValkeyHaltChannel(BackgroundClient):
         keys = [self.key, self._history_key, f"{self._history_key}:corrupt:{_stamp()}"]
         args: list[Any] = [
             expected,
-            encode_document(False, None),
+            encode_document(False, None, signed_clears=signed_clears),
             encode_record(record),
             self._events,
             MAX_HISTORY,
@@ -497,7 +508,7 @@ class ValkeyHaltChannel(BackgroundClient):
             except CorruptHaltDocument as exc:
                 problem = str(exc)
             else:
-                return _KeyState(doc.halted, doc.reason, None, doc.halt_id)
+                return _KeyState(doc.halted, doc.reason, None, doc.halt_id, doc.signed_clears)
         why = f"halt key {self.key} corrupt, unreadable ({problem}); treated as halted"
         return _KeyState(True, why, problem)
 

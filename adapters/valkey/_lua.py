@@ -263,7 +263,9 @@ end
 #: accepts may be one the caller refuses, and would then be neither halted again nor
 #: cleared); over anything that is not a halt document for either (any type, any
 #: content), keeps that aside and writes the halt (returns 2); else writes the halt
-#: (returns 1).  Publishes the new document.
+#: (returns 1): ARGV[7], the same halt requiring signed clears, over a document that
+#: requires them (a tool without allowed signers must not drop that).  Publishes the
+#: new document.
 HALT = (
     _HALT_HISTORY
     + """
@@ -283,9 +285,11 @@ if kind ~= 'none' and (not doc or ARGV[6] == '1') then
   redis.call('RENAME', state, KEYS[3])
   kept = 1
 end
-redis.call('SET', state, ARGV[1])
+local value = ARGV[1]
+if doc and doc['signed_clears'] == true then value = ARGV[7] end
+redis.call('SET', state, value)
 record(history, KEYS[4], ARGV[2], tonumber(ARGV[4]))
-redis.call('PUBLISH', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], value)
 return 1 + kept
 """
 )

@@ -144,3 +144,20 @@ def test_clear_refuses_an_approval_path_that_is_endless_or_a_silent_fifo(tmp_pat
     )  # fmt: skip
     assert silent.returncode == 2 and "an approval is not JSON" in silent.stderr, silent.stderr
     assert snapshot(path) == before
+
+
+def test_leaving_out_allowed_signers_does_not_let_one_operator_clear_by_typed_names(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "halt.json"
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("")
+    halt = conclave(
+        "halt", "--halt-file", str(path), "--allowed-signers", str(allowed), "--reason", "r"
+    )
+    assert halt.returncode == 0, halt.stderr
+    before = snapshot(path)
+    names = ["--approver", "alice", "--approver", "bob", "--reason", "alone"]
+    clear = conclave("clear", "--halt-file", str(path), *names)
+    assert clear.returncode == 2 and "requires signed approvals" in clear.stderr, clear.stderr
+    assert snapshot(path) == before

@@ -107,3 +107,14 @@ def test_a_halt_id_that_is_not_text_is_corrupt(halt_id: object) -> None:
 def test_a_record_that_is_not_one_is_corrupt(record: bytes) -> None:
     with pytest.raises(CorruptHaltDocument):
         parse_record(record)
+
+
+def test_a_document_that_requires_signed_clears_says_so_and_a_non_boolean_is_corrupt() -> None:
+    raw = encode_document(True, "storm", halt_id="h1", signed_clears=True)
+    assert parse_document(raw).signed_clears is True
+    assert parse_document(encode_document(False, None, signed_clears=True)).signed_clears
+    assert parse_document(encode_document(False, None)).signed_clears is False
+    for value in (None, 1, "true"):
+        doc = {"schema": SCHEMA, "halted": False, "reason": None, "signed_clears": value}
+        with pytest.raises(CorruptHaltDocument, match="'signed_clears' is"):
+            parse_document(json.dumps(doc).encode())

@@ -4,6 +4,7 @@ exception; ``halt`` can always rewrite it; ``clear`` refuses what it cannot read
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -622,11 +623,39 @@ async def test_a_channel_with_allowed_signers_refuses_names_and_changes_nothing(
     with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
         channel.clear(approvers=["alice", "bob"], reason="typed names")
     assert snapshot(path) == before
-    # The same file, opened without allowed signers, still takes names (a process that
-    # can write the file can: that is what file permissions are for).
     plain = FileHaltChannel(path)
     with pytest.raises(HaltClearDeniedError, match="no allowed-signers file"):
         await plain.aclear(approvals=["x", "y"], reason="r")
+
+
+async def test_a_file_written_with_allowed_signers_refuses_names_from_every_channel(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    """One operator must not clear alone by leaving out --allowed-signers: once a tool
+    with an allowed-signers file has written the file, a channel without one refuses
+    names too, and its own halts and clears keep the file that way."""
+    path = tmp_path / "halt.json"
+    await signed_channel(path, keys).ahalt("tool misuse")
+    plain = FileHaltChannel(path)
+    before = snapshot(path)
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await plain.aclear(approvers=["alice", "bob"], reason="alone")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        plain.clear(approvers=["alice", "bob"], reason="alone")
+    assert snapshot(path) == before and plain.read_state().halted
+
+    signed = signed_channel(path, keys)
+    halt_id = (await signed.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "tool misuse") for p in ("alice", "bob")]
+    assert await signed.aclear(approvals=approvals, reason="fixed")
+    # A halt raised without allowed signers keeps the rule for its clear.
+    assert await plain.ahalt("again")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await plain.aclear(approvers=["alice", "bob"], reason="alone")
+    # A file no tool with allowed signers wrote is cleared by names, as before.
+    other = FileHaltChannel(tmp_path / "other.json")
+    await other.ahalt("storm")
+    assert await other.aclear(approvers=["alice", "bob"], reason="calm")
 
 
 async def test_an_approval_for_an_earlier_halt_cannot_clear_a_new_one(
@@ -673,8 +702,7 @@ async def test_a_new_halt_raised_while_approvals_are_verified_is_not_cleared(
 
     def new_halt() -> None:
         # Someone cleared with their own approvals and a new halt came at once.
-        names = FileHaltChannel(path)
-        names.clear(approvers=["x", "y"], reason="elsewhere")
+        other.clear(approvals=approvals, reason="elsewhere")
         other.halt("a second storm")
 
     channel.verifier = _DuringVerification(keys, new_halt)
@@ -826,11 +854,18 @@ async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_hal
     approvals = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
     stop = threading.Event()
 
+    keys.trust("carol")
+    keys.trust("dave")
+
     def rewrite() -> None:
-        # Another operator's tool, busy: clears (by names, where it may) and re-halts.
-        other = FileHaltChannel(path)
+        # Other operators' tools, busy: clear (with their own approvals) and re-halt.
+        other = signed_channel(path, keys)
         while not stop.is_set():
-            other.clear(approvers=["x", "y"], reason="churn")
+            halt_id = other.read_state().halt_id
+            if halt_id is not None:
+                theirs = [keys.approve(p, halt_id, "storm") for p in ("carol", "dave")]
+                with contextlib.suppress(ApprovalRefusedError):  # cleared meanwhile
+                    other.clear(approvals=theirs, reason="churn")
             other.halt("storm")
             stop.wait(0.002)  # let the clear under test take the lock now and then
 

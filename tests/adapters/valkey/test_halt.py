@@ -414,6 +414,34 @@ async def test_two_signed_approvals_clear_the_halt_they_name_and_one_forged_chan
         assert channel.state.halted
 
 
+async def test_a_key_written_with_allowed_signers_refuses_names_from_every_channel(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    """One operator must not clear alone by leaving out --allowed-signers: once a tool
+    with an allowed-signers file has written the key, a channel without one refuses
+    names too, and a halt it raises keeps that."""
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as signed,
+        ValkeyHaltChannel(valkey_server.url, key=key) as plain,
+        raw(valkey_server.url) as client,
+    ):
+        await signed.halt("tool misuse")
+        before = (await client.get(key), await client.lrange(f"{key}:history", 0, -1))
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await plain.clear(approvers=["alice", "bob"], reason="alone")
+        assert (await client.get(key), await client.lrange(f"{key}:history", 0, -1)) == before
+
+        halt_id = signed.state.halt_id or ""
+        approvals = [keys.approve(p, halt_id, "tool misuse") for p in ("alice", "bob")]
+        assert await signed.clear(approvals=approvals, reason="fixed")
+        with trio.fail_after(5):
+            await plain.wait_cleared()
+        assert await plain.halt("again")
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await plain.clear(approvers=["alice", "bob"], reason="alone")
+        assert plain.state.halted
+
+
 async def test_a_halt_raised_while_approvals_are_verified_is_not_cleared(
     valkey_server: ValkeyServer, key: str, keys: Keyring
 ) -> None:
