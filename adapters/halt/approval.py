@@ -175,11 +175,16 @@ class SignedStatement:
             issued, expires = (datetime.fromisoformat(t) for t in texts[2:])
             if issued.tzinfo is None or expires.tzinfo is None:
                 raise ValueError
+            claimed = HaltStatement(action, halt_id, texts[0], texts[1], issued, expires)
+            if claimed.payload() != self.statement:
+                # Exactly as conclave approve writes it: no key twice, no extra field, no
+                # other order or spelling that another reader might take differently.
+                raise ValueError
         except Exception:  # whatever the parser raised: RecursionError for deep nesting too
             raise ApprovalRefusedError(
                 "CT-11: an approval's statement is malformed (not written by conclave approve)"
             ) from None
-        return HaltStatement(action, halt_id, texts[0], texts[1], issued, expires)
+        return claimed
 
 
 @attrs.frozen(slots=True)

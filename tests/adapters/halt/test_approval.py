@@ -378,3 +378,29 @@ def test_an_approval_no_tool_could_have_written_is_refused_as_such(
     both = [texts[shape], keys.approve("bob", HALT_ID, REASON)]
     with pytest.raises(ApprovalRefusedError, match=r"not JSON|malformed|not valid Unicode"):
         verify_request(verifier(keys), check_clear_request((), both, "ok", verifier(keys)))
+
+
+@pytest.mark.parametrize("shape", ["key twice", "extra field", "other order", "other spelling"])
+def test_a_signed_statement_not_exactly_as_approve_writes_it_is_refused(
+    keys: Keyring, tmp_path: Path, shape: str
+) -> None:
+    """What is verified is what is read, and it reads one way only: a statement signed
+    with a trusted key but written otherwise (which another reader might read otherwise)
+    is refused."""
+    canonical = SignedStatement.from_text(keys.approve("alice", HALT_ID, REASON)).statement
+    fields = json.loads(canonical)
+    body = canonical[1:-1]
+    statement = {
+        "key twice": "{" + body + ', "halt_id": "' + "1e" * 16 + '"}',
+        "extra field": json.dumps({**fields, "note": "ok"}, sort_keys=True),
+        "other order": json.dumps(dict(reversed(list(fields.items())))),
+        "other spelling": json.dumps(fields, sort_keys=True, indent=1),
+    }[shape]
+    work = tmp_path / "statement"
+    work.write_text(statement)
+    alice = str(keys.key("alice"))
+    sign = [keys.binary, "-Y", "sign", "-q", "-f", alice, "-n", "conclave-clear", str(work)]
+    subprocess.run(sign, check=True)
+    signed = SignedStatement(statement, (tmp_path / "statement.sig").read_text())
+    with pytest.raises(ApprovalRefusedError, match="statement is malformed"):
+        verifier(keys).verify(signed)
