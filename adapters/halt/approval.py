@@ -331,7 +331,9 @@ class SignatureVerifier:
                 continue
             try:
                 mode = os.stat(path).st_mode
-                folder = os.stat(Path(os.path.realpath(path)).parent).st_mode
+                # The link's directory and the file's: anyone who may rename in either
+                # may put another file (or link) in its place.
+                folders = [os.stat(d).st_mode for d in {path.parent, _real(path).parent}]
                 readable = os.access(path, os.R_OK)
             except OSError:
                 readable = False
@@ -344,7 +346,7 @@ class SignatureVerifier:
                     f"CT-11: the {what} file {path} is writable by anyone (chmod o-w): "
                     "anyone could add a key and clear alone"
                 )
-            if folder & stat.S_IWOTH and not folder & stat.S_ISVTX:
+            if any(f & stat.S_IWOTH and not f & stat.S_ISVTX for f in folders):
                 raise ApprovalRefusedError(
                     f"CT-11: the {what} file {path} is in a directory anyone can write to: "
                     "anyone could replace it and clear alone"
@@ -389,6 +391,10 @@ class SignatureVerifier:
             return f"key {key} is revoked ({self.revoked})"
         refused = _run(["-Y", "verify", *checks], payload)
         return f"ssh-keygen -Y verify refused it ({_stderr(refused)})"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def _fingerprint(stdout: bytes) -> str:

@@ -404,3 +404,18 @@ def test_a_signed_statement_not_exactly_as_approve_writes_it_is_refused(
     signed = SignedStatement(statement, (tmp_path / "statement.sig").read_text())
     with pytest.raises(ApprovalRefusedError, match="statement is malformed"):
         verifier(keys).verify(signed)
+
+
+def test_an_allowed_signers_link_anyone_can_repoint_is_refused(
+    keys: Keyring, tmp_path: Path
+) -> None:
+    text = keys.approve("alice", HALT_ID, REASON)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    link = open_dir / "allowed_signers"
+    link.symlink_to(keys.allowed)  # the file itself is safe; the link is not
+    open_dir.chmod(0o777)
+    with pytest.raises(ApprovalRefusedError, match="in a directory anyone can write to"):
+        SignatureVerifier(link).verify(SignedStatement.from_text(text))
+    open_dir.chmod(0o755)
+    assert SignatureVerifier(link).verify(SignedStatement.from_text(text)).principal == "alice"
