@@ -47,6 +47,7 @@ from kernel import (
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "MAX_APPROVALS",
     "MAX_APPROVAL_CHARS",
     "MAX_LIFETIME",
     "NAMESPACE",
@@ -82,6 +83,9 @@ MAX_LIFETIME = timedelta(hours=24)
 CLOCK_SKEW = timedelta(minutes=5)
 #: An approval file is a few hundred characters; anything far larger is not one.
 MAX_APPROVAL_CHARS = 64 * 1024
+#: The most approvals one clear takes: each pair is checked for being one person's
+#: (ssh-keygen, twice a pair), so a pile of them must not keep a clear busy for hours.
+MAX_APPROVALS = 8
 #: One ssh-keygen call may take this long (seconds) before it counts as failed.
 SSH_KEYGEN_TIMEOUT = 20.0
 
@@ -535,6 +539,10 @@ def check_clear_request(
         )
     if not isinstance(reason, str) or not reason.strip():
         raise HaltClearDeniedError("CT-11: clearing a halt needs a non-empty reason")
+    if len(approvals) > MAX_APPROVALS:
+        raise ApprovalRefusedError(
+            f"CT-11: a clear takes at most {MAX_APPROVALS} signed approvals, got {len(approvals)}"
+        )
     if len(approvals) < 2:
         raise ApprovalRefusedError(
             f"CT-11: clearing a halt needs signed approvals from 2 distinct principals, got "

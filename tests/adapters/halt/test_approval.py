@@ -419,3 +419,9 @@ def test_an_allowed_signers_link_anyone_can_repoint_is_refused(
         SignatureVerifier(link).verify(SignedStatement.from_text(text))
     open_dir.chmod(0o755)
     assert SignatureVerifier(link).verify(SignedStatement.from_text(text)).principal == "alice"
+
+
+def test_a_pile_of_approvals_is_refused_before_any_is_verified(keys: Keyring) -> None:
+    many = [keys.approve("alice", HALT_ID, REASON)] * (approval.MAX_APPROVALS + 1)
+    with pytest.raises(ApprovalRefusedError, match="at most 8 signed approvals, got 9"):
+        check_clear_request((), many, "ok", verifier(keys))
