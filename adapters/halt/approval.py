@@ -384,7 +384,10 @@ class SignatureVerifier:
         )
         owners = found.stdout.decode("utf-8", "replace").split()
         if not owners:
-            return f"it is signed by key {key}, which is not in {self.allowed_signers}"
+            return (
+                f"it is signed by key {key}, which is not in {self.allowed_signers} "
+                "(or its entry there is not valid now: valid-after/valid-before)"
+            )
         if principal not in owners:
             whose = ", ".join(owners)
             return (

@@ -425,3 +425,11 @@ def test_a_pile_of_approvals_is_refused_before_any_is_verified(keys: Keyring) ->
     many = [keys.approve("alice", HALT_ID, REASON)] * (approval.MAX_APPROVALS + 1)
     with pytest.raises(ApprovalRefusedError, match="at most 8 signed approvals, got 9"):
         check_clear_request((), many, "ok", verifier(keys))
+
+
+def test_a_key_whose_allowed_signers_entry_has_lapsed_is_refused_saying_so(keys: Keyring) -> None:
+    public = keys.key("carol").with_suffix(".pub").read_text().split()[:2]
+    with keys.allowed.open("a") as f:
+        f.write(f'carol valid-before="20200101" {" ".join(public)}\n')
+    text = keys.approve("carol", HALT_ID, REASON)
+    assert "entry there is not valid now" in refusal(keys, text)
