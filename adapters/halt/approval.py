@@ -37,6 +37,7 @@ from typing import Literal
 
 import attrs
 
+from adapters.halt.document import SignedClears
 from kernel import (
     HaltClearDeniedError,
     HaltRecord,
@@ -59,11 +60,13 @@ __all__ = [
     "Signer",
     "approved_signers",
     "check_clear_request",
+    "check_signer_files",
     "clear_record",
     "halt_record",
     "reason_hash",
     "sign",
     "signature_verifier",
+    "signer_files",
     "verify_request",
     "verify_signed_halt",
 ]
@@ -292,6 +295,11 @@ class SignatureVerifier:
     ) -> None:
         self.allowed_signers = Path(allowed_signers)
         self.revoked = None if revoked is None else Path(revoked)
+        #: What a document this channel writes first records, for every later clear.
+        self.files = SignedClears(
+            os.path.abspath(self.allowed_signers),
+            None if self.revoked is None else os.path.abspath(self.revoked),
+        )
 
     def __repr__(self) -> str:
         return f"<SignatureVerifier {str(self.allowed_signers)!r}>"
@@ -612,6 +620,60 @@ def signature_verifier(
     if not isinstance(allowed_signers, str | os.PathLike) or not str(allowed_signers).strip():
         raise InvalidRequestError("allowed_signers must be a path")
     return SignatureVerifier(allowed_signers, revoked)
+
+
+def signer_files(
+    recorded: SignedClears | None, verifier: SignatureVerifier | None
+) -> SignedClears | None:
+    """The signer files the next document records: those it records already, for good
+    (an operator's choice of flags must not change them), with this channel's revocation
+    list added if it records none (that only refuses more); else this channel's."""
+    if verifier is None:
+        return recorded
+    if recorded is None or (recorded.revoked is None and _same_signers(recorded, verifier)):
+        return verifier.files
+    return recorded
+
+
+def _same_signers(recorded: SignedClears, verifier: SignatureVerifier) -> bool:
+    """Whether ``verifier`` checks against the recorded files: the same allowed signers,
+    and the recorded revocation list if there is one."""
+    mine = verifier.files
+    return mine.allowed_signers == recorded.allowed_signers and (
+        recorded.revoked is None or mine.revoked == recorded.revoked
+    )
+
+
+def check_signer_files(
+    recorded: SignedClears | None,
+    verifier: SignatureVerifier | None,
+    where: str,
+    *,
+    signed: bool,
+) -> None:
+    """Where a document records signer files (a tool with an allowed-signers file wrote
+    it), refuse a clear by names, and signatures verified against other files: one
+    operator could otherwise clear alone by leaving ``--allowed-signers`` out, or by
+    giving a file of their own (or leaving ``--revoked`` out)."""
+    if recorded is None:
+        return
+    if not signed:
+        raise HaltClearDeniedError(
+            f"CT-11: {where} requires signed approvals, verified against "
+            f"{recorded.allowed_signers}: a clear by approver names is refused; each "
+            "approver runs conclave approve, then clear with --allowed-signers"
+        )
+    if verifier is None or not _same_signers(recorded, verifier):
+        given = "none" if verifier is None else _describe(verifier.files)
+        raise ApprovalRefusedError(
+            f"CT-11: {where} verifies signatures against {_describe(recorded)}, not "
+            f"{given}: signatures checked against other signer files are refused"
+        )
+
+
+def _describe(files: SignedClears) -> str:
+    revoked = f" with revocation list {files.revoked}" if files.revoked else ""
+    return f"{files.allowed_signers}{revoked}"
 
 
 def halt_record(reason: str, halt_id: str, signer: Signer | None) -> HaltRecord:

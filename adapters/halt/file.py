@@ -49,19 +49,29 @@ from adapters.halt.approval import (
     ClearRequest,
     Signer,
     check_clear_request,
+    check_signer_files,
     clear_record,
     halt_record,
     signature_verifier,
+    signer_files,
     verify_request,
     verify_signed_halt,
 )
 from adapters.halt.document import (
     CorruptHaltDocument,
+    SignedClears,
     encode_document,
     new_halt_id,
     parse_document,
 )
-from kernel import NO_REASON, HaltClearDeniedError, HaltRecord, check_halt_reason, utc_now
+from kernel import (
+    NO_REASON,
+    HaltClearDeniedError,
+    HaltRecord,
+    InvalidRequestError,
+    check_halt_reason,
+    utc_now,
+)
 from kernel.validate import check_seconds
 
 __all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
@@ -88,7 +98,7 @@ class HaltFileState:
     history: tuple[HaltRecord, ...] = ()
     error: str | None = None
     halt_id: str | None = None  # the current halt's id (None when not halted, unreadable)
-    signed_clears: bool = False  # written by a tool with allowed signers: no clear by names
+    signed_clears: SignedClears | None = None  # signer files every clear is checked against
 
 
 class FileHaltChannel:
@@ -302,10 +312,18 @@ class FileHaltChannel:
             state = self.read_state()
             if state.halted and state.error is None:
                 return False
+            if signer is not None:
+                try:
+                    check_signer_files(
+                        state.signed_clears, self.verifier, str(self.path), signed=True
+                    )
+                except HaltClearDeniedError as exc:
+                    raise InvalidRequestError(f"{exc} (nothing was written)") from None
             halt_id = new_halt_id()
             record = halt_record(reason, halt_id, signer)
             history = [*state.history, record]
-            data = _encode(True, reason, history, self.path, halt_id, self._signed_clears(state))
+            files = signer_files(state.signed_clears, self.verifier)
+            data = _encode(True, reason, history, self.path, halt_id, files)
             if state.error is None:
                 write_atomically(self.path, data)
             else:
@@ -333,18 +351,15 @@ class FileHaltChannel:
                 )
             if not state.halted:
                 return False
-            if state.signed_clears and not signers:
-                raise HaltClearDeniedError(
-                    f"CT-11: {self.path} requires signed approvals (a tool with an "
-                    "allowed-signers file wrote it): a clear by approver names is refused; "
-                    "each approver runs conclave approve, then clear with --allowed-signers"
-                )
+            check_signer_files(
+                state.signed_clears, self.verifier, str(self.path), signed=bool(signers)
+            )
             assert state.halt_id is not None and state.reason is not None
             record = clear_record(reason, state.halt_id, state.reason, names, signers)
             approvers = record.approvers
             history = [*state.history, record]
-            signed = self._signed_clears(state)
-            write_atomically(self.path, _encode(False, None, history, self.path, None, signed))
+            files = signer_files(state.signed_clears, self.verifier)
+            write_atomically(self.path, _encode(False, None, history, self.path, None, files))
         log.warning(
             "halt cleared",
             extra={
@@ -354,12 +369,6 @@ class FileHaltChannel:
             },
         )
         return True
-
-    def _signed_clears(self, state: HaltFileState) -> bool:
-        """Whether the document written next requires signed clears: once a tool with an
-        allowed-signers file has written it, always (an operator's choice of flags must
-        not decide whether two names clear a halt)."""
-        return state.signed_clears or self.verifier is not None
 
     def _replace_unreadable(self, data: bytes, problem: str) -> None:
         """Write ``data`` over an unreadable entry, keeping that entry aside.
@@ -493,7 +502,7 @@ def _encode(
     history: list[HaltRecord],
     path: Path,
     halt_id: str | None = None,
-    signed_clears: bool = False,
+    signed_clears: SignedClears | None = None,
 ) -> bytes:
     """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
     (the newest, which this write adds, is always kept)."""
