@@ -25,6 +25,7 @@ from adapters.cli._backend import UsageError, importing_extra
 from adapters.cli._display import plain
 from adapters.cli._valkey import ValkeySettings
 from adapters.cli.approve import sign_halt
+from adapters.halt.approval import MAX_APPROVAL_CHARS
 from kernel import ConclaveError, HaltChecker, HaltControl, HaltRecord
 
 if TYPE_CHECKING:
@@ -175,13 +176,28 @@ async def clear_command(args: argparse.Namespace) -> int:
 
 
 async def read_files(paths: list[Path], option: str) -> list[str]:
-    """The texts of ``paths`` (read in a worker thread); a clear error if one cannot be."""
+    """The texts of ``paths`` (read in a worker thread); a clear error if one cannot be.
+    Each is an approval file, so at most :data:`MAX_APPROVAL_CHARS` bytes are read (an
+    approval is ASCII JSON): ``/dev/zero`` or a huge file is refused, not read into
+    memory, and a FIFO nobody writes to reads as empty instead of hanging the open."""
+
+    def read_one(path: Path) -> str:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_APPROVAL_CHARS + 1)
+        if len(raw) > MAX_APPROVAL_CHARS:
+            raise UsageError(
+                f"{option} {plain(str(path))}: larger than {MAX_APPROVAL_CHARS} bytes "
+                "(not an approval file)"
+            )
+        return raw.decode("utf-8")
 
     def read() -> list[str]:
         texts = []
         for path in paths:
             try:
-                texts.append(path.read_text(encoding="utf-8"))
+                texts.append(read_one(path))
             except (OSError, UnicodeDecodeError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise UsageError(f"{option} {plain(str(path))}: {why}") from None

@@ -25,15 +25,19 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+import unicodedata
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
+from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
 import attrs
 
+from adapters.halt.document import SignedClears
 from kernel import (
     HaltClearDeniedError,
     HaltRecord,
@@ -44,6 +48,8 @@ from kernel import (
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "MAX_APPROVALS",
+    "MAX_APPROVAL_CHARS",
     "MAX_LIFETIME",
     "NAMESPACE",
     "ApprovalRefusedError",
@@ -54,11 +60,13 @@ __all__ = [
     "Signer",
     "approved_signers",
     "check_clear_request",
+    "check_signer_files",
     "clear_record",
     "halt_record",
     "reason_hash",
     "sign",
     "signature_verifier",
+    "signer_files",
     "verify_request",
     "verify_signed_halt",
 ]
@@ -78,6 +86,9 @@ MAX_LIFETIME = timedelta(hours=24)
 CLOCK_SKEW = timedelta(minutes=5)
 #: An approval file is a few hundred characters; anything far larger is not one.
 MAX_APPROVAL_CHARS = 64 * 1024
+#: The most approvals one clear takes: each pair is checked for being one person's
+#: (ssh-keygen, twice a pair), so a pile of them must not keep a clear busy for hours.
+MAX_APPROVALS = 8
 #: One ssh-keygen call may take this long (seconds) before it counts as failed.
 SSH_KEYGEN_TIMEOUT = 20.0
 
@@ -134,7 +145,7 @@ class SignedStatement:
             )
         try:
             doc = json.loads(text)
-        except (ValueError, TypeError):
+        except Exception:  # whatever the parser raised: RecursionError for deep nesting too
             raise ApprovalRefusedError(
                 "CT-11: an approval is not JSON (not an approval file)"
             ) from None
@@ -143,6 +154,12 @@ class SignedStatement:
         statement, signature = doc.get("statement"), doc.get("signature")
         if not isinstance(statement, str) or not isinstance(signature, str):
             raise ApprovalRefusedError("CT-11: an approval lacks its statement or signature")
+        if not _sendable(statement) or not _sendable(signature):
+            # JSON can smuggle lone surrogates and NULs, which no signed bytes hold (and
+            # which ssh-keygen's stdin and arguments cannot carry).
+            raise ApprovalRefusedError(
+                "CT-11: an approval holds text that is not valid Unicode or a NUL character"
+            )
         return cls(statement, signature)
 
     def claimed(self) -> HaltStatement:
@@ -160,26 +177,45 @@ class SignedStatement:
             texts = [doc[k] for k in ("reason_sha256", "principal", "issued_at", "expires_at")]
             if not all(isinstance(t, str) and t for t in texts):
                 raise ValueError
+            if not texts[1].isprintable() or any(c.isspace() for c in texts[1]):
+                raise ValueError  # a principal is one printable name, as allowed-signers lists
             issued, expires = (datetime.fromisoformat(t) for t in texts[2:])
             if issued.tzinfo is None or expires.tzinfo is None:
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+            claimed = HaltStatement(action, halt_id, texts[0], texts[1], issued, expires)
+            if claimed.payload() != self.statement:
+                # Exactly as conclave approve writes it: no key twice, no extra field, no
+                # other order or spelling that another reader might take differently.
+                raise ValueError
+        except Exception:  # whatever the parser raised: RecursionError for deep nesting too
             raise ApprovalRefusedError(
                 "CT-11: an approval's statement is malformed (not written by conclave approve)"
             ) from None
-        return HaltStatement(action, halt_id, texts[0], texts[1], issued, expires)
+        return claimed
 
 
 @attrs.frozen(slots=True)
 class Signer:
-    """A verified signature: the statement, its principal's key fingerprint."""
+    """A verified signature: the statement, its principal's key fingerprint, and the
+    other approvals' principals that the allowed-signers file lists this key for too
+    (``aliases``: then those approvals may be this person's)."""
 
     statement: HaltStatement
     fingerprint: str
+    aliases: frozenset[str] = frozenset()
 
     @property
     def principal(self) -> str:
         return self.statement.principal
+
+
+def _sendable(text: str) -> bool:
+    """Text that is valid Unicode without NUL: what a file, a pipe and argv can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def reason_hash(reason: str) -> str:
@@ -259,6 +295,11 @@ class SignatureVerifier:
     ) -> None:
         self.allowed_signers = Path(allowed_signers)
         self.revoked = None if revoked is None else Path(revoked)
+        #: What a document this channel writes first records, for every later clear.
+        self.files = SignedClears(
+            os.path.abspath(self.allowed_signers),
+            None if self.revoked is None else os.path.abspath(self.revoked),
+        )
 
     def __repr__(self) -> str:
         return f"<SignatureVerifier {str(self.allowed_signers)!r}>"
@@ -267,9 +308,7 @@ class SignatureVerifier:
         """The verified statement, or :class:`ApprovalRefusedError` saying why not
         (blocking: runs ssh-keygen)."""
         claimed = signed.claimed()
-        for what, path in (("allowed-signers", self.allowed_signers), ("revocation", self.revoked)):
-            if path is not None and not os.access(path, os.R_OK):
-                raise ApprovalRefusedError(f"CT-11: cannot read the {what} file {path}")
+        self._check_files()
         with tempfile.TemporaryDirectory(prefix="conclave-verify-") as tmp:
             sig = Path(tmp) / "statement.sig"
             sig.write_text(signed.signature, encoding="utf-8")
@@ -294,6 +333,52 @@ class SignatureVerifier:
             what = "approval" if claimed.action == "clear" else "signed halt"
             raise ApprovalRefusedError(f"CT-11: {what} by {claimed.principal!r} refused: {why}")
 
+    def _check_files(self) -> None:
+        """Refuse files that do not say who may approve: unreadable, not a regular file
+        (a FIFO would hang ssh-keygen), or open to anyone's edits -- writable by all, or
+        in a directory where anyone may replace them (as sshd's StrictModes refuses an
+        authorized_keys anyone can write: whoever can add a key can clear alone)."""
+        for what, path in (("allowed-signers", self.allowed_signers), ("revocation", self.revoked)):
+            if path is None:
+                continue
+            try:
+                mode = os.stat(path).st_mode
+                # The link's directory and the file's: anyone who may rename in either
+                # may put another file (or link) in its place.
+                folders = [os.stat(d).st_mode for d in {path.parent, _real(path).parent}]
+                readable = os.access(path, os.R_OK)
+            except OSError:
+                readable = False
+            if not readable:
+                raise ApprovalRefusedError(f"CT-11: cannot read the {what} file {path}")
+            if not stat.S_ISREG(mode):
+                raise ApprovalRefusedError(f"CT-11: the {what} file {path} is not a regular file")
+            if mode & stat.S_IWOTH:
+                raise ApprovalRefusedError(
+                    f"CT-11: the {what} file {path} is writable by anyone (chmod o-w): "
+                    "anyone could add a key and clear alone"
+                )
+            if any(f & stat.S_IWOTH and not f & stat.S_ISVTX for f in folders):
+                raise ApprovalRefusedError(
+                    f"CT-11: the {what} file {path} is in a directory anyone can write to: "
+                    "anyone could replace it and clear alone"
+                )
+
+    def lists_key_for(self, signed: SignedStatement, principal: str) -> bool:
+        """Whether the allowed-signers file lists the key that signed ``signed`` for
+        ``principal`` too (blocking: runs ssh-keygen).  ssh-keygen answers, so every
+        form of listing counts: a second line, a name list, a pattern, a certificate."""
+        with tempfile.TemporaryDirectory(prefix="conclave-verify-") as tmp:
+            sig = Path(tmp) / "statement.sig"
+            sig.write_text(signed.signature, encoding="utf-8")
+            checks = ["-f", str(self.allowed_signers), "-I", principal, "-n", NAMESPACE]
+            done = _run(["-Y", "verify", *checks, "-s", str(sig)], signed.statement.encode())
+        if done.returncode not in (0, 255):
+            raise ApprovalRefusedError(
+                f"CT-11: ssh-keygen -Y verify failed to run: {_stderr(done)}"
+            )
+        return done.returncode == 0
+
     def _why(self, principal: str, sig: Path, payload: bytes, checks: list[str]) -> str:
         intact = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig)], payload)
         if intact.returncode != 0:
@@ -307,7 +392,10 @@ class SignatureVerifier:
         )
         owners = found.stdout.decode("utf-8", "replace").split()
         if not owners:
-            return f"it is signed by key {key}, which is not in {self.allowed_signers}"
+            return (
+                f"it is signed by key {key}, which is not in {self.allowed_signers} "
+                "(or its entry there is not valid now: valid-after/valid-before)"
+            )
         if principal not in owners:
             whose = ", ".join(owners)
             return (
@@ -318,6 +406,10 @@ class SignatureVerifier:
             return f"key {key} is revoked ({self.revoked})"
         refused = _run(["-Y", "verify", *checks], payload)
         return f"ssh-keygen -Y verify refused it ({_stderr(refused)})"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def _fingerprint(stdout: bytes) -> str:
@@ -378,21 +470,46 @@ def check_current(statement: HaltStatement, now: datetime) -> None:
         )
 
 
+def _person(principal: str) -> str:
+    """A principal as a person: names that differ only by case or Unicode form
+    ('Alice', 'alice', a composed and a decomposed accent) are one name."""
+    return unicodedata.normalize("NFKC", principal).casefold()
+
+
 def distinct_signers(signers: Sequence[Signer]) -> tuple[Signer, ...]:
-    """Two-person rule for signatures: two distinct principals, with two distinct keys
-    (one key listed under two names is one person)."""
-    principals = {s.principal for s in signers}
-    keys = {s.fingerprint for s in signers}
-    if len(principals) < 2:
-        named = ", ".join(sorted(principals)) or "none"
+    """Two-person rule for signatures: every two approvals come from two people -- two
+    principals (not differing only by case or Unicode form), two keys (one key listed
+    under two names is one person), and neither key listed for the other's principal
+    too (two keys of one person under a shared name or pattern)."""
+    people = {_person(s.principal) for s in signers}
+    if len(people) < 2:
+        named = ", ".join(sorted({s.principal for s in signers})) or "none"
         raise ApprovalRefusedError(
             f"CT-11: clearing a halt needs signed approvals from 2 distinct principals, got "
-            f"{len(principals)} ({named})"
+            f"{len(people)} ({named})"
         )
-    if len(keys) < 2:
+    if len({s.fingerprint for s in signers}) < 2:
         raise ApprovalRefusedError(
             "CT-11: the approvals are signed by one key under different names: one person"
         )
+    for a, b in combinations(signers, 2):
+        if _person(a.principal) == _person(b.principal):
+            raise ApprovalRefusedError(
+                f"CT-11: two approvals are by {a.principal!r} and {b.principal!r}: one "
+                "principal (names that differ only by case or Unicode form are one)"
+            )
+        if a.fingerprint == b.fingerprint:
+            raise ApprovalRefusedError(
+                f"CT-11: the approvals by {a.principal!r} and {b.principal!r} are signed "
+                "by one key under different names: one person"
+            )
+        for one, other in ((a, b), (b, a)):
+            if other.principal in one.aliases:
+                raise ApprovalRefusedError(
+                    f"CT-11: the approvals by {a.principal!r} and {b.principal!r} may be "
+                    f"one person's: the allowed-signers file lists {one.principal!r}'s key "
+                    f"{one.fingerprint} for {other.principal!r} too"
+                )
     return tuple(sorted(signers, key=lambda s: s.principal))
 
 
@@ -433,6 +550,10 @@ def check_clear_request(
         )
     if not isinstance(reason, str) or not reason.strip():
         raise HaltClearDeniedError("CT-11: clearing a halt needs a non-empty reason")
+    if len(approvals) > MAX_APPROVALS:
+        raise ApprovalRefusedError(
+            f"CT-11: a clear takes at most {MAX_APPROVALS} signed approvals, got {len(approvals)}"
+        )
     if len(approvals) < 2:
         raise ApprovalRefusedError(
             f"CT-11: clearing a halt needs signed approvals from 2 distinct principals, got "
@@ -446,7 +567,22 @@ def verify_request(verifier: SignatureVerifier | None, request: ClearRequest) ->
     if not request.signed:
         return ()
     assert verifier is not None
-    return tuple(verifier.verify(s) for s in request.signed)
+    signers = [verifier.verify(s) for s in request.signed]
+    # Principals are names, not people: one person's two keys may be listed under a
+    # shared name (``alice@example.com,alice`` and ``alice``) or pattern (``ali*``).
+    # Whether a key may also speak for another approval's principal is OpenSSH's answer.
+    for i, signer in enumerate(signers):
+        others = {
+            o.principal
+            for o in signers
+            if _person(o.principal) != _person(signer.principal)
+            and o.fingerprint != signer.fingerprint
+        }
+        aliases = frozenset(
+            p for p in sorted(others) if verifier.lists_key_for(request.signed[i], p)
+        )
+        signers[i] = attrs.evolve(signer, aliases=aliases)
+    return tuple(signers)
 
 
 def verify_signed_halt(
@@ -484,6 +620,60 @@ def signature_verifier(
     if not isinstance(allowed_signers, str | os.PathLike) or not str(allowed_signers).strip():
         raise InvalidRequestError("allowed_signers must be a path")
     return SignatureVerifier(allowed_signers, revoked)
+
+
+def signer_files(
+    recorded: SignedClears | None, verifier: SignatureVerifier | None
+) -> SignedClears | None:
+    """The signer files the next document records: those it records already, for good
+    (an operator's choice of flags must not change them), with this channel's revocation
+    list added if it records none (that only refuses more); else this channel's."""
+    if verifier is None:
+        return recorded
+    if recorded is None or (recorded.revoked is None and _same_signers(recorded, verifier)):
+        return verifier.files
+    return recorded
+
+
+def _same_signers(recorded: SignedClears, verifier: SignatureVerifier) -> bool:
+    """Whether ``verifier`` checks against the recorded files: the same allowed signers,
+    and the recorded revocation list if there is one."""
+    mine = verifier.files
+    return mine.allowed_signers == recorded.allowed_signers and (
+        recorded.revoked is None or mine.revoked == recorded.revoked
+    )
+
+
+def check_signer_files(
+    recorded: SignedClears | None,
+    verifier: SignatureVerifier | None,
+    where: str,
+    *,
+    signed: bool,
+) -> None:
+    """Where a document records signer files (a tool with an allowed-signers file wrote
+    it), refuse a clear by names, and signatures verified against other files: one
+    operator could otherwise clear alone by leaving ``--allowed-signers`` out, or by
+    giving a file of their own (or leaving ``--revoked`` out)."""
+    if recorded is None:
+        return
+    if not signed:
+        raise HaltClearDeniedError(
+            f"CT-11: {where} requires signed approvals, verified against "
+            f"{recorded.allowed_signers}: a clear by approver names is refused; each "
+            "approver runs conclave approve, then clear with --allowed-signers"
+        )
+    if verifier is None or not _same_signers(recorded, verifier):
+        given = "none" if verifier is None else _describe(verifier.files)
+        raise ApprovalRefusedError(
+            f"CT-11: {where} verifies signatures against {_describe(recorded)}, not "
+            f"{given}: signatures checked against other signer files are refused"
+        )
+
+
+def _describe(files: SignedClears) -> str:
+    revoked = f" with revocation list {files.revoked}" if files.revoked else ""
+    return f"{files.allowed_signers}{revoked}"
 
 
 def halt_record(reason: str, halt_id: str, signer: Signer | None) -> HaltRecord:

@@ -14,6 +14,11 @@ durable halt channel (the file and the Valkey key).
   halt it clears; every writer gives each halt a new one.  A halted document without
   one (written before ids existed) is named by a hash of its bytes, which change with
   every write;
+* ``"signed_clears"`` (optional): ``{"allowed_signers": path, "revoked": path or null}``,
+  the signer files of the first tool with an allowed-signers file that wrote the document;
+  every writer keeps it, and every tool then refuses a clear by typed names, and one
+  verified against other files (the rule must not depend on the clearing operator's
+  choice of flags);
 * ``"history"`` (optional: the file keeps its history here, the Valkey channel in a list
   beside the key): a list of records;
 * ``"updated_at"`` and any other key: ignored.
@@ -45,8 +50,10 @@ __all__ = [
     "SCHEMA",
     "CorruptHaltDocument",
     "HaltDocument",
+    "SignedClears",
     "encode_document",
     "encode_record",
+    "encode_signed_clears",
     "new_halt_id",
     "parse_document",
     "parse_record",
@@ -68,6 +75,15 @@ class HaltDocument:
     reason: str | None
     history: tuple[HaltRecord, ...] = ()
     halt_id: str | None = None  # None exactly when not halted
+    signed_clears: SignedClears | None = None  # clears need approvals checked against these
+
+
+@attrs.frozen(slots=True)
+class SignedClears:
+    """The signer files a channel's clears are verified against (absolute paths)."""
+
+    allowed_signers: str
+    revoked: str | None = None
 
 
 def parse_document(raw: bytes) -> HaltDocument:
@@ -96,7 +112,25 @@ def parse_document(raw: bytes) -> HaltDocument:
             raise CorruptHaltDocument("'halt_id' is blank")
     if halted and halt_id is None:
         halt_id = "legacy-" + hashlib.sha256(raw).hexdigest()[:32]
-    return HaltDocument(halted, reason if halted else None, records, halt_id if halted else None)
+    return HaltDocument(
+        halted,
+        reason if halted else None,
+        records,
+        halt_id if halted else None,
+        _signed_clears(doc.get("signed_clears")),
+    )
+
+
+def _signed_clears(raw: object) -> SignedClears | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"allowed_signers", "revoked"}:
+        raise CorruptHaltDocument("'signed_clears' is not an object of allowed_signers, revoked")
+    allowed = _text(raw["allowed_signers"], "'signed_clears.allowed_signers'")
+    revoked = raw["revoked"]
+    if revoked is not None:
+        revoked = _text(revoked, "'signed_clears.revoked'")
+    return SignedClears(allowed, revoked)
 
 
 def new_halt_id() -> str:
@@ -115,6 +149,7 @@ def encode_document(
     history: Sequence[HaltRecord] | None = None,
     *,
     halt_id: str | None = None,
+    signed_clears: SignedClears | None = None,
     indent: int | None = None,
 ) -> bytes:
     """The document; ``history`` None leaves the key out (it is kept elsewhere)."""
@@ -126,10 +161,16 @@ def encode_document(
     }
     if halted and halt_id is not None:
         doc["halt_id"] = halt_id
+    if signed_clears is not None:
+        doc["signed_clears"] = encode_signed_clears(signed_clears)
     if history is not None:
         doc["history"] = [_record_dict(r) for r in history]
     text = json.dumps(doc, indent=indent)
     return (text + "\n" if indent is not None else text).encode()
+
+
+def encode_signed_clears(files: SignedClears) -> dict[str, str | None]:
+    return {"allowed_signers": files.allowed_signers, "revoked": files.revoked}
 
 
 def encode_record(record: HaltRecord) -> bytes:

@@ -49,19 +49,29 @@ from adapters.halt.approval import (
     ClearRequest,
     Signer,
     check_clear_request,
+    check_signer_files,
     clear_record,
     halt_record,
     signature_verifier,
+    signer_files,
     verify_request,
     verify_signed_halt,
 )
 from adapters.halt.document import (
     CorruptHaltDocument,
+    SignedClears,
     encode_document,
     new_halt_id,
     parse_document,
 )
-from kernel import NO_REASON, HaltClearDeniedError, HaltRecord, check_halt_reason, utc_now
+from kernel import (
+    NO_REASON,
+    HaltClearDeniedError,
+    HaltRecord,
+    InvalidRequestError,
+    check_halt_reason,
+    utc_now,
+)
 from kernel.validate import check_seconds
 
 __all__ = ["MAX_HALT_FILE_BYTES", "FileHaltChannel", "HaltFileState"]
@@ -88,6 +98,7 @@ class HaltFileState:
     history: tuple[HaltRecord, ...] = ()
     error: str | None = None
     halt_id: str | None = None  # the current halt's id (None when not halted, unreadable)
+    signed_clears: SignedClears | None = None  # signer files every clear is checked against
 
 
 class FileHaltChannel:
@@ -141,7 +152,11 @@ class FileHaltChannel:
             if raw is None:
                 return self._ok(HaltFileState(False, None))
             doc = parse_document(raw)
-            return self._ok(HaltFileState(doc.halted, doc.reason, doc.history, None, doc.halt_id))
+            return self._ok(
+                HaltFileState(
+                    doc.halted, doc.reason, doc.history, None, doc.halt_id, doc.signed_clears
+                )
+            )
         except CorruptHaltDocument as exc:
             return self._unreadable(f"corrupt halt file {self.path}: {exc}")
         except OSError as exc:
@@ -297,10 +312,18 @@ class FileHaltChannel:
             state = self.read_state()
             if state.halted and state.error is None:
                 return False
+            if signer is not None:
+                try:
+                    check_signer_files(
+                        state.signed_clears, self.verifier, str(self.path), signed=True
+                    )
+                except HaltClearDeniedError as exc:
+                    raise InvalidRequestError(f"{exc} (nothing was written)") from None
             halt_id = new_halt_id()
             record = halt_record(reason, halt_id, signer)
             history = [*state.history, record]
-            data = _encode(True, reason, history, self.path, halt_id)
+            files = signer_files(state.signed_clears, self.verifier)
+            data = _encode(True, reason, history, self.path, halt_id, files)
             if state.error is None:
                 write_atomically(self.path, data)
             else:
@@ -328,11 +351,15 @@ class FileHaltChannel:
                 )
             if not state.halted:
                 return False
+            check_signer_files(
+                state.signed_clears, self.verifier, str(self.path), signed=bool(signers)
+            )
             assert state.halt_id is not None and state.reason is not None
             record = clear_record(reason, state.halt_id, state.reason, names, signers)
             approvers = record.approvers
             history = [*state.history, record]
-            write_atomically(self.path, _encode(False, None, history, self.path))
+            files = signer_files(state.signed_clears, self.verifier)
+            write_atomically(self.path, _encode(False, None, history, self.path, None, files))
         log.warning(
             "halt cleared",
             extra={
@@ -475,12 +502,20 @@ def _encode(
     history: list[HaltRecord],
     path: Path,
     halt_id: str | None = None,
+    signed_clears: SignedClears | None = None,
 ) -> bytes:
     """The document, keeping it under MAX_HALT_FILE_BYTES by dropping the oldest records
     (the newest, which this write adds, is always kept)."""
     dropped = 0
     while True:
-        data = encode_document(halted, reason, history[dropped:], halt_id=halt_id, indent=2)
+        data = encode_document(
+            halted,
+            reason,
+            history[dropped:],
+            halt_id=halt_id,
+            signed_clears=signed_clears,
+            indent=2,
+        )
         if len(data) <= MAX_HALT_FILE_BYTES or dropped >= len(history) - 1:
             break
         dropped += max(1, (len(history) - dropped) // 10)

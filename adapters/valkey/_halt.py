@@ -18,6 +18,8 @@ deployment therefore starts halted, and two approvers clear it once
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Collection, Sequence
@@ -30,16 +32,20 @@ import trio
 from adapters.halt.approval import (
     ApprovalRefusedError,
     check_clear_request,
+    check_signer_files,
     clear_record,
     halt_record,
     signature_verifier,
+    signer_files,
     verify_request,
     verify_signed_halt,
 )
 from adapters.halt.document import (
     CorruptHaltDocument,
+    SignedClears,
     encode_document,
     encode_record,
+    encode_signed_clears,
     new_halt_id,
     parse_document,
     parse_record,
@@ -60,7 +66,13 @@ from adapters.valkey._connection import (
     to_int,
 )
 from adapters.valkey._lua import HALT, HALT_CLEAR, HALT_READ
-from kernel import HaltClearDeniedError, HaltRecord, check_halt_reason, utc_now
+from kernel import (
+    HaltClearDeniedError,
+    HaltRecord,
+    InvalidRequestError,
+    check_halt_reason,
+    utc_now,
+)
 
 __all__ = ["HaltChannelState", "ValkeyHaltChannel"]
 
@@ -98,6 +110,7 @@ class _KeyState:
     reason: str | None
     problem: str | None = None
     halt_id: str | None = None
+    signed_clears: SignedClears | None = None  # signer files every clear is checked against
 
 
 class ValkeyHaltChannel(BackgroundClient):
@@ -289,28 +302,46 @@ class ValkeyHaltChannel(BackgroundClient):
         stamp = _stamp()
         aside = f"{self.key}:corrupt:{stamp}"
         keys = [self.key, self._history_key, aside, f"{self._history_key}:corrupt:{stamp}"]
-        args: list[Any] = [
-            encode_document(True, reason, halt_id=halt_id),
-            encode_record(halt_record(reason, halt_id, signer)),
-            self._events,
-            MAX_HISTORY,
-            MAX_HALT_BYTES,
-            b"1" if self._key_state.problem not in (None, "no halt record", _NOT_READ) else b"0",
-        ]
-        try:
-            done = to_int(
-                await store_call(lambda: self._halt_script(keys=keys, args=args), self.timeout),
-                "halt",
-            )
-        except StoreError as exc:
+        for _ in range(3):
+            # The signer files the key records (as last read) are kept for good; the
+            # script refuses (3) if the key records others than this process read.
+            recorded = self._key_state.signed_clears
+            if signer is not None:
+                try:
+                    check_signer_files(recorded, self.verifier, f"halt key {self.key}", signed=True)
+                except HaltClearDeniedError as exc:
+                    raise InvalidRequestError(f"{exc} (nothing was written)") from None
+            files = signer_files(recorded, self.verifier)
+            args: list[Any] = [
+                encode_document(True, reason, halt_id=halt_id, signed_clears=files),
+                encode_record(halt_record(reason, halt_id, signer)),
+                self._events,
+                MAX_HISTORY,
+                MAX_HALT_BYTES,
+                b"1"
+                if self._key_state.problem not in (None, "no halt record", _NOT_READ)
+                else b"0",
+                b"" if recorded is None else json.dumps(encode_signed_clears(recorded)).encode(),
+            ]
+            try:
+                call = functools.partial(self._halt_script, keys=keys, args=args)
+                done = to_int(await store_call(call, self.timeout), "halt")
+                if done != 3:
+                    break
+                await self._refresh()
+            except StoreError as exc:
+                raise ValkeyUnavailableError(
+                    f"CT-11: {_cannot('raise the halt', self.url, exc)}; nothing was written"
+                ) from None
+        else:
             raise ValkeyUnavailableError(
-                f"CT-11: {_cannot('raise the halt', self.url, exc)}; nothing was written"
-            ) from None
+                f"CT-11: the signer files recorded at {self.key} keep changing; nothing was written"
+            )
         self.kept_aside = aside if done == 2 else None
         if done:
             # Halted here at once, without waiting for our own message (never wrongly:
             # a clear after this is read by the watcher, which re-reads the key).
-            self._set_key_state(_KeyState(True, reason, None, halt_id))
+            self._set_key_state(_KeyState(True, reason, None, halt_id, files))
             log.critical(
                 "halt raised",
                 extra={"halt_channel": "valkey", "halt_key": self.key, "halt_reason": reason},
@@ -350,6 +381,7 @@ class ValkeyHaltChannel(BackgroundClient):
         except StoreError as exc:
             raise HaltClearDeniedError(f"CT-11: {_cannot('clear', self.url, exc)}") from None
         halt_id: str | None = None
+        recorded: SignedClears | None = None
         if kind == "none":
             if signers:
                 raise ApprovalRefusedError(
@@ -366,6 +398,10 @@ class ValkeyHaltChannel(BackgroundClient):
                 )
             if not state.halted:
                 return False
+            recorded = state.signed_clears
+            check_signer_files(
+                recorded, self.verifier, f"halt key {self.key}", signed=bool(signers)
+            )
             expected, halt_id = raw, state.halt_id
         if halt_id is None:
             record = HaltRecord("clear", reason, utc_now(), request.names)
@@ -374,7 +410,7 @@ class ValkeyHaltChannel(BackgroundClient):
         keys = [self.key, self._history_key, f"{self._history_key}:corrupt:{_stamp()}"]
         args: list[Any] = [
             expected,
-            encode_document(False, None),
+            encode_document(False, None, signed_clears=signer_files(recorded, self.verifier)),
             encode_record(record),
             self._events,
             MAX_HISTORY,
@@ -497,7 +533,7 @@ class ValkeyHaltChannel(BackgroundClient):
             except CorruptHaltDocument as exc:
                 problem = str(exc)
             else:
-                return _KeyState(doc.halted, doc.reason, None, doc.halt_id)
+                return _KeyState(doc.halted, doc.reason, None, doc.halt_id, doc.signed_clears)
         why = f"halt key {self.key} corrupt, unreadable ({problem}); treated as halted"
         return _KeyState(True, why, problem)
 

@@ -330,7 +330,10 @@ end
 #: accepts may be one the caller refuses, and would then be neither halted again nor
 #: cleared); over anything that is not a halt document for either (any type, any
 #: content), keeps that aside and writes the halt (returns 2); else writes the halt
-#: (returns 1).  Publishes the new document.
+#: (returns 1).  ARGV[7]: the signer files (JSON) the caller read the document as
+#: recording, or ''; a readable document that records others is not written over
+#: (returns 3: the caller reads again), so no writer drops what it records.  Publishes
+#: the new document.
 HALT = (
     _HALT_HISTORY
     + """
@@ -345,6 +348,15 @@ if kind == 'string' and redis.call('STRLEN', state) <= tonumber(ARGV[5]) then
   end
 end
 if doc and doc['halted'] == true and ARGV[6] ~= '1' then return 0 end
+local recorded = doc and ARGV[6] ~= '1' and doc['signed_clears']
+if type(recorded) == 'table' then
+  local assumed = {}
+  if ARGV[7] ~= '' then assumed = cjson.decode(ARGV[7]) end
+  if assumed['allowed_signers'] ~= recorded['allowed_signers']
+      or assumed['revoked'] ~= recorded['revoked'] then
+    return 3
+  end
+end
 local kept = 0
 if kind ~= 'none' and (not doc or ARGV[6] == '1') then
   redis.call('RENAME', state, KEYS[3])

@@ -3,6 +3,7 @@ Valkey key: test_valkey.py), as an operator runs them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,45 @@ def test_cli_on_a_corrupt_halt_file(tmp_path: Path, shape: str) -> None:
     )
     assert clear.returncode == 0 and clear.stdout == "cleared\n", clear.stderr
     assert conclave("status", "--halt-file", str(path)).returncode == 0
+
+
+def test_clear_refuses_an_approval_path_that_is_endless_or_a_silent_fifo(tmp_path: Path) -> None:
+    """--approval /dev/zero is refused by its size, not read into memory; a FIFO nobody
+    writes to reads as empty (not an approval) instead of hanging the clear."""
+    path = tmp_path / "halt.json"
+    assert conclave("halt", "--halt-file", str(path), "--reason", "r").returncode == 0
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("")
+    fifo = tmp_path / "approval.fifo"
+    os.mkfifo(fifo)
+    before = snapshot(path)
+    signed = ["--allowed-signers", str(allowed), "--reason", "ok"]
+    endless = conclave(
+        "clear", "--halt-file", str(path), "--approval", "/dev/zero", "--approval", "/dev/zero",
+        *signed, timeout=30,
+    )  # fmt: skip
+    assert endless.returncode == 2, endless.stderr
+    assert endless.stderr.startswith("conclave: --approval /dev/zero: larger than 65536 bytes")
+    silent = conclave(
+        "clear", "--halt-file", str(path), "--approval", str(fifo), "--approval", str(fifo),
+        *signed, timeout=30,
+    )  # fmt: skip
+    assert silent.returncode == 2 and "an approval is not JSON" in silent.stderr, silent.stderr
+    assert snapshot(path) == before
+
+
+def test_leaving_out_allowed_signers_does_not_let_one_operator_clear_by_typed_names(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "halt.json"
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("")
+    halt = conclave(
+        "halt", "--halt-file", str(path), "--allowed-signers", str(allowed), "--reason", "r"
+    )
+    assert halt.returncode == 0, halt.stderr
+    before = snapshot(path)
+    names = ["--approver", "alice", "--approver", "bob", "--reason", "alone"]
+    clear = conclave("clear", "--halt-file", str(path), *names)
+    assert clear.returncode == 2 and "requires signed approvals" in clear.stderr, clear.stderr
+    assert snapshot(path) == before

@@ -17,6 +17,7 @@ from adapters.halt.document import (
     SCHEMA,
     CorruptHaltDocument,
     HaltDocument,
+    SignedClears,
     encode_document,
     encode_record,
     parse_document,
@@ -107,3 +108,16 @@ def test_a_halt_id_that_is_not_text_is_corrupt(halt_id: object) -> None:
 def test_a_record_that_is_not_one_is_corrupt(record: bytes) -> None:
     with pytest.raises(CorruptHaltDocument):
         parse_record(record)
+
+
+def test_a_document_records_the_signer_files_its_clears_need_or_is_corrupt() -> None:
+    files = SignedClears("/etc/conclave/allowed_signers", "/etc/conclave/revoked")
+    raw = encode_document(True, "storm", halt_id="h1", signed_clears=files)
+    assert parse_document(raw).signed_clears == files
+    cleared = encode_document(False, None, signed_clears=SignedClears("/a"))
+    assert parse_document(cleared).signed_clears == SignedClears("/a", None)
+    assert parse_document(encode_document(False, None)).signed_clears is None
+    for value in (True, "/a", {"allowed_signers": "/a"}, {"allowed_signers": 1, "revoked": None}):
+        doc = {"schema": SCHEMA, "halted": False, "reason": None, "signed_clears": value}
+        with pytest.raises(CorruptHaltDocument, match="'signed_clears"):
+            parse_document(json.dumps(doc).encode())

@@ -4,6 +4,7 @@ exception; ``halt`` can always rewrite it; ``clear`` refuses what it cannot read
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -622,11 +623,39 @@ async def test_a_channel_with_allowed_signers_refuses_names_and_changes_nothing(
     with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
         channel.clear(approvers=["alice", "bob"], reason="typed names")
     assert snapshot(path) == before
-    # The same file, opened without allowed signers, still takes names (a process that
-    # can write the file can: that is what file permissions are for).
     plain = FileHaltChannel(path)
     with pytest.raises(HaltClearDeniedError, match="no allowed-signers file"):
         await plain.aclear(approvals=["x", "y"], reason="r")
+
+
+async def test_a_file_written_with_allowed_signers_refuses_names_from_every_channel(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    """One operator must not clear alone by leaving out --allowed-signers: once a tool
+    with an allowed-signers file has written the file, a channel without one refuses
+    names too, and its own halts and clears keep the file that way."""
+    path = tmp_path / "halt.json"
+    await signed_channel(path, keys).ahalt("tool misuse")
+    plain = FileHaltChannel(path)
+    before = snapshot(path)
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await plain.aclear(approvers=["alice", "bob"], reason="alone")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        plain.clear(approvers=["alice", "bob"], reason="alone")
+    assert snapshot(path) == before and plain.read_state().halted
+
+    signed = signed_channel(path, keys)
+    halt_id = (await signed.state()).halt_id
+    approvals = [keys.approve(p, halt_id, "tool misuse") for p in ("alice", "bob")]
+    assert await signed.aclear(approvals=approvals, reason="fixed")
+    # A halt raised without allowed signers keeps the rule for its clear.
+    assert await plain.ahalt("again")
+    with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+        await plain.aclear(approvers=["alice", "bob"], reason="alone")
+    # A file no tool with allowed signers wrote is cleared by names, as before.
+    other = FileHaltChannel(tmp_path / "other.json")
+    await other.ahalt("storm")
+    assert await other.aclear(approvers=["alice", "bob"], reason="calm")
 
 
 async def test_an_approval_for_an_earlier_halt_cannot_clear_a_new_one(
@@ -650,7 +679,7 @@ class _DuringVerification(SignatureVerifier):
     """Verifies for real, then runs ``meanwhile`` (another process's write) once."""
 
     def __init__(self, keys: Keyring, meanwhile: Any) -> None:
-        super().__init__(keys.allowed)
+        super().__init__(keys.allowed, keys.revoked)
         self.meanwhile = meanwhile
 
     def verify(self, signed: SignedStatement) -> Any:
@@ -673,8 +702,7 @@ async def test_a_new_halt_raised_while_approvals_are_verified_is_not_cleared(
 
     def new_halt() -> None:
         # Someone cleared with their own approvals and a new halt came at once.
-        names = FileHaltChannel(path)
-        names.clear(approvers=["x", "y"], reason="elsewhere")
+        other.clear(approvals=approvals, reason="elsewhere")
         other.halt("a second storm")
 
     channel.verifier = _DuringVerification(keys, new_halt)
@@ -826,11 +854,18 @@ async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_hal
     approvals = [keys.approve(p, first, "storm") for p in ("alice", "bob")]
     stop = threading.Event()
 
+    keys.trust("carol")
+    keys.trust("dave")
+
     def rewrite() -> None:
-        # Another operator's tool, busy: clears (by names, where it may) and re-halts.
-        other = FileHaltChannel(path)
+        # Other operators' tools, busy: clear (with their own approvals) and re-halt.
+        other = signed_channel(path, keys)
         while not stop.is_set():
-            other.clear(approvers=["x", "y"], reason="churn")
+            halt_id = other.read_state().halt_id
+            if halt_id is not None:
+                theirs = [keys.approve(p, halt_id, "storm") for p in ("carol", "dave")]
+                with contextlib.suppress(ApprovalRefusedError):  # cleared meanwhile
+                    other.clear(approvals=theirs, reason="churn")
             other.halt("storm")
             stop.wait(0.002)  # let the clear under test take the lock now and then
 
@@ -849,3 +884,66 @@ async def test_approvals_verified_while_the_file_is_rewritten_clear_only_the_hal
     # Whatever the interleaving: a signed clear only ever cleared the halt it named.
     assert all(r.halt_id == first for r in signed_clears)
     assert len(signed_clears) <= 1 and outcomes.count(True) == len(signed_clears)
+
+
+async def test_approvals_checked_against_other_signer_files_than_the_file_records_change_nothing(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    """One operator must not clear alone with an allowed-signers file of their own
+    (listing two keys they hold), nor by leaving out the revocation list."""
+    path = tmp_path / "halt.json"
+    signed = signed_channel(path, keys)
+    await signed.ahalt("tool misuse")
+    halt_id = (await signed.state()).halt_id
+    own = tmp_path / "my_allowed_signers"
+    for name, key in (("alice", "mallory"), ("bob", "mallory-2")):
+        public = keys.key(key).with_suffix(".pub").read_text().split()[:2]
+        with own.open("a") as f:
+            f.write(f"{name} {' '.join(public)}\n")
+    forged = [
+        keys.approve("alice", halt_id, "tool misuse", key_of="mallory"),
+        keys.approve("bob", halt_id, "tool misuse", key_of="mallory-2"),
+    ]
+    before = snapshot(path)
+    mine = FileHaltChannel(path, allowed_signers=own)
+    with pytest.raises(ApprovalRefusedError, match=r"verifies signatures against .*, not "):
+        await mine.aclear(approvals=forged, reason="alone")
+    assert snapshot(path) == before
+    real = [keys.approve(p, halt_id, "tool misuse") for p in ("alice", "bob")]
+    assert await signed.aclear(approvals=real, reason="fixed")
+
+    # Nor is a signed halt recorded as someone's against other files (nothing written).
+    before = snapshot(path)
+    fake = keys.approve("alice", None, "storm", action="halt", key_of="mallory")
+    with pytest.raises(InvalidRequestError, match=r"verifies signatures against .*nothing was"):
+        await mine.ahalt("storm", signed=fake)
+    assert snapshot(path) == before
+
+    await signed.ahalt("storm")
+    halt_id = (await signed.state()).halt_id
+    keys.revoke("bob")  # bob's key was stolen
+    real = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    before = snapshot(path)
+    unrevoked = FileHaltChannel(path, allowed_signers=keys.allowed)
+    with pytest.raises(ApprovalRefusedError, match="with revocation list"):
+        await unrevoked.aclear(approvals=real, reason="with the stolen key")
+    assert snapshot(path) == before
+
+
+async def test_a_revocation_list_can_be_added_to_the_recorded_signer_files_never_dropped(
+    tmp_path: Path, keys: Keyring
+) -> None:
+    path = tmp_path / "halt.json"
+    await FileHaltChannel(path, allowed_signers=keys.allowed).ahalt("storm")
+    halt_id = (await FileHaltChannel(path).state()).halt_id
+    approvals = [keys.approve(p, halt_id, "storm") for p in ("alice", "bob")]
+    assert await signed_channel(path, keys).aclear(approvals=approvals, reason="calm")
+    recorded = FileHaltChannel(path).read_state().signed_clears
+    assert recorded is not None and recorded.revoked == str(keys.revoked)
+    await FileHaltChannel(path).ahalt("again")
+    halt_id = (await FileHaltChannel(path).state()).halt_id
+    approvals = [keys.approve(p, halt_id, "again") for p in ("alice", "bob")]
+    with pytest.raises(ApprovalRefusedError, match="with revocation list"):
+        await FileHaltChannel(path, allowed_signers=keys.allowed).aclear(
+            approvals=approvals, reason="without it"
+        )

@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import coredis
@@ -412,6 +413,79 @@ async def test_two_signed_approvals_clear_the_halt_they_name_and_one_forged_chan
         with pytest.raises(ApprovalRefusedError, match="is for another halt"):
             await channel.clear(approvals=[good, bob], reason="again")
         assert channel.state.halted
+
+
+async def test_a_key_written_with_allowed_signers_refuses_names_from_every_channel(
+    valkey_server: ValkeyServer, key: str, keys: Keyring
+) -> None:
+    """One operator must not clear alone by leaving out --allowed-signers: once a tool
+    with an allowed-signers file has written the key, a channel without one refuses
+    names too, and a halt it raises keeps that."""
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as signed,
+        ValkeyHaltChannel(valkey_server.url, key=key) as plain,
+        raw(valkey_server.url) as client,
+    ):
+        await signed.halt("tool misuse")
+        before = (await client.get(key), await client.lrange(f"{key}:history", 0, -1))
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await plain.clear(approvers=["alice", "bob"], reason="alone")
+        assert (await client.get(key), await client.lrange(f"{key}:history", 0, -1)) == before
+
+        halt_id = signed.state.halt_id or ""
+        approvals = [keys.approve(p, halt_id, "tool misuse") for p in ("alice", "bob")]
+        assert await signed.clear(approvals=approvals, reason="fixed")
+        with trio.fail_after(5):
+            await plain.wait_cleared()
+        assert await plain.halt("again")
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await plain.clear(approvers=["alice", "bob"], reason="alone")
+        assert plain.state.halted
+
+
+async def test_approvals_checked_against_other_signer_files_than_the_key_records_change_nothing(
+    valkey_server: ValkeyServer, key: str, keys: Keyring, tmp_path: Path
+) -> None:
+    own = tmp_path / "my_allowed_signers"
+    for name, holder in (("alice", "mallory"), ("bob", "mallory-2")):
+        public = keys.key(holder).with_suffix(".pub").read_text().split()[:2]
+        with own.open("a") as f:
+            f.write(f"{name} {' '.join(public)}\n")
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=keys.allowed) as signed,
+        ValkeyHaltChannel(valkey_server.url, key=key, allowed_signers=own) as mine,
+        raw(valkey_server.url) as client,
+    ):
+        await signed.halt("tool misuse")
+        halt_id = signed.state.halt_id or ""
+        forged = [
+            keys.approve("alice", halt_id, "tool misuse", key_of="mallory"),
+            keys.approve("bob", halt_id, "tool misuse", key_of="mallory-2"),
+        ]
+        before = (await client.get(key), await client.lrange(f"{key}:history", 0, -1))
+        with pytest.raises(ApprovalRefusedError, match=r"verifies signatures against .*, not "):
+            await mine.clear(approvals=forged, reason="alone")
+        assert (await client.get(key), await client.lrange(f"{key}:history", 0, -1)) == before
+
+
+async def test_a_halt_keeps_the_signer_files_the_key_records_though_this_process_read_none(
+    valkey_server: ValkeyServer, key: str
+) -> None:
+    async with (
+        ValkeyHaltChannel(valkey_server.url, key=key, refresh_interval=60) as plain,
+        raw(valkey_server.url) as client,
+    ):
+        assert await plain.clear(approvers=["alice", "bob"], reason="first start")
+        with trio.fail_after(5):
+            await plain.wait_cleared()
+        # Another operator's tool enrolled the key since this process last read it.
+        files = {"allowed_signers": "/etc/conclave/allowed_signers", "revoked": None}
+        enrolled = {"schema": "conclave.halt/1", "halted": False, "reason": None}
+        valkey_server.command("SET", key, json.dumps({**enrolled, "signed_clears": files}))
+        assert await plain.halt("storm")
+        assert json.loads(await client.get(key) or b"")["signed_clears"] == files
+        with pytest.raises(HaltClearDeniedError, match="requires signed approvals"):
+            await plain.clear(approvers=["alice", "bob"], reason="alone")
 
 
 async def test_a_halt_raised_while_approvals_are_verified_is_not_cleared(
