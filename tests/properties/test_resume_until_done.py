@@ -26,7 +26,13 @@ from kernel import (
     SystemHaltedError,
 )
 from tests.cli.test_resume import wait_until_committed
-from tests.support.cli import CONCLAVE, announced_batch, conclave, halt_from_cli
+from tests.support.cli import (
+    CONCLAVE,
+    announced_batch,
+    conclave,
+    halt_from_cli,
+    wait_deliberating,
+)
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import (
     ScriptedOrchestrator,
@@ -91,7 +97,7 @@ class Deliberation:
         ) as proc:
             try:
                 assert proc.stderr is not None
-                assert "deliberating with" in proc.stderr.readline()
+                wait_deliberating(proc)
                 batch = announced_batch(proc)
                 assert self.batch in (None, batch)
                 wait_until_committed(self.db, len(before) + min(wait_for, answering))

@@ -35,12 +35,25 @@ def deliberating(*args: str) -> Iterator[subprocess.Popen[str]]:
         cwd=ROOT,
     ) as proc:
         try:
-            assert proc.stderr is not None
-            line = proc.stderr.readline()
-            assert "deliberating with" in line, line
+            wait_deliberating(proc)
             yield proc
         finally:
             proc.kill()
+
+
+def wait_deliberating(proc: subprocess.Popen[str]) -> None:
+    """Read ``proc``'s stderr up to its "deliberating with" line (notes may come first,
+    e.g. an endpoint that lists no models)."""
+    assert proc.stderr is not None
+    seen = []
+    for _ in range(10):
+        line = proc.stderr.readline()
+        if "deliberating with" in line:
+            return
+        seen.append(line)
+        if not line:
+            break
+    raise AssertionError(f"never said it was deliberating: {seen}")
 
 
 def halt_from_cli(halt_file: Path, reason: str) -> None:
