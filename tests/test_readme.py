@@ -109,3 +109,24 @@ def test_a_readme_snippet_runs(
         namespace.update(trio.run(namespace["_snippet"]))
     else:
         exec(compile(code, "README.md", "exec"), namespace)
+
+
+@pytest.mark.parametrize(
+    ("row", "report"),
+    [
+        ("as is", "load_stub_lognormal.json"),
+        ("`--hedge-after 3`", "load_stub_lognormal_hedged.json"),
+    ],
+)
+def test_the_load_table_is_what_conclave_load_wrote(row: str, report: str) -> None:
+    """The README's `conclave load` rows are the saved reports' numbers, not retyped ones."""
+    import json
+
+    doc = json.loads((ROOT / "benchmarks" / "results" / report).read_text())
+    line = next(x for x in README.splitlines() if x.startswith(f"| {row} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == [f"{doc[k]:.2f} s" for k in ("p50_batch_s", "p95_batch_s", "p99_batch_s")]
+    assert cells[4] == f"{100 * doc['agent_failure_rate']:.1f} %"
+    mean, peak = 100 * doc["pool_utilisation_mean"], 100 * doc["pool_utilisation_peak"]
+    assert cells[5] == f"{mean:.1f} % / {peak:.0f} %"
+    assert ("all met" in cells[6]) == doc["passed"]
