@@ -976,9 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
     # Bad usage or input, a refused admission, a denied clear, a file that cannot be
-    # written (the halt file): one line, exit 2.
+    # written (the halt file): one line, exit 2.  plain(): a message may quote a server,
+    # a file or a halt reason, whose control characters must not reach the terminal.
     except (UsageError, ConclaveError, OSError) as exc:
-        print(f"conclave: {exc}", file=sys.stderr)
+        print(f"conclave: {plain(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("conclave: interrupted", file=sys.stderr)
