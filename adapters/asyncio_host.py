@@ -465,8 +465,22 @@ def _halt_refused() -> None:
     log.error("halt not raised: the AsyncioHost's trio run was ending")
 
 
+#: How long :meth:`AsyncioHost.halt` waits for its channel, shielded: a halt raised as the
+#: host closes (the run being cancelled) must still reach its channel (a file or a Valkey
+#: halt outlives this process), and a stuck channel must not hang the close.
+_HALT_WAIT_S = 10.0
+
+
 async def _halt_logged(control: HaltControl, reason: str) -> None:
+    channel = type(control).__name__
     try:
-        await control.ahalt(reason)
+        with trio.move_on_after(_HALT_WAIT_S, shield=True) as bounded:
+            await control.ahalt(reason)
     except Exception:
-        log.exception("raising the halt failed", extra={"halt_channel": type(control).__name__})
+        log.exception("raising the halt failed", extra={"halt_channel": channel})
+        return
+    if bounded.cancelled_caught:
+        log.error(
+            "halt not raised: its channel did not take it in time",
+            extra={"halt_channel": channel, "timeout_s": _HALT_WAIT_S},
+        )

@@ -30,6 +30,7 @@ from adapters.asyncio_host import (
     ProgressEvent,
     host_loop,
 )
+from adapters.halt.file import FileHaltChannel
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.stub import AgentOrchestratorStub
@@ -558,3 +559,18 @@ def test_leaving_the_host_with_a_batch_nobody_awaits_reports_nothing_to_asyncio(
         gc.collect()  # an unretrieved exception is reported when its future is collected
 
     run_asyncio(main)  # fails on any report to the loop's exception handler
+
+
+def test_a_halt_raised_while_the_host_closes_still_reaches_its_channel(tmp_path: Path) -> None:
+    path = tmp_path / "halt.json"
+
+    async def main() -> None:
+        host = AsyncioHost(AgentOrchestratorStub(latency_ms=1), FileHaltChannel(path))
+        await host.__aenter__()
+        closing = asyncio.ensure_future(host.__aexit__(None, None, None))
+        await asyncio.sleep(0)  # the close has begun: the run is being cancelled
+        host.halt("raised during shutdown")
+        await closing
+
+    run_asyncio(main)
+    assert "raised during shutdown" in path.read_text()
