@@ -387,6 +387,17 @@ class AsyncioHost:
     def _new_call(self) -> _Call[Any]:
         if self._nursery is None:
             raise RuntimeError("use 'async with AsyncioHost(...)' first")
+        # Checked before anything is scheduled: from another loop, the call's future
+        # could not be awaited, and its batch would run with nobody owning it.
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                "call the AsyncioHost from the thread of the loop it was opened in "
+                "(halt() is the one call any thread may make)"
+            )
         return _Call(self)
 
     def _spawn(self, call: _Call[T], fn: Callable[..., Awaitable[T]], *args: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -574,3 +575,34 @@ def test_a_halt_raised_while_the_host_closes_still_reaches_its_channel(tmp_path:
 
     run_asyncio(main)
     assert "raised during shutdown" in path.read_text()
+
+
+@pytest.mark.parametrize("call", ["invoke_concurrent", "start", "run", "ahalt"])
+def test_a_call_from_another_event_loop_is_refused_and_starts_nothing(call: str) -> None:
+    async def main() -> None:
+        halt = HaltSwitch()
+        recorder = Recorder(halt, latency=0.01)
+        async with AsyncioHost(recorder, halt) as host:
+            calls: dict[str, Callable[[], Any]] = {
+                "invoke_concurrent": lambda: host.invoke_concurrent(requests(3)),
+                "start": lambda: host.start(requests(3)),
+                "run": lambda: host.run(host.service.invoke_concurrent, requests(3)),
+                "ahalt": lambda: host.ahalt("from another loop"),
+            }
+
+            async def elsewhere() -> None:
+                made = calls[call]()
+                if asyncio.iscoroutine(made):
+                    await made
+
+            def in_another_thread() -> None:
+                with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+                    runner.run(elsewhere())
+
+            with pytest.raises(RuntimeError, match="from the thread of the loop it was opened"):
+                await asyncio.to_thread(in_another_thread)
+            await host.run(trio.testing.wait_all_tasks_blocked)
+            assert recorder.started == 0 and not halt.halted
+            assert host.service.get_pool_status().active_count == 0
+
+    run_asyncio(main)
