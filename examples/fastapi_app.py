@@ -14,8 +14,9 @@ Endpoints:
   council's seats are taken by another deliberation, it answers 409 and runs nothing.
 * ``GET /deliberations/{id}/events`` streams its progress as server-sent events: one
   ``progress`` event per agent outcome (``{"done", "total", "agent_id", "status"}``), every
-  one from the first, then one ``end`` event (the POST's answer).  It waits up to 10 s for
-  a deliberation of that id to start.
+  one from the first, then one ``end`` event (the POST's answer; ``{"id", "status":
+  "refused", "detail"}`` for a deliberation answered 409, whose id is then free again).
+  It waits up to 10 s for a deliberation of that id to start.
 * ``POST /halt`` ``{"reason": str}`` halts: the running deliberation stops at once (its
   POST answers ``"halted"``, every in-flight HTTP request to the LLM closed), and later
   ones are refused (``"halted"``, nothing run) until the process restarts.
@@ -81,6 +82,11 @@ class Deliberations:
         if key in self._known:
             raise HTTPException(409, f"deliberation {key!r} exists")
 
+    def forget(self, key: str) -> None:
+        """A deliberation refused before it ran: its id is free again."""
+        self._known.pop(key, None)
+        self._announced.pop(key, None)
+
     def add(self, key: str, deliberation: Deliberation) -> None:
         self._known[key] = deliberation
         self._announcement(key).set()
@@ -138,7 +144,11 @@ async def deliberate(body: DeliberationIn, request: Request) -> dict[str, Any]:
     deliberation = host.start(batch)
     registry.add(key, deliberation)
     # A client that goes away cancels this handler, and so the deliberation.
-    return await _conclude(key, deliberation)
+    try:
+        return await _conclude(key, deliberation)
+    except HTTPException:
+        registry.forget(key)  # refused, nothing ran: a retry may use the id
+        raise
 
 
 async def _conclude(key: str, deliberation: Deliberation) -> dict[str, Any]:
@@ -174,8 +184,12 @@ async def events(key: str, request: Request) -> StreamingResponse:
             yield _sse("progress", {**doc, "status": event.status})
         if deliberation.cancelled():  # its POST's client went away
             yield _sse("end", {"id": key, "status": "cancelled"})
-        else:  # ended: this does not wait
-            yield _sse("end", await _conclude(key, deliberation))
+            return
+        try:  # ended: this does not wait
+            end = await _conclude(key, deliberation)
+        except HTTPException as exc:  # the stream has begun: said as its end, not a 409
+            end = {"id": key, "status": "refused", "detail": exc.detail}
+        yield _sse("end", end)
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
