@@ -23,6 +23,10 @@ Endpoints:
 
 The kernel runs in an :class:`~adapters.asyncio_host.AsyncioHost` opened by the app's
 lifespan: one trio guest run on uvicorn's own event loop, the LLM client on that loop too.
+One process is one council: under ``uvicorn --workers N`` each worker has its own 72
+seats, its own deliberations and its own in-process halt, so ``POST /halt`` stops only
+the worker that answers it.  Run one worker (or share the halt and the capacity through
+Valkey: ``ValkeyHaltChannel``, ``ValkeyCapacity``).
 Settings (environment): ``CONCLAVE_BASE_URL`` (else ``OPENAI_BASE_URL``; neither: the
 stub), ``CONCLAVE_MODEL`` (default ``gpt-4o-mini``), ``OPENAI_API_KEY``,
 ``CONCLAVE_STUB_LATENCY_MS`` (default 100).
