@@ -616,6 +616,8 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
 async def check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     _check_flags_apply(args)
+    if not args.topic.strip():  # an unset shell variable: 72 calls asked nothing
+        raise UsageError("--topic is empty: the agents would be asked nothing")
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:

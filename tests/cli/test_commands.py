@@ -89,6 +89,15 @@ def test_bad_usage_exits_2_with_one_line(args: list[str]) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("topic", ["", "  \n"])
+def test_an_empty_topic_is_refused_before_anything_runs(topic: str) -> None:
+    # An unset shell variable (--topic "$TOPIC") would ask 72 paid LLM calls nothing.
+    proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--topic", topic)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == "conclave: --topic is empty: the agents would be asked nothing\n"
+    assert proc.stdout == ""
+
+
 def test_a_roster_file_over_the_size_cap_is_a_usage_error_naming_the_cap(tmp_path: Path) -> None:
     roster = tmp_path / "council.json"
     with roster.open("wb") as f:
