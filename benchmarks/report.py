@@ -92,8 +92,10 @@ def write(out: Path, results: Results, s: Settings, info: dict[str, object], tot
 
 def prose_value(row: Mapping[str, Any]) -> str:
     """A row's median as the prose shows it: ``11.4 ms``, ``1.04x``, ``5.05%``."""
-    unit = str(row["unit"])
-    return _UNIT_SHOWN.get(unit, "{} " + unit).format(fmt(float(row["median"])))
+    unit, value = str(row["unit"]), float(row["median"])
+    if not unit:  # a count: 72, not 72.0
+        return str(int(value)) if value.is_integer() else fmt(value)
+    return _UNIT_SHOWN.get(unit, "{} " + unit).format(fmt(value))
 
 
 def fill_numbers(text: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:

@@ -2,7 +2,8 @@
 
 Each ```python block runs: whole programs as they are; fragments (a top-level ``await``)
 inside one async function, with the names the prose says they come from (``service``,
-``requests``, ``orchestrator``, ``url``) made from the stub and the test's servers.
+``requests``, ``orchestrator``, ``url``, ``base_url``, ``model``) made from the stub and the
+test's servers; asyncio programs (``asyncio.run``) in an interpreter of their own.
 Addresses and paths the README writes for a reader's machine are swapped for the test's
 (the loopback LLM server, a temporary directory): :data:`SWAPS`.  A block that needs what
 the main environment cannot have says so in a comment the reader sees too
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +88,20 @@ def test_a_readme_snippet_runs(
         pytest.skip(skip)
     for reader, ours in SWAPS.items():
         code = code.replace(reader, ours.format(llm=llm_server.base_url, tmp=in_tmp))
-    namespace: dict[str, Any] = {"__name__": "readme_snippet", "url": valkey_server.url}
+    if "asyncio.run(" in code:
+        # An asyncio program: its own interpreter, as an application is (this one runs
+        # trio-asyncio as a pytest plugin, which makes asyncio.run build its loops).
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        return
+    namespace: dict[str, Any] = {
+        "__name__": "readme_snippet",
+        "url": valkey_server.url,
+        "base_url": llm_server.base_url,
+        "model": "fake-model",
+    }
     if re.search(r"^(?:async with|await |result = await)", code, re.M) or "\nawait " in code:
         body = textwrap.indent(code, "    ")
         program = f"{_PRELUDE}\nasync def _snippet():\n{body}\n    return locals()\n"

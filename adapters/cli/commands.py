@@ -659,7 +659,7 @@ def _check_llm_flags(args: argparse.Namespace) -> None:
     # No --base-url: $OPENAI_BASE_URL, else the OpenAI API, as the openai SDK does.
     if args.backend in LLM_BACKENDS and not args.model:
         raise UsageError(f"--backend {args.backend} needs --model")
-    if (args.rpm or args.tpm) and args.backend not in LLM_BACKENDS:
+    if args.backend not in LLM_BACKENDS and (args.rpm or args.tpm):
         raise UsageError("--rpm and --tpm are the LLM backends' (--backend openai or crewai)")
     for flags, used in (
         ("--no-model-check is", args.no_model_check),
@@ -798,7 +798,9 @@ def orchestrator(
         )
     from adapters.llm.provider_budget import ProviderLimits
 
-    provider = ProviderLimits(args.rpm, args.tpm) if args.rpm or args.tpm else None
+    # --rpm/--tpm with --valkey: the budget every replica on that server shares.
+    shared = limits.shared if limits is not None else None
+    provider = ProviderLimits(args.rpm, args.tpm, shared=shared) if args.rpm or args.tpm else None
     if args.backend == "crewai":  # every agent needs a persona: the council's roster
         return crewai_orchestrator(
             args.base_url,

@@ -125,7 +125,7 @@ def test_load_calls_the_openai_backend_as_deliberate_does(
         (["--png", "{tmp}/missing/x.png"], "--png {tmp}/missing/x.png: directory"),
         (["--json", "{tmp}"], "--json {tmp}: is a directory"),
         (["--out", "{tmp}/missing"], "--out {tmp}/missing/load.json: directory"),
-        (["--backend", "openai"], "--backend openai needs --base-url and --model"),
+        (["--backend", "openai"], "--backend openai needs --model"),
         (["--agents", "73"], "FR10"),
     ],
 )

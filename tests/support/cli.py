@@ -66,6 +66,10 @@ def announced_batch(proc: subprocess.Popen[str]) -> str:
     """The batch id a deliberation with a witness log says on stderr as its run starts
     (read after :func:`deliberating`'s first line)."""
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert line.startswith("conclave: batch "), line
-    return line.split()[2]
+    seen = []
+    for _ in range(10):  # notes may come first (e.g. an endpoint that lists no models)
+        line = proc.stderr.readline()
+        if line.startswith("conclave: batch "):
+            return line.split()[2]
+        seen.append(line)
+    raise AssertionError(f"no batch id announced: {seen}")

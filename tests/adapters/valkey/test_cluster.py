@@ -231,7 +231,7 @@ async def test_conclave_deliberate_refuses_whole_when_the_cluster_is_full(
         )
         assert proc.returncode == 2, proc.stderr
         assert b"FR10: shared capacity exhausted: 1 in use + 72 requested > 72" in proc.stderr
-        assert llm_server.requests_total == 1  # the reachability probe, no agent
+        assert llm_server.requests_total == 2  # the reachability probe, the model listing: no agent
         elsewhere.release("held-by-another-replica")
         await elsewhere.flush()
         transcript = tmp_path / "run.json"
@@ -262,8 +262,9 @@ async def test_a_halt_from_a_fourth_process_stops_three_conclave_runs(
     async with halt_channel(url):
         runs = [Worker(conclave_argv(*args)) for _ in range(3)]
         try:
-            # 3 probes answered, then 3 x 24 agents hanging: the cluster is full.
-            await until(llm_server, lambda s: s.requests_total == 75 and s.in_flight == 72)
+            # 3 probes and 3 model listings answered, then 3 x 24 agents hanging: the
+            # cluster is full.
+            await until(llm_server, lambda s: s.requests_total == 78 and s.in_flight == 72)
             halt = await trio.run_process(
                 conclave_argv("halt", "--valkey", url, "--reason", "stop the council"),
                 capture_stdout=True,
