@@ -79,6 +79,8 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -629,18 +631,23 @@ class OpenAIChatOrchestrator(RetrySettings):
         try:
             await client.models.list(timeout=limit)
         except openai.APITimeoutError as exc:
-            if not _never_connected(exc):
+            # The SDK's aiohttp transport reports a refused connection or a failed name
+            # lookup as a connect timeout: the OS's error, when there is one, says which.
+            failed = _os_failure(exc)
+            if failed is None and not _never_connected(exc):
                 log.warning(
                     "endpoint did not answer the reachability probe; assuming it is busy",
                     extra={"base_url": self.base_url, "timeout_s": limit},
                 )
                 return False
-            raise AgentInvocationError(f"cannot reach {self.base_url}: connect timed out") from None
+            raise AgentInvocationError(
+                f"cannot reach {self.base_url}: {failed or 'connect timed out'}"
+            ) from None
         except openai.APIConnectionError as exc:
             if refusal_in(exc) is not None:  # it answered: what it said is the agents' concern
                 return True
             raise AgentInvocationError(
-                f"cannot reach {self.base_url}: {type(exc).__name__}"
+                f"cannot reach {self.base_url}: {_os_failure(exc) or type(exc).__name__}"
             ) from None
         except openai.APIError:
             return True
@@ -928,6 +935,22 @@ async def _whole_body(response: httpx2.Response) -> bytes:
         raise openai.APITimeoutError(request=request) from exc
     except httpx2.RequestError as exc:
         raise openai.APIConnectionError(request=request) from exc
+
+
+def _os_failure(exc: BaseException) -> str | None:
+    """What the OS said when connecting failed (``connection refused``, ``name lookup
+    failed (Name or service not known)``), from the error's causes; None if it said
+    nothing.  Only the OS's words: a transport's own message may quote a proxy's URL."""
+    cause = exc.__cause__
+    for _ in range(8):  # a short chain; bounded all the same
+        if cause is None:
+            return None
+        if isinstance(cause, socket.gaierror):
+            return f"name lookup failed ({cause.strerror})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _never_connected(exc: BaseException) -> bool:

@@ -42,6 +42,7 @@ from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import client_bytes, make_context, make_requests, time_halt
 from tests.support.hostile_parts import HUGE
 from tests.support.url_secrets import SECRET, assert_never_shown
+from tests.support.valkey_server import free_port
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -476,3 +477,17 @@ def test_without_aiohttp_installed_transport_aiohttp_is_refused_naming_the_extra
     )
     assert proc.returncode == 0, proc.stderr
     assert "pip install 'conclave-kernel[aiohttp]'" in proc.stdout
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_refused_connection_is_unreachable_saying_so_on_either_transport(
+    transport: str,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    inner = OpenAIChatOrchestrator(url, "m", transport=transport)
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        with pytest.raises(AgentInvocationError) as raised:
+            await bridge.run_asyncio(inner.check_reachable, 5.0)
+    # Not the SDK's class name, nor a timeout (aiohttp's SDK transport reports a refused
+    # connection as a connect timeout).
+    assert str(raised.value) == f"cannot reach {url}: connection refused"
