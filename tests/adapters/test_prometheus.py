@@ -3,6 +3,7 @@ endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import urllib.request
 from uuid import uuid4
@@ -28,6 +29,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    SystemHaltedError,
 )
 from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
@@ -323,3 +325,72 @@ async def test_every_series_the_shipped_alert_rules_read_is_exported() -> None:
     await service.invoke_concurrent(make_requests(3))
     exported = {s.name for family in registry.collect() for s in family.samples}
     assert wanted <= exported, sorted(wanted - exported)
+
+
+async def test_agents_a_quorum_cancelled_are_not_failures_per_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 3 of 10 answer at once, 7 are slow: a quorum of 3 cancels 7 agents that did nothing
+    # wrong.  The "more than 5 failed agents" alert must not fire for what the caller asked.
+    plan = {f"archon-{i}": Step(0.0) for i in range(1, 4)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, Step(10.0)))
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    result = await service.invoke_concurrent(make_requests(10), quorum=3)
+    assert result.failure_count == 7
+    assert registry.get_sample_value("conclave_batch_failures_sum") == 0
+    assert registry.get_sample_value("conclave_batch_failures_bucket", {"le": "0.0"}) == 1
+
+
+async def test_agents_a_halt_stopped_are_not_failures_per_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The halt has its alert (ConclaveHalted); a halted 72-agent batch is not also 72
+    # failed agents.  Those that failed on their own still count.
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(0.0, "error")}
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(plan, Step(10.0)), halt_checker=switch
+    )
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_after, switch, 1.0)
+        with pytest.raises(SystemHaltedError):
+            await service.invoke_concurrent(make_requests(8))
+    assert registry.get_sample_value("conclave_batch_failures_sum") == 1
+
+
+async def test_ten_thousand_model_names_from_a_server_make_a_bounded_number_of_series() -> None:
+    # The model label comes from the server's answer: a hostile or buggy server naming a
+    # new model in every answer must not grow the registry without bound.
+    names = itertools.count()
+
+    class NewModelEachCall:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {
+                "model": f'm-{next(names)}"\n\x00',
+                "http_statuses": "200",
+                "prompt_tokens": 3,
+                "completion_tokens": 2,
+            }
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(NewModelEachCall())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    for batch in range(139):  # 10,008 calls
+        await service.invoke_concurrent(make_requests(72, prefix=f"b{batch}"))
+    requests = [
+        s for f in registry.collect() for s in f.samples if s.name == "conclave_llm_requests_total"
+    ]
+    assert len(requests) <= 101
+    assert sum(s.value for s in requests) == 139 * 72  # every call still counted
+    tokens = [
+        s for f in registry.collect() for s in f.samples if s.name == "conclave_llm_tokens_total"
+    ]
+    assert len(tokens) <= 202
+    assert sum(s.value for s in tokens) == 139 * 72 * 5
