@@ -156,6 +156,12 @@ DEFAULT_COMPLETION_TOKENS = 256
 #: output limit; a longer one is a server gone wrong.
 DEFAULT_MAX_CONTENT_CHARS = 1024 * 1024
 
+#: The most tokens one call is believed to have used (prompt, completion or total): far
+#: beyond any model's context window.  A server that reports more lies; its usage is
+#: estimated instead (a count past a float's range failed the answer, and one within it
+#: made every token counter and cost after it noise).
+MAX_REPORTED_TOKENS = 100_000_000
+
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
 # of imports that would otherwise run on the event loop in the first batch.  Best effort:
@@ -222,6 +228,8 @@ class _Answer:
         """Take a ``usage`` object or dict (either as the server sent it)."""
         names = ("total_tokens", "prompt_tokens", "completion_tokens")
         fields = usage if isinstance(usage, dict) else {n: getattr(usage, n, None) for n in names}
+        if any(isinstance(c, int) and c > MAX_REPORTED_TOKENS for c in map(fields.get, names)):
+            return  # not believed: settled as an estimate, marked so
         self.total_tokens = _count_of(fields.get("total_tokens"))
         self.prompt_tokens = _count_of(fields.get("prompt_tokens")) or 0
         self.completion_tokens = _count_of(fields.get("completion_tokens")) or 0

@@ -271,6 +271,22 @@ async def test_a_server_that_sends_no_usage_gets_an_estimate_marked_as_such(
     assert int(output.metadata["prompt_tokens"]) > 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("claimed", [10**30, 10**400], ids=["1e30", "1e400"])
+async def test_a_server_claiming_an_impossible_token_count_gets_an_estimate_marked_as_such(
+    llm_server: FakeOpenAIServer, stream: bool, claimed: int
+) -> None:
+    # 10**400 does not fit a float (the budget's settlement raised OverflowError, failing
+    # a good answer); 10**30 fits, and made every token counter and cost after it noise.
+    llm_server.default = ("lie", {}, claimed)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, stream=stream)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert "votes aye" in output.content
+    assert output.metadata["usage"] == "estimated"
+    assert 0 < int(output.metadata["prompt_tokens"]) < 1000
+    assert 0 < int(output.metadata["completion_tokens"]) < 1000
+
+
 async def test_a_server_that_answers_a_stream_request_whole_is_read_whole(
     llm_server: FakeOpenAIServer,
 ) -> None:
