@@ -340,7 +340,9 @@ class ServiceObserver:
     def _model_label(self, model: object) -> str:
         """``model`` as a label value, bounded: a label set only grows (every value is a
         series until the process ends), and the name comes from the server's answer."""
+        # backslashreplace: a lone surrogate as it is failed every later scrape's encoding.
         name = str(model or "unknown")[:MAX_MODEL_CHARS]
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
         if name in self._models:
             return name
         if len(self._models) >= MAX_MODELS:

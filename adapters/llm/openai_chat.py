@@ -200,6 +200,21 @@ def _count_of(value: Any) -> int | None:
     return None
 
 
+#: The longest model name taken from an answer (real ones are tens of characters).
+MAX_MODEL_NAME_CHARS = 256
+
+
+def _model_named(value: Any) -> str:
+    """The model an answer says answered, if it is a name at all, else "" (then the
+    model asked for is reported).  It becomes metrics labels, span names and log fields:
+    a lone surrogate (JSON's ``"\\ud800"``) made every later scrape and push fail to
+    encode, and control characters or a megabyte are no model's name."""
+    # isprintable(): no surrogates, control or format characters (a bidi override).
+    if isinstance(value, str) and 0 < len(value) <= MAX_MODEL_NAME_CHARS and value.isprintable():
+        return value
+    return ""
+
+
 class _Answer:
     """One answer (streamed or not): its content and what came with it."""
 
@@ -353,9 +368,7 @@ class _StreamReader:
         if isinstance(usage, dict):
             answer.set_usage(usage)
         if not answer.model:
-            model = chunk.get("model")
-            if isinstance(model, str):
-                answer.model = model
+            answer.model = _model_named(chunk.get("model"))
 
     @staticmethod
     def _json(data: bytes) -> Any:
@@ -871,8 +884,7 @@ class OpenAIChatOrchestrator(RetrySettings):
             raise malformed(where, why)
         if len(content) > self.max_content_chars:
             raise over_content_cap(where, self.max_content_chars)
-        model = doc.get("model")
-        answer = _Answer(content, model if isinstance(model, str) else "")
+        answer = _Answer(content, _model_named(doc.get("model")))
         answer.finish_reason = str(choice.get("finish_reason") or "")
         answer.set_usage(doc.get("usage"))
         return answer

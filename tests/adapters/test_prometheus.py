@@ -394,3 +394,26 @@ async def test_ten_thousand_model_names_from_a_server_make_a_bounded_number_of_s
     ]
     assert len(tokens) <= 202
     assert sum(s.value for s in tokens) == 139 * 72 * 5
+
+
+async def test_a_model_name_utf8_cannot_encode_never_breaks_a_scrape() -> None:
+    # An orchestrator's metadata may hold a lone surrogate (JSON's "\ud800"); as a label
+    # value it made every later scrape of the process fail to encode.
+    class OddModel:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m\ud800", "http_statuses": "200", "prompt_tokens": 3}
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(OddModel())
+    endpoint = Endpoint(service)
+    try:
+        await service.invoke_concurrent(make_requests(2))
+        m = await endpoint.scrape()
+    finally:
+        endpoint.close()
+    requests = [v for (name, _), v in m.items() if name == "conclave_llm_requests_total"]
+    assert requests == [2]
+    assert _value(m, "conclave_batches_total") == 1
