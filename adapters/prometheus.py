@@ -86,6 +86,7 @@ from kernel.events import (
     HedgeEnded,
     RateLimitWaited,
 )
+from kernel.validate import utf8_text
 
 __all__ = [
     "AGENT_BUCKETS_S",
@@ -340,9 +341,7 @@ class ServiceObserver:
     def _model_label(self, model: object) -> str:
         """``model`` as a label value, bounded: a label set only grows (every value is a
         series until the process ends), and the name comes from the server's answer."""
-        # backslashreplace: a lone surrogate as it is failed every later scrape's encoding.
-        name = str(model or "unknown")[:MAX_MODEL_CHARS]
-        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+        name = utf8_text(str(model or "unknown")[:MAX_MODEL_CHARS])
         if name in self._models:
             return name
         if len(self._models) >= MAX_MODELS:

@@ -69,7 +69,7 @@ from kernel.events import (
     HedgeStarted,
     RateLimitWaited,
 )
-from kernel.validate import check_number
+from kernel.validate import check_number, utf8_text
 
 try:
     from opentelemetry import context as otel_context
@@ -260,8 +260,11 @@ def _describe_call(
     """What the call's adapter reported, as GenAI attributes (never content), with
     ``attributes``, set at once (each call into the span takes its lock)."""
     attributes["conclave.outcome"] = outcome
+    # utf8_text: what an orchestrator reports may hold a lone surrogate, and one span
+    # that OTLP cannot encode costs every span exported with it.
     model = metadata.get("model")
     if isinstance(model, str) and model:
+        model = utf8_text(model)
         span.update_name(f"chat {model}")
         attributes["gen_ai.request.model"] = attributes["gen_ai.response.model"] = model
     tokens = metadata.get("prompt_tokens")
@@ -272,10 +275,10 @@ def _describe_call(
         attributes["gen_ai.usage.output_tokens"] = tokens
     finish = metadata.get("finish_reason")
     if isinstance(finish, str) and finish:
-        attributes["gen_ai.response.finish_reasons"] = (finish,)
+        attributes["gen_ai.response.finish_reasons"] = (utf8_text(finish),)
     statuses = metadata.get("http_statuses")
     if isinstance(statuses, str) and statuses:
-        attributes["conclave.http_statuses"] = statuses
+        attributes["conclave.http_statuses"] = utf8_text(statuses)
     span.set_attributes(attributes)
 
 
