@@ -53,7 +53,7 @@ def test_a_path_that_is_not_a_regular_file_is_written_into_not_replaced(tmp_path
     link.symlink_to(fifo)
     for path in (fifo, link):
         received: list[bytes] = []
-        reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+        reader = threading.Thread(target=lambda got=received: got.append(fifo.read_bytes()))
         reader.start()
         try:
             write_atomically(path, b"report")
