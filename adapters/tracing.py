@@ -352,13 +352,22 @@ async def otlp_tracing(
     ``OTEL_EXPORTER_OTLP_*`` variables, else the SDK's default (localhost:4318).  On exit
     the spans still queued are flushed, for ``shutdown_timeout_s`` at most (then
     dropped, with a warning): a collector that is down never holds the caller up longer.
+    An ``OTEL_*`` setting the SDK refuses (``OTEL_BSP_MAX_QUEUE_SIZE=-1``) raises
+    :class:`~kernel.InvalidRequestError` on entry, nothing traced.
     """
     if not isinstance(service, ConcurrentDeliberationService):
         raise InvalidRequestError(f"expected a ConcurrentDeliberationService, got {service!r}")
     limit = check_number(shutdown_timeout_s, "shutdown_timeout_s", above=0)
     if endpoint is not None and not isinstance(endpoint, str):
         raise InvalidRequestError(f"endpoint must be a URL string, got {type(endpoint).__name__}")
-    provider, exporter = await trio.to_thread.run_sync(_otlp_provider, endpoint)
+    try:
+        provider, exporter = await trio.to_thread.run_sync(_otlp_provider, endpoint)
+    except ValueError as exc:  # the SDK refused an OTEL_* setting (OTEL_BSP_* < 1)
+        batching = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OTEL_BSP_"))
+        said = f" ({', '.join(batching)})" if batching else ""
+        raise InvalidRequestError(
+            f"the OpenTelemetry SDK refuses the OTEL_* settings: {exc}{said}"
+        ) from None
     tracer = DeliberationTracer(provider, record_content=record_content)
     service.metrics.add_observer(tracer)
     try:

@@ -263,6 +263,21 @@ async def test_metadata_utf8_cannot_encode_never_costs_the_batch_its_spans() -> 
         ]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_SCHEDULE_DELAY", "-5")],
+)
+async def test_a_malformed_otel_setting_is_a_clear_error_that_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    service = ConcurrentDeliberationService(ScriptedOrchestrator())
+    with pytest.raises(InvalidRequestError, match="OTEL_"):
+        async with otlp_tracing(service, endpoint="http://127.0.0.1:9/v1/traces"):
+            pass
+    assert not service.metrics.observers
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
