@@ -23,7 +23,7 @@ roster's ``prices`` table, reads::
     prompt = 0
     completion = 0
 
-A price that is negative, not finite or not a number is refused
+A price that is negative, above :data:`MAX_PRICE_PER_1M`, not finite or not a number is refused
 (:class:`~kernel.InvalidRequestError`), before anything runs.
 """
 
@@ -42,6 +42,8 @@ from kernel.validate import number
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MAX_CALL_TOKENS",
+    "MAX_PRICE_PER_1M",
     "AgentUsage",
     "CostReport",
     "Price",
@@ -54,13 +56,20 @@ __all__ = [
 
 #: A price table's key for every model it does not name.
 DEFAULT_MODEL = "*"
+#: The highest price taken, USD per million tokens: a thousand times the dearest model's;
+#: above it a price is a mistake (1e308 made a few hundred tokens cost inf).
+MAX_PRICE_PER_1M = 1e6
+#: The most tokens one answer is believed to report (prompt or completion): far beyond
+#: any model's context window.  A count above it is a lie and counts for nothing (the
+#: OpenAI adapter estimates such an answer's usage instead).
+MAX_CALL_TOKENS = 100_000_000
 #: The largest price file read (a price table is a few lines; this is far beyond it).
 MAX_PRICE_FILE_BYTES = 1_000_000
 
 
 def _count(value: object) -> int:
-    """A token count from metadata: a non-negative int, else 0 (nothing known)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """A token count from metadata: an int from 0 to MAX_CALL_TOKENS, else 0 (nothing known)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CALL_TOKENS:
         return 0
     return value
 
@@ -82,10 +91,11 @@ class TokenCount:
 
 @attrs.frozen(slots=True)
 class Price:
-    """USD per million prompt tokens and per million completion tokens (finite, >= 0)."""
+    """USD per million prompt tokens and per million completion tokens (0 to
+    :data:`MAX_PRICE_PER_1M`)."""
 
-    prompt_per_1m: float = attrs.field(validator=number(at_least=0))
-    completion_per_1m: float = attrs.field(validator=number(at_least=0))
+    prompt_per_1m: float = attrs.field(validator=number(at_least=0, at_most=MAX_PRICE_PER_1M))
+    completion_per_1m: float = attrs.field(validator=number(at_least=0, at_most=MAX_PRICE_PER_1M))
 
     def cost(self, tokens: TokenCount) -> float:
         return (

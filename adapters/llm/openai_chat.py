@@ -122,6 +122,7 @@ from adapters.llm.provider_budget import (
 from adapters.llm.ratelimit_headers import RateLimitHeaders
 from adapters.llm.trace_headers import add_trace_headers
 from adapters.roster import AgentProfile, Roster, check_base_url
+from adapters.usage import MAX_CALL_TOKENS
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, utf8_size
 
@@ -156,11 +157,6 @@ DEFAULT_COMPLETION_TOKENS = 256
 #: output limit; a longer one is a server gone wrong.
 DEFAULT_MAX_CONTENT_CHARS = 1024 * 1024
 
-#: The most tokens one call is believed to have used (prompt, completion or total): far
-#: beyond any model's context window.  A server that reports more lies; its usage is
-#: estimated instead (a count past a float's range failed the answer, and one within it
-#: made every token counter and cost after it noise).
-MAX_REPORTED_TOKENS = 100_000_000
 
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
@@ -243,8 +239,10 @@ class _Answer:
         """Take a ``usage`` object or dict (either as the server sent it)."""
         names = ("total_tokens", "prompt_tokens", "completion_tokens")
         fields = usage if isinstance(usage, dict) else {n: getattr(usage, n, None) for n in names}
-        if any(isinstance(c, int) and c > MAX_REPORTED_TOKENS for c in map(fields.get, names)):
-            return  # not believed: settled as an estimate, marked so
+        # A count past belief (adapters.usage.MAX_CALL_TOKENS) is a lie: estimated instead,
+        # marked so (10**400 does not fit the budget's float; 10**30 swamps every sum).
+        if any(isinstance(c, int) and c > MAX_CALL_TOKENS for c in map(fields.get, names)):
+            return
         self.total_tokens = _count_of(fields.get("total_tokens"))
         self.prompt_tokens = _count_of(fields.get("prompt_tokens")) or 0
         self.completion_tokens = _count_of(fields.get("completion_tokens")) or 0
