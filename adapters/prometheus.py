@@ -71,6 +71,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adapters.usage import token_count
 from kernel import (
     ConcurrentDeliberationService,
     FailureKind,
@@ -331,8 +332,8 @@ class ServiceObserver:
                 label = status if _STATUS.fullmatch(status) else "other"
                 self.llm_requests.labels(model, label).inc()
         for key, direction in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
-            tokens = metadata.get(key)
-            if isinstance(tokens, int) and tokens > 0:
+            tokens = token_count(metadata.get(key))  # past belief: not counted
+            if tokens:
                 self.llm_tokens.labels(model, direction).inc(tokens)
         waited_ms = metadata.get("rate_limited_ms")
         if isinstance(waited_ms, int | float) and waited_ms > 0:

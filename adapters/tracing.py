@@ -54,6 +54,7 @@ from uuid import UUID
 import trio
 
 from adapters.urls import redact_url
+from adapters.usage import token_count
 from kernel import (
     ConcurrentDeliberationService,
     InvalidRequestError,
@@ -267,11 +268,11 @@ def _describe_call(
         model = utf8_text(model)
         span.update_name(f"chat {model}")
         attributes["gen_ai.request.model"] = attributes["gen_ai.response.model"] = model
-    tokens = metadata.get("prompt_tokens")
-    if isinstance(tokens, int):
+    tokens = token_count(metadata.get("prompt_tokens"))
+    if tokens is not None:
         attributes["gen_ai.usage.input_tokens"] = tokens
-    tokens = metadata.get("completion_tokens")
-    if isinstance(tokens, int):
+    tokens = token_count(metadata.get("completion_tokens"))
+    if tokens is not None:
         attributes["gen_ai.usage.output_tokens"] = tokens
     finish = metadata.get("finish_reason")
     if isinstance(finish, str) and finish:

@@ -49,6 +49,7 @@ __all__ = [
     "Price",
     "PriceTable",
     "TokenCount",
+    "token_count",
     "UsageTotals",
     "usage_of",
     "usage_totals",
@@ -67,11 +68,16 @@ MAX_CALL_TOKENS = 100_000_000
 MAX_PRICE_FILE_BYTES = 1_000_000
 
 
-def _count(value: object) -> int:
-    """A token count from metadata: an int from 0 to MAX_CALL_TOKENS, else 0 (nothing known)."""
+def token_count(value: object) -> int | None:
+    """A token count from metadata: an int from 0 to :data:`MAX_CALL_TOKENS`, else None
+    (not a count, or one past belief).  Metrics and traces read counts through it too."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CALL_TOKENS:
-        return 0
+        return None
     return value
+
+
+def _count(value: object) -> int:
+    return token_count(value) or 0  # nothing known: counts for nothing
 
 
 @attrs.frozen(slots=True)

@@ -417,3 +417,30 @@ async def test_a_model_name_utf8_cannot_encode_never_breaks_a_scrape() -> None:
     requests = [v for (name, _), v in m.items() if name == "conclave_llm_requests_total"]
     assert requests == [2]
     assert _value(m, "conclave_batches_total") == 1
+
+
+async def test_a_token_count_beyond_belief_is_not_counted_and_the_rest_of_the_call_is() -> None:
+    # 10**400 raised OverflowError in the observer (the call's other numbers lost with
+    # it); 10**30 left the counter at 1e30, where adding a real count changes nothing.
+    class Lies:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            lie = 10**400 if agent_id == "archon-1" else 10**30
+            metadata = {
+                "model": "m",
+                "prompt_tokens": lie,
+                "completion_tokens": 7,
+                "rate_limited_ms": 100.0,
+            }
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(Lies())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(2))
+    tokens = "conclave_llm_tokens_total"
+    assert registry.get_sample_value(tokens, {"model": "m", "direction": "prompt"}) is None
+    assert registry.get_sample_value(tokens, {"model": "m", "direction": "completion"}) == 14
+    assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.2

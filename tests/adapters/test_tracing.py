@@ -278,6 +278,31 @@ async def test_a_malformed_otel_setting_is_a_clear_error_that_changes_nothing(
     assert not service.metrics.observers
 
 
+async def test_a_token_count_beyond_belief_never_costs_the_batch_its_spans() -> None:
+    # OTLP's integers are 64-bit: one attribute of 10**400 failed the whole export.
+    class Lies:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m", "prompt_tokens": 10**400, "completion_tokens": 7}
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    collector = Collector()
+    try:
+        service = ConcurrentDeliberationService(Lies())
+        async with otlp_tracing(service, endpoint=collector.endpoint):
+            await service.invoke_concurrent(make_requests(2))
+    finally:
+        collector.close()
+    calls = [s for s in collector.spans() if s.name == "chat m"]
+    assert len(calls) == 2
+    for span in calls:
+        attributes = {a.key: a.value for a in span.attributes}
+        assert "gen_ai.usage.input_tokens" not in attributes
+        assert attributes["gen_ai.usage.output_tokens"].int_value == 7
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
