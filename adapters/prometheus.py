@@ -117,6 +117,8 @@ MAX_MODELS = 100
 #: The longest ``model`` label value (longer names are cut).
 MAX_MODEL_CHARS = 128
 OTHER_MODEL = "other"
+#: The longest rate-limit wait one call's metadata is believed to report (a day).
+_MAX_WAIT_MS = 86_400_000.0
 #: Failure kinds that are not the agent's failure (see conclave_batch_failures).
 _NOT_AGENT_FAILURES = frozenset({FailureKind.CANCELLED, FailureKind.HALTED})
 # What an HTTP status label may be (else "other"): a code, or "error" (no answer).
@@ -336,7 +338,9 @@ class ServiceObserver:
             if tokens:
                 self.llm_tokens.labels(model, direction).inc(tokens)
         waited_ms = metadata.get("rate_limited_ms")
-        if isinstance(waited_ms, int | float) and waited_ms > 0:
+        # A day at most, finite: inf would leave the counter inf for good (and an int
+        # past a float's range raise here).
+        if isinstance(waited_ms, int | float) and 0 < waited_ms <= _MAX_WAIT_MS:
             self.rate_limit_wait.inc(waited_ms / 1000.0)
 
     def _model_label(self, model: object) -> str:

@@ -4,6 +4,7 @@ endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import urllib.request
 from uuid import uuid4
@@ -444,3 +445,25 @@ async def test_a_token_count_beyond_belief_is_not_counted_and_the_rest_of_the_ca
     assert registry.get_sample_value(tokens, {"model": "m", "direction": "prompt"}) is None
     assert registry.get_sample_value(tokens, {"model": "m", "direction": "completion"}) == 14
     assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.2
+
+
+@pytest.mark.parametrize("waited_ms", [math.inf, 10**400, math.nan, -5.0])
+async def test_a_rate_limit_wait_that_is_no_duration_is_not_counted(waited_ms: float) -> None:
+    # inf made the counter inf for good; 10**400 raised OverflowError in the observer.
+    class OddWait:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m", "rate_limited_ms": waited_ms, "completion_tokens": 3}
+            if agent_id == "archon-2":
+                metadata["rate_limited_ms"] = 250.0
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(OddWait())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(2))
+    assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.25
+    tokens = {"model": "m", "direction": "completion"}
+    assert registry.get_sample_value("conclave_llm_tokens_total", tokens) == 6
