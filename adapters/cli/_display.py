@@ -353,14 +353,16 @@ class KeyValueFormatter(logging.Formatter):
         line = super().format(record)
         extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
         if extras:
-            line += " " + " ".join(
-                # repr() also escapes control characters: a field cannot forge a line.
-                f"{k}={v!r}"
-                if isinstance(v, str) and (" " in v or not v.isprintable())
-                else f"{k}={v}"
-                for k, v in sorted(extras.items())
-            )
+            line += " " + " ".join(f"{k}={_shown(v)}" for k, v in sorted(extras.items()))
         return line
+
+
+def _shown(value: object) -> str:
+    """A field's text for a key=value log line: quoted (repr: control characters escaped,
+    so a field cannot forge a line) when it has a space or anything unprintable, whatever
+    its type (a Path, an exception); never raising."""
+    text = value if isinstance(value, str) else _text_of(value)
+    return repr(text) if " " in text or not text.isprintable() else text
 
 
 class JsonFormatter(logging.Formatter):

@@ -125,6 +125,21 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     assert line.isprintable(), line
 
 
+def test_text_log_fields_that_are_not_str_cannot_forge_lines_or_lose_the_record() -> None:
+    # A field is often not a str (a Path, an exception): its text was written raw, so a
+    # newline in it forged a line; one whose str() raises lost the record.
+    formatter = KeyValueFormatter("%(levelname)s %(name)s: %(message)s")
+    for value in (
+        Path("/tmp/evil\nCRITICAL kernel.halt: forged"),
+        ValueError("a\rb"),
+        _Unprintable(),
+    ):
+        record = logging.makeLogRecord({"levelname": "INFO", "name": "kernel.x", "msg": "m"})
+        record.__dict__.update(agent_id="a1", field=value)
+        line = formatter.format(record)
+        assert line.isprintable() and "agent_id=a1" in line and "field=" in line, line
+
+
 def _json_line(record: logging.LogRecord) -> dict[str, object]:
     line = JsonFormatter().format(record)
     assert "\n" not in line and line.isprintable(), line
