@@ -705,7 +705,10 @@ async def _price_table(args: argparse.Namespace, roster_file: Roster | None) -> 
     if (flags[0] is None) != (flags[1] is None):
         raise UsageError("--price-prompt and --price-completion go together")
     if flags[0] is not None:
-        return PriceTable(default=Price(*flags))
+        try:
+            return PriceTable(default=Price(*flags))
+        except ConclaveError as exc:
+            raise UsageError(f"--price-prompt/--price-completion: {exc}") from None
     if args.prices is not None:
         try:
             return await trio.to_thread.run_sync(PriceTable.load, args.prices)

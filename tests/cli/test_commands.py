@@ -977,6 +977,7 @@ def test_openai_backend_summary_shows_the_servers_token_usage_at_the_rosters_pri
         (["--price-prompt", "nan", "--price-completion", "1"], "argument --price-prompt: must be"),
         (["--price-prompt", "1", "--price-completion", "abc"], "--price-completion: not a number"),
         (["--price-prompt", "1"], "--price-prompt and --price-completion go together"),
+        (["--price-prompt", "1e308", "--price-completion", "1"], "prompt_per_1m must be <= 1e"),
         (
             ["--prices", "{tmp}/prices.json"],
             "--prices {tmp}/prices.json: model 'm': completion_per_1m must be >= 0",
