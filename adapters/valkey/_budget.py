@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -70,6 +71,8 @@ _CLOCK_SAMPLE_S = 10.0
 # The longest pause a replica that has not reserved yet asks for (the orchestrators'
 # default retry_after_cap_s).
 _MAX_PAUSE_MS = 30_000.0
+# A budget's name on the server (budget_id's): 32 hex digits.
+_BUDGET_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @attrs.frozen
@@ -330,15 +333,19 @@ class ValkeyProviderBudget(BackgroundClient):
     async def lanes(self) -> list[BudgetLanes]:
         """Every budget under this prefix, as the server holds it now."""
         client = self._require_client()
-        pattern = f"{self.key_prefix}:budget:*"
+        # The prefix is matched literally (a prefix may hold the glob's '*?[]\\'), and
+        # only keys this prefix itself names count: another tenant's prefix may start
+        # with ours ('<ours>:budget:<id>:budget:<its id>').
+        head = f"{self.key_prefix}:budget:"
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
         found: list[BudgetLanes] = []
 
         async def read() -> None:
             now = (await client.time()).timestamp() * 1000.0
             async for raw in client.scan_iter(match=pattern, count=200, type_="hash"):
-                key = raw.decode() if isinstance(raw, bytes) else str(raw)
-                tail = key.rsplit(":", 1)[-1]
-                if key.endswith((":corrupt", ":events")) or len(tail) != 32:
+                key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                tail = key[len(head) :]
+                if not key.startswith(head) or not _BUDGET_ID.fullmatch(tail):
                     continue
                 fields = await client.hgetall(raw)
                 found.append(_lanes(tail, fields, now))

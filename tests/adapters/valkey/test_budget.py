@@ -497,3 +497,43 @@ def test_replicas_fall_back_when_the_server_is_killed_mid_run_and_share_again_on
     bid = budget_id(llm_server.base_url, key)
     turns = own_server.command("HGET", f"{prefix}:budget:{bid}", "sent")
     assert int(turns.split()[-1]) > 0  # turns handed out by the server after its return
+
+
+# ---------------------------------------------------------------- tenants and hostile reports
+
+
+@pytest.mark.parametrize("pattern", ["*", "{short}?", "[t]{tail}", "{prefix}:budget:*"])
+async def test_a_prefix_lists_only_its_own_budgets_never_another_tenants(
+    valkey_server: ValkeyServer, prefix: str, pattern: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-tenant")
+    async with replicas(valkey_server.url, prefix, 1) as (tenant,):
+        await tenant.reserve(bid, 1.0, 600, None, 30.0)
+        # A prefix that is a glob (or a prefix under which another's keys nest) matches
+        # the tenant's keys: it must list none of them.
+        other = pattern.format(prefix=prefix, short=prefix[:-1], tail=prefix[1:])
+        async with replicas(valkey_server.url, other, 1) as (snoop,):
+            seen = await snoop.lanes()
+        async with replicas(valkey_server.url, f"{prefix}:budget:{bid}", 1) as (nested,):
+            await nested.reserve(bid, 1.0, 600, None, 30.0)
+            own = await tenant.lanes()
+    assert seen == []
+    assert [lanes.budget for lanes in own] == [bid]
+
+
+async def test_a_limit_too_large_to_count_is_not_reported_as_one(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-boastful")
+    async with replicas(valkey_server.url, prefix, 1) as (store,):
+        await store.reserve(bid, 1.0, None, None, 30.0)
+        store.settle(bid, advertised_rpm=10**30, advertised_tpm=10**300)
+        await store.flush()
+        grant = await store.reserve(bid, 1.0, None, None, 30.0)
+        lanes = await store.lanes()
+    for limit in (grant.requests_per_minute, grant.tokens_per_minute):
+        assert limit is None or 1 <= limit <= 10**15
+    assert grant.delay_s < 0.1
+    for lane in lanes:
+        for limit in (lane.requests_per_minute, lane.tokens_per_minute):
+            assert limit is None or 1 <= limit <= 10**15
