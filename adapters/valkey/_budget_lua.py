@@ -10,7 +10,10 @@ GCRA with no burst, in server milliseconds (``TIME``: the replicas' clocks never
   holds a turn back at most ``max_pause`` beyond them: a lie cannot stall the cluster);
 * ``last``: the latest turn handed out (turns are handed out in arrival order: FIFO
   across every replica); ``pause``: until when a 429 paused the endpoint;
-* ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out.
+* ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out;
+* ``rcfg`` / ``tcfg`` (and when last given, ``rcfgat`` / ``tcfgat``): the strictest limit
+  a caller configured in the last minute, which every caller paces at (replicas
+  configured differently for one key do not each pace at their own).
 
 One call does everything a replica has to tell, folded: settle (``dreq`` / ``dtok``
 given back, negative: charged more), learn (advertised limits, a lane the server reported
@@ -55,7 +58,7 @@ local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local kind = redis.call('TYPE', key)['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('RENAME', key, aside) end
 local h = redis.call('HMGET', key, 'rtat', 'rown', 'ttat', 'town', 'last', 'pause',
-                     'radv', 'tadv', 'sent')
+                     'radv', 'tadv', 'sent', 'rcfg', 'rcfgat', 'tcfg', 'tcfgat')
 local function num(v, lo, hi, default)
   local x = tonumber(v or '')
   if x == nil or x ~= x or x < lo or x > hi then return default end
@@ -68,6 +71,19 @@ local radv, tadv = num(h[7], 0, 1e15, 0), num(h[8], 0, 1e15, 0)
 local sent = num(h[9], 0, 1e15, 0)
 if radv_new > 0 then radv = radv_new end
 if tadv_new > 0 then tadv = tadv_new end
+
+-- Replicas configured differently for one key: the strictest limit any of them gave in
+-- the last minute holds for every one (a replica that stopped asking for it releases it).
+local function agreed(cfg, stored, at)
+  if stored > 0 and at + 60000 >= now and (cfg <= 0 or stored < cfg) then
+    return stored, at
+  end
+  if cfg > 0 then return cfg, now end
+  return 0, 0
+end
+local rcfgat, tcfgat
+rcfg, rcfgat = agreed(rcfg, num(h[10], 0, 1e15, 0), num(h[11], 0, now + DAY, 0))
+tcfg, tcfgat = agreed(tcfg, num(h[12], 0, 1e15, 0), num(h[13], 0, now + DAY, 0))
 
 -- A lane's limit in force (per minute; 0: none) and its pace (units per ms; nil: none).
 local function limit(cfg, adv)
@@ -140,7 +156,8 @@ end
 local function f(x) return string.format('%.3f', x) end
 redis.call('HSET', key, 'rtat', f(rtat), 'rown', f(rown), 'ttat', f(ttat), 'town', f(town),
            'last', f(last), 'pause', f(paused), 'radv', f(radv), 'tadv', f(tadv),
-           'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim))
+           'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim),
+           'rcfg', f(rcfg), 'rcfgat', f(rcfgat), 'tcfg', f(tcfg), 'tcfgat', f(tcfgat))
 redis.call('PEXPIRE', key, 600000)
 return {math.floor((t - now) * 1000), math.floor(charged), math.floor(rlim), math.floor(tlim),
         math.floor(math.max(0, paused - now)), sent, math.floor(now * 1000),

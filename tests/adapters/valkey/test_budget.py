@@ -537,3 +537,16 @@ async def test_a_limit_too_large_to_count_is_not_reported_as_one(
     for lane in lanes:
         for limit in (lane.requests_per_minute, lane.tokens_per_minute):
             assert limit is None or 1 <= limit <= 10**15
+
+
+async def test_replicas_given_different_limits_for_one_key_all_pace_at_the_strictest(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-two-minds")
+    async with replicas(valkey_server.url, prefix, 2) as (strict, lax):
+        await strict.reserve(bid, 1.0, 60, 600, 30.0)  # 60 requests, 600 tokens a minute
+        grants = [await lax.reserve(bid, 10.0, 6000, 60000, 30.0) for _ in range(3)]
+    gap = 60.0 / (60 * 0.95)
+    for earlier, later in itertools.pairwise(grants):
+        assert later.turn_s - earlier.turn_s == pytest.approx(gap, abs=1e-3)
+    assert {(g.requests_per_minute, g.tokens_per_minute) for g in grants} == {(60, 600)}
