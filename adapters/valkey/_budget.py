@@ -71,6 +71,9 @@ _CLOCK_SAMPLE_S = 10.0
 # The longest pause a replica that has not reserved yet asks for (the orchestrators'
 # default retry_after_cap_s).
 _MAX_PAUSE_MS = 30_000.0
+# How much later than its timeout a call may run before the waits it carries count as
+# partly spent (more than the server clock's reading may be off by).
+_LATE_RUN_S = 1.0
 # A budget's name on the server (budget_id's): 32 hex digits.
 _BUDGET_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -109,18 +112,20 @@ class _Settlement:
     tokens: float = 0.0
     advertised_rpm: int = 0
     advertised_tpm: int = 0
-    requests_wait_ms: float = 0.0
-    tokens_wait_ms: float = 0.0
-    pause_ms: float = 0.0
+    # Until when (time.monotonic()): a report or a 429 held back by an outage must not
+    # pause the cluster afresh from the server's return, long after its reset came.
+    requests_wait_until: float = 0.0
+    tokens_wait_until: float = 0.0
+    pause_until: float = 0.0
 
     def merge(self, other: _Settlement) -> None:
         self.requests += other.requests
         self.tokens += other.tokens
         self.advertised_rpm = other.advertised_rpm or self.advertised_rpm
         self.advertised_tpm = other.advertised_tpm or self.advertised_tpm
-        self.requests_wait_ms = max(self.requests_wait_ms, other.requests_wait_ms)
-        self.tokens_wait_ms = max(self.tokens_wait_ms, other.tokens_wait_ms)
-        self.pause_ms = max(self.pause_ms, other.pause_ms)
+        self.requests_wait_until = max(self.requests_wait_until, other.requests_wait_until)
+        self.tokens_wait_until = max(self.tokens_wait_until, other.tokens_wait_until)
+        self.pause_until = max(self.pause_until, other.pause_until)
 
 
 ShiftListener = Callable[[float], None]
@@ -150,6 +155,11 @@ class _ServerClock:
             self._offset = server_s - (sent + received) / 2.0
             self._rtt = rtt
             self._taken = received
+        return self._offset
+
+    @property
+    def offset(self) -> float:
+        """The server's clock minus this process's ``time.monotonic()``, in seconds."""
         return self._offset
 
 
@@ -284,15 +294,15 @@ class ValkeyProviderBudget(BackgroundClient):
                 tokens=tokens,
                 advertised_rpm=advertised_rpm or 0,
                 advertised_tpm=advertised_tpm or 0,
-                requests_wait_ms=requests_wait_s * 1000.0,
-                tokens_wait_ms=tokens_wait_s * 1000.0,
+                requests_wait_until=_until(requests_wait_s),
+                tokens_wait_until=_until(tokens_wait_s),
             ),
         )
 
     def pause(self, bid: str, seconds: float) -> None:
         """Pause budget ``bid`` for ``seconds`` cluster-wide (a 429): sent at once, and
         every replica's waiters move.  Never blocks or raises."""
-        self._queue(bid, _Settlement(pause_ms=max(0.0, seconds) * 1000.0))
+        self._queue(bid, _Settlement(pause_until=_until(seconds)))
         self._urgent = True
 
     def on_available(self, listener: Callable[[], None]) -> Callable[[], None]:
@@ -372,6 +382,7 @@ class ValkeyProviderBudget(BackgroundClient):
         tokens: float = 0.0,
     ) -> list[int]:
         rpm, tpm, max_pause_ms = config
+        now = time.monotonic()
         args: list[Any] = [
             op,
             rpm,
@@ -382,11 +393,15 @@ class ValkeyProviderBudget(BackgroundClient):
             _num(pending.tokens),
             pending.advertised_rpm,
             pending.advertised_tpm,
-            _num(pending.requests_wait_ms),
-            _num(pending.tokens_wait_ms),
-            _num(pending.pause_ms),
+            _num(_left_ms(pending.requests_wait_until, now)),
+            _num(_left_ms(pending.tokens_wait_until, now)),
+            _num(_left_ms(pending.pause_until, now)),
             self._channel,
             bid,
+            # By when (server ms) the call should run, give or take the clocks' error: a
+            # call the server runs later (it was stopped; we gave up on it) pauses the
+            # cluster only for what is left of the waits it carries.
+            _num((now + self._clock.offset + self.timeout + _LATE_RUN_S) * 1000.0),
         ]
         keys = self._keys(bid)
         try:
@@ -560,6 +575,15 @@ class ValkeyProviderBudget(BackgroundClient):
             return
         for listener in list(self._watchers.get(parts[0], ())):
             listener(shift_s)
+
+
+def _until(seconds: float) -> float:
+    """``seconds`` from now on ``time.monotonic()`` (0: none)."""
+    return time.monotonic() + seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _left_ms(until: float, now: float) -> float:
+    return max(0.0, until - now) * 1000.0
 
 
 def _num(value: float) -> str:

@@ -35,7 +35,8 @@ __all__ = ["BUDGET"]
 #: KEYS[1]: the budget hash, KEYS[2]: where a corrupt one is set aside.
 #: ARGV: op ('r' reserve, 's' settle only), requests/min and tokens/min configured (0:
 #: none), the token estimate, max_pause ms, dreq, dtok, advertised requests/min and
-#: tokens/min (0: not reported), rwait ms, twait ms, pause ms, the events channel, the id.
+#: tokens/min (0: not reported), rwait ms, twait ms, pause ms, the events channel, the id,
+#: by when (server ms) the call should have run (later: the waits are that much spent).
 #: Returns {delay µs, tokens charged, requests/min in force (0: none), tokens/min in
 #: force, pause left ms, turns handed out, the server's now (µs), the turn (µs)}.
 BUDGET = (
@@ -54,6 +55,10 @@ local HEADROOM = """
 local DAY = 86400000
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+-- A call run late (the server was stopped, its caller gave up on it): its waits are spent
+-- by as much, or a stale 429 would pause the cluster afresh from the server's return.
+local late = math.max(0, now - (tonumber(ARGV[15]) or now))
+rwait, twait, pause_ms = rwait - late, twait - late, pause_ms - late
 
 local kind = redis.call('TYPE', key)['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('RENAME', key, aside) end

@@ -550,3 +550,31 @@ async def test_replicas_given_different_limits_for_one_key_all_pace_at_the_stric
     for earlier, later in itertools.pairwise(grants):
         assert later.turn_s - earlier.turn_s == pytest.approx(gap, abs=1e-3)
     assert {(g.requests_per_minute, g.tokens_per_minute) for g in grants} == {(60, 600)}
+
+
+@pytest.mark.slow
+async def test_a_429_pause_over_before_the_server_is_back_does_not_pause_the_cluster_then(
+    own_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-stale-pause")
+    async with replicas(own_server.url, prefix, 1, timeout=0.2) as (store,):
+        await store.reserve(bid, 1.0, 6000, None, 30.0)
+        own_server.pause()  # hung: the pause cannot be told
+        try:
+            asked = time.monotonic()
+            store.pause(bid, 1.0)
+            store.settle(bid, requests_wait_s=1.0)  # "no requests left for a second"
+            with trio.fail_after(5):
+                while store.available:  # noqa: ASYNC110  # its flush runs on its own
+                    await trio.sleep(0.01)
+            # The outage outlasts the pause (and the timeout, and what the clock reading may
+            # be off by): the 429's reset has come by the server's return.
+            await trio.sleep(max(0.0, asked + 2.5 - time.monotonic()))
+        finally:
+            own_server.resume()
+        await sharing_again(store)
+        await store.flush()
+        grant = await store.reserve(bid, 1.0, 6000, None, 30.0)
+        (lanes,) = await store.lanes()
+    assert grant.delay_s < 0.1
+    assert lanes.paused_ms == 0.0
