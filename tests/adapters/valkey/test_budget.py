@@ -578,3 +578,32 @@ async def test_a_429_pause_over_before_the_server_is_back_does_not_pause_the_clu
         (lanes,) = await store.lanes()
     assert grant.delay_s < 0.1
     assert lanes.paused_ms == 0.0
+
+
+@pytest.mark.slow
+async def test_one_429_asking_for_a_day_holds_every_replica_no_longer_than_its_cap(
+    valkey_server: ValkeyServer, prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    llm_server.script_any(("429", 86400.0))  # "come back tomorrow"
+    async with replicas(valkey_server.url, prefix, 2) as stores:
+        orchs = [
+            OpenAIChatOrchestrator(
+                llm_server.base_url, "fake-model", api_key="sk-tomorrow",
+                limits=ProviderLimits(requests_per_minute=6000, shared=store),
+                retry_after_cap_s=0.5, **FAST,
+            )
+            for store in stores
+        ]  # fmt: skip
+        with trio.fail_after(10):  # a day's pause would hang here
+            async with trio.open_nursery() as nursery:
+                results: list[list[ConcurrentResult]] = []
+
+                async def run(orch: OpenAIChatOrchestrator, name: str) -> None:
+                    results.append(await council(orch, 5, prefix=name))
+
+                for i, orch in enumerate(orchs):
+                    nursery.start_soon(run, orch, f"r{i}-")
+        (lanes,) = await stores[0].lanes()
+    assert [r.success_count for (r,) in results] == [5, 5]
+    assert llm_server.requests_total == 11  # ten answers and the one 429
+    assert lanes.paused_ms <= 500.0

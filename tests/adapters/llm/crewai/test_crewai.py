@@ -854,6 +854,7 @@ async def test_crewai_agents_under_an_rpm_limit_never_exceed_it_and_meet_no_429(
     assert stats.waited_ms == pytest.approx(sum(waited), rel=1e-3, abs=1)
 
 
+@pytest.mark.slow
 async def test_crewai_agents_waiting_for_shared_budget_turns_end_at_once_on_a_halt(
     llm_server: FakeOpenAIServer, valkey_server: ValkeyServer
 ) -> None:
