@@ -90,6 +90,7 @@ class BudgetGrant:
     tokens: float
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    now_s: float = 0.0  # when the server handed it out, on its clock
 
 
 @attrs.frozen
@@ -128,7 +129,9 @@ class _Settlement:
         self.pause_until = max(self.pause_until, other.pause_until)
 
 
-ShiftListener = Callable[[float], None]
+#: ``listener(shift_s, at_s)``: a pause moved the turns handed out before ``at_s`` (the
+#: server's clock; None: not said) later by ``shift_s``.
+ShiftListener = Callable[[float, float | None], None]
 
 
 class _ServerClock:
@@ -271,6 +274,7 @@ class ValkeyProviderBudget(BackgroundClient):
             tokens=float(charged),
             requests_per_minute=rlim or None,
             tokens_per_minute=tlim or None,
+            now_s=now_us / 1e6,
         )
 
     def settle(
@@ -325,7 +329,8 @@ class ValkeyProviderBudget(BackgroundClient):
                 await self._flush()
 
     def watch(self, bid: str, listener: ShiftListener) -> Callable[[], None]:
-        """Call ``listener(shift_s)`` when a pause moves budget ``bid``'s turns later;
+        """Call ``listener(shift_s, at_s)`` when a pause (at ``at_s``, the server's clock)
+        moves budget ``bid``'s turns later;
         returns the unregister call.  It runs in the listener task: quick, no raise."""
         self._watchers.setdefault(bid, []).append(listener)
 
@@ -565,16 +570,19 @@ class ValkeyProviderBudget(BackgroundClient):
         if not isinstance(data, bytes):
             return
         parts = data.decode("utf-8", "replace").split()
-        if len(parts) != 2:
+        if len(parts) not in (2, 3):
             return
         try:
             shift_s = float(parts[1]) / 1000.0
+            at_s = float(parts[2]) / 1000.0 if len(parts) == 3 else None
         except ValueError:
             return
         if not math.isfinite(shift_s) or shift_s <= 0:
             return
+        if at_s is not None and not math.isfinite(at_s):
+            at_s = None
         for listener in list(self._watchers.get(parts[0], ())):
-            listener(shift_s)
+            listener(shift_s, at_s)
 
 
 def _until(seconds: float) -> float:

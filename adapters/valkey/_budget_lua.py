@@ -19,7 +19,8 @@ One call does everything a replica has to tell, folded: settle (``dreq`` / ``dto
 given back, negative: charged more), learn (advertised limits, a lane the server reported
 exhausted for ``rwait`` / ``twait`` ms), pause (``pause_ms``), then reserve one turn.
 A pause moves every turn already handed out later by as much as it extends the pause, and
-is published (``<id> <shift ms>``) so that every replica moves its waiters at once.
+is published (``<id> <shift ms> <server ms>``) so that every replica moves its waiters at
+once, and a turn handed out before it but heard of after it moves too.
 
 A hash of the wrong type is set aside (``<key>:corrupt``) and the budget begins afresh; a
 field that is not a finite number counts as absent; a turn further than a day off is cut
@@ -128,7 +129,8 @@ if pause_ms > 0 then
     paused = untl
     rtat, ttat = math.max(rtat, now) + shift, math.max(ttat, now) + shift
     if last > now then last = last + shift end
-    redis.call('PUBLISH', channel, id .. ' ' .. string.format('%.3f', shift))
+    redis.call('PUBLISH', channel,
+               id .. ' ' .. string.format('%.3f', shift) .. ' ' .. string.format('%.3f', now))
   end
 end
 

@@ -187,7 +187,7 @@ async def test_a_429_reported_by_one_replica_moves_every_replicas_waiting_turns(
         heard: list[float] = []
         moved = trio.Event()
 
-        def listener(shift: float) -> None:
+        def listener(shift: float, _at: float | None) -> None:
             heard.append(shift)
             moved.set()
 
@@ -607,3 +607,49 @@ async def test_one_429_asking_for_a_day_holds_every_replica_no_longer_than_its_c
     assert [r.success_count for (r,) in results] == [5, 5]
     assert llm_server.requests_total == 11  # ten answers and the one 429
     assert lanes.paused_ms <= 500.0
+
+
+class _GrantHandedLate(ValkeyProviderBudget):
+    """A replica whose grant, computed by the server, reaches its waiter only after another
+    replica's 429 pause (computed after it) has been heard: the worst moment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meanwhile: Callable[[], Any] | None = None
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        grant = await super().reserve(*args, **kwargs)
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        return grant
+
+
+async def test_a_turn_granted_just_before_a_pause_heard_before_the_grant_still_waits_for_it(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    import trio_asyncio
+
+    key = f"sk-{uuid.uuid4().hex}"
+    bid = budget_id("http://provider/v1", key)
+    async with (
+        _GrantHandedLate(valkey_server.url, key_prefix=prefix, replicas=2) as late,
+        ValkeyProviderBudget(valkey_server.url, key_prefix=prefix, replicas=2) as other,
+    ):
+        budget = cluster_budget("http://provider/v1", key, late)
+        budget.configure(ProviderLimits(requests_per_minute=6000, shared=late))
+        heard = trio.Event()
+        late.watch(bid, lambda _shift, *_: heard.set())  # after the budget's own listener
+        paused: list[float] = []
+
+        async def pause_meanwhile() -> None:
+            paused.append(time.monotonic())
+            other.pause(bid, 0.5)
+            with trio.fail_after(5):
+                await heard.wait()
+
+        late.meanwhile = pause_meanwhile
+        async with trio_asyncio.open_loop():
+            ticket = await trio_asyncio.aio_as_trio(budget.acquire)(1.0)
+        went = time.monotonic()
+    assert ticket.sent_at is not None
+    assert went >= paused[0] + 0.4  # it waited out the pause, not went into it
