@@ -657,8 +657,9 @@ def _check_llm_flags(args: argparse.Namespace) -> None:
     # No --base-url: $OPENAI_BASE_URL, else the OpenAI API, as the openai SDK does.
     if args.backend in LLM_BACKENDS and not args.model:
         raise UsageError(f"--backend {args.backend} needs --model")
+    if args.backend not in LLM_BACKENDS and (args.rpm or args.tpm):
+        raise UsageError("--rpm and --tpm are the LLM backends' (--backend openai or crewai)")
     for flags, used in (
-        ("--rpm and --tpm are", args.rpm or args.tpm),
         ("--no-model-check is", args.no_model_check),
         ("--transport is", args.transport),
     ):
