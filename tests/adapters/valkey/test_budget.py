@@ -653,3 +653,54 @@ async def test_a_turn_granted_just_before_a_pause_heard_before_the_grant_still_w
         went = time.monotonic()
     assert ticket.sent_at is not None
     assert went >= paused[0] + 0.4  # it waited out the pause, not went into it
+
+
+@pytest.mark.slow
+async def test_nothing_sent_to_the_server_or_logged_holds_the_api_key(
+    valkey_server: ValkeyServer,
+    prefix: str,
+    llm_server: FakeOpenAIServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = f"sk-monitored-{uuid.uuid4().hex}"
+    valkey_server.seed_capacity(prefix)
+    llm_server.script_any(("429", 0.05))  # a pause, published too
+    seen = bytearray()
+    stream = await trio.open_tcp_stream("127.0.0.1", valkey_server.port)
+    async with stream:
+        await stream.send_all(b"MONITOR\r\n")
+        assert (await stream.receive_some(64)).startswith(b"+OK")
+        caplog.set_level(logging.DEBUG)
+        async with trio.open_nursery() as nursery:
+
+            async def record() -> None:
+                while chunk := await stream.receive_some(65536):
+                    seen.extend(chunk)
+
+            nursery.start_soon(record)
+            async with (
+                replicas(valkey_server.url, prefix, 1) as (store,),
+                ValkeyCapacity(valkey_server.url, name=prefix, capacity=4) as capacity,
+            ):
+                orch = OpenAIChatOrchestrator(
+                    llm_server.base_url, "fake-model", api_key=key,
+                    limits=ProviderLimits(requests_per_minute=6000, tokens_per_minute=10**6,
+                                          shared=store),
+                    **FAST,
+                )  # fmt: skip
+                async with AsyncioOrchestratorBridge(orch) as bridge:
+                    service = ConcurrentDeliberationService(
+                        bridge, HaltSwitch(), AgentPool(4, shared=capacity)
+                    )
+                    result = await service.invoke_concurrent(make_requests(8), overflow="queue")
+                await store.flush()
+            with trio.fail_after(5):  # MONITOR lags: the last call's line arrives after it
+                while budget_id(llm_server.base_url, key).encode() not in seen:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert result.success_count == 8
+    assert f"{prefix}:leases".encode() in seen  # the capacity's calls were seen too
+    logged = "".join(repr(r.__dict__) for r in caplog.records)
+    for secret in (key, key[3:]):
+        assert secret.encode() not in seen
+        assert secret not in logged
