@@ -11,6 +11,9 @@ GCRA with no burst, in server milliseconds (``TIME``: the replicas' clocks never
 * ``last``: the latest turn handed out (turns are handed out in arrival order: FIFO
   across every replica); ``pause``: until when a 429 paused the endpoint;
 * ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out;
+* ``wstart``, ``rprev`` / ``rcur``, ``tprev`` / ``tcur``: requests and tokens handed out
+  in the minute before ``wstart`` and since (an advertised limit below half of the last
+  minute's is not believed);
 * ``rcfg`` / ``tcfg`` (and when last given, ``rcfgat`` / ``tcfgat``): the strictest limit
   a caller configured in the last minute, which every caller paces at (replicas
   configured differently for one key do not each pace at their own).
@@ -29,7 +32,7 @@ to now.  Idle for ten minutes, the hash expires (what it learned is forgotten).
 
 from __future__ import annotations
 
-from adapters.llm.provider_budget import HEADROOM
+from adapters.llm.provider_budget import _SERVED_SLACK, HEADROOM
 
 __all__ = ["BUDGET"]
 
@@ -54,6 +57,9 @@ local HEADROOM = """
     + repr(HEADROOM)
     + """
 local DAY = 86400000
+local SERVED_SLACK = """
+    + repr(_SERVED_SLACK)
+    + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 -- A call run late (the server was stopped, its caller gave up on it): its waits are spent
@@ -64,7 +70,8 @@ rwait, twait, pause_ms = rwait - late, twait - late, pause_ms - late
 local kind = redis.call('TYPE', key)['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('RENAME', key, aside) end
 local h = redis.call('HMGET', key, 'rtat', 'rown', 'ttat', 'town', 'last', 'pause',
-                     'radv', 'tadv', 'sent', 'rcfg', 'rcfgat', 'tcfg', 'tcfgat')
+                     'radv', 'tadv', 'sent', 'rcfg', 'rcfgat', 'tcfg', 'tcfgat',
+                     'wstart', 'rprev', 'rcur', 'tprev', 'tcur')
 local function num(v, lo, hi, default)
   local x = tonumber(v or '')
   if x == nil or x ~= x or x < lo or x > hi then return default end
@@ -75,8 +82,21 @@ local ttat, town = num(h[3], 0, now + DAY, now), num(h[4], 0, now + DAY, now)
 local last, paused = num(h[5], 0, now + DAY, 0), num(h[6], 0, now + DAY, 0)
 local radv, tadv = num(h[7], 0, 1e15, 0), num(h[8], 0, 1e15, 0)
 local sent = num(h[9], 0, 1e15, 0)
-if radv_new > 0 then radv = radv_new end
-if tadv_new > 0 then tadv = tadv_new end
+-- What the cluster was served in the last minute (two one-minute buckets, the older one
+-- weighted by its share still in the minute): an advertised limit below half of it is not
+-- believed, as the local budget does (one poisoned response would pace every replica at a
+-- turn per max_pause for as long as the budget is in use).
+local wstart = num(h[14], 0, now + DAY, now)
+local rprev, rcur = num(h[15], 0, 1e15, 0), num(h[16], 0, 1e15, 0)
+local tprev, tcur = num(h[17], 0, 1e15, 0), num(h[18], 0, 1e15, 0)
+if wstart > now or now - wstart >= 120000 then
+  wstart, rprev, rcur, tprev, tcur = now, 0, 0, 0, 0
+elseif now - wstart >= 60000 then
+  wstart, rprev, rcur, tprev, tcur = wstart + 60000, rcur, 0, tcur, 0
+end
+local weight = 1 - (now - wstart) / 60000
+if radv_new > 0 and radv_new * SERVED_SLACK >= rcur + rprev * weight then radv = radv_new end
+if tadv_new > 0 and tadv_new * SERVED_SLACK >= tcur + tprev * weight then tadv = tadv_new end
 
 -- Replicas configured differently for one key: the strictest limit any of them gave in
 -- the last minute holds for every one (a replica that stopped asking for it releases it).
@@ -158,13 +178,16 @@ if op == 'r' then
   ttat, town = charge(ttat, charged, tp), charge(town, charged, top)
   last = t
   sent = sent + 1
+  rcur, tcur = rcur + 1, tcur + charged
 end
 
 local function f(x) return string.format('%.3f', x) end
 redis.call('HSET', key, 'rtat', f(rtat), 'rown', f(rown), 'ttat', f(ttat), 'town', f(town),
            'last', f(last), 'pause', f(paused), 'radv', f(radv), 'tadv', f(tadv),
            'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim),
-           'rcfg', f(rcfg), 'rcfgat', f(rcfgat), 'tcfg', f(tcfg), 'tcfgat', f(tcfgat))
+           'rcfg', f(rcfg), 'rcfgat', f(rcfgat), 'tcfg', f(tcfg), 'tcfgat', f(tcfgat),
+           'wstart', f(wstart), 'rprev', f(rprev), 'rcur', f(rcur), 'tprev', f(tprev),
+           'tcur', f(tcur))
 redis.call('PEXPIRE', key, 600000)
 return {math.floor((t - now) * 1000), math.floor(charged), math.floor(rlim), math.floor(tlim),
         math.floor(math.max(0, paused - now)), sent, math.floor(now * 1000),

@@ -704,3 +704,18 @@ async def test_nothing_sent_to_the_server_or_logged_holds_the_api_key(
     for secret in (key, key[3:]):
         assert secret.encode() not in seen
         assert secret not in logged
+
+
+async def test_an_advertised_limit_far_below_what_the_cluster_served_is_not_believed(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-poisoned")
+    async with replicas(valkey_server.url, prefix, 2) as (one, other):
+        for _ in range(20):  # served at 6000 a minute: 20 within the last minute
+            await one.reserve(bid, 1.0, 6000, None, 30.0)
+        one.settle(bid, advertised_rpm=1)  # one poisoned response: "one a minute"
+        await one.flush()
+        grants = [await other.reserve(bid, 1.0, 6000, None, 30.0) for _ in range(3)]
+    for earlier, later in itertools.pairwise(grants):
+        assert later.turn_s - earlier.turn_s == pytest.approx(60.0 / (6000 * 0.95), abs=1e-3)
+    assert {g.requests_per_minute for g in grants} == {6000}
