@@ -850,9 +850,10 @@ class ClusterBudget:
         self._max_pause_s = 30.0
         self._seq = 0
         self._waiting: set[Ticket] = set()
-        # Recent pauses (when, on the store's clock; how far): a turn handed out before
-        # one but heard of after it (the reply and the event come apart) moves too.
-        self._shifts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        # Recent pauses (when, on the store's clock; how far; when heard, on ours): a turn
+        # handed out before one but heard of after it (the reply and the event come apart)
+        # moves too.
+        self._shifts: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=64)
         self.fallback = EndpointBudget(name)
         # Fallback waiters, woken (on their loops) when the store is back.
         self._back: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
@@ -898,7 +899,7 @@ class ClusterBudget:
             for ticket in self._waiting:
                 ticket.at += seconds
             if at is not None:
-                self._shifts.append((at, seconds))
+                self._shifts.append((at, seconds, time.monotonic()))
 
     async def acquire(self, tokens: float) -> Ticket:
         """Wait for a turn; cancelled while waiting, it is given back."""
@@ -956,7 +957,11 @@ class ClusterBudget:
             handed_out = getattr(grant, "now_s", None)
             ticket.at = float(grant.at)
             if handed_out is not None:
-                ticket.at += sum(s for at, s in self._shifts if at > handed_out)
+                # Only pauses heard since it was asked for: one heard earlier was in place
+                # before (and a server clock stepped back makes old ones look later).
+                ticket.at += sum(
+                    s for at, s, heard in self._shifts if heard >= reserved_at and at > handed_out
+                )
             ticket.charged = ticket.tokens
             self._waiting.add(ticket)
         try:

@@ -154,7 +154,15 @@ class _ServerClock:
         """Take one call's reading; returns the offset (server minus local) in force."""
         rtt = max(0.0, received - sent)
         aged = received - self._taken > _CLOCK_SAMPLE_S
-        if rtt <= self._rtt or (aged and rtt <= max(2.0 * self._rtt, 0.002)):
+        # A reading further off than its round trip allows: the server's clock was stepped
+        # (the budget's times moved with it), and turns read with the old offset would all
+        # be due at once, or wait out the step.
+        stepped = abs(server_s - (sent + received) / 2.0 - self._offset) > max(1.0, rtt)
+        if (
+            rtt <= self._rtt
+            or (aged and rtt <= max(2.0 * self._rtt, 0.002))
+            or (stepped and math.isfinite(self._rtt))
+        ):
             self._offset = server_s - (sent + received) / 2.0
             self._rtt = rtt
             self._taken = received

@@ -11,6 +11,8 @@ GCRA with no burst, in server milliseconds (``TIME``: the replicas' clocks never
 * ``last``: the latest turn handed out (turns are handed out in arrival order: FIFO
   across every replica); ``pause``: until when a 429 paused the endpoint;
 * ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out;
+* ``clock``: the server's time at the last call (the clock gone back since: every time
+  above moves back with it);
 * ``wstart``, ``rprev`` / ``rcur``, ``tprev`` / ``tcur``: requests and tokens handed out
   in the minute before ``wstart`` and since (an advertised limit below half of the last
   minute's is not believed);
@@ -71,22 +73,30 @@ local kind = redis.call('TYPE', key)['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('RENAME', key, aside) end
 local h = redis.call('HMGET', key, 'rtat', 'rown', 'ttat', 'town', 'last', 'pause',
                      'radv', 'tadv', 'sent', 'rcfg', 'rcfgat', 'tcfg', 'tcfgat',
-                     'wstart', 'rprev', 'rcur', 'tprev', 'tcur')
+                     'wstart', 'rprev', 'rcur', 'tprev', 'tcur', 'clock')
 local function num(v, lo, hi, default)
   local x = tonumber(v or '')
   if x == nil or x ~= x or x < lo or x > hi then return default end
   return x
 end
-local rtat, rown = num(h[1], 0, now + DAY, now), num(h[2], 0, now + DAY, now)
-local ttat, town = num(h[3], 0, now + DAY, now), num(h[4], 0, now + DAY, now)
-local last, paused = num(h[5], 0, now + DAY, 0), num(h[6], 0, now + DAY, 0)
+-- The server's clock went back (a step of NTP, a restored VM) since the clock last read:
+-- every time kept moves back with it, or the cluster would wait out the step.
+local step = math.min(0, now - num(h[19], 0, now + DAY, now))
+local function at(v, default)
+  local x = num(v, 0, now + DAY - step, nil)
+  if x == nil then return default end
+  return x + step
+end
+local rtat, rown = at(h[1], now), at(h[2], now)
+local ttat, town = at(h[3], now), at(h[4], now)
+local last, paused = at(h[5], 0), at(h[6], 0)
 local radv, tadv = num(h[7], 0, 1e15, 0), num(h[8], 0, 1e15, 0)
 local sent = num(h[9], 0, 1e15, 0)
 -- What the cluster was served in the last minute (two one-minute buckets, the older one
 -- weighted by its share still in the minute): an advertised limit below half of it is not
 -- believed, as the local budget does (one poisoned response would pace every replica at a
 -- turn per max_pause for as long as the budget is in use).
-local wstart = num(h[14], 0, now + DAY, now)
+local wstart = at(h[14], now)
 local rprev, rcur = num(h[15], 0, 1e15, 0), num(h[16], 0, 1e15, 0)
 local tprev, tcur = num(h[17], 0, 1e15, 0), num(h[18], 0, 1e15, 0)
 if wstart > now or now - wstart >= 120000 then
@@ -108,8 +118,8 @@ local function agreed(cfg, stored, at)
   return 0, 0
 end
 local rcfgat, tcfgat
-rcfg, rcfgat = agreed(rcfg, num(h[10], 0, 1e15, 0), num(h[11], 0, now + DAY, 0))
-tcfg, tcfgat = agreed(tcfg, num(h[12], 0, 1e15, 0), num(h[13], 0, now + DAY, 0))
+rcfg, rcfgat = agreed(rcfg, num(h[10], 0, 1e15, 0), at(h[11], 0))
+tcfg, tcfgat = agreed(tcfg, num(h[12], 0, 1e15, 0), at(h[13], 0))
 
 -- A lane's limit in force (per minute; 0: none) and its pace (units per ms; nil: none).
 local function limit(cfg, adv)
@@ -187,7 +197,7 @@ redis.call('HSET', key, 'rtat', f(rtat), 'rown', f(rown), 'ttat', f(ttat), 'town
            'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim),
            'rcfg', f(rcfg), 'rcfgat', f(rcfgat), 'tcfg', f(tcfg), 'tcfgat', f(tcfgat),
            'wstart', f(wstart), 'rprev', f(rprev), 'rcur', f(rcur), 'tprev', f(tprev),
-           'tcur', f(tcur))
+           'tcur', f(tcur), 'clock', f(now))
 redis.call('PEXPIRE', key, 600000)
 return {math.floor((t - now) * 1000), math.floor(charged), math.floor(rlim), math.floor(tlim),
         math.floor(math.max(0, paused - now)), sent, math.floor(now * 1000),

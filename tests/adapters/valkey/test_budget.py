@@ -719,3 +719,36 @@ async def test_an_advertised_limit_far_below_what_the_cluster_served_is_not_beli
     for earlier, later in itertools.pairwise(grants):
         assert later.turn_s - earlier.turn_s == pytest.approx(60.0 / (6000 * 0.95), abs=1e-3)
     assert {g.requests_per_minute for g in grants} == {6000}
+
+
+async def test_a_server_clock_stepped_back_an_hour_does_not_hold_the_cluster_for_it(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-time-travel")
+    async with replicas(valkey_server.url, prefix, 1) as (store,):
+        await store.reserve(bid, 1.0, 600, None, 30.0)
+        # What an hour's step back of the server's clock leaves: every time in the budget,
+        # and the clock it last read, an hour ahead of the server's now.
+        async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as raw:
+            key = f"{prefix}:budget:{bid}"
+            fields = await raw.hgetall(key)
+            hour = 3_600_000.0
+            ahead = {
+                name: f"{float(fields[name.encode()]) + hour:.3f}"
+                for name in ("rtat", "rown", "last", "wstart", "rcfgat", "clock")
+                if name.encode() in fields
+            }
+            assert "clock" in ahead  # the budget records the clock it read
+            await raw.hset(key, ahead)
+        grant = await store.reserve(bid, 1.0, 600, None, 30.0)
+    assert grant.delay_s < 1.0  # the next turn, not an hour away
+
+
+def test_a_replica_follows_the_server_clock_stepping_back_at_its_next_reading() -> None:
+    from adapters.valkey._budget import _ServerClock
+
+    clock = _ServerClock()
+    assert clock.sample(10_000.0, 0.0, 0.001) == pytest.approx(10_000.0 - 0.0005)
+    # Two seconds later, a slower call: the server's clock has gone back an hour.
+    offset = clock.sample(10_002.0 - 3600.0, 2.0, 2.01)
+    assert offset == pytest.approx(10_000.0 - 3600.0 - 0.005)
