@@ -752,3 +752,37 @@ def test_a_replica_follows_the_server_clock_stepping_back_at_its_next_reading() 
     # Two seconds later, a slower call: the server's clock has gone back an hour.
     offset = clock.sample(10_002.0 - 3600.0, 2.0, 2.01)
     assert offset == pytest.approx(10_000.0 - 3600.0 - 0.005)
+
+
+@pytest.mark.slow
+async def test_turns_asked_for_while_the_server_was_stopped_are_not_handed_out_on_its_return(
+    own_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-stopped")
+    async with (
+        replicas(own_server.url, prefix, 2, timeout=0.2) as (stuck, _),
+        replicas(own_server.url, prefix, 1) as (later,),
+    ):
+        own_server.pause()  # SIGSTOP: the calls wait in its socket, run on SIGCONT
+        try:
+            asked = time.monotonic()
+            refused: list[bool] = []
+
+            async def reserve() -> None:
+                with pytest.raises(SharedBudgetUnavailableError):
+                    await stuck.reserve(bid, 1.0, 60, None, 30.0)  # one a second
+                refused.append(True)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(reserve)
+            # Stopped for longer than the callers waited (and the clocks' error): they
+            # went on at their share long ago.
+            await trio.sleep(max(0.0, asked + 2.0 - time.monotonic()))
+        finally:
+            own_server.resume()
+        grant = await later.reserve(bid, 1.0, 60, None, 30.0)
+        (lanes,) = await later.lanes()
+    assert refused == [True] * 10
+    assert grant.delay_s < 0.5  # the first turn: none went to the callers that gave up
+    assert lanes.turns == 1
