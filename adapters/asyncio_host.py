@@ -387,6 +387,17 @@ class AsyncioHost:
     def _new_call(self) -> _Call[Any]:
         if self._nursery is None:
             raise RuntimeError("use 'async with AsyncioHost(...)' first")
+        # Checked before anything is scheduled: from another loop, the call's future
+        # could not be awaited, and its batch would run with nobody owning it.
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                "call the AsyncioHost from the thread of the loop it was opened in "
+                "(halt() is the one call any thread may make)"
+            )
         return _Call(self)
 
     def _spawn(self, call: _Call[T], fn: Callable[..., Awaitable[T]], *args: Any) -> None:
@@ -465,8 +476,22 @@ def _halt_refused() -> None:
     log.error("halt not raised: the AsyncioHost's trio run was ending")
 
 
+#: How long :meth:`AsyncioHost.halt` waits for its channel, shielded: a halt raised as the
+#: host closes (the run being cancelled) must still reach its channel (a file or a Valkey
+#: halt outlives this process), and a stuck channel must not hang the close.
+_HALT_WAIT_S = 10.0
+
+
 async def _halt_logged(control: HaltControl, reason: str) -> None:
+    channel = type(control).__name__
     try:
-        await control.ahalt(reason)
+        with trio.move_on_after(_HALT_WAIT_S, shield=True) as bounded:
+            await control.ahalt(reason)
     except Exception:
-        log.exception("raising the halt failed", extra={"halt_channel": type(control).__name__})
+        log.exception("raising the halt failed", extra={"halt_channel": channel})
+        return
+    if bounded.cancelled_caught:
+        log.error(
+            "halt not raised: its channel did not take it in time",
+            extra={"halt_channel": channel, "timeout_s": _HALT_WAIT_S},
+        )

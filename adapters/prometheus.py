@@ -22,12 +22,17 @@ conclave_hedges_launched_total, conclave_hedges_won_total (counters)
 conclave_batch_duration_seconds (histogram)
     How long does a batch take, admission to result (its p95, p99)?
 conclave_batch_failures (histogram, buckets 0 1 2 3 5 10 20 36 72)
-    How many agents fail per batch (the alert's "more than 5")?
+    How many agents fail per batch (the alert's "more than 5")?  Agents a quorum
+    cancelled or a halt stopped are not counted (as in the alerts' failure rate): a
+    quorum cut is what the caller asked for, and a halt has its own alert.
 conclave_agent_duration_seconds{outcome} (histogram)
     How long does an agent take, by outcome ("ok" or the FailureKind value)?
 conclave_llm_requests_total{model,status} (counter)
     How many HTTP requests went to each model, by status code ("200", "429", "503";
-    "error": no answer at all)?  The 429 share, the 5xx rate.
+    "error": no answer at all)?  The 429 share, the 5xx rate.  ``model`` is the name the
+    server answered with: the first 100 names seen get a series each (at most 128
+    characters), any later one is counted as "other" (a server naming a new model in
+    every answer must not grow the registry without bound).
 conclave_llm_tokens_total{model,direction} (counter)
     How many tokens did each model take, "prompt" and "completion" (what it costs)?
 conclave_rate_limit_wait_seconds_total (counter)
@@ -66,6 +71,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adapters.usage import token_count
 from kernel import (
     ConcurrentDeliberationService,
     FailureKind,
@@ -81,6 +87,7 @@ from kernel.events import (
     HedgeEnded,
     RateLimitWaited,
 )
+from kernel.validate import utf8_text
 
 __all__ = [
     "AGENT_BUCKETS_S",
@@ -104,6 +111,18 @@ HALT_STOP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 # Prometheus's metric name grammar (a namespace is a name's prefix).
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+#: Distinct ``model`` label values kept; later names are counted as ``OTHER_MODEL``.
+MAX_MODELS = 100
+#: The longest ``model`` label value (longer names are cut).
+MAX_MODEL_CHARS = 128
+OTHER_MODEL = "other"
+#: The longest rate-limit wait one call's metadata is believed to report (a day).
+_MAX_WAIT_MS = 86_400_000.0
+#: Failure kinds that are not the agent's failure (see conclave_batch_failures).
+_NOT_AGENT_FAILURES = frozenset({FailureKind.CANCELLED, FailureKind.HALTED})
+# What an HTTP status label may be (else "other"): a code, or "error" (no answer).
+_STATUS = re.compile(r"[1-5][0-9][0-9]|error")
 
 
 class ServiceCollector(Collector):
@@ -229,6 +248,7 @@ class ServiceObserver:
         registry = None  # registered by export_service_metrics, all or none
         ns = namespace
         self.halted = False  # as the service last saw its halt channel
+        self._models: set[str] = set()  # the model label values given a series
         self.batch_duration = Histogram(
             f"{ns}_batch_duration_seconds",
             "Wall time of each batch, admission to result.",
@@ -292,7 +312,8 @@ class ServiceObserver:
         elif isinstance(event, RateLimitWaited):
             self.rate_limit_wait.inc(event.seconds)
         elif isinstance(event, BatchEnded):
-            self.batch_failures.observe(event.result.failure_count)
+            failures = event.result.failures
+            self.batch_failures.observe(sum(f.kind not in _NOT_AGENT_FAILURES for f in failures))
             if event.halt_stop_s is not None:
                 self.halt_stop.observe(event.halt_stop_s)
         elif isinstance(event, BatchStopping):
@@ -306,18 +327,32 @@ class ServiceObserver:
         """What one call reported about itself (nothing, for a stub)."""
         if not metadata:
             return
-        model = str(metadata.get("model") or "unknown")
+        model = self._model_label(metadata.get("model"))
         statuses = metadata.get("http_statuses")
         if isinstance(statuses, str):
             for status in statuses.split():
-                self.llm_requests.labels(model, status).inc()
+                label = status if _STATUS.fullmatch(status) else "other"
+                self.llm_requests.labels(model, label).inc()
         for key, direction in (("prompt_tokens", "prompt"), ("completion_tokens", "completion")):
-            tokens = metadata.get(key)
-            if isinstance(tokens, int) and tokens > 0:
+            tokens = token_count(metadata.get(key))  # past belief: not counted
+            if tokens:
                 self.llm_tokens.labels(model, direction).inc(tokens)
         waited_ms = metadata.get("rate_limited_ms")
-        if isinstance(waited_ms, int | float) and waited_ms > 0:
+        # A day at most, finite: inf would leave the counter inf for good (and an int
+        # past a float's range raise here).
+        if isinstance(waited_ms, int | float) and 0 < waited_ms <= _MAX_WAIT_MS:
             self.rate_limit_wait.inc(waited_ms / 1000.0)
+
+    def _model_label(self, model: object) -> str:
+        """``model`` as a label value, bounded: a label set only grows (every value is a
+        series until the process ends), and the name comes from the server's answer."""
+        name = utf8_text(str(model or "unknown")[:MAX_MODEL_CHARS])
+        if name in self._models:
+            return name
+        if len(self._models) >= MAX_MODELS:
+            return OTHER_MODEL
+        self._models.add(name)
+        return name
 
 
 def serve_metrics(

@@ -54,6 +54,7 @@ from uuid import UUID
 import trio
 
 from adapters.urls import redact_url
+from adapters.usage import token_count
 from kernel import (
     ConcurrentDeliberationService,
     InvalidRequestError,
@@ -69,7 +70,7 @@ from kernel.events import (
     HedgeStarted,
     RateLimitWaited,
 )
-from kernel.validate import check_number
+from kernel.validate import check_number, utf8_text
 
 try:
     from opentelemetry import context as otel_context
@@ -260,22 +261,25 @@ def _describe_call(
     """What the call's adapter reported, as GenAI attributes (never content), with
     ``attributes``, set at once (each call into the span takes its lock)."""
     attributes["conclave.outcome"] = outcome
+    # utf8_text: what an orchestrator reports may hold a lone surrogate, and one span
+    # that OTLP cannot encode costs every span exported with it.
     model = metadata.get("model")
     if isinstance(model, str) and model:
+        model = utf8_text(model)
         span.update_name(f"chat {model}")
         attributes["gen_ai.request.model"] = attributes["gen_ai.response.model"] = model
-    tokens = metadata.get("prompt_tokens")
-    if isinstance(tokens, int):
+    tokens = token_count(metadata.get("prompt_tokens"))
+    if tokens is not None:
         attributes["gen_ai.usage.input_tokens"] = tokens
-    tokens = metadata.get("completion_tokens")
-    if isinstance(tokens, int):
+    tokens = token_count(metadata.get("completion_tokens"))
+    if tokens is not None:
         attributes["gen_ai.usage.output_tokens"] = tokens
     finish = metadata.get("finish_reason")
     if isinstance(finish, str) and finish:
-        attributes["gen_ai.response.finish_reasons"] = (finish,)
+        attributes["gen_ai.response.finish_reasons"] = (utf8_text(finish),)
     statuses = metadata.get("http_statuses")
     if isinstance(statuses, str) and statuses:
-        attributes["conclave.http_statuses"] = statuses
+        attributes["conclave.http_statuses"] = utf8_text(statuses)
     span.set_attributes(attributes)
 
 
@@ -349,13 +353,22 @@ async def otlp_tracing(
     ``OTEL_EXPORTER_OTLP_*`` variables, else the SDK's default (localhost:4318).  On exit
     the spans still queued are flushed, for ``shutdown_timeout_s`` at most (then
     dropped, with a warning): a collector that is down never holds the caller up longer.
+    An ``OTEL_*`` setting the SDK refuses (``OTEL_BSP_MAX_QUEUE_SIZE=-1``) raises
+    :class:`~kernel.InvalidRequestError` on entry, nothing traced.
     """
     if not isinstance(service, ConcurrentDeliberationService):
         raise InvalidRequestError(f"expected a ConcurrentDeliberationService, got {service!r}")
     limit = check_number(shutdown_timeout_s, "shutdown_timeout_s", above=0)
     if endpoint is not None and not isinstance(endpoint, str):
         raise InvalidRequestError(f"endpoint must be a URL string, got {type(endpoint).__name__}")
-    provider, exporter = await trio.to_thread.run_sync(_otlp_provider, endpoint)
+    try:
+        provider, exporter = await trio.to_thread.run_sync(_otlp_provider, endpoint)
+    except ValueError as exc:  # the SDK refused an OTEL_* setting (OTEL_BSP_* < 1)
+        batching = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("OTEL_BSP_"))
+        said = f" ({', '.join(batching)})" if batching else ""
+        raise InvalidRequestError(
+            f"the OpenTelemetry SDK refuses the OTEL_* settings: {exc}{said}"
+        ) from None
     tracer = DeliberationTracer(provider, record_content=record_content)
     service.metrics.add_observer(tracer)
     try:

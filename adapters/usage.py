@@ -23,7 +23,7 @@ roster's ``prices`` table, reads::
     prompt = 0
     completion = 0
 
-A price that is negative, not finite or not a number is refused
+A price that is negative, above :data:`MAX_PRICE_PER_1M`, not finite or not a number is refused
 (:class:`~kernel.InvalidRequestError`), before anything runs.
 """
 
@@ -42,11 +42,14 @@ from kernel.validate import number
 
 __all__ = [
     "DEFAULT_MODEL",
+    "MAX_CALL_TOKENS",
+    "MAX_PRICE_PER_1M",
     "AgentUsage",
     "CostReport",
     "Price",
     "PriceTable",
     "TokenCount",
+    "token_count",
     "UsageTotals",
     "usage_of",
     "usage_totals",
@@ -54,15 +57,27 @@ __all__ = [
 
 #: A price table's key for every model it does not name.
 DEFAULT_MODEL = "*"
+#: The highest price taken, USD per million tokens: a thousand times the dearest model's;
+#: above it a price is a mistake (1e308 made a few hundred tokens cost inf).
+MAX_PRICE_PER_1M = 1e6
+#: The most tokens one answer is believed to report (prompt or completion): far beyond
+#: any model's context window.  A count above it is a lie and counts for nothing (the
+#: OpenAI adapter estimates such an answer's usage instead).
+MAX_CALL_TOKENS = 100_000_000
 #: The largest price file read (a price table is a few lines; this is far beyond it).
 MAX_PRICE_FILE_BYTES = 1_000_000
 
 
-def _count(value: object) -> int:
-    """A token count from metadata: a non-negative int, else 0 (nothing known)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
+def token_count(value: object) -> int | None:
+    """A token count from metadata: an int from 0 to :data:`MAX_CALL_TOKENS`, else None
+    (not a count, or one past belief).  Metrics and traces read counts through it too."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CALL_TOKENS:
+        return None
     return value
+
+
+def _count(value: object) -> int:
+    return token_count(value) or 0  # nothing known: counts for nothing
 
 
 @attrs.frozen(slots=True)
@@ -82,10 +97,11 @@ class TokenCount:
 
 @attrs.frozen(slots=True)
 class Price:
-    """USD per million prompt tokens and per million completion tokens (finite, >= 0)."""
+    """USD per million prompt tokens and per million completion tokens (0 to
+    :data:`MAX_PRICE_PER_1M`)."""
 
-    prompt_per_1m: float = attrs.field(validator=number(at_least=0))
-    completion_per_1m: float = attrs.field(validator=number(at_least=0))
+    prompt_per_1m: float = attrs.field(validator=number(at_least=0, at_most=MAX_PRICE_PER_1M))
+    completion_per_1m: float = attrs.field(validator=number(at_least=0, at_most=MAX_PRICE_PER_1M))
 
     def cost(self, tokens: TokenCount) -> float:
         return (

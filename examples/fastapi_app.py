@@ -14,14 +14,19 @@ Endpoints:
   council's seats are taken by another deliberation, it answers 409 and runs nothing.
 * ``GET /deliberations/{id}/events`` streams its progress as server-sent events: one
   ``progress`` event per agent outcome (``{"done", "total", "agent_id", "status"}``), every
-  one from the first, then one ``end`` event (the POST's answer).  It waits up to 10 s for
-  a deliberation of that id to start.
+  one from the first, then one ``end`` event (the POST's answer; ``{"id", "status":
+  "refused", "detail"}`` for a deliberation answered 409, whose id is then free again).
+  It waits up to 10 s for a deliberation of that id to start.
 * ``POST /halt`` ``{"reason": str}`` halts: the running deliberation stops at once (its
   POST answers ``"halted"``, every in-flight HTTP request to the LLM closed), and later
   ones are refused (``"halted"``, nothing run) until the process restarts.
 
 The kernel runs in an :class:`~adapters.asyncio_host.AsyncioHost` opened by the app's
 lifespan: one trio guest run on uvicorn's own event loop, the LLM client on that loop too.
+One process is one council: under ``uvicorn --workers N`` each worker has its own 72
+seats, its own deliberations and its own in-process halt, so ``POST /halt`` stops only
+the worker that answers it.  Run one worker (or share the halt and the capacity through
+Valkey: ``ValkeyHaltChannel``, ``ValkeyCapacity``).
 Settings (environment): ``CONCLAVE_BASE_URL`` (else ``OPENAI_BASE_URL``; neither: the
 stub), ``CONCLAVE_MODEL`` (default ``gpt-4o-mini``), ``OPENAI_API_KEY``,
 ``CONCLAVE_STUB_LATENCY_MS`` (default 100).
@@ -81,6 +86,11 @@ class Deliberations:
         if key in self._known:
             raise HTTPException(409, f"deliberation {key!r} exists")
 
+    def forget(self, key: str) -> None:
+        """A deliberation refused before it ran: its id is free again."""
+        self._known.pop(key, None)
+        self._announced.pop(key, None)
+
     def add(self, key: str, deliberation: Deliberation) -> None:
         self._known[key] = deliberation
         self._announcement(key).set()
@@ -138,7 +148,11 @@ async def deliberate(body: DeliberationIn, request: Request) -> dict[str, Any]:
     deliberation = host.start(batch)
     registry.add(key, deliberation)
     # A client that goes away cancels this handler, and so the deliberation.
-    return await _conclude(key, deliberation)
+    try:
+        return await _conclude(key, deliberation)
+    except HTTPException:
+        registry.forget(key)  # refused, nothing ran: a retry may use the id
+        raise
 
 
 async def _conclude(key: str, deliberation: Deliberation) -> dict[str, Any]:
@@ -174,8 +188,12 @@ async def events(key: str, request: Request) -> StreamingResponse:
             yield _sse("progress", {**doc, "status": event.status})
         if deliberation.cancelled():  # its POST's client went away
             yield _sse("end", {"id": key, "status": "cancelled"})
-        else:  # ended: this does not wait
-            yield _sse("end", await _conclude(key, deliberation))
+            return
+        try:  # ended: this does not wait
+            end = await _conclude(key, deliberation)
+        except HTTPException as exc:  # the stream has begun: said as its end, not a 409
+            end = {"id": key, "status": "refused", "detail": exc.detail}
+        yield _sse("end", end)
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 

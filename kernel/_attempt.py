@@ -161,6 +161,7 @@ class AgentCall:
             run.output_ids.add(answer.output_id)
             judged: Attempted = stamp_output(answer, req.request_id, run.batch_id)
         else:
+            _answered(run, index, answer)
             judged = self._judge(run, index, req, answer, start)
         if self._witness is None or judged.__class__ is not AgentOutput:
             return judged
@@ -213,9 +214,11 @@ class AgentCall:
         try:
             await witness.commit(output)
         except Exception as exc:
+            _answered(run, index, output)  # not released: its end event reports the call
             message = f"witness commit failed: {describe(exc)}"
             return failure(req, FailureKind.WITNESS, type(exc).__name__, message, start)
         except trio.Cancelled:
+            _answered(run, index, output)
             if cancel_requested():
                 run.withhold(index)  # and the witness never writes it
                 raise
@@ -327,3 +330,10 @@ def failure(
         message=message,
         elapsed_ms=max((trio.current_time() - start) * 1000.0, 0.0),
     )
+
+
+def _answered(run: Run, index: int, answer: object) -> None:
+    """The call answered an output that will not be its outcome: the observers are told
+    what the call reported (it was made and paid for all the same)."""
+    if run.events is not None and isinstance(answer, AgentOutput):
+        run.events.call_answered(index, answer)

@@ -115,9 +115,10 @@ class AgentEnded:
 
     ``outcome`` is ``"ok"`` or the :class:`~kernel.FailureKind` value; ``duration_s``
     from its start.  ``metadata`` is what the agent's own call reported: its output's
-    metadata, or the ``metadata`` of the :class:`~kernel.AgentInvocationError` it raised
-    (empty otherwise, and when a hedge answered for it: the :class:`HedgeEnded` holds
-    that).  ``hedge_won``: its duplicate call answered first.  ``output``: the output
+    metadata (also when that output is not its outcome: withheld by a halt, its commit
+    failed), or the ``metadata`` of the :class:`~kernel.AgentInvocationError`
+    it raised (empty otherwise, and when a hedge answered for it: the :class:`HedgeEnded`
+    holds that).  ``hedge_won``: its duplicate call answered first.  ``output``: the output
     released (content: an observer records it only if told to).
     """
 
@@ -265,6 +266,13 @@ class BatchEvents:
         metadata = getattr(exc, "metadata", None) if _reports(exc) else None
         if metadata:
             self._call_meta[index] = metadata
+
+    def call_answered(self, index: int, output: AgentOutput) -> None:
+        """Agent ``index``'s own call answered ``output``, which will not be its outcome
+        (withheld by a stop, its commit failed, invalid): the call was made and paid for
+        all the same, so its end event reports it."""
+        if output.metadata:
+            self._call_meta[index] = output.metadata
 
     def hedge_won(self, index: int) -> None:
         self._hedge_won.add(index)

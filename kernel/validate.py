@@ -35,6 +35,7 @@ __all__ = [
     "number",
     "text",
     "utf8_size",
+    "utf8_text",
 ]
 
 _Validator = Any  # attrs' validator type is (instance, attribute, value) -> None
@@ -120,6 +121,16 @@ def utf8_size(value: str, *, beyond: int | None = None) -> int:
     if value.isascii() or (beyond is not None and n > beyond):
         return n
     return len(value.encode("utf-8", "surrogatepass"))
+
+
+def utf8_text(value: str) -> str:
+    """``value`` as text UTF-8 can encode: a lone surrogate (which a JSON ``"\\ud800"``
+    produces, and output metadata may hold) becomes its escape, ``\\ud800``.  For text
+    that leaves the process in UTF-8 (metrics labels, span names), where one such
+    character fails the whole scrape or export."""
+    if value.isascii():
+        return value  # the common case, checked in C without a copy
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_utf8_size(value: str, name: str, limit: int, *, what: str = "") -> int:

@@ -44,6 +44,7 @@ from kernel import (
     DualChannelHaltChecker,
     HaltChecker,
     HaltSwitch,
+    InvalidRequestError,
     read_halt,
 )
 
@@ -460,7 +461,12 @@ async def _trace(
             raise
         print(f"conclave: warning: OTLP endpoint set, not tracing: {exc}", file=sys.stderr)
         return
-    await stack.enter_async_context(otlp_tracing(service))
+    try:
+        await stack.enter_async_context(otlp_tracing(service))
+    except InvalidRequestError as exc:  # an OTEL_* setting the SDK refuses
+        if explicit:
+            raise UsageError(str(exc)) from None
+        print(f"conclave: warning: not tracing: {exc}", file=sys.stderr)
 
 
 def _registry(service: ConcurrentDeliberationService, flag: str) -> CollectorRegistry:

@@ -353,20 +353,22 @@ class KeyValueFormatter(logging.Formatter):
         line = super().format(record)
         extras = {k: v for k, v in vars(record).items() if k not in self._STANDARD}
         if extras:
-            line += " " + " ".join(
-                # repr() also escapes control characters: a field cannot forge a line.
-                f"{k}={v!r}"
-                if isinstance(v, str) and (" " in v or not v.isprintable())
-                else f"{k}={v}"
-                for k, v in sorted(extras.items())
-            )
+            line += " " + " ".join(f"{k}={_shown(v)}" for k, v in sorted(extras.items()))
         return line
+
+
+def _shown(value: object) -> str:
+    """A field's text for a key=value log line: quoted (repr: control characters escaped,
+    so a field cannot forge a line) when it has a space or anything unprintable, whatever
+    its type (a Path, an exception); never raising."""
+    text = value if isinstance(value, str) else _text_of(value)
+    return repr(text) if " " in text or not text.isprintable() else text
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
     ``message``, then every ``extra=`` field as a key of its own (a value JSON cannot hold
-    as it is, as its ``str``).  An extra named like one of the four is kept as
+    as it is, NaN included, as its ``str``).  An extra named like one of the four is kept as
     ``extra.<name>``: the record's own keys are never overwritten."""
 
     _STANDARD = KeyValueFormatter._STANDARD
@@ -384,9 +386,33 @@ class JsonFormatter(logging.Formatter):
                 doc[f"extra.{key}" if key in self._CORE else key] = value
         if record.exc_info:
             doc["exc_info"] = self.formatException(record.exc_info)
-        # ensure_ascii: a control character or bidi override in a field stays an escape,
-        # so one record is always one line.
-        return json.dumps(doc, default=str, ensure_ascii=True)
+        try:
+            return _dumps(doc)
+        except (TypeError, ValueError, RecursionError):
+            # One field JSON cannot hold (NaN, a cycle, a key that is not text, a str()
+            # that raises) must not lose the record: that field becomes its text.
+            return _dumps({k: _json_field(v) for k, v in doc.items()})
+
+
+def _dumps(doc: object) -> str:
+    # ensure_ascii: a control character or bidi override in a field stays an escape, so
+    # one record is always one line; allow_nan=False: NaN is not JSON, a reader refuses it.
+    return json.dumps(doc, default=_text_of, ensure_ascii=True, allow_nan=False)
+
+
+def _json_field(value: object) -> object:
+    try:
+        _dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return _text_of(value)
+    return value
+
+
+def _text_of(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:  # a field's own __str__ must not cost the record
+        return f"<{type(value).__name__}: unprintable>"
 
 
 #: ``--log-format``'s choices.

@@ -10,7 +10,7 @@ run is not hedged and says so; its own answers are remembered for the next one.
 
 Only runs given ``--hedge-after auto`` read or write the file.  Keys are SHA-256 digests
 of the endpoint (secrets redacted first) and model, never the URL itself.  A missing,
-unreadable or corrupt file is an empty history (a warning, never a failed run).
+unreadable, corrupt or oversized file is an empty history (a warning, never a failed run).
 Blocking I/O: call :func:`load` and :func:`remember` from a worker thread.
 """
 
@@ -28,7 +28,17 @@ from adapters._atomic import write_atomically
 from adapters.urls import redact_url
 from kernel import nearest_rank
 
-__all__ = ["KEEP", "MIN_SAMPLES", "QUANTILE", "history_path", "history_key", "load", "remember"]
+__all__ = [
+    "KEEP",
+    "MAX_FILE_BYTES",
+    "MAX_KEYS",
+    "MIN_SAMPLES",
+    "QUANTILE",
+    "history_path",
+    "history_key",
+    "load",
+    "remember",
+]
 
 log = logging.getLogger("adapters.cli.latency_history")
 
@@ -39,7 +49,10 @@ QUANTILE = 0.95
 #: Answer times kept per key: recent behaviour, bounded file.
 KEEP = 256
 #: Keys kept in the file (endpoints x models); the least recently written go first.
-_MAX_KEYS = 64
+MAX_KEYS = 64
+#: The largest file read: what this module writes stays far below it (MAX_KEYS x KEEP
+#: floats, ~0.4 MB), so anything bigger is not ours and is not read into memory.
+MAX_FILE_BYTES = 1 << 20
 
 
 def history_path() -> Path:
@@ -56,19 +69,39 @@ def history_key(backend: str, base_url: str | None, model: str | None, stub: str
 
 def _read(path: Path) -> dict[str, list[float]]:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ValueError(f"over {MAX_FILE_BYTES} bytes")
+        raw = json.loads(data)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        log.warning("latency history unreadable; starting afresh", extra={"error": str(exc)})
+    # RecursionError: nesting deeper than the parser goes is corrupt too.
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning(
+            "latency history unreadable; starting afresh",
+            extra={"error": type(exc).__name__ if isinstance(exc, RecursionError) else str(exc)},
+        )
         return {}
     if not isinstance(raw, dict):
         return {}
-    return {
-        k: [float(x) for x in v if isinstance(x, int | float) and math.isfinite(x) and x >= 0]
-        for k, v in raw.items()
-        if isinstance(k, str) and isinstance(v, list)
-    }
+    return {k: _seconds(v) for k, v in raw.items() if isinstance(k, str) and isinstance(v, list)}
+
+
+def _seconds(values: list[object]) -> list[float]:
+    """The answer times among ``values``: finite, non-negative numbers (not JSON's
+    true/false, which Python reads as ints; not ints too large for a float)."""
+    kept = []
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            continue
+        try:
+            seconds = float(x)
+        except OverflowError:
+            continue
+        if math.isfinite(seconds) and seconds >= 0:
+            kept.append(seconds)
+    return kept
 
 
 def load(key: str, path: Path | None = None) -> list[float]:
@@ -92,7 +125,7 @@ def remember(key: str, answers_s: Sequence[float], path: Path | None = None) -> 
     history = _read(path)
     kept = (history.pop(key, []) + [float(a) for a in answers_s])[-KEEP:]
     history[key] = kept  # last written last: the eviction order below
-    for old in list(history)[: max(len(history) - _MAX_KEYS, 0)]:
+    for old in list(history)[: max(len(history) - MAX_KEYS, 0)]:
         del history[old]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -616,6 +616,8 @@ def _check_flags_apply(args: argparse.Namespace) -> None:
 async def check_usage(args: argparse.Namespace) -> Roster | None:
     """Refuse what the parser cannot see; return the --roster file's roster, if any."""
     _check_flags_apply(args)
+    if not args.topic.strip():  # an unset shell variable: 72 calls asked nothing
+        raise UsageError("--topic is empty: the agents would be asked nothing")
     if args.sequential and args.overflow != "reject":
         raise UsageError("--sequential and --overflow queue do not mix")
     if args.shared_capacity is not None and args.valkey is None:
@@ -703,7 +705,10 @@ async def _price_table(args: argparse.Namespace, roster_file: Roster | None) -> 
     if (flags[0] is None) != (flags[1] is None):
         raise UsageError("--price-prompt and --price-completion go together")
     if flags[0] is not None:
-        return PriceTable(default=Price(*flags))
+        try:
+            return PriceTable(default=Price(*flags))
+        except ConclaveError as exc:
+            raise UsageError(f"--price-prompt/--price-completion: {exc}") from None
     if args.prices is not None:
         try:
             return await trio.to_thread.run_sync(PriceTable.load, args.prices)
@@ -979,9 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
     # Bad usage or input, a refused admission, a denied clear, a file that cannot be
-    # written (the halt file): one line, exit 2.
+    # written (the halt file): one line, exit 2.  plain(): a message may quote a server,
+    # a file or a halt reason, whose control characters must not reach the terminal.
     except (UsageError, ConclaveError, OSError) as exc:
-        print(f"conclave: {exc}", file=sys.stderr)
+        print(f"conclave: {plain(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("conclave: interrupted", file=sys.stderr)

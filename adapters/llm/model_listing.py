@@ -25,8 +25,10 @@ __all__ = ["ModelListing", "list_models"]
 #: generating (llama.cpp answers between generations) must not hold the run up.
 LISTING_TIMEOUT_S = 5.0
 
-# How many of a listing's models a refusal names (OpenAI lists ~100).
+# How many of a listing's models a refusal names (OpenAI lists ~100), and how much of
+# each name: the server's words, any length (real ones stay well under it).
 _SHOWN = 8
+_NAME_CHARS = 80
 
 
 @attrs.frozen(slots=True)
@@ -51,7 +53,7 @@ class ModelListing:
     def refusal(self, model: str) -> str:
         """One line: ``model`` is not served here, and what is."""
         assert self.models is not None
-        listed = ", ".join(self.models[:_SHOWN]) or "none"
+        listed = ", ".join(_clipped(m) for m in self.models[:_SHOWN]) or "none"
         more = f" and {len(self.models) - _SHOWN} more" if len(self.models) > _SHOWN else ""
         return f"model {model!r} not found at {self.base_url} (it lists: {listed}{more})"
 
@@ -76,6 +78,10 @@ async def list_models(
     if models is None:
         return ModelListing(base_url, None, "not a model listing")
     return ModelListing(base_url, models)
+
+
+def _clipped(name: str) -> str:
+    return name if len(name) <= _NAME_CHARS else name[:_NAME_CHARS] + "..."
 
 
 def _ids(doc: Any) -> tuple[str, ...] | None:

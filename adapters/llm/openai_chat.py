@@ -79,6 +79,8 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -122,6 +124,7 @@ from adapters.llm.provider_budget import (
 from adapters.llm.ratelimit_headers import RateLimitHeaders
 from adapters.llm.trace_headers import add_trace_headers
 from adapters.roster import AgentProfile, Roster, check_base_url
+from adapters.usage import MAX_CALL_TOKENS
 from kernel import AgentInvocationError, AgentOutput, ContextBundle, InvalidRequestError
 from kernel.validate import check_int, check_number, utf8_size
 
@@ -155,6 +158,7 @@ DEFAULT_COMPLETION_TOKENS = 256
 #: The longest answer taken, in characters (1 Mi): ~250k tokens, beyond any model's
 #: output limit; a longer one is a server gone wrong.
 DEFAULT_MAX_CONTENT_CHARS = 1024 * 1024
+
 
 # Modules the SDK's HTTP stack imports on its first connection rather than when it is
 # imported: anyio's asyncio backend (httpcore reaches the network through anyio), ~8 ms
@@ -194,6 +198,21 @@ def _count_of(value: Any) -> int | None:
     return None
 
 
+#: The longest model name taken from an answer (real ones are tens of characters).
+MAX_MODEL_NAME_CHARS = 256
+
+
+def _model_named(value: Any) -> str:
+    """The model an answer says answered, if it is a name at all, else "" (then the
+    model asked for is reported).  It becomes metrics labels, span names and log fields:
+    a lone surrogate (JSON's ``"\\ud800"``) made every later scrape and push fail to
+    encode, and control characters or a megabyte are no model's name."""
+    # isprintable(): no surrogates, control or format characters (a bidi override).
+    if isinstance(value, str) and 0 < len(value) <= MAX_MODEL_NAME_CHARS and value.isprintable():
+        return value
+    return ""
+
+
 class _Answer:
     """One answer (streamed or not): its content and what came with it."""
 
@@ -222,6 +241,10 @@ class _Answer:
         """Take a ``usage`` object or dict (either as the server sent it)."""
         names = ("total_tokens", "prompt_tokens", "completion_tokens")
         fields = usage if isinstance(usage, dict) else {n: getattr(usage, n, None) for n in names}
+        # A count past belief (adapters.usage.MAX_CALL_TOKENS) is a lie: estimated instead,
+        # marked so (10**400 does not fit the budget's float; 10**30 swamps every sum).
+        if any(isinstance(c, int) and c > MAX_CALL_TOKENS for c in map(fields.get, names)):
+            return
         self.total_tokens = _count_of(fields.get("total_tokens"))
         self.prompt_tokens = _count_of(fields.get("prompt_tokens")) or 0
         self.completion_tokens = _count_of(fields.get("completion_tokens")) or 0
@@ -345,9 +368,7 @@ class _StreamReader:
         if isinstance(usage, dict):
             answer.set_usage(usage)
         if not answer.model:
-            model = chunk.get("model")
-            if isinstance(model, str):
-                answer.model = model
+            answer.model = _model_named(chunk.get("model"))
 
     @staticmethod
     def _json(data: bytes) -> Any:
@@ -629,18 +650,23 @@ class OpenAIChatOrchestrator(RetrySettings):
         try:
             await client.models.list(timeout=limit)
         except openai.APITimeoutError as exc:
-            if not _never_connected(exc):
+            # The SDK's aiohttp transport reports a refused connection or a failed name
+            # lookup as a connect timeout: the OS's error, when there is one, says which.
+            failed = _os_failure(exc)
+            if failed is None and not _never_connected(exc):
                 log.warning(
                     "endpoint did not answer the reachability probe; assuming it is busy",
                     extra={"base_url": self.base_url, "timeout_s": limit},
                 )
                 return False
-            raise AgentInvocationError(f"cannot reach {self.base_url}: connect timed out") from None
+            raise AgentInvocationError(
+                f"cannot reach {self.base_url}: {failed or 'connect timed out'}"
+            ) from None
         except openai.APIConnectionError as exc:
             if refusal_in(exc) is not None:  # it answered: what it said is the agents' concern
                 return True
             raise AgentInvocationError(
-                f"cannot reach {self.base_url}: {type(exc).__name__}"
+                f"cannot reach {self.base_url}: {_os_failure(exc) or type(exc).__name__}"
             ) from None
         except openai.APIError:
             return True
@@ -863,8 +889,7 @@ class OpenAIChatOrchestrator(RetrySettings):
             raise malformed(where, why)
         if len(content) > self.max_content_chars:
             raise over_content_cap(where, self.max_content_chars)
-        model = doc.get("model")
-        answer = _Answer(content, model if isinstance(model, str) else "")
+        answer = _Answer(content, _model_named(doc.get("model")))
         answer.finish_reason = str(choice.get("finish_reason") or "")
         answer.set_usage(doc.get("usage"))
         return answer
@@ -928,6 +953,22 @@ async def _whole_body(response: httpx2.Response) -> bytes:
         raise openai.APITimeoutError(request=request) from exc
     except httpx2.RequestError as exc:
         raise openai.APIConnectionError(request=request) from exc
+
+
+def _os_failure(exc: BaseException) -> str | None:
+    """What the OS said when connecting failed (``connection refused``, ``name lookup
+    failed (Name or service not known)``), from the error's causes; None if it said
+    nothing.  Only the OS's words: a transport's own message may quote a proxy's URL."""
+    cause = exc.__cause__
+    for _ in range(8):  # a short chain; bounded all the same
+        if cause is None:
+            return None
+        if isinstance(cause, socket.gaierror):
+            return f"name lookup failed ({cause.strerror})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _never_connected(exc: BaseException) -> bool:

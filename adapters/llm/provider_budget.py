@@ -114,7 +114,8 @@ class SharedBudgetStore(Protocol):
     ``reserve`` hands out one turn (an object with ``at``, its ``time.monotonic()``, and
     ``tokens``, the charge)
     or raises :class:`SharedBudgetUnavailableError`; ``settle``, ``pause`` never block;
-    ``watch`` calls its listener with the seconds a pause moved the turns later;
+    ``watch`` calls its listener with the seconds a pause moved the turns later and when
+    (the store's clock, as the turns' ``now_s``: when it was handed out; None: unknown);
     ``on_available`` calls its listener when the store can be reached again.
     """
 
@@ -146,7 +147,9 @@ class SharedBudgetStore(Protocol):
 
     def pause(self, bid: str, seconds: float) -> None: ...
 
-    def watch(self, bid: str, listener: Callable[[float], None]) -> Callable[[], None]: ...
+    def watch(
+        self, bid: str, listener: Callable[[float, float | None], None]
+    ) -> Callable[[], None]: ...
 
     def on_available(self, listener: Callable[[], None]) -> Callable[[], None]: ...
 
@@ -847,6 +850,10 @@ class ClusterBudget:
         self._max_pause_s = 30.0
         self._seq = 0
         self._waiting: set[Ticket] = set()
+        # Recent pauses (when, on the store's clock; how far; when heard, on ours): a turn
+        # handed out before one but heard of after it (the reply and the event come apart)
+        # moves too.
+        self._shifts: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=64)
         self.fallback = EndpointBudget(name)
         # Fallback waiters, woken (on their loops) when the store is back.
         self._back: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
@@ -887,10 +894,12 @@ class ClusterBudget:
             )
         )
 
-    def _shift(self, seconds: float) -> None:
+    def _shift(self, seconds: float, at: float | None = None) -> None:
         with self._lock:
             for ticket in self._waiting:
                 ticket.at += seconds
+            if at is not None:
+                self._shifts.append((at, seconds, time.monotonic()))
 
     async def acquire(self, tokens: float) -> Ticket:
         """Wait for a turn; cancelled while waiting, it is given back."""
@@ -945,7 +954,14 @@ class ClusterBudget:
         with self._lock:
             self._seq += 1
             ticket = _SharedTicket(self._seq, float(grant.tokens), reserved_at, None)
+            handed_out = getattr(grant, "now_s", None)
             ticket.at = float(grant.at)
+            if handed_out is not None:
+                # Only pauses heard since it was asked for: one heard earlier was in place
+                # before (and a server clock stepped back makes old ones look later).
+                ticket.at += sum(
+                    s for at, s, heard in self._shifts if heard >= reserved_at and at > handed_out
+                )
             ticket.charged = ticket.tokens
             self._waiting.add(ticket)
         try:

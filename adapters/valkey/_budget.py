@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -70,6 +71,11 @@ _CLOCK_SAMPLE_S = 10.0
 # The longest pause a replica that has not reserved yet asks for (the orchestrators'
 # default retry_after_cap_s).
 _MAX_PAUSE_MS = 30_000.0
+# How much later than its timeout a call may run before the waits it carries count as
+# partly spent (more than the server clock's reading may be off by).
+_LATE_RUN_S = 1.0
+# A budget's name on the server (budget_id's): 32 hex digits.
+_BUDGET_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @attrs.frozen
@@ -84,6 +90,7 @@ class BudgetGrant:
     tokens: float
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    now_s: float = 0.0  # when the server handed it out, on its clock
 
 
 @attrs.frozen
@@ -106,21 +113,25 @@ class _Settlement:
     tokens: float = 0.0
     advertised_rpm: int = 0
     advertised_tpm: int = 0
-    requests_wait_ms: float = 0.0
-    tokens_wait_ms: float = 0.0
-    pause_ms: float = 0.0
+    # Until when (time.monotonic()): a report or a 429 held back by an outage must not
+    # pause the cluster afresh from the server's return, long after its reset came.
+    requests_wait_until: float = 0.0
+    tokens_wait_until: float = 0.0
+    pause_until: float = 0.0
 
     def merge(self, other: _Settlement) -> None:
         self.requests += other.requests
         self.tokens += other.tokens
         self.advertised_rpm = other.advertised_rpm or self.advertised_rpm
         self.advertised_tpm = other.advertised_tpm or self.advertised_tpm
-        self.requests_wait_ms = max(self.requests_wait_ms, other.requests_wait_ms)
-        self.tokens_wait_ms = max(self.tokens_wait_ms, other.tokens_wait_ms)
-        self.pause_ms = max(self.pause_ms, other.pause_ms)
+        self.requests_wait_until = max(self.requests_wait_until, other.requests_wait_until)
+        self.tokens_wait_until = max(self.tokens_wait_until, other.tokens_wait_until)
+        self.pause_until = max(self.pause_until, other.pause_until)
 
 
-ShiftListener = Callable[[float], None]
+#: ``listener(shift_s, at_s)``: a pause moved the turns handed out before ``at_s`` (the
+#: server's clock; None: not said) later by ``shift_s``.
+ShiftListener = Callable[[float, float | None], None]
 
 
 class _ServerClock:
@@ -143,10 +154,23 @@ class _ServerClock:
         """Take one call's reading; returns the offset (server minus local) in force."""
         rtt = max(0.0, received - sent)
         aged = received - self._taken > _CLOCK_SAMPLE_S
-        if rtt <= self._rtt or (aged and rtt <= max(2.0 * self._rtt, 0.002)):
+        # A reading further off than its round trip allows: the server's clock was stepped
+        # (the budget's times moved with it), and turns read with the old offset would all
+        # be due at once, or wait out the step.
+        stepped = abs(server_s - (sent + received) / 2.0 - self._offset) > max(1.0, rtt)
+        if (
+            rtt <= self._rtt
+            or (aged and rtt <= max(2.0 * self._rtt, 0.002))
+            or (stepped and math.isfinite(self._rtt))
+        ):
             self._offset = server_s - (sent + received) / 2.0
             self._rtt = rtt
             self._taken = received
+        return self._offset
+
+    @property
+    def offset(self) -> float:
+        """The server's clock minus this process's ``time.monotonic()``, in seconds."""
         return self._offset
 
 
@@ -258,6 +282,7 @@ class ValkeyProviderBudget(BackgroundClient):
             tokens=float(charged),
             requests_per_minute=rlim or None,
             tokens_per_minute=tlim or None,
+            now_s=now_us / 1e6,
         )
 
     def settle(
@@ -281,15 +306,15 @@ class ValkeyProviderBudget(BackgroundClient):
                 tokens=tokens,
                 advertised_rpm=advertised_rpm or 0,
                 advertised_tpm=advertised_tpm or 0,
-                requests_wait_ms=requests_wait_s * 1000.0,
-                tokens_wait_ms=tokens_wait_s * 1000.0,
+                requests_wait_until=_until(requests_wait_s),
+                tokens_wait_until=_until(tokens_wait_s),
             ),
         )
 
     def pause(self, bid: str, seconds: float) -> None:
         """Pause budget ``bid`` for ``seconds`` cluster-wide (a 429): sent at once, and
         every replica's waiters move.  Never blocks or raises."""
-        self._queue(bid, _Settlement(pause_ms=max(0.0, seconds) * 1000.0))
+        self._queue(bid, _Settlement(pause_until=_until(seconds)))
         self._urgent = True
 
     def on_available(self, listener: Callable[[], None]) -> Callable[[], None]:
@@ -312,7 +337,8 @@ class ValkeyProviderBudget(BackgroundClient):
                 await self._flush()
 
     def watch(self, bid: str, listener: ShiftListener) -> Callable[[], None]:
-        """Call ``listener(shift_s)`` when a pause moves budget ``bid``'s turns later;
+        """Call ``listener(shift_s, at_s)`` when a pause (at ``at_s``, the server's clock)
+        moves budget ``bid``'s turns later;
         returns the unregister call.  It runs in the listener task: quick, no raise."""
         self._watchers.setdefault(bid, []).append(listener)
 
@@ -330,15 +356,19 @@ class ValkeyProviderBudget(BackgroundClient):
     async def lanes(self) -> list[BudgetLanes]:
         """Every budget under this prefix, as the server holds it now."""
         client = self._require_client()
-        pattern = f"{self.key_prefix}:budget:*"
+        # The prefix is matched literally (a prefix may hold the glob's '*?[]\\'), and
+        # only keys this prefix itself names count: another tenant's prefix may start
+        # with ours ('<ours>:budget:<id>:budget:<its id>').
+        head = f"{self.key_prefix}:budget:"
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in head) + "*"
         found: list[BudgetLanes] = []
 
         async def read() -> None:
             now = (await client.time()).timestamp() * 1000.0
             async for raw in client.scan_iter(match=pattern, count=200, type_="hash"):
-                key = raw.decode() if isinstance(raw, bytes) else str(raw)
-                tail = key.rsplit(":", 1)[-1]
-                if key.endswith((":corrupt", ":events")) or len(tail) != 32:
+                key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                tail = key[len(head) :]
+                if not key.startswith(head) or not _BUDGET_ID.fullmatch(tail):
                     continue
                 fields = await client.hgetall(raw)
                 found.append(_lanes(tail, fields, now))
@@ -365,6 +395,7 @@ class ValkeyProviderBudget(BackgroundClient):
         tokens: float = 0.0,
     ) -> list[int]:
         rpm, tpm, max_pause_ms = config
+        now = time.monotonic()
         args: list[Any] = [
             op,
             rpm,
@@ -375,11 +406,15 @@ class ValkeyProviderBudget(BackgroundClient):
             _num(pending.tokens),
             pending.advertised_rpm,
             pending.advertised_tpm,
-            _num(pending.requests_wait_ms),
-            _num(pending.tokens_wait_ms),
-            _num(pending.pause_ms),
+            _num(_left_ms(pending.requests_wait_until, now)),
+            _num(_left_ms(pending.tokens_wait_until, now)),
+            _num(_left_ms(pending.pause_until, now)),
             self._channel,
             bid,
+            # By when (server ms) the call should run, give or take the clocks' error: a
+            # call the server runs later (it was stopped; we gave up on it) pauses the
+            # cluster only for what is left of the waits it carries.
+            _num((now + self._clock.offset + self.timeout + _LATE_RUN_S) * 1000.0),
         ]
         keys = self._keys(bid)
         try:
@@ -543,16 +578,28 @@ class ValkeyProviderBudget(BackgroundClient):
         if not isinstance(data, bytes):
             return
         parts = data.decode("utf-8", "replace").split()
-        if len(parts) != 2:
+        if len(parts) not in (2, 3):
             return
         try:
             shift_s = float(parts[1]) / 1000.0
+            at_s = float(parts[2]) / 1000.0 if len(parts) == 3 else None
         except ValueError:
             return
         if not math.isfinite(shift_s) or shift_s <= 0:
             return
+        if at_s is not None and not math.isfinite(at_s):
+            at_s = None
         for listener in list(self._watchers.get(parts[0], ())):
-            listener(shift_s)
+            listener(shift_s, at_s)
+
+
+def _until(seconds: float) -> float:
+    """``seconds`` from now on ``time.monotonic()`` (0: none)."""
+    return time.monotonic() + seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def _left_ms(until: float, now: float) -> float:
+    return max(0.0, until - now) * 1000.0
 
 
 def _num(value: float) -> str:

@@ -10,13 +10,22 @@ GCRA with no burst, in server milliseconds (``TIME``: the replicas' clocks never
   holds a turn back at most ``max_pause`` beyond them: a lie cannot stall the cluster);
 * ``last``: the latest turn handed out (turns are handed out in arrival order: FIFO
   across every replica); ``pause``: until when a 429 paused the endpoint;
-* ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out.
+* ``radv`` / ``tadv``: the advertised limits, per minute; ``sent``: turns handed out;
+* ``clock``: the server's time at the last call (the clock gone back since: every time
+  above moves back with it);
+* ``wstart``, ``rprev`` / ``rcur``, ``tprev`` / ``tcur``: requests and tokens handed out
+  in the minute before ``wstart`` and since (an advertised limit below half of the last
+  minute's is not believed);
+* ``rcfg`` / ``tcfg`` (and when last given, ``rcfgat`` / ``tcfgat``): the strictest limit
+  a caller configured in the last minute, which every caller paces at (replicas
+  configured differently for one key do not each pace at their own).
 
 One call does everything a replica has to tell, folded: settle (``dreq`` / ``dtok``
 given back, negative: charged more), learn (advertised limits, a lane the server reported
 exhausted for ``rwait`` / ``twait`` ms), pause (``pause_ms``), then reserve one turn.
 A pause moves every turn already handed out later by as much as it extends the pause, and
-is published (``<id> <shift ms>``) so that every replica moves its waiters at once.
+is published (``<id> <shift ms> <server ms>``) so that every replica moves its waiters at
+once, and a turn handed out before it but heard of after it moves too.
 
 A hash of the wrong type is set aside (``<key>:corrupt``) and the budget begins afresh; a
 field that is not a finite number counts as absent; a turn further than a day off is cut
@@ -25,14 +34,15 @@ to now.  Idle for ten minutes, the hash expires (what it learned is forgotten).
 
 from __future__ import annotations
 
-from adapters.llm.provider_budget import HEADROOM
+from adapters.llm.provider_budget import _SERVED_SLACK, HEADROOM
 
 __all__ = ["BUDGET"]
 
 #: KEYS[1]: the budget hash, KEYS[2]: where a corrupt one is set aside.
 #: ARGV: op ('r' reserve, 's' settle only), requests/min and tokens/min configured (0:
 #: none), the token estimate, max_pause ms, dreq, dtok, advertised requests/min and
-#: tokens/min (0: not reported), rwait ms, twait ms, pause ms, the events channel, the id.
+#: tokens/min (0: not reported), rwait ms, twait ms, pause ms, the events channel, the id,
+#: by when (server ms) the call should have run (later: the waits are that much spent).
 #: Returns {delay µs, tokens charged, requests/min in force (0: none), tokens/min in
 #: force, pause left ms, turns handed out, the server's now (µs), the turn (µs)}.
 BUDGET = (
@@ -49,25 +59,67 @@ local HEADROOM = """
     + repr(HEADROOM)
     + """
 local DAY = 86400000
+local SERVED_SLACK = """
+    + repr(_SERVED_SLACK)
+    + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+-- A call run late (the server was stopped, its caller gave up on it): its waits are spent
+-- by as much, or a stale 429 would pause the cluster afresh from the server's return.
+local late = math.max(0, now - (tonumber(ARGV[15]) or now))
+rwait, twait, pause_ms = rwait - late, twait - late, pause_ms - late
 
 local kind = redis.call('TYPE', key)['ok']
 if kind ~= 'hash' and kind ~= 'none' then redis.call('RENAME', key, aside) end
 local h = redis.call('HMGET', key, 'rtat', 'rown', 'ttat', 'town', 'last', 'pause',
-                     'radv', 'tadv', 'sent')
+                     'radv', 'tadv', 'sent', 'rcfg', 'rcfgat', 'tcfg', 'tcfgat',
+                     'wstart', 'rprev', 'rcur', 'tprev', 'tcur', 'clock')
 local function num(v, lo, hi, default)
   local x = tonumber(v or '')
   if x == nil or x ~= x or x < lo or x > hi then return default end
   return x
 end
-local rtat, rown = num(h[1], 0, now + DAY, now), num(h[2], 0, now + DAY, now)
-local ttat, town = num(h[3], 0, now + DAY, now), num(h[4], 0, now + DAY, now)
-local last, paused = num(h[5], 0, now + DAY, 0), num(h[6], 0, now + DAY, 0)
+-- The server's clock went back (a step of NTP, a restored VM) since the clock last read:
+-- every time kept moves back with it, or the cluster would wait out the step.
+local step = math.min(0, now - num(h[19], 0, now + DAY, now))
+local function at(v, default)
+  local x = num(v, 0, now + DAY - step, nil)
+  if x == nil then return default end
+  return x + step
+end
+local rtat, rown = at(h[1], now), at(h[2], now)
+local ttat, town = at(h[3], now), at(h[4], now)
+local last, paused = at(h[5], 0), at(h[6], 0)
 local radv, tadv = num(h[7], 0, 1e15, 0), num(h[8], 0, 1e15, 0)
 local sent = num(h[9], 0, 1e15, 0)
-if radv_new > 0 then radv = radv_new end
-if tadv_new > 0 then tadv = tadv_new end
+-- What the cluster was served in the last minute (two one-minute buckets, the older one
+-- weighted by its share still in the minute): an advertised limit below half of it is not
+-- believed, as the local budget does (one poisoned response would pace every replica at a
+-- turn per max_pause for as long as the budget is in use).
+local wstart = at(h[14], now)
+local rprev, rcur = num(h[15], 0, 1e15, 0), num(h[16], 0, 1e15, 0)
+local tprev, tcur = num(h[17], 0, 1e15, 0), num(h[18], 0, 1e15, 0)
+if wstart > now or now - wstart >= 120000 then
+  wstart, rprev, rcur, tprev, tcur = now, 0, 0, 0, 0
+elseif now - wstart >= 60000 then
+  wstart, rprev, rcur, tprev, tcur = wstart + 60000, rcur, 0, tcur, 0
+end
+local weight = 1 - (now - wstart) / 60000
+if radv_new > 0 and radv_new * SERVED_SLACK >= rcur + rprev * weight then radv = radv_new end
+if tadv_new > 0 and tadv_new * SERVED_SLACK >= tcur + tprev * weight then tadv = tadv_new end
+
+-- Replicas configured differently for one key: the strictest limit any of them gave in
+-- the last minute holds for every one (a replica that stopped asking for it releases it).
+local function agreed(cfg, stored, at)
+  if stored > 0 and at + 60000 >= now and (cfg <= 0 or stored < cfg) then
+    return stored, at
+  end
+  if cfg > 0 then return cfg, now end
+  return 0, 0
+end
+local rcfgat, tcfgat
+rcfg, rcfgat = agreed(rcfg, num(h[10], 0, 1e15, 0), at(h[11], 0))
+tcfg, tcfgat = agreed(tcfg, num(h[12], 0, 1e15, 0), at(h[13], 0))
 
 -- A lane's limit in force (per minute; 0: none) and its pace (units per ms; nil: none).
 local function limit(cfg, adv)
@@ -107,7 +159,8 @@ if pause_ms > 0 then
     paused = untl
     rtat, ttat = math.max(rtat, now) + shift, math.max(ttat, now) + shift
     if last > now then last = last + shift end
-    redis.call('PUBLISH', channel, id .. ' ' .. string.format('%.3f', shift))
+    redis.call('PUBLISH', channel,
+               id .. ' ' .. string.format('%.3f', shift) .. ' ' .. string.format('%.3f', now))
   end
 end
 
@@ -135,12 +188,16 @@ if op == 'r' then
   ttat, town = charge(ttat, charged, tp), charge(town, charged, top)
   last = t
   sent = sent + 1
+  rcur, tcur = rcur + 1, tcur + charged
 end
 
 local function f(x) return string.format('%.3f', x) end
 redis.call('HSET', key, 'rtat', f(rtat), 'rown', f(rown), 'ttat', f(ttat), 'town', f(town),
            'last', f(last), 'pause', f(paused), 'radv', f(radv), 'tadv', f(tadv),
-           'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim))
+           'sent', string.format('%d', sent), 'rlim', f(rlim), 'tlim', f(tlim),
+           'rcfg', f(rcfg), 'rcfgat', f(rcfgat), 'tcfg', f(tcfg), 'tcfgat', f(tcfgat),
+           'wstart', f(wstart), 'rprev', f(rprev), 'rcur', f(rcur), 'tprev', f(tprev),
+           'tcur', f(tcur), 'clock', f(now))
 redis.call('PEXPIRE', key, 600000)
 return {math.floor((t - now) * 1000), math.floor(charged), math.floor(rlim), math.floor(tlim),
         math.floor(math.max(0, paused - now)), sent, math.floor(now * 1000),

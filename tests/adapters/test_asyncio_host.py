@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from adapters.asyncio_host import (
     ProgressEvent,
     host_loop,
 )
+from adapters.halt.file import FileHaltChannel
 from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import OpenAIChatOrchestrator
 from adapters.stub import AgentOrchestratorStub
@@ -558,3 +560,49 @@ def test_leaving_the_host_with_a_batch_nobody_awaits_reports_nothing_to_asyncio(
         gc.collect()  # an unretrieved exception is reported when its future is collected
 
     run_asyncio(main)  # fails on any report to the loop's exception handler
+
+
+def test_a_halt_raised_while_the_host_closes_still_reaches_its_channel(tmp_path: Path) -> None:
+    path = tmp_path / "halt.json"
+
+    async def main() -> None:
+        host = AsyncioHost(AgentOrchestratorStub(latency_ms=1), FileHaltChannel(path))
+        await host.__aenter__()
+        closing = asyncio.ensure_future(host.__aexit__(None, None, None))
+        await asyncio.sleep(0)  # the close has begun: the run is being cancelled
+        host.halt("raised during shutdown")
+        await closing
+
+    run_asyncio(main)
+    assert "raised during shutdown" in path.read_text()
+
+
+@pytest.mark.parametrize("call", ["invoke_concurrent", "start", "run", "ahalt"])
+def test_a_call_from_another_event_loop_is_refused_and_starts_nothing(call: str) -> None:
+    async def main() -> None:
+        halt = HaltSwitch()
+        recorder = Recorder(halt, latency=0.01)
+        async with AsyncioHost(recorder, halt) as host:
+            calls: dict[str, Callable[[], Any]] = {
+                "invoke_concurrent": lambda: host.invoke_concurrent(requests(3)),
+                "start": lambda: host.start(requests(3)),
+                "run": lambda: host.run(host.service.invoke_concurrent, requests(3)),
+                "ahalt": lambda: host.ahalt("from another loop"),
+            }
+
+            async def elsewhere() -> None:
+                made = calls[call]()
+                if asyncio.iscoroutine(made):
+                    await made
+
+            def in_another_thread() -> None:
+                with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+                    runner.run(elsewhere())
+
+            with pytest.raises(RuntimeError, match="from the thread of the loop it was opened"):
+                await asyncio.to_thread(in_another_thread)
+            await host.run(trio.testing.wait_all_tasks_blocked)
+            assert recorder.started == 0 and not halt.halted
+            assert host.service.get_pool_status().active_count == 0
+
+    run_asyncio(main)

@@ -3,6 +3,8 @@ endpoint, a halt, hedges, rate-limit waits and a shared capacity."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import urllib.request
 from uuid import uuid4
@@ -28,6 +30,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
     RateLimit,
+    SystemHaltedError,
 )
 from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
@@ -323,3 +326,144 @@ async def test_every_series_the_shipped_alert_rules_read_is_exported() -> None:
     await service.invoke_concurrent(make_requests(3))
     exported = {s.name for family in registry.collect() for s in family.samples}
     assert wanted <= exported, sorted(wanted - exported)
+
+
+async def test_agents_a_quorum_cancelled_are_not_failures_per_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 3 of 10 answer at once, 7 are slow: a quorum of 3 cancels 7 agents that did nothing
+    # wrong.  The "more than 5 failed agents" alert must not fire for what the caller asked.
+    plan = {f"archon-{i}": Step(0.0) for i in range(1, 4)}
+    service = ConcurrentDeliberationService(ScriptedOrchestrator(plan, Step(10.0)))
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    result = await service.invoke_concurrent(make_requests(10), quorum=3)
+    assert result.failure_count == 7
+    assert registry.get_sample_value("conclave_batch_failures_sum") == 0
+    assert registry.get_sample_value("conclave_batch_failures_bucket", {"le": "0.0"}) == 1
+
+
+async def test_agents_a_halt_stopped_are_not_failures_per_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The halt has its alert (ConclaveHalted); a halted 72-agent batch is not also 72
+    # failed agents.  Those that failed on their own still count.
+    switch = HaltSwitch()
+    plan = {"archon-1": Step(0.0, "error")}
+    service = ConcurrentDeliberationService(
+        ScriptedOrchestrator(plan, Step(10.0)), halt_checker=switch
+    )
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_after, switch, 1.0)
+        with pytest.raises(SystemHaltedError):
+            await service.invoke_concurrent(make_requests(8))
+    assert registry.get_sample_value("conclave_batch_failures_sum") == 1
+
+
+async def test_ten_thousand_model_names_from_a_server_make_a_bounded_number_of_series() -> None:
+    # The model label comes from the server's answer: a hostile or buggy server naming a
+    # new model in every answer must not grow the registry without bound.
+    names = itertools.count()
+
+    class NewModelEachCall:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {
+                "model": f'm-{next(names)}"\n\x00',
+                "http_statuses": "200",
+                "prompt_tokens": 3,
+                "completion_tokens": 2,
+            }
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(NewModelEachCall())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    for batch in range(139):  # 10,008 calls
+        await service.invoke_concurrent(make_requests(72, prefix=f"b{batch}"))
+    requests = [
+        s for f in registry.collect() for s in f.samples if s.name == "conclave_llm_requests_total"
+    ]
+    assert len(requests) <= 101
+    assert sum(s.value for s in requests) == 139 * 72  # every call still counted
+    tokens = [
+        s for f in registry.collect() for s in f.samples if s.name == "conclave_llm_tokens_total"
+    ]
+    assert len(tokens) <= 202
+    assert sum(s.value for s in tokens) == 139 * 72 * 5
+
+
+async def test_a_model_name_utf8_cannot_encode_never_breaks_a_scrape() -> None:
+    # An orchestrator's metadata may hold a lone surrogate (JSON's "\ud800"); as a label
+    # value it made every later scrape of the process fail to encode.
+    class OddModel:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m\ud800", "http_statuses": "200", "prompt_tokens": 3}
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(OddModel())
+    endpoint = Endpoint(service)
+    try:
+        await service.invoke_concurrent(make_requests(2))
+        m = await endpoint.scrape()
+    finally:
+        endpoint.close()
+    requests = [v for (name, _), v in m.items() if name == "conclave_llm_requests_total"]
+    assert requests == [2]
+    assert _value(m, "conclave_batches_total") == 1
+
+
+async def test_a_token_count_beyond_belief_is_not_counted_and_the_rest_of_the_call_is() -> None:
+    # 10**400 raised OverflowError in the observer (the call's other numbers lost with
+    # it); 10**30 left the counter at 1e30, where adding a real count changes nothing.
+    class Lies:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            lie = 10**400 if agent_id == "archon-1" else 10**30
+            metadata = {
+                "model": "m",
+                "prompt_tokens": lie,
+                "completion_tokens": 7,
+                "rate_limited_ms": 100.0,
+            }
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(Lies())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(2))
+    tokens = "conclave_llm_tokens_total"
+    assert registry.get_sample_value(tokens, {"model": "m", "direction": "prompt"}) is None
+    assert registry.get_sample_value(tokens, {"model": "m", "direction": "completion"}) == 14
+    assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.2
+
+
+@pytest.mark.parametrize("waited_ms", [math.inf, 10**400, math.nan, -5.0])
+async def test_a_rate_limit_wait_that_is_no_duration_is_not_counted(waited_ms: float) -> None:
+    # inf made the counter inf for good; 10**400 raised OverflowError in the observer.
+    class OddWait:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m", "rate_limited_ms": waited_ms, "completion_tokens": 3}
+            if agent_id == "archon-2":
+                metadata["rate_limited_ms"] = 250.0
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    service = ConcurrentDeliberationService(OddWait())
+    registry = CollectorRegistry()
+    export_service_metrics(service, registry)
+    await service.invoke_concurrent(make_requests(2))
+    assert registry.get_sample_value("conclave_rate_limit_wait_seconds_total") == 0.25
+    tokens = {"model": "m", "direction": "completion"}
+    assert registry.get_sample_value("conclave_llm_tokens_total", tokens) == 6

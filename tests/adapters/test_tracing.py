@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.openai_chat import OpenAIChatOrchestrator, decode_agent_header
 from adapters.tracing import DeliberationTracer, otlp_tracing
 from kernel import (
+    AgentOutput,
     ConcurrentDeliberationService,
     ContextBundle,
     HaltSwitch,
@@ -228,6 +230,77 @@ async def test_spans_reach_a_real_otlp_http_collector_as_protobuf() -> None:
     resource = collector.requests[0].resource_spans[0].resource
     names = {a.key: a.value.string_value for a in resource.attributes}
     assert names["service.name"] == "conclave"
+
+
+class _OddMetadata:
+    """Answers with metadata UTF-8 cannot encode (a lone surrogate: JSON's "\\ud800")."""
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        await trio.lowlevel.checkpoint()
+        metadata = {"model": "m\ud800", "finish_reason": "stop\udc00", "http_statuses": "200"}
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata)
+
+
+async def test_metadata_utf8_cannot_encode_never_costs_the_batch_its_spans() -> None:
+    # One span named with a lone surrogate failed the OTLP encoding of the whole export
+    # (every span queued with it dropped).
+    collector = Collector()
+    try:
+        service = ConcurrentDeliberationService(_OddMetadata())
+        async with otlp_tracing(service, endpoint=collector.endpoint):
+            await service.invoke_concurrent(make_requests(3))
+    finally:
+        collector.close()
+    received = collector.spans()
+    assert len(received) == 4
+    calls = [s for s in received if s.name != "conclave.deliberation"]
+    assert [s.name for s in calls] == ["chat m\\ud800"] * 3
+    for span in calls:
+        attributes = {a.key: a.value for a in span.attributes}
+        assert attributes["gen_ai.response.model"].string_value == "m\\ud800"
+        assert list(attributes["gen_ai.response.finish_reasons"].array_value.values) == [
+            type(attributes["gen_ai.response.model"])(string_value="stop\\udc00")
+        ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OTEL_BSP_MAX_QUEUE_SIZE", "-1"), ("OTEL_BSP_SCHEDULE_DELAY", "-5")],
+)
+async def test_a_malformed_otel_setting_is_a_clear_error_that_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    service = ConcurrentDeliberationService(ScriptedOrchestrator())
+    with pytest.raises(InvalidRequestError, match="OTEL_"):
+        async with otlp_tracing(service, endpoint="http://127.0.0.1:9/v1/traces"):
+            pass
+    assert not service.metrics.observers
+
+
+async def test_a_token_count_beyond_belief_never_costs_the_batch_its_spans() -> None:
+    # OTLP's integers are 64-bit: one attribute of 10**400 failed the whole export.
+    class Lies:
+        async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+            await trio.lowlevel.checkpoint()
+            metadata = {"model": "m", "prompt_tokens": 10**400, "completion_tokens": 7}
+            return AgentOutput(
+                agent_id=agent_id, request_id=uuid4(), content="ok", metadata=metadata
+            )
+
+    collector = Collector()
+    try:
+        service = ConcurrentDeliberationService(Lies())
+        async with otlp_tracing(service, endpoint=collector.endpoint):
+            await service.invoke_concurrent(make_requests(2))
+    finally:
+        collector.close()
+    calls = [s for s in collector.spans() if s.name == "chat m"]
+    assert len(calls) == 2
+    for span in calls:
+        attributes = {a.key: a.value for a in span.attributes}
+        assert "gen_ai.usage.input_tokens" not in attributes
+        assert attributes["gen_ai.usage.output_tokens"].int_value == 7
 
 
 def _closed_port() -> int:

@@ -136,3 +136,27 @@ def test_a_bad_price_file_is_refused_with_its_path(
     with pytest.raises(InvalidRequestError, match=problem) as caught:
         PriceTable.load(path)
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("price", [1e308, 1e7])
+def test_a_price_beyond_any_models_is_refused(price: float) -> None:
+    # 1e308 passed as "finite": the cost of a few hundred tokens was inf ("$inf", and
+    # `Infinity`, which is not JSON, in the transcript).
+    with pytest.raises(InvalidRequestError, match="<= 1e"):
+        Price(price, 1.0)
+    with pytest.raises(InvalidRequestError, match="model 'gpt'"):
+        PriceTable.from_mapping({"gpt": {"prompt": 1.0, "completion": price}})
+    assert Price(1e6, 1e6).cost(TokenCount(1, 1)) == 2.0  # the bound itself is taken
+
+
+def test_a_token_count_beyond_belief_counts_for_nothing_and_the_cost_stays_finite() -> None:
+    # An orchestrator's metadata is any int: 10**400 raised OverflowError out of cost(),
+    # 10**30 made every sum after it noise.
+    result = _result(
+        _output("a", model="m", prompt_tokens=10**400, completion_tokens=5),
+        _output("b", model="m", prompt_tokens=10**30, completion_tokens=100_000_000),
+    )
+    totals = usage_totals(result)
+    assert totals.total == TokenCount(0, 100_000_005)
+    doc = totals.as_dict(PriceTable(default=Price(1e6, 1e6)))
+    json.dumps(doc, allow_nan=False)  # finite: strict JSON

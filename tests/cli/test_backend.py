@@ -212,3 +212,34 @@ async def test_an_otlp_endpoint_in_the_environment_traces_the_service(
         "council-test"
     )
     assert events == ["opened", "closed"]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+async def test_a_malformed_otel_setting_is_refused_with_otel_and_a_warning_without(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], explicit: bool
+) -> None:
+    # Asked for with --otel, a setting the SDK refuses is bad usage (nothing runs);
+    # asked for by the environment alone, the run goes on untraced, saying why.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "-1")
+    events: list[str] = []
+
+    async def run() -> None:
+        async with open_service(
+            _recorded(events),
+            HaltSwitch(),
+            AgentPool(4),
+            agent_timeout=None,
+            witness_db=None,
+            metrics_port=None,
+            tracing=explicit,
+        ) as service:
+            await service.invoke_concurrent(make_requests(2))
+            assert not service.metrics.observers
+
+    if explicit:
+        with pytest.raises(UsageError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
+            await run()
+    else:
+        await run()
+        assert "OTEL_BSP_MAX_QUEUE_SIZE" in capsys.readouterr().err

@@ -89,6 +89,15 @@ def test_bad_usage_exits_2_with_one_line(args: list[str]) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("topic", ["", "  \n"])
+def test_an_empty_topic_is_refused_before_anything_runs(topic: str) -> None:
+    # An unset shell variable (--topic "$TOPIC") would ask 72 paid LLM calls nothing.
+    proc = conclave("deliberate", "--agents", "3", "--latency-ms", "1", "--topic", topic)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == "conclave: --topic is empty: the agents would be asked nothing\n"
+    assert proc.stdout == ""
+
+
 def test_a_roster_file_over_the_size_cap_is_a_usage_error_naming_the_cap(tmp_path: Path) -> None:
     roster = tmp_path / "council.json"
     with roster.open("wb") as f:
@@ -225,6 +234,19 @@ def test_a_model_the_server_does_not_list_is_refused_before_anything_runs(
         "nothing was run"
     ]
     assert not any(h[":path"].endswith("/chat/completions") for h in llm_server.headers)
+
+
+def test_a_listing_of_hostile_names_is_refused_in_one_bounded_line_of_plain_text(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.models = ["\x1b]0;owned\x07\x1b[2J\nconclave: completed", "z" * 100_000]
+    proc = conclave(
+        "deliberate", "--backend", "openai", "--base-url", llm_server.base_url, "--model", "gpt-x"
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("conclave: model 'gpt-x' not found at ") and "nothing was run" in line
+    assert "\x1b" not in line and "\x07" not in line and len(line) < 1000, line[:2000]
 
 
 def test_a_wrong_model_past_the_check_is_said_once_for_72_agents(
@@ -955,6 +977,7 @@ def test_openai_backend_summary_shows_the_servers_token_usage_at_the_rosters_pri
         (["--price-prompt", "nan", "--price-completion", "1"], "argument --price-prompt: must be"),
         (["--price-prompt", "1", "--price-completion", "abc"], "--price-completion: not a number"),
         (["--price-prompt", "1"], "--price-prompt and --price-completion go together"),
+        (["--price-prompt", "1e308", "--price-completion", "1"], "prompt_per_1m must be <= 1e"),
         (
             ["--prices", "{tmp}/prices.json"],
             "--prices {tmp}/prices.json: model 'm': completion_per_1m must be >= 0",

@@ -125,6 +125,21 @@ def test_log_fields_with_control_characters_cannot_forge_log_lines() -> None:
     assert line.isprintable(), line
 
 
+def test_text_log_fields_that_are_not_str_cannot_forge_lines_or_lose_the_record() -> None:
+    # A field is often not a str (a Path, an exception): its text was written raw, so a
+    # newline in it forged a line; one whose str() raises lost the record.
+    formatter = KeyValueFormatter("%(levelname)s %(name)s: %(message)s")
+    for value in (
+        Path("/tmp/evil\nCRITICAL kernel.halt: forged"),
+        ValueError("a\rb"),
+        _Unprintable(),
+    ):
+        record = logging.makeLogRecord({"levelname": "INFO", "name": "kernel.x", "msg": "m"})
+        record.__dict__.update(agent_id="a1", field=value)
+        line = formatter.format(record)
+        assert line.isprintable() and "agent_id=a1" in line and "field=" in line, line
+
+
 def _json_line(record: logging.LogRecord) -> dict[str, object]:
     line = JsonFormatter().format(record)
     assert "\n" not in line and line.isprintable(), line
@@ -166,6 +181,48 @@ def test_json_log_fields_with_control_characters_cannot_forge_log_lines() -> Non
     reason = 'evil\x1b[2J\n{"level": "INFO"}\u202e'
     record.__dict__["halt_reason"] = reason
     assert _json_line(record)["halt_reason"] == reason
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __repr__ = __str__
+
+
+def _strict_json(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_logs_stay_one_strict_json_object_whatever_the_extras_hold() -> None:
+    # What an extra holds is not the formatter's to trust: a value JSON has no number for
+    # (NaN, inf), a value whose str() raises, one that holds itself, a dict keyed by
+    # tuples.  Each is still one line of strict JSON, with every other field intact.
+    cycle: list[object] = []
+    cycle.append(cycle)
+    hostile: dict[str, object] = {
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "unprintable": _Unprintable(),
+        "cycle": cycle,
+        "tuple_keys": {(1, 2): "x"},
+    }
+    handler_errors: list[str] = []
+    for key, value in hostile.items():
+        record = logging.makeLogRecord({"levelname": "INFO", "name": "kernel.x", "msg": "m"})
+        record.__dict__.update(agent_id="a1", **{key: value})
+        try:
+            line = JsonFormatter().format(record)
+        except Exception as exc:
+            handler_errors.append(f"{key}: {type(exc).__name__}")
+            continue
+        assert "\n" not in line and line.isprintable(), line
+        doc = _strict_json(line)
+        assert isinstance(doc, dict) and doc["agent_id"] == "a1" and key in doc, line
+    assert handler_errors == []
 
 
 def _stub_tokens(agent_ids: list[str], topic: str) -> tuple[int, int]:

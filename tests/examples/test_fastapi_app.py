@@ -209,3 +209,22 @@ def test_bad_requests_are_refused_and_run_nothing(
     assert again[0] == 409
     assert after[1]["succeeded"] == 2
     assert metrics["agent_invocations_total"] == 4  # the refused request invoked nobody
+
+
+def test_a_refused_deliberation_ends_its_stream_saying_so_and_its_id_can_be_used_again(
+    monkeypatch: pytest.MonkeyPatch, clients: ThreadPoolExecutor
+) -> None:
+    monkeypatch.setenv("CONCLAVE_STUB_LATENCY_MS", "60000")
+    with serving() as port:
+        running = _post_when_running(port, clients, "d-6")
+        first = open_events(port, "d-6")  # answered once it has started
+        streamed = clients.submit(events, port, "d-7")  # subscribes before it is refused
+        refused = post(port, "/deliberations", {"topic": "Meanwhile?", "agents": 5, "id": "d-7"})
+        stream = streamed.result(30)
+        post(port, "/halt", {"reason": "seats free again"})
+        running.result(30)
+        read_events(first)
+        again = post(port, "/deliberations", {"topic": "Again?", "agents": 5, "id": "d-7"})
+    assert refused[0] == 409 and "FR10" in refused[1]["detail"]
+    assert stream == [("end", {"id": "d-7", "status": "refused", "detail": refused[1]["detail"]})]
+    assert again[0] == 200 and again[1]["id"] == "d-7"  # not "exists": nothing ran under it

@@ -16,8 +16,10 @@ from kernel import (
     AgentInvocationError,
     AgentOutput,
     AgentPoolExhaustedError,
+    CommitReceipt,
     ConcurrentDeliberationService,
     ContextBundle,
+    FailureKind,
     HaltSwitch,
     HedgePolicy,
     InvalidRequestError,
@@ -36,7 +38,7 @@ from kernel.events import (
     RateLimitWaited,
 )
 from tests.support.helpers import ScriptedOrchestrator, Step, expect_halt, make_requests
-from tests.support.hostile_parts import halt_after
+from tests.support.hostile_parts import SlowWitness, halt_after
 from tests.support.observers import Recorder, assert_events_agree_with
 
 
@@ -264,3 +266,45 @@ async def test_a_deadline_or_a_quorum_is_told_once_and_the_agents_it_cut_end_wit
     assert ended == {"archon-1": "ok", "archon-2": "ok", "archon-3": cut, "archon-4": cut}
     end = rec.events[-1]
     assert isinstance(end, BatchEnded) and end.stop == cause and end.halt_stop_s is None
+
+
+class _Answers:
+    """Answers at once, reporting its call (tokens paid whatever happens to the answer)."""
+
+    async def invoke(self, agent_id: str, context: ContextBundle) -> AgentOutput:
+        await trio.lowlevel.checkpoint()
+        metadata = {"model": "m", "prompt_tokens": 11, "completion_tokens": 5}
+        return AgentOutput(agent_id=agent_id, request_id=uuid4(), content="aye", metadata=metadata)
+
+
+class _BrokenWitness:
+    async def commit(self, output: AgentOutput) -> CommitReceipt:
+        await trio.lowlevel.checkpoint()
+        raise OSError("disk full")
+
+
+async def test_an_answer_the_witness_could_not_commit_still_reports_its_call() -> None:
+    # The call was made and paid for; only its commit failed.  Its end event carried no
+    # metadata, so its HTTP request and tokens were in no metric.
+    service, rec = _observed(_Answers(), witness=_BrokenWitness())
+    result = await service.invoke_concurrent(make_requests(2))
+    assert {f.kind for f in result.failures} == {FailureKind.WITNESS}
+    for event in rec.of(AgentEnded):
+        assert event.outcome == "witness"
+        assert dict(event.metadata) == {"model": "m", "prompt_tokens": 11, "completion_tokens": 5}
+
+
+async def test_an_answer_a_halt_withheld_during_its_commit_still_reports_its_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    switch = HaltSwitch()
+    service, rec = _observed(_Answers(), halt_checker=switch, witness=SlowWitness(10.0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(halt_after, switch, 1.0)
+        with pytest.raises(SystemHaltedError):
+            await service.invoke_concurrent(make_requests(2))
+    ended = rec.of(AgentEnded)
+    assert len(ended) == 2
+    for event in ended:
+        assert event.outcome == "halted"
+        assert dict(event.metadata) == {"model": "m", "prompt_tokens": 11, "completion_tokens": 5}

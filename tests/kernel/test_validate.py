@@ -14,7 +14,7 @@ from kernel import (
     HedgePolicy,
     InvalidRequestError,
 )
-from kernel.validate import check_int, check_number, check_seconds, check_text
+from kernel.validate import check_int, check_number, check_seconds, check_text, utf8_text
 from tests.support.helpers import ScriptedOrchestrator
 from tests.support.hostile_parts import HUGE
 
@@ -68,3 +68,11 @@ def test_an_int_too_large_for_a_float_is_invalid_input(build: Callable[[], objec
     """Guards against: ``OverflowError: int too large to convert to float`` out of every check."""
     with pytest.raises(InvalidRequestError, match="too large"):
         build()
+
+
+def test_utf8_text_escapes_lone_surrogates_and_keeps_other_text_as_it_is() -> None:
+    assert utf8_text("gpt-4o") == "gpt-4o"
+    assert utf8_text("modèle-名前 😀") == "modèle-名前 😀"
+    escaped = utf8_text("m\ud800x\udfff")
+    assert escaped == "m\\ud800x\\udfff"
+    escaped.encode("utf-8")  # encodes now

@@ -26,6 +26,8 @@ agents' own scripts).  A fault is one of:
     "null_content"             200 with ``"content": null``
     ("content", text)          200 whose answer is ``text`` (any JSON string, even a lone
                                surrogate such as ``"\\ud800"``)
+    ("answer_model", name)     200 whose ``model`` (every chunk's, streamed) is ``name``
+                               (any JSON string: what a server claims answered)
     ("encoded", encoding)      answer at once, compressed: "gzip", "deflate" (zlib) or
                                "raw-deflate" (sent as ``deflate``); any other name is
                                only the header (``br``: a body that is not brotli);
@@ -530,6 +532,10 @@ class FakeOpenAIServer:
             doc = _completion(payload, agent)
             doc["choices"][0]["message"]["content"] = fault[1]
             self._send_answer(writer, doc, payload)  # json.dumps escapes a lone surrogate
+        elif isinstance(fault, tuple) and fault[0] == "answer_model":
+            doc = _completion(payload, agent, usage)
+            doc["model"] = fault[1]
+            self._send_answer(writer, doc, payload)
         else:
             raise ValueError(f"unknown fault {fault!r}")
         await writer.drain()

@@ -81,3 +81,11 @@ async def test_a_listing_that_does_not_come_in_time_holds_nothing_up(
         (listing,) = await listings(OpenAIChatOrchestrator(llm_server.base_url, "m"), 0.2)
     assert listing.models is None and listing.why == "no answer within 0.2 s"
     assert await trio.to_thread.run_sync(llm_server.wait_for, lambda s: s.disconnects == 1)
+
+
+def test_a_refusal_quotes_a_listings_names_bounded_whatever_their_length() -> None:
+    listing = ModelListing("http://127.0.0.1:1/v1", ("x" * 1_000_000, "fake-model", "y" * 500))
+    refusal = listing.refusal("gpt-x")
+    assert len(refusal) < 1000, len(refusal)
+    assert refusal.startswith("model 'gpt-x' not found at http://127.0.0.1:1/v1 (it lists: xxx")
+    assert ", fake-model, yyy" in refusal

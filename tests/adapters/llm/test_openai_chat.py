@@ -42,6 +42,7 @@ from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import client_bytes, make_context, make_requests, time_halt
 from tests.support.hostile_parts import HUGE
 from tests.support.url_secrets import SECRET, assert_never_shown
+from tests.support.valkey_server import free_port
 
 
 def orchestrator(server: FakeOpenAIServer, **kwargs: Any) -> OpenAIChatOrchestrator:
@@ -271,6 +272,50 @@ async def test_a_server_that_sends_no_usage_gets_an_estimate_marked_as_such(
     assert int(output.metadata["prompt_tokens"]) > 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("claimed", [10**30, 10**400], ids=["1e30", "1e400"])
+async def test_a_server_claiming_an_impossible_token_count_gets_an_estimate_marked_as_such(
+    llm_server: FakeOpenAIServer, stream: bool, claimed: int
+) -> None:
+    # 10**400 does not fit a float (the budget's settlement raised OverflowError, failing
+    # a good answer); 10**30 fits, and made every token counter and cost after it noise.
+    llm_server.default = ("lie", {}, claimed)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, stream=stream)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert "votes aye" in output.content
+    assert output.metadata["usage"] == "estimated"
+    assert 0 < int(output.metadata["prompt_tokens"]) < 1000
+    assert 0 < int(output.metadata["completion_tokens"]) < 1000
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    "claimed",
+    ["m\ud800", "m\x1b[2J\n", "m" * 100_000],
+    ids=["lone-surrogate", "control-characters", "100k-chars"],
+)
+async def test_a_model_name_no_model_has_is_reported_as_the_model_asked_for(
+    llm_server: FakeOpenAIServer, stream: bool, claimed: str
+) -> None:
+    # The answer's model name goes into metrics labels, span names, logs and transcripts:
+    # a name that UTF-8 cannot encode made every later scrape and push of the process
+    # fail; one with control characters or 100k characters is no model's either.
+    llm_server.default = ("answer_model", claimed)
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server, stream=stream)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert "votes aye" in output.content
+    assert output.metadata["model"] == "fake-model"
+
+
+async def test_the_model_name_the_server_answers_with_is_reported(
+    llm_server: FakeOpenAIServer,
+) -> None:
+    llm_server.default = ("answer_model", "gpt-4o-mini-2024-07-18")
+    async with AsyncioOrchestratorBridge(orchestrator(llm_server)) as bridge:
+        output = await bridge.invoke("archon-1", make_context())
+    assert output.metadata["model"] == "gpt-4o-mini-2024-07-18"
+
+
 async def test_a_server_that_answers_a_stream_request_whole_is_read_whole(
     llm_server: FakeOpenAIServer,
 ) -> None:
@@ -476,3 +521,17 @@ def test_without_aiohttp_installed_transport_aiohttp_is_refused_naming_the_extra
     )
     assert proc.returncode == 0, proc.stderr
     assert "pip install 'conclave-kernel[aiohttp]'" in proc.stdout
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_refused_connection_is_unreachable_saying_so_on_either_transport(
+    transport: str,
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    inner = OpenAIChatOrchestrator(url, "m", transport=transport)
+    async with AsyncioOrchestratorBridge(inner) as bridge:
+        with pytest.raises(AgentInvocationError) as raised:
+            await bridge.run_asyncio(inner.check_reachable, 5.0)
+    # Not the SDK's class name, nor a timeout (aiohttp's SDK transport reports a refused
+    # connection as a connect timeout).
+    assert str(raised.value) == f"cannot reach {url}: connection refused"

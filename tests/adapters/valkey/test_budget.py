@@ -187,7 +187,7 @@ async def test_a_429_reported_by_one_replica_moves_every_replicas_waiting_turns(
         heard: list[float] = []
         moved = trio.Event()
 
-        def listener(shift: float) -> None:
+        def listener(shift: float, _at: float | None) -> None:
             heard.append(shift)
             moved.set()
 
@@ -497,3 +497,292 @@ def test_replicas_fall_back_when_the_server_is_killed_mid_run_and_share_again_on
     bid = budget_id(llm_server.base_url, key)
     turns = own_server.command("HGET", f"{prefix}:budget:{bid}", "sent")
     assert int(turns.split()[-1]) > 0  # turns handed out by the server after its return
+
+
+# ---------------------------------------------------------------- tenants and hostile reports
+
+
+@pytest.mark.parametrize("pattern", ["*", "{short}?", "[t]{tail}", "{prefix}:budget:*"])
+async def test_a_prefix_lists_only_its_own_budgets_never_another_tenants(
+    valkey_server: ValkeyServer, prefix: str, pattern: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-tenant")
+    async with replicas(valkey_server.url, prefix, 1) as (tenant,):
+        await tenant.reserve(bid, 1.0, 600, None, 30.0)
+        # A prefix that is a glob (or a prefix under which another's keys nest) matches
+        # the tenant's keys: it must list none of them.
+        other = pattern.format(prefix=prefix, short=prefix[:-1], tail=prefix[1:])
+        async with replicas(valkey_server.url, other, 1) as (snoop,):
+            seen = await snoop.lanes()
+        async with replicas(valkey_server.url, f"{prefix}:budget:{bid}", 1) as (nested,):
+            await nested.reserve(bid, 1.0, 600, None, 30.0)
+            own = await tenant.lanes()
+    assert seen == []
+    assert [lanes.budget for lanes in own] == [bid]
+
+
+async def test_a_limit_too_large_to_count_is_not_reported_as_one(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-boastful")
+    async with replicas(valkey_server.url, prefix, 1) as (store,):
+        await store.reserve(bid, 1.0, None, None, 30.0)
+        store.settle(bid, advertised_rpm=10**30, advertised_tpm=10**300)
+        await store.flush()
+        grant = await store.reserve(bid, 1.0, None, None, 30.0)
+        lanes = await store.lanes()
+    for limit in (grant.requests_per_minute, grant.tokens_per_minute):
+        assert limit is None or 1 <= limit <= 10**15
+    assert grant.delay_s < 0.1
+    for lane in lanes:
+        for limit in (lane.requests_per_minute, lane.tokens_per_minute):
+            assert limit is None or 1 <= limit <= 10**15
+
+
+async def test_replicas_given_different_limits_for_one_key_all_pace_at_the_strictest(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-two-minds")
+    async with replicas(valkey_server.url, prefix, 2) as (strict, lax):
+        await strict.reserve(bid, 1.0, 60, 600, 30.0)  # 60 requests, 600 tokens a minute
+        grants = [await lax.reserve(bid, 10.0, 6000, 60000, 30.0) for _ in range(3)]
+    gap = 60.0 / (60 * 0.95)
+    for earlier, later in itertools.pairwise(grants):
+        assert later.turn_s - earlier.turn_s == pytest.approx(gap, abs=1e-3)
+    assert {(g.requests_per_minute, g.tokens_per_minute) for g in grants} == {(60, 600)}
+
+
+@pytest.mark.slow
+async def test_a_429_pause_over_before_the_server_is_back_does_not_pause_the_cluster_then(
+    own_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-stale-pause")
+    async with replicas(own_server.url, prefix, 1, timeout=0.2) as (store,):
+        await store.reserve(bid, 1.0, 6000, None, 30.0)
+        own_server.pause()  # hung: the pause cannot be told
+        try:
+            asked = time.monotonic()
+            store.pause(bid, 1.0)
+            store.settle(bid, requests_wait_s=1.0)  # "no requests left for a second"
+            with trio.fail_after(5):
+                while store.available:  # noqa: ASYNC110  # its flush runs on its own
+                    await trio.sleep(0.01)
+            # The outage outlasts the pause (and the timeout, and what the clock reading may
+            # be off by): the 429's reset has come by the server's return.
+            await trio.sleep(max(0.0, asked + 2.5 - time.monotonic()))
+        finally:
+            own_server.resume()
+        await sharing_again(store)
+        await store.flush()
+        grant = await store.reserve(bid, 1.0, 6000, None, 30.0)
+        (lanes,) = await store.lanes()
+    assert grant.delay_s < 0.1
+    assert lanes.paused_ms == 0.0
+
+
+@pytest.mark.slow
+async def test_one_429_asking_for_a_day_holds_every_replica_no_longer_than_its_cap(
+    valkey_server: ValkeyServer, prefix: str, llm_server: FakeOpenAIServer
+) -> None:
+    llm_server.script_any(("429", 86400.0))  # "come back tomorrow"
+    async with replicas(valkey_server.url, prefix, 2) as stores:
+        orchs = [
+            OpenAIChatOrchestrator(
+                llm_server.base_url, "fake-model", api_key="sk-tomorrow",
+                limits=ProviderLimits(requests_per_minute=6000, shared=store),
+                retry_after_cap_s=0.5, **FAST,
+            )
+            for store in stores
+        ]  # fmt: skip
+        with trio.fail_after(10):  # a day's pause would hang here
+            async with trio.open_nursery() as nursery:
+                results: list[list[ConcurrentResult]] = []
+
+                async def run(orch: OpenAIChatOrchestrator, name: str) -> None:
+                    results.append(await council(orch, 5, prefix=name))
+
+                for i, orch in enumerate(orchs):
+                    nursery.start_soon(run, orch, f"r{i}-")
+        (lanes,) = await stores[0].lanes()
+    assert [r.success_count for (r,) in results] == [5, 5]
+    assert llm_server.requests_total == 11  # ten answers and the one 429
+    assert lanes.paused_ms <= 500.0
+
+
+class _GrantHandedLate(ValkeyProviderBudget):
+    """A replica whose grant, computed by the server, reaches its waiter only after another
+    replica's 429 pause (computed after it) has been heard: the worst moment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meanwhile: Callable[[], Any] | None = None
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        grant = await super().reserve(*args, **kwargs)
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        return grant
+
+
+async def test_a_turn_granted_just_before_a_pause_heard_before_the_grant_still_waits_for_it(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    import trio_asyncio
+
+    key = f"sk-{uuid.uuid4().hex}"
+    bid = budget_id("http://provider/v1", key)
+    async with (
+        _GrantHandedLate(valkey_server.url, key_prefix=prefix, replicas=2) as late,
+        ValkeyProviderBudget(valkey_server.url, key_prefix=prefix, replicas=2) as other,
+    ):
+        budget = cluster_budget("http://provider/v1", key, late)
+        budget.configure(ProviderLimits(requests_per_minute=6000, shared=late))
+        heard = trio.Event()
+        late.watch(bid, lambda _shift, *_: heard.set())  # after the budget's own listener
+        paused: list[float] = []
+
+        async def pause_meanwhile() -> None:
+            paused.append(time.monotonic())
+            other.pause(bid, 0.5)
+            with trio.fail_after(5):
+                await heard.wait()
+
+        late.meanwhile = pause_meanwhile
+        async with trio_asyncio.open_loop():
+            ticket = await trio_asyncio.aio_as_trio(budget.acquire)(1.0)
+        went = time.monotonic()
+    assert ticket.sent_at is not None
+    assert went >= paused[0] + 0.4  # it waited out the pause, not went into it
+
+
+@pytest.mark.slow
+async def test_nothing_sent_to_the_server_or_logged_holds_the_api_key(
+    valkey_server: ValkeyServer,
+    prefix: str,
+    llm_server: FakeOpenAIServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = f"sk-monitored-{uuid.uuid4().hex}"
+    valkey_server.seed_capacity(prefix)
+    llm_server.script_any(("429", 0.05))  # a pause, published too
+    seen = bytearray()
+    stream = await trio.open_tcp_stream("127.0.0.1", valkey_server.port)
+    async with stream:
+        await stream.send_all(b"MONITOR\r\n")
+        assert (await stream.receive_some(64)).startswith(b"+OK")
+        caplog.set_level(logging.DEBUG)
+        async with trio.open_nursery() as nursery:
+
+            async def record() -> None:
+                while chunk := await stream.receive_some(65536):
+                    seen.extend(chunk)
+
+            nursery.start_soon(record)
+            async with (
+                replicas(valkey_server.url, prefix, 1) as (store,),
+                ValkeyCapacity(valkey_server.url, name=prefix, capacity=4) as capacity,
+            ):
+                orch = OpenAIChatOrchestrator(
+                    llm_server.base_url, "fake-model", api_key=key,
+                    limits=ProviderLimits(requests_per_minute=6000, tokens_per_minute=10**6,
+                                          shared=store),
+                    **FAST,
+                )  # fmt: skip
+                async with AsyncioOrchestratorBridge(orch) as bridge:
+                    service = ConcurrentDeliberationService(
+                        bridge, HaltSwitch(), AgentPool(4, shared=capacity)
+                    )
+                    result = await service.invoke_concurrent(make_requests(8), overflow="queue")
+                await store.flush()
+            with trio.fail_after(5):  # MONITOR lags: the last call's line arrives after it
+                while budget_id(llm_server.base_url, key).encode() not in seen:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert result.success_count == 8
+    assert f"{prefix}:leases".encode() in seen  # the capacity's calls were seen too
+    logged = "".join(repr(r.__dict__) for r in caplog.records)
+    for secret in (key, key[3:]):
+        assert secret.encode() not in seen
+        assert secret not in logged
+
+
+async def test_an_advertised_limit_far_below_what_the_cluster_served_is_not_believed(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-poisoned")
+    async with replicas(valkey_server.url, prefix, 2) as (one, other):
+        for _ in range(20):  # served at 6000 a minute: 20 within the last minute
+            await one.reserve(bid, 1.0, 6000, None, 30.0)
+        one.settle(bid, advertised_rpm=1)  # one poisoned response: "one a minute"
+        await one.flush()
+        grants = [await other.reserve(bid, 1.0, 6000, None, 30.0) for _ in range(3)]
+    for earlier, later in itertools.pairwise(grants):
+        assert later.turn_s - earlier.turn_s == pytest.approx(60.0 / (6000 * 0.95), abs=1e-3)
+    assert {g.requests_per_minute for g in grants} == {6000}
+
+
+async def test_a_server_clock_stepped_back_an_hour_does_not_hold_the_cluster_for_it(
+    valkey_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-time-travel")
+    async with replicas(valkey_server.url, prefix, 1) as (store,):
+        await store.reserve(bid, 1.0, 600, None, 30.0)
+        # What an hour's step back of the server's clock leaves: every time in the budget,
+        # and the clock it last read, an hour ahead of the server's now.
+        async with coredis.Redis.from_url(valkey_server.url, decode_responses=False) as raw:
+            key = f"{prefix}:budget:{bid}"
+            fields = await raw.hgetall(key)
+            hour = 3_600_000.0
+            ahead = {
+                name: f"{float(fields[name.encode()]) + hour:.3f}"
+                for name in ("rtat", "rown", "last", "wstart", "rcfgat", "clock")
+                if name.encode() in fields
+            }
+            assert "clock" in ahead  # the budget records the clock it read
+            await raw.hset(key, ahead)
+        grant = await store.reserve(bid, 1.0, 600, None, 30.0)
+    assert grant.delay_s < 1.0  # the next turn, not an hour away
+
+
+def test_a_replica_follows_the_server_clock_stepping_back_at_its_next_reading() -> None:
+    from adapters.valkey._budget import _ServerClock
+
+    clock = _ServerClock()
+    assert clock.sample(10_000.0, 0.0, 0.001) == pytest.approx(10_000.0 - 0.0005)
+    # Two seconds later, a slower call: the server's clock has gone back an hour.
+    offset = clock.sample(10_002.0 - 3600.0, 2.0, 2.01)
+    assert offset == pytest.approx(10_000.0 - 3600.0 - 0.005)
+
+
+@pytest.mark.slow
+async def test_turns_asked_for_while_the_server_was_stopped_are_not_handed_out_on_its_return(
+    own_server: ValkeyServer, prefix: str
+) -> None:
+    bid = budget_id("http://provider/v1", "sk-stopped")
+    async with (
+        replicas(own_server.url, prefix, 2, timeout=0.2) as (stuck, _),
+        replicas(own_server.url, prefix, 1) as (later,),
+    ):
+        own_server.pause()  # SIGSTOP: the calls wait in its socket, run on SIGCONT
+        try:
+            asked = time.monotonic()
+            refused: list[bool] = []
+
+            async def reserve() -> None:
+                with pytest.raises(SharedBudgetUnavailableError):
+                    await stuck.reserve(bid, 1.0, 60, None, 30.0)  # one a second
+                refused.append(True)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(reserve)
+            # Stopped for longer than the callers waited (and the clocks' error): they
+            # went on at their share long ago.
+            await trio.sleep(max(0.0, asked + 2.0 - time.monotonic()))
+        finally:
+            own_server.resume()
+        grant = await later.reserve(bid, 1.0, 60, None, 30.0)
+        (lanes,) = await later.lanes()
+    assert refused == [True] * 10
+    assert grant.delay_s < 0.5  # the first turn: none went to the callers that gave up
+    assert lanes.turns == 1

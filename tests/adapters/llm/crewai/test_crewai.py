@@ -8,6 +8,7 @@ the faults and counts what is in flight and who went away.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from adapters.llm.bridge import AsyncioOrchestratorBridge
 from adapters.llm.crewai import TELEMETRY_OFF, CrewAIOrchestrator
 from adapters.llm.provider_budget import ProviderLimits
 from adapters.roster import AgentProfile, Roster
+from adapters.valkey import ValkeyProviderBudget
 from kernel import (
     MAX_TOPIC_BYTES,
     AgentInvocationError,
@@ -43,6 +45,7 @@ from tests.adapters.llm.crewai.conftest import threads_running_llm_code
 from tests.support import ROOT
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.support.helpers import PeakRss, client_bytes, expect_halt
+from tests.support.valkey_server import ValkeyServer
 
 ARCHONS = ROOT / "examples" / "archons-sample.json"
 FAST: dict[str, Any] = {"backoff_base_s": 0.001, "backoff_cap_s": 0.005, "timeout_s": 5.0}
@@ -849,6 +852,61 @@ async def test_crewai_agents_under_an_rpm_limit_never_exceed_it_and_meet_no_429(
     stats = orch.limit_stats()
     assert (stats.attempts, stats.responses_429) == (72, 0)
     assert stats.waited_ms == pytest.approx(sum(waited), rel=1e-3, abs=1)
+
+
+@pytest.mark.slow
+async def test_crewai_agents_waiting_for_shared_budget_turns_end_at_once_on_a_halt(
+    llm_server: FakeOpenAIServer, valkey_server: ValkeyServer
+) -> None:
+    """Two replicas' CrewAI councils share one budget of 60 requests a minute on Valkey:
+    together they keep to it, and a halt ends the agents still waiting for turns at once
+    (none of them sends)."""
+    key = f"sk-crewai-shared-{os.getpid()}-{time.monotonic_ns()}"
+    prefix = f"crewai-{time.monotonic_ns()}"
+    halt = HaltSwitch()
+    async with (
+        ValkeyProviderBudget(valkey_server.url, key_prefix=prefix, replicas=2) as one,
+        ValkeyProviderBudget(valkey_server.url, key_prefix=prefix, replicas=2) as other,
+    ):
+        councils = [
+            orchestrator(
+                llm_server, 5, api_key=key,
+                limits=ProviderLimits(requests_per_minute=60, shared=store),
+            )
+            for store in (one, other)
+        ]  # fmt: skip
+        async with (
+            AsyncioOrchestratorBridge(councils[0]) as first,
+            AsyncioOrchestratorBridge(councils[1]) as second,
+        ):
+            services = [
+                ConcurrentDeliberationService(bridge, halt, AgentPool())
+                for bridge in (first, second)
+            ]
+            errors: list[SystemHaltedError] = []
+
+            async def run(service: ConcurrentDeliberationService) -> None:
+                try:
+                    await service.invoke_concurrent(Roster.default(5).requests(TOPIC))
+                except SystemHaltedError as exc:
+                    errors.append(exc)
+
+            async def halt_after_two() -> None:
+                # One a second across both: the second request ~1 s after the first.
+                await wait_server(llm_server, lambda s: s.answered >= 2)
+                halt.halt("operator: stop")
+
+            with trio.fail_after(8):  # the remaining turns would take 8 s
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run, services[0])
+                    nursery.start_soon(run, services[1])
+                    nursery.start_soon(halt_after_two)
+    assert len(errors) == 2
+    halted = [f for e in errors if e.partial for f in e.partial.failures]
+    assert sum(f.kind is FailureKind.HALTED for f in halted) >= 7
+    times = sorted(t for t, _key, status in llm_server.arrivals if status == 200)
+    assert len(times) <= 3  # at most the one whose turn came as the halt did
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(times))  # shared pace
 
 
 def test_limits_that_are_not_provider_limits_are_refused() -> None:

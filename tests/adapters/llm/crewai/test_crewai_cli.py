@@ -79,7 +79,7 @@ def test_the_crewai_backend_refuses_an_unreachable_server(tmp_path: Path) -> Non
         "m",
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "conclave: cannot reach http://127.0.0.1:9/v1: APIConnectionError"
+    assert proc.stderr.strip() == "conclave: cannot reach http://127.0.0.1:9/v1: connection refused"
 
 
 @pytest.mark.parametrize(
