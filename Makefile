@@ -45,12 +45,12 @@ run: $(STAMP)
 # tests/adapters/llm/crewai/ is excluded from the main run by path (tests/conftest.py) and run in
 # .venv-crewai: both runs, every time.
 test: test-main $(CSTAMP)
-	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q tests/adapters/llm/crewai
+	CONCLAVE_CREWAI_TESTS=1 $(CBIN)/python -m pytest -q -n 2 tests/adapters/llm/crewai
 
 # The main suite alone; `.ci/run` runs it once per supported Python, each in a venv of its
 # own: `make test-main PYTHON=/path/to/python3.12 VENV=.venv-3.12`.
 test-main: $(STAMP) tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The oldest versions pyproject.toml allows (scripts/lowest_constraints.py prints them), in
 # .venv-lowest: a floor is a claim, and CI checks it once.  The main job, then the tests of
