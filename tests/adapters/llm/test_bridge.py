@@ -1013,6 +1013,10 @@ def test_inside_a_host_a_halt_before_their_turn_means_calls_never_start() -> Non
             started.append(agent_id)
             if len(started) == 3:
                 host.halt("stop")  # from inside the third call's first step
+            # A real call's first step writes to a socket, which lets other threads run:
+            # the guest run's I/O thread, which carries the halt.  A step that never let
+            # go of the GIL would start all 72 within one of Python's thread switches.
+            time.sleep(0.001)  # noqa: ASYNC251 -- the blocking step is the point
             await asyncio.sleep(60)
             raise AssertionError("not reached")
 
