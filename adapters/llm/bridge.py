@@ -50,7 +50,8 @@ log = logging.getLogger("adapters.llm.bridge")
 
 
 def _rebind_loop_lookups() -> None:
-    """Point anyio's asyncio backend at trio-asyncio's ``get_running_loop``.
+    """Point anyio's asyncio backend at trio-asyncio's ``get_running_loop`` and
+    ``current_task``.
 
     trio-asyncio replaces ``asyncio.get_running_loop`` when it is imported, so that code
     running on its loop finds that loop.  A module that imported the function by name
@@ -62,10 +63,14 @@ def _rebind_loop_lookups() -> None:
     original outside trio-asyncio, so plain asyncio code is unaffected.
     """
     backend = sys.modules.get("anyio._backends._asyncio")
-    if backend is not None and getattr(backend, "get_running_loop", None) is not (
-        asyncio.get_running_loop
-    ):
-        backend.get_running_loop = asyncio.get_running_loop  # type: ignore[attr-defined]
+    if backend is None:
+        return
+    # get_running_loop, and on Python 3.12+ current_task too (trio-asyncio replaces both;
+    # anyio's locks call current_task()).
+    for name in ("get_running_loop", "current_task"):
+        replacement = getattr(asyncio, name)
+        if getattr(backend, name, replacement) is not replacement:
+            setattr(backend, name, replacement)
 
 
 _rebind_loop_lookups()
