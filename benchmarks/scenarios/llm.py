@@ -113,7 +113,7 @@ def llm_stream(s: Settings, results: Results) -> None:
         # floor of the HTTP stack.
         for stream in (False, True):
             how = "streamed" if stream else "stream=False"
-            sdk = asyncio.run(_sdk_stream_batches(base_url, stream, reps))
+            sdk = asyncio.run(_bare_sdk_batches(base_url, "httpx", stream, reps))
             note = "plain SDK, no kernel"
             results.add(Row(name, f"plain SDK, {how}", "CPU per agent", "ms", sdk, note=note))
             raw = asyncio.run(_httpx_stream_batches(base_url, stream, reps))
@@ -149,8 +149,8 @@ def llm_call_cpu(s: Settings, results: Results) -> None:
 
 
 async def _bare_sdk_batches(base_url: str, transport: str, stream: bool, reps: int) -> list[float]:
-    """CPU ms per call through ``AsyncOpenAI`` alone: a whole answer, or the stream
-    iterated to its end."""
+    """CPU ms per call through ``AsyncOpenAI`` alone (for each of ``reps`` batches of 72): a
+    whole answer, or the stream iterated to its end (usage in the last chunk)."""
     import openai
 
     http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
@@ -224,37 +224,6 @@ async def _stream_batches(base_url: str, stream: bool, reps: int) -> list[tuple[
                 nursery.cancel_scope.cancel()
             runs.append((cpu / 72 * 1000.0, gap[0] * 1000.0))
     return runs
-
-
-async def _sdk_stream_batches(base_url: str, stream: bool, reps: int) -> list[float]:
-    """CPU ms per agent for each of ``reps`` batches of 72 through the plain SDK: a
-    streamed call iterated to its end (usage in the last chunk), or a whole one."""
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
-    messages: Any = [{"role": "user", "content": "motion"}]
-
-    async def one(i: int) -> None:
-        headers = {"X-Conclave-Agent": f"archon-{i}"}
-        if not stream:
-            await client.chat.completions.create(
-                model="fake-model", messages=messages, extra_headers=headers
-            )
-            return
-        chunks = await client.chat.completions.create(
-            model="fake-model",
-            messages=messages,
-            extra_headers=headers,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        async for _ in chunks:
-            pass
-
-    try:
-        return await _asyncio_cpu_per_agent(one, reps)
-    finally:
-        await client.close()
 
 
 async def _httpx_stream_batches(base_url: str, stream: bool, reps: int) -> list[float]:
