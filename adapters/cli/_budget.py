@@ -14,14 +14,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from adapters.cli._backend import UsageError, importing_extra
+from adapters.cli._valkey import DEFAULT_KEY_PREFIX, ValkeySettings
 
 if TYPE_CHECKING:
     from adapters.valkey import ValkeyProviderBudget
 
 __all__ = ["check_budget_usage", "cluster_status", "open_budget", "summary_line"]
-
-#: The key prefix of the shared capacity and budget (``ValkeyCapacity``'s default name).
-KEY_PREFIX = "conclave"
 
 
 def check_budget_usage(args: argparse.Namespace) -> None:
@@ -50,8 +48,11 @@ async def open_budget(args: argparse.Namespace) -> AsyncIterator[ValkeyProviderB
     with importing_extra("valkey", "--valkey"):
         from adapters.valkey import ValkeyProviderBudget
 
+    settings = ValkeySettings.from_args(args)
+    assert settings is not None  # --valkey is given
+    # --valkey-key-prefix: the budget's keys live beside the halt's and the capacity's.
     async with ValkeyProviderBudget(
-        args.valkey, key_prefix=_key_prefix(args), replicas=args.replicas or 1
+        settings.url, key_prefix=settings.key_prefix, replicas=args.replicas or 1
     ) as budget:
         yield budget
         await budget.flush()
@@ -75,12 +76,7 @@ def summary_line(shared: object) -> str | None:
     )
 
 
-def _key_prefix(args: argparse.Namespace) -> str:
-    """``--valkey-key-prefix``: the budget's keys live beside the halt's and capacity's."""
-    return getattr(args, "valkey_key_prefix", None) or KEY_PREFIX
-
-
-async def cluster_status(url: str, key_prefix: str = KEY_PREFIX) -> list[str]:
+async def cluster_status(url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> list[str]:
     """The cluster section of ``conclave status --valkey URL``: the shared capacity's
     in-flight count and queue, and every shared budget's lanes."""
     with importing_extra("valkey", "--valkey"):
